@@ -1,0 +1,163 @@
+"""Typed settings for every pacsflow run, read at run time (never at import).
+
+Sources, highest priority first: explicit keyword arguments, environment variables
+(``PACSFLOW_*``; nested fields with ``__``, e.g. ``PACSFLOW_PACS__PORT``), an optional
+YAML file named by ``PACSFLOW_CONFIG``, then the defaults below, which point at the
+local Orthanc that ``pacsflow stack up`` starts.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+AE_TITLE_MAX = 16
+
+
+class RetrieveMethod(str, enum.Enum):
+    C_MOVE = "c-move"
+    C_GET = "c-get"
+
+
+def _check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > AE_TITLE_MAX or "\\" in value or not value.isascii():
+        raise ValueError("must be 1-16 ASCII characters without backslash")
+    return value
+
+
+class PacsSettings(BaseModel):
+    """The PACS we query and retrieve from."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4242, ge=1, le=65535)
+    called_ae: str = "ORTHANC"
+    http_url: str = "http://127.0.0.1:8042"
+    # Orthanc caps C-FIND answers at LimitFindResults; we split the window when we hit it.
+    result_cap: int = Field(0, ge=0, description="0 = unknown; a reply with this many results is treated as capped")
+    timeout_s: float = Field(60.0, gt=0)
+
+    _ae = field_validator("called_ae")(_check_ae_title)
+
+
+class ReceiverSettings(BaseModel):
+    """Our own Storage SCP that C-MOVE sends to (registered as a modality at the PACS)."""
+
+    ae_title: str = "PACSFLOW"
+    host: str = "127.0.0.1"
+    port: int = Field(11113, ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PACSFLOW_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    pacs: PacsSettings = PacsSettings()
+    receiver: ReceiverSettings = ReceiverSettings()
+    calling_ae: str = "PACSFLOW"
+    retrieve_method: RetrieveMethod = RetrieveMethod.C_MOVE
+
+    # Zones. storage_root is the de-identified lake (any fsspec URL); state_root holds PHI
+    # (staging of received originals, quarantine, ledger) and must stay outside the lake.
+    storage_root: str = "var/lake/dicom"
+    catalog_root: Path = Path("var/lake/catalog")
+    state_root: Path = Path("var/state")
+
+    deid_key: SecretStr | None = Field(
+        None, description="HMAC key for pseudonyms and UIDs; or name a Prefect Secret block in deid_key_block"
+    )
+    deid_key_block: str | None = None
+
+    overlap_days: int = Field(2, ge=0, le=365)
+    initial_since: str = Field("19000101", description="first run's window start (YYYYMMDD)")
+    max_associations: int = Field(2, ge=1, le=64)
+    retrieve_retries: int = Field(3, ge=0, le=20)
+    retry_delay_s: float = Field(2.0, ge=0)
+    commit_batch: int = Field(200, ge=1, description="studies per catalog commit")
+
+    @field_validator("calling_ae")
+    @classmethod
+    def _calling_ae(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+    @field_validator("initial_since")
+    @classmethod
+    def _since(cls, v: str) -> str:
+        if len(v) != 8 or not v.isdigit():
+            raise ValueError("must be a date as YYYYMMDD")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = os.environ.get("PACSFLOW_CONFIG")
+        if config:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config))
+        return tuple(sources)
+
+    # -- derived locations -------------------------------------------------------------
+    @property
+    def staging_dir(self) -> Path:
+        return self.state_root / "staging"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.state_root / "quarantine"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_root / "ledger.sqlite"
+
+    def resolve_deid_key(self) -> bytes:
+        """The de-identification key, from env/settings or a Prefect Secret block. Never logged."""
+        if self.deid_key is not None:
+            key = self.deid_key.get_secret_value()
+        elif self.deid_key_block:
+            from prefect.blocks.system import Secret
+
+            key = str(Secret.load(self.deid_key_block).get())
+        else:
+            raise SettingsError(
+                "deid_key: no de-identification key; set PACSFLOW_DEID_KEY or PACSFLOW_DEID_KEY_BLOCK"
+            )
+        if len(key) < 16:
+            raise SettingsError("deid_key: must be at least 16 characters")
+        return key.encode("utf-8")
+
+
+class SettingsError(ValueError):
+    """Invalid settings; the message names the setting and never contains a secret value."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and validate settings, turning pydantic's error into one naming each bad setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False):
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            problems.append(f"{where}: {err['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
