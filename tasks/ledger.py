@@ -1,0 +1,169 @@
+"""The ledger: what has been cataloged, what failed and why, and the watermark.
+
+SQLite under ``state_root`` (a PHI zone: it holds original StudyInstanceUIDs so that the
+next run can compare the PACS's answer with what we have). One transaction per update, so
+a crash leaves either the old or the new state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid     TEXT PRIMARY KEY,  -- original UID (PHI zone)
+    pseudo_uid    TEXT NOT NULL,
+    study_date    TEXT,
+    instances     INTEGER,           -- instances cataloged (as counted by the PACS when retrieved)
+    status        TEXT NOT NULL,     -- 'cataloged' | 'failed'
+    reason        TEXT,              -- failure class and message (no PHI)
+    permanent     INTEGER NOT NULL DEFAULT 0,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    updated_at    TEXT NOT NULL,
+    run_id        TEXT
+);
+CREATE INDEX IF NOT EXISTS studies_status ON studies(status);
+CREATE TABLE IF NOT EXISTS state (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    pseudo_uid  TEXT NOT NULL,      -- study
+    object_ref  TEXT,               -- file name in the quarantine folder, or empty for a whole study
+    reason      TEXT NOT NULL,
+    run_id      TEXT,
+    created_at  TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    study_uid: str
+    pseudo_uid: str
+    study_date: str | None
+    instances: int | None
+    status: str
+    reason: str | None
+    permanent: bool
+    attempts: int
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with self._tx() as con:
+            con.executescript(_SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            else:
+                con.execute("COMMIT")
+
+    def entries(self, study_uids: Iterable[str] | None = None) -> dict[str, LedgerEntry]:
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT study_uid, pseudo_uid, study_date, instances, status, reason, permanent, attempts FROM studies"
+            ).fetchall()
+        wanted = set(study_uids) if study_uids is not None else None
+        return {
+            r[0]: LedgerEntry(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7])
+            for r in rows
+            if wanted is None or r[0] in wanted
+        }
+
+    def failed(self) -> list[LedgerEntry]:
+        return [e for e in self.entries().values() if e.status == "failed"]
+
+    def mark_cataloged(self, items: Iterable[tuple[str, str, str | None, int]], run_id: str) -> None:
+        now = _now()
+        with self._tx() as con:
+            con.executemany(
+                """INSERT INTO studies(study_uid, pseudo_uid, study_date, instances, status, reason, permanent,
+                                       attempts, updated_at, run_id)
+                   VALUES (?, ?, ?, ?, 'cataloged', NULL, 0, 1, ?, ?)
+                   ON CONFLICT(study_uid) DO UPDATE SET
+                     pseudo_uid=excluded.pseudo_uid, study_date=excluded.study_date,
+                     instances=excluded.instances, status='cataloged', reason=NULL, permanent=0,
+                     attempts=studies.attempts + 1, updated_at=excluded.updated_at, run_id=excluded.run_id""",
+                [(uid, pseudo, date, n, now, run_id) for uid, pseudo, date, n in items],
+            )
+
+    def mark_failed(
+        self, study_uid: str, pseudo_uid: str, study_date: str | None, reason: str, permanent: bool, run_id: str
+    ) -> None:
+        """A failure never erases what was cataloged before: a study that grew and failed keeps
+        its old count, so the next run sees it grew again and retries."""
+        with self._tx() as con:
+            con.execute(
+                """INSERT INTO studies(study_uid, pseudo_uid, study_date, instances, status, reason, permanent,
+                                       attempts, updated_at, run_id)
+                   VALUES (?, ?, ?, NULL, 'failed', ?, ?, 1, ?, ?)
+                   ON CONFLICT(study_uid) DO UPDATE SET
+                     status=CASE WHEN studies.status='cataloged' AND studies.instances IS NOT NULL
+                                 THEN 'cataloged' ELSE 'failed' END,
+                     reason=excluded.reason, permanent=excluded.permanent,
+                     attempts=studies.attempts + 1, updated_at=excluded.updated_at, run_id=excluded.run_id""",
+                (study_uid, pseudo_uid, study_date, reason, int(permanent), _now(), run_id),
+            )
+            if permanent:
+                con.execute(
+                    "INSERT INTO quarantine(pseudo_uid, object_ref, reason, run_id, created_at) VALUES (?, '', ?, ?, ?)",
+                    (pseudo_uid, reason, run_id, _now()),
+                )
+
+    def quarantine(self, pseudo_uid: str, object_ref: str, reason: str, run_id: str) -> None:
+        with self._tx() as con:
+            con.execute(
+                "INSERT INTO quarantine(pseudo_uid, object_ref, reason, run_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                (pseudo_uid, object_ref, reason, run_id, _now()),
+            )
+
+    def quarantine_entries(self) -> list[dict]:
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT pseudo_uid, object_ref, reason, run_id, created_at FROM quarantine ORDER BY id"
+            ).fetchall()
+        return [dict(zip(("pseudo_uid", "object_ref", "reason", "run_id", "created_at"), r)) for r in rows]
+
+    # -- watermark ------------------------------------------------------------------------
+    def get_state(self, name: str) -> str | None:
+        with self._tx() as con:
+            row = con.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_state(self, name: str, value: str) -> None:
+        with self._tx() as con:
+            con.execute(
+                "INSERT INTO state(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                (name, value),
+            )
+
+    @property
+    def watermark(self) -> dt.date | None:
+        value = self.get_state("watermark")
+        return dt.date.fromisoformat(value) if value else None
+
+    def advance_watermark(self, value: dt.date) -> None:
+        current = self.watermark
+        if current is None or value > current:
+            self.set_state("watermark", value.isoformat())

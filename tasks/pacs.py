@@ -1,0 +1,326 @@
+"""The one network boundary to the PACS (pynetdicom): C-ECHO, C-FIND, C-MOVE, C-GET.
+
+Associations are opened and closed by a context manager that always releases or aborts.
+Every DIMSE status becomes success, or a typed error from ``tasks.errors`` that decides
+whether Prefect retries. Identifiers are never logged: pynetdicom's identifier logging is
+switched off by ``quiet_pynetdicom()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.presentation import AllStoragePresentationContexts, StoragePresentationContexts
+
+from tasks.errors import (
+    IncompleteRetrieve,
+    PacsConfigurationError,
+    PacsStatusError,
+    PacsUnavailable,
+)
+from tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Statuses whose cause is on our side or in configuration: retrying will not fix them.
+_PERMANENT_STATUSES = {
+    0xA801: "move destination unknown",
+    0xA900: "identifier does not match SOP class",
+    0x0122: "SOP class not supported",
+    0x0124: "refused: not authorized",
+    0xAA00: "none of the frames requested were found",
+}
+
+
+def quiet_pynetdicom() -> None:
+    """No identifiers (PHI) in pynetdicom's logs, and only its warnings."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: disable Nagle. Without it every small PDU waits ~40 ms."""
+    try:
+        sock = event.assoc.dul.socket.socket  # type: ignore[union-attr]
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+
+
+NODELAY_HANDLER = (evt.EVT_CONN_OPEN, set_nodelay)
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """A study as the PACS reports it. ``study_uid`` is the original UID: PHI zone only."""
+
+    study_uid: str
+    study_date: str
+    n_instances: int | None
+    n_series: int | None
+    modalities: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SubOps:
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+
+
+def _status_code(status: Dataset | None) -> int | None:
+    if status is None or "Status" not in status:
+        return None
+    return int(status.Status)
+
+
+def _raise_for_status(code: int, operation: str, study_ref: str) -> None:
+    if code in _PERMANENT_STATUSES:
+        raise PacsConfigurationError(
+            f"{operation} for study {study_ref}: status 0x{code:04X} ({_PERMANENT_STATUSES[code]})"
+        )
+    if code in (0xFE00,):
+        raise PacsStatusError(f"{operation} for study {study_ref}: cancelled (0xFE00)")
+    if code == 0xB000:
+        raise PacsStatusError(f"{operation} for study {study_ref}: warning 0xB000, some sub-operations failed")
+    raise PacsStatusError(f"{operation} for study {study_ref}: failure status 0x{code:04X}")
+
+
+class PacsClient:
+    """A short-lived client: each operation runs in its own association."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        quiet_pynetdicom()
+
+    def _ae(self) -> AE:
+        ae = AE(ae_title=self.settings.calling_ae)
+        timeout = self.settings.pacs.timeout_s
+        ae.acse_timeout = timeout
+        ae.dimse_timeout = timeout
+        ae.network_timeout = timeout
+        ae.connection_timeout = min(timeout, 10)
+        return ae
+
+    @contextmanager
+    def association(
+        self,
+        ae: AE,
+        ext_neg: list | None = None,
+        handlers: list | None = None,
+    ) -> Iterator[Association]:
+        pacs = self.settings.pacs
+        try:
+            assoc = ae.associate(
+                pacs.host,
+                pacs.port,
+                ae_title=pacs.called_ae,
+                ext_neg=ext_neg,
+                evt_handlers=[NODELAY_HANDLER, *(handlers or [])],
+            )
+        except (OSError, RuntimeError) as exc:  # socket-level failure before any DICOM
+            raise PacsUnavailable(f"cannot reach PACS at {pacs.host}:{pacs.port}: {type(exc).__name__}") from None
+        if assoc.is_rejected:
+            result = getattr(assoc.acceptor, "primitive", None)
+            # Rejected-permanent (result 1) for a bad called/calling AE is a configuration error.
+            if result is not None and getattr(result, "result", None) == 0x01:
+                raise PacsConfigurationError(
+                    f"PACS {pacs.called_ae}@{pacs.host}:{pacs.port} rejected association permanently "
+                    f"(reason 0x{int(getattr(result, 'reason_diagnostic', 0) or 0):02X}); check AE titles"
+                )
+            raise PacsUnavailable(f"PACS {pacs.called_ae}@{pacs.host}:{pacs.port} rejected association (transient)")
+        if not assoc.is_established:
+            raise PacsUnavailable(f"no association with PACS {pacs.called_ae}@{pacs.host}:{pacs.port}")
+        try:
+            yield assoc
+        except BaseException:
+            assoc.abort()
+            raise
+        else:
+            if assoc.is_established:
+                assoc.release()
+
+    # -- C-ECHO ---------------------------------------------------------------------------
+    def echo(self) -> None:
+        ae = self._ae()
+        ae.add_requested_context(Verification)
+        with self.association(ae) as assoc:
+            status = assoc.send_c_echo()
+            if _status_code(status) != 0x0000:
+                raise PacsUnavailable("C-ECHO failed")
+
+    # -- C-FIND ---------------------------------------------------------------------------
+    def find(self, query: Dataset, what: str = "C-FIND") -> list[Dataset]:
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        results: list[Dataset] = []
+        with self.association(ae) as assoc:
+            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                code = _status_code(status)
+                if code is None:
+                    raise PacsUnavailable(f"{what}: connection lost or timed out")
+                if code in (0xFF00, 0xFF01):
+                    if identifier is not None:
+                        results.append(identifier)
+                    continue
+                if code == 0x0000:
+                    break
+                _raise_for_status(code, what, "query")
+        return results
+
+    def find_studies(self, date_range: str, time_range: str | None = None) -> list[StudyInfo]:
+        """Study-level C-FIND over a StudyDate range ``YYYYMMDD-YYYYMMDD`` (or one day)."""
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = ""
+        q.StudyDate = date_range
+        q.StudyTime = time_range or ""
+        q.NumberOfStudyRelatedInstances = ""
+        q.NumberOfStudyRelatedSeries = ""
+        q.ModalitiesInStudy = ""
+        out = []
+        for ident in self.find(q, "study C-FIND"):
+            uid = str(ident.get("StudyInstanceUID", "") or "")
+            if not uid:
+                continue
+            out.append(
+                StudyInfo(
+                    study_uid=uid,
+                    study_date=str(ident.get("StudyDate", "") or ""),
+                    n_instances=_int_or_none(ident.get("NumberOfStudyRelatedInstances")),
+                    n_series=_int_or_none(ident.get("NumberOfStudyRelatedSeries")),
+                    modalities=tuple(_multi(ident.get("ModalitiesInStudy"))),
+                )
+            )
+        return out
+
+    def count_instances(self, study_uid: str) -> int:
+        """Series-level C-FIND, summing NumberOfSeriesRelatedInstances: for PACSs that do not
+        return NumberOfStudyRelatedInstances."""
+        q = Dataset()
+        q.QueryRetrieveLevel = "SERIES"
+        q.StudyInstanceUID = study_uid
+        q.SeriesInstanceUID = ""
+        q.NumberOfSeriesRelatedInstances = ""
+        total = 0
+        for ident in self.find(q, "series C-FIND"):
+            n = _int_or_none(ident.get("NumberOfSeriesRelatedInstances"))
+            if n is None:
+                raise PacsConfigurationError("PACS returns no NumberOfSeriesRelatedInstances; cannot check completeness")
+            total += n
+        return total
+
+    # -- C-MOVE ---------------------------------------------------------------------------
+    def move_study(self, study_uid: str, destination_ae: str, study_ref: str) -> SubOps:
+        """C-MOVE a whole study to ``destination_ae``. ``study_ref`` (a pseudonymous UID) names
+        the study in errors."""
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        q = _study_identifier(study_uid)
+        with self.association(ae) as assoc:
+            final = None
+            last_pending = SubOps()
+            for status, _identifier in assoc.send_c_move(q, destination_ae, StudyRootQueryRetrieveInformationModelMove):
+                code = _status_code(status)
+                if code is None:
+                    raise PacsUnavailable(f"C-MOVE for study {study_ref}: connection lost or timed out")
+                ops = _subops(status)
+                if code == 0xFF00:
+                    last_pending = ops
+                    continue
+                final = (code, ops)
+            if final is None:
+                raise PacsUnavailable(f"C-MOVE for study {study_ref}: no final status")
+            code, ops = final
+            if code != 0x0000:
+                _raise_for_status(code, "C-MOVE", study_ref)
+            return ops if (ops.completed or ops.failed) else last_pending
+
+    # -- C-GET ----------------------------------------------------------------------------
+    def get_study(self, study_uid: str, on_store: Callable[[evt.Event], int], study_ref: str) -> SubOps:
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        # C-GET carries the store sub-operations on the same association: offer storage
+        # contexts with the SCP role. pynetdicom caps requested contexts at 128.
+        roles = []
+        for cx in StoragePresentationContexts[: 128 - 1]:
+            ae.add_requested_context(cx.abstract_syntax)
+            roles.append(build_role(cx.abstract_syntax, scp_role=True))
+        q = _study_identifier(study_uid)
+        with self.association(ae, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+            final = None
+            for status, _identifier in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet):
+                code = _status_code(status)
+                if code is None:
+                    raise PacsUnavailable(f"C-GET for study {study_ref}: connection lost or timed out")
+                if code == 0xFF00:
+                    continue
+                final = (code, _subops(status))
+            if final is None:
+                raise PacsUnavailable(f"C-GET for study {study_ref}: no final status")
+            code, ops = final
+            if code != 0x0000:
+                _raise_for_status(code, "C-GET", study_ref)
+            return ops
+
+
+def check_complete(received: int, expected: int | None, study_ref: str) -> None:
+    if expected is not None and received < expected:
+        raise IncompleteRetrieve(f"study {study_ref}: received {received} of {expected} instances")
+
+
+def _study_identifier(study_uid: str) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = study_uid
+    return q
+
+
+def _subops(status: Dataset) -> SubOps:
+    return SubOps(
+        completed=int(status.get("NumberOfCompletedSuboperations", 0) or 0),
+        failed=int(status.get("NumberOfFailedSuboperations", 0) or 0),
+        warning=int(status.get("NumberOfWarningSuboperations", 0) or 0),
+    )
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(str(value).strip()) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _multi(value) -> list[str]:
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        return [v for v in value.split("\\") if v]
+    return [str(v) for v in value if v]
+
+
+__all__ = [
+    "AllStoragePresentationContexts",
+    "NODELAY_HANDLER",
+    "PacsClient",
+    "StudyInfo",
+    "SubOps",
+    "check_complete",
+    "quiet_pynetdicom",
+]
