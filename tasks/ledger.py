@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS studies (
     study_uid     TEXT PRIMARY KEY,  -- original UID (PHI zone)
     pseudo_uid    TEXT NOT NULL,
     study_date    TEXT,
-    instances     INTEGER,           -- instances cataloged (as counted by the PACS when retrieved)
+    instances     INTEGER,           -- cataloged: PACS count when retrieved; failed: PACS count at failure
     status        TEXT NOT NULL,     -- 'cataloged' | 'failed'
     reason        TEXT,              -- failure class and message (no PHI)
     permanent     INTEGER NOT NULL DEFAULT 0,
@@ -109,7 +109,14 @@ class Ledger:
             )
 
     def mark_failed(
-        self, study_uid: str, pseudo_uid: str, study_date: str | None, reason: str, permanent: bool, run_id: str
+        self,
+        study_uid: str,
+        pseudo_uid: str,
+        study_date: str | None,
+        expected: int | None,
+        reason: str,
+        permanent: bool,
+        run_id: str,
     ) -> None:
         """A failure never erases what was cataloged before: a study that grew and failed keeps
         its old count, so the next run sees it grew again and retries."""
@@ -117,13 +124,14 @@ class Ledger:
             con.execute(
                 """INSERT INTO studies(study_uid, pseudo_uid, study_date, instances, status, reason, permanent,
                                        attempts, updated_at, run_id)
-                   VALUES (?, ?, ?, NULL, 'failed', ?, ?, 1, ?, ?)
+                   VALUES (?, ?, ?, ?, 'failed', ?, ?, 1, ?, ?)
                    ON CONFLICT(study_uid) DO UPDATE SET
+                     instances=CASE WHEN studies.status='cataloged' THEN studies.instances ELSE excluded.instances END,
                      status=CASE WHEN studies.status='cataloged' AND studies.instances IS NOT NULL
                                  THEN 'cataloged' ELSE 'failed' END,
                      reason=excluded.reason, permanent=excluded.permanent,
                      attempts=studies.attempts + 1, updated_at=excluded.updated_at, run_id=excluded.run_id""",
-                (study_uid, pseudo_uid, study_date, reason, int(permanent), _now(), run_id),
+                (study_uid, pseudo_uid, study_date, expected, reason, int(permanent), _now(), run_id),
             )
             if permanent:
                 con.execute(

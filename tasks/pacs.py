@@ -186,11 +186,18 @@ class PacsClient:
 
     def find_studies(self, date_range: str, time_range: str | None = None) -> list[StudyInfo]:
         """Study-level C-FIND over a StudyDate range ``YYYYMMDD-YYYYMMDD`` (or one day)."""
+        return self._study_find(date_range=date_range, time_range=time_range or "")
+
+    def find_study(self, study_uid: str) -> list[StudyInfo]:
+        """Study-level C-FIND for one UID: empty when the PACS no longer has it."""
+        return self._study_find(study_uid=study_uid)
+
+    def _study_find(self, study_uid: str = "", date_range: str = "", time_range: str = "") -> list[StudyInfo]:
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
-        q.StudyInstanceUID = ""
+        q.StudyInstanceUID = study_uid
         q.StudyDate = date_range
-        q.StudyTime = time_range or ""
+        q.StudyTime = time_range
         q.NumberOfStudyRelatedInstances = ""
         q.NumberOfStudyRelatedSeries = ""
         q.ModalitiesInStudy = ""

@@ -1,0 +1,242 @@
+"""The nightly ingest flow: PACS → de-identified lake → Parquet catalog.
+
+Parameters are dates only (no PHI). Settings are read at run time from the environment or
+``PACSFLOW_CONFIG`` (a YAML file); see ``tasks/settings.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import as_completed
+
+from flows.concurrency import ensure_concurrency_limit
+from tasks.deid import Deidentifier
+from tasks.errors import is_transient
+from tasks.ingest import (
+    PACS_LIMIT,
+    Retrieved,
+    commit_catalog,
+    deidentify_study,
+    discover_studies,
+    purge_staging,
+    retrieve_study,
+)
+from tasks.ledger import Ledger
+from tasks.pacs import quiet_pynetdicom
+from tasks.planning import WorkItem, plan_window, worklist
+from tasks.process import StudyOutcome
+from tasks.receiver import StagingWriter, StorageReceiver, ensure_private_dir
+from tasks.settings import RetrieveMethod, Settings, load_settings
+
+
+@dataclass
+class StudyReport:
+    pseudo_uid: str
+    reason: str
+    outcome: str = "pending"  # cataloged | failed | quarantined
+    instances: int = 0
+    quarantined: int = 0
+    error: str = ""
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    window: str
+    found: int = 0
+    queued: int = 0
+    retrieved: int = 0
+    deidentified: int = 0
+    cataloged: int = 0
+    failed: int = 0
+    instances: int = 0
+    quarantined_objects: int = 0
+    seconds: float = 0.0
+    studies: list[StudyReport] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "studies"}
+        d["instances_per_second"] = round(self.instances / self.seconds, 1) if self.seconds else 0.0
+        return d
+
+
+def _error_text(exc: BaseException) -> str:
+    # Our errors carry pseudonymous UIDs and counts only; anything else is named by type.
+    from tasks.errors import PacsflowError
+
+    return f"{type(exc).__name__}: {exc}" if isinstance(exc, PacsflowError) else type(exc).__name__
+
+
+@flow(name="nightly-ingest", log_prints=False, persist_result=False)
+def nightly_ingest(since: dt.date | None = None, until: dt.date | None = None) -> dict:
+    """C-FIND new and changed studies, retrieve, de-identify, store and catalog them.
+
+    since/until: StudyDate window (default: last watermark minus the overlap .. today).
+    """
+    logger = get_run_logger()
+    settings = load_settings()
+    return run_nightly(settings, since=since, until=until, logger=logger)
+
+
+def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.Logger | None = None) -> dict:
+    logger = logger or logging.getLogger(__name__)
+    started = time.monotonic()
+    quiet_pynetdicom()
+    key = settings.resolve_deid_key()
+    deid = Deidentifier(key)
+    ensure_private_dir(settings.state_root)
+    ensure_private_dir(settings.staging_dir)
+    ensure_private_dir(settings.quarantine_dir)
+    ledger = Ledger(settings.ledger_path)
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    window = plan_window(
+        watermark=ledger.watermark,
+        overlap_days=settings.overlap_days,
+        initial_since=dt.datetime.strptime(settings.initial_since, "%Y%m%d").date(),
+        since=since,
+        until=until,
+    )
+    summary = RunSummary(run_id, f"{window.start.isoformat()}..{window.end.isoformat()}")
+    ensure_concurrency_limit(PACS_LIMIT, settings.max_associations)
+
+    retry_uids = [e.study_uid for e in ledger.failed() if not e.permanent]
+    found, _warnings = discover_studies(settings, window, retry_uids)
+    summary.found = len(found)
+    items = worklist(found, ledger.entries(), deid.study_uid)
+    summary.queued = len(items)
+    reports = {w.pseudo_uid: StudyReport(w.pseudo_uid, w.reason) for w in items}
+    logger.info("run %s: window %s, %d studies found, %d to process", run_id, summary.window, len(found), len(items))
+
+    rows_root = settings.state_root / "runs" / run_id / "rows"
+    outcomes: dict[str, tuple[WorkItem, StudyOutcome]] = {}
+    failures: dict[str, tuple[WorkItem, BaseException]] = {}
+
+    for item in items:  # a fresh staging folder: stale files from an older attempt must not count
+        purge_staging(settings.staging_dir / item.pseudo_uid)
+
+    receiver = (
+        StorageReceiver(
+            settings.receiver.ae_title,
+            settings.receiver.host,
+            settings.receiver.port,
+            StagingWriter(settings.staging_dir, deid.study_uid),
+        )
+        if settings.retrieve_method is RetrieveMethod.C_MOVE and items
+        else nullcontext()
+    )
+    by_pseudo = {w.pseudo_uid: w for w in items}
+    retrieve = retrieve_study.with_options(
+        retries=settings.retrieve_retries,
+        retry_delay_seconds=[settings.retry_delay_s * (2**i) for i in range(max(settings.retrieve_retries, 1))],
+    )
+    with receiver:
+        retrieve_futures = list(retrieve.map(items, settings=settings, key=key)) if items else []
+        owner = {f.task_run_id: w for f, w in zip(retrieve_futures, items)}
+        deid_futures = []
+        for fut in as_completed(retrieve_futures):
+            item = owner[fut.task_run_id]
+            res = fut.result(raise_on_failure=False)
+            if isinstance(res, Retrieved):
+                summary.retrieved += 1
+                deid_fut = deidentify_study.submit(res, settings, key, str(rows_root))
+                owner[deid_fut.task_run_id] = item
+                deid_futures.append(deid_fut)
+            else:
+                failures[item.pseudo_uid] = (item, _as_exception(res))
+        for fut in as_completed(deid_futures):
+            item = owner[fut.task_run_id]
+            res = fut.result(raise_on_failure=False)
+            if isinstance(res, StudyOutcome):
+                outcomes[item.pseudo_uid] = (item, res)
+            else:
+                failures[item.pseudo_uid] = (item, _as_exception(res))
+
+    # Commit what is complete, in batches; the ledger follows each commit.
+    done = [(w, o) for w, o in outcomes.values() if o.rows_dir]
+    for start in range(0, len(done), settings.commit_batch):
+        batch = done[start : start + settings.commit_batch]
+        commit_catalog([o.rows_dir for _, o in batch], str(settings.catalog_root))
+        ledger.mark_cataloged([(w.study_uid, w.pseudo_uid, w.study_date, w.expected or o.written) for w, o in batch],
+                              run_id)
+        for w, o in batch:
+            rep = reports[w.pseudo_uid]
+            rep.outcome, rep.instances, rep.quarantined = "cataloged", o.written, len(o.quarantined)
+            summary.cataloged += 1
+            summary.instances += o.written
+            purge_staging(settings.staging_dir / w.pseudo_uid)
+    for w, o in outcomes.values():
+        summary.deidentified += 1
+        summary.quarantined_objects += len(o.quarantined)
+        for name, reason in o.quarantined:
+            ledger.quarantine(w.pseudo_uid, name, reason, run_id)
+        if not o.rows_dir:  # every object quarantined
+            reports[w.pseudo_uid].outcome = "quarantined"
+            ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, "all objects quarantined",
+                               True, run_id)
+            summary.failed += 1
+    for pseudo, (w, exc) in failures.items():
+        transient = is_transient(exc)
+        text = _error_text(exc)
+        ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, text, not transient, run_id)
+        rep = reports[pseudo]
+        rep.outcome, rep.error = "failed", text
+        summary.failed += 1
+        logger.warning("study %s failed (%s): %s", pseudo, "transient" if transient else "permanent", text)
+
+    # The watermark moves over completed days only: a transient failure holds it at that study's day.
+    held = [_parse_date(w.study_date) for w, exc in failures.values() if is_transient(exc)]
+    held = [d for d in held if d is not None]
+    ledger.advance_watermark(min([window.end, *held]))
+    shutil.rmtree(rows_root.parent, ignore_errors=True)
+
+    summary.seconds = round(time.monotonic() - started, 2)
+    summary.studies = list(reports.values())
+    _publish(summary)
+    logger.info(
+        "run %s done: %d found, %d cataloged (%d instances), %d failed in %.1fs",
+        run_id, summary.found, summary.cataloged, summary.instances, summary.failed, summary.seconds,
+    )
+    return summary.as_dict()
+
+
+def _as_exception(result: object) -> BaseException:
+    return result if isinstance(result, BaseException) else RuntimeError("task did not complete")
+
+
+def _parse_date(value: str | None) -> dt.date | None:
+    try:
+        return dt.datetime.strptime((value or "")[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _publish(summary: RunSummary) -> None:
+    """Artifacts for the Prefect UI: pseudonymous UIDs and counts only."""
+    try:
+        d = summary.as_dict()
+        md = [
+            f"# Nightly ingest {summary.run_id}",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            *[f"| {k} | {v} |" for k, v in d.items() if k != "run_id"],
+        ]
+        create_markdown_artifact("\n".join(md), key="nightly-ingest-summary", description="Nightly ingest counts")
+        if summary.studies:
+            create_table_artifact(
+                [s.__dict__ for s in summary.studies], key="nightly-ingest-studies",
+                description="Per-study outcomes (pseudonymous UIDs)",
+            )
+    except RuntimeError:
+        # Outside a flow run (plain function call): there is no run to attach artifacts to.
+        pass
