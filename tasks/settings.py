@@ -82,6 +82,7 @@ class Settings(BaseSettings):
         None, description="HMAC key for pseudonyms and UIDs; or name a Prefect Secret block in deid_key_block"
     )
     deid_key_block: str | None = None
+    deid_key_file: Path | None = Field(None, description="file holding the key (owner-only permissions)")
 
     overlap_days: int = Field(2, ge=0, le=365)
     initial_since: str = Field("19000101", description="first run's window start (YYYYMMDD)")
@@ -134,13 +135,19 @@ class Settings(BaseSettings):
         """The de-identification key, from env/settings or a Prefect Secret block. Never logged."""
         if self.deid_key is not None:
             key = self.deid_key.get_secret_value()
+        elif self.deid_key_file is not None:
+            try:
+                key = self.deid_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(f"deid_key_file: cannot read the key file ({type(exc).__name__})") from None
         elif self.deid_key_block:
             from prefect.blocks.system import Secret
 
             key = str(Secret.load(self.deid_key_block).get())
         else:
             raise SettingsError(
-                "deid_key: no de-identification key; set PACSFLOW_DEID_KEY or PACSFLOW_DEID_KEY_BLOCK"
+                "deid_key: no de-identification key; set PACSFLOW_DEID_KEY, PACSFLOW_DEID_KEY_FILE "
+                "or PACSFLOW_DEID_KEY_BLOCK"
             )
         if len(key) < 16:
             raise SettingsError("deid_key: must be at least 16 characters")

@@ -1,0 +1,268 @@
+"""The ``pacsflow`` command line: what people run by hand.
+
+Every command reads the same settings as the flows (``PACSFLOW_*`` env vars, or a YAML file
+named by ``PACSFLOW_CONFIG``); ``pacsflow settings`` shows them with secrets hidden.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="pacsflow",
+    help="Nightly PACS → de-identified Parquet lake → FHIR, orchestrated by Prefect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold PHI or the key
+)
+stack_app = typer.Typer(help="The local Orthanc PACS used by the demo and the tests.", no_args_is_help=True)
+run_app = typer.Typer(help="Run a flow once, in this process.", no_args_is_help=True)
+catalog_app = typer.Typer(help="Query and maintain the Parquet catalog.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(run_app, name="run")
+app.add_typer(catalog_app, name="catalog")
+
+console = Console(stderr=True)
+out = Console()
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_KEY = Path("var/state/deid.key")
+
+DEMO_QUERY = """
+SELECT s.modality,
+       count(DISTINCT s.study_uid)      AS studies,
+       count(DISTINCT s.series_uid)     AS series,
+       sum(s.number_of_instances)       AS instances,
+       min(s.study_date)                AS first_study_date,
+       max(s.study_date)                AS last_study_date
+FROM series s
+GROUP BY s.modality
+ORDER BY s.modality
+"""
+
+
+def _settings():
+    from tasks.settings import SettingsError, load_settings
+
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _orthanc_config(settings, work_dir: Path):
+    from deployments.local.orthanc import OrthancConfig, default_modalities
+
+    modalities = default_modalities()
+    modalities["PACSFLOW"] = (settings.receiver.ae_title, settings.receiver.host, settings.receiver.port)
+    http_port = int(settings.pacs.http_url.rsplit(":", 1)[-1].split("/")[0])
+    return OrthancConfig(
+        work_dir=work_dir,
+        dicom_port=settings.pacs.port,
+        http_port=http_port,
+        aet=settings.pacs.called_ae,
+        modalities=modalities,
+        limit_find_results=settings.pacs.result_cap,
+    )
+
+
+def _print_table(table) -> None:
+    t = Table(show_header=True, header_style="bold")
+    for name in table.column_names:
+        t.add_column(name)
+    for row in table.to_pylist():
+        t.add_row(*["" if v is None else str(v) for v in row.values()])
+    out.print(t)
+
+
+def _ensure_demo_key(settings) -> None:
+    if settings.deid_key or settings.deid_key_file or settings.deid_key_block:
+        return
+    DEMO_KEY.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not DEMO_KEY.exists():
+        fd = os.open(DEMO_KEY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+        console.print(f"created a random de-identification key in {DEMO_KEY} (demo only)")
+    os.environ["PACSFLOW_DEID_KEY_FILE"] = str(DEMO_KEY)
+
+
+# -- stack ------------------------------------------------------------------------------
+@stack_app.command("up")
+def stack_up(
+    work_dir: Annotated[Path, typer.Option(help="Orthanc config, storage, PID and log")] = Path("var/orthanc"),
+) -> None:
+    """Start the local Orthanc on 127.0.0.1 (ports from settings) and wait until it answers."""
+    from deployments.local.orthanc import OrthancServer, status
+
+    settings = _settings()
+    if status(work_dir).get("running"):
+        console.print(f"Orthanc already running ({work_dir})")
+        return
+    with console.status("starting Orthanc…"):
+        server = OrthancServer(_orthanc_config(settings, work_dir)).start()
+    console.print(f"Orthanc up: DICOM {server.aet}@127.0.0.1:{server.dicom_port}, HTTP {server.rest_url} (pid {server.pid})")
+
+
+@stack_app.command("down")
+def stack_down(work_dir: Annotated[Path, typer.Option()] = Path("var/orthanc")) -> None:
+    """Stop the local Orthanc by its PID file."""
+    from deployments.local.orthanc import stop_by_pidfile
+
+    stopped = stop_by_pidfile(work_dir)
+    console.print("Orthanc stopped" if stopped else "Orthanc was not running")
+
+
+@stack_app.command("status")
+def stack_status(work_dir: Annotated[Path, typer.Option()] = Path("var/orthanc")) -> None:
+    """Show whether the local Orthanc runs, with its ports and counts."""
+    from deployments.local.orthanc import status
+
+    info = status(work_dir)
+    for k, v in info.items():
+        out.print(f"{k}: {v}")
+    if not info.get("running"):
+        raise typer.Exit(1)
+
+
+@stack_app.command("seed")
+def stack_seed(
+    studies: Annotated[int, typer.Option(min=1, help="number of studies to generate")] = 12,
+    days: Annotated[int, typer.Option(min=1, help="spread over this many days ending today")] = 10,
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same studies)")] = 0,
+    out_dir: Annotated[Path, typer.Option(help="where generated files go")] = Path("var/sample"),
+) -> None:
+    """Generate realistic synthetic studies and push them into the local Orthanc with storescu."""
+    from deployments.local import sampledata
+
+    settings = _settings()
+    with console.status(f"generating {studies} studies…"):
+        summaries = sampledata.generate(out_dir, studies=studies, days=days, seed=seed)
+    n = sum(s.n_instances for s in summaries)
+    with console.status(f"sending {n} instances to Orthanc with storescu…"):
+        sent = sampledata.load([out_dir], settings.pacs.host, settings.pacs.port, called_ae=settings.pacs.called_ae)
+    console.print(f"seeded {len(summaries)} studies, {sent} instances")
+
+
+# -- run --------------------------------------------------------------------------------
+def _parse_day(value: Optional[str], name: str) -> Optional[dt.date]:
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value) if "-" in value else dt.datetime.strptime(value, "%Y%m%d").date()
+    except ValueError:
+        raise typer.BadParameter(f"{name}: expected YYYY-MM-DD or YYYYMMDD") from None
+
+
+@run_app.command("nightly")
+def run_nightly_cmd(
+    since: Annotated[Optional[str], typer.Option(help="window start (default: watermark minus overlap)")] = None,
+    until: Annotated[Optional[str], typer.Option(help="window end (default: today)")] = None,
+) -> None:
+    """Run the nightly ingest once, now, with Prefect tracking the run."""
+    from flows.nightly import nightly_ingest
+
+    _settings()
+    result = nightly_ingest(since=_parse_day(since, "--since"), until=_parse_day(until, "--until"))
+    for k, v in result.items():
+        out.print(f"{k}: {v}")
+    if result.get("failed"):
+        raise typer.Exit(1)
+
+
+@run_app.command("compact")
+def run_compact() -> None:
+    """Rewrite every catalog partition into one sorted file and delete unreferenced files."""
+    from flows.compact import compact_catalog
+
+    result = compact_catalog()
+    for k, v in result.items():
+        out.print(f"{k}: {v}")
+
+
+# -- catalog ----------------------------------------------------------------------------
+@catalog_app.command("query")
+def catalog_query(
+    sql: Annotated[str, typer.Argument(help="SQL over the views studies, series, instances")],
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="bound parameter ($1, $2, …)")] = None,
+) -> None:
+    """Run SQL over the catalog with DuckDB and print the result."""
+    import duckdb
+
+    from catalog.views import query
+
+    settings = _settings()
+    try:
+        table = query(settings.catalog_root, sql, list(param) if param else None)
+    except duckdb.Error as exc:
+        console.print(f"[red]query failed:[/red] {exc}")
+        raise typer.Exit(2) from None
+    _print_table(table)
+
+
+@catalog_app.command("stats")
+def catalog_stats() -> None:
+    """Snapshot version, files and rows per table."""
+    from catalog.store import CatalogStore
+
+    settings = _settings()
+    for k, v in CatalogStore(settings.catalog_root).stats().items():
+        out.print(f"{k}: {v}")
+
+
+# -- demo -------------------------------------------------------------------------------
+@app.command()
+def demo(
+    studies: Annotated[int, typer.Option(min=1, help="studies to generate if Orthanc is empty")] = 12,
+) -> None:
+    """Start the local Orthanc, seed it with sample studies, run the nightly ingest once and
+    print a DuckDB query over the new catalog."""
+    from deployments.local.orthanc import OrthancServer, status
+
+    settings = _settings()
+    _ensure_demo_key(settings)
+    work_dir = Path("var/orthanc")
+    if not status(work_dir).get("running"):
+        with console.status("starting Orthanc…"):
+            OrthancServer(_orthanc_config(settings, work_dir)).start()
+    console.print("Orthanc is up on 127.0.0.1")
+    if not status(work_dir).get("studies"):
+        stack_seed(studies=studies, days=10, seed=0, out_dir=Path("var/sample"))
+    console.rule("nightly ingest")
+    from flows.nightly import nightly_ingest
+
+    result = nightly_ingest()
+    console.rule("result")
+    for k, v in result.items():
+        out.print(f"{k}: {v}")
+    console.rule("catalog (DuckDB)")
+    out.print(DEMO_QUERY.strip())
+    catalog_query(DEMO_QUERY, None)
+
+
+@app.command("settings")
+def show_settings() -> None:
+    """Print the effective settings (secrets hidden)."""
+    settings = _settings()
+    out.print_json(settings.model_dump_json(exclude={"deid_key"}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    app(args=argv, prog_name="pacsflow")
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

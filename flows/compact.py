@@ -1,0 +1,22 @@
+"""Catalog maintenance: one sorted file per partition, unreferenced files removed."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from catalog.store import CatalogStore
+from tasks.settings import load_settings
+
+
+@flow(name="compact-catalog", persist_result=False)
+def compact_catalog(vacuum_grace_s: float = 3600.0) -> dict:
+    """Rewrite every partition of every table into one file sorted by study, then delete the
+    files no snapshot references any more (older than the grace period, so readers that
+    opened the previous snapshot can finish)."""
+    settings = load_settings()
+    store = CatalogStore(settings.catalog_root)
+    store.compact()
+    store.vacuum(grace_s=vacuum_grace_s)
+    stats = store.stats()
+    get_run_logger().info("catalog compacted: %s", stats)
+    return dict(stats)
