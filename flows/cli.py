@@ -73,7 +73,7 @@ def _orthanc_config(settings, work_dir: Path):
         http_port=http_port,
         aet=settings.pacs.called_ae,
         modalities=modalities,
-        limit_find_results=settings.pacs.result_cap,
+        limit_find_results=settings.pacs.result_cap or 0,
     )
 
 

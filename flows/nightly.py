@@ -102,7 +102,8 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
     window = plan_window(
         watermark=ledger.watermark,
         overlap_days=settings.overlap_days,
-        initial_since=dt.datetime.strptime(settings.initial_since, "%Y%m%d").date(),
+        initial_since=_parse_date(settings.initial_since),
+        initial_days=settings.initial_days,
         since=since,
         until=until,
     )

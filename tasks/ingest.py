@@ -45,7 +45,7 @@ def discover_studies(settings: Settings, window: Window, retry_uids: list[str]) 
     failures that lie outside the window."""
     logger = get_run_logger()
     client = PacsClient(settings)
-    with concurrency(PACS_LIMIT, occupy=1, strict=False):
+    with concurrency(PACS_LIMIT, occupy=1, strict=False), client.query_session():
         found, warnings = discover(client.find_studies, window, settings.pacs.result_cap)
         known = {s.study_uid for s in found}
         for uid in retry_uids:

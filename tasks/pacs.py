@@ -77,6 +77,12 @@ class StudyInfo:
     modalities: tuple[str, ...]
 
 
+class FindResult(list):
+    """C-FIND answers; ``capped`` when the PACS said it stopped at its result limit."""
+
+    capped: bool = False
+
+
 @dataclass(frozen=True)
 class SubOps:
     completed: int = 0
@@ -166,22 +172,44 @@ class PacsClient:
                 raise PacsUnavailable("C-ECHO failed")
 
     # -- C-FIND ---------------------------------------------------------------------------
-    def find(self, query: Dataset, what: str = "C-FIND") -> list[Dataset]:
+    @contextmanager
+    def query_session(self) -> Iterator["PacsClient"]:
+        """Run many C-FINDs over one association (discovery asks once per day)."""
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        results: list[Dataset] = []
         with self.association(ae) as assoc:
-            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-                code = _status_code(status)
-                if code is None:
-                    raise PacsUnavailable(f"{what}: connection lost or timed out")
-                if code in (0xFF00, 0xFF01):
-                    if identifier is not None:
-                        results.append(identifier)
-                    continue
-                if code == 0x0000:
-                    break
-                _raise_for_status(code, what, "query")
+            self._find_assoc = assoc
+            try:
+                yield self
+            finally:
+                self._find_assoc = None
+
+    def find(self, query: Dataset, what: str = "C-FIND") -> "FindResult":
+        assoc = getattr(self, "_find_assoc", None)
+        if assoc is not None:
+            return self._find_on(assoc, query, what)
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        with self.association(ae) as assoc:
+            return self._find_on(assoc, query, what)
+
+    def _find_on(self, assoc: Association, query: Dataset, what: str) -> "FindResult":
+        results = FindResult()
+        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            code = _status_code(status)
+            if code is None:
+                raise PacsUnavailable(f"{what}: connection lost or timed out")
+            if code in (0xFF00, 0xFF01):
+                if identifier is not None:
+                    results.append(identifier)
+                continue
+            if code == 0x0000:
+                break
+            if code == 0xFE00 and results:
+                # Orthanc (LimitFindResults) and others end a capped answer with Cancel.
+                results.capped = True
+                break
+            _raise_for_status(code, what, "query")
         return results
 
     def find_studies(self, date_range: str, time_range: str | None = None) -> list[StudyInfo]:
@@ -192,7 +220,7 @@ class PacsClient:
         """Study-level C-FIND for one UID: empty when the PACS no longer has it."""
         return self._study_find(study_uid=study_uid)
 
-    def _study_find(self, study_uid: str = "", date_range: str = "", time_range: str = "") -> list[StudyInfo]:
+    def _study_find(self, study_uid: str = "", date_range: str = "", time_range: str = "") -> "FindResult":
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
         q.StudyInstanceUID = study_uid
@@ -201,8 +229,10 @@ class PacsClient:
         q.NumberOfStudyRelatedInstances = ""
         q.NumberOfStudyRelatedSeries = ""
         q.ModalitiesInStudy = ""
-        out = []
-        for ident in self.find(q, "study C-FIND"):
+        answer = self.find(q, "study C-FIND")
+        out = FindResult()
+        out.capped = answer.capped
+        for ident in answer:
             uid = str(ident.get("StudyInstanceUID", "") or "")
             if not uid:
                 continue

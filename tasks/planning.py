@@ -27,7 +27,8 @@ def plan_window(
     *,
     watermark: dt.date | None,
     overlap_days: int,
-    initial_since: dt.date,
+    initial_since: dt.date | None,
+    initial_days: int = 30,
     since: dt.date | None = None,
     until: dt.date | None = None,
     today: dt.date | None = None,
@@ -39,8 +40,10 @@ def plan_window(
         start = since
     elif watermark is not None:
         start = watermark - dt.timedelta(days=overlap_days)
-    else:
+    elif initial_since is not None:
         start = initial_since
+    else:
+        start = end - dt.timedelta(days=initial_days)
     if start > end:
         raise ValueError(f"window start {start} is after its end {end}")
     return Window(start, end)
@@ -53,37 +56,60 @@ def _fmt_time(seconds: int) -> str:
 def discover(
     find: Callable[[str, str | None], list[StudyInfo]],
     window: Window,
-    cap: int,
+    cap: int | None,
     on_day: Callable[[dt.date, int], None] | None = None,
 ) -> tuple[list[StudyInfo], list[str]]:
-    """C-FIND one day at a time; a day (or time slice) whose answer reaches the PACS's cap is
-    split by StudyTime until it fits. A range query over many years would hit the cap first.
+    """Find every study in the window on a PACS that may cap its C-FIND answers.
+
+    ``cap``: None when the PACS's limit is unknown: ask one day at a time (the safe default);
+    0 when it has none: ask for the whole window at once; N: ask for the whole window and
+    bisect any date range whose answer reaches N. A single day that is still capped is split
+    by StudyTime down to one minute. An answer the PACS marks as capped (final status Cancel
+    after pending results, as Orthanc does) is treated the same whatever ``cap`` says.
 
     Returns the studies (deduplicated by UID) and warnings for slices that stayed capped.
     """
     found: dict[str, StudyInfo] = {}
     warnings: list[str] = []
 
-    def query(day: str, lo: int | None, hi: int | None) -> None:
+    def is_capped(answer: list[StudyInfo]) -> bool:
+        return bool(getattr(answer, "capped", False)) or (bool(cap) and len(answer) >= cap)  # type: ignore[operator]
+
+    def query_day_time(day: str, lo: int | None, hi: int | None) -> None:
         time_range = None if lo is None else f"{_fmt_time(lo)}-{_fmt_time(hi)}"
         answer = find(day, time_range)
-        capped = cap > 0 and len(answer) >= cap
-        if capped:
+        if is_capped(answer):
             lo_, hi_ = (0, DAY_SECONDS - 1) if lo is None else (lo, hi)
             if hi_ - lo_ >= MIN_SLICE_SECONDS:
                 mid = (lo_ + hi_) // 2
-                query(day, lo_, mid)
-                query(day, mid + 1, hi_)
+                query_day_time(day, lo_, mid)
+                query_day_time(day, mid + 1, hi_)
                 return
             warnings.append(f"{day} {time_range}: still {len(answer)} results at the PACS cap; some may be missing")
         for s in answer:
             found.setdefault(s.study_uid, s)
 
-    for day in window.days():
-        before = len(found)
-        query(day.strftime("%Y%m%d"), None, None)
-        if on_day:
-            on_day(day, len(found) - before)
+    def query_days(lo: dt.date, hi: dt.date) -> None:
+        if lo == hi:
+            before = len(found)
+            query_day_time(lo.strftime("%Y%m%d"), None, None)
+            if on_day:
+                on_day(lo, len(found) - before)
+            return
+        answer = find(f"{lo:%Y%m%d}-{hi:%Y%m%d}", None)
+        if is_capped(answer):
+            mid = lo + (hi - lo) // 2
+            query_days(lo, mid)
+            query_days(mid + dt.timedelta(days=1), hi)
+            return
+        for s in answer:
+            found.setdefault(s.study_uid, s)
+
+    if cap is None:
+        for day in window.days():
+            query_days(day, day)
+    else:
+        query_days(window.start, window.end)
     return list(found.values()), warnings
 
 

@@ -43,8 +43,10 @@ class PacsSettings(BaseModel):
     port: int = Field(4242, ge=1, le=65535)
     called_ae: str = "ORTHANC"
     http_url: str = "http://127.0.0.1:8042"
-    # Orthanc caps C-FIND answers at LimitFindResults; we split the window when we hit it.
-    result_cap: int = Field(0, ge=0, description="0 = unknown; a reply with this many results is treated as capped")
+    # PACSs cap C-FIND answers (Orthanc: LimitFindResults); discovery splits what reaches the cap.
+    result_cap: int | None = Field(
+        None, ge=0, description="None = unknown (query day by day); 0 = no cap; N = answers of N are capped"
+    )
     timeout_s: float = Field(60.0, gt=0)
 
     _ae = field_validator("called_ae")(_check_ae_title)
@@ -85,7 +87,8 @@ class Settings(BaseSettings):
     deid_key_file: Path | None = Field(None, description="file holding the key (owner-only permissions)")
 
     overlap_days: int = Field(2, ge=0, le=365)
-    initial_since: str = Field("19000101", description="first run's window start (YYYYMMDD)")
+    initial_since: str | None = Field(None, description="first run's window start (YYYYMMDD)")
+    initial_days: int = Field(30, ge=0, description="first run without initial_since: this many days back")
     max_associations: int = Field(2, ge=1, le=64)
     retrieve_retries: int = Field(3, ge=0, le=20)
     retry_delay_s: float = Field(2.0, ge=0)
@@ -98,8 +101,8 @@ class Settings(BaseSettings):
 
     @field_validator("initial_since")
     @classmethod
-    def _since(cls, v: str) -> str:
-        if len(v) != 8 or not v.isdigit():
+    def _since(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 8 or not v.isdigit()):
             raise ValueError("must be a date as YYYYMMDD")
         return v
 

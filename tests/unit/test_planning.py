@@ -5,7 +5,7 @@ import datetime as dt
 import pytest
 
 from tasks.ledger import Ledger
-from tasks.pacs import StudyInfo
+from tasks.pacs import FindResult, StudyInfo
 from tasks.planning import Window, discover, plan_window, worklist
 
 D = dt.date
@@ -20,6 +20,8 @@ def test_window_from_watermark_minus_overlap():
 def test_window_first_run_and_explicit_bounds():
     w = plan_window(watermark=None, overlap_days=2, initial_since=D(2026, 1, 1), today=D(2026, 1, 3))
     assert w.start == D(2026, 1, 1)
+    w = plan_window(watermark=None, overlap_days=2, initial_since=None, initial_days=30, today=D(2026, 1, 31))
+    assert w.start == D(2026, 1, 1)
     w = plan_window(watermark=D(2026, 5, 5), overlap_days=2, initial_since=D(2026, 1, 1),
                     since=D(2026, 2, 1), until=D(2026, 2, 3))
     assert (w.start, w.end) == (D(2026, 2, 1), D(2026, 2, 3))
@@ -32,32 +34,65 @@ def _study(uid, date="20261101", n=3):
     return StudyInfo(uid, date, n, 1, ("CT",))
 
 
-def test_discover_splits_a_capped_day_by_time_until_everything_is_found():
-    # 40 studies on one day, spread over the day; the fake PACS answers at most 10.
-    studies = [(f"1.2.{i}", i * 2000) for i in range(40)]
-    calls = []
+class FakePacs:
+    """Answers study C-FINDs on date (range) and time (range) like a PACS capped at ``cap``
+    results, optionally marking capped answers as Orthanc does (final status Cancel)."""
 
-    def find(day, time_range):
-        calls.append((day, time_range))
-        lo, hi = 0, 86399
-        if time_range:
-            a, b = time_range.split("-")
-            lo = int(a[:2]) * 3600 + int(a[2:4]) * 60 + int(a[4:])
-            hi = int(b[:2]) * 3600 + int(b[2:4]) * 60 + int(b[4:])
-        hits = [_study(uid, day) for uid, t in studies if lo <= t <= hi and day == "20261101"]
-        return hits[:10]
+    def __init__(self, studies, cap, mark_capped=False):
+        self.studies, self.cap, self.mark_capped, self.calls = studies, cap, mark_capped, []
 
-    found, warnings = discover(find, Window(D(2026, 11, 1), D(2026, 11, 2)), cap=10)
-    assert sorted(s.study_uid for s in found) == sorted(uid for uid, _ in studies)
+    def __call__(self, dates, times):
+        self.calls.append((dates, times))
+        lo_d, _, hi_d = dates.partition("-")
+        hi_d = hi_d or lo_d
+        lo_t, hi_t = 0, 86399
+        if times:
+            a, b = times.split("-")
+            lo_t = int(a[:2]) * 3600 + int(a[2:4]) * 60 + int(a[4:])
+            hi_t = int(b[:2]) * 3600 + int(b[2:4]) * 60 + int(b[4:])
+        hits = [_study(uid, day) for uid, day, t in self.studies if lo_d <= day <= hi_d and lo_t <= t <= hi_t]
+        answer = FindResult(hits[: self.cap] if self.cap else hits)
+        answer.capped = self.mark_capped and self.cap and len(hits) > self.cap
+        return answer
+
+
+def _busy_days():
+    # 40 studies on one day spread over the day, and a few on other days of the month
+    return [(f"1.2.{i}", "20261101", i * 2000) for i in range(40)] + [
+        (f"1.3.{d}", f"202611{d:02d}", 3600) for d in range(2, 30, 3)
+    ]
+
+
+@pytest.mark.parametrize("cap_setting, mark", [(None, True), (10, False), (10, True)])
+def test_discover_splits_capped_answers_until_everything_is_found(cap_setting, mark):
+    pacs = FakePacs(_busy_days(), cap=10, mark_capped=mark)
+    found, warnings = discover(pacs, Window(D(2026, 11, 1), D(2026, 11, 30)), cap=cap_setting)
+    assert sorted(s.study_uid for s in found) == sorted(uid for uid, _, _ in _busy_days())
     assert not warnings
-    assert len(calls) > 4
+    assert any(t is not None for _, t in pacs.calls)  # the busy day was split by time
 
 
-def test_discover_without_cap_queries_once_per_day():
-    calls = []
-    found, _ = discover(lambda d, t: calls.append(d) or [_study("1.2." + d, d)], Window(D(2026, 1, 1), D(2026, 1, 3)), 0)
-    assert calls == ["20260101", "20260102", "20260103"]
-    assert len(found) == 3
+def test_discover_with_an_unmarked_cap_it_does_not_know_misses_studies():
+    # The reason the default is day by day: with cap=0 ("no cap") a silently capping PACS loses studies.
+    pacs = FakePacs(_busy_days(), cap=10)
+    found, _ = discover(pacs, Window(D(2026, 11, 1), D(2026, 11, 30)), cap=0)
+    assert len(found) == 10 and len(pacs.calls) == 1
+
+
+def test_discover_unknown_cap_queries_once_per_day_and_no_cap_once():
+    pacs = FakePacs([("1.2", "20260102", 0)], cap=0)
+    found, _ = discover(pacs, Window(D(2026, 1, 1), D(2026, 1, 3)), None)
+    assert [c[0] for c in pacs.calls] == ["20260101", "20260102", "20260103"]
+    assert len(found) == 1
+    pacs.calls.clear()
+    discover(pacs, Window(D(2026, 1, 1), D(2026, 1, 3)), 0)
+    assert pacs.calls == [("20260101-20260103", None)]
+
+
+def test_a_slice_still_capped_at_one_minute_is_reported():
+    pacs = FakePacs([(f"1.2.{i}", "20261101", 3600) for i in range(20)], cap=10)
+    found, warnings = discover(pacs, Window(D(2026, 11, 1), D(2026, 11, 1)), cap=10)
+    assert len(found) == 10 and warnings
 
 
 def test_worklist_new_grew_retry_and_unchanged(tmp_path):

@@ -1,0 +1,626 @@
+"""Atomic, idempotent Parquet commits of catalog rows (pure: no prefect, no sockets).
+
+Layout under ``root``::
+
+    _lock                                   fcntl.flock: committers, compact and vacuum serialize
+    current -> snapshots/v000000000007      THE commit point: a symlink swapped with os.replace
+    snapshots/v000000000007/
+        manifest.json                       version, parent, created_at, every file of every table
+        studies/study_month=2004-01/part-000000000007-<random>.parquet
+        studies/study_month=__HIVE_DEFAULT_PARTITION__/part-....parquet   (null study dates)
+        series/...   instances/...
+    snapshots/v000000000006/                the previous snapshot, kept for vacuum's grace period
+
+Partitioning: by study month (``study_month=YYYY-MM``) of the study's ``study_date``; studies without
+a date go to the hive default (null) partition, which always exists (possibly with zero rows) so
+that every table always has at least one file and globs never come back empty. All rows of a
+study, in all three tables, live in the partition of its ``studies`` row; the store sets
+``study_date`` of series and instance rows from the study row.
+
+Commit (``commit(tables)``), under the lock:
+
+1. validate and cast the incoming tables to :mod:`catalog.schema` (clear error otherwise), check
+   primary keys are unique and every series/instance row belongs to a study in ``tables["studies"]``;
+2. the study UIDs of ``tables["studies"]`` are the *replaced set*: find the partitions that hold them
+   now (their old dates) and the partitions they go to (their new dates);
+3. build the next snapshot in ``snapshots/.build-<random>``: each touched partition of each table is
+   rewritten as ONE file (old rows minus the replaced set, plus the new rows, sorted by
+   study_uid, series_uid, sop_instance_uid; zstd, row-group statistics); every untouched file is
+   hard-linked from the current snapshot (files are immutable, their names unique);
+4. fsync, rename the build directory to ``snapshots/v<N>``, then atomically replace ``current``.
+
+Readers resolve ``current`` once and read only that snapshot's manifest and files, so they see a
+commit entirely or not at all; a failure before step 4 leaves ``current`` untouched (the
+half-built directory is removed, or later by ``vacuum``). Re-committing a study replaces its rows,
+never duplicates them, and yields identical files content for identical input. There is exactly
+one file per partition per table after every commit, so DuckDB never faces a small-file pile-up.
+
+``vacuum(grace_s)`` deletes snapshot directories superseded more than ``grace_s`` ago (their
+files, when no newer snapshot links them), unpublished leftovers of failed commits, and stray
+temporary links. Readers pinned to a snapshot keep working for the grace period.
+
+The store needs a local POSIX filesystem (hard links, symlinks, flock, atomic rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from catalog.schema import PRIMARY_KEYS, SCHEMA_VERSION, SCHEMAS, SORT_KEYS
+from tasks.errors import PermanentError, TransientError
+
+logger = logging.getLogger(__name__)
+
+TABLES: tuple[str, ...] = ("studies", "series", "instances")
+PARTITION_COLUMN = "study_month"
+NULL_PARTITION_DIR = "__HIVE_DEFAULT_PARTITION__"  # what DuckDB/Hive read back as NULL
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "pacsflow-catalog/1"
+ROW_GROUP_ROWS = 64 * 1024  # smaller row groups = finer skipping by study_uid/study_date
+ZSTD_LEVEL = 3
+
+_VERSION_DIR = re.compile(r"^v(\d{12})$")
+
+
+class CatalogError(PermanentError):
+    """The catalog refused a commit; messages name tables, columns and counts, never values."""
+
+    reason = "catalog"
+
+
+class SchemaMismatch(CatalogError, ValueError):
+    """An incoming table does not fit the declared schema."""
+
+    reason = "catalog-schema"
+
+
+class IntegrityError(CatalogError, ValueError):
+    """Duplicate keys, or series/instance rows whose study is not in the commit."""
+
+    reason = "catalog-integrity"
+
+
+class CatalogBusy(TransientError):
+    """Another process held the catalog lock for longer than the lock timeout."""
+
+    reason = "catalog-busy"
+
+
+# -- snapshots ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileEntry:
+    table: str
+    partition: str | None  # "YYYY-MM", or None for the null-date partition
+    path: str  # relative to the snapshot directory
+    rows: int
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"partition": self.partition, "path": self.path, "rows": self.rows, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One immutable, consistent state of the catalog (version 0 = nothing committed yet)."""
+
+    version: int
+    directory: Path | None
+    created_at: _dt.datetime | None
+    parent: int | None
+    schema_version: int
+    entries: Mapping[str, tuple[FileEntry, ...]]
+
+    def paths(self, table: str, *, include_empty: bool = True) -> list[str]:
+        """Absolute paths of this snapshot's files of ``table`` (sorted by partition)."""
+        if self.directory is None:
+            return []
+        return [
+            str(self.directory / e.path) for e in self.entries.get(table, ()) if include_empty or e.rows > 0
+        ]
+
+
+_EMPTY_SNAPSHOT = Snapshot(0, None, None, None, SCHEMA_VERSION, {t: () for t in TABLES})
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    version: int
+    studies_committed: int
+    studies_replaced: int  # of the committed (or deleted) studies, how many were already there
+    rows: dict[str, int]  # rows written by this commit, per table
+    partitions_rewritten: tuple[str | None, ...]
+    files_written: int
+    files_linked: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class VacuumResult:
+    snapshots_removed: int
+    files_removed: int
+    bytes_freed: int
+    kept_versions: tuple[int, ...] = field(default=())
+
+
+# -- validation ---------------------------------------------------------------------------------
+def conform(table: pa.Table, name: str, *, lenient: bool = False) -> pa.Table:
+    """Reorder and cast ``table`` to the schema of catalog table ``name``.
+
+    Strict (incoming data): extra or missing columns are errors. Lenient (files written under an
+    older schema version): missing nullable columns are filled with nulls, unknown ones dropped.
+    Casts are safe (no overflow, no truncation); nulls in non-null columns are errors.
+    """
+    schema = SCHEMAS[name]
+    have = set(table.column_names)
+    if len(have) != table.num_columns:
+        raise SchemaMismatch(f"{name}: duplicate column names")
+    extra = sorted(have - set(schema.names))
+    if extra and not lenient:
+        raise SchemaMismatch(f"{name}: unexpected columns {extra}")
+    missing = [f.name for f in schema if f.name not in have]
+    if missing and not lenient:
+        raise SchemaMismatch(f"{name}: missing columns {missing}")
+    columns = []
+    for fld in schema:
+        if fld.name not in have:
+            if not fld.nullable:
+                raise SchemaMismatch(f"{name}.{fld.name}: missing non-null column")
+            columns.append(pa.nulls(table.num_rows, fld.type))
+            continue
+        col = table[fld.name]
+        if not col.type.equals(fld.type):
+            try:
+                col = col.cast(fld.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                # Arrow's message may quote a value: keep it out of ours.
+                raise SchemaMismatch(f"{name}.{fld.name}: cannot cast {col.type} to {fld.type}") from None
+        if not fld.nullable and col.null_count:
+            raise SchemaMismatch(f"{name}.{fld.name}: {col.null_count} null(s) in a non-null column")
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _check_keys(name: str, table: pa.Table) -> None:
+    keys = list(PRIMARY_KEYS[name])
+    if table.num_rows and table.group_by(keys).aggregate([]).num_rows != table.num_rows:
+        raise IntegrityError(f"{name}: duplicate {'/'.join(keys)} in one commit")
+
+
+def _partition_keys(study_date: pa.ChunkedArray | pa.Array) -> pa.Array:
+    months = pc.strftime(study_date, format="%Y-%m")
+    return months.combine_chunks() if isinstance(months, pa.ChunkedArray) else months
+
+
+def _partition_dir(partition: str | None) -> str:
+    return f"{PARTITION_COLUMN}={NULL_PARTITION_DIR if partition is None else partition}"
+
+
+def _sort_key(partition: str | None) -> tuple[int, str]:
+    return (1, "") if partition is None else (0, partition)
+
+
+def _read_file(path: Path) -> pa.Table:
+    # ParquetFile, not pq.read_table: the latter would add the hive column from the path.
+    return pq.ParquetFile(path).read()
+
+
+def _fsync(path: Path, *, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CatalogStore:
+    """The catalog under ``root``: see the module docstring."""
+
+    def __init__(self, root: Path | str, *, lock_timeout_s: float | None = 600.0) -> None:
+        self.root = Path(root)
+        self.lock_timeout_s = lock_timeout_s
+
+    # -- reading (lock-free) -------------------------------------------------------------------
+    @property
+    def _current_link(self) -> Path:
+        return self.root / "current"
+
+    @property
+    def _snapshots_dir(self) -> Path:
+        return self.root / "snapshots"
+
+    def snapshot(self) -> Snapshot:
+        """The current snapshot, read consistently (one readlink, one manifest)."""
+        for _attempt in range(5):
+            try:
+                target = os.readlink(self._current_link)
+            except FileNotFoundError:
+                return _EMPTY_SNAPSHOT
+            directory = (self.root / target).resolve()
+            try:
+                return self._load(directory)
+            except FileNotFoundError:  # vacuumed between readlink and read: look again
+                continue
+        raise CatalogError("could not read a stable snapshot")
+
+    def _load(self, directory: Path) -> Snapshot:
+        data = json.loads((directory / MANIFEST).read_text("utf-8"))
+        if data.get("format") != MANIFEST_FORMAT:
+            raise CatalogError(f"unknown manifest format in snapshot {directory.name}")
+        entries = {
+            t: tuple(
+                FileEntry(t, e["partition"], e["path"], int(e["rows"]), int(e["bytes"]))
+                for e in data["tables"].get(t, [])
+            )
+            for t in TABLES
+        }
+        return Snapshot(
+            version=int(data["version"]),
+            directory=directory,
+            created_at=_dt.datetime.fromisoformat(data["created_at"]),
+            parent=data.get("parent"),
+            schema_version=int(data.get("schema_version", 0)),
+            entries=entries,
+        )
+
+    @property
+    def snapshot_version(self) -> int:
+        return self.snapshot().version
+
+    def files(self, table: str) -> list[str]:
+        """Absolute paths of the current data files of ``table`` (zero-row placeholders excluded)."""
+        if table not in TABLES:
+            raise KeyError(table)
+        return self.snapshot().paths(table, include_empty=False)
+
+    def study_uids(self) -> set[str]:
+        out: set[str] = set()
+        for path in self.snapshot().paths("studies", include_empty=False):
+            out.update(pq.ParquetFile(path).read(columns=["study_uid"])["study_uid"].to_pylist())
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        snap = self.snapshot()
+        tables: dict[str, Any] = {}
+        for t in TABLES:
+            entries = snap.entries.get(t, ())
+            per_partition: dict[str | None, int] = {}
+            for e in entries:
+                per_partition[e.partition] = per_partition.get(e.partition, 0) + 1
+            tables[t] = {
+                "files": sum(1 for e in entries if e.rows > 0),
+                "partitions": len({e.partition for e in entries if e.rows > 0}),
+                "rows": sum(e.rows for e in entries),
+                "bytes": sum(e.bytes for e in entries),
+                "max_files_per_partition": max(per_partition.values(), default=0),
+            }
+        snapshots_on_disk = (
+            sum(1 for p in self._snapshots_dir.iterdir() if _VERSION_DIR.match(p.name))
+            if self._snapshots_dir.is_dir()
+            else 0
+        )
+        return {
+            "version": snap.version,
+            "created_at": snap.created_at.isoformat() if snap.created_at else None,
+            "schema_version": snap.schema_version,
+            "snapshots_on_disk": snapshots_on_disk,
+            "tables": tables,
+        }
+
+    # -- writing (under the lock) --------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "_lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if self.lock_timeout_s is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                deadline = time.monotonic() + self.lock_timeout_s
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise CatalogBusy(f"catalog lock not acquired within {self.lock_timeout_s}s") from None
+                        time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def commit(self, tables: Mapping[str, pa.Table]) -> CommitResult:
+        """Replace every row of the studies in ``tables["studies"]`` by the given rows, atomically.
+
+        ``tables`` maps "studies" (required), "series" and "instances" (missing = no rows) to Arrow
+        tables with the catalog schema (compatible types are cast).
+        """
+        unknown = sorted(set(tables) - set(TABLES))
+        if unknown:
+            raise SchemaMismatch(f"unknown tables {unknown}")
+        if "studies" not in tables:
+            raise SchemaMismatch("a commit needs a 'studies' table")
+        incoming = {t: conform(tables[t], t) if t in tables else SCHEMAS[t].empty_table() for t in TABLES}
+        incoming = self._normalize(incoming)
+        replaced = set(incoming["studies"]["study_uid"].to_pylist())
+        return self._write(incoming, replaced)
+
+    def delete(self, study_uids: Iterable[str]) -> CommitResult:
+        """Remove every row of these studies (e.g. a retracted study), atomically."""
+        uids = {study_uids} if isinstance(study_uids, str) else {str(u) for u in study_uids}
+        return self._write({t: SCHEMAS[t].empty_table() for t in TABLES}, uids)
+
+    def compact(self) -> CommitResult:
+        """Rewrite every partition of every table as one sorted file under the current schema."""
+        return self._write({t: SCHEMAS[t].empty_table() for t in TABLES}, set(), rewrite_all=True)
+
+    def ensure_initialized(self) -> int:
+        """Publish an empty first snapshot if nothing was committed yet; returns the version."""
+        if self.snapshot().version:
+            return self.snapshot().version
+        return self._write({t: SCHEMAS[t].empty_table() for t in TABLES}, set(), only_if_empty=True).version
+
+    @staticmethod
+    def _normalize(incoming: dict[str, pa.Table]) -> dict[str, pa.Table]:
+        studies = incoming["studies"]
+        for t in TABLES:
+            _check_keys(t, incoming[t])
+        out = {"studies": studies}
+        for t in ("series", "instances"):
+            table = incoming[t]
+            idx = pc.index_in(table["study_uid"], value_set=studies["study_uid"])
+            if idx.null_count:
+                raise IntegrityError(f"{t}: {idx.null_count} row(s) of studies not in tables['studies']")
+            dates = studies["study_date"].take(idx)
+            pos = table.schema.get_field_index("study_date")
+            out[t] = table.set_column(pos, table.schema.field(pos), dates)
+        return out
+
+    def _locate(self, base: Snapshot, uids: set[str]) -> tuple[set[str | None], int]:
+        """Partitions of ``base`` holding any of ``uids``, and how many of the uids exist."""
+        if not uids:
+            return set(), 0
+        value_set = pa.array(sorted(uids), pa.string())
+        partitions: set[str | None] = set()
+        found = 0
+        for e in base.entries["studies"]:
+            if e.rows == 0:
+                continue
+            assert base.directory is not None
+            col = pq.ParquetFile(base.directory / e.path).read(columns=["study_uid"])["study_uid"]
+            hits = pc.sum(pc.is_in(col, value_set=value_set)).as_py() or 0
+            if hits:
+                partitions.add(e.partition)
+                found += hits
+        return partitions, found
+
+    def _write(
+        self,
+        incoming: dict[str, pa.Table],
+        replaced: set[str],
+        *,
+        rewrite_all: bool = False,
+        only_if_empty: bool = False,
+    ) -> CommitResult:
+        started = time.monotonic()
+        with self._locked():
+            base = self.snapshot()
+            if only_if_empty and base.version:
+                return CommitResult(base.version, 0, 0, {t: 0 for t in TABLES}, (), 0, 0, 0.0)
+            old_partitions, existing = self._locate(base, replaced)
+
+            # New rows per partition, per table.
+            new_parts: dict[str, dict[str | None, pa.Table]] = {}
+            for t in TABLES:
+                table = incoming[t]
+                keys = _partition_keys(table["study_date"])
+                groups: dict[str | None, pa.Table] = {}
+                for p in set(keys.to_pylist()):
+                    mask = pc.is_null(keys) if p is None else pc.fill_null(pc.equal(keys, p), False)
+                    groups[p] = table.filter(mask)
+                new_parts[t] = groups
+            touched: set[str | None] = set(old_partitions) | set(new_parts["studies"])
+            if rewrite_all:
+                touched |= {e.partition for t in TABLES for e in base.entries[t]}
+            if not touched and base.version:  # nothing to change: no new snapshot
+                return CommitResult(base.version, 0, 0, {t: 0 for t in TABLES}, (), 0, 0, 0.0)
+
+            self._snapshots_dir.mkdir(parents=True, exist_ok=True)
+            version = self._next_version(base)
+            build = self._snapshots_dir / f".build-{uuid.uuid4().hex}"
+            final = self._snapshots_dir / f"v{version:012d}"
+            build.mkdir()
+            published = False
+            try:
+                manifest_tables, written, linked, rows, rewritten = self._build(
+                    base, build, version, new_parts, replaced, touched
+                )
+                created = _dt.datetime.now(_dt.timezone.utc)
+                manifest = {
+                    "format": MANIFEST_FORMAT,
+                    "version": version,
+                    "parent": base.version or None,
+                    "schema_version": SCHEMA_VERSION,
+                    "created_at": created.isoformat(),
+                    "tables": manifest_tables,
+                }
+                with open(build / MANIFEST, "w", encoding="utf-8") as fh:
+                    json.dump(manifest, fh, indent=1, sort_keys=True)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                _fsync(build, directory=True)
+                os.rename(build, final)
+                _fsync(self._snapshots_dir, directory=True)
+                tmp_link = self.root / f".current-{uuid.uuid4().hex}"
+                os.symlink(f"snapshots/{final.name}", tmp_link)
+                try:
+                    os.replace(tmp_link, self._current_link)  # the commit point
+                except BaseException:
+                    tmp_link.unlink(missing_ok=True)
+                    raise
+                published = True
+                _fsync(self.root, directory=True)
+            finally:
+                if not published:
+                    shutil.rmtree(build, ignore_errors=True)
+                    shutil.rmtree(final, ignore_errors=True)
+        result = CommitResult(
+            version=version,
+            studies_committed=incoming["studies"].num_rows,
+            studies_replaced=existing,
+            rows=rows,
+            partitions_rewritten=tuple(sorted(rewritten | touched, key=_sort_key)),
+            files_written=written,
+            files_linked=linked,
+            seconds=round(time.monotonic() - started, 6),
+        )
+        logger.info(
+            "catalog v%d: %d studies committed (%d replaced), %d partition(s) rewritten",
+            version,
+            result.studies_committed,
+            existing,
+            len(result.partitions_rewritten),
+        )
+        return result
+
+    def _next_version(self, base: Snapshot) -> int:
+        versions = [base.version]
+        for p in self._snapshots_dir.iterdir():
+            m = _VERSION_DIR.match(p.name)
+            if m:
+                versions.append(int(m.group(1)))
+        return max(versions) + 1
+
+    def _build(
+        self,
+        base: Snapshot,
+        build: Path,
+        version: int,
+        new_parts: dict[str, dict[str | None, pa.Table]],
+        replaced: set[str],
+        touched: set[str | None],
+    ) -> tuple[dict[str, list[dict[str, Any]]], int, int, dict[str, int], set[str | None]]:
+        value_set = pa.array(sorted(replaced), pa.string())
+        manifest: dict[str, list[dict[str, Any]]] = {}
+        written = linked = 0
+        rewritten: set[str | None] = set()
+        rows_written = {t: 0 for t in TABLES}
+        for t in TABLES:
+            schema = SCHEMAS[t]
+            base_entries = {e.partition: e for e in base.entries.get(t, ())}
+            entries: list[FileEntry] = []
+            # The null partition always has a file (maybe zero rows): globs never come back empty.
+            for p in sorted(set(base_entries) | touched | {None}, key=_sort_key):
+                old = base_entries.get(p)
+                rel_dir = Path(t) / _partition_dir(p)
+                if p not in touched and old is not None:
+                    assert base.directory is not None
+                    (build / rel_dir).mkdir(parents=True, exist_ok=True)
+                    os.link(base.directory / old.path, build / old.path)
+                    entries.append(old)
+                    linked += 1
+                    continue
+                pieces = []
+                if old is not None and old.rows:
+                    assert base.directory is not None
+                    kept = conform(_read_file(base.directory / old.path), t, lenient=True)
+                    if replaced:
+                        kept = kept.filter(pc.invert(pc.is_in(kept["study_uid"], value_set=value_set)))
+                    pieces.append(kept)
+                new = new_parts[t].get(p)
+                if new is not None and new.num_rows:
+                    pieces.append(new)
+                    rows_written[t] += new.num_rows
+                table = pa.concat_tables(pieces) if pieces else schema.empty_table()
+                if table.num_rows == 0 and p is not None:
+                    continue  # the partition is gone
+                table = table.sort_by([(k, "ascending") for k in SORT_KEYS[t]])
+                rel = rel_dir / f"part-{version:012d}-{uuid.uuid4().hex[:12]}.parquet"
+                (build / rel_dir).mkdir(parents=True, exist_ok=True)
+                size = _write_parquet(table, t, build / rel)
+                entries.append(FileEntry(t, p, rel.as_posix(), table.num_rows, size))
+                written += 1
+                rewritten.add(p)
+            manifest[t] = [e.to_json() for e in entries]
+        for d in sorted({p for p in build.rglob("*") if p.is_dir()}, key=lambda p: -len(p.parts)):
+            _fsync(d, directory=True)
+        return manifest, written, linked, rows_written, rewritten
+
+    # -- maintenance ---------------------------------------------------------------------------
+    def vacuum(self, grace_s: float = 3600.0) -> VacuumResult:
+        """Delete what no reader may still need: see the module docstring."""
+        now = _dt.datetime.now(_dt.timezone.utc)
+        with self._locked():
+            current = self.snapshot()
+            keep: set[int] = set()
+            if current.version:
+                keep.add(current.version)
+                child = current
+                while child.parent:
+                    parent_dir = self._snapshots_dir / f"v{child.parent:012d}"
+                    if not parent_dir.is_dir():
+                        break
+                    assert child.created_at is not None
+                    if (now - child.created_at).total_seconds() >= grace_s:
+                        break  # superseded long enough ago, and so are all its ancestors
+                    keep.add(child.parent)
+                    try:
+                        child = self._load(parent_dir)
+                    except (OSError, ValueError, KeyError):
+                        break
+            doomed: list[Path] = []
+            if self._snapshots_dir.is_dir():
+                for p in self._snapshots_dir.iterdir():
+                    m = _VERSION_DIR.match(p.name)
+                    if (m and int(m.group(1)) not in keep) or p.name.startswith(".build-"):
+                        doomed.append(p)
+            for p in self.root.glob(".current-*"):
+                p.unlink(missing_ok=True)
+            # A file's space is freed when its last link goes: count those.
+            links: dict[tuple[int, int], list[int]] = {}
+            files_removed = 0
+            for d in doomed:
+                for f in d.rglob("*.parquet"):
+                    st = f.stat()
+                    entry = links.setdefault((st.st_dev, st.st_ino), [st.st_nlink, 0, st.st_size])
+                    entry[1] += 1
+                    files_removed += 1
+            freed = sum(size for nlink, removed, size in links.values() if removed >= nlink)
+            for d in doomed:
+                shutil.rmtree(d)
+        logger.info("catalog vacuum: %d snapshot(s), %d file link(s) removed", len(doomed), files_removed)
+        return VacuumResult(len(doomed), files_removed, freed, tuple(sorted(keep)))
+
+
+def _write_parquet(table: pa.Table, name: str, path: Path) -> int:
+    schema = SCHEMAS[name]
+    metadata = dict(schema.metadata or {})
+    metadata[b"pacsflow.schema_version"] = str(SCHEMA_VERSION).encode()
+    table = table.replace_schema_metadata(metadata)
+    pq.write_table(
+        table,
+        path,
+        compression="zstd",
+        compression_level=ZSTD_LEVEL,
+        write_statistics=True,
+        row_group_size=ROW_GROUP_ROWS,
+        sorting_columns=pq.SortingColumn.from_ordering(schema, [(k, "ascending") for k in SORT_KEYS[name]]),
+    )
+    _fsync(path)
+    return path.stat().st_size

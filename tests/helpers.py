@@ -1,0 +1,33 @@
+"""Small helpers shared by the test tiers (no fixtures here; see the conftest files)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+_handed_out: set[int] = set()
+_lock = threading.Lock()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host``.
+
+    The OS picks it (bind to port 0); a port is never handed out twice in one test process, so
+    several servers started side by side get distinct ports. Another process may still grab it
+    before our server binds: fixtures retry start-up with fresh ports.
+    """
+    with _lock:
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise RuntimeError("could not find a free port")
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for DCMTK tools: TCP_NODELAY=1 avoids the ~50 ms Nagle delay per message."""
+    return dict(os.environ, TCP_NODELAY="1")
