@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
 
 from flows.concurrency import ensure_concurrency_limit
@@ -110,57 +111,17 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
     summary = RunSummary(run_id, f"{window.start.isoformat()}..{window.end.isoformat()}")
     ensure_concurrency_limit(PACS_LIMIT, settings.max_associations)
 
-    retry_uids = [e.study_uid for e in ledger.failed() if not e.permanent]
-    found, _warnings = discover_studies(settings, window, retry_uids)
-    summary.found = len(found)
-    items = worklist(found, ledger.entries(), deid.study_uid)
-    summary.queued = len(items)
+    with concurrency(PACS_LIMIT, occupy=settings.max_associations, strict=False):
+        retry_uids = [e.study_uid for e in ledger.failed() if not e.permanent]
+        found, _warnings = discover_studies(settings, window, retry_uids)
+        summary.found = len(found)
+        items = worklist(found, ledger.entries(), deid.study_uid)
+        summary.queued = len(items)
+        logger.info("run %s: window %s, %d studies found, %d to process", run_id, summary.window, len(found),
+                    len(items))
+        rows_root = settings.state_root / "runs" / run_id / "rows"
+        outcomes, failures = _retrieve_and_deidentify(settings, key, deid, items, rows_root, summary)
     reports = {w.pseudo_uid: StudyReport(w.pseudo_uid, w.reason) for w in items}
-    logger.info("run %s: window %s, %d studies found, %d to process", run_id, summary.window, len(found), len(items))
-
-    rows_root = settings.state_root / "runs" / run_id / "rows"
-    outcomes: dict[str, tuple[WorkItem, StudyOutcome]] = {}
-    failures: dict[str, tuple[WorkItem, BaseException]] = {}
-
-    for item in items:  # a fresh staging folder: stale files from an older attempt must not count
-        purge_staging(settings.staging_dir / item.pseudo_uid)
-
-    receiver = (
-        StorageReceiver(
-            settings.receiver.ae_title,
-            settings.receiver.host,
-            settings.receiver.port,
-            StagingWriter(settings.staging_dir, deid.study_uid),
-        )
-        if settings.retrieve_method is RetrieveMethod.C_MOVE and items
-        else nullcontext()
-    )
-    by_pseudo = {w.pseudo_uid: w for w in items}
-    retrieve = retrieve_study.with_options(
-        retries=settings.retrieve_retries,
-        retry_delay_seconds=[settings.retry_delay_s * (2**i) for i in range(max(settings.retrieve_retries, 1))],
-    )
-    with receiver:
-        retrieve_futures = list(retrieve.map(items, settings=settings, key=key)) if items else []
-        owner = {f.task_run_id: w for f, w in zip(retrieve_futures, items)}
-        deid_futures = []
-        for fut in as_completed(retrieve_futures):
-            item = owner[fut.task_run_id]
-            res = fut.result(raise_on_failure=False)
-            if isinstance(res, Retrieved):
-                summary.retrieved += 1
-                deid_fut = deidentify_study.submit(res, settings, key, str(rows_root))
-                owner[deid_fut.task_run_id] = item
-                deid_futures.append(deid_fut)
-            else:
-                failures[item.pseudo_uid] = (item, _as_exception(res))
-        for fut in as_completed(deid_futures):
-            item = owner[fut.task_run_id]
-            res = fut.result(raise_on_failure=False)
-            if isinstance(res, StudyOutcome):
-                outcomes[item.pseudo_uid] = (item, res)
-            else:
-                failures[item.pseudo_uid] = (item, _as_exception(res))
 
     # Commit what is complete, in batches; the ledger follows each commit.
     done = [(w, o) for w, o in outcomes.values() if o.rows_dir]
@@ -208,6 +169,62 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
         run_id, summary.found, summary.cataloged, summary.instances, summary.failed, summary.seconds,
     )
     return summary.as_dict()
+
+
+def _retrieve_and_deidentify(settings: Settings, key: bytes, deid: Deidentifier, items: list[WorkItem],
+                             rows_root: Path, summary: "RunSummary"):
+    """Retrieve each study (at most max_associations at once) and de-identify it as soon as it
+    is complete. Returns outcomes and failures by pseudonymous UID."""
+    outcomes: dict[str, tuple[WorkItem, StudyOutcome]] = {}
+    failures: dict[str, tuple[WorkItem, BaseException]] = {}
+    for item in items:  # a fresh staging folder: stale files from an older attempt must not count
+        purge_staging(settings.staging_dir / item.pseudo_uid)
+    receiver = (
+        StorageReceiver(
+            settings.receiver.ae_title,
+            settings.receiver.host,
+            settings.receiver.port,
+            StagingWriter(settings.staging_dir, deid.study_uid),
+        )
+        if settings.retrieve_method is RetrieveMethod.C_MOVE and items
+        else nullcontext()
+    )
+    retrieve = retrieve_study.with_options(
+        retries=settings.retrieve_retries,
+        retry_delay_seconds=[settings.retry_delay_s * (2**i) for i in range(max(settings.retrieve_retries, 1))],
+    )
+    with receiver:
+        # At most max_associations retrieves in flight: the run holds that many slots of the
+        # global PACS limit, and waiting here costs nothing.
+        pending = list(items)
+        running: dict = {}
+        owner: dict = {}
+        deid_futures = []
+        while pending or running:
+            while pending and len(running) < settings.max_associations:
+                item = pending.pop(0)
+                fut = retrieve.submit(item, settings, key)
+                owner[fut.task_run_id] = item
+                running[fut.task_run_id] = fut
+            fut = next(as_completed(list(running.values())))
+            del running[fut.task_run_id]
+            item = owner[fut.task_run_id]
+            res = fut.result(raise_on_failure=False)
+            if isinstance(res, Retrieved):
+                summary.retrieved += 1
+                deid_fut = deidentify_study.submit(res, settings, key, str(rows_root))
+                owner[deid_fut.task_run_id] = item
+                deid_futures.append(deid_fut)
+            else:
+                failures[item.pseudo_uid] = (item, _as_exception(res))
+        for fut in as_completed(deid_futures):
+            item = owner[fut.task_run_id]
+            res = fut.result(raise_on_failure=False)
+            if isinstance(res, StudyOutcome):
+                outcomes[item.pseudo_uid] = (item, res)
+            else:
+                failures[item.pseudo_uid] = (item, _as_exception(res))
+    return outcomes, failures
 
 
 def _as_exception(result: object) -> BaseException:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 
 from catalog.store import CatalogStore
 from tasks.deid import Deidentifier
@@ -26,6 +25,9 @@ from tasks.receiver import StagingWriter, count_staged
 from tasks.settings import RetrieveMethod, Settings
 from tasks.storage import LakeStorage
 
+# The global concurrency limit on PACS associations. A run takes max_associations slots for
+# its PACS phase (discovery + retrieval) and keeps at most that many associations open;
+# Prefect's slot polling (~2 s per acquisition measured here) is too slow to pay per study.
 PACS_LIMIT = "pacs-associations"
 
 
@@ -45,7 +47,7 @@ def discover_studies(settings: Settings, window: Window, retry_uids: list[str]) 
     failures that lie outside the window."""
     logger = get_run_logger()
     client = PacsClient(settings)
-    with concurrency(PACS_LIMIT, occupy=1, strict=False), client.query_session():
+    with client.query_session():
         found, warnings = discover(client.find_studies, window, settings.pacs.result_cap)
         known = {s.study_uid for s in found}
         for uid in retry_uids:
@@ -78,12 +80,11 @@ def retrieve_study(item: WorkItem, settings: Settings, key: bytes) -> Retrieved:
     logger = get_run_logger()
     client = PacsClient(settings)
     folder = settings.staging_dir / item.pseudo_uid
-    with concurrency(PACS_LIMIT, occupy=1, strict=False):
-        if settings.retrieve_method is RetrieveMethod.C_MOVE:
-            ops = client.move_study(item.study_uid, settings.receiver.ae_title, item.pseudo_uid)
-        else:
-            writer = StagingWriter(settings.staging_dir, Deidentifier(key).study_uid)
-            ops = client.get_study(item.study_uid, writer.handle_store, item.pseudo_uid)
+    if settings.retrieve_method is RetrieveMethod.C_MOVE:
+        ops = client.move_study(item.study_uid, settings.receiver.ae_title, item.pseudo_uid)
+    else:
+        writer = StagingWriter(settings.staging_dir, Deidentifier(key).study_uid)
+        ops = client.get_study(item.study_uid, writer.handle_store, item.pseudo_uid)
     received = count_staged(folder)
     check_complete(received, item.expected, item.pseudo_uid)
     logger.info("retrieved study %s: %d instances (%d sub-ops completed)", item.pseudo_uid, received, ops.completed)

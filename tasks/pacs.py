@@ -195,21 +195,26 @@ class PacsClient:
 
     def _find_on(self, assoc: Association, query: Dataset, what: str) -> "FindResult":
         results = FindResult()
-        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+        final: int | None = None
+        self._msg_id = getattr(self, "_msg_id", 0) % 65535 + 1
+        # Exhaust the generator (no break): pynetdicom finishes its bookkeeping after the final
+        # response, and a later C-FIND on the same association depends on it.
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind, msg_id=self._msg_id
+        ):
             code = _status_code(status)
             if code is None:
                 raise PacsUnavailable(f"{what}: connection lost or timed out")
             if code in (0xFF00, 0xFF01):
                 if identifier is not None:
                     results.append(identifier)
-                continue
-            if code == 0x0000:
-                break
-            if code == 0xFE00 and results:
-                # Orthanc (LimitFindResults) and others end a capped answer with Cancel.
-                results.capped = True
-                break
-            _raise_for_status(code, what, "query")
+            else:
+                final = code
+        if final == 0xFE00 and results:
+            # Orthanc (LimitFindResults) and others end a capped answer with Cancel.
+            results.capped = True
+        elif final != 0x0000:
+            _raise_for_status(final if final is not None else 0xC000, what, "query")
         return results
 
     def find_studies(self, date_range: str, time_range: str | None = None) -> list[StudyInfo]:
