@@ -146,9 +146,16 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
             ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, "all objects quarantined",
                                True, run_id)
             summary.failed += 1
+    known = ledger.entries([w.study_uid for w, _ in failures.values()])
     for pseudo, (w, exc) in failures.items():
         transient = is_transient(exc)
         text = _error_text(exc)
+        prior = known.get(w.study_uid)
+        attempts = (prior.attempts if prior else 0) + 1
+        if transient and attempts >= settings.max_attempts:
+            # Retried on max_attempts runs: stop holding the watermark and wait for an operator.
+            transient = False
+            text = f"gave up after {attempts} runs: {text}"
         ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, text, not transient, run_id)
         rep = reports[pseudo]
         rep.outcome, rep.error = "failed", text
@@ -156,7 +163,8 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
         logger.warning("study %s failed (%s): %s", pseudo, "transient" if transient else "permanent", text)
 
     # The watermark moves over completed days only: a transient failure holds it at that study's day.
-    held = [_parse_date(w.study_date) for w, exc in failures.values() if is_transient(exc)]
+    held = [_parse_date(r.study_date) for r in ledger.entries([w.study_uid for w, _ in failures.values()]).values()
+            if r.status == "failed" and not r.permanent]
     held = [d for d in held if d is not None]
     ledger.advance_watermark(min([window.end, *held]))
     shutil.rmtree(rows_root.parent, ignore_errors=True)

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     max_associations: int = Field(2, ge=1, le=64)
     retrieve_retries: int = Field(3, ge=0, le=20)
     retry_delay_s: float = Field(2.0, ge=0)
+    max_attempts: int = Field(
+        5, ge=1, description="runs that may fail a study transiently before it is quarantined as permanent"
+    )
     commit_batch: int = Field(200, ge=1, description="studies per catalog commit")
 
     @field_validator("calling_ae")

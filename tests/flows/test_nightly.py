@@ -1,0 +1,160 @@
+"""End to end under Prefect: studies in a real Orthanc → exactly their instances in the catalog."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from catalog.store import CatalogStore
+from catalog.views import query
+from deployments.local import sampledata
+from flows.nightly import nightly_ingest
+from tasks.ledger import Ledger
+
+pytestmark = pytest.mark.integration
+
+TODAY = dt.date.today()
+
+
+def _seed(lake, out: Path, **kw) -> list[sampledata.StudySummary]:
+    studies = sampledata.generate(out, **kw)
+    sampledata.load([out], "127.0.0.1", lake.orthanc.dicom_port)
+    return studies
+
+
+def _count(lake, sql: str, params=None) -> int:
+    return query(lake.catalog, sql, params).column(0)[0].as_py()
+
+
+def _identifiers(paths: list[Path]) -> set[bytes]:
+    """Every original PatientName/PatientID, as encoded in the files."""
+    found: set[bytes] = set()
+    for p in paths:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        found.add(ds.PatientName.original_string)
+        found.add(str(ds.PatientID).encode())
+    return {v for v in found if len(v) >= 4}
+
+
+def test_first_run_catalogs_every_instance_and_a_second_run_changes_nothing(lake, tmp_path):
+    studies = _seed(lake, tmp_path / "in", studies=6, days=5, end_date=TODAY, seed=3)
+    expected = sum(s.n_instances for s in studies)
+
+    result = nightly_ingest()
+
+    assert (result["found"], result["cataloged"], result["failed"]) == (6, 6, 0)
+    assert result["instances"] == expected
+    assert _count(lake, "SELECT count(*) FROM studies") == 6
+    assert _count(lake, "SELECT count(*) FROM instances") == expected
+    assert _count(lake, "SELECT count(DISTINCT sop_instance_uid) FROM instances") == expected
+    assert _count(lake, "SELECT sum(number_of_instances) FROM series") == expected
+
+    # The lake holds exactly those de-identified files, and the catalog's hashes match them.
+    rows = query(lake.catalog, "SELECT file_path, file_size, file_sha256 FROM instances").to_pylist()
+    on_disk = sorted(lake.storage.rglob("*.dcm"))
+    assert len(on_disk) == expected
+    for row in rows[:25]:
+        data = Path(row["file_path"]).read_bytes()
+        assert len(data) == row["file_size"] and hashlib.sha256(data).hexdigest() == row["file_sha256"]
+
+    # No original patient identifier in any stored file or catalog file; DCMTK reads the output.
+    originals = _identifiers(sorted((tmp_path / "in").rglob("*.dcm")))
+    assert originals
+    for path in on_disk + sorted(lake.catalog.rglob("*.parquet")):
+        data = path.read_bytes()
+        assert not any(v in data for v in originals), path.name
+    dump = subprocess.run(["dcmdump", "+E", str(on_disk[0])], capture_output=True, text=True, errors="replace")
+    assert dump.returncode == 0 and "PatientIdentityRemoved" in dump.stdout
+
+    # Staging (PHI zone) is purged after cataloging.
+    assert not any((lake.state / "staging").rglob("*.dcm"))
+
+    version = CatalogStore(lake.catalog).snapshot_version
+    again = nightly_ingest()
+    assert (again["queued"], again["cataloged"], again["failed"]) == (0, 0, 0)
+    assert CatalogStore(lake.catalog).snapshot_version == version
+    assert _count(lake, "SELECT count(*) FROM instances") == expected
+    assert len(sorted(lake.storage.rglob("*.dcm"))) == expected
+
+
+def test_only_new_and_grown_studies_are_processed(lake, tmp_path):
+    studies = _seed(lake, tmp_path / "in", studies=4, days=4, end_date=TODAY, seed=5)
+    first = nightly_ingest()
+    assert first["cataloged"] == 4
+    assert Ledger(lake.state / "ledger.sqlite").watermark == TODAY
+
+    # A late study dated inside the overlap window, and a new series in a study already cataloged.
+    late = _seed(lake, tmp_path / "late", studies=1, days=1, end_date=TODAY - dt.timedelta(days=1), seed=77)
+    grown = max(studies, key=lambda s: s.study_date)
+    series = sampledata.add_series(grown, tmp_path / "added", instances=5, seed=9)
+    sampledata.load([series.path], "127.0.0.1", lake.orthanc.dicom_port)
+    before = _count(lake, "SELECT count(*) FROM instances")
+
+    second = nightly_ingest()
+
+    assert (second["queued"], second["cataloged"], second["failed"]) == (2, 2, 0)
+    assert second["instances"] == late[0].n_instances + grown.n_instances + 5
+    after = _count(lake, "SELECT count(*) FROM instances")
+    assert after == before + late[0].n_instances + 5
+    assert _count(lake, "SELECT count(DISTINCT sop_instance_uid) FROM instances") == after
+    assert _count(lake, "SELECT count(*) FROM studies") == 5
+    assert _count(lake, "SELECT max(number_of_series) FROM studies WHERE number_of_instances = $1",
+                  [grown.n_instances + 5]) == grown.n_series + 1
+
+
+def test_a_failing_study_is_reported_and_retried_next_run(lake, tmp_path):
+    studies = _seed(lake, tmp_path / "in", studies=4, days=3, end_date=TODAY, seed=11)
+    broken = studies[1]
+    lake.orthanc.break_study(broken.study_uid)
+
+    result = nightly_ingest()
+
+    assert (result["found"], result["cataloged"], result["failed"]) == (4, 3, 1)
+    ledger = Ledger(lake.state / "ledger.sqlite")
+    [failed] = ledger.failed()
+    assert failed.study_uid == broken.study_uid and "0xC000" in failed.reason and not failed.permanent
+    # the watermark holds at the failed study's day, so the window still covers it
+    assert ledger.watermark == broken.study_date
+    assert _count(lake, "SELECT count(*) FROM studies") == 3
+
+    lake.orthanc.repair_study(broken.study_uid)
+    retry = nightly_ingest()
+
+    assert (retry["queued"], retry["cataloged"], retry["failed"]) == (1, 1, 0)
+    assert ledger.failed() == []
+    assert _count(lake, "SELECT count(*) FROM instances") == sum(s.n_instances for s in studies)
+    assert ledger.watermark == TODAY
+
+
+def test_c_get_retrieves_the_same(lake, tmp_path, monkeypatch):
+    monkeypatch.setenv("PACSFLOW_RETRIEVE_METHOD", "c-get")
+    studies = _seed(lake, tmp_path / "in", studies=3, days=2, end_date=TODAY, seed=21)
+    result = nightly_ingest()
+    assert (result["cataloged"], result["instances"]) == (3, sum(s.n_instances for s in studies))
+    assert _count(lake, "SELECT count(*) FROM instances") == result["instances"]
+
+
+def test_a_study_that_keeps_failing_is_quarantined_after_max_attempts(lake, tmp_path, monkeypatch):
+    # Orthanc answers a C-MOVE to an AE it does not know with 0xC000 (not 0xA801), which looks
+    # transient; the ledger stops retrying after max_attempts runs.
+    monkeypatch.setenv("PACSFLOW_RECEIVER__AE_TITLE", "NOSUCHAE")
+    monkeypatch.setenv("PACSFLOW_MAX_ATTEMPTS", "2")
+    studies = _seed(lake, tmp_path / "in", studies=2, days=1, end_date=TODAY, seed=31)
+    first = nightly_ingest()
+    assert (first["cataloged"], first["failed"]) == (0, 2)
+    ledger = Ledger(lake.state / "ledger.sqlite")
+    assert ledger.watermark == studies[0].study_date
+    second = nightly_ingest()
+    assert (second["queued"], second["failed"]) == (2, 2)
+    entries = list(ledger.entries().values())
+    assert all(e.permanent and e.reason.startswith("gave up after 2 runs") for e in entries)
+    assert len(ledger.quarantine_entries()) == 2
+    assert ledger.watermark == TODAY
+    third = nightly_ingest()
+    assert third["queued"] == 0
