@@ -211,6 +211,18 @@ def catalog_query(
     _print_table(table)
 
 
+@catalog_app.command("views")
+def catalog_views(
+    db_path: Annotated[Path, typer.Argument(help="DuckDB database file to write")] = Path("var/lake/catalog.duckdb"),
+) -> None:
+    """Write a DuckDB database file with live views over the catalog, for the duckdb CLI or BI tools."""
+    from catalog.views import write_views_database
+
+    settings = _settings()
+    path = write_views_database(settings.catalog_root, db_path)
+    console.print(f"wrote {path}: open it with `duckdb -readonly {path}`")
+
+
 @catalog_app.command("stats")
 def catalog_stats() -> None:
     """Snapshot version, files and rows per table."""
@@ -226,8 +238,10 @@ def catalog_stats() -> None:
 def demo(
     studies: Annotated[int, typer.Option(min=1, help="studies to generate if Orthanc is empty")] = 12,
 ) -> None:
-    """Start the local Orthanc, seed it with sample studies, run the nightly ingest once and
-    print a DuckDB query over the new catalog."""
+    """Local Orthanc + sample studies → one nightly run → a DuckDB query over the catalog.
+
+    Starts the local Orthanc if needed, seeds it when empty, runs the nightly ingest once
+    through Prefect, and prints studies, series and instances per modality."""
     from deployments.local.orthanc import OrthancServer, status
 
     settings = _settings()
@@ -249,6 +263,10 @@ def demo(
     console.rule("catalog (DuckDB)")
     out.print(DEMO_QUERY.strip())
     catalog_query(DEMO_QUERY, None)
+    console.print(
+        f"catalog: {settings.catalog_root}  lake: {settings.storage_root}  "
+        "(query it: pacsflow catalog query \"SELECT * FROM studies\"; stop Orthanc: pacsflow stack down)"
+    )
 
 
 @app.command("settings")
@@ -260,6 +278,8 @@ def show_settings() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "pynetdicom", "pydicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     app(args=argv, prog_name="pacsflow")

@@ -84,7 +84,7 @@ _DUMMY_BY_VR: dict[str, object] = {
     "FL": 0.0,
     "FD": 0.0,
 }
-_MAX_DAY_SHIFT = 3650
+_MAX_DAY_SHIFT = 365  # days; dates move back by 1..365 days per patient
 
 # The identifiers we replace by keyed pseudonyms rather than the table's empty value:
 # analysts need a stable per-patient key.

@@ -1,0 +1,139 @@
+"""Benchmark: the nightly flow against DCMTK movescu → storescp, on the same Orthanc, same run.
+
+    .venv/bin/python bench/nightly_vs_dcmtk.py [--studies 100] [--instances-per-series 30 37]
+
+Generates the studies (default 100 studies, ~10,000 instances), loads them into a private
+Orthanc on free loopback ports, then measures:
+  1. DCMTK: one ``movescu`` per study into one ``storescp`` (the peer's plain retrieve);
+  2. pacsflow: one full ``nightly_ingest`` run under Prefect (discover, C-MOVE into our
+     Storage SCP, de-identify, write the lake, extract, commit the catalog).
+and prints instances/s for both and their ratio. Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from deployments.local import sampledata  # noqa: E402
+from deployments.local.orthanc import OrthancConfig, OrthancServer, default_modalities  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def bench_dcmtk(server: OrthancServer, studies, work: Path, port: int) -> tuple[int, float]:
+    out = work / "storescp"
+    out.mkdir()
+    env = dict(os.environ, TCP_NODELAY="1")
+    scp = subprocess.Popen(["storescp", "-aet", "DCMTK", "-od", str(out), "+xa", str(port)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        t0 = time.perf_counter()
+        for s in studies:
+            subprocess.run(
+                ["movescu", "-S", "-aet", "DCMTK", "-aec", server.aet, "-aem", "DCMTK",
+                 "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={s.study_uid}",
+                 "127.0.0.1", str(server.dicom_port)],
+                env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        seconds = time.perf_counter() - t0
+    finally:
+        scp.terminate()
+        scp.wait()
+    return sum(1 for _ in out.iterdir()), seconds
+
+
+def bench_pacsflow(server: OrthancServer, work: Path, receiver_port: int) -> tuple[int, float, dict]:
+    os.environ.update(
+        PACSFLOW_PACS__PORT=str(server.dicom_port),
+        PACSFLOW_PACS__HTTP_URL=server.rest_url,
+        PACSFLOW_RECEIVER__PORT=str(receiver_port),
+        PACSFLOW_STORAGE_ROOT=str(work / "lake" / "dicom"),
+        PACSFLOW_CATALOG_ROOT=str(work / "lake" / "catalog"),
+        PACSFLOW_STATE_ROOT=str(work / "state"),
+        PACSFLOW_DEID_KEY="benchmark-key-0123456789",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="WARNING",
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.nightly import nightly_ingest
+
+    with prefect_test_harness(server_startup_timeout=120):
+        t0 = time.perf_counter()
+        result = nightly_ingest()
+        seconds = time.perf_counter() - t0
+    return int(result["instances"]), seconds, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--studies", type=int, default=100)
+    ap.add_argument("--series-per-study", type=int, nargs=2, default=(3, 3))
+    ap.add_argument("--instances-per-series", type=int, nargs=2, default=(30, 37))
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="pacsflow-bench-"))
+    dcmtk_port, receiver_port = free_port(), free_port()
+    mods = default_modalities()
+    mods["PACSFLOW"] = ("PACSFLOW", "127.0.0.1", receiver_port)
+    mods["DCMTK"] = ("DCMTK", "127.0.0.1", dcmtk_port)
+    server = OrthancServer(OrthancConfig(work_dir=work / "orthanc", dicom_port=free_port(), http_port=free_port(),
+                                         modalities=mods))
+    server.start()
+    try:
+        t0 = time.perf_counter()
+        studies = sampledata.generate(work / "in", studies=args.studies, days=7, end_date=dt.date.today(), seed=2026,
+                                      series_per_study=tuple(args.series_per_study),
+                                      instances_per_series=tuple(args.instances_per_series))
+        total = sum(s.n_instances for s in studies)
+        sampledata.load([work / "in"], "127.0.0.1", server.dicom_port)
+        print(f"generated and loaded {len(studies)} studies / {total} instances in {time.perf_counter() - t0:.1f}s")
+        shutil.rmtree(work / "in")
+
+        n_dcmtk, s_dcmtk = bench_dcmtk(server, studies, work, dcmtk_port)
+        print(f"DCMTK movescu -> storescp : {n_dcmtk} instances in {s_dcmtk:.1f}s = {n_dcmtk / s_dcmtk:.0f} instances/s")
+        n_ours, s_ours, result = bench_pacsflow(server, work, receiver_port)
+        print(f"pacsflow nightly_ingest   : {n_ours} instances in {s_ours:.1f}s = {n_ours / s_ours:.0f} instances/s "
+              f"(retrieve + de-identify + lake + catalog; {result['failed']} failed)")
+        print(f"ratio pacsflow / DCMTK    : {(n_ours / s_ours) / (n_dcmtk / s_dcmtk):.2f}")
+        if n_dcmtk != total or n_ours != total:
+            print(f"WARNING: expected {total} instances on both sides")
+            return 1
+    finally:
+        server.stop(graceful=False)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
