@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Start pacsflow's FHIR server in the background on 127.0.0.1 and wait until it answers.
+#
+#   deployments/fhir-server/start.sh
+#
+# Environment (all optional):
+#   FHIR_PORT           TCP port on 127.0.0.1                        (default 8090)
+#   FHIR_RUN_DIR        PID file, log file, default data dir         (default <repo>/var/fhir-server)
+#   FHIR_DATA_DIR       H2 database directory                        (default $FHIR_RUN_DIR/data)
+#   FHIR_IN_MEMORY      "true": keep nothing on disk (ignores FHIR_DATA_DIR)
+#   FHIR_START_TIMEOUT  seconds to wait for /fhir/metadata           (default 240)
+#   FHIR_JAVA_OPTS      JVM options (default "-Xms256m -Xmx1g -XX:+UseSerialGC -XX:TieredStopAtLevel=1":
+#                       a 1 GiB heap is plenty (about 320 MB live after $validate has loaded the R4
+#                       definitions; RSS 0.6-1.1 GB); C1-only JIT starts faster and was as fast as C2 for
+#                       our request mix. Keep equal to build.sh's so the class-data archive is used.)
+# Builds first if needed (build.sh). Files in the run dir: fhir-server.pid, fhir-server.log
+# (the previous one kept as fhir-server.log.1) and fhir-server.url (the base URL once ready).
+# Exit status: 0 ready; 1 failed (log tail printed); 3 already running from this run dir.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+PORT="${FHIR_PORT:-8090}"
+RUN_DIR="${FHIR_RUN_DIR:-$REPO/var/fhir-server}"
+TIMEOUT="${FHIR_START_TIMEOUT:-240}"
+JAVA_OPTS="${FHIR_JAVA_OPTS:--Xms256m -Xmx1g -XX:+UseSerialGC -XX:TieredStopAtLevel=1}"
+PID_FILE="$RUN_DIR/fhir-server.pid"
+LOG="$RUN_DIR/fhir-server.log"
+URL_FILE="$RUN_DIR/fhir-server.url"
+BASE_URL="http://127.0.0.1:$PORT/fhir"
+
+say() { echo "[fhir-server start] $*"; }
+fail() {
+  echo "[fhir-server start] ERROR: $*" >&2
+  if [[ -f "$LOG" ]]; then
+    echo "----- last 40 lines of $LOG -----" >&2
+    tail -n 40 "$LOG" >&2 || true
+    echo "-----" >&2
+  fi
+  exit 1
+}
+
+[[ "$PORT" =~ ^[0-9]+$ ]] && ((PORT > 0 && PORT < 65536)) || { echo "[fhir-server start] ERROR: FHIR_PORT must be 1-65535, got '$PORT'" >&2; exit 1; }
+[[ "$TIMEOUT" =~ ^[0-9]+$ ]] || { echo "[fhir-server start] ERROR: FHIR_START_TIMEOUT must be whole seconds, got '$TIMEOUT'" >&2; exit 1; }
+
+# GET $1; true when it answers HTTP 200. curl if present, else bash's /dev/tcp.
+http_ok() {
+  if command -v curl >/dev/null 2>&1; then
+    curl -fsS -o /dev/null --max-time 10 "$1" 2>/dev/null
+  else
+    local hostport path line
+    hostport="${1#http://}"; path="/${hostport#*/}"; hostport="${hostport%%/*}"
+    exec 8<>"/dev/tcp/${hostport%:*}/${hostport#*:}" 2>/dev/null || return 1
+    printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$hostport" >&8
+    IFS= read -r -t 10 line <&8 || line=""
+    exec 8<&- 8>&-
+    [[ "$line" == *" 200"* ]]
+  fi
+}
+port_busy() { (exec 7<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
+# Running and not a zombie (a zombie still answers kill -0).
+alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+  stat="${stat##*) }"
+  [[ "${stat:0:1}" != "Z" ]]
+}
+
+mkdir -p "$RUN_DIR"
+RUN_DIR="$(cd "$RUN_DIR" && pwd)"
+PID_FILE="$RUN_DIR/fhir-server.pid"; LOG="$RUN_DIR/fhir-server.log"; URL_FILE="$RUN_DIR/fhir-server.url"
+
+if [[ -f "$PID_FILE" ]]; then
+  old_pid="$(cat "$PID_FILE" 2>/dev/null || true)"
+  if [[ "$old_pid" =~ ^[0-9]+$ ]] && alive "$old_pid" && grep -qa pacsflow-fhir-server "/proc/$old_pid/cmdline" 2>/dev/null; then
+    echo "[fhir-server start] already running from $RUN_DIR: pid $old_pid, $(cat "$URL_FILE" 2>/dev/null || echo 'url unknown'); stop it with stop.sh" >&2
+    exit 3
+  fi
+  say "removing stale PID file (pid ${old_pid:-?} is gone)"
+  rm -f "$PID_FILE" "$URL_FILE"
+fi
+if port_busy; then
+  echo "[fhir-server start] ERROR: something already listens on 127.0.0.1:$PORT; choose another FHIR_PORT" >&2
+  exit 1
+fi
+
+"$HERE/build.sh" || fail "build failed"
+
+APP_JAR="$HERE/target/app/pacsflow-fhir-server.jar"
+CDS="$HERE/target/app/pacsflow-fhir-server.jsa"
+JAR="$HERE/target/pacsflow-fhir-server.jar"
+cmd=(java)
+# shellcheck disable=SC2206  # JAVA_OPTS is a list of options
+cmd+=($JAVA_OPTS)
+if [[ -f "$APP_JAR" && ! "$JAR" -nt "$APP_JAR" ]]; then
+  [[ -f "$CDS" ]] && cmd+=("-XX:SharedArchiveFile=$CDS")
+  cmd+=(-jar "$APP_JAR")
+else
+  say "target/app is missing or stale: running the single jar (slower start)"
+  cmd+=(-jar "$JAR")
+fi
+cmd+=(--port "$PORT")
+if [[ "${FHIR_IN_MEMORY:-false}" == "true" ]]; then
+  cmd+=(--in-memory)
+  storage="in memory"
+else
+  DATA_DIR="${FHIR_DATA_DIR:-$RUN_DIR/data}"
+  mkdir -p "$DATA_DIR"
+  DATA_DIR="$(cd "$DATA_DIR" && pwd)"
+  cmd+=(--data-dir "$DATA_DIR")
+  storage="H2 files in $DATA_DIR"
+fi
+
+[[ -f "$LOG" ]] && mv -f "$LOG" "$LOG.1"
+say "starting on 127.0.0.1:$PORT ($storage), log $LOG"
+echo "# $(date -u +%FT%TZ) ${cmd[*]}" >"$LOG"
+# setsid: its own session, so a Ctrl-C in this terminal does not reach it; stop.sh stops it.
+if command -v setsid >/dev/null 2>&1; then
+  setsid "${cmd[@]}" >>"$LOG" 2>&1 </dev/null &
+else
+  nohup "${cmd[@]}" >>"$LOG" 2>&1 </dev/null &
+fi
+pid=$!
+echo "$pid" >"$PID_FILE"
+
+start=$SECONDS
+while true; do
+  if ! alive "$pid"; then
+    rm -f "$PID_FILE"
+    fail "the server (pid $pid) exited during start-up"
+  fi
+  if http_ok "$BASE_URL/metadata"; then
+    break
+  fi
+  if ((SECONDS - start >= TIMEOUT)); then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 20); do alive "$pid" || break; sleep 0.5; done
+    alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$PID_FILE"
+    fail "no answer from $BASE_URL/metadata within ${TIMEOUT} s; stopped pid $pid"
+  fi
+  sleep 0.5
+done
+echo "$BASE_URL" >"$URL_FILE"
+say "ready: $BASE_URL (pid $pid, $((SECONDS - start)) s)"
