@@ -62,6 +62,30 @@ class ReceiverSettings(BaseModel):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+class DeidSettings(BaseModel):
+    """De-identification profile options (PS3.15 E.1-1 option columns, by name)."""
+
+    options: list[str] = Field(
+        default_factory=lambda: ["Retain Long. Modified Dates"],
+        description="option columns of Table E.1-1 to apply on top of the Basic Profile",
+    )
+
+
+class FhirSettings(BaseModel):
+    """The FHIR server that receives ImagingStudy and Patient resources (off when base_url is unset)."""
+
+    base_url: str | None = None
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    credentials_block: str | None = None
+    timeout_s: float = Field(30.0, gt=0)
+    batch_size: int = Field(50, ge=1, le=1000, description="studies per transaction Bundle")
+    pseudonym_system: str = "urn:pacsflow:pseudonym"
+    wado_rs_base_url: str | None = None
+    identified_sync: bool = False
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PACSFLOW_",
@@ -79,6 +103,9 @@ class Settings(BaseSettings):
     storage_root: str = "var/lake/dicom"
     catalog_root: Path = Path("var/lake/catalog")
     state_root: Path = Path("var/state")
+
+    deid: DeidSettings = DeidSettings()
+    fhir: FhirSettings = FhirSettings()
 
     deid_key: SecretStr | None = Field(
         None, description="HMAC key for pseudonyms and UIDs; or name a Prefect Secret block in deid_key_block"
