@@ -94,7 +94,7 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
     started = time.monotonic()
     quiet_pynetdicom()
     key = settings.resolve_deid_key()
-    deid = Deidentifier(key)
+    deid = Deidentifier(key, settings.deid.options)
     ensure_private_dir(settings.state_root)
     ensure_private_dir(settings.staging_dir)
     ensure_private_dir(settings.quarantine_dir)
@@ -115,7 +115,7 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
         retry_uids = [e.study_uid for e in ledger.failed() if not e.permanent]
         found, _warnings = discover_studies(settings, window, retry_uids)
         summary.found = len(found)
-        items = worklist(found, ledger.entries(), deid.study_uid)
+        items = worklist(found, ledger.entries(), deid.study_ref)
         summary.queued = len(items)
         logger.info("run %s: window %s, %d studies found, %d to process", run_id, summary.window, len(found),
                     len(items))
@@ -192,7 +192,7 @@ def _retrieve_and_deidentify(settings: Settings, key: bytes, deid: Deidentifier,
             settings.receiver.ae_title,
             settings.receiver.host,
             settings.receiver.port,
-            StagingWriter(settings.staging_dir, deid.study_uid),
+            StagingWriter(settings.staging_dir, deid.study_ref),
         )
         if settings.retrieve_method is RetrieveMethod.C_MOVE and items
         else nullcontext()

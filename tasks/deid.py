@@ -179,9 +179,10 @@ class Deidentifier:
             new = self._uid_cache[uid] = pseudonymize_uid(self._key, uid)
         return new
 
-    def study_uid(self, original: str) -> str:
-        """The de-identified StudyInstanceUID: safe to use as a name in logs and paths."""
-        return self.uid(original)
+    def study_ref(self, original: str) -> str:
+        """The name of a study in logs, run names, paths and artifacts: always the keyed
+        ``2.25.`` pseudonym, even under Retain UIDs, so no original UID is shown."""
+        return pseudonymize_uid(self._key, original)
 
     def method_description(self) -> str:
         names = ["Basic Application Confidentiality Profile"] + [o.value for o in self.options]

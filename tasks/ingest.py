@@ -83,7 +83,7 @@ def retrieve_study(item: WorkItem, settings: Settings, key: bytes) -> Retrieved:
     if settings.retrieve_method is RetrieveMethod.C_MOVE:
         ops = client.move_study(item.study_uid, settings.receiver.ae_title, item.pseudo_uid)
     else:
-        writer = StagingWriter(settings.staging_dir, Deidentifier(key).study_uid)
+        writer = StagingWriter(settings.staging_dir, Deidentifier(key).study_ref)
         ops = client.get_study(item.study_uid, writer.handle_store, item.pseudo_uid)
     received = count_staged(folder)
     check_complete(received, item.expected, item.pseudo_uid)
@@ -99,7 +99,7 @@ def deidentify_study(retrieved: Retrieved, settings: Settings, key: bytes, rows_
     outcome = process_study(
         Path(retrieved.staged_dir),
         retrieved.pseudo_uid,
-        Deidentifier(key),
+        Deidentifier(key, settings.deid.options),
         LakeStorage(settings.storage_root),
         settings.quarantine_dir,
         Path(rows_root) / retrieved.pseudo_uid,

@@ -31,7 +31,7 @@ def catalog_root(tmp_path_factory) -> Path:
         staged.mkdir(parents=True)
         for f in s.path.rglob("*.dcm"):
             shutil.copy(f, staged / f.name)
-        out = process_study(staged, deid.study_uid(s.study_uid), deid, LakeStorage(root / "lake"),
+        out = process_study(staged, deid.study_ref(s.study_uid), deid, LakeStorage(root / "lake"),
                             root / "quarantine", root / "rows" / s.study_uid)
         assert out.written == s.n_instances and not out.quarantined
         rows.append(out.rows_dir)
