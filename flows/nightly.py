@@ -31,6 +31,7 @@ from tasks.ingest import (
     discover_studies,
     purge_staging,
     retrieve_study,
+    shutdown_worker_pool,
 )
 from tasks.ledger import Ledger
 from tasks.pacs import quiet_pynetdicom
@@ -120,7 +121,10 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
         logger.info("run %s: window %s, %d studies found, %d to process", run_id, summary.window, len(found),
                     len(items))
         rows_root = settings.state_root / "runs" / run_id / "rows"
-        outcomes, failures = _retrieve_and_deidentify(settings, key, deid, items, rows_root, summary)
+        try:
+            outcomes, failures = _retrieve_and_deidentify(settings, key, deid, items, rows_root, summary)
+        finally:
+            shutdown_worker_pool()
     reports = {w.pseudo_uid: StudyReport(w.pseudo_uid, w.reason) for w in items}
 
     # Commit what is complete, in batches; the ledger follows each commit.

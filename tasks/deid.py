@@ -1,11 +1,37 @@
 """De-identification: DICOM PS3.15 Annex E Table E.1-1, applied by a pure function.
 
 The table is data (``tasks/data/ps3.15-table-e1-1-2024b.json``, copied from the standard's
-edition named in it), never hand-typed rules. This first version applies the Basic Profile
-and the option columns selected in settings; where the table says "unless required for IOD
-conformance" (Z/D, X/D, X/Z, X/Z/D, X/Z/U*) it takes the choice that is conformant whatever
-the attribute's type in the object's IOD (D over Z over X; U* keeps the sequence and remaps
-its UIDs), which never keeps an original value.
+edition named in it), never hand-typed rules. The recipe is the table's Basic Profile column
+with the option columns selected in settings; everything below is how each action code is
+carried out (the conformance statement of this recipe, ``RECIPE_VERSION``):
+
+- **Options** override the Basic Profile. When two selected options both name an attribute
+  (e.g. Retain Device Identity K and Retain Long. Modified Dates C on a calibration date),
+  C (clean) wins over K.
+- **Combined codes** (Z/D, X/Z, X/D, X/Z/D, X/Z/U*) choose by the attribute's Type in the
+  object's IOD at that sequence path (``tasks/deid_iod.py``; Type 1 -> D or U, 2 -> Z, 3 or not
+  in the IOD -> X; an unknown IOD takes D over Z over X, never keeping the original value).
+- **D** writes a dummy of the VR (UIDs are remapped, see U). On a sequence (Content Sequence,
+  Graphic Annotation Sequence, ...) the items are kept, the table applies inside them, and every
+  other text value (AE LO LT PN SH ST UC UT UR) and date in them becomes a dummy; coded entries
+  (Code Sequence macro) and numbers are kept.
+- **Z** writes an empty value (an empty sequence). **X** removes. **K** keeps (sequences are
+  walked). **U** replaces every UID with a ``2.25.`` UID from HMAC-SHA256 under the key, so
+  references stay consistent across instances, studies and runs.
+- **C** on DA/DT shifts by the patient's day shift (Modified Dates), TM keeps the time of day
+  (whole-day shifts). C on text removes the object's own identifying values (names and their
+  components, IDs, accession, addresses, birth date, institution...) and date- or ID-like tokens.
+  C on a structured-content sequence (Clean Structured Content) removes PNAME content items,
+  cleans TEXT items as text and walks the rest; C on Graphic Annotation (Clean Graphics) cleans
+  the text objects and keeps the graphics; C on overlays clears the overlay bitmap and cleans its
+  text; C on curves keeps numeric curve values and cleans their text.
+- **Overlays (60xx)** and **curves (50xx)** with X are removed as whole groups (an overlay
+  without its data is not a valid Overlay Plane module).
+- **Private attributes** are removed at every depth; with Retain Safe Private only those on
+  ``tasks/data/safe-private-attributes.json`` (PS3.15 Table E.3.10-1) with a VR that carries no
+  free text are kept, with their private creator; every other element of a safe block goes.
+- **File meta** is replaced by a description of this application (E.1.1 step 7), with the
+  preamble zeroed; group-length elements are dropped.
 
 Pseudonyms and UIDs come from HMAC-SHA256 under the secret key, so they are the same on
 every run and for every study of a patient, and cannot be recomputed without the key.
@@ -18,21 +44,29 @@ import enum
 import hashlib
 import hmac
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Iterable
+from typing import Any, Iterable
 
-from pydicom.dataelem import DataElement
+from pydicom.charset import encode_string
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from tasks import deid_iod
 from tasks.errors import DeidentificationError
 
 TABLE_RESOURCE = "ps3.15-table-e1-1-2024b.json"
-RECIPE_VERSION = "pacsflow-deid-1"
+SAFE_PRIVATE_RESOURCE = "safe-private-attributes.json"
+RECIPE_VERSION = "pacsflow-deid-2"
 DEID_METHOD_CODE = "113100"  # Basic Application Confidentiality Profile (CID 7050)
+CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
+IMPLEMENTATION_VERSION_NAME = "PACSFLOW_DEID2"
 
 
 class Option(str, enum.Enum):
@@ -75,6 +109,9 @@ _DUMMY_BY_VR: dict[str, object] = {
     "IS": "0",
     "DS": "0",
     "CS": _DUMMY_TEXT,
+    "AE": _DUMMY_TEXT,
+    "SH": _DUMMY_TEXT,
+    "UR": "urn:anonymized",
     "US": 0,
     "SS": 0,
     "UL": 0,
@@ -83,14 +120,51 @@ _DUMMY_BY_VR: dict[str, object] = {
     "SV": 0,
     "FL": 0.0,
     "FD": 0.0,
+    "AT": 0,
 }
 _MAX_DAY_SHIFT = 365  # days; dates move back by 1..365 days per patient
+
+_TEXT_VRS = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"})
+_DATE_VRS = frozenset({"DA", "DT", "TM"})
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_RAW_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+                           "UI", "UR", "UT"})
+_NUMERIC_BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
+
+# Code Sequence macro attributes: coded concepts are kept inside dummied/cleaned sequences.
+_CODE_TAGS = frozenset(
+    {0x00080100, 0x00080102, 0x00080103, 0x00080104, 0x00080105, 0x00080106, 0x00080107, 0x0008010B,
+     0x0008010D, 0x0008010F, 0x00080117, 0x00080118, 0x00080119, 0x00080120, 0x00080122, 0x00080121,
+     0x0040A040, 0x0040A010, 0x0040A050, 0x00700002, 0x00700023, 0x00700005}
+)
+# Sequences whose items are content items (ValueType): cleaned as structured content.
+_VALUE_TYPE = 0x0040A040
+_TEXT_VALUE = 0x0040A160
 
 # The identifiers we replace by keyed pseudonyms rather than the table's empty value:
 # analysts need a stable per-patient key.
 _PATIENT_ID = Tag(0x0010, 0x0020)
 _PATIENT_NAME = Tag(0x0010, 0x0010)
-_PATIENT_IDENTITY_REMOVED = Tag(0x0012, 0x0062)
+_SOP_CLASS_UID = 0x00080016
+_SOP_INSTANCE_UID = 0x00080018
+_SPECIFIC_CHARACTER_SET = 0x00080005
+
+# Identifying attributes whose original values the residual-PHI audit and the "clean" action
+# look for (keyword, split into name components). PN values found anywhere are added as well.
+IDENTIFYING_KEYWORDS: dict[int, str] = {
+    0x00100010: "PatientName", 0x00100020: "PatientID", 0x00101000: "OtherPatientIDs",
+    0x00101001: "OtherPatientNames", 0x00101005: "PatientBirthName", 0x00101060: "PatientMotherBirthName",
+    0x00101040: "PatientAddress", 0x00102154: "PatientTelephoneNumbers", 0x00100030: "PatientBirthDate",
+    0x00080050: "AccessionNumber", 0x00380010: "AdmissionID", 0x00401001: "RequestedProcedureID",
+    0x00100050: "PatientInsurancePlanCodeSequence", 0x00101090: "MedicalRecordLocator",
+    0x00080090: "ReferringPhysicianName", 0x00081050: "PerformingPhysicianName",
+    0x00081060: "NameOfPhysiciansReadingStudy", 0x00081070: "OperatorsName",
+    0x00080080: "InstitutionName", 0x00080081: "InstitutionAddress", 0x00081040: "InstitutionalDepartmentName",
+    0x00181000: "DeviceSerialNumber", 0x00200010: "StudyID", 0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID", 0x00080018: "SOPInstanceUID", 0x00200052: "FrameOfReferenceUID",
+}
+_NAME_COMPONENTS = re.compile(r"[\^=\\ ,]+")
+_DATE_OR_ID = re.compile(r"\b\d{8}\b|\b\d{1,4}[./-]\d{1,2}[./-]\d{2,4}\b|\b\d{6,}\b")
 
 
 @dataclass(frozen=True)
@@ -129,6 +203,17 @@ def load_profile() -> Profile:
     return Profile(table["edition"], rules, overlay, curve, private)
 
 
+@cache
+def load_safe_private() -> dict[tuple[int, str, int], str]:
+    """(group, private creator, element offset) -> VR, from Table E.3.10-1."""
+    with resources.files("tasks.data").joinpath(SAFE_PRIVATE_RESOURCE).open("r", encoding="utf-8") as fh:
+        table = json.load(fh)
+    return {
+        (int(r["group"], 16), r["creator"].strip().upper(), int(r["element"], 16)): r["vr"]
+        for r in table["attributes"]
+    }
+
+
 def _hmac(key: bytes, domain: str, value: str) -> bytes:
     return hmac.new(key, f"{domain}\x00{value}".encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
 
@@ -151,26 +236,234 @@ def patient_day_shift(key: bytes, patient_id: str) -> int:
 class DeidReport:
     actions: dict[str, int] = field(default_factory=dict)
 
-    def count(self, action: str) -> None:
-        self.actions[action] = self.actions.get(action, 0) + 1
+    def count(self, action: str, n: int = 1) -> None:
+        self.actions[action] = self.actions.get(action, 0) + n
+
+    def merge(self, other: "DeidReport") -> None:
+        for k, v in other.actions.items():
+            self.count(k, v)
+
+
+@dataclass
+class Originals:
+    """The original identifying values of one object, collected while it is de-identified.
+
+    Held in memory only, for the residual-PHI audit of the encoded output; never logged.
+    ``values`` maps an attribute keyword to its original (decoded) strings and raw bytes.
+    """
+
+    encodings: list[str] = field(default_factory=lambda: ["iso8859"])
+    values: dict[str, list[str | bytes]] = field(default_factory=dict)
+    names: set[str] = field(default_factory=set)  # PN-like keywords: searched by component too
+
+    def add(self, keyword: str, value: str | bytes, is_name: bool = False) -> None:
+        if value:
+            self.values.setdefault(keyword, []).append(value)
+            if is_name:
+                self.names.add(keyword)
+
+    def tokens(self) -> dict[str, set[str | bytes]]:
+        """Keyword -> search tokens (whole values, and name components), long enough to be specific.
+
+        Name components need 5 characters (4 if non-ASCII): shorter ones ("Test", "Mark") are
+        also code values and common words, and the whole name is searched anyway."""
+        out: dict[str, set[str | bytes]] = {}
+        for kw, vals in self.values.items():
+            toks: set[str | bytes] = set()
+            for v in vals:
+                if isinstance(v, bytes):
+                    whole = v.strip(b"\x00 ")
+                    # ISO 2022 multi-byte text uses "^" inside characters: never split it as bytes
+                    parts = re.split(rb"[\^=\\]+", v) if kw in self.names and b"\x1b" not in v else []
+                    toks.update([whole] if _specific(whole, kw) else [])
+                    toks.update(p.strip(b" ") for p in parts if _specific(p.strip(b" "), kw, True))
+                else:
+                    whole = v.strip()
+                    parts = _NAME_COMPONENTS.split(v) if kw in self.names else []
+                    toks.update([whole] if _specific(whole, kw) else [])
+                    toks.update(p.strip() for p in parts if _specific(p.strip(), kw, True))
+            if toks:
+                out[kw] = toks
+        return out
+
+
+# Free-text identifiers (institution, address): short values are common words ("Here", "Main").
+_LONG_ONLY = frozenset({"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "PatientAddress"})
+
+
+def _specific(token: str | bytes, keyword: str = "", component: bool = False) -> bool:
+    minimum = 6 if keyword in _LONG_ONLY else 4
+    if component:
+        ascii_only = all(c < 128 for c in (token if isinstance(token, bytes) else token.encode("utf-8")))
+        minimum = 5 if ascii_only else 2  # CJK given and family names are often 2-3 characters
+    if len(token) < minimum:
+        return False
+    if token.isdigit() and len(token) < 6:
+        return False
+    low = token.lower() if isinstance(token, str) else token.decode("latin-1").lower()
+    return low not in ("anonymized", "unknown", "none", "null", "2.25")
+
+
+class _Plan:
+    """The action of every table row for one option set, resolved once."""
+
+    def __init__(self, profile: Profile, options: tuple[Option, ...]) -> None:
+        def resolve(rule: Rule) -> str:
+            chosen = [rule.options[o.value] for o in options if rule.options.get(o.value)]
+            if not chosen:
+                return rule.basic
+            return "C" if "C" in chosen else chosen[0]
+
+        self.actions: dict[int, str] = {t: resolve(r) for t, r in profile.rules.items()}
+        self.overlay: dict[int, str] = {e: resolve(r) for e, r in profile.overlay_rules.items()}
+        self.curve = resolve(profile.curve_rule) if profile.curve_rule else "X"
+        self.private = resolve(profile.private_rule) if profile.private_rule else "X"
+
+
+class _Mode(enum.IntEnum):
+    NORMAL = 0
+    DUMMY = 1  # inside a sequence whose action is D
+    CLEAN = 2  # inside a sequence whose action is C
+
+
+@dataclass
+class _Ctx:
+    report: DeidReport
+    shift: int
+    types: dict[str, str] | None
+    originals: Originals
+    scrub: "re.Pattern[str] | None" = None
+    scrub_built: bool = False
+
+
+@cache
+def _dict_vr(tag: int) -> str:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+    return vr.split(" or ")[0]
+
+
+def _vr_of(elem: Any, tag: int) -> str:
+    vr = elem.VR
+    if vr is None or (vr == "UN" and not (tag >> 16) & 1):
+        return _dict_vr(tag)  # implicit VR, or UN for a standard tag
+    if " or " in vr:
+        return vr.split(" or ")[0]
+    return vr
+
+
+def _str_values(elem: Any) -> list[str]:
+    value = elem.value
+    if value is None:
+        return []
+    if isinstance(value, bytes):
+        text = value.decode("ascii", "replace").strip("\x00 ")
+        return [v.strip("\x00 ") for v in text.split("\\")] if text else []
+    if isinstance(value, str):
+        return [value] if value else []
+    try:
+        return [str(v) for v in value]
+    except TypeError:
+        return [str(value)]
+
+
+def _texts(ds: Dataset, elem: Any, vr: str) -> list[Any]:
+    """An element's values as text without converting it in the Dataset: ASCII raw values as
+    ``bytes`` (identical in every ASCII-compatible character set), others decoded to ``str``
+    (plus their raw bytes, as found in the file)."""
+    if isinstance(elem, RawDataElement):
+        raw = elem.value
+        if not raw:
+            return []
+        raw = bytes(raw)
+        if raw.isascii() and b"\x1b" not in raw:
+            text = raw.strip(b"\x00 ")
+            return [v.strip(b"\x00 ") for v in text.split(b"\\") if v.strip(b"\x00 ")] if vr != "PN" else [text]
+        from pydicom.dataelem import convert_raw_data_element
+
+        try:
+            value = convert_raw_data_element(elem, encoding=ds._character_set, ds=ds).value
+        except (ValueError, TypeError, LookupError):
+            return [raw]
+        out: list[Any] = [raw]
+    else:
+        value = elem.value
+        out = []
+    if value is None or value == "":
+        return out
+    values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    out += [str(v) for v in values if v is not None and str(v)]
+    return out
+
+
+def _patient_id(ds: Dataset) -> str:
+    elem = ds._dict.get(_PATIENT_ID)
+    if elem is None:
+        return ""
+    values = _texts(ds, elem, "LO")
+    decoded = [v for v in values if isinstance(v, str)]
+    if decoded:
+        return decoded[0]
+    return values[0].decode("ascii") if values else ""
 
 
 class Deidentifier:
-    """Applies the profile to Datasets in place. Holds the key; never logs values."""
+    """Applies the profile to Datasets in place. Holds the key; never logs values.
 
-    def __init__(self, key: bytes, options: Iterable[Option | str] = DEFAULT_OPTIONS) -> None:
+    ``pixel_policy`` (``tasks.deid_pixels.PixelPolicy`` or its value) and ``pixel_masks`` turn on
+    the burned-in annotation check before the header is touched; ``audit`` keeps the original
+    identifying values on the Dataset (in memory) so that ``tasks.process.encode`` can audit the
+    encoded output for them.
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        options: Iterable[Option | str] = DEFAULT_OPTIONS,
+        *,
+        pixel_policy: Any = None,
+        pixel_masks: Iterable[Any] = (),
+        audit: bool = True,
+    ) -> None:
         if not key:
             raise DeidentificationError("an empty de-identification key is not allowed")
         self._key = key
-        self.options = tuple(sorted({Option(o) for o in options}, key=lambda o: o.value))
+        try:
+            self.options = tuple(sorted({Option(o) for o in options}, key=lambda o: o.value))
+        except ValueError:
+            raise DeidentificationError("unknown de-identification option; see tasks.deid.Option") from None
         if Option.RETAIN_FULL_DATES in self.options and Option.RETAIN_MODIFIED_DATES in self.options:
             raise DeidentificationError("choose one of the full-dates and modified-dates options")
         self.profile = load_profile()
+        self._plan = _plan_for(self.options)
         self._uid_cache: dict[str, str] = {}
+        self._retain_uids = Option.RETAIN_UIDS in self.options
+        self._safe_private = load_safe_private() if self._plan.private == "C" else {}
+        self.audit = audit
+        self.pixel_policy = None
+        self.pixel_masks: tuple[Any, ...] = ()
+        if pixel_policy is not None:
+            from tasks.deid_pixels import PixelPolicy, parse_masks
+
+            self.pixel_policy = PixelPolicy(pixel_policy)
+            self.pixel_masks = tuple(parse_masks(pixel_masks))
+
+    @classmethod
+    def from_settings(cls, key: bytes, settings: Any) -> "Deidentifier":
+        """Build from ``tasks.settings.DeidSettings``."""
+        return cls(
+            key,
+            settings.options,
+            pixel_policy=settings.pixel_policy,
+            pixel_masks=settings.pixel_masks,
+            audit=settings.audit,
+        )
 
     # -- identifiers -----------------------------------------------------------------
     def uid(self, uid: str) -> str:
-        if Option.RETAIN_UIDS in self.options:
+        if self._retain_uids:
             return uid
         new = self._uid_cache.get(uid)
         if new is None:
@@ -184,37 +477,53 @@ class Deidentifier:
         ``2.25.`` pseudonym, even under Retain UIDs, so no original UID is shown."""
         return pseudonymize_uid(self._key, original)
 
+    def patient_ref(self, patient_id: str) -> str:
+        return patient_pseudonym(self._key, patient_id)
+
     def method_description(self) -> str:
         names = ["Basic Application Confidentiality Profile"] + [o.value for o in self.options]
         return f"PS3.15 E.1-1 {self.profile.edition}; {RECIPE_VERSION}; " + "; ".join(names)
 
-    def _action(self, rule: Rule) -> str:
-        for option in self.options:
-            action = rule.options.get(option.value)
-            if action:
-                return action
-        return rule.basic
+    def method_values(self) -> list[str]:
+        """DeidentificationMethod (LO, VM 1-n): one value per part, each <= 64 characters."""
+        return [f"DICOM PS3.15 E.1-1 {self.profile.edition}", RECIPE_VERSION, "Basic Profile"] + [
+            o.value for o in self.options
+        ]
+
+    def method_codes(self, pixels_cleaned: bool = False) -> list[tuple[str, str]]:
+        codes = [(DEID_METHOD_CODE, "Basic Application Confidentiality Profile")]
+        if pixels_cleaned:
+            codes.append(CLEAN_PIXEL_CODE)
+        return codes + [OPTION_CODES[o] for o in self.options]
+
+    def action_for(self, tag: int) -> str:
+        """The plan's action for a standard tag (after options; combined codes unresolved)."""
+        return self._plan.actions.get(int(tag), "K")
 
     # -- the walk ----------------------------------------------------------------------
     def apply(self, ds: Dataset, report: DeidReport | None = None) -> Dataset:
         report = report if report is not None else DeidReport()
-        original_pid = str(ds.get("PatientID", "") or "")
+        pixels_cleaned = False
+        if self.pixel_policy is not None:
+            from tasks.deid_pixels import check_pixels
+
+            pixels_cleaned = check_pixels(ds, self.pixel_policy, self.pixel_masks, report)
+        original_pid = _patient_id(ds)
         shift = patient_day_shift(self._key, original_pid)
-        self._walk(ds, report, shift, top=True)
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None:
-            self._walk(meta, report, shift, top=False)
-            if "SOPInstanceUID" in ds:
-                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        sop_class = _str_values(ds._dict[_SOP_CLASS_UID]) if _SOP_CLASS_UID in ds._dict else []
+        types = deid_iod.types_for_sop_class(sop_class[0]) if sop_class else None
+        originals = self._collect(ds)
+        ctx = _Ctx(report, shift, types, originals)
+        self._walk(ds, ctx, "", _Mode.NORMAL, top=True)
+        self._replace_file_meta(ds)
         pseudonym = patient_pseudonym(self._key, original_pid)
         ds.PatientID = pseudonym
         ds.PatientName = pseudonym
+        report.count("D", 2)
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = self.method_description()[:64]
+        ds.DeidentificationMethod = self.method_values()
         codes = Sequence()
-        for value, meaning in [(DEID_METHOD_CODE, "Basic Application Confidentiality Profile")] + [
-            OPTION_CODES[o] for o in self.options
-        ]:
+        for value, meaning in self.method_codes(pixels_cleaned):
             item = Dataset()
             item.CodeValue = value
             item.CodingSchemeDesignator = "DCM"
@@ -225,84 +534,371 @@ class Deidentifier:
             ds.LongitudinalTemporalInformationModified = "MODIFIED"
         elif Option.RETAIN_FULL_DATES in self.options:
             ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        elif "LongitudinalTemporalInformationModified" in ds:
+            del ds.LongitudinalTemporalInformationModified
+        if self.audit:
+            object.__setattr__(ds, "_deid_originals", originals)
         return ds
 
-    def _rule_for(self, tag: BaseTag) -> Rule | None:
-        group = tag.group
-        if group % 2 == 1:
-            return self.profile.private_rule
-        if 0x6000 <= group <= 0x60FF and group % 2 == 0:
-            return self.profile.overlay_rules.get(tag.element)
-        if 0x5000 <= group <= 0x50FF and group % 2 == 0:
-            return self.profile.curve_rule
-        return self.profile.rules.get(int(tag))
+    def _collect(self, ds: Dataset) -> Originals:
+        """Original identifying values of the top level, before anything changes.
 
-    def _walk(self, ds: Dataset, report: DeidReport, shift: int, top: bool) -> None:
-        for tag in list(ds.keys()):
-            if top and tag in (_PATIENT_ID, _PATIENT_NAME, _PATIENT_IDENTITY_REMOVED):
+        Raw elements are read without converting them in the Dataset (an element left raw is
+        written back as its original bytes, which is what keeps retained text correctly encoded
+        and the writer fast); only non-ASCII values are decoded, with the object's character set."""
+        encodings = ds._character_set if _SPECIFIC_CHARACTER_SET in ds._dict else ["iso8859"]
+        originals = Originals(list(encodings))
+        d = ds._dict
+        actions = self._plan.actions
+        for tag, keyword in IDENTIFYING_KEYWORDS.items():
+            elem = d.get(tag)
+            if elem is None or actions.get(tag, "K") == "K" and tag not in (0x00100010, 0x00100020):
                 continue
-            rule = self._rule_for(tag)
-            if rule is None:
-                elem = ds[tag]
-                if elem.VR == "SQ":
-                    self._walk_sequence(elem, report, shift)
+            vr = _vr_of(elem, tag)
+            if vr == "UI" and self._retain_uids or vr == "SQ":
                 continue
-            action = self._action(rule)
-            self._do(ds, tag, action, report, shift)
+            for v in _texts(ds, elem, vr):
+                originals.add(keyword, v, vr == "PN")
+        return originals
 
-    def _walk_sequence(self, elem: DataElement, report: DeidReport, shift: int) -> None:
-        for item in elem.value or ():
-            self._walk(item, report, shift, top=False)
+    def _walk(self, ds: Dataset, ctx: _Ctx, path: str, mode: _Mode, top: bool = False) -> None:
+        d = ds._dict
+        actions = self._plan.actions
+        report = ctx.report
+        has_private = False
+        for tag in list(d):
+            t = int(tag)
+            g = t >> 16
+            if g & 1:
+                has_private = True
+                continue
+            if top and (t == _PATIENT_ID or t == _PATIENT_NAME):
+                continue
+            act = actions.get(t)
+            if act is None:
+                if 0x5000 <= g <= 0x60FF and (g & 0xFF00) in (0x5000, 0x6000):
+                    self._repeating_group(ds, tag, g, ctx)
+                    continue
+                if t & 0xFFFF == 0:  # group length: wrong after any change, retired anyway
+                    del d[tag]
+                    continue
+                elem = d[tag]
+                vr = _vr_of(elem, t)
+                if vr == "SQ":
+                    self._walk_items(ds, tag, ctx, path, mode)
+                elif mode and t not in _CODE_TAGS:
+                    if vr in _TEXT_VRS:
+                        if vr == "PN":
+                            self._note_name(ds, tag, ctx)
+                        if mode == _Mode.DUMMY:
+                            self._set(d, tag, vr, _dummy(vr))
+                        else:
+                            self._clean_text(ds, tag, vr, ctx)
+                        report.count(mode.name[0])  # "D" or "C"
+                    elif vr == "DA" or vr == "DT":
+                        self._date(d, tag, vr, ctx, "D" if mode == _Mode.DUMMY else "C")
+                continue
+            if len(act) > 1:
+                act = self._choose(act, ctx, path, t)
+            self._do(ds, tag, t, act, ctx, path, mode)
+        if has_private:
+            self._private(ds, ctx)
 
-    def _do(self, ds: Dataset, tag: BaseTag, action: str, report: DeidReport, shift: int) -> None:
+    def _choose(self, code: str, ctx: _Ctx, path: str, t: int) -> str:
+        if ctx.types is None:
+            return deid_iod.choose(code, None, False)
+        return deid_iod.choose(code, ctx.types.get(f"{path}{t:08X}"), True)
+
+    def _walk_items(self, ds: Dataset, tag: BaseTag, ctx: _Ctx, path: str, mode: _Mode) -> None:
         elem = ds[tag]
-        vr = elem.VR
-        if action == "X/Z/U*":
-            action = "U" if vr in ("SQ", "UI") else "Z"
-        elif action in ("Z/D", "X/D", "X/Z/D"):
-            action = "D"
-        elif action == "X/Z":
-            action = "Z"
-        report.count(action)
+        sub = f"{path}{int(tag):08X}:"
+        for item in elem.value or ():
+            self._walk(item, ctx, sub, mode)
+
+    def _note_name(self, ds: Dataset, tag: BaseTag, ctx: _Ctx) -> None:
+        elem = ds._dict[tag]
+        if isinstance(elem, RawDataElement):
+            if elem.value:
+                ctx.originals.add("PersonName", bytes(elem.value), True)
+        else:
+            v = elem.value
+            for x in v if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]:
+                if x is not None and str(x):
+                    ctx.originals.add("PersonName", str(x), True)
+
+    def _do(self, ds: Dataset, tag: BaseTag, t: int, action: str, ctx: _Ctx, path: str, mode: _Mode) -> None:
+        d = ds._dict
+        elem = d[tag]
+        vr = _vr_of(elem, t)
+        ctx.report.count(action)
+        if vr == "PN" and action != "K":
+            self._note_name(ds, tag, ctx)
+        if action == "X":
+            del d[tag]
+            return
         if action == "K":
             if vr == "SQ":
-                self._walk_sequence(elem, report, shift)
+                self._walk_items(ds, tag, ctx, path, mode)
             return
-        if action == "X" or (action == "C" and vr not in ("DA", "DT", "TM")):
-            # "Clean" for anything but dates needs a vetted vocabulary we do not have yet: remove.
-            del ds[tag]
-            return
-        if action == "C":
-            elem.value = _shift_temporal(elem.value, vr, shift)
+        if action == "Z":
+            self._set(d, tag, vr, Sequence() if vr == "SQ" else None)
             return
         if action == "U":
             if vr == "SQ":
-                self._walk_sequence(elem, report, shift)
+                self._walk_items(ds, tag, ctx, path, mode)
             elif vr == "UI":
-                elem.value = _map_multi(elem.value, self.uid)
+                self._remap(d, tag, elem)
             else:
-                del ds[tag]
-            return
-        if action == "Z":
-            if vr == "SQ":
-                elem.value = Sequence()
-            else:
-                elem.value = None
+                self._set(d, tag, vr, None)
             return
         if action == "D":
             if vr == "SQ":
-                self._walk_sequence(elem, report, shift)
+                self._walk_items(ds, tag, ctx, path, _Mode.DUMMY)
             elif vr == "UI":
-                elem.value = _map_multi(elem.value, self.uid)
-            elif vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
-                elem.value = b""
+                if _str_values(elem):
+                    self._remap(d, tag, elem)
+                else:
+                    self._set(d, tag, vr, pseudonymize_uid(self._key, "dummy"))
+            elif vr in _DATE_VRS:
+                self._set(d, tag, vr, _DUMMY_BY_VR[vr])
             else:
-                dummy = _DUMMY_BY_VR.get(vr, _DUMMY_TEXT)
-                if vr in ("SH", "AE", "CS") and isinstance(dummy, str):
-                    dummy = dummy[:16]
-                elem.value = dummy
+                self._set(d, tag, vr, _dummy(vr))
             return
-        raise DeidentificationError(f"unknown action {action!r} for tag {tag}")
+        if action == "C":
+            if vr == "SQ":
+                self._walk_clean_items(ds, tag, ctx, path)
+            elif vr in _DATE_VRS:
+                self._date(d, tag, vr, ctx, "C")
+            elif vr in _TEXT_VRS or vr in ("CS", "AS"):
+                self._clean_text(ds, tag, vr, ctx)
+            elif vr == "UI":
+                self._remap(d, tag, elem)
+            elif vr in _BINARY_VRS:
+                self._set(d, tag, vr, None)
+            # numbers are kept as they are
+            return
+        raise DeidentificationError(f"unknown action {action!r} for tag {t:08X}")
+
+    # -- value helpers -------------------------------------------------------------------
+    @staticmethod
+    def _set(d: dict, tag: BaseTag, vr: str, value: Any) -> None:
+        """Replace an element. An ASCII text value replacing a raw element becomes a raw element
+        in the same encoding, so the writer copies its bytes instead of re-encoding it."""
+        if vr == "UN":
+            vr = "OB"
+        old = d.get(tag)
+        if old is not None and old.__class__ is RawDataElement and vr in _RAW_TEXT_VRS:
+            if value is None:
+                raw = b""
+            elif value.__class__ is str:
+                raw = value.encode("ascii", "strict") if value.isascii() else None
+            elif isinstance(value, list) and all(v.__class__ is str and v.isascii() for v in value):
+                raw = "\\".join(value).encode("ascii")
+            else:
+                raw = None
+            if raw is not None:
+                if len(raw) & 1:
+                    raw += b"\x00" if vr == "UI" else b" "
+                d[tag] = RawDataElement(tag, vr, len(raw), raw, 0, old.is_implicit_VR, old.is_little_endian, True, False)
+                return
+        d[tag] = DataElement(tag, vr, value)
+
+    def _remap(self, d: dict, tag: BaseTag, elem: Any) -> None:
+        values = _str_values(elem)
+        if not values:
+            return
+        new = [self.uid(v) for v in values]
+        self._set(d, tag, "UI", new if len(new) > 1 else new[0])
+
+    def _date(self, d: dict, tag: BaseTag, vr: str, ctx: _Ctx, action: str) -> None:
+        if Option.RETAIN_FULL_DATES in self.options:
+            return
+        if vr == "TM" or action == "K":
+            return
+        if Option.RETAIN_MODIFIED_DATES in self.options:
+            values = _str_values(d[tag])
+            shifted = _shift_temporal(values if len(values) != 1 else values[0], vr, ctx.shift) if values else None
+            self._set(d, tag, vr, shifted)
+        else:
+            self._set(d, tag, vr, _DUMMY_BY_VR[vr] if action == "D" else None)
+
+    def _scrubber(self, ctx: _Ctx) -> "re.Pattern[str] | None":
+        if not ctx.scrub_built:
+            tokens = {
+                t if isinstance(t, str) else t.decode("latin-1")
+                for toks in ctx.originals.tokens().values()
+                for t in toks
+            }
+            tokens = {t for t in tokens if t.strip()}
+            if tokens:
+                alt = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+                ctx.scrub = re.compile(alt, re.IGNORECASE)
+            ctx.scrub_built = True
+        return ctx.scrub
+
+    def _clean_text(self, ds: Dataset, tag: BaseTag, vr: str, ctx: _Ctx) -> None:
+        """C for text: drop the object's identifying values and date/ID-like tokens."""
+        elem = ds[tag]  # decoded with the dataset's character set
+        value = elem.value
+        if value is None or value == "":
+            return
+        multi = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+        values = [str(v) for v in value] if multi else [str(value)]
+        scrub = self._scrubber(ctx)
+        out = []
+        for v in values:
+            c = scrub.sub("", v) if scrub else v
+            c = _DATE_OR_ID.sub("", c)
+            c = re.sub(r"\s{2,}", " ", c).strip(" ^,;-")
+            out.append(c)
+        if vr == "PN":
+            out = [_DUMMY_TEXT for _ in out]  # a person name is never "cleaned" into another name
+        if out == values:
+            return
+        kept = [v for v in out if v]
+        self._set(ds._dict, tag, vr, (kept if len(kept) > 1 else kept[0]) if kept else None)
+
+    def _walk_clean_items(self, ds: Dataset, tag: BaseTag, ctx: _Ctx, path: str) -> None:
+        """C on a sequence: structured content is cleaned item by item, other text cleaned."""
+        elem = ds[tag]
+        sub = f"{path}{int(tag):08X}:"
+        kept = []
+        for item in elem.value or ():
+            vt = item.get(_VALUE_TYPE)
+            value_type = str(vt.value).strip() if vt is not None else ""
+            if value_type == "PNAME":
+                if 0x0040A123 in item._dict:
+                    self._note_name(item, Tag(0x0040A123), ctx)
+                ctx.report.count("X")
+                continue
+            self._walk(item, ctx, sub, _Mode.CLEAN)
+            kept.append(item)
+        if len(kept) != len(elem.value or ()):
+            elem.value = Sequence(kept)
+
+    def _repeating_group(self, ds: Dataset, tag: BaseTag, g: int, ctx: _Ctx) -> None:
+        d = ds._dict
+        if tag not in d:
+            return
+        overlay = (g & 0xFF00) == 0x6000
+        action = self._plan.overlay.get(0x3000, "X") if overlay else self._plan.curve
+        group_tags = [x for x in d if (int(x) >> 16) == g]
+        if action != "C":
+            for x in group_tags:
+                del d[x]
+            ctx.report.count("X", len(group_tags))
+            return
+        for x in group_tags:
+            t = int(x)
+            elem = d[x]
+            vr = _vr_of(elem, t)
+            if overlay and (t & 0xFFFF) == 0x3000:
+                length = len(elem.value or b"")
+                self._set(d, x, "OB" if vr == "OB" else "OW", b"\x00" * length)
+                ctx.report.count("C")
+            elif vr in _TEXT_VRS:
+                self._clean_text(ds, x, vr, ctx)
+                ctx.report.count("C")
+
+    def _private(self, ds: Dataset, ctx: _Ctx) -> None:
+        d = ds._dict
+        privates = [t for t in d if (int(t) >> 16) & 1]
+        if self._plan.private != "C" or not self._safe_private:
+            for t in privates:
+                del d[t]
+            ctx.report.count("X", len(privates))
+            return
+        creators: dict[tuple[int, int], str] = {}
+        for t in privates:
+            e = int(t) & 0xFFFF
+            if 0x0010 <= e <= 0x00FF:
+                vals = _str_values(d[t]) if not isinstance(d[t].value, bytes) else [
+                    d[t].value.decode("latin-1").strip("\x00 ")
+                ]
+                creators[(int(t) >> 16, e)] = (vals[0] if vals else "").strip().upper()
+        kept_blocks: set[tuple[int, int]] = set()
+        removed = kept = 0
+        for t in privates:
+            ti = int(t)
+            g, e = ti >> 16, ti & 0xFFFF
+            if 0x0010 <= e <= 0x00FF or e < 0x0010:
+                continue
+            block = (g, e >> 8)
+            creator = creators.get(block)
+            vr = self._safe_private.get((g, creator, e & 0xFF)) if creator else None
+            if vr and _safe_value(d[t], vr):
+                kept_blocks.add(block)
+                kept += 1
+                if isinstance(d[t], RawDataElement) and d[t].VR in (None, "UN"):
+                    d[t] = DataElement(t, vr, _convert_raw(d[t], vr, ds))
+            else:
+                del d[t]
+                removed += 1
+        for t in privates:
+            ti = int(t)
+            g, e = ti >> 16, ti & 0xFFFF
+            if e <= 0x00FF and t in d and (g, e) not in kept_blocks:
+                del d[t]
+                removed += 1
+        ctx.report.count("X", removed)
+        ctx.report.count("C", kept)
+
+    def _replace_file_meta(self, ds: Dataset) -> None:
+        """E.1.1 step 7: the file meta describes the de-identifying application; preamble zeroed."""
+        old = getattr(ds, "file_meta", None)
+        meta = FileMetaDataset()
+        if old is not None and "TransferSyntaxUID" in old:
+            meta.TransferSyntaxUID = old.TransferSyntaxUID
+        if "SOPClassUID" in ds:
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        elif old is not None and "MediaStorageSOPClassUID" in old:
+            meta.MediaStorageSOPClassUID = old.MediaStorageSOPClassUID
+        if "SOPInstanceUID" in ds:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        elif old is not None and "MediaStorageSOPInstanceUID" in old:
+            meta.MediaStorageSOPInstanceUID = self.uid(str(old.MediaStorageSOPInstanceUID))
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        ds.file_meta = meta
+        ds.preamble = b"\x00" * 128
+
+
+@cache
+def _plan_for(options: tuple[Option, ...]) -> _Plan:
+    return _Plan(load_profile(), options)
+
+
+def _dummy(vr: str) -> Any:
+    if vr in _BINARY_VRS:
+        return b"\x00\x00"
+    return _DUMMY_BY_VR.get(vr, _DUMMY_TEXT)
+
+
+_CS_SAFE = re.compile(r"^[A-Z0-9_ ]*$")
+_NUM_SAFE = re.compile(r"^[0-9+\-.eE ]*$")
+
+
+def _safe_value(elem: Any, vr: str) -> bool:
+    """Retain Safe Private: only VRs that cannot carry free text (PS3.15 E.3.10 note 2)."""
+    if vr in _NUMERIC_BINARY_VRS:
+        return True
+    if vr in ("IS", "DS", "CS"):
+        raw = elem.value
+        if isinstance(raw, bytes):
+            text = raw.decode("latin-1").strip("\x00 ")
+        else:
+            text = "\\".join(_str_values(elem))
+        parts = text.split("\\")
+        pattern = _CS_SAFE if vr == "CS" else _NUM_SAFE
+        return all(pattern.match(p.strip()) for p in parts)
+    return False
+
+
+def _convert_raw(elem: RawDataElement, vr: str, ds: Dataset) -> Any:
+    """Implicit-VR private element known from the safe list: decode its value with the listed VR."""
+    from pydicom.dataelem import convert_raw_data_element
+
+    return convert_raw_data_element(elem._replace(VR=vr), encoding=ds._character_set, ds=ds).value
 
 
 def _map_multi(value, fn):
@@ -313,6 +909,25 @@ def _map_multi(value, fn):
     return fn(str(value))
 
 
+_SHIFTED: dict[tuple[str, int], str | None] = {}
+
+
+def _shift_one(s: str, days: int) -> str | None:
+    key = (s, days)
+    out = _SHIFTED.get(key, "")
+    if out != "":
+        return out
+    try:
+        day = dt.date(int(s[0:4]), int(s[4:6]), int(s[6:8])) + dt.timedelta(days=days)
+        out = f"{day.year:04d}{day.month:02d}{day.day:02d}" + s[8:]
+    except (ValueError, OverflowError):
+        out = None  # unparseable dates are not kept
+    if len(_SHIFTED) > 100_000:
+        _SHIFTED.clear()
+    _SHIFTED[key] = out
+    return out
+
+
 def _shift_temporal(value, vr: str, days: int):
     if not value:
         return value
@@ -321,17 +936,34 @@ def _shift_temporal(value, vr: str, days: int):
     values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
     out = []
     for v in values:
-        s = str(v)
-        try:
-            day = dt.datetime.strptime(s[:8], "%Y%m%d").date() + dt.timedelta(days=days)
-        except ValueError:
-            out.append(None)  # unparseable dates are not kept
+        s = str(v).strip()
+        if len(s) < 8 or not s[:8].isdigit():
+            out.append(None)
             continue
-        out.append(day.strftime("%Y%m%d") + (s[8:] if vr == "DT" else ""))
+        shifted = _shift_one(s if vr == "DT" else s[:8], days)
+        out.append(shifted)
     kept = [v for v in out if v is not None]
     if not kept:
         return None
     return kept if len(kept) > 1 else kept[0]
+
+
+def encoded_forms(token: str | bytes, encodings: list[str]) -> set[bytes]:
+    """A value as bytes in every encoding it may take in a file: the original bytes, UTF-8,
+    Latin-1 and the object's own character set (ISO 2022 escapes included)."""
+    if isinstance(token, bytes):
+        return {token}
+    forms = {token.encode("utf-8")}
+    for enc in ("latin-1",):
+        try:
+            forms.add(token.encode(enc))
+        except UnicodeEncodeError:
+            pass
+    try:
+        forms.add(encode_string(token, encodings))
+    except (UnicodeEncodeError, LookupError, ValueError):
+        pass
+    return {f for f in forms if f}
 
 
 def file_meta_for(ds: Dataset) -> FileMetaDataset:

@@ -61,3 +61,46 @@ def is_transient(exc: BaseException) -> bool:
         return False
     # Socket-level failures from libraries that do not use our types.
     return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+# -- FHIR sync (tasks/fhir_client.py, tasks/fhir_map.py, tasks/fhir_sync.py) -------------------------
+# Messages carry study UIDs, HTTP statuses and the server's OperationOutcome diagnostics with
+# identifier values redacted; never request bodies or credentials.
+
+
+class FhirUnavailable(TransientError):
+    """The FHIR server did not answer, or answered 429 / 5xx, after our bounded retries."""
+
+    reason = "fhir-unavailable"
+
+
+class FhirConflict(TransientError):
+    """409 after our retries: another writer created or updated the same resource at the same time."""
+
+    reason = "fhir-conflict"
+
+
+class FhirRejected(PermanentError):
+    """The server rejected the request (4xx) with an OperationOutcome; retried only after a fix.
+
+    ``status`` is the HTTP status, ``diagnostics`` the OperationOutcome's error texts (redacted).
+    """
+
+    reason = "fhir-rejected"
+
+    def __init__(self, message: str, status: int = 0, diagnostics: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.diagnostics = diagnostics
+
+
+class FhirConfigurationError(FhirRejected):
+    """401/403/404/405/415 for a whole request: wrong base URL or credentials; no study is to blame."""
+
+    reason = "fhir-configuration"
+
+
+class FhirMappingError(PermanentError):
+    """A study's catalog rows do not make a valid FHIR resource (fhir.resources validation failed)."""
+
+    reason = "fhir-mapping"

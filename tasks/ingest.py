@@ -8,7 +8,10 @@ not hashed (NO_CACHE): a WorkItem holds an original UID that must stay in memory
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
 import shutil
+import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +99,7 @@ def retrieve_study(item: WorkItem, settings: Settings, key: bytes) -> Retrieved:
 def deidentify_study(retrieved: Retrieved, settings: Settings, key: bytes, rows_root: str) -> StudyOutcome:
     """De-identify every staged object, write it to the lake, extract its catalog rows."""
     logger = get_run_logger()
-    outcome = process_study(
+    args = (
         Path(retrieved.staged_dir),
         retrieved.pseudo_uid,
         Deidentifier(key, settings.deid.options),
@@ -104,6 +107,10 @@ def deidentify_study(retrieved: Retrieved, settings: Settings, key: bytes, rows_
         settings.quarantine_dir,
         Path(rows_root) / retrieved.pseudo_uid,
     )
+    pool = worker_pool(settings.deid_workers)
+    # In a worker process when there is one: parsing and re-encoding is CPU work that would
+    # otherwise share one GIL with the Storage SCP receiving the next studies.
+    outcome = pool.submit(process_study, *args).result() if pool else process_study(*args)
     if outcome.quarantined:
         logger.warning("study %s: %d objects quarantined", retrieved.pseudo_uid, len(outcome.quarantined))
     logger.info("study %s: %d objects de-identified and stored", retrieved.pseudo_uid, outcome.written)
@@ -117,6 +124,30 @@ def commit_catalog(rows_dirs: list[str], catalog_root: str) -> int:
     result = CatalogStore(Path(catalog_root)).commit(tables)
     get_run_logger().info("catalog commit: %d studies", len(rows_dirs))
     return int(getattr(result, "version", 0) or 0)
+
+
+_POOL: ProcessPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor | None:
+    """The run's process pool for de-identification (created on first use, ``spawn`` so no
+    thread of this process is forked); None when ``workers`` is 0."""
+    global _POOL
+    if workers <= 0:
+        return None
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        return _POOL
+
+
+def shutdown_worker_pool() -> None:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None:
+            _POOL.shutdown(wait=True, cancel_futures=True)
+            _POOL = None
 
 
 def purge_staging(folder: Path) -> None:

@@ -63,12 +63,68 @@ class ReceiverSettings(BaseModel):
 
 
 class DeidSettings(BaseModel):
-    """De-identification profile options (PS3.15 E.1-1 option columns, by name)."""
+    """De-identification profile (PS3.15 E.1-1 option columns, by name), pixel policy, audit, zones."""
 
     options: list[str] = Field(
         default_factory=lambda: ["Retain Long. Modified Dates"],
         description="option columns of Table E.1-1 to apply on top of the Basic Profile",
     )
+    pixel_policy: str = Field(
+        "quarantine",
+        description="burned-in annotation: quarantine (default) | mask (configured regions, else quarantine) | allow",
+    )
+    pixel_masks: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="mask rules: {regions: [[xmin, ymin, xmax, ymax], ...], sop_class_uid, modality, "
+        "manufacturer, model, rows, columns} (deid filter-recipe coordinates)",
+    )
+    audit: bool = Field(True, description="residual-PHI audit of every encoded output; a hit quarantines")
+    safe_private_list: str = Field(
+        "ps3.15-table-e.3.10-1", description="safe private list used by Retain Safe Private (only this one for now)"
+    )
+    crosswalk_path: Path | None = Field(
+        None, description="pseudonym <-> original CSV (PHI; owner-only; outside the lake); off when unset"
+    )
+    staging_retention_days: int = Field(7, ge=0, description="staged originals older than this are purged")
+    quarantine_retention_days: int = Field(30, ge=0, description="quarantined originals older than this are purged")
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: list[str]) -> list[str]:
+        from tasks.deid import Option
+
+        names = {o.value for o in Option}
+        bad = [o for o in v if o not in names]
+        if bad:
+            raise ValueError("unknown option; choose from: " + ", ".join(sorted(names)))
+        if "Retain Long. Full Dates" in v and "Retain Long. Modified Dates" in v:
+            raise ValueError("choose one of the full-dates and modified-dates options")
+        return v
+
+    @field_validator("pixel_policy")
+    @classmethod
+    def _pixel_policy(cls, v: str) -> str:
+        if v not in ("quarantine", "mask", "allow"):
+            raise ValueError("must be quarantine, mask or allow")
+        return v
+
+    @field_validator("pixel_masks")
+    @classmethod
+    def _masks(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from tasks.deid_pixels import parse_masks
+
+        try:
+            parse_masks(v)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid mask rule ({type(exc).__name__})") from None
+        return v
+
+    @field_validator("safe_private_list")
+    @classmethod
+    def _safe_list(cls, v: str) -> str:
+        if v != "ps3.15-table-e.3.10-1":
+            raise ValueError("only ps3.15-table-e.3.10-1 is available")
+        return v
 
 
 class FhirSettings(BaseModel):
@@ -84,6 +140,27 @@ class FhirSettings(BaseModel):
     pseudonym_system: str = "urn:pacsflow:pseudonym"
     wado_rs_base_url: str | None = None
     identified_sync: bool = False
+    study_timezone: str | None = Field(
+        None,
+        description="IANA time zone of StudyDate/StudyTime (the PACS's local time, e.g. Europe/Zurich); FHIR "
+        "needs an offset when a time is given, so without it ImagingStudy.started carries the date only",
+    )
+    max_retries: int = Field(4, ge=0, le=20, description="retries of a request on 429, 5xx, 409 and network errors")
+    retry_backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per retry, with jitter")
+    retry_max_delay_s: float = Field(60.0, ge=0, description="cap on one retry delay, also on Retry-After")
+
+    @field_validator("study_timezone")
+    @classmethod
+    def _timezone(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("must be an IANA time zone name such as Europe/Zurich") from None
+        return v
 
 
 class Settings(BaseSettings):
@@ -123,6 +200,12 @@ class Settings(BaseSettings):
         5, ge=1, description="runs that may fail a study transiently before it is quarantined as permanent"
     )
     commit_batch: int = Field(200, ge=1, description="studies per catalog commit")
+    deid_workers: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1),
+        ge=0,
+        le=64,
+        description="processes for de-identification; 0 = in the flow's own process",
+    )
 
     @field_validator("calling_ae")
     @classmethod

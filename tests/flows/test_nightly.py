@@ -42,11 +42,17 @@ def _identifiers(paths: list[Path]) -> set[bytes]:
     return {v for v in found if len(v) >= 4}
 
 
-def test_first_run_catalogs_every_instance_and_a_second_run_changes_nothing(lake, tmp_path):
+def test_first_run_catalogs_every_instance_and_a_second_run_changes_nothing(lake, tmp_path, caplog):
     studies = _seed(lake, tmp_path / "in", studies=6, days=5, end_date=TODAY, seed=3)
     expected = sum(s.n_instances for s in studies)
 
+    caplog.set_level("DEBUG")
     result = nightly_ingest()
+
+    # Nothing identifying in the logs or the returned result: not names, IDs, nor original UIDs.
+    text = caplog.text + repr(result)
+    for s in studies:
+        assert s.study_uid not in text and s.patient_id not in text
 
     assert (result["found"], result["cataloged"], result["failed"]) == (6, 6, 0)
     assert result["instances"] == expected

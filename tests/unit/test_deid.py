@@ -96,7 +96,7 @@ def test_references_are_remapped_consistently_and_private_tags_removed():
     ref = Dataset()
     ref.ReferencedSOPClassUID = ds.SOPClassUID
     ref.ReferencedSOPInstanceUID = sop
-    ds.ReferencedImageSequence = Sequence([ref])
+    ds.ReferencedInstanceSequence = Sequence([ref])  # not in the table: walked, UIDs remapped
     block = ds.private_block(0x0009, "ACME 1.0", create=True)
     block.add_new(0x01, "LO", "Secret Name")
     nested = Dataset()
@@ -106,8 +106,8 @@ def test_references_are_remapped_consistently_and_private_tags_removed():
     nested.ReferencedPatientSequence = Sequence([inner])
     ds.RequestAttributesSequence = Sequence([nested])
     Deidentifier(KEY).apply(ds)
-    assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
-    assert ds.ReferencedImageSequence[0].ReferencedSOPClassUID == _read("CT_small.dcm").SOPClassUID
+    assert ds.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert ds.ReferencedInstanceSequence[0].ReferencedSOPClassUID == _read("CT_small.dcm").SOPClassUID
     raw = _encode(ds)
     assert b"Secret Name" not in raw and b"Nested^Name" not in raw and b"private nested" not in raw
     assert not any(elem.tag.is_private for elem in ds.iterall())

@@ -1,0 +1,505 @@
+"""Catalog rows of one study → FHIR R4 ``ImagingStudy`` + ``Patient`` (+ ``Endpoint``): pure functions.
+
+No Prefect, no sockets. The input is what the catalog holds (de-identified header metadata, one
+``studies`` row, its ``series`` rows and its ``instances`` rows as DuckDB's ``to_pylist()`` gives
+them), so a FHIR sync can be replayed at any time without retrieving or de-identifying again.
+
+The models are ``fhir.resources.R4B`` (R4B matches R4 for ImagingStudy, Patient and Endpoint);
+building them validates every element, and a study that does not validate raises
+:class:`tasks.errors.FhirMappingError` naming the element (never its value).
+
+Mapping (DICOM PS3.17 / FHIR R4 ImagingStudy page, "Mappings for DICOM"):
+
+================================  ===========================================================
+ImagingStudy                      catalog (DICOM attribute)
+================================  ===========================================================
+identifier                        ``urn:dicom:uid`` | ``urn:oid:`` + study_uid (StudyInstanceUID)
+status                            ``available`` (the study is in the lake)
+subject                           the Patient below
+started                           study_date + study_time (StudyDate, StudyTime); with a time
+                                  only when ``timezone`` is known (FHIR requires an offset)
+numberOfSeries / numberOfInstances  number_of_series / number_of_instances (what we cataloged)
+modality                          modalities (ModalitiesInStudy), DICOM DCM code system
+description                       study_description (StudyDescription), when kept by de-id
+procedureCode                     ``procedure_codes`` when the row carries them (ProcedureCodeSequence)
+endpoint                          one Endpoint (``dicom-wado-rs``) when ``wado_rs_base_url`` is set
+series[].uid/number/modality      series_uid, series_number, modality
+series[].description              series_description
+series[].numberOfInstances        number_of_instances
+series[].bodySite                 body_part_examined → SNOMED CT via PS3.16 Annex L
+                                  (``tasks/data/bodypart_snomed.json``)
+series[].laterality               laterality (Laterality, else ImageLaterality) → SNOMED CT
+                                  (R4 value set bodysite-laterality)
+series[].started                  series_date + series_time
+series[].instance[].uid/number    sop_instance_uid, instance_number
+series[].instance[].sopClass      ``urn:ietf:rfc:3986`` | ``urn:oid:`` + sop_class_uid
+series[].instance[].title         image_type values joined by ``\\`` (ImageType, the last
+                                  alternative of the FHIR mapping for title)
+================================  ===========================================================
+
+Patient: ``identifier`` = {pseudonym_system, patient_pseudo_id}; ``gender`` from patient_sex when
+the de-identification kept it. No name and no birth date unless ``identified`` is set (clinical
+deployments whose rows carry ``patient_name`` / ``patient_birth_date``).
+
+Resource ids are derived from the identifiers (SHA-256), so every replay addresses the same
+resources; :func:`content_hash` lets the sync skip studies whose resources did not change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources as _resources
+from typing import Any
+from urllib.parse import quote
+from zoneinfo import ZoneInfo
+
+from fhir.resources.R4B.endpoint import Endpoint
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+from fhir.resources.R4B.patient import Patient
+from pydantic import ValidationError
+
+from tasks.errors import FhirMappingError
+
+#: Bump when the mapping changes on purpose: every study's hash changes, so the next sync re-sends all.
+MAPPING_VERSION = "pacsflow-fhir-map-1"
+
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+SNOMED_SYSTEM = "http://snomed.info/sct"
+URI_SYSTEM = "urn:ietf:rfc:3986"
+ENDPOINT_CONNECTION_SYSTEM = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+ENDPOINT_PAYLOAD_SYSTEM = "http://terminology.hl7.org/CodeSystem/endpoint-payload-type"
+#: HL7 v3 ObservationValue "PSEUDED" (pseudonymized): a security label on de-identified resources.
+SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+
+BODYPART_RESOURCE = "bodypart_snomed.json"
+
+# DICOM Laterality / ImageLaterality → R4 value set http://hl7.org/fhir/ValueSet/bodysite-laterality.
+# "U" (unpaired) has no code there: no laterality.
+_LATERALITY = {
+    "L": ("419161000", "Unilateral left"),
+    "R": ("419465000", "Unilateral right"),
+    "B": ("51440002", "Bilateral"),
+}
+_GENDER = {"M": "male", "F": "female", "O": "other"}
+# Coding Scheme Designator → FHIR system for procedure codes (PS3.16 Table 8-1 and FHIR's DICOM page).
+_CODING_SCHEMES = {
+    "SCT": SNOMED_SYSTEM,
+    "SRT": "http://snomed.info/srt",
+    "LN": "http://loinc.org",
+    "DCM": DCM_SYSTEM,
+    "RADLEX": "http://www.radlex.org",
+    "RADLEX_PLAYBOOK": "http://www.radlex.org",
+    "RPID": "http://www.radlex.org",
+}
+
+_NS = uuid.UUID("6a0f3c1e-5d3b-5b8e-9a57-7061637366c1")  # pacsflow's namespace for urn:uuid fullUrls
+
+
+@dataclass(frozen=True)
+class MappingOptions:
+    """What the mapping needs from the settings (``Settings.fhir``)."""
+
+    pseudonym_system: str = "urn:pacsflow:pseudonym"
+    wado_rs_base_url: str | None = None
+    identified: bool = False
+    timezone: str | None = None
+
+    @classmethod
+    def from_settings(cls, fhir: Any) -> MappingOptions:
+        return cls(
+            pseudonym_system=fhir.pseudonym_system,
+            wado_rs_base_url=fhir.wado_rs_base_url,
+            identified=fhir.identified_sync,
+            timezone=fhir.study_timezone,
+        )
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A business identity: the identifier that conditional updates and searches use."""
+
+    resource_type: str
+    system: str
+    value: str
+
+    @property
+    def token(self) -> str:
+        return f"{self.system}|{self.value}"
+
+    @property
+    def conditional_url(self) -> str:
+        """``Type?identifier=system|value``, percent-encoded where needed (HAPI decodes it)."""
+        return (f"{self.resource_type}?identifier={quote(self.system, safe=':/')}|"
+                f"{quote(self.value, safe=':/.-_~')}")
+
+    @property
+    def full_url(self) -> str:
+        """A stable ``urn:uuid:`` for this identity's entry in a transaction Bundle."""
+        return f"urn:uuid:{uuid.uuid5(_NS, self.resource_type + '|' + self.token)}"
+
+    @property
+    def resource_id(self) -> str:
+        """The resource id we give it: a prefix and 128 bits of SHA-256 of the identifier."""
+        digest = hashlib.sha256(self.token.encode("utf-8")).hexdigest()[:32]
+        prefix = {"Patient": "pfp", "ImagingStudy": "pfs", "Endpoint": "pfe"}.get(self.resource_type, "pf")
+        return f"{prefix}-{digest}"
+
+
+def study_identity(study_uid: str) -> Identity:
+    return Identity("ImagingStudy", DICOM_UID_SYSTEM, f"urn:oid:{study_uid}")
+
+
+def patient_identity(pseudonym_system: str, patient_id: str) -> Identity:
+    return Identity("Patient", pseudonym_system, patient_id)
+
+
+def endpoint_identity(base_url: str) -> Identity:
+    return Identity("Endpoint", URI_SYSTEM, base_url)
+
+
+@dataclass(frozen=True)
+class StudyResources:
+    """The validated resources of one study, with their identities and content hash."""
+
+    study_uid: str
+    imaging_study: ImagingStudy
+    patient: Patient
+    endpoint: Endpoint | None
+    study_identity: Identity
+    patient_identity: Identity
+    endpoint_identity: Identity | None
+    number_of_series: int
+    number_of_instances: int
+    hash: str
+
+    def resources(self) -> list[Any]:
+        return [r for r in (self.patient, self.endpoint, self.imaging_study) if r is not None]
+
+
+# -- body part table ----------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def bodypart_table() -> dict[str, dict[str, str]]:
+    """BodyPartExamined defined term → {"code", "display"} (SNOMED CT), from PS3.16 Annex L Table L-1."""
+    with _resources.files("tasks.data").joinpath(BODYPART_RESOURCE).open("r", encoding="utf-8") as fh:
+        doc = json.load(fh)
+    return {k.upper(): dict(v) for k, v in doc["terms"].items()}
+
+
+def body_site(body_part: str | None) -> dict[str, str] | None:
+    """The SNOMED CT Coding (as a dict) for a BodyPartExamined value, or None when not in the table."""
+    if not body_part:
+        return None
+    entry = bodypart_table().get(body_part.strip().upper())
+    if entry is None:
+        return None
+    return {"system": SNOMED_SYSTEM, "code": entry["code"], "display": entry["display"]}
+
+
+def laterality(value: str | None) -> dict[str, str] | None:
+    if not value:
+        return None
+    entry = _LATERALITY.get(value.strip().upper())
+    return None if entry is None else {"system": SNOMED_SYSTEM, "code": entry[0], "display": entry[1]}
+
+
+# -- dates and times ----------------------------------------------------------------------------------
+def _as_date(value: Any) -> dt.date | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    text = str(value).strip().replace("-", "")
+    try:
+        return dt.datetime.strptime(text[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _as_time(text: Any) -> dt.time | None:
+    """DICOM TM (``HHMMSS.FFFFFF``, possibly truncated; also the old ``HH:MM:SS``) → time."""
+    if not text:
+        return None
+    raw = str(text).strip().replace(":", "")
+    whole, _, frac = raw.partition(".")
+    if not whole.isdigit() or len(whole) not in (2, 4, 6):
+        return None
+    try:
+        hh = int(whole[0:2])
+        mm = int(whole[2:4]) if len(whole) >= 4 else 0
+        ss = int(whole[4:6]) if len(whole) >= 6 else 0
+        us = int((frac + "000000")[:6]) if frac.isdigit() else 0
+        return dt.time(hh, mm, min(ss, 59), us)  # TM allows a leap second 60
+    except ValueError:
+        return None
+
+
+def started(date: Any, time_text: Any, timezone: str | None) -> str | None:
+    """FHIR dateTime from DICOM DA + TM. A time needs an offset in FHIR, so without a time zone the
+    value is the date only (still a valid dateTime)."""
+    day = _as_date(date)
+    if day is None:
+        return None
+    tm = _as_time(time_text)
+    if tm is None or not timezone:
+        return day.isoformat()
+    return dt.datetime.combine(day, tm, tzinfo=ZoneInfo(timezone)).isoformat()
+
+
+# -- building -------------------------------------------------------------------------------------
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _procedure_codes(study: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """``procedure_codes``: a list of {code_value, coding_scheme_designator, code_meaning} (not yet a
+    catalog column; used when a row carries it)."""
+    items = study.get("procedure_codes") or []
+    out = []
+    for item in items:
+        code, scheme, meaning = (_text(item.get("code_value")), _text(item.get("coding_scheme_designator")),
+                                 _text(item.get("code_meaning")))
+        system = _CODING_SCHEMES.get((scheme or "").upper())
+        concept: dict[str, Any] = {}
+        if code and system:
+            concept["coding"] = [{"system": system, "code": code, **({"display": meaning} if meaning else {})}]
+        if meaning:
+            concept["text"] = meaning
+        if concept:
+            out.append(concept)
+    return out or None
+
+
+def _human_name(pn: Any) -> list[dict[str, Any]] | None:
+    """DICOM PN (``Family^Given^Middle^Prefix^Suffix``, alphabetic group) → HumanName."""
+    text = _text(pn)
+    if not text:
+        return None
+    parts = (text.split("=")[0].split("^") + [""] * 5)[:5]
+    family, given, middle, prefix, suffix = (p.strip() for p in parts)
+    name: dict[str, Any] = {"use": "official"}
+    if family:
+        name["family"] = family
+    givens = [g for g in (given, middle) if g]
+    if givens:
+        name["given"] = givens
+    if prefix:
+        name["prefix"] = [prefix]
+    if suffix:
+        name["suffix"] = [suffix]
+    return [name] if len(name) > 1 else None
+
+
+def _sort_key(number: Any, uid: str) -> tuple[int, int, str]:
+    return (number is None, number if number is not None else 0, uid)
+
+
+def _validation_message(kind: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False)[:5]:
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
+        parts.append(f"{kind}.{loc}: {err['msg']}")
+    more = len(exc.errors()) - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def _prune(value: Any) -> Any:
+    """Drop None values (and empty lists) recursively: an absent required element must be *missing*
+    for the model to flag it (an explicit None passes)."""
+    if isinstance(value, dict):
+        return {k: _prune(v) for k, v in value.items() if v is not None and v != []}
+    if isinstance(value, list):
+        return [_prune(v) for v in value if v is not None]
+    return value
+
+
+def resource_json(resource: Any) -> dict[str, Any]:
+    """The resource as FHIR JSON (a plain dict)."""
+    return json.loads(resource.model_dump_json())
+
+
+def content_hash(resources: Iterable[Any]) -> str:
+    """SHA-256 of the canonical JSON of the resources (and :data:`MAPPING_VERSION`), hex."""
+    docs = [r if isinstance(r, Mapping) else resource_json(r) for r in resources if r is not None]
+    canonical = json.dumps([MAPPING_VERSION, docs], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def build_study(
+    study: Mapping[str, Any],
+    series: Sequence[Mapping[str, Any]],
+    instances: Sequence[Mapping[str, Any]],
+    options: MappingOptions,
+) -> StudyResources:
+    """Build and validate the resources of one study from its catalog rows.
+
+    Raises :class:`FhirMappingError` (permanent, per study) when the rows do not make valid resources.
+    """
+    study_uid = _text(study.get("study_uid"))
+    if not study_uid:
+        raise FhirMappingError("study row without study_uid")
+    pseudo = _text(study.get("patient_pseudo_id"))
+    if not pseudo:
+        raise FhirMappingError(f"study {study_uid}: no patient_pseudo_id, so no Patient to reference")
+    s_ident = study_identity(study_uid)
+    p_ident = patient_identity(options.pseudonym_system, pseudo)
+    e_ident = endpoint_identity(options.wado_rs_base_url) if options.wado_rs_base_url else None
+    security = None if options.identified else {"security": [{"system": SECURITY_SYSTEM, "code": "PSEUDED",
+                                                              "display": "pseudonymized"}]}
+
+    # Patient: the pseudonym only (and sex when the de-identification kept it).
+    patient_doc: dict[str, Any] = {"identifier": [{"system": p_ident.system, "value": p_ident.value}]}
+    if not options.identified:
+        # Our own resource: our id. In identified mode the hospital's Patient may already exist
+        # under another id, and a conditional update must not try to rename it.
+        patient_doc["id"] = p_ident.resource_id
+        patient_doc["meta"] = security
+    gender = _GENDER.get((_text(study.get("patient_sex")) or "").upper())
+    if gender:
+        patient_doc["gender"] = gender
+    if options.identified:
+        name = _human_name(study.get("patient_name"))
+        birth = _as_date(study.get("patient_birth_date"))
+        if name:
+            patient_doc["name"] = name
+        if birth:
+            patient_doc["birthDate"] = birth.isoformat()
+    try:
+        patient = Patient(**_prune(patient_doc))
+    except ValidationError as exc:
+        raise FhirMappingError(f"study {study_uid}: {_validation_message('Patient', exc)}") from None
+
+    endpoint = None
+    if e_ident is not None:
+        try:
+            endpoint = Endpoint(
+                id=e_ident.resource_id,
+                identifier=[{"system": e_ident.system, "value": e_ident.value}],
+                status="active",
+                connectionType={"system": ENDPOINT_CONNECTION_SYSTEM, "code": "dicom-wado-rs"},
+                name="pacsflow DICOMweb WADO-RS",
+                payloadType=[{"coding": [{"system": ENDPOINT_PAYLOAD_SYSTEM, "code": "any"}], "text": "DICOM"}],
+                payloadMimeType=["application/dicom"],
+                address=e_ident.value,
+            )
+        except ValidationError as exc:
+            raise FhirMappingError(f"study {study_uid}: {_validation_message('Endpoint', exc)}") from None
+
+    by_series: dict[str, list[Mapping[str, Any]]] = {}
+    for inst in instances:
+        by_series.setdefault(str(inst.get("series_uid")), []).append(inst)
+    series_docs = []
+    for se in sorted(series, key=lambda r: _sort_key(r.get("series_number"), str(r.get("series_uid")))):
+        se_uid = _text(se.get("series_uid"))
+        modality = _text(se.get("modality"))
+        inst_docs = []
+        for inst in sorted(by_series.get(str(se_uid), []),
+                           key=lambda r: _sort_key(r.get("instance_number"), str(r.get("sop_instance_uid")))):
+            sop_class = _text(inst.get("sop_class_uid"))
+            image_type = inst.get("image_type") or []
+            title = "\\".join(str(v) for v in image_type if v is not None) or None
+            inst_docs.append({
+                "uid": _text(inst.get("sop_instance_uid")),
+                "sopClass": {"system": URI_SYSTEM, "code": f"urn:oid:{sop_class}"} if sop_class else None,
+                "number": inst.get("instance_number"),
+                "title": title,
+            })
+        series_docs.append({
+            "uid": se_uid,
+            "number": se.get("series_number"),
+            "modality": {"system": DCM_SYSTEM, "code": modality} if modality else None,
+            "description": _text(se.get("series_description")),
+            "numberOfInstances": se.get("number_of_instances"),
+            "bodySite": body_site(se.get("body_part_examined")),
+            "laterality": laterality(se.get("laterality")),
+            "started": started(se.get("series_date"), se.get("series_time"), options.timezone),
+            "instance": inst_docs or None,
+        })
+
+    modalities = [m for m in (study.get("modalities") or []) if m]
+    study_doc: dict[str, Any] = {
+        "id": s_ident.resource_id,
+        "meta": security,
+        "identifier": [{"system": s_ident.system, "value": s_ident.value}],
+        "status": "available",
+        "subject": {"reference": f"Patient/{p_ident.resource_id}" if not options.identified
+                    else p_ident.conditional_url},
+        "started": started(study.get("study_date"), study.get("study_time"), options.timezone),
+        "numberOfSeries": study.get("number_of_series"),
+        "numberOfInstances": study.get("number_of_instances"),
+        "modality": [{"system": DCM_SYSTEM, "code": m} for m in modalities] or None,
+        "description": _text(study.get("study_description")),
+        "procedureCode": _procedure_codes(study),
+        "endpoint": [{"reference": f"Endpoint/{e_ident.resource_id}"}] if e_ident else None,
+        "series": series_docs or None,
+    }
+    try:
+        imaging_study = ImagingStudy(**_prune(study_doc))
+    except ValidationError as exc:
+        raise FhirMappingError(f"study {study_uid}: {_validation_message('ImagingStudy', exc)}") from None
+
+    n_series = int(study.get("number_of_series") or 0)
+    n_instances = int(study.get("number_of_instances") or 0)
+    return StudyResources(
+        study_uid=study_uid,
+        imaging_study=imaging_study,
+        patient=patient,
+        endpoint=endpoint,
+        study_identity=s_ident,
+        patient_identity=p_ident,
+        endpoint_identity=e_ident,
+        number_of_series=n_series,
+        number_of_instances=n_instances,
+        hash=content_hash([patient, endpoint, imaging_study]),
+    )
+
+
+def transaction_bundle(studies: Sequence[StudyResources], by_id: Collection[Identity] = ()) -> dict[str, Any]:
+    """One ``transaction`` Bundle (FHIR JSON) with conditional updates for a batch of studies.
+
+    Entries: ``PUT Patient?identifier=…`` and ``PUT Endpoint?identifier=…`` once per identity (a
+    patient shared by several studies appears once), then ``PUT ImagingStudy?identifier=…`` per
+    study whose ``subject`` and ``endpoint`` point at those entries' ``urn:uuid`` fullUrls.
+    Identities in ``by_id`` are written as ``PUT Type/<our id>`` instead (to revive a resource that
+    was deleted on the server: its id is taken, so a conditional create of it conflicts).
+    Raises ValueError if a study appears twice (two entries for one identity are not allowed).
+    """
+    entries: list[dict[str, Any]] = []
+    placed: dict[Identity, str] = {}
+    studies_seen: set[Identity] = set()
+
+    def url(identity: Identity, resource: Any) -> str:
+        if identity in by_id and getattr(resource, "id", None):
+            return f"{identity.resource_type}/{resource.id}"
+        return identity.conditional_url
+
+    def place(identity: Identity, resource: Any) -> str:
+        if identity not in placed:
+            placed[identity] = identity.full_url
+            entries.append({"fullUrl": identity.full_url, "resource": resource_json(resource),
+                            "request": {"method": "PUT", "url": url(identity, resource)}})
+        return placed[identity]
+
+    for s in studies:
+        if s.study_identity in studies_seen:
+            raise ValueError(f"study {s.study_uid} appears twice in one Bundle")
+        studies_seen.add(s.study_identity)
+        subject = place(s.patient_identity, s.patient)
+        doc = resource_json(s.imaging_study)
+        doc["subject"] = {"reference": subject}
+        if s.endpoint is not None and s.endpoint_identity is not None:
+            doc["endpoint"] = [{"reference": place(s.endpoint_identity, s.endpoint)}]
+        entries.append({"fullUrl": s.study_identity.full_url, "resource": doc,
+                        "request": {"method": "PUT", "url": url(s.study_identity, s.imaging_study)}})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}

@@ -1,0 +1,725 @@
+"""FHIR sync: catalog rows → ``ImagingStudy`` + ``Patient`` on the FHIR server, in transaction Bundles.
+
+Plain functions (``sync_catalog``, ``sync_batch``, ``reconcile``) over the pure mapping
+(:mod:`tasks.fhir_map`) and the one network boundary (:mod:`tasks.fhir_client`), plus thin Prefect
+tasks (``fhir_sync`` per batch, ``fhir_reconcile``) and ``sync_with_tasks`` for flows.
+
+* **Source**: the catalog only (de-identified header metadata): a sync never touches DICOM, so it
+  can be replayed at any time (``fhir-resync``).
+* **Idempotent**: every entry is a conditional update (``PUT ImagingStudy?identifier=urn:dicom:uid|…``,
+  ``PUT Patient?identifier=<pseudonym system>|…``); a patient shared by several studies of a batch
+  is one entry. Replays leave one ImagingStudy per study and one Patient per pseudonym; HAPI answers a
+  race between two writers with 409 for the loser, which the client retries (then it matches).
+* **Ledger** (``state_root/fhir_sync.sqlite``): per study, the content hash last sent, status and
+  reason. Unchanged studies are skipped; failed ones are sent again on the next run.
+* **Bad entries**: a transaction is all or nothing. When the server rejects a Bundle (4xx, or 409
+  that retries did not resolve), the batch is split in halves until the bad study is alone; the good
+  studies land and the bad one is recorded failed with the server's OperationOutcome (redacted).
+* **Server down**: 429/5xx/network errors are retried by the client (backoff, Retry-After); when they
+  persist the batch's studies are recorded failed (transient), later batches are not attempted, and
+  the next run sends them.
+* **Reconciliation**: per study, the catalog's number_of_series / number_of_instances against the
+  server's ImagingStudy; a difference is reported and the study marked for re-sending.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from catalog.views import connect as connect_catalog
+from tasks.errors import (
+    FhirConfigurationError,
+    FhirConflict,
+    FhirMappingError,
+    FhirRejected,
+    FhirUnavailable,
+    PacsflowError,
+    is_transient,
+)
+from tasks.fhir_client import FhirClient
+from tasks.fhir_map import MappingOptions, StudyResources, build_study, study_identity, transaction_bundle
+from tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LEDGER_NAME = "fhir_sync.sqlite"
+#: Upper bound of instances per Bundle (ImagingStudy lists every instance: ~200 bytes each).
+MAX_INSTANCES_PER_BUNDLE = 20_000
+
+# -- ledger ------------------------------------------------------------------------------------------
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fhir_studies (
+    study_uid    TEXT PRIMARY KEY,  -- the catalog's (de-identified) StudyInstanceUID
+    synced_hash  TEXT,              -- content hash of the resources last committed by the server
+    status       TEXT NOT NULL,     -- 'synced' | 'failed'
+    reason       TEXT,              -- failure class and redacted diagnostics
+    transient    INTEGER NOT NULL DEFAULT 0,
+    attempts     INTEGER NOT NULL DEFAULT 0,  -- failed attempts since the last success
+    server_id    TEXT,              -- ImagingStudy id on the server
+    updated_at   TEXT NOT NULL,
+    run_id       TEXT
+);
+CREATE INDEX IF NOT EXISTS fhir_studies_status ON fhir_studies(status);
+"""
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    study_uid: str
+    synced_hash: str | None
+    status: str
+    reason: str | None
+    transient: bool
+    attempts: int
+    server_id: str | None
+    run_id: str | None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class FhirSyncLedger:
+    """SQLite under ``state_root``; one transaction per update (WAL, so concurrent runs can share it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(_SCHEMA)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> FhirSyncLedger:
+        return cls(settings.state_root / LEDGER_NAME)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            else:
+                con.execute("COMMIT")
+
+    def entries(self, study_uids: Iterable[str] | None = None) -> dict[str, LedgerRow]:
+        query = ("SELECT study_uid, synced_hash, status, reason, transient, attempts, server_id, run_id "
+                 "FROM fhir_studies")
+        with self._tx() as con:
+            if study_uids is None:
+                rows = con.execute(query).fetchall()
+            else:
+                uids = list(study_uids)
+                rows = []
+                for i in range(0, len(uids), 500):
+                    part = uids[i : i + 500]
+                    rows += con.execute(query + " WHERE study_uid IN (SELECT value FROM json_each(?))",
+                                        (_json_list(part),)).fetchall()
+        return {r[0]: LedgerRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7]) for r in rows}
+
+    def failed(self) -> list[str]:
+        with self._tx() as con:
+            rows = con.execute("SELECT study_uid FROM fhir_studies WHERE status = 'failed' ORDER BY study_uid")
+            return [r[0] for r in rows.fetchall()]
+
+    def mark_synced(self, items: Sequence[tuple[str, str, str | None]], run_id: str) -> None:
+        """items: (study_uid, content hash, server id)."""
+        now = _now()
+        with self._tx() as con:
+            con.executemany(
+                """INSERT INTO fhir_studies(study_uid, synced_hash, status, reason, transient, attempts, server_id,
+                                            updated_at, run_id)
+                   VALUES (?, ?, 'synced', NULL, 0, 0, ?, ?, ?)
+                   ON CONFLICT(study_uid) DO UPDATE SET
+                     synced_hash=excluded.synced_hash, status='synced', reason=NULL, transient=0, attempts=0,
+                     server_id=COALESCE(excluded.server_id, fhir_studies.server_id),
+                     updated_at=excluded.updated_at, run_id=excluded.run_id""",
+                [(uid, h, sid, now, run_id) for uid, h, sid in items],
+            )
+
+    def mark_failed(self, items: Sequence[tuple[str, str, bool]], run_id: str) -> None:
+        """items: (study_uid, reason, transient). Keeps the hash last synced (the server still has it)."""
+        now = _now()
+        with self._tx() as con:
+            con.executemany(
+                """INSERT INTO fhir_studies(study_uid, synced_hash, status, reason, transient, attempts, server_id,
+                                            updated_at, run_id)
+                   VALUES (?, NULL, 'failed', ?, ?, 1, NULL, ?, ?)
+                   ON CONFLICT(study_uid) DO UPDATE SET
+                     status='failed', reason=excluded.reason, transient=excluded.transient,
+                     attempts=fhir_studies.attempts + 1, updated_at=excluded.updated_at, run_id=excluded.run_id""",
+                [(uid, reason, int(transient), now, run_id) for uid, reason, transient in items],
+            )
+
+
+def _json_list(values: Sequence[str]) -> str:
+    return json.dumps(list(values))
+
+
+# -- catalog --------------------------------------------------------------------------------------
+# Constant SQL; every value is a bound parameter.
+_SQL_STUDY_SIZES = "SELECT study_uid, number_of_instances FROM studies ORDER BY study_uid"
+_SQL_STUDY_SIZES_IN = ("SELECT study_uid, number_of_instances FROM studies "
+                       "WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) ORDER BY study_uid")
+_SQL_STUDIES = ("SELECT study_uid, patient_pseudo_id, study_date, study_time, study_description, modalities, "
+                "number_of_series, number_of_instances, patient_sex FROM studies "
+                "WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))")
+_SQL_SERIES = ("SELECT study_uid, series_uid, series_number, modality, series_description, body_part_examined, "
+               "laterality, series_date, series_time, number_of_instances FROM series "
+               "WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))")
+_SQL_INSTANCES = ("SELECT study_uid, series_uid, sop_instance_uid, sop_class_uid, instance_number, image_type "
+                  "FROM instances WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))")
+_SQL_COUNTS = ("SELECT study_uid, number_of_series, number_of_instances FROM studies "
+               "WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))")
+
+
+StudyRows = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]
+
+
+def load_study_rows(con: duckdb.DuckDBPyConnection, study_uids: Sequence[str]) -> dict[str, StudyRows]:
+    """The studies / series / instances rows of these studies (absent UIDs are left out)."""
+    uids = list(study_uids)
+    out: dict[str, StudyRows] = {}
+    for row in con.sql(_SQL_STUDIES, params=[uids]).to_arrow_table().to_pylist():
+        out[row["study_uid"]] = (row, [], [])
+    for row in con.sql(_SQL_SERIES, params=[uids]).to_arrow_table().to_pylist():
+        if row["study_uid"] in out:
+            out[row["study_uid"]][1].append(row)
+    for row in con.sql(_SQL_INSTANCES, params=[uids]).to_arrow_table().to_pylist():
+        if row["study_uid"] in out:
+            out[row["study_uid"]][2].append(row)
+    return out
+
+
+def catalog_study_uids(rows_dirs: Iterable[str | Path]) -> list[str]:
+    """The catalog StudyInstanceUIDs in per-study row folders written by ``process_study`` (what a
+    nightly commit just added). Under Retain UIDs these differ from the pseudonymous study refs."""
+    import pyarrow.parquet as pq
+
+    uids: list[str] = []
+    for d in rows_dirs:
+        table = pq.read_table(Path(d) / "studies.parquet", columns=["study_uid"])
+        uids.extend(str(u) for u in table.column("study_uid").to_pylist() if u)
+    return uids
+
+
+def plan_batches(
+    con: duckdb.DuckDBPyConnection,
+    ledger: FhirSyncLedger,
+    study_uids: Sequence[str] | None = None,
+    *,
+    only_failed: bool = False,
+    batch_size: int = 50,
+    max_instances: int = MAX_INSTANCES_PER_BUNDLE,
+) -> list[list[str]]:
+    """The studies to consider (all of the catalog, the given ones, or those the ledger has failed),
+    in batches of at most ``batch_size`` studies and about ``max_instances`` instances."""
+    if study_uids is None:
+        sizes = con.execute(_SQL_STUDY_SIZES).fetchall()
+    else:
+        sizes = con.execute(_SQL_STUDY_SIZES_IN, [sorted(set(study_uids))]).fetchall()
+    if only_failed:
+        failed = set(ledger.failed())
+        sizes = [s for s in sizes if s[0] in failed]
+    batches: list[list[str]] = []
+    current: list[str] = []
+    weight = 0
+    for uid, n in sizes:
+        n = int(n or 0)
+        if current and (len(current) >= batch_size or weight + n > max_instances):
+            batches.append(current)
+            current, weight = [], 0
+        current.append(uid)
+        weight += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+# -- one batch -----------------------------------------------------------------------------------
+@dataclass
+class BatchResult:
+    """What happened to the studies of one batch (study UIDs and redacted reasons only)."""
+
+    sent: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    transactions: int = 0
+    aborted: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if isinstance(exc, PacsflowError) else type(exc).__name__
+
+
+def _server_ids(response: dict[str, Any], bundle: dict[str, Any]) -> dict[str, str]:
+    """fullUrl of each ImagingStudy entry → the server's resource id (from the response location)."""
+    ids = {}
+    for req, res in zip(bundle["entry"], response.get("entry", []), strict=False):
+        if req["resource"].get("resourceType") != "ImagingStudy":
+            continue
+        location = (res.get("response") or {}).get("location") or ""
+        parts = location.split("/")
+        if len(parts) >= 2 and parts[0] == "ImagingStudy":
+            ids[req["fullUrl"]] = parts[1]
+    return ids
+
+
+@dataclass
+class SendOutcome:
+    """What the server committed: (study_uid, hash, server id) per sent study, (study_uid, reason,
+    transient) per rejected one, and the number of transactions it took."""
+
+    synced: list[tuple[str, str, str | None]] = field(default_factory=list)
+    failed: list[tuple[str, str, bool]] = field(default_factory=list)
+    transactions: int = 0
+
+
+# HAPI's "client-assigned ID constraint failure": our id belongs to a resource deleted on the server.
+_ID_TAKEN = "HAPI-0825"
+
+
+def _revive(client: FhirClient, study: StudyResources, outcome: SendOutcome,
+            conflict: FhirConflict) -> BaseException | None:
+    """The conditional update of this study found no match but could not create it under our id,
+    because a deleted resource holds that id (HAPI keeps it). Write the resources that have no match
+    by id instead (``PUT Type/id`` revives them as a new version). None when that landed, else the
+    error to record."""
+    identities = [(study.patient_identity, study.patient), (study.endpoint_identity, study.endpoint),
+                  (study.study_identity, study.imaging_study)]
+    by_id = set()
+    for identity, resource in identities:
+        if identity is not None and getattr(resource, "id", None):
+            if not client.search_by_identifier(identity.resource_type, [identity.token], elements=["id"]):
+                by_id.add(identity)
+    if not by_id:
+        return conflict
+    bundle = transaction_bundle([study], by_id=by_id)
+    outcome.transactions += 1
+    try:
+        response = client.transaction(bundle)
+    except FhirConfigurationError:
+        raise
+    except (FhirRejected, FhirConflict) as exc:
+        return exc
+    log.info("study %s: revived on the FHIR server under its deleted id", study.study_uid)
+    outcome.synced.append((study.study_uid, study.hash, _server_ids(response, bundle).get(study.study_identity.full_url)))
+    return None
+
+
+def send_studies(client: FhirClient, studies: Sequence[StudyResources],
+                 outcome: SendOutcome | None = None) -> SendOutcome:
+    """One transaction for ``studies``; when the server rejects it (4xx, or 409 that retries did not
+    resolve), halves it until the bad study is alone, so the others land.
+
+    FhirUnavailable and FhirConfigurationError propagate (nothing here can fix them); what was
+    committed before is in ``outcome`` (pass one in to keep it).
+    """
+    outcome = outcome if outcome is not None else SendOutcome()
+    if not studies:
+        return outcome
+    bundle = transaction_bundle(studies)
+    outcome.transactions += 1
+    try:
+        response = client.transaction(bundle)
+    except FhirConfigurationError:
+        raise
+    except (FhirRejected, FhirConflict) as exc:
+        if len(studies) == 1 and isinstance(exc, FhirConflict) and _ID_TAKEN in str(exc):
+            still = _revive(client, studies[0], outcome, exc)
+            if still is None:
+                return outcome
+            exc = still
+        if len(studies) == 1:
+            reason = _reason(exc)
+            outcome.failed.append((studies[0].study_uid, reason, is_transient(exc)))
+            log.warning("study %s: FHIR server rejected it: %s", studies[0].study_uid, reason)
+            return outcome
+        log.info("FHIR transaction of %d studies rejected (%s); splitting it", len(studies), type(exc).__name__)
+        mid = len(studies) // 2
+        send_studies(client, studies[:mid], outcome)
+        send_studies(client, studies[mid:], outcome)
+        return outcome
+    ids = _server_ids(response, bundle)
+    for st in studies:
+        outcome.synced.append((st.study_uid, st.hash, ids.get(st.study_identity.full_url)))
+    return outcome
+
+
+def sync_batch(
+    client: FhirClient,
+    ledger: FhirSyncLedger,
+    con: duckdb.DuckDBPyConnection,
+    study_uids: Sequence[str],
+    options: MappingOptions,
+    *,
+    run_id: str,
+    force: bool = False,
+) -> BatchResult:
+    """Map, skip unchanged, send, and record one batch of studies.
+
+    Per-study problems (mapping errors, rejected entries) are recorded and returned. When the server
+    is unavailable or misconfigured, the studies not yet sent are recorded failed and the error
+    (FhirUnavailable / FhirConfigurationError) is raised after recording, with ``result`` attached
+    as ``exc.batch_result``.
+    """
+    result = BatchResult()
+    rows = load_study_rows(con, study_uids)
+    prior = ledger.entries(study_uids)
+    to_send: list[StudyResources] = []
+    failed: list[tuple[str, str, bool]] = []
+    for uid in study_uids:
+        if uid not in rows:
+            result.failed[uid] = "not in the catalog"
+            failed.append((uid, "not in the catalog", False))
+            continue
+        study, series, instances = rows[uid]
+        try:
+            built = build_study(study, series, instances, options)
+        except FhirMappingError as exc:
+            result.failed[uid] = _reason(exc)
+            failed.append((uid, _reason(exc), False))
+            log.warning("study %s: not mapped to FHIR: %s", uid, exc)
+            continue
+        last = prior.get(uid)
+        if not force and last is not None and last.status == "synced" and last.synced_hash == built.hash:
+            result.skipped.append(uid)
+            continue
+        to_send.append(built)
+
+    sent = SendOutcome()
+    try:
+        send_studies(client, to_send, sent)
+    except (FhirUnavailable, FhirConfigurationError) as exc:
+        reason = _reason(exc)
+        done = {u for u, _, _ in sent.synced} | {u for u, _, _ in sent.failed}
+        for st in to_send:
+            if st.study_uid not in done:
+                sent.failed.append((st.study_uid, reason, is_transient(exc)))
+        result.aborted = reason
+        exc.batch_result = result  # type: ignore[attr-defined]
+        raise
+    finally:
+        result.transactions += sent.transactions
+        result.sent += [u for u, _, _ in sent.synced]
+        result.failed.update({u: r for u, r, _ in sent.failed})
+        if sent.synced:
+            ledger.mark_synced(sent.synced, run_id)
+        if failed or sent.failed:
+            ledger.mark_failed(failed + sent.failed, run_id)
+    return result
+
+
+# -- reconciliation --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Difference:
+    study_uid: str
+    field: str  # "missing" | "duplicates" | "numberOfSeries" | "numberOfInstances"
+    catalog: int | None
+    server: int | None
+
+    def text(self) -> str:
+        if self.field == "missing":
+            return "no ImagingStudy on the server"
+        if self.field == "duplicates":
+            return f"{self.server} ImagingStudy resources with this identifier"
+        return f"{self.field}: catalog {self.catalog}, server {self.server}"
+
+
+def reconcile(client: FhirClient, con: duckdb.DuckDBPyConnection, study_uids: Sequence[str],
+              chunk: int = 50) -> list[Difference]:
+    """Catalog counts against the server's ImagingStudy, per study: the differences."""
+    diffs: list[Difference] = []
+    uids = list(study_uids)
+    for i in range(0, len(uids), chunk):
+        part = uids[i : i + chunk]
+        counts = {r[0]: (r[1], r[2]) for r in con.execute(_SQL_COUNTS, [part]).fetchall()}
+        tokens = {study_identity(u).token: u for u in part}
+        found: dict[str, list[dict[str, Any]]] = {}
+        for res in client.search_by_identifier("ImagingStudy", list(tokens), chunk=chunk,
+                                               elements=["identifier", "numberOfSeries", "numberOfInstances"]):
+            for ident in res.get("identifier", []):
+                uid = tokens.get(f"{ident.get('system')}|{ident.get('value')}")
+                if uid is not None:
+                    found.setdefault(uid, []).append(res)
+        for uid in part:
+            if uid not in counts:
+                continue
+            n_series, n_instances = counts[uid]
+            hits = found.get(uid, [])
+            if not hits:
+                diffs.append(Difference(uid, "missing", None, None))
+                continue
+            if len(hits) > 1:
+                diffs.append(Difference(uid, "duplicates", 1, len(hits)))
+            server = hits[0]
+            for name, expected in (("numberOfSeries", n_series), ("numberOfInstances", n_instances)):
+                if server.get(name) != expected:
+                    diffs.append(Difference(uid, name, expected, server.get(name)))
+    return diffs
+
+
+def _mark_differences(ledger: FhirSyncLedger, diffs: Sequence[Difference], run_id: str) -> None:
+    """Studies that differ are sent again on the next run (failed, transient)."""
+    by_uid: dict[str, list[str]] = {}
+    for d in diffs:
+        by_uid.setdefault(d.study_uid, []).append(d.text())
+    if by_uid:
+        ledger.mark_failed([(uid, "reconciliation: " + "; ".join(t), True) for uid, t in by_uid.items()], run_id)
+
+
+# -- whole runs ----------------------------------------------------------------------------------
+@dataclass
+class SyncReport:
+    """Counts and per-study outcomes of one sync run (study UIDs and redacted reasons only)."""
+
+    run_id: str
+    selected: int = 0
+    sent: int = 0
+    skipped_unchanged: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    not_attempted: int = 0
+    transactions: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    aborted: str | None = None
+    seconds: float = 0.0
+
+    def add(self, batch: BatchResult) -> None:
+        self.sent += len(batch.sent)
+        self.skipped_unchanged += len(batch.skipped)
+        self.failed.update(batch.failed)
+        self.transactions += batch.transactions
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "selected": self.selected, "sent": self.sent,
+            "skipped_unchanged": self.skipped_unchanged, "failed": len(self.failed),
+            "not_attempted": self.not_attempted, "transactions": self.transactions,
+            "differences": len(self.differences), "aborted": self.aborted, "seconds": self.seconds,
+            "failures": dict(self.failed),
+            "reconciliation": [asdict(d) for d in self.differences],
+        }
+
+    def markdown(self, title: str = "FHIR sync") -> str:
+        lines = [f"# {title} {self.run_id}", "", "| measure | value |", "|---|---|"]
+        for key in ("selected", "sent", "skipped_unchanged", "not_attempted", "transactions", "seconds"):
+            lines.append(f"| {key} | {getattr(self, key)} |")
+        lines += [f"| failed | {len(self.failed)} |", f"| differences | {len(self.differences)} |"]
+        if self.aborted:
+            lines += ["", f"**Stopped early:** {_md(self.aborted)}"]
+        if self.failed:
+            lines += ["", "## Failed studies", "", "| study | reason |", "|---|---|"]
+            lines += [f"| {uid} | {_md(reason)} |" for uid, reason in sorted(self.failed.items())[:200]]
+            if len(self.failed) > 200:
+                lines.append(f"| … | {len(self.failed) - 200} more |")
+        if self.differences:
+            lines += ["", "## Reconciliation: catalog vs server", "", "| study | difference |", "|---|---|"]
+            lines += [f"| {d.study_uid} | {_md(d.text())} |" for d in self.differences[:200]]
+            if len(self.differences) > 200:
+                lines.append(f"| … | {len(self.differences) - 200} more |")
+        return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+
+
+def _warn_identified(settings: Settings, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    if settings.fhir.identified_sync:
+        logger.warning("fhir.identified_sync is on: resources may carry identifying data; the FHIR server "
+                       "and its logs are a PHI zone")
+
+
+def sync_catalog(
+    settings: Settings,
+    study_uids: Sequence[str] | None = None,
+    *,
+    only_failed: bool = False,
+    force: bool = False,
+    reconcile_after: bool = True,
+    client: FhirClient | None = None,
+) -> SyncReport:
+    """Sync the catalog (or ``study_uids``, or with ``only_failed`` the studies the ledger has failed)
+    to the FHIR server at ``settings.fhir.base_url``; no Prefect needed. ``force`` sends unchanged
+    studies too. Never raises for FHIR errors: they are in the report (and the ledger)."""
+    started = time.monotonic()
+    report = SyncReport(new_run_id())
+    _warn_identified(settings, log)
+    ledger = FhirSyncLedger.for_settings(settings)
+    options = MappingOptions.from_settings(settings.fhir)
+    own_client = client is None
+    try:
+        client = client or FhirClient.from_settings(settings.fhir)
+    except FhirConfigurationError as exc:
+        report.aborted = _reason(exc)
+        return report
+    con = connect_catalog(settings.catalog_root)
+    try:
+        batches = plan_batches(con, ledger, study_uids, only_failed=only_failed,
+                               batch_size=settings.fhir.batch_size)
+        report.selected = sum(len(b) for b in batches)
+        reconcile_uids: list[str] = []
+        for i, batch in enumerate(batches):
+            try:
+                res = sync_batch(client, ledger, con, batch, options, run_id=report.run_id, force=force)
+            except (FhirUnavailable, FhirConfigurationError) as exc:
+                res = getattr(exc, "batch_result", BatchResult(aborted=_reason(exc)))
+                report.add(res)
+                report.aborted = res.aborted or _reason(exc)
+                report.not_attempted = sum(len(b) for b in batches[i + 1 :])
+                log.warning("FHIR sync stopped: %s; %d studies not attempted", report.aborted, report.not_attempted)
+                break
+            report.add(res)
+            reconcile_uids += res.sent + res.skipped
+        if reconcile_after and reconcile_uids and report.aborted is None:
+            try:
+                report.differences = reconcile(client, con, reconcile_uids)
+                _mark_differences(ledger, report.differences, report.run_id)
+            except (FhirUnavailable, FhirRejected) as exc:
+                report.aborted = f"reconciliation: {_reason(exc)}"
+    finally:
+        con.close()
+        if own_client:
+            client.close()
+    report.seconds = round(time.monotonic() - started, 2)
+    log.info("FHIR sync %s: %d selected, %d sent, %d unchanged, %d failed, %d differences in %.1f s",
+             report.run_id, report.selected, report.sent, report.skipped_unchanged, len(report.failed),
+             len(report.differences), report.seconds)
+    return report
+
+
+# -- Prefect tasks -------------------------------------------------------------------------------
+def retry_if_transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's signature
+    """Retry only errors that may go away (server down, 429/5xx, conflicts)."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - we classify, Prefect records the failure
+        return is_transient(exc)
+    return False
+
+
+@task(name="fhir-sync", task_run_name="fhir-sync-{batch_no}", persist_result=False, cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_if_transient)
+def fhir_sync(settings: Settings, study_uids: list[str], run_id: str, force: bool = False,
+              batch_no: int = 0) -> dict[str, Any]:
+    """One transaction Bundle (split only if the server rejects it) for a batch of catalog studies.
+
+    Returns the BatchResult as a dict. Raises FhirUnavailable (retried) when the server is down,
+    FhirConfigurationError (not retried) on wrong base URL or credentials.
+    """
+    logger = get_run_logger()
+    ledger = FhirSyncLedger.for_settings(settings)
+    options = MappingOptions.from_settings(settings.fhir)
+    con = connect_catalog(settings.catalog_root)
+    try:
+        with FhirClient.from_settings(settings.fhir) as client:
+            res = sync_batch(client, ledger, con, study_uids, options, run_id=run_id, force=force)
+    finally:
+        con.close()
+    logger.info("FHIR batch %d: %d sent, %d unchanged, %d failed, %d transactions", batch_no, len(res.sent),
+                len(res.skipped), len(res.failed), res.transactions)
+    return res.as_dict()
+
+
+@task(name="fhir-reconcile", persist_result=False, cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30,
+      retry_condition_fn=retry_if_transient)
+def fhir_reconcile(settings: Settings, study_uids: list[str], run_id: str) -> list[dict[str, Any]]:
+    """Catalog counts vs the server's ImagingStudy; differing studies are marked for re-sending."""
+    con = connect_catalog(settings.catalog_root)
+    try:
+        with FhirClient.from_settings(settings.fhir) as client:
+            diffs = reconcile(client, con, study_uids)
+    finally:
+        con.close()
+    _mark_differences(FhirSyncLedger.for_settings(settings), diffs, run_id)
+    get_run_logger().info("FHIR reconciliation: %d studies checked, %d differences", len(study_uids), len(diffs))
+    return [asdict(d) for d in diffs]
+
+
+def sync_with_tasks(
+    settings: Settings,
+    study_uids: Sequence[str] | None = None,
+    *,
+    only_failed: bool = False,
+    force: bool = False,
+    reconcile_after: bool = True,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> SyncReport:
+    """``sync_catalog`` inside a flow: one ``fhir-sync`` task per batch (in order), then
+    ``fhir-reconcile``. FHIR failures are recorded and reported, never raised."""
+    logger = logger or log
+    started = time.monotonic()
+    report = SyncReport(new_run_id())
+    _warn_identified(settings, logger)
+    if not settings.fhir.base_url:
+        report.aborted = "fhir.base_url is not set"
+        return report
+    ledger = FhirSyncLedger.for_settings(settings)
+    con = connect_catalog(settings.catalog_root)
+    try:
+        batches = plan_batches(con, ledger, study_uids, only_failed=only_failed,
+                               batch_size=settings.fhir.batch_size)
+    finally:
+        con.close()
+    report.selected = sum(len(b) for b in batches)
+    reconcile_uids: list[str] = []
+    for i, batch in enumerate(batches):
+        state = fhir_sync(settings, batch, report.run_id, force, i, return_state=True)
+        res = state.result(raise_on_failure=False)
+        if isinstance(res, dict):
+            batch_result = BatchResult(**res)
+            report.add(batch_result)
+            reconcile_uids += batch_result.sent + batch_result.skipped
+            continue
+        # The task failed after its retries: what happened per study is in the ledger.
+        exc = res if isinstance(res, BaseException) else RuntimeError("fhir-sync task did not complete")
+        report.aborted = _reason(exc)
+        rows = ledger.entries(batch)
+        untouched = 0
+        for uid in batch:
+            row = rows.get(uid)
+            if row is None or row.run_id != report.run_id:
+                untouched += 1
+            elif row.status == "failed":
+                report.failed[uid] = row.reason or report.aborted
+            else:
+                report.sent += 1
+        report.not_attempted = untouched + sum(len(b) for b in batches[i + 1 :])
+        logger.warning("FHIR sync stopped: %s; %d studies not attempted", report.aborted, report.not_attempted)
+        break
+    if reconcile_after and reconcile_uids and report.aborted is None:
+        state = fhir_reconcile(settings, reconcile_uids, report.run_id, return_state=True)
+        res = state.result(raise_on_failure=False)
+        if isinstance(res, list):
+            report.differences = [Difference(**d) for d in res]
+        else:
+            report.aborted = "reconciliation: " + (_reason(res) if isinstance(res, BaseException) else "failed")
+    report.seconds = round(time.monotonic() - started, 2)
+    logger.info("FHIR sync %s: %d selected, %d sent, %d unchanged, %d failed, %d differences in %.1f s",
+                report.run_id, report.selected, report.sent, report.skipped_unchanged, len(report.failed),
+                len(report.differences), report.seconds)
+    return report

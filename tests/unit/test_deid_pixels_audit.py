@@ -1,0 +1,211 @@
+"""Pixel policy (burned-in annotation), residual-PHI audit and character sets."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.dataset import Dataset
+
+from tasks.deid import Deidentifier, Option
+from tasks.deid_audit import ResidualPHIError, audit_bytes
+from tasks.deid_pixels import BurnedInAnnotationError, MaskRule, at_risk, parse_masks
+from tasks.process import deidentify_file, encode, process_study
+from tasks.storage import LakeStorage
+
+KEY = b"pixels-test-key-0123456789"
+US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+CHARSET_FILES = sorted(p for p in get_charset_files("chr*.dcm"))
+HAVE_PYDICOM_DATA = importlib.util.find_spec("data_store") is not None
+HAVE_JPEG = importlib.util.find_spec("pylibjpeg") is not None and importlib.util.find_spec("openjpeg") is not None
+
+
+def us_image(burned: str | None) -> Dataset:
+    """A small uncompressed ultrasound image built on CT_small's file meta."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPClassUID = US_IMAGE
+    ds.file_meta.MediaStorageSOPClassUID = US_IMAGE
+    ds.Modality = "US"
+    ds.Manufacturer = "ACME US"
+    ds.ManufacturerModelName = "Sono 1"
+    ds.Rows, ds.Columns = 32, 32
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = (np.ones((32, 32), dtype=np.uint8) * 200).tobytes()
+    ds["PixelData"].VR = "OB"
+    if burned is None:
+        if "BurnedInAnnotation" in ds:
+            del ds.BurnedInAnnotation
+    else:
+        ds.BurnedInAnnotation = burned
+    return ds
+
+
+# -- pixels -------------------------------------------------------------------------------------
+def test_burned_in_ultrasound_is_quarantined_by_default_policy():
+    deid = Deidentifier(KEY, pixel_policy="quarantine")
+    with pytest.raises(BurnedInAnnotationError, match="BurnedInAnnotation is YES"):
+        deid.apply(us_image("YES"))
+
+
+def test_absent_flag_on_ultrasound_is_quarantined_and_no_flag_is_exported():
+    deid = Deidentifier(KEY, pixel_policy="quarantine")
+    with pytest.raises(BurnedInAnnotationError, match="absent"):
+        deid.apply(us_image(None))
+    deid.apply(us_image("NO"))  # the device says there is none
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert not at_risk(ct)
+    deid.apply(ct)
+
+
+def test_process_study_quarantines_burned_in_with_a_reason(tmp_path):
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    us_image("YES").save_as(staged / "a.dcm", enforce_file_format=True)
+    us_image("NO").save_as(staged / "b.dcm", enforce_file_format=True)
+    deid = Deidentifier(KEY, pixel_policy="quarantine")
+    out = process_study(staged, "2.25.1", deid, LakeStorage(tmp_path / "lake"), tmp_path / "q", tmp_path / "rows")
+    assert out.written == 1
+    assert out.quarantined == [("a.dcm", "burned-in annotation: BurnedInAnnotation is YES")]
+    assert (tmp_path / "q" / "2.25.1" / "a.dcm").exists()
+
+
+def test_mask_policy_blanks_configured_regions_and_records_clean_pixel_code():
+    masks = [{"modality": "US", "manufacturer": "ACME US", "coordinates": ["0,0,32,8"]}]
+    deid = Deidentifier(KEY, pixel_policy="mask", pixel_masks=masks)
+    ds = us_image("YES")
+    deid.apply(ds)
+    back = pydicom.dcmread(io.BytesIO(encode(ds)))
+    arr = back.pixel_array
+    assert (arr[:8] == 0).all() and (arr[8:] == 200).all()
+    assert back.BurnedInAnnotation == "NO"
+    assert "113101" in [i.CodeValue for i in back.DeidentificationMethodCodeSequence]
+
+
+def test_mask_policy_without_matching_rule_quarantines():
+    deid = Deidentifier(KEY, pixel_policy="mask", pixel_masks=[MaskRule(((0, 0, 4, 4),), manufacturer="Other")])
+    with pytest.raises(BurnedInAnnotationError, match="no mask rule"):
+        deid.apply(us_image("YES"))
+
+
+@pytest.mark.skipif(not (HAVE_PYDICOM_DATA and HAVE_JPEG), reason="pydicom-data / pylibjpeg-openjpeg not installed")
+def test_compressed_ultrasound_is_decoded_masked_and_stored_uncompressed():
+    ds = pydicom.dcmread(get_testdata_file("US1_J2KR.dcm"))
+    ds.BurnedInAnnotation = "YES"
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    deid = Deidentifier(KEY, pixel_policy="mask", pixel_masks=[{"modality": "US", "regions": [[0, 0, cols, 20]]}])
+    deid.apply(ds)
+    back = pydicom.dcmread(io.BytesIO(encode(ds)))
+    assert not back.file_meta.TransferSyntaxUID.is_compressed
+    assert (back.pixel_array[:20] == 0).all()
+    assert back.pixel_array.shape[:2] == (rows, cols)
+
+
+def test_undecodable_compressed_pixels_are_quarantined():
+    ds = us_image("YES")
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"  # claims JPEG baseline
+    ds.PixelData = b"\x00" * 64  # not an encapsulated JPEG
+    deid = Deidentifier(KEY, pixel_policy="mask", pixel_masks=[{"modality": "US", "regions": [[0, 0, 4, 4]]}])
+    with pytest.raises(BurnedInAnnotationError, match="cannot be decoded"):
+        deid.apply(ds)
+
+
+def test_mask_rules_parse_deid_coordinates():
+    [rule] = parse_masks([{"sop_class_uid": US_IMAGE, "ctpcoordinates": ["0,0,640,50"]}])
+    assert rule.regions == ((0, 0, 640, 50),)
+    with pytest.raises(ValueError):
+        parse_masks([{"regions": [[1, 2, 3]]}])
+
+
+# -- audit --------------------------------------------------------------------------------------
+def test_audit_finds_a_name_left_in_a_kept_attribute():
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientName = "Winterbottom^Cecilia"
+    ds.Manufacturer = "WINTERBOTTOM scanner"  # kept by the profile: a real leak
+    Deidentifier(KEY).apply(ds)
+    with pytest.raises(ResidualPHIError, match="PatientName") as err:
+        encode(ds)
+    assert "Winterbottom" not in str(err.value).lower()
+
+
+def test_audit_finds_a_leak_inside_a_private_creator_kept_under_safe_private():
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientID = "MRN99887766"
+    Deidentifier(KEY).apply(ds)
+    ds.add_new(0x00091010, "LO", "MRN99887766")  # simulate a leak after apply
+    with pytest.raises(ResidualPHIError, match="PatientID"):
+        encode(ds)
+
+
+def test_audit_passes_clean_output_and_can_be_switched_off():
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    Deidentifier(KEY).apply(ds)
+    assert audit_bytes(encode(ds), ds._deid_originals) == []
+    ds2 = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds2.Manufacturer = str(ds2.PatientName)
+    Deidentifier(KEY, audit=False).apply(ds2)
+    encode(ds2)  # no originals kept: nothing to audit
+
+
+def test_audit_finds_latin1_and_iso2022_encoded_names():
+    fr = pydicom.dcmread(get_charset_files("chrFren.dcm")[0])
+    name = str(fr.PatientName)
+    Deidentifier(KEY).apply(fr)
+    fr.Manufacturer = "note: " + name.split("^")[1]  # "Jérôme", written in ISO_IR 100 (Latin-1)
+    with pytest.raises(ResidualPHIError):
+        encode(fr)
+    jp = pydicom.dcmread(get_charset_files("chrH31.dcm")[0])
+    family = str(jp.PatientName).split("=")[1].split("^")[0]  # ideographic family name
+    Deidentifier(KEY).apply(jp)
+    jp.Manufacturer = family  # encoded with ISO 2022 IR 87 escapes on write
+    with pytest.raises(ResidualPHIError):
+        encode(jp)
+
+
+# -- character sets -----------------------------------------------------------------------------
+@pytest.mark.parametrize("path", CHARSET_FILES, ids=lambda p: Path(p).name)
+def test_charset_files_deidentified_audited_and_readable(path):
+    ds = pydicom.dcmread(path)
+    raw_names = [ds[t].value for t in ds.keys() if ds[t].VR == "PN" and ds[t].value]
+    originals = [pydicom.dcmread(path)[t] for t in ds.keys() if ds[t].VR == "PN"]
+    Deidentifier(KEY, [Option.RETAIN_MODIFIED_DATES]).apply(ds)
+    data = encode(ds)  # audit included
+    back = pydicom.dcmread(io.BytesIO(data))
+    back.decode()  # every retained text value decodes with the file's character set
+    assert back.PatientIdentityRemoved == "YES"
+    for elem in originals:
+        raw = pydicom.dcmread(path, defer_size=None)[elem.tag]
+        value = str(raw.value)
+        if len(value) >= 4:
+            assert value.encode("utf-8") not in data
+    assert raw_names is not None
+
+
+@pytest.mark.parametrize("name, text", [("chrFren.dcm", "Éq. Échographie Nîmes"), ("chrH31.dcm", "山田装置"),
+                                        ("chrX1.dcm", "Wâçλ Ωmega"), ("chrRuss.dcm", "Прибор")])
+def test_retained_text_stays_correctly_encoded(name, text):
+    ds = pydicom.dcmread(get_charset_files(name)[0])
+    ds.Manufacturer = text  # not in the table: kept
+    ds.save_as(buf := io.BytesIO(), enforce_file_format=True)
+    ds = pydicom.dcmread(io.BytesIO(buf.getvalue()))  # now a raw element in the file's encoding
+    Deidentifier(KEY).apply(ds)
+    back = pydicom.dcmread(io.BytesIO(encode(ds)))
+    assert back.Manufacturer == text
+    assert list(back.SpecificCharacterSet if back["SpecificCharacterSet"].VM > 1 else [back.SpecificCharacterSet]) == \
+        list(ds.SpecificCharacterSet if ds["SpecificCharacterSet"].VM > 1 else [ds.SpecificCharacterSet])
+
+
+def test_deidentify_file_parses_once_and_keeps_originals_in_memory(tmp_path):
+    src = tmp_path / "x.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), src)
+    from tasks.deid import DeidReport
+
+    ds = deidentify_file(src, Deidentifier(KEY), DeidReport())
+    assert ds._deid_originals.values["PatientName"]
+    encode(ds)
