@@ -14,6 +14,7 @@ import pytest
 from catalog.store import CatalogStore
 from catalog.views import query
 from deployments.local import sampledata
+from flows.compact import compact_catalog
 from flows.nightly import nightly_ingest
 from tasks.ledger import Ledger
 
@@ -87,6 +88,15 @@ def test_first_run_catalogs_every_instance_and_a_second_run_changes_nothing(lake
     assert CatalogStore(lake.catalog).snapshot_version == version
     assert _count(lake, "SELECT count(*) FROM instances") == expected
     assert len(sorted(lake.storage.rglob("*.dcm"))) == expected
+
+    # Compaction keeps every row and leaves one file per partition and table.
+    stats = compact_catalog(vacuum_grace_s=0)
+    assert _count(lake, "SELECT count(*) FROM instances") == expected
+    store = CatalogStore(lake.catalog)
+    for table in ("studies", "series", "instances"):
+        parts = [Path(f).parent.name for f in store.files(table)]
+        assert len(parts) == len(set(parts)), table
+    assert stats
 
 
 def test_only_new_and_grown_studies_are_processed(lake, tmp_path):
