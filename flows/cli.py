@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 
 app = typer.Typer(
@@ -267,6 +268,58 @@ def demo(
         f"catalog: {settings.catalog_root}  lake: {settings.storage_root}  "
         "(query it: pacsflow catalog query \"SELECT * FROM studies\"; stop Orthanc: pacsflow stack down)"
     )
+
+
+@app.command("deidentify")
+def deidentify_cmd(
+    in_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="folder of DICOM files (recursive)")],
+    out_dir: Annotated[Path, typer.Argument(help="de-identified files and deid-manifest.json")],
+    option: Annotated[
+        Optional[list[str]], typer.Option("--option", "-o", help="Table E.1-1 option (repeat); default: settings")
+    ] = None,
+    key_file: Annotated[Optional[Path], typer.Option(help="file holding the key; default: the settings' key")] = None,
+    quarantine_dir: Annotated[
+        Optional[Path], typer.Option(help="where objects that must not leave go (PHI; outside OUT_DIR)")
+    ] = None,
+    crosswalk: Annotated[
+        Optional[Path], typer.Option(help="pseudonym <-> original CSV (PHI, 0600, outside OUT_DIR)")
+    ] = None,
+    pixel_policy: Annotated[Optional[str], typer.Option(help="quarantine | mask | allow; default: settings")] = None,
+) -> None:
+    """De-identify a folder with the configured profile, quarantine what must not leave, print a summary.
+
+    The same key gives byte-identical outputs on every run."""
+    from tasks.deid_cli import run_deidentify
+    from tasks.errors import DeidentificationError
+    from tasks.settings import SettingsError
+
+    settings = _settings()
+    try:
+        key = key_file.read_text(encoding="utf-8").strip().encode() if key_file else settings.resolve_deid_key()
+    except OSError as exc:
+        console.print(f"[red]--key-file: cannot read it ({type(exc).__name__})[/red]")
+        raise typer.Exit(2) from None
+    except SettingsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    if len(key) < 16:
+        console.print("[red]the key must be at least 16 characters[/red]")
+        raise typer.Exit(2)
+    try:
+        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console) as bar:
+            task = bar.add_task("de-identifying", total=None)
+            summary = run_deidentify(
+                in_dir, out_dir, option or settings.deid.options, key,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                pixel_policy=pixel_policy or settings.deid.pixel_policy,
+                pixel_masks=settings.deid.pixel_masks, audit=settings.deid.audit,
+                quarantine_dir=quarantine_dir, crosswalk_path=crosswalk or settings.deid.crosswalk_path,
+            )
+    except (ValueError, DeidentificationError) as exc:  # our messages carry no PHI
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    for line in summary.lines():
+        out.print(line)
 
 
 @app.command("settings")

@@ -21,7 +21,15 @@ from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
 
 from flows.concurrency import ensure_concurrency_limit
-from tasks.deid import Deidentifier
+from tasks.deid import DeidReport, Deidentifier
+from tasks.deid_cli import (
+    QuarantinedObject,
+    build_manifest,
+    manifest_markdown,
+    object_id,
+    purge_older_than,
+    update_crosswalk,
+)
 from tasks.errors import is_transient
 from tasks.ingest import (
     PACS_LIMIT,
@@ -95,7 +103,7 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
     started = time.monotonic()
     quiet_pynetdicom()
     key = settings.resolve_deid_key()
-    deid = Deidentifier(key, settings.deid.options)
+    deid = Deidentifier.from_settings(key, settings.deid)
     ensure_private_dir(settings.state_root)
     ensure_private_dir(settings.staging_dir)
     ensure_private_dir(settings.quarantine_dir)
@@ -140,11 +148,16 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
             summary.cataloged += 1
             summary.instances += o.written
             purge_staging(settings.staging_dir / w.pseudo_uid)
+    deid_report, quarantined_objects, written = DeidReport(), [], 0
     for w, o in outcomes.values():
         summary.deidentified += 1
         summary.quarantined_objects += len(o.quarantined)
+        deid_report.merge(DeidReport(dict(o.actions)))
+        written += o.written
         for name, reason in o.quarantined:
             ledger.quarantine(w.pseudo_uid, name, reason, run_id)
+            # Staged names are hashes of original UIDs: the manifest gets a keyed id instead.
+            quarantined_objects.append(QuarantinedObject(object_id(key, f"{w.pseudo_uid}/{name}"), reason))
         if not o.rows_dir:  # every object quarantined
             reports[w.pseudo_uid].outcome = "quarantined"
             ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, "all objects quarantined",
@@ -172,10 +185,16 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
     held = [d for d in held if d is not None]
     ledger.advance_watermark(min([window.end, *held]))
     shutil.rmtree(rows_root.parent, ignore_errors=True)
+    # PHI zones do not keep originals longer than the retention settings say.
+    purge_older_than(settings.staging_dir, settings.deid.staging_retention_days)
+    purge_older_than(settings.quarantine_dir, settings.deid.quarantine_retention_days)
+    if settings.deid.crosswalk_path:
+        update_crosswalk(settings.deid.crosswalk_path,
+                         [("study", w.pseudo_uid, w.study_uid) for w, _ in outcomes.values()])
 
     summary.seconds = round(time.monotonic() - started, 2)
     summary.studies = list(reports.values())
-    _publish(summary)
+    _publish(summary, build_manifest(deid, deid_report, quarantined_objects, written))
     logger.info(
         "run %s done: %d found, %d cataloged (%d instances), %d failed in %.1fs",
         run_id, summary.found, summary.cataloged, summary.instances, summary.failed, summary.seconds,
@@ -250,9 +269,13 @@ def _parse_date(value: str | None) -> dt.date | None:
         return None
 
 
-def _publish(summary: RunSummary) -> None:
+def _publish(summary: RunSummary, deid_manifest: dict) -> None:
     """Artifacts for the Prefect UI: pseudonymous UIDs and counts only."""
     try:
+        create_markdown_artifact(
+            manifest_markdown(deid_manifest), key="nightly-deid-manifest",
+            description="De-identification manifest: edition, recipe, options, actions, quarantine",
+        )
         d = summary.as_dict()
         md = [
             f"# Nightly ingest {summary.run_id}",

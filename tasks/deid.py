@@ -450,6 +450,14 @@ class Deidentifier:
             self.pixel_policy = PixelPolicy(pixel_policy)
             self.pixel_masks = tuple(parse_masks(pixel_masks))
 
+    def __reduce__(self):
+        # Rebuilt from its inputs in worker processes: the plan and tables are cached per process.
+        return (
+            _rebuild,
+            (self._key, tuple(o.value for o in self.options),
+             self.pixel_policy.value if self.pixel_policy is not None else None, self.pixel_masks, self.audit),
+        )
+
     @classmethod
     def from_settings(cls, key: bytes, settings: Any) -> "Deidentifier":
         """Build from ``tasks.settings.DeidSettings``."""
@@ -534,8 +542,8 @@ class Deidentifier:
             ds.LongitudinalTemporalInformationModified = "MODIFIED"
         elif Option.RETAIN_FULL_DATES in self.options:
             ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
-        elif "LongitudinalTemporalInformationModified" in ds:
-            del ds.LongitudinalTemporalInformationModified
+        else:
+            ds.LongitudinalTemporalInformationModified = "REMOVED"  # dates emptied or removed
         if self.audit:
             object.__setattr__(ds, "_deid_originals", originals)
         return ds
@@ -616,15 +624,9 @@ class Deidentifier:
             self._walk(item, ctx, sub, mode)
 
     def _note_name(self, ds: Dataset, tag: BaseTag, ctx: _Ctx) -> None:
-        elem = ds._dict[tag]
-        if isinstance(elem, RawDataElement):
-            if elem.value:
-                ctx.originals.add("PersonName", bytes(elem.value), True)
-        else:
-            v = elem.value
-            for x in v if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]:
-                if x is not None and str(x):
-                    ctx.originals.add("PersonName", str(x), True)
+        """Keep a person name found anywhere for the audit (raw bytes, and decoded if not ASCII)."""
+        for v in _texts(ds, ds._dict[tag], "PN"):
+            ctx.originals.add("PersonName", v, True)
 
     def _do(self, ds: Dataset, tag: BaseTag, t: int, action: str, ctx: _Ctx, path: str, mode: _Mode) -> None:
         d = ds._dict
@@ -861,6 +863,10 @@ class Deidentifier:
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         ds.file_meta = meta
         ds.preamble = b"\x00" * 128
+
+
+def _rebuild(key: bytes, options: tuple[str, ...], pixel_policy: Any, masks: tuple, audit: bool) -> Deidentifier:
+    return Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=masks, audit=audit)
 
 
 @cache

@@ -122,7 +122,8 @@ def manifest_markdown(manifest: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _object_id(key: bytes, rel: str) -> str:
+def object_id(key: bytes, rel: str) -> str:
+    """An opaque, keyed name for an object in manifests (never its path or UIDs)."""
     return "q-" + hmac.new(key, b"object\x00" + rel.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:20]
 
 
@@ -153,6 +154,28 @@ def write_private_file(path: Path, text: str) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+CROSSWALK_HEADER = ["kind", "pseudonym", "original"]
+
+
+def update_crosswalk(path: Path | str, rows: Iterable[tuple[str, str, str]]) -> int:
+    """Merge (kind, pseudonym, original) rows into the crosswalk CSV (PHI: owner-only 0600,
+    outside the lake, never logged); returns the number of rows in it."""
+    path = Path(path)
+    known: set[tuple[str, str, str]] = set()
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            next(reader, None)
+            known = {tuple(r) for r in reader if len(r) == 3}  # type: ignore[misc]
+    known.update(tuple(r) for r in rows)  # type: ignore[misc]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CROSSWALK_HEADER)
+    w.writerows(sorted(known))
+    write_private_file(path, buf.getvalue())
+    return len(known)
 
 
 def run_deidentify(
@@ -205,7 +228,7 @@ def run_deidentify(
                 raise DeidentificationError(f"de-identification failed ({type(exc).__name__})") from None
             data = encode(ds, audit=audit)
         except (BadDicom, DeidentificationError) as exc:
-            qid = _object_id(key, rel)
+            qid = object_id(key, rel)
             summary.quarantined.append(QuarantinedObject(qid, str(exc)))
             if quarantine_dir is not None:
                 qdir = Path(quarantine_dir)
@@ -232,11 +255,7 @@ def run_deidentify(
     if quarantine_dir is not None and index:
         write_private_file(Path(quarantine_dir) / "index.json", json.dumps(index, indent=1, sort_keys=True) + "\n")
     if crosswalk_path is not None:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["kind", "pseudonym", "original"])
-        w.writerows(sorted(crosswalk))
-        write_private_file(Path(crosswalk_path), buf.getvalue())
+        update_crosswalk(crosswalk_path, crosswalk)
         summary.crosswalk_path = str(crosswalk_path)
     summary.seconds = time.perf_counter() - started
     return summary

@@ -48,14 +48,27 @@ class PixelPolicy(str, enum.Enum):
 
 # Modalities / SOP classes that commonly carry burned-in text.
 RISKY_MODALITIES = frozenset({"US", "IVUS", "XA", "RF", "ES", "XC", "GM", "SM", "OT", "CR", "DX", "MG", "IO", "PX"})
-RISKY_SOP_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture (and its multi-frame variants .7.x)
-    "1.2.840.10008.5.1.4.1.1.6",  # US Image (and retired)
-    "1.2.840.10008.5.1.4.1.1.3",  # US Multi-frame (and retired)
-    "1.2.840.10008.5.1.4.1.1.12",  # XA / XRF / enhanced XA
-    "1.2.840.10008.5.1.4.1.1.77",  # VL (endoscopy, photography, microscopy)
-    "1.2.840.10008.5.1.4.1.1.1",  # CR, DX, MG, IO
+_STORAGE = "1.2.840.10008.5.1.4.1.1."
+# SOP class families (the UID itself or any UID under it) that commonly carry burned-in text.
+RISKY_SOP_FAMILIES = tuple(
+    _STORAGE + s
+    for s in (
+        "7",  # Secondary Capture and its multi-frame variants
+        "6",  # US Image (and retired), Enhanced US Volume
+        "3.1",  # US Multi-frame
+        "3",  # retired US Multi-frame
+        "12",  # XA, Enhanced XA, XRF
+        "77.1",  # Visible Light: endoscopy, microscopy, photography, video
+        "1",  # CR (exact)
+        "1.1",  # DX for presentation / processing
+        "1.2",  # MG
+        "1.3",  # IO
+    )
 )
+
+
+def _risky_sop(sop: str) -> bool:
+    return any(sop == f or sop.startswith(f + ".") and f != _STORAGE + "1" for f in RISKY_SOP_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -107,23 +120,38 @@ def parse_masks(masks: Iterable[Any]) -> list[MaskRule]:
     return out
 
 
+_TAGS = {"BurnedInAnnotation": 0x00280301, "Modality": 0x00080060, "SOPClassUID": 0x00080016}
+
+
+def _peek(ds: Dataset, keyword: str) -> str:
+    """A short ASCII value read without converting the element in the Dataset (an element left
+    raw is written back as its original bytes, the fast path of the writer)."""
+    elem = ds._dict.get(_TAGS[keyword])
+    if elem is None:
+        return ""
+    value = elem.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip("\x00 ").upper()
+    return str(value or "").strip().upper()
+
+
 def at_risk(ds: Dataset) -> bool:
-    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    flag = _peek(ds, "BurnedInAnnotation")
     if flag == "YES":
         return True
     if flag == "NO":
         return False
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         return False
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    sop = str(ds.get("SOPClassUID", "") or "")
-    return modality in RISKY_MODALITIES or sop.startswith(RISKY_SOP_PREFIXES)
+    modality = _peek(ds, "Modality")
+    sop = _peek(ds, "SOPClassUID")
+    return modality in RISKY_MODALITIES or _risky_sop(sop)
 
 
 def check_pixels(ds: Dataset, policy: PixelPolicy, masks: Iterable[MaskRule], report: Any = None) -> bool:
     """Apply the pixel policy; True when pixels were masked (record the Clean Pixel Data code)."""
     policy = PixelPolicy(policy)
-    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    flag = _peek(ds, "BurnedInAnnotation")
     if policy == PixelPolicy.ALLOW and flag != "YES":
         return False
     if not at_risk(ds):
@@ -163,8 +191,8 @@ def mask_regions(ds: Dataset, regions: Iterable[tuple[int, int, int, int]]) -> N
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         if str(ds.get("PhotometricInterpretation", "")).startswith("YBR") and samples == 3:
             ds.PhotometricInterpretation = "RGB"  # pydicom's decoders convert YBR to RGB
-        if samples > 1:
-            ds.PlanarConfiguration = 0
+    if samples > 1:
+        ds.PlanarConfiguration = 0  # pixel_array is colour-by-pixel whatever the source layout
     ds.PixelData = arr.tobytes()
     ds["PixelData"].VR = "OB" if int(ds.BitsAllocated) <= 8 else "OW"
     ds.BurnedInAnnotation = "NO"

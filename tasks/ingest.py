@@ -102,7 +102,7 @@ def deidentify_study(retrieved: Retrieved, settings: Settings, key: bytes, rows_
     args = (
         Path(retrieved.staged_dir),
         retrieved.pseudo_uid,
-        Deidentifier(key, settings.deid.options),
+        Deidentifier.from_settings(key, settings.deid),
         LakeStorage(settings.storage_root),
         settings.quarantine_dir,
         Path(rows_root) / retrieved.pseudo_uid,

@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,41 @@ def encode(ds: pydicom.Dataset, audit: bool = True) -> bytes:
 PIXEL_DATA = 0x7FE00010
 
 
+_META_VRS = {0x00020001: "OB", 0x00020002: "UI", 0x00020003: "UI", 0x00020010: "UI", 0x00020012: "UI",
+             0x00020013: "SH"}
+
+
+def _meta_bytes(meta) -> bytes | None:
+    """The file meta group as ``write_file_meta_info`` encodes it (explicit VR little endian,
+    group length first), for the elements the de-identifier writes; None for anything else."""
+    if any(int(t) not in _META_VRS and int(t) != 0x00020000 for t in meta.keys()):
+        return None
+    body = bytearray()
+    for tag in sorted(int(t) for t in meta.keys()):
+        if tag == 0x00020000:
+            continue
+        value = meta[tag].value
+        vr = _META_VRS[tag]
+        if vr == "OB":
+            raw = bytes(value)
+            raw += b"\x00" * (len(raw) & 1)
+            body += struct.pack("<HH2sHI", 2, tag & 0xFFFF, b"OB", 0, len(raw)) + raw
+            continue
+        raw = str(value).encode("ascii")
+        if len(raw) & 1:
+            raw += b"\x00" if vr == "UI" else b" "
+        body += struct.pack("<HH2sH", 2, tag & 0xFFFF, vr.encode(), len(raw)) + raw
+    if 0x00020001 not in meta:
+        body = bytearray(struct.pack("<HH2sHI", 2, 1, b"OB", 0, 2) + b"\x00\x01") + body
+    return struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + bytes(body)
+
+
+def _meta_by_pydicom(meta) -> bytes:
+    fp = DicomBytesIO()
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return fp.getvalue()
+
+
 def _part10(ds: pydicom.Dataset) -> bytes:
     """Part 10 bytes: preamble, DICM, the file meta and the dataset. What ``save_as(...,
     enforce_file_format=True)`` writes, without its deep copy of the file meta (a fifth of the
@@ -109,7 +145,7 @@ def _part10(ds: pydicom.Dataset) -> bytes:
     preamble = getattr(ds, "preamble", None)
     fp.write(preamble if preamble and len(preamble) == 128 else b"\x00" * 128)
     fp.write(b"DICM")
-    write_file_meta_info(fp, meta, enforce_standard=True)
+    fp.write(_meta_bytes(meta) or _meta_by_pydicom(meta))
     fp.is_implicit_VR = ts.is_implicit_VR
     fp.is_little_endian = ts.is_little_endian
     write_dataset(fp, ds)

@@ -21,6 +21,7 @@ from tasks.ledger import Ledger
 pytestmark = pytest.mark.integration
 
 TODAY = dt.date.today()
+NO_US = ("CT", "MR", "MG")  # ultrasound with burned-in text is quarantined: keep exact counts simple
 
 
 def _seed(lake, out: Path, **kw) -> list[sampledata.StudySummary]:
@@ -43,9 +44,15 @@ def _identifiers(paths: list[Path]) -> set[bytes]:
     return {v for v in found if len(v) >= 4}
 
 
+def _burned_in(paths: list[Path]) -> int:
+    return sum(pydicom.dcmread(p, stop_before_pixels=True).get("BurnedInAnnotation") == "YES" for p in paths)
+
+
 def test_first_run_catalogs_every_instance_and_a_second_run_changes_nothing(lake, tmp_path, caplog):
     studies = _seed(lake, tmp_path / "in", studies=6, days=5, end_date=TODAY, seed=3)
-    expected = sum(s.n_instances for s in studies)
+    burned = _burned_in(sorted((tmp_path / "in").rglob("*.dcm")))
+    assert burned  # the sample has ultrasound with burned-in annotation: it must not leave
+    expected = sum(s.n_instances for s in studies) - burned
 
     caplog.set_level("DEBUG")
     result = nightly_ingest()
@@ -57,6 +64,10 @@ def test_first_run_catalogs_every_instance_and_a_second_run_changes_nothing(lake
 
     assert (result["found"], result["cataloged"], result["failed"]) == (6, 6, 0)
     assert result["instances"] == expected
+    assert result["quarantined_objects"] == burned
+    quarantine = Ledger(lake.state / "ledger.sqlite").quarantine_entries()
+    assert len(quarantine) == burned and all("burned" in q["reason"].lower() for q in quarantine)
+    assert _count(lake, "SELECT count(*) FROM instances WHERE burned_in_annotation") == 0
     assert _count(lake, "SELECT count(*) FROM studies") == 6
     assert _count(lake, "SELECT count(*) FROM instances") == expected
     assert _count(lake, "SELECT count(DISTINCT sop_instance_uid) FROM instances") == expected
@@ -100,13 +111,13 @@ def test_first_run_catalogs_every_instance_and_a_second_run_changes_nothing(lake
 
 
 def test_only_new_and_grown_studies_are_processed(lake, tmp_path):
-    studies = _seed(lake, tmp_path / "in", studies=4, days=4, end_date=TODAY, seed=5)
+    studies = _seed(lake, tmp_path / "in", studies=4, days=4, end_date=TODAY, seed=5, modalities=NO_US)
     first = nightly_ingest()
     assert first["cataloged"] == 4
     assert Ledger(lake.state / "ledger.sqlite").watermark == TODAY
 
     # A late study dated inside the overlap window, and a new series in a study already cataloged.
-    late = _seed(lake, tmp_path / "late", studies=1, days=1, end_date=TODAY - dt.timedelta(days=1), seed=77)
+    late = _seed(lake, tmp_path / "late", studies=1, days=1, end_date=TODAY - dt.timedelta(days=1), seed=77, modalities=NO_US)
     grown = max(studies, key=lambda s: s.study_date)
     series = sampledata.add_series(grown, tmp_path / "added", instances=5, seed=9)
     sampledata.load([series.path], "127.0.0.1", lake.orthanc.dicom_port)
@@ -125,7 +136,7 @@ def test_only_new_and_grown_studies_are_processed(lake, tmp_path):
 
 
 def test_a_failing_study_is_reported_and_retried_next_run(lake, tmp_path):
-    studies = _seed(lake, tmp_path / "in", studies=4, days=3, end_date=TODAY, seed=11)
+    studies = _seed(lake, tmp_path / "in", studies=4, days=3, end_date=TODAY, seed=11, modalities=NO_US)
     broken = studies[1]
     lake.orthanc.break_study(broken.study_uid)
 
@@ -150,7 +161,7 @@ def test_a_failing_study_is_reported_and_retried_next_run(lake, tmp_path):
 
 def test_c_get_retrieves_the_same(lake, tmp_path, monkeypatch):
     monkeypatch.setenv("PACSFLOW_RETRIEVE_METHOD", "c-get")
-    studies = _seed(lake, tmp_path / "in", studies=3, days=2, end_date=TODAY, seed=21)
+    studies = _seed(lake, tmp_path / "in", studies=3, days=2, end_date=TODAY, seed=21, modalities=NO_US)
     result = nightly_ingest()
     assert (result["cataloged"], result["instances"]) == (3, sum(s.n_instances for s in studies))
     assert _count(lake, "SELECT count(*) FROM instances") == result["instances"]
@@ -161,7 +172,7 @@ def test_a_study_that_keeps_failing_is_quarantined_after_max_attempts(lake, tmp_
     # transient; the ledger stops retrying after max_attempts runs.
     monkeypatch.setenv("PACSFLOW_RECEIVER__AE_TITLE", "NOSUCHAE")
     monkeypatch.setenv("PACSFLOW_MAX_ATTEMPTS", "2")
-    studies = _seed(lake, tmp_path / "in", studies=2, days=1, end_date=TODAY, seed=31)
+    studies = _seed(lake, tmp_path / "in", studies=2, days=1, end_date=TODAY, seed=31, modalities=NO_US)
     first = nightly_ingest()
     assert (first["cataloged"], first["failed"]) == (0, 2)
     ledger = Ledger(lake.state / "ledger.sqlite")

@@ -138,3 +138,13 @@ def test_deid_settings_validate_options_and_policy():
         load_settings(deid={"pixel_policy": "export"})
     with pytest.raises(SettingsError, match="deid.pixel_masks"):
         load_settings(deid={"pixel_masks": [{"regions": [[1, 2]]}]})
+
+
+def test_update_crosswalk_merges_and_stays_owner_only(tmp_path):
+    from tasks.deid_cli import update_crosswalk
+
+    cw = tmp_path / "phi" / "cw.csv"
+    assert update_crosswalk(cw, [("study", "2.25.1", "1.2.3")]) == 1
+    assert update_crosswalk(cw, [("study", "2.25.1", "1.2.3"), ("study", "2.25.2", "1.2.4")]) == 2
+    assert stat.S_IMODE(os.stat(cw).st_mode) == 0o600
+    assert cw.read_text().splitlines()[1:] == ["study,2.25.1,1.2.3", "study,2.25.2,1.2.4"]

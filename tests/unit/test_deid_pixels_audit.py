@@ -209,3 +209,38 @@ def test_deidentify_file_parses_once_and_keeps_originals_in_memory(tmp_path):
     ds = deidentify_file(src, Deidentifier(KEY), DeidReport())
     assert ds._deid_originals.values["PatientName"]
     encode(ds)
+
+
+@pytest.mark.parametrize(
+    "suffix, risky",
+    [("7", True), ("7.4", True), ("6.1", True), ("3.1", True), ("12.1", True), ("77.1.4", True), ("1", True),
+     ("1.1", True), ("1.2.1", True), ("2", False), ("4", False), ("128", False), ("30", False), ("11.1", False)],
+)
+def test_sop_classes_that_burn_text_in(suffix, risky):
+    from tasks.deid_pixels import _risky_sop
+
+    assert _risky_sop("1.2.840.10008.5.1.4.1.1." + suffix) is risky
+
+
+DEID_DATA = importlib.util.find_spec("deid_data")
+
+
+@pytest.mark.skipif(DEID_DATA is None, reason="deid-data not installed")
+@pytest.mark.parametrize("name", ["GREYSCALE_IMAGE.dcm", "ultrasound-multiframe.dcm"])
+def test_real_burned_in_ultrasound_quarantined_or_masked(name, tmp_path):
+    path = Path(DEID_DATA.submodule_search_locations[0]) / "data" / "ultrasounds" / name
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    shutil.copy(path, staged / name)
+    out = process_study(staged, "2.25.9", Deidentifier(KEY, pixel_policy="quarantine"), LakeStorage(tmp_path / "lake"),
+                        tmp_path / "q", tmp_path / "rows")
+    assert out.written == 0 and out.quarantined == [(name, "burned-in annotation: BurnedInAnnotation is YES")]
+    ds = pydicom.dcmread(tmp_path / "q" / "2.25.9" / name)
+    cols = int(ds.Columns)
+    deid = Deidentifier(KEY, pixel_policy="mask", pixel_masks=[{"modality": "US", "regions": [[0, 0, cols, 40]]}])
+    deid.apply(ds)
+    back = pydicom.dcmread(io.BytesIO(encode(ds)))
+    arr = back.pixel_array
+    top = arr[:, :40] if int(back.get("NumberOfFrames", 1) or 1) > 1 else arr[:40]
+    assert not top.any() and arr.any()
+    assert back.BurnedInAnnotation == "NO"

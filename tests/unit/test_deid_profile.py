@@ -251,7 +251,7 @@ def test_option_full_dates_keeps_and_no_option_removes_dates():
     assert ds.StudyDate == date and ds.LongitudinalTemporalInformationModified == "UNMODIFIED"
     ds = ct()
     Deidentifier(KEY, []).apply(ds)
-    assert ds["StudyDate"].is_empty and "LongitudinalTemporalInformationModified" not in ds
+    assert ds["StudyDate"].is_empty and ds.LongitudinalTemporalInformationModified == "REMOVED"
 
 
 def test_option_modified_dates_same_shift_for_every_study_of_a_patient():
@@ -461,3 +461,23 @@ def test_group_lengths_dropped_and_report_counts_actions():
 def test_unknown_option_refused():
     with pytest.raises(DeidentificationError):
         Deidentifier(KEY, ["Retain Everything"])
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
+def test_fast_encoder_writes_what_save_as_writes(name):
+    from tasks.process import _part10
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    Deidentifier(KEY, [Option.RETAIN_MODIFIED_DATES, Option.CLEAN_DESCRIPTORS]).apply(ds)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert _part10(ds) == buf.getvalue()
+
+
+def test_deidentifier_pickles_for_worker_processes():
+    import pickle
+
+    d = Deidentifier(KEY, [Option.RETAIN_UIDS], pixel_policy="mask", pixel_masks=[{"modality": "US", "regions": [[0, 0, 1, 1]]}])
+    back = pickle.loads(pickle.dumps(d))
+    assert back.options == d.options and back.pixel_policy == d.pixel_policy and back.pixel_masks == d.pixel_masks
+    assert back.uid("1.2.3") == d.uid("1.2.3")
