@@ -35,13 +35,23 @@ def _count(lake, sql: str, params=None) -> int:
 
 
 def _identifiers(paths: list[Path]) -> set[bytes]:
-    """Every original PatientName/PatientID, as encoded in the files."""
+    """Every original identifying value, as encoded in the files: names, IDs, accession
+    numbers, birth dates, institution, and the study/series/instance UIDs."""
     found: set[bytes] = set()
     for p in paths:
         ds = pydicom.dcmread(p, stop_before_pixels=True)
         found.add(ds.PatientName.original_string)
-        found.add(str(ds.PatientID).encode())
-    return {v for v in found if len(v) >= 4}
+        for kw in ("PatientID", "AccessionNumber", "PatientBirthDate", "InstitutionName", "StudyInstanceUID",
+                   "SeriesInstanceUID", "SOPInstanceUID", "DeviceSerialNumber"):
+            found.add(str(ds.get(kw, "")).encode())
+    return {v for v in found if len(v) >= 6}
+
+
+def _persisted_results() -> list[Path]:
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    root = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
 
 
 def _burned_in(paths: list[Path]) -> int:
@@ -83,10 +93,12 @@ def test_first_run_catalogs_every_instance_and_a_second_run_changes_nothing(lake
 
     # No original patient identifier in any stored file or catalog file; DCMTK reads the output.
     originals = _identifiers(sorted((tmp_path / "in").rglob("*.dcm")))
-    assert originals
-    for path in on_disk + sorted(lake.catalog.rglob("*.parquet")):
+    assert len(originals) > expected  # every instance contributes at least its SOP UID
+    for path in on_disk + sorted(lake.catalog.rglob("*.parquet")) + _persisted_results():
         data = path.read_bytes()
         assert not any(v in data for v in originals), path.name
+    text = caplog.text
+    assert not any(v.decode("latin-1") in text for v in originals)
     dump = subprocess.run(["dcmdump", "+E", str(on_disk[0])], capture_output=True, text=True, errors="replace")
     assert dump.returncode == 0 and "PatientIdentityRemoved" in dump.stdout
 
