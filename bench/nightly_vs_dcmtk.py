@@ -80,7 +80,7 @@ def bench_pacsflow(server: OrthancServer, work: Path, receiver_port: int) -> tup
         PACSFLOW_STATE_ROOT=str(work / "state"),
         PACSFLOW_DEID_KEY="benchmark-key-0123456789",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_LOGGING_LEVEL="WARNING",
+        PREFECT_LOGGING_LEVEL="ERROR",
     )
     from prefect.testing.utilities import prefect_test_harness
 
@@ -90,7 +90,13 @@ def bench_pacsflow(server: OrthancServer, work: Path, receiver_port: int) -> tup
         t0 = time.perf_counter()
         result = nightly_ingest()
         seconds = time.perf_counter() - t0
-    return int(result["instances"]), seconds, result
+    from tasks.ledger import Ledger
+
+    for entry in Ledger(work / "state" / "ledger.sqlite").entries().values():
+        if entry.status == "failed":
+            print(f"  failed study {entry.pseudo_uid}: {entry.reason}")
+    # Objects quarantined (burned-in ultrasound) went through the whole pipeline too.
+    return int(result["instances"]) + int(result["quarantined_objects"]), seconds, result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"DCMTK movescu -> storescp : {n_dcmtk} instances in {s_dcmtk:.1f}s = {n_dcmtk / s_dcmtk:.0f} instances/s")
         n_ours, s_ours, result = bench_pacsflow(server, work, receiver_port)
         print(f"pacsflow nightly_ingest   : {n_ours} instances in {s_ours:.1f}s = {n_ours / s_ours:.0f} instances/s "
-              f"(retrieve + de-identify + lake + catalog; {result['failed']} failed)")
+              f"(retrieve + de-identify + audit + lake + catalog; {result['instances']} cataloged, "
+              f"{result['quarantined_objects']} quarantined, {result['failed']} studies failed)")
         print(f"ratio pacsflow / DCMTK    : {(n_ours / s_ours) / (n_dcmtk / s_dcmtk):.2f}")
         if n_dcmtk != total or n_ours != total:
             print(f"WARNING: expected {total} instances on both sides")

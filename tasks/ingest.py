@@ -12,6 +12,7 @@ import multiprocessing
 import shutil
 import threading
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from catalog.store import CatalogStore
-from tasks.deid import Deidentifier
+from tasks.deid import Deidentifier, pseudonymize_uid
 from tasks.errors import is_transient
 from tasks.pacs import PacsClient, StudyInfo, check_complete
 from tasks.planning import Window, WorkItem, discover
@@ -86,7 +87,7 @@ def retrieve_study(item: WorkItem, settings: Settings, key: bytes) -> Retrieved:
     if settings.retrieve_method is RetrieveMethod.C_MOVE:
         ops = client.move_study(item.study_uid, settings.receiver.ae_title, item.pseudo_uid)
     else:
-        writer = StagingWriter(settings.staging_dir, Deidentifier(key).study_ref)
+        writer = StagingWriter(settings.staging_dir, partial(pseudonymize_uid, key))
         ops = client.get_study(item.study_uid, writer.handle_store, item.pseudo_uid)
     received = count_staged(folder)
     check_complete(received, item.expected, item.pseudo_uid)
