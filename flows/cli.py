@@ -38,6 +38,8 @@ out = Console()
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_KEY = Path("var/state/deid.key")
+FHIR_RUN_DIR = Path("var/fhir-server")
+FHIR_PORT = 8090
 
 DEMO_QUERY = """
 SELECT s.modality,
@@ -78,6 +80,25 @@ def _orthanc_config(settings, work_dir: Path):
     )
 
 
+def _fhir_up(port: int) -> str | None:
+    """Build (first time) and start the local HAPI FHIR server; its base URL, or None without Java."""
+    from deployments import fhir_server
+
+    url = fhir_server.base_url(port)
+    if fhir_server.read_pid(FHIR_RUN_DIR) and fhir_server.is_ready(url):
+        console.print(f"HAPI FHIR already running: {url}")
+        return url
+    if not fhir_server.java_available():
+        console.print("[yellow]Java 17+ not found: the local HAPI FHIR server is not started, FHIR sync is skipped.[/yellow]")
+        return None
+    with console.status("building the HAPI FHIR server (first time: 1-2 minutes)…"):
+        fhir_server.build()
+    with console.status("starting HAPI FHIR (15-40 s)…"):
+        handle = fhir_server.start(port, FHIR_RUN_DIR, data_dir=FHIR_RUN_DIR / "data")
+    console.print(f"HAPI FHIR up: {handle.base_url} (pid {handle.pid})")
+    return handle.base_url
+
+
 def _print_table(table) -> None:
     t = Table(show_header=True, header_style="bold")
     for name in table.column_names:
@@ -103,36 +124,49 @@ def _ensure_demo_key(settings) -> None:
 @stack_app.command("up")
 def stack_up(
     work_dir: Annotated[Path, typer.Option(help="Orthanc config, storage, PID and log")] = Path("var/orthanc"),
+    fhir: Annotated[bool, typer.Option(help="also start the local HAPI FHIR server (needs Java 17+)")] = True,
+    fhir_port: Annotated[int, typer.Option(help="HAPI FHIR port on 127.0.0.1")] = FHIR_PORT,
 ) -> None:
-    """Start the local Orthanc on 127.0.0.1 (ports from settings) and wait until it answers."""
+    """Start the local Orthanc (and HAPI FHIR when Java is present) on 127.0.0.1 and wait until they answer."""
     from deployments.local.orthanc import OrthancServer, status
 
     settings = _settings()
     if status(work_dir).get("running"):
         console.print(f"Orthanc already running ({work_dir})")
-        return
-    with console.status("starting Orthanc…"):
-        server = OrthancServer(_orthanc_config(settings, work_dir)).start()
-    console.print(f"Orthanc up: DICOM {server.aet}@127.0.0.1:{server.dicom_port}, HTTP {server.rest_url} (pid {server.pid})")
+    else:
+        with console.status("starting Orthanc…"):
+            server = OrthancServer(_orthanc_config(settings, work_dir)).start()
+        console.print(f"Orthanc up: DICOM {server.aet}@127.0.0.1:{server.dicom_port}, HTTP {server.rest_url} "
+                      f"(pid {server.pid})")
+    if fhir:
+        _fhir_up(fhir_port)
 
 
 @stack_app.command("down")
 def stack_down(work_dir: Annotated[Path, typer.Option()] = Path("var/orthanc")) -> None:
-    """Stop the local Orthanc by its PID file."""
+    """Stop the local Orthanc and HAPI FHIR by their PID files."""
     from deployments.local.orthanc import stop_by_pidfile
 
     stopped = stop_by_pidfile(work_dir)
     console.print("Orthanc stopped" if stopped else "Orthanc was not running")
+    from deployments import fhir_server
+
+    console.print("HAPI FHIR stopped" if fhir_server.stop(FHIR_RUN_DIR) else "HAPI FHIR was not running")
 
 
 @stack_app.command("status")
 def stack_status(work_dir: Annotated[Path, typer.Option()] = Path("var/orthanc")) -> None:
-    """Show whether the local Orthanc runs, with its ports and counts."""
+    """Show whether the local Orthanc and HAPI FHIR run, with ports and counts."""
     from deployments.local.orthanc import status
+
+    from deployments import fhir_server
 
     info = status(work_dir)
     for k, v in info.items():
         out.print(f"{k}: {v}")
+    pid = fhir_server.read_pid(FHIR_RUN_DIR)
+    url = fhir_server.base_url(FHIR_PORT)
+    out.print(f"fhir: {'running, ' + url if pid and fhir_server.is_ready(url) else 'not running'}")
     if not info.get("running"):
         raise typer.Exit(1)
 
