@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
-from catalog.store import CatalogStore
 from catalog.views import query
-from deployments.local import sampledata
-from tasks.deid import Deidentifier
-from tasks.process import process_study, read_rows
-from tasks.storage import LakeStorage
+from tests.helpers import build_catalog
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SQL_BLOCKS = re.findall(r"```sql\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
@@ -23,19 +18,7 @@ SQL_BLOCKS = re.findall(r"```sql\n(.*?)```", README.read_text(encoding="utf-8"),
 @pytest.fixture(scope="module")
 def catalog_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("readme")
-    studies = sampledata.generate(root / "in", studies=6, days=40, end_date=dt.date(2026, 11, 27), seed=7)
-    deid = Deidentifier(b"readme-key-0123456789")
-    rows = []
-    for s in studies:
-        staged = root / "staging" / s.study_uid
-        staged.mkdir(parents=True)
-        for f in s.path.rglob("*.dcm"):
-            shutil.copy(f, staged / f.name)
-        out = process_study(staged, deid.study_ref(s.study_uid), deid, LakeStorage(root / "lake"),
-                            root / "quarantine", root / "rows" / s.study_uid)
-        assert out.written == s.n_instances and not out.quarantined
-        rows.append(out.rows_dir)
-    CatalogStore(root / "catalog").commit(read_rows(rows))
+    build_catalog(root, studies=6, days=40, end_date=dt.date(2026, 11, 27), seed=7, modalities=("CT", "MR", "MG"))
     return root / "catalog"
 
 
