@@ -41,6 +41,7 @@ from tasks.ingest import (
     retrieve_study,
     shutdown_worker_pool,
 )
+from tasks.fhir_sync import catalog_study_uids
 from tasks.ledger import Ledger
 from tasks.pacs import quiet_pynetdicom
 from tasks.planning import WorkItem, plan_window, worklist
@@ -71,6 +72,9 @@ class RunSummary:
     failed: int = 0
     instances: int = 0
     quarantined_objects: int = 0
+    fhir_sent: int = 0
+    fhir_failed: int = 0
+    fhir_differences: int = 0
     seconds: float = 0.0
     studies: list[StudyReport] = field(default_factory=list)
 
@@ -148,6 +152,8 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
             summary.cataloged += 1
             summary.instances += o.written
             purge_staging(settings.staging_dir / w.pseudo_uid)
+    # The catalog's UIDs (not our pseudonyms: under Retain UIDs they differ), read before rows_root goes.
+    committed_uids = catalog_study_uids([o.rows_dir for _, o in done])
     deid_report, quarantined_objects, written = DeidReport(), [], 0
     for w, o in outcomes.values():
         summary.deidentified += 1
@@ -191,6 +197,9 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
     if settings.deid.crosswalk_path:
         update_crosswalk(settings.deid.crosswalk_path,
                          [("study", w.pseudo_uid, w.study_uid) for w, _ in outcomes.values()])
+
+    if settings.fhir.base_url:
+        _sync_fhir(settings, committed_uids, summary, logger)
 
     summary.seconds = round(time.monotonic() - started, 2)
     summary.studies = list(reports.values())
@@ -256,6 +265,24 @@ def _retrieve_and_deidentify(settings: Settings, key: bytes, deid: Deidentifier,
             else:
                 failures[item.pseudo_uid] = (item, _as_exception(res))
     return outcomes, failures
+
+
+def _sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummary, logger) -> None:
+    """ImagingStudy + Patient for what this run cataloged, plus every study whose FHIR sync
+    failed before. Failures stay in the FHIR ledger for the next run; they never fail the night."""
+    from flows.fhir_resync import publish_report
+    from tasks.fhir_sync import FhirSyncLedger, sync_with_tasks
+
+    try:
+        owed = FhirSyncLedger.for_settings(settings).failed()
+        report = sync_with_tasks(settings, sorted(set(committed_uids) | set(owed)), logger=logger)
+    except Exception as exc:  # noqa: BLE001 - the FHIR copy must not fail the night; the ledger keeps what is owed
+        logger.error("FHIR sync step failed: %s", _error_text(exc))
+        summary.fhir_failed = len(committed_uids)
+        return
+    summary.fhir_sent, summary.fhir_failed = report.sent, len(report.failed)
+    summary.fhir_differences = len(report.differences)
+    publish_report(report, key="nightly-fhir-sync", title="Nightly FHIR sync")
 
 
 def _as_exception(result: object) -> BaseException:

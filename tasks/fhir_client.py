@@ -268,7 +268,11 @@ class FhirClient:
         return doc
 
     def put(self, url: str, resource: dict[str, Any], *, minimal: bool = True) -> httpx.Response:
-        """PUT one resource (``Type/id`` or a conditional ``Type?identifier=…``)."""
+        """PUT one resource (``Type/id`` or a conditional ``Type?identifier=…``).
+
+        A conditional URL carries the identifier value, and httpx logs request URLs at INFO: the
+        sync itself uses transactions (identifiers only in the body); this is for tools and benchmarks.
+        """
         headers = {"Prefer": "return=minimal"} if minimal else {}
         return self._request("PUT", url, json=resource, headers=headers)
 

@@ -52,7 +52,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources as _resources
 from typing import Any
@@ -178,6 +178,10 @@ class StudyResources:
     number_of_series: int
     number_of_instances: int
     hash: str
+    #: The resources as FHIR JSON, serialized once (for the hash and every Bundle).
+    patient_json: dict[str, Any] = field(default_factory=dict, repr=False)
+    endpoint_json: dict[str, Any] | None = field(default=None, repr=False)
+    study_json: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def resources(self) -> list[Any]:
         return [r for r in (self.patient, self.endpoint, self.imaging_study) if r is not None]
@@ -451,6 +455,9 @@ def build_study(
 
     n_series = int(study.get("number_of_series") or 0)
     n_instances = int(study.get("number_of_instances") or 0)
+    patient_json = resource_json(patient)
+    endpoint_json = resource_json(endpoint) if endpoint is not None else None
+    study_json = resource_json(imaging_study)
     return StudyResources(
         study_uid=study_uid,
         imaging_study=imaging_study,
@@ -461,7 +468,10 @@ def build_study(
         endpoint_identity=e_ident,
         number_of_series=n_series,
         number_of_instances=n_instances,
-        hash=content_hash([patient, endpoint, imaging_study]),
+        hash=content_hash([patient_json, endpoint_json, study_json]),
+        patient_json=patient_json,
+        endpoint_json=endpoint_json,
+        study_json=study_json,
     )
 
 
@@ -479,27 +489,28 @@ def transaction_bundle(studies: Sequence[StudyResources], by_id: Collection[Iden
     placed: dict[Identity, str] = {}
     studies_seen: set[Identity] = set()
 
-    def url(identity: Identity, resource: Any) -> str:
-        if identity in by_id and getattr(resource, "id", None):
-            return f"{identity.resource_type}/{resource.id}"
+    def url(identity: Identity, doc: dict[str, Any]) -> str:
+        if identity in by_id and doc.get("id"):
+            return f"{identity.resource_type}/{doc['id']}"
         return identity.conditional_url
 
-    def place(identity: Identity, resource: Any) -> str:
+    def place(identity: Identity, doc: dict[str, Any]) -> str:
         if identity not in placed:
             placed[identity] = identity.full_url
-            entries.append({"fullUrl": identity.full_url, "resource": resource_json(resource),
-                            "request": {"method": "PUT", "url": url(identity, resource)}})
+            entries.append({"fullUrl": identity.full_url, "resource": doc,
+                            "request": {"method": "PUT", "url": url(identity, doc)}})
         return placed[identity]
 
     for s in studies:
         if s.study_identity in studies_seen:
             raise ValueError(f"study {s.study_uid} appears twice in one Bundle")
         studies_seen.add(s.study_identity)
-        subject = place(s.patient_identity, s.patient)
-        doc = resource_json(s.imaging_study)
+        subject = place(s.patient_identity, s.patient_json or resource_json(s.patient))
+        doc = dict(s.study_json or resource_json(s.imaging_study))  # top-level keys replaced below
         doc["subject"] = {"reference": subject}
         if s.endpoint is not None and s.endpoint_identity is not None:
-            doc["endpoint"] = [{"reference": place(s.endpoint_identity, s.endpoint)}]
+            endpoint_doc = s.endpoint_json or resource_json(s.endpoint)
+            doc["endpoint"] = [{"reference": place(s.endpoint_identity, endpoint_doc)}]
         entries.append({"fullUrl": s.study_identity.full_url, "resource": doc,
-                        "request": {"method": "PUT", "url": url(s.study_identity, s.imaging_study)}})
+                        "request": {"method": "PUT", "url": url(s.study_identity, doc)}})
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}

@@ -27,11 +27,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from tasks.errors import (
 )
 from tasks.fhir_client import FhirClient
 from tasks.fhir_map import MappingOptions, StudyResources, build_study, study_identity, transaction_bundle
+from tasks.ledger import open_sqlite, sqlite_tx
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -98,26 +97,14 @@ class FhirSyncLedger:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(_SCHEMA)
+        open_sqlite(self.path, _SCHEMA)
 
     @classmethod
     def for_settings(cls, settings: Settings) -> FhirSyncLedger:
         return cls(settings.state_root / LEDGER_NAME)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            else:
-                con.execute("COMMIT")
+    def _tx(self):
+        return sqlite_tx(self.path)
 
     def entries(self, study_uids: Iterable[str] | None = None) -> dict[str, LedgerRow]:
         query = ("SELECT study_uid, synced_hash, status, reason, transient, attempts, server_id, run_id "
@@ -231,6 +218,8 @@ def plan_batches(
 ) -> list[list[str]]:
     """The studies to consider (all of the catalog, the given ones, or those the ledger has failed),
     in batches of at most ``batch_size`` studies and about ``max_instances`` instances."""
+    if study_uids is not None and not study_uids:
+        return []
     if study_uids is None:
         sizes = con.execute(_SQL_STUDY_SIZES).fetchall()
     else:
@@ -323,7 +312,8 @@ def _revive(client: FhirClient, study: StudyResources, outcome: SendOutcome,
     except (FhirRejected, FhirConflict) as exc:
         return exc
     log.info("study %s: revived on the FHIR server under its deleted id", study.study_uid)
-    outcome.synced.append((study.study_uid, study.hash, _server_ids(response, bundle).get(study.study_identity.full_url)))
+    server_id = _server_ids(response, bundle).get(study.study_identity.full_url)
+    outcome.synced.append((study.study_uid, study.hash, server_id))
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ CREATE TABLE IF NOT EXISTS studies (
     study_uid     TEXT PRIMARY KEY,  -- original UID (PHI zone)
     pseudo_uid    TEXT NOT NULL,
     study_date    TEXT,
-    instances     INTEGER,           -- cataloged: PACS count when retrieved; failed: PACS count at failure
+    instances     INTEGER,           -- cataloged: PACS count when retrieved, failed: PACS count at failure
     status        TEXT NOT NULL,     -- 'cataloged' | 'failed'
     reason        TEXT,              -- failure class and message (no PHI)
     permanent     INTEGER NOT NULL DEFAULT 0,
@@ -59,25 +60,50 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def open_sqlite(path: Path, schema: str) -> None:
+    """Create (if needed) a WAL-mode SQLite database with ``schema``.
+
+    Several runs or threads may open a new database at once: switching to WAL does not wait
+    for the busy timeout, so it is retried; the schema is created under a write lock, which does.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for attempt in range(100):
+        try:
+            with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as con:
+                if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    con.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.02)
+    with sqlite_tx(path) as con:
+        for statement in schema.split(";"):
+            if statement.strip():
+                con.execute(statement)
+
+
+@contextmanager
+def sqlite_tx(path: Path) -> Iterator[sqlite3.Connection]:
+    """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on error."""
+    with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as con:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        else:
+            con.execute("COMMIT")
+
+
 class Ledger:
     def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(_SCHEMA)
+        self.path = Path(path)
+        open_sqlite(self.path, _SCHEMA)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            else:
-                con.execute("COMMIT")
+    def _tx(self):
+        return sqlite_tx(self.path)
 
     def entries(self, study_uids: Iterable[str] | None = None) -> dict[str, LedgerEntry]:
         with self._tx() as con:

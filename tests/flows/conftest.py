@@ -13,7 +13,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from deployments.local.orthanc import OrthancServer
 from tests.helpers import free_port
-from tests.integration.conftest import orthanc_factory  # noqa: F401  (fixture re-export)
+from tests.integration.conftest import hapi, orthanc_factory  # noqa: F401  (fixture re-export)
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

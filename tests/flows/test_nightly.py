@@ -197,3 +197,41 @@ def test_a_study_that_keeps_failing_is_quarantined_after_max_attempts(lake, tmp_
     assert ledger.watermark == TODAY
     third = nightly_ingest()
     assert third["queued"] == 0
+
+
+def test_fhir_sync_follows_the_catalog_and_survives_an_outage(lake, tmp_path, monkeypatch, hapi):
+    import uuid
+
+    import httpx
+
+    from tests.helpers import free_port
+
+    system = f"urn:pacsflow:test:{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("PACSFLOW_FHIR__PSEUDONYM_SYSTEM", system)
+    monkeypatch.setenv("PACSFLOW_FHIR__MAX_RETRIES", "0")
+    monkeypatch.setenv("PACSFLOW_FHIR__BASE_URL", f"http://127.0.0.1:{free_port()}/fhir")  # nothing listens
+    studies = _seed(lake, tmp_path / "in", studies=3, days=2, end_date=TODAY, seed=61, modalities=NO_US)
+
+    down = nightly_ingest()
+    assert (down["cataloged"], down["fhir_sent"], down["fhir_failed"]) == (3, 0, 3)
+
+    monkeypatch.setenv("PACSFLOW_FHIR__BASE_URL", hapi.base_url)
+    up = nightly_ingest()  # nothing new at the PACS: only what FHIR is owed is sent
+    assert (up["queued"], up["fhir_sent"], up["fhir_failed"], up["fhir_differences"]) == (0, 3, 0, 0)
+
+    uids = [r["study_uid"] for r in query(lake.catalog, "SELECT study_uid FROM studies").to_pylist()]
+    for uid in uids:
+        found = httpx.get(f"{hapi.base_url}/ImagingStudy", params={"identifier": f"urn:dicom:uid|urn:oid:{uid}"},
+                          timeout=60).json()
+        assert found.get("total") == 1
+        [entry] = found["entry"]
+        counts = query(lake.catalog, "SELECT number_of_series, number_of_instances FROM studies WHERE study_uid = $1",
+                       [uid]).to_pylist()[0]
+        assert entry["resource"]["numberOfSeries"] == counts["number_of_series"]
+        assert entry["resource"]["numberOfInstances"] == counts["number_of_instances"]
+    patients = httpx.get(f"{hapi.base_url}/Patient", params={"identifier": f"{system}|", "_summary": "count"},
+                         timeout=60).json()
+    assert patients["total"] == len({s.patient_id for s in studies})
+
+    again = nightly_ingest()
+    assert (again["fhir_sent"], again["fhir_failed"]) == (0, 0)

@@ -27,6 +27,7 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from deployments import fhir_server
 from deployments.local.orthanc import (  # noqa: E402
     ORTHANC_BINARY,
     OrthancConfig,
@@ -152,3 +153,26 @@ def dcmtk_storescp(orthanc: OrthancServer, tmp_path: Path) -> Iterator[StoreSCP]
         proc.kill()
         proc.wait()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def hapi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[fhir_server.FhirServerHandle]:
+    """One in-memory HAPI FHIR server (R4) for the session; tests isolate themselves by identifiers."""
+    if not fhir_server.java_available():
+        pytest.skip("Java 17+ is not installed, so the HAPI FHIR server cannot run")
+    fhir_server.build(quiet=True)
+    run_dir = tmp_path_factory.mktemp("hapi-sync")
+    handle = None
+    last: fhir_server.FhirServerError | None = None
+    for _attempt in range(2):  # a free port can be taken by someone else before Jetty binds
+        try:
+            handle = fhir_server.start(free_port(), run_dir, data_dir=None, timeout_s=300)
+            break
+        except fhir_server.FhirServerError as exc:
+            last = exc
+    if handle is None:
+        raise last  # type: ignore[misc]
+    try:
+        yield handle
+    finally:
+        handle.stop()

@@ -36,7 +36,6 @@ from tasks.fhir_sync import (
     FhirSyncLedger,
     catalog_study_uids,
     load_study_rows,
-    reconcile,
     send_studies,
     sync_catalog,
 )
@@ -44,39 +43,19 @@ from tasks.process import process_study, read_rows
 from tasks.settings import Settings, load_settings
 from tasks.storage import LakeStorage
 from tests.helpers import free_port
+from tests.integration.conftest import hapi  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 # -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def hapi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[fhir_server.FhirServerHandle]:
-    if not fhir_server.java_available():
-        pytest.skip("Java 17+ is not installed, so the HAPI FHIR server cannot run")
-    fhir_server.build(quiet=True)
-    run_dir = tmp_path_factory.mktemp("hapi-sync")
-    handle = None
-    last: fhir_server.FhirServerError | None = None
-    for _attempt in range(2):  # a free port can be taken by someone else before Jetty binds
-        try:
-            handle = fhir_server.start(free_port(), run_dir, data_dir=None, timeout_s=300)
-            break
-        except fhir_server.FhirServerError as exc:
-            last = exc
-    if handle is None:
-        raise last  # type: ignore[misc]
-    try:
-        yield handle
-    finally:
-        handle.stop()
-
-
-@pytest.fixture(scope="session")
 def raw_studies(tmp_path_factory) -> list[sampledata.StudySummary]:
-    """Twelve original studies (4 patients; CT, MR, MG, US), shared read-only by the tests."""
+    """Twelve original studies (4 patients; CT, MR, MG: ultrasound may be quarantined for burned-in text),
+    shared read-only by the tests."""
     root = tmp_path_factory.mktemp("fhir-raw")
     return sampledata.generate(root, studies=12, patients=4, days=20, end_date=dt.date(2026, 11, 27), seed=21,
-                               instances_per_series=(2, 4))
+                               instances_per_series=(2, 4), modalities=("CT", "MR", "MG"))
 
 
 @pytest.fixture
@@ -121,7 +100,7 @@ class Lake:
                 shutil.copy(f, staged / f.name)
             out = process_study(staged, deid.study_ref(d.name), deid, LakeStorage(self.storage),
                                 self.root / "quarantine", self.root / "rows" / d.name)
-            assert out.rows_dir and not out.quarantined
+            assert out.rows_dir and not out.quarantined, (out.written, out.quarantined)
             dirs.append(out.rows_dir)
         CatalogStore(self.catalog).commit(read_rows(dirs))
         return catalog_study_uids(dirs)
@@ -363,7 +342,7 @@ def test_rejected_entry_content_is_isolated_by_bisection(hapi, client, raw_studi
         con.close()
     options = MappingOptions(pseudonym_system=lake.pseudonym_system)
     built = [build_study(*r, options) for r in rows.values()]
-    broken = dataclasses.replace(built[1], imaging_study=built[1].imaging_study.model_copy(update={"status": "bogus"}))
+    broken = dataclasses.replace(built[1], study_json={**built[1].study_json, "status": "bogus"})
     outcome = send_studies(client, [built[0], broken, built[2], built[3]])
     assert [u for u, _, _ in outcome.failed] == [broken.study_uid]
     reason = outcome.failed[0][1]
@@ -497,6 +476,13 @@ def test_fhir_resync_flow(hapi, client, raw_studies, make_lake, monkeypatch):
         assert replay["sent"] == 0 and replay["skipped_unchanged"] == 3
         forced = fhir_resync(force=True)
         assert forced["sent"] == 3
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        with get_client(sync_client=True) as api:
+            artifacts = api.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+                any_=["fhir-resync-summary"])))
+        assert len(artifacts) == 3 and all("| sent |" in a.data for a in artifacts)
     for st in lake.studies():
         assert count(client, "ImagingStudy", study_identity(st["study_uid"]).token) == 1
 
@@ -517,3 +503,24 @@ def test_credentials_from_a_secret_block_value():
     with pytest.raises(FhirConfigurationError) as err:
         _auth_from_secret({"user": "u"})
     assert isinstance(err.value, FhirRejected) and "u" not in str(err.value).split(":", 1)[1].replace("username", "")
+
+
+def test_a_new_ledger_opened_by_several_runs_at_once(tmp_path):
+    errors: list[BaseException] = []
+    for trial in range(10):
+        path = tmp_path / f"l{trial}" / "fhir_sync.sqlite"
+        barrier = threading.Barrier(6)
+
+        def open_it() -> None:
+            barrier.wait()
+            try:
+                FhirSyncLedger(path).mark_failed([("1.2.3", "x", True)], "run")
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []

@@ -1,0 +1,256 @@
+"""Benchmark: FHIR sync with transaction Bundles against one PUT per resource, same HAPI, same run.
+
+    .venv/bin/python bench/fhir_batch_vs_single.py [--studies 200] [--batch-size 50] [--latency-ms 0,10,25]
+
+Starts a private in-memory HAPI FHIR server (deployments/fhir_server.py) on a free loopback port,
+generates the studies with the sample-data generator and catalogs them through the real pieces
+(de-identification, lake, Parquet catalog). Every measured set is those catalog rows with the
+UIDs and pseudonyms made distinct per set (a suffix), so each method creates its own resources of the
+same shapes. After a warm-up of the JVM, for each network latency asked for:
+  1. one by one: per study ``PUT Patient?identifier=…`` then ``PUT ImagingStudy?identifier=…``
+     (conditional updates, one keep-alive connection, sequential);
+  2. batched: ``send_studies`` — one ``transaction`` Bundle per ``--batch-size`` studies.
+Both send the same mapped resources (mapping is not timed). A latency above 0 puts a small TCP
+proxy in front of the server that holds each answer back by that many milliseconds once per
+request (a round trip to a server elsewhere on the network). Finally, for information, the whole
+``sync_catalog`` (catalog read, mapping, ledger, Bundles, reconciliation) on the catalog itself.
+Prints studies/s for each and the ratio batched / one by one. Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import logging
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from catalog.store import CatalogStore  # noqa: E402
+from catalog.views import connect  # noqa: E402
+from deployments import fhir_server  # noqa: E402
+from deployments.local import sampledata  # noqa: E402
+from tasks.deid import Deidentifier  # noqa: E402
+from tasks.fhir_client import FhirClient  # noqa: E402
+from tasks.fhir_map import MappingOptions, StudyResources, build_study  # noqa: E402
+from tasks.fhir_sync import load_study_rows, send_studies, sync_catalog  # noqa: E402
+from tasks.process import process_study, read_rows  # noqa: E402
+from tasks.settings import load_settings  # noqa: E402
+from tasks.storage import LakeStorage  # noqa: E402
+
+PSEUDONYM_SYSTEM = "urn:pacsflow:bench:pseudonym"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LatencyProxy:
+    """TCP proxy that delays the first bytes of each answer by ``latency_s`` (one round trip per
+    request/response exchange on a keep-alive connection)."""
+
+    def __init__(self, upstream_port: int, latency_s: float) -> None:
+        self.upstream_port = upstream_port
+        self.latency_s = latency_s
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            state = {"asked": False}
+            threading.Thread(target=self._pump, args=(client, upstream, state, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, state, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, state: dict[str, bool], request: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if request:
+                    state["asked"] = True
+                elif state["asked"]:
+                    state["asked"] = False
+                    time.sleep(self.latency_s)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def build_catalog(raw: list[sampledata.StudySummary], root: Path, key: bytes) -> Path:
+    deid = Deidentifier(key)
+    dirs = []
+    for s in raw:
+        staged = root / "staging" / s.study_uid
+        staged.mkdir(parents=True)
+        for f in s.path.rglob("*.dcm"):
+            shutil.copy(f, staged / f.name)
+        out = process_study(staged, deid.study_ref(s.study_uid), deid, LakeStorage(root / "dicom"),
+                            root / "quarantine", root / "rows" / s.study_uid)
+        dirs.append(out.rows_dir)
+    CatalogStore(root / "catalog").commit(read_rows(dirs))
+    shutil.rmtree(root / "staging")
+    return root / "catalog"
+
+
+def catalog_rows(catalog: Path) -> list[tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]]:
+    con = connect(catalog)
+    try:
+        uids = [r[0] for r in con.execute("SELECT study_uid FROM studies ORDER BY study_uid").fetchall()]
+        rows = load_study_rows(con, uids)
+    finally:
+        con.close()
+    return [rows[u] for u in uids]
+
+
+def variant(rows, k: int, options: MappingOptions) -> list[StudyResources]:
+    """The catalog rows with every UID and pseudonym suffixed by ``k``, mapped to FHIR."""
+    out = []
+    for st, series, instances in rows:
+        st, series, instances = copy.deepcopy(st), copy.deepcopy(series), copy.deepcopy(instances)
+        st["study_uid"] += f".{k}"
+        st["patient_pseudo_id"] += f"-{k}"
+        for r in series:
+            r["series_uid"] += f".{k}"
+        for r in instances:
+            r["series_uid"] += f".{k}"
+            r["sop_instance_uid"] += f".{k}"
+        out.append(build_study(st, series, instances, options))
+    return out
+
+
+def one_by_one(client: FhirClient, studies: list[StudyResources]) -> float:
+    """Per study: the Patient, then the ImagingStudy referencing the Patient's id from the answer's
+    Location (outside a transaction HAPI gives a conditionally created resource its own id)."""
+    t0 = time.perf_counter()
+    for s in studies:
+        resp = client.put(s.patient_identity.conditional_url, s.patient_json)
+        location = resp.headers.get("Location") or resp.headers.get("Content-Location") or ""
+        patient_id = location.split("/Patient/")[1].split("/")[0]
+        doc = dict(s.study_json, subject={"reference": f"Patient/{patient_id}"})
+        resp = client.put(s.study_identity.conditional_url, doc)
+        if resp.status_code not in (200, 201):
+            raise RuntimeError(f"PUT answered {resp.status_code}")
+    return time.perf_counter() - t0
+
+
+def batched(client: FhirClient, studies: list[StudyResources], batch_size: int) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    transactions = 0
+    for i in range(0, len(studies), batch_size):
+        out = send_studies(client, studies[i : i + batch_size])
+        if out.failed:
+            raise RuntimeError(f"{len(out.failed)} studies failed: {out.failed[0][1]}")
+        transactions += out.transactions
+    return time.perf_counter() - t0, transactions
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--studies", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=60, help="studies per method sent before measuring")
+    ap.add_argument("--latency-ms", default="0,10,25", help="comma-separated added round-trip times")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args(argv)
+    latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    if not fhir_server.java_available():
+        print("Java 17+ is not installed: cannot start the HAPI FHIR server", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="pacsflow-fhir-bench-"))
+    handle = None
+    try:
+        t0 = time.perf_counter()
+        handle = fhir_server.start(free_port(), work / "hapi", data_dir=None)
+        print(f"HAPI FHIR {fhir_server.HAPI_FHIR_VERSION} (in memory, -Xmx1g) ready at {handle.base_url} "
+              f"in {time.perf_counter() - t0:.1f}s")
+
+        t0 = time.perf_counter()
+        n = args.studies
+        raw = sampledata.generate(work / "raw", studies=n, patients=max(1, n // 3), days=60,
+                                  end_date=dt.date(2026, 11, 27), seed=3, rows=16, cols=16,
+                                  modalities=("CT", "MR", "MG"))  # US may be quarantined (burned-in text)
+        catalog = build_catalog(raw, work / "lake", b"bench-key-0123456789")
+        rows = catalog_rows(catalog)
+        instances = sum(len(r[2]) for r in rows)
+        print(f"{n} studies ({instances} instances, {n // 3} patients) generated, de-identified and cataloged "
+              f"in {time.perf_counter() - t0:.1f}s")
+
+        options = MappingOptions(pseudonym_system=PSEUDONYM_SYSTEM)
+        t0 = time.perf_counter()
+        sets = {k: variant(rows, k, options) for k in range(1, 2 * len(latencies) + 3)}
+        print(f"mapped {len(sets) * n} studies to FHIR in {time.perf_counter() - t0:.1f}s "
+              f"({(time.perf_counter() - t0) / (len(sets) * n) * 1000:.1f} ms per study; not timed below)")
+
+        with FhirClient(handle.base_url, timeout_s=300) as client:  # JIT warm-up, both paths
+            one_by_one(client, sets[1][: args.warmup])
+            batched(client, sets[2][: args.warmup], args.batch_size)
+
+        results = []
+        for i, latency in enumerate(latencies):
+            proxy = LatencyProxy(handle.port, latency / 1000) if latency > 0 else None
+            base = f"http://127.0.0.1:{proxy.port}/fhir" if proxy else handle.base_url
+            try:
+                with FhirClient(base, timeout_s=300) as client:
+                    s_single = one_by_one(client, sets[2 * i + 3])
+                    s_batched, transactions = batched(client, sets[2 * i + 4], args.batch_size)
+            finally:
+                if proxy:
+                    proxy.close()
+            results.append((latency, n / s_single, n / s_batched, s_single, s_batched, transactions))
+
+        settings = load_settings(catalog_root=catalog, state_root=work / "state",
+                                 fhir={"base_url": handle.base_url, "batch_size": args.batch_size,
+                                       "pseudonym_system": PSEUDONYM_SYSTEM, "timeout_s": 300})
+        report = sync_catalog(settings)
+        if report.failed or report.sent != n:
+            print(f"WARNING: sync_catalog sent {report.sent}, failed {len(report.failed)}", file=sys.stderr)
+
+        print()
+        print(f"{'added RTT':>10} | {'one PUT per resource':>22} | {'transaction Bundles':>22} | ratio")
+        for latency, r_single, r_batched, s_single, s_batched, transactions in results:
+            print(f"{latency:>8.0f}ms | {r_single:>8.1f} studies/s {s_single:>5.1f}s | "
+                  f"{r_batched:>8.1f} studies/s {s_batched:>5.1f}s | {r_batched / r_single:>5.2f}x")
+        print(f"({n} studies per cell: {2 * n} PUTs, or {results[0][5]} Bundles of <= {args.batch_size} studies)")
+        print(f"sync_catalog end to end, no added RTT: {report.sent} studies in {report.seconds:.2f}s = "
+              f"{report.sent / max(report.seconds, 1e-9):.1f} studies/s (catalog read, mapping, ledger, "
+              f"{report.transactions} Bundles, reconciliation)")
+        return 0
+    finally:
+        if handle is not None:
+            handle.stop()
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
