@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -206,6 +206,18 @@ class Settings(BaseSettings):
         le=64,
         description="processes for de-identification; 0 = in the flow's own process",
     )
+
+    @model_validator(mode="after")
+    def _zones_apart(self) -> "Settings":
+        """The PHI zone (staging, quarantine, ledger) must never sit inside the lake or the catalog."""
+        state = self.state_root.resolve()
+        lake_roots = [self.catalog_root.resolve()]
+        if "://" not in self.storage_root or self.storage_root.startswith("file://"):
+            lake_roots.append(Path(self.storage_root.removeprefix("file://")).resolve())
+        for root in lake_roots:
+            if state == root or root in state.parents or state in root.parents:
+                raise ValueError("state_root must be outside storage_root and catalog_root (it holds PHI)")
+        return self
 
     @field_validator("calling_ae")
     @classmethod

@@ -54,3 +54,21 @@ def test_key_file(monkeypatch, tmp_path):
     f.write_text("0123456789abcdef-key\n")
     monkeypatch.setenv("PACSFLOW_DEID_KEY_FILE", str(f))
     assert load_settings().resolve_deid_key() == b"0123456789abcdef-key"
+
+
+@pytest.mark.parametrize("storage, catalog, state", [
+    ("lake/dicom", "lake/catalog", "lake/dicom/state"),
+    ("lake/dicom", "lake/catalog", "lake/catalog"),
+    ("lake", "lake/catalog", "lake/state"),
+])
+def test_phi_zone_cannot_live_in_the_lake(monkeypatch, tmp_path, storage, catalog, state):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as exc:
+        load_settings(storage_root=storage, catalog_root=catalog, state_root=state)
+    assert "state_root" in str(exc.value)
+
+
+def test_phi_zone_beside_the_lake_is_fine(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(storage_root="s3://bucket/lake", catalog_root="lake/catalog", state_root="state")
+    assert s.state_root.name == "state"
