@@ -7,16 +7,12 @@ import datetime as dt
 import json
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from catalog.store import CatalogStore
 from catalog.views import connect
-from deployments.local import sampledata
-from tasks.deid import Deidentifier
 from tasks.errors import FhirMappingError, PermanentError
 from tasks.fhir_map import (
     DCM_SYSTEM,
@@ -34,8 +30,7 @@ from tasks.fhir_map import (
     started,
     transaction_bundle,
 )
-from tasks.process import process_study, read_rows
-from tasks.storage import LakeStorage
+from tests.helpers import build_catalog
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 OPTIONS = MappingOptions(pseudonym_system="urn:pacsflow:test:pseudonym")
@@ -47,21 +42,10 @@ Rows = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]
 def catalog_rows(tmp_path_factory) -> dict[str, Rows]:
     """Eight studies (CT, MR, MG; patients with several studies), through de-id and the catalog."""
     root = tmp_path_factory.mktemp("fhirmap")
-    studies = sampledata.generate(root / "in", studies=8, patients=3, days=20, end_date=dt.date(2026, 11, 27),
-                                  seed=11, instances_per_series=(2, 4),
-                                  modalities=("CT", "MR", "MG"))  # US may be quarantined (burned-in text)
-    deid = Deidentifier(b"fhir-map-test-key-0123456789")
-    dirs = []
-    for s in studies:
-        staged = root / "staging" / s.study_uid
-        staged.mkdir(parents=True)
-        for f in s.path.rglob("*.dcm"):
-            shutil.copy(f, staged / f.name)
-        out = process_study(staged, deid.study_ref(s.study_uid), deid, LakeStorage(root / "lake"),
-                            root / "quarantine", root / "rows" / s.study_uid)
-        assert out.written == s.n_instances
-        dirs.append(out.rows_dir)
-    CatalogStore(root / "catalog").commit(read_rows(dirs))
+    studies = build_catalog(root, key=b"fhir-map-test-key-0123456789", studies=8, patients=3, days=20,
+                            end_date=dt.date(2026, 11, 27), seed=11, instances_per_series=(2, 4),
+                            modalities=("CT", "MR", "MG"))  # US may be quarantined (burned-in text)
+    assert len(studies) == 8
     con = connect(root / "catalog")
     try:
         rows: dict[str, Rows] = {}
