@@ -319,7 +319,7 @@ def demo(
         _print_fhir_counts(fhir_url)
     console.print(
         f"catalog: {settings.catalog_root}  lake: {settings.storage_root}  "
-        "(query it: pacsflow catalog query \"SELECT * FROM studies\"; stop Orthanc: pacsflow stack down)"
+        "(query it: pacsflow catalog query \"SELECT * FROM studies\"; stop the servers: pacsflow stack down)"
     )
 
 
