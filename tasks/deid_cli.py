@@ -32,13 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import pydicom
-from pydicom.errors import InvalidDicomError
 
 from tasks import deid_iod
-from tasks.deid import RECIPE_VERSION, DeidReport, Deidentifier, Option, file_meta_for, load_profile
+from tasks.deid import RECIPE_VERSION, DeidReport, Deidentifier, Option, load_profile
 from tasks.errors import BadDicom, DeidentificationError
-from tasks.process import encode
+from tasks.process import deidentify_dataset, encode, read_instance
 
 MANIFEST_NAME = "deid-manifest.json"
 MANIFEST_VERSION = 1
@@ -212,21 +210,12 @@ def run_deidentify(
         one = DeidReport()
         try:
             try:
-                ds = pydicom.dcmread(path)
-            except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
-                raise BadDicom(f"unreadable DICOM ({type(exc).__name__})") from None
-            if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
-                raise BadDicom("missing SOP/Study/Series Instance UID")
+                ds = read_instance(path)
+            except OSError as exc:  # a user's folder: an unreadable file is quarantined like a bad one
+                raise BadDicom(f"unreadable file ({type(exc).__name__})") from None
             pid = str(ds.get("PatientID", "") or "")
             study = str(ds.StudyInstanceUID)
-            try:
-                deid.apply(ds, one)
-                file_meta_for(ds)
-            except DeidentificationError:
-                raise
-            except (ValueError, TypeError, KeyError, AttributeError, LookupError, NotImplementedError) as exc:
-                raise DeidentificationError(f"de-identification failed ({type(exc).__name__})") from None
-            data = encode(ds, audit=audit)
+            data = encode(deidentify_dataset(ds, deid, one), audit=audit)
         except (BadDicom, DeidentificationError) as exc:
             qid = object_id(key, rel)
             summary.quarantined.append(QuarantinedObject(qid, str(exc)))

@@ -51,15 +51,19 @@ def _quarantine(src: Path, quarantine_dir: Path, pseudo_uid: str) -> str:
     return src.name
 
 
-def deidentify_file(path: Path, deid: Deidentifier, report: DeidReport) -> pydicom.Dataset:
-    """Parse once, apply the pixel policy and the profile; the Dataset keeps (in memory only)
-    the original identifying values for the residual-PHI audit in ``encode``."""
+def read_instance(path: Path) -> pydicom.Dataset:
+    """Parse one staged object (with its pixels: they are written out again)."""
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
         raise BadDicom(f"unreadable DICOM ({type(exc).__name__})") from None
     if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
         raise BadDicom("missing SOP/Study/Series Instance UID")
+    return ds
+
+
+def deidentify_dataset(ds: pydicom.Dataset, deid: Deidentifier, report: DeidReport) -> pydicom.Dataset:
+    """Apply the pixel policy and the profile in place; any failure is a typed, PHI-free error."""
     try:
         deid.apply(ds, report)
         file_meta_for(ds)
@@ -69,6 +73,12 @@ def deidentify_file(path: Path, deid: Deidentifier, report: DeidReport) -> pydic
         # Unknown character sets and malformed values surface here: never export half-cleaned.
         raise DeidentificationError(f"de-identification failed ({type(exc).__name__})") from None
     return ds
+
+
+def deidentify_file(path: Path, deid: Deidentifier, report: DeidReport) -> pydicom.Dataset:
+    """Parse once, apply the pixel policy and the profile; the Dataset keeps (in memory only)
+    the original identifying values for the residual-PHI audit in ``encode``."""
+    return deidentify_dataset(read_instance(path), deid, report)
 
 
 def encode(ds: pydicom.Dataset, audit: bool = True) -> bytes:
