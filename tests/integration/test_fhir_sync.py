@@ -26,7 +26,6 @@ import pytest
 
 from catalog.store import CatalogStore
 from catalog.views import connect
-from deployments import fhir_server
 from deployments.local import sampledata
 from tasks.deid import Deidentifier
 from tasks.errors import FhirConfigurationError, FhirRejected
