@@ -35,17 +35,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from catalog.store import CatalogStore  # noqa: E402
 from catalog.views import connect  # noqa: E402
 from deployments import fhir_server  # noqa: E402
 from deployments.local import sampledata  # noqa: E402
-from tasks.deid import Deidentifier  # noqa: E402
 from tasks.fhir_client import FhirClient  # noqa: E402
 from tasks.fhir_map import MappingOptions, StudyResources, build_study  # noqa: E402
 from tasks.fhir_sync import load_study_rows, send_studies, sync_catalog  # noqa: E402
-from tasks.process import process_study, read_rows  # noqa: E402
 from tasks.settings import load_settings  # noqa: E402
-from tasks.storage import LakeStorage  # noqa: E402
+from tests.helpers import catalog_studies  # noqa: E402
 
 PSEUDONYM_SYSTEM = "urn:pacsflow:bench:pseudonym"
 
@@ -100,22 +97,6 @@ class LatencyProxy:
 
     def close(self) -> None:
         self._listener.close()
-
-
-def build_catalog(raw: list[sampledata.StudySummary], root: Path, key: bytes) -> Path:
-    deid = Deidentifier(key)
-    dirs = []
-    for s in raw:
-        staged = root / "staging" / s.study_uid
-        staged.mkdir(parents=True)
-        for f in s.path.rglob("*.dcm"):
-            shutil.copy(f, staged / f.name)
-        out = process_study(staged, deid.study_ref(s.study_uid), deid, LakeStorage(root / "dicom"),
-                            root / "quarantine", root / "rows" / s.study_uid)
-        dirs.append(out.rows_dir)
-    CatalogStore(root / "catalog").commit(read_rows(dirs))
-    shutil.rmtree(root / "staging")
-    return root / "catalog"
 
 
 def catalog_rows(catalog: Path) -> list[tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]]:
@@ -197,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = sampledata.generate(work / "raw", studies=n, patients=max(1, n // 3), days=60,
                                   end_date=dt.date(2026, 11, 27), seed=3, rows=16, cols=16,
                                   modalities=("CT", "MR", "MG"))  # US may be quarantined (burned-in text)
-        catalog = build_catalog(raw, work / "lake", b"bench-key-0123456789")
+        catalog = catalog_studies(raw, work / "lake", b"bench-key-0123456789", lake="dicom")
         rows = catalog_rows(catalog)
         instances = sum(len(r[2]) for r in rows)
         print(f"{n} studies ({instances} instances, {n // 3} patients) generated, de-identified and cataloged "

@@ -34,23 +34,34 @@ def dcmtk_env() -> dict[str, str]:
 
 
 def build_catalog(root, key: bytes = b"test-catalog-key-0123456789", **generate_kw):
-    """A catalog made by the real pieces, without a PACS: generate studies, stage each one's
-    files, de-identify/store/extract them (``process_study``) and commit one batch.
+    """A catalog made by the real pieces, without a PACS: generate studies (``generate_kw`` goes
+    to ``sampledata.generate``) and catalog them with ``catalog_studies``.
 
     Returns the generated study summaries; the catalog is ``root / "catalog"`` and the lake
-    ``root / "lake"``. ``generate_kw`` goes to ``sampledata.generate``.
+    ``root / "lake"``.
     """
+    from pathlib import Path
+
+    from deployments.local import sampledata
+
+    root = Path(root)
+    studies = sampledata.generate(root / "in", **generate_kw)
+    catalog_studies(studies, root, key)
+    return studies
+
+
+def catalog_studies(studies, root, key: bytes, lake: str = "lake"):
+    """Stage each generated study's files, de-identify/store/extract them (``process_study``)
+    and commit one batch to ``root / "catalog"``, which is returned."""
     import shutil
     from pathlib import Path
 
     from catalog.store import CatalogStore
-    from deployments.local import sampledata
     from tasks.deid import Deidentifier
     from tasks.process import process_study, read_rows
     from tasks.storage import LakeStorage
 
     root = Path(root)
-    studies = sampledata.generate(root / "in", **generate_kw)
     deid = Deidentifier(key)
     rows = []
     for s in studies:
@@ -58,9 +69,24 @@ def build_catalog(root, key: bytes = b"test-catalog-key-0123456789", **generate_
         staged.mkdir(parents=True)
         for f in s.path.rglob("*.dcm"):
             shutil.copy(f, staged / f.name)
-        out = process_study(staged, deid.study_ref(s.study_uid), deid, LakeStorage(root / "lake"),
+        out = process_study(staged, deid.study_ref(s.study_uid), deid, LakeStorage(root / lake),
                             root / "quarantine", root / "rows" / s.study_uid)
         if out.rows_dir:
             rows.append(out.rows_dir)
     CatalogStore(root / "catalog").commit(read_rows(rows))
-    return studies
+    shutil.rmtree(root / "staging")
+    return root / "catalog"
+
+
+def start_hapi(run_dir, data_dir=None, attempts: int = 2):
+    """Start the HAPI FHIR server on a free port, retrying with a new port when another process
+    took it before Jetty could bind."""
+    from deployments import fhir_server
+
+    last = None
+    for _attempt in range(attempts):
+        try:
+            return fhir_server.start(free_port(), run_dir, data_dir=data_dir, timeout_s=300)
+        except fhir_server.FhirServerError as exc:
+            last = exc
+    raise last

@@ -35,7 +35,7 @@ from deployments.local.orthanc import (  # noqa: E402
     OrthancServer,
     default_modalities,
 )
-from tests.helpers import dcmtk_env, free_port  # noqa: E402
+from tests.helpers import dcmtk_env, free_port, start_hapi  # noqa: E402
 
 RECEIVER_AE = "PACSFLOW"
 DCMTK_AE = "DCMTK"
@@ -162,16 +162,7 @@ def hapi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[fhir_server.FhirS
         pytest.skip("Java 17+ is not installed, so the HAPI FHIR server cannot run")
     fhir_server.build(quiet=True)
     run_dir = tmp_path_factory.mktemp("hapi-sync")
-    handle = None
-    last: fhir_server.FhirServerError | None = None
-    for _attempt in range(2):  # a free port can be taken by someone else before Jetty binds
-        try:
-            handle = fhir_server.start(free_port(), run_dir, data_dir=None, timeout_s=300)
-            break
-        except fhir_server.FhirServerError as exc:
-            last = exc
-    if handle is None:
-        raise last  # type: ignore[misc]
+    handle = start_hapi(run_dir, data_dir=None)
     try:
         yield handle
     finally:

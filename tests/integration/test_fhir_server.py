@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from deployments import fhir_server
-from tests.helpers import free_port
+from tests.helpers import start_hapi
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -29,16 +29,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[fhir_server.Fhi
         pytest.skip("Java 17+ is not installed")
     fhir_server.build(quiet=True)
     run_dir = tmp_path_factory.mktemp("fhir-run")
-    handle: fhir_server.FhirServerHandle | None = None
-    last: fhir_server.FhirServerError | None = None
-    for _attempt in range(2):  # a free port can be taken by someone else before Jetty binds
-        try:
-            handle = fhir_server.start(free_port(), run_dir, data_dir=run_dir / "data", timeout_s=300)
-            break
-        except fhir_server.FhirServerError as exc:
-            last = exc
-    if handle is None:
-        raise last  # type: ignore[misc]
+    handle = start_hapi(run_dir, data_dir=run_dir / "data")
     try:
         yield handle
     finally:
