@@ -19,7 +19,7 @@ JAR="$TARGET/pacsflow-fhir-server.jar"
 APP="$TARGET/app"
 APP_JAR="$APP/pacsflow-fhir-server.jar"
 CDS="$APP/pacsflow-fhir-server.jsa"
-JAVA_OPTS="${FHIR_JAVA_OPTS:--Xms256m -Xmx1g -XX:+UseSerialGC -XX:TieredStopAtLevel=1}"
+JAVA_OPTS="${FHIR_JAVA_OPTS:--Xms256m -Xmx1g -XX:+UseSerialGC}"
 
 FORCE=0
 case "${1:-}" in
