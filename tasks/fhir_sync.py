@@ -161,10 +161,12 @@ def _json_list(values: Sequence[str]) -> str:
 
 
 # -- catalog --------------------------------------------------------------------------------------
-# Constant SQL; every value is a bound parameter.
-_SQL_STUDY_SIZES = "SELECT study_uid, number_of_instances FROM studies ORDER BY study_uid"
+# Constant SQL; every value is a bound parameter. Batches follow the patient: a patient's studies
+# land in one Bundle (one Patient entry for all of them) unless they outgrow it.
+_SQL_STUDY_SIZES = ("SELECT study_uid, number_of_instances FROM studies "
+                    "ORDER BY patient_pseudo_id, study_uid")
 _SQL_STUDY_SIZES_IN = ("SELECT study_uid, number_of_instances FROM studies "
-                       "WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) ORDER BY study_uid")
+                       "WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) ORDER BY patient_pseudo_id, study_uid")
 _SQL_STUDIES = ("SELECT study_uid, patient_pseudo_id, study_date, study_time, study_description, modalities, "
                 "number_of_series, number_of_instances, patient_sex FROM studies "
                 "WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))")
@@ -217,7 +219,8 @@ def plan_batches(
     max_instances: int = MAX_INSTANCES_PER_BUNDLE,
 ) -> list[list[str]]:
     """The studies to consider (all of the catalog, the given ones, or those the ledger has failed),
-    in batches of at most ``batch_size`` studies and about ``max_instances`` instances."""
+    in batches of at most ``batch_size`` studies and about ``max_instances`` instances, in patient
+    order (fewer Patient entries: the server writes each patient once per Bundle)."""
     if study_uids is not None and not study_uids:
         return []
     if study_uids is None:
