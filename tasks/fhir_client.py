@@ -35,6 +35,23 @@ from tasks.errors import FhirConfigurationError, FhirConflict, FhirRejected, Fhi
 
 log = logging.getLogger(__name__)
 
+
+class _QueryRedactingFilter(logging.Filter):
+    """httpx logs every request's full URL at INFO. A query string can carry identifier values
+    (``Patient?identifier=…``, searches by GET), so the logged URL keeps its path and loses its query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, httpx.URL) and a.query for a in record.args):
+            record.args = tuple(
+                f"{a.copy_with(query=None)}?<query redacted>" if isinstance(a, httpx.URL) and a.query else a
+                for a in record.args
+            )
+        return True
+
+
+_REDACT_QUERY = _QueryRedactingFilter()
+logging.getLogger("httpx").addFilter(_REDACT_QUERY)
+
 FHIR_JSON = "application/fhir+json"
 _TRANSIENT = {429, 500, 502, 503, 504}
 _CONFIGURATION = {401, 403, 404, 405, 406, 415}
@@ -270,8 +287,9 @@ class FhirClient:
     def put(self, url: str, resource: dict[str, Any], *, minimal: bool = True) -> httpx.Response:
         """PUT one resource (``Type/id`` or a conditional ``Type?identifier=…``).
 
-        A conditional URL carries the identifier value, and httpx logs request URLs at INFO: the
-        sync itself uses transactions (identifiers only in the body); this is for tools and benchmarks.
+        A conditional URL carries the identifier value in its query (httpx's request log drops the
+        query). The sync itself uses transactions (identifiers only in the body); this is for tools
+        and benchmarks.
         """
         headers = {"Prefer": "return=minimal"} if minimal else {}
         return self._request("PUT", url, json=resource, headers=headers)
