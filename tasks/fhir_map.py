@@ -178,7 +178,7 @@ class StudyResources:
     number_of_series: int
     number_of_instances: int
     hash: str
-    #: The resources as FHIR JSON, serialized once (for the hash and every Bundle).
+    #: The resources as FHIR JSON, exactly as validated (for the hash and every Bundle).
     patient_json: dict[str, Any] = field(default_factory=dict, repr=False)
     endpoint_json: dict[str, Any] | None = field(default=None, repr=False)
     study_json: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -333,6 +333,22 @@ def resource_json(resource: Any) -> dict[str, Any]:
     return json.loads(resource.model_dump_json())
 
 
+def _validated(model: Any, doc: dict[str, Any], study_uid: str) -> tuple[Any, dict[str, Any]]:
+    """Validate ``doc`` (our FHIR JSON without resourceType) with the fhir.resources ``model``.
+
+    Returns the model and the JSON to send: ``doc`` itself, pruned, with its resourceType. Sending
+    what was validated saves serializing the model back (about half of the mapping time); a unit
+    test pins that the two are the same JSON.
+    """
+    pruned = _prune(doc)
+    kind = model.get_resource_type()
+    try:
+        resource = model(**pruned)
+    except ValidationError as exc:
+        raise FhirMappingError(f"study {study_uid}: {_validation_message(kind, exc)}") from None
+    return resource, {"resourceType": kind, **pruned}
+
+
 def content_hash(resources: Iterable[Any]) -> str:
     """SHA-256 of the canonical JSON of the resources (and :data:`MAPPING_VERSION`), hex."""
     docs = [r if isinstance(r, Mapping) else resource_json(r) for r in resources if r is not None]
@@ -379,26 +395,20 @@ def build_study(
             patient_doc["name"] = name
         if birth:
             patient_doc["birthDate"] = birth.isoformat()
-    try:
-        patient = Patient(**_prune(patient_doc))
-    except ValidationError as exc:
-        raise FhirMappingError(f"study {study_uid}: {_validation_message('Patient', exc)}") from None
+    patient, patient_json = _validated(Patient, patient_doc, study_uid)
 
-    endpoint = None
+    endpoint, endpoint_json = None, None
     if e_ident is not None:
-        try:
-            endpoint = Endpoint(
-                id=e_ident.resource_id,
-                identifier=[{"system": e_ident.system, "value": e_ident.value}],
-                status="active",
-                connectionType={"system": ENDPOINT_CONNECTION_SYSTEM, "code": "dicom-wado-rs"},
-                name="pacsflow DICOMweb WADO-RS",
-                payloadType=[{"coding": [{"system": ENDPOINT_PAYLOAD_SYSTEM, "code": "any"}], "text": "DICOM"}],
-                payloadMimeType=["application/dicom"],
-                address=e_ident.value,
-            )
-        except ValidationError as exc:
-            raise FhirMappingError(f"study {study_uid}: {_validation_message('Endpoint', exc)}") from None
+        endpoint, endpoint_json = _validated(Endpoint, {
+            "id": e_ident.resource_id,
+            "identifier": [{"system": e_ident.system, "value": e_ident.value}],
+            "status": "active",
+            "connectionType": {"system": ENDPOINT_CONNECTION_SYSTEM, "code": "dicom-wado-rs"},
+            "name": "pacsflow DICOMweb WADO-RS",
+            "payloadType": [{"coding": [{"system": ENDPOINT_PAYLOAD_SYSTEM, "code": "any"}], "text": "DICOM"}],
+            "payloadMimeType": ["application/dicom"],
+            "address": e_ident.value,
+        }, study_uid)
 
     by_series: dict[str, list[Mapping[str, Any]]] = {}
     for inst in instances:
@@ -448,16 +458,10 @@ def build_study(
         "endpoint": [{"reference": f"Endpoint/{e_ident.resource_id}"}] if e_ident else None,
         "series": series_docs or None,
     }
-    try:
-        imaging_study = ImagingStudy(**_prune(study_doc))
-    except ValidationError as exc:
-        raise FhirMappingError(f"study {study_uid}: {_validation_message('ImagingStudy', exc)}") from None
+    imaging_study, study_json = _validated(ImagingStudy, study_doc, study_uid)
 
     n_series = int(study.get("number_of_series") or 0)
     n_instances = int(study.get("number_of_instances") or 0)
-    patient_json = resource_json(patient)
-    endpoint_json = resource_json(endpoint) if endpoint is not None else None
-    study_json = resource_json(imaging_study)
     return StudyResources(
         study_uid=study_uid,
         imaging_study=imaging_study,

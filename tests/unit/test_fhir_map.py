@@ -210,6 +210,26 @@ def test_no_name_or_birth_date_unless_identified(catalog_rows):
         st["patient_pseudo_id"]
 
 
+def test_the_json_sent_is_the_json_of_the_validated_models(catalog_rows):
+    """build_study sends the documents it validated instead of serializing the models back: they
+    must be the same FHIR JSON, in every mode."""
+    tz_options = MappingOptions(pseudonym_system="urn:x", wado_rs_base_url="https://pacs.example.org/dicom-web",
+                                timezone="Europe/Zurich")
+    ident_options = MappingOptions(pseudonym_system="urn:hospital:mrn", identified=True)
+    checked = 0
+    for rows in catalog_rows.values():
+        st, se, ins = copy.deepcopy(rows)
+        st.update(patient_name="Doe^Jane^Q^Dr", patient_birth_date=dt.date(1970, 5, 6))
+        for options in (OPTIONS, tz_options, ident_options):
+            res = build_study(st, se, ins, options)
+            assert res.study_json == resource_json(res.imaging_study)
+            assert res.patient_json == resource_json(res.patient)
+            if res.endpoint is not None:
+                assert res.endpoint_json == resource_json(res.endpoint)
+                checked += 1
+    assert checked == len(catalog_rows)
+
+
 # -- ids and hashes -------------------------------------------------------------------------------
 def test_ids_are_deterministic_valid_and_distinct(catalog_rows):
     ids = set()
