@@ -26,7 +26,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals may hold PHI or the key
 )
-stack_app = typer.Typer(help="The local Orthanc PACS used by the demo and the tests.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local Orthanc PACS and HAPI FHIR server used by the demo and the tests.",
+                        no_args_is_help=True)
 run_app = typer.Typer(help="Run a flow once, in this process.", no_args_is_help=True)
 catalog_app = typer.Typer(help="Query and maintain the Parquet catalog.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
@@ -238,6 +239,29 @@ def run_compact() -> None:
     result = compact_catalog()
     for k, v in result.items():
         out.print(f"{k}: {v}")
+
+
+@run_app.command("fhir-resync")
+def run_fhir_resync(
+    only_failed: Annotated[bool, typer.Option(help="only the studies whose last FHIR sync failed")] = False,
+    force: Annotated[bool, typer.Option(help="send unchanged studies too (e.g. after the server was rebuilt)")]
+    = False,
+) -> None:
+    """Send the catalog's studies to the FHIR server (ImagingStudy + Patient) once, now.
+
+    Exits 1 when studies failed, the run stopped early, or reconciliation found differences."""
+    from flows.fhir_resync import fhir_resync
+
+    settings = _settings()
+    if not settings.fhir.base_url:
+        console.print("[red]fhir.base_url is not set: set PACSFLOW_FHIR__BASE_URL (or fhir.base_url in "
+                      "the PACSFLOW_CONFIG file)[/red]")
+        raise typer.Exit(2)
+    result = fhir_resync(only_failed=only_failed, force=force)
+    for k, v in result.items():
+        out.print(f"{k}: {v}")
+    if result.get("failed") or result.get("aborted") or result.get("differences"):
+        raise typer.Exit(1)
 
 
 # -- catalog ----------------------------------------------------------------------------

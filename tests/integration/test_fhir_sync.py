@@ -475,13 +475,23 @@ def test_fhir_resync_flow(hapi, client, raw_studies, make_lake, monkeypatch):
         assert replay["sent"] == 0 and replay["skipped_unchanged"] == 3
         forced = fhir_resync(force=True)
         assert forced["sent"] == 3
+        from typer.testing import CliRunner
+
+        from flows.cli import app
+
+        cli = CliRunner().invoke(app, ["run", "fhir-resync", "--only-failed"])
+        assert cli.exit_code == 0, cli.output
+        assert "selected: 0" in cli.output and "failed: 0" in cli.output
+        cli = CliRunner().invoke(app, ["run", "fhir-resync"])
+        assert cli.exit_code == 0, cli.output
+        assert "skipped_unchanged: 3" in cli.output
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
         with get_client(sync_client=True) as api:
             artifacts = api.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
                 any_=["fhir-resync-summary"])))
-        assert len(artifacts) == 3 and all("| sent |" in a.data for a in artifacts)
+        assert len(artifacts) == 5 and all("| sent |" in a.data for a in artifacts)
     for st in lake.studies():
         assert count(client, "ImagingStudy", study_identity(st["study_uid"]).token) == 1
 

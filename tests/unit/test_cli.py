@@ -49,3 +49,12 @@ def test_run_nightly_rejects_a_bad_date():
     result = runner.invoke(app, ["run", "nightly", "--since", "yesterday"])
     assert result.exit_code == 2
     assert "--since" in result.output
+
+
+def test_run_fhir_resync_needs_a_base_url(monkeypatch):
+    monkeypatch.delenv("PACSFLOW_FHIR__BASE_URL", raising=False)
+    monkeypatch.delenv("PACSFLOW_CONFIG", raising=False)
+    result = runner.invoke(app, ["run", "fhir-resync"])
+    assert result.exit_code == 2
+    assert "fhir.base_url is not set" in result.output
+    assert "--only-failed" in runner.invoke(app, ["run", "fhir-resync", "--help"]).output
