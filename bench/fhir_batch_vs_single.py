@@ -46,15 +46,9 @@ from tasks.fhir_client import FhirClient  # noqa: E402
 from tasks.fhir_map import MappingOptions, StudyResources, build_study  # noqa: E402
 from tasks.fhir_sync import FhirSyncLedger, load_study_rows, plan_batches, send_studies, sync_catalog  # noqa: E402
 from tasks.settings import FhirSettings, load_settings  # noqa: E402
-from tests.helpers import catalog_studies  # noqa: E402
+from tests.helpers import catalog_studies, free_port  # noqa: E402
 
 PSEUDONYM_SYSTEM = "urn:pacsflow:bench:pseudonym"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LatencyProxy:

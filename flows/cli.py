@@ -215,6 +215,11 @@ def _parse_day(value: Optional[str], name: str) -> Optional[dt.date]:
         raise typer.BadParameter(f"{name}: expected YYYY-MM-DD or YYYYMMDD") from None
 
 
+def _print_result(result: dict) -> None:
+    for k, v in result.items():
+        out.print(f"{k}: {v}")
+
+
 @run_app.command("nightly")
 def run_nightly_cmd(
     since: Annotated[Optional[str], typer.Option(help="window start (default: watermark minus overlap)")] = None,
@@ -225,8 +230,7 @@ def run_nightly_cmd(
 
     _settings()
     result = nightly_ingest(since=_parse_day(since, "--since"), until=_parse_day(until, "--until"))
-    for k, v in result.items():
-        out.print(f"{k}: {v}")
+    _print_result(result)
     if result.get("failed"):
         raise typer.Exit(1)
 
@@ -237,8 +241,7 @@ def run_compact() -> None:
     from flows.compact import compact_catalog
 
     result = compact_catalog()
-    for k, v in result.items():
-        out.print(f"{k}: {v}")
+    _print_result(result)
 
 
 @run_app.command("fhir-resync")
@@ -258,8 +261,7 @@ def run_fhir_resync(
                       "the PACSFLOW_CONFIG file)[/red]")
         raise typer.Exit(2)
     result = fhir_resync(only_failed=only_failed, force=force)
-    for k, v in result.items():
-        out.print(f"{k}: {v}")
+    _print_result(result)
     if result.get("failed") or result.get("aborted") or result.get("differences"):
         raise typer.Exit(1)
 
@@ -334,8 +336,7 @@ def demo(
 
     result = nightly_ingest()
     console.rule("result")
-    for k, v in result.items():
-        out.print(f"{k}: {v}")
+    _print_result(result)
     console.rule("catalog (DuckDB)")
     out.print(DEMO_QUERY.strip())
     catalog_query(DEMO_QUERY, None)

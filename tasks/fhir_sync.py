@@ -503,6 +503,11 @@ class SyncReport:
         self.failed.update(batch.failed)
         self.transactions += batch.transactions
 
+    def log_summary(self, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        logger.info("FHIR sync %s: %d selected, %d sent, %d unchanged, %d failed, %d differences in %.1f s",
+                    self.run_id, self.selected, self.sent, self.skipped_unchanged, len(self.failed),
+                    len(self.differences), self.seconds)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id, "selected": self.selected, "sent": self.sent,
@@ -599,9 +604,7 @@ def sync_catalog(
         if own_client:
             client.close()
     report.seconds = round(time.monotonic() - started, 2)
-    log.info("FHIR sync %s: %d selected, %d sent, %d unchanged, %d failed, %d differences in %.1f s",
-             report.run_id, report.selected, report.sent, report.skipped_unchanged, len(report.failed),
-             len(report.differences), report.seconds)
+    report.log_summary(log)
     return report
 
 
@@ -712,7 +715,5 @@ def sync_with_tasks(
         else:
             report.aborted = "reconciliation: " + (_reason(res) if isinstance(res, BaseException) else "failed")
     report.seconds = round(time.monotonic() - started, 2)
-    logger.info("FHIR sync %s: %d selected, %d sent, %d unchanged, %d failed, %d differences in %.1f s",
-                report.run_id, report.selected, report.sent, report.skipped_unchanged, len(report.failed),
-                len(report.differences), report.seconds)
+    report.log_summary(logger)
     return report
