@@ -6,7 +6,7 @@ encode to Part 10 bytes. Ours runs as in production: the PS3.15 profile with the
 encoded bytes; objects it quarantines still count as processed files. It is also timed with the
 pixel check off (every file de-identified and encoded). Prints files/s and ratios.
 
-    .venv/bin/python bench/deid_vs_peers.py [--studies 30] [--size 256] [--repeat 3] [--files 300]
+    .venv/bin/python -m bench.deid_vs_peers [--studies 30] [--size 256] [--repeat 3] [--files 300]
 
 Needs: deid (in the project's dependencies) and dicognito (pip install dicognito).
 """
@@ -24,14 +24,13 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pydicom  # noqa: E402
+import pydicom
 
-from deployments.local import sampledata  # noqa: E402
-from tasks.deid import DEFAULT_OPTIONS, DeidReport, Deidentifier  # noqa: E402
-from tasks.errors import DeidentificationError  # noqa: E402
-from tasks.process import encode  # noqa: E402
+from pacsflow.deployments.local import sampledata
+from pacsflow.tasks.deid.deidentifier import DEFAULT_OPTIONS, DeidReport, Deidentifier
+from pacsflow.tasks.core.errors import DeidentificationError
+from pacsflow.tasks.deid.instance import encode
 
 
 def _write(ds: pydicom.Dataset) -> bytes:

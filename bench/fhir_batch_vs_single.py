@@ -1,6 +1,6 @@
 """Benchmark: FHIR sync with transaction Bundles against one PUT per resource, same HAPI, same run.
 
-    .venv/bin/python bench/fhir_batch_vs_single.py [--studies 200] [--batch-size N] [--latency-ms 0,10,25]
+    .venv/bin/python -m bench.fhir_batch_vs_single [--studies 200] [--batch-size N] [--latency-ms 0,10,25]
 
 Starts a private in-memory HAPI FHIR server (deployments/fhir_server.py) on a free loopback port,
 generates the studies with the sample-data generator and catalogs them through the real pieces
@@ -34,19 +34,18 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from catalog.views import connect  # noqa: E402
-from deployments import fhir_server  # noqa: E402
-from deployments.local import sampledata  # noqa: E402
-from tasks.fhir_client import FhirClient  # noqa: E402
-from tasks.fhir_map import MappingOptions, StudyResources, build_study  # noqa: E402
-from tasks.fhir_sync import FhirSyncLedger, load_study_rows, plan_batches, send_studies, sync_catalog  # noqa: E402
-from tasks.settings import FhirSettings, load_settings  # noqa: E402
-from tests.helpers import catalog_studies, free_port  # noqa: E402
+from pacsflow.catalog.views import connect
+from pacsflow.deployments import fhir_server
+from pacsflow.deployments.local import sampledata
+from pacsflow.tasks.fhir.client import FhirClient
+from pacsflow.tasks.fhir.mapping import MappingOptions, StudyResources, build_study
+from pacsflow.tasks.fhir.ledger import FhirSyncLedger
+from pacsflow.tasks.fhir.sync import load_study_rows, plan_batches, send_studies, sync_catalog
+from pacsflow.tasks.settings import FhirSettings, load_settings
+from tests.helpers import catalog_studies, free_port
 
 PSEUDONYM_SYSTEM = "urn:pacsflow:bench:pseudonym"
 

@@ -1,6 +1,6 @@
 """Benchmark: the nightly flow against DCMTK movescu → storescp, on the same Orthanc, same run.
 
-    .venv/bin/python bench/nightly_vs_dcmtk.py [--studies 100] [--instances-per-series 30 37]
+    .venv/bin/python -m bench.nightly_vs_dcmtk [--studies 100] [--instances-per-series 30 37]
 
 Generates the studies (default 100 studies, ~10,000 instances), loads them into a private
 Orthanc on free loopback ports, then measures:
@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from deployments.local import sampledata  # noqa: E402
-from deployments.local.orthanc import OrthancConfig, OrthancServer, default_modalities  # noqa: E402
+from pacsflow.deployments.local import sampledata
+from pacsflow.deployments.local.orthanc import OrthancConfig, OrthancServer, default_modalities
 
 
 def free_port() -> int:
@@ -84,13 +83,13 @@ def bench_pacsflow(server: OrthancServer, work: Path, receiver_port: int) -> tup
     )
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.nightly import nightly_ingest
+    from pacsflow.flows.nightly import nightly_ingest
 
     with prefect_test_harness(server_startup_timeout=120):
         t0 = time.perf_counter()
         result = nightly_ingest()
         seconds = time.perf_counter() - t0
-    from tasks.ledger import Ledger
+    from pacsflow.tasks.ingest.ledger import Ledger
 
     for entry in Ledger(work / "state" / "ledger.sqlite").entries().values():
         if entry.status == "failed":

@@ -19,7 +19,7 @@ study, in all three tables, live in the partition of its ``studies`` row; the st
 
 Commit (``commit(tables)``), under the lock:
 
-1. validate and cast the incoming tables to :mod:`catalog.schema` (clear error otherwise), check
+1. validate and cast the incoming tables to :mod:`pacsflow.catalog.schema` (clear error otherwise), check
    primary keys are unique and every series/instance row belongs to a study in ``tables["studies"]``;
 2. the study UIDs of ``tables["studies"]`` are the *replaced set*: find the partitions that hold them
    now (their old dates) and the partitions they go to (their new dates);
@@ -63,8 +63,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from catalog.schema import PRIMARY_KEYS, SCHEMA_VERSION, SCHEMAS, SORT_KEYS
-from tasks.errors import PermanentError, TransientError
+from pacsflow.catalog.schema import PRIMARY_KEYS, SCHEMA_VERSION, SCHEMAS, SORT_KEYS
+from pacsflow.catalog.errors import CatalogBusy, CatalogError, IntegrityError, SchemaMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -77,30 +77,6 @@ ROW_GROUP_ROWS = 64 * 1024  # smaller row groups = finer skipping by study_uid/s
 ZSTD_LEVEL = 3
 
 _VERSION_DIR = re.compile(r"^v(\d{12})$")
-
-
-class CatalogError(PermanentError):
-    """The catalog refused a commit; messages name tables, columns and counts, never values."""
-
-    reason = "catalog"
-
-
-class SchemaMismatch(CatalogError, ValueError):
-    """An incoming table does not fit the declared schema."""
-
-    reason = "catalog-schema"
-
-
-class IntegrityError(CatalogError, ValueError):
-    """Duplicate keys, or series/instance rows whose study is not in the commit."""
-
-    reason = "catalog-integrity"
-
-
-class CatalogBusy(TransientError):
-    """Another process held the catalog lock for longer than the lock timeout."""
-
-    reason = "catalog-busy"
 
 
 # -- snapshots ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """DuckDB over the catalog: views ``studies``, ``series``, ``instances`` (+ ``catalog_snapshot``).
 
-Every view has the columns of :mod:`catalog.schema` plus ``study_month`` (VARCHAR 'YYYY-MM', NULL
+Every view has the columns of :mod:`pacsflow.catalog.schema` plus ``study_month`` (VARCHAR 'YYYY-MM', NULL
 for studies without a date), the hive partition column: filtering on it skips whole files
 without opening them, filtering on ``study_date``/``study_uid`` skips row groups.
 
@@ -31,8 +31,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from catalog.schema import SCHEMAS
-from catalog.store import PARTITION_COLUMN, TABLES, CatalogStore
+from pacsflow.catalog.schema import SCHEMAS
+from pacsflow.catalog.store import PARTITION_COLUMN, TABLES, CatalogStore
 
 VIEW_NAMES: tuple[str, ...] = TABLES
 

@@ -43,7 +43,7 @@ fi
 stamp=.venv/.pacsflow-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "==> installing pacsflow and its dependencies into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" >/dev/null
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi

@@ -56,7 +56,7 @@ ORDER BY s.modality
 
 
 def _settings():
-    from tasks.settings import SettingsError, load_settings
+    from pacsflow.tasks.settings import SettingsError, load_settings
 
     try:
         return load_settings()
@@ -66,7 +66,7 @@ def _settings():
 
 
 def _orthanc_config(settings, work_dir: Path):
-    from deployments.local.orthanc import OrthancConfig, default_modalities
+    from pacsflow.deployments.local.orthanc import OrthancConfig, default_modalities
 
     modalities = default_modalities()
     modalities["PACSFLOW"] = (settings.receiver.ae_title, settings.receiver.host, settings.receiver.port)
@@ -83,7 +83,7 @@ def _orthanc_config(settings, work_dir: Path):
 
 def _fhir_up(port: int) -> str | None:
     """Build (first time) and start the local HAPI FHIR server; its base URL, or None without Java."""
-    from deployments import fhir_server
+    from pacsflow.deployments import fhir_server
 
     url = fhir_server.base_url(port)
     if fhir_server.read_pid(FHIR_RUN_DIR) and fhir_server.is_ready(url):
@@ -105,13 +105,17 @@ def _fhir_up(port: int) -> str | None:
 
 
 def _print_fhir_counts(base_url: str) -> None:
-    import httpx
+    from pacsflow.tasks.core.errors import PacsflowError, error_text
+    from pacsflow.tasks.fhir.client import FhirClient
 
     console.rule("FHIR")
-    for resource in ("ImagingStudy", "Patient"):
-        r = httpx.get(f"{base_url}/{resource}", params={"_summary": "count"}, timeout=30)
-        total = r.json().get("total") if r.status_code == 200 else f"HTTP {r.status_code}"
-        out.print(f"{resource} resources on {base_url}: {total}")
+    with FhirClient(base_url, max_retries=1) as client:
+        for resource in ("ImagingStudy", "Patient"):
+            try:
+                total = (client.get(resource, {"_summary": "count"}) or {}).get("total")
+            except PacsflowError as exc:
+                total = error_text(exc)
+            out.print(f"{resource} resources on {base_url}: {total}")
 
 
 def _print_table(table) -> None:
@@ -143,7 +147,7 @@ def stack_up(
     fhir_port: Annotated[int, typer.Option(help="HAPI FHIR port on 127.0.0.1")] = FHIR_PORT,
 ) -> None:
     """Start the local Orthanc (and HAPI FHIR when Java is present) on 127.0.0.1 and wait until they answer."""
-    from deployments.local.orthanc import OrthancServer, status
+    from pacsflow.deployments.local.orthanc import OrthancServer, status
 
     settings = _settings()
     if status(work_dir).get("running"):
@@ -160,11 +164,11 @@ def stack_up(
 @stack_app.command("down")
 def stack_down(work_dir: Annotated[Path, typer.Option()] = Path("var/orthanc")) -> None:
     """Stop the local Orthanc and HAPI FHIR by their PID files."""
-    from deployments.local.orthanc import stop_by_pidfile
+    from pacsflow.deployments.local.orthanc import stop_by_pidfile
 
     stopped = stop_by_pidfile(work_dir)
     console.print("Orthanc stopped" if stopped else "Orthanc was not running")
-    from deployments import fhir_server
+    from pacsflow.deployments import fhir_server
 
     console.print("HAPI FHIR stopped" if fhir_server.stop(FHIR_RUN_DIR) else "HAPI FHIR was not running")
 
@@ -172,9 +176,9 @@ def stack_down(work_dir: Annotated[Path, typer.Option()] = Path("var/orthanc")) 
 @stack_app.command("status")
 def stack_status(work_dir: Annotated[Path, typer.Option()] = Path("var/orthanc")) -> None:
     """Show whether the local Orthanc and HAPI FHIR run, with ports and counts."""
-    from deployments.local.orthanc import status
+    from pacsflow.deployments.local.orthanc import status
 
-    from deployments import fhir_server
+    from pacsflow.deployments import fhir_server
 
     info = status(work_dir)
     for k, v in info.items():
@@ -194,7 +198,7 @@ def stack_seed(
     out_dir: Annotated[Path, typer.Option(help="where generated files go")] = Path("var/sample"),
 ) -> None:
     """Generate realistic synthetic studies and push them into the local Orthanc with storescu."""
-    from deployments.local import sampledata
+    from pacsflow.deployments.local import sampledata
 
     settings = _settings()
     with console.status(f"generating {studies} studies…"):
@@ -226,7 +230,7 @@ def run_nightly_cmd(
     until: Annotated[Optional[str], typer.Option(help="window end (default: today)")] = None,
 ) -> None:
     """Run the nightly ingest once, now, with Prefect tracking the run."""
-    from flows.nightly import nightly_ingest
+    from pacsflow.flows.nightly import nightly_ingest
 
     _settings()
     result = nightly_ingest(since=_parse_day(since, "--since"), until=_parse_day(until, "--until"))
@@ -238,7 +242,7 @@ def run_nightly_cmd(
 @run_app.command("compact")
 def run_compact() -> None:
     """Rewrite every catalog partition into one sorted file and delete unreferenced files."""
-    from flows.compact import compact_catalog
+    from pacsflow.flows.compact import compact_catalog
 
     result = compact_catalog()
     _print_result(result)
@@ -253,7 +257,7 @@ def run_fhir_resync(
     """Send the catalog's studies to the FHIR server (ImagingStudy + Patient) once, now.
 
     Exits 1 when studies failed, the run stopped early, or reconciliation found differences."""
-    from flows.fhir_resync import fhir_resync
+    from pacsflow.flows.fhir_resync import fhir_resync
 
     settings = _settings()
     if not settings.fhir.base_url:
@@ -275,7 +279,7 @@ def catalog_query(
     """Run SQL over the catalog with DuckDB and print the result."""
     import duckdb
 
-    from catalog.views import query
+    from pacsflow.catalog.views import query
 
     settings = _settings()
     try:
@@ -291,7 +295,7 @@ def catalog_views(
     db_path: Annotated[Path, typer.Argument(help="DuckDB database file to write")] = Path("var/lake/catalog.duckdb"),
 ) -> None:
     """Write a DuckDB database file with live views over the catalog, for the duckdb CLI or BI tools."""
-    from catalog.views import write_views_database
+    from pacsflow.catalog.views import write_views_database
 
     settings = _settings()
     path = write_views_database(settings.catalog_root, db_path)
@@ -301,7 +305,7 @@ def catalog_views(
 @catalog_app.command("stats")
 def catalog_stats() -> None:
     """Snapshot version, files and rows per table."""
-    from catalog.store import CatalogStore
+    from pacsflow.catalog.store import CatalogStore
 
     settings = _settings()
     for k, v in CatalogStore(settings.catalog_root).stats().items():
@@ -317,7 +321,7 @@ def demo(
 
     Starts the local Orthanc if needed, seeds it when empty, runs the nightly ingest once
     through Prefect, and prints studies, series and instances per modality."""
-    from deployments.local.orthanc import OrthancServer, status
+    from pacsflow.deployments.local.orthanc import OrthancServer, status
 
     settings = _settings()
     _ensure_demo_key(settings)
@@ -332,7 +336,7 @@ def demo(
     if not status(work_dir).get("studies"):
         stack_seed(studies=studies, days=10, seed=0, out_dir=Path("var/sample"))
     console.rule("nightly ingest")
-    from flows.nightly import nightly_ingest
+    from pacsflow.flows.nightly import nightly_ingest
 
     result = nightly_ingest()
     console.rule("result")
@@ -367,12 +371,16 @@ def deidentify_cmd(
     """De-identify a folder with the configured profile, quarantine what must not leave, print a summary.
 
     The same key gives byte-identical outputs on every run."""
-    from tasks.deid_cli import run_deidentify
-    from tasks.errors import DeidentificationError
-    from tasks.settings import SettingsError
+    from pacsflow.tasks.deid.folder import run_deidentify
+    from pacsflow.tasks.core.errors import DeidentificationError
+    from pacsflow.tasks.settings import SettingsError
+
+    from pacsflow.flows.secrets import load_secret_block
 
     settings = _settings()
     try:
+        if key_file is None:
+            settings = settings.with_secret_blocks(load_secret_block)
         key = key_file.read_text(encoding="utf-8").strip().encode() if key_file else settings.resolve_deid_key()
     except OSError as exc:
         console.print(f"[red]--key-file: cannot read it ({type(exc).__name__})[/red]")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from catalog.store import CatalogStore
-from tasks.settings import load_settings
+from pacsflow.catalog.store import CatalogStore
+from pacsflow.tasks.settings import load_settings
 
 
 @flow(name="compact-catalog", persist_result=False)

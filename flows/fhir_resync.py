@@ -12,8 +12,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.fhir_sync import SyncReport, sync_with_tasks
-from tasks.settings import load_settings
+from pacsflow.tasks.fhir.sync import SyncReport
+from pacsflow.tasks.fhir.steps import sync_with_tasks
+from pacsflow.flows.secrets import load_run_settings
 
 def publish_report(report: SyncReport, key: str, title: str) -> None:
     """The report as a markdown artifact on the current flow run (no-op outside a run)."""
@@ -32,7 +33,7 @@ def fhir_resync(only_failed: bool = False, force: bool = False) -> dict:
     (e.g. after the server was rebuilt); without it, studies whose resources did not change are skipped.
     """
     logger = get_run_logger()
-    settings = load_settings()
+    settings = load_run_settings()
     if not settings.fhir.base_url:
         logger.warning("fhir.base_url is not set: nothing to sync")
         return {"selected": 0, "aborted": "fhir.base_url is not set"}

@@ -20,34 +20,25 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
 
-from flows.concurrency import ensure_concurrency_limit
-from tasks.deid import DeidReport, Deidentifier
-from tasks.deid_cli import (
-    QuarantinedObject,
-    build_manifest,
-    manifest_markdown,
-    object_id,
-    purge_older_than,
-    update_crosswalk,
-)
-from tasks.errors import is_transient
-from tasks.ingest import (
-    PACS_LIMIT,
-    Retrieved,
-    commit_catalog,
-    deidentify_study,
-    discover_studies,
-    purge_staging,
-    retrieve_study,
-    shutdown_worker_pool,
-)
-from tasks.fhir_sync import catalog_study_uids
-from tasks.ledger import Ledger
-from tasks.pacs import quiet_pynetdicom
-from tasks.planning import WorkItem, plan_window, worklist
-from tasks.process import StudyOutcome
-from tasks.receiver import StagingWriter, StorageReceiver, ensure_private_dir
-from tasks.settings import RetrieveMethod, Settings, load_settings
+from pacsflow.flows.concurrency import ensure_concurrency_limit
+from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
+from pacsflow.tasks.deid.manifest import QuarantinedObject, build_manifest, manifest_markdown, object_id
+from pacsflow.tasks.core.files import purge_older_than
+from pacsflow.tasks.deid.crosswalk import update_crosswalk
+from pacsflow.tasks.core.errors import is_transient
+from pacsflow.tasks.pacs.steps import PACS_LIMIT, discover_studies, retrieve_study
+from pacsflow.tasks.pacs.models import Retrieved
+from pacsflow.tasks.lake.steps import commit_catalog, deidentify_study, shutdown_worker_pool
+from pacsflow.tasks.core.files import remove_tree
+from pacsflow.tasks.fhir.sync import catalog_study_uids
+from pacsflow.tasks.ingest.ledger import Ledger
+from pacsflow.tasks.pacs.client import quiet_pynetdicom
+from pacsflow.tasks.pacs.planning import WorkItem, plan_window, worklist
+from pacsflow.tasks.lake.study import StudyOutcome
+from pacsflow.tasks.pacs.receiver import StagingWriter, StorageReceiver
+from pacsflow.tasks.core.files import ensure_private_dir
+from pacsflow.flows.secrets import load_run_settings
+from pacsflow.tasks.settings import RetrieveMethod, Settings
 
 
 @dataclass
@@ -86,7 +77,7 @@ class RunSummary:
 
 def _error_text(exc: BaseException) -> str:
     # Our errors carry pseudonymous UIDs and counts only; anything else is named by type.
-    from tasks.errors import PacsflowError
+    from pacsflow.tasks.core.errors import PacsflowError
 
     return f"{type(exc).__name__}: {exc}" if isinstance(exc, PacsflowError) else type(exc).__name__
 
@@ -98,7 +89,7 @@ def nightly_ingest(since: dt.date | None = None, until: dt.date | None = None) -
     since/until: StudyDate window (default: last watermark minus the overlap .. today).
     """
     logger = get_run_logger()
-    settings = load_settings()
+    settings = load_run_settings()
     return run_nightly(settings, since=since, until=until, logger=logger)
 
 
@@ -151,7 +142,7 @@ def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.L
             rep.outcome, rep.instances, rep.quarantined = "cataloged", o.written, len(o.quarantined)
             summary.cataloged += 1
             summary.instances += o.written
-            purge_staging(settings.staging_dir / w.pseudo_uid)
+            remove_tree(settings.staging_dir / w.pseudo_uid)
     # The catalog's UIDs (not our pseudonyms: under Retain UIDs they differ), read before rows_root goes.
     committed_uids = catalog_study_uids([o.rows_dir for _, o in done])
     deid_report, quarantined_objects, written = DeidReport(), [], 0
@@ -218,7 +209,7 @@ def _retrieve_and_deidentify(settings: Settings, key: bytes, deid: Deidentifier,
     outcomes: dict[str, tuple[WorkItem, StudyOutcome]] = {}
     failures: dict[str, tuple[WorkItem, BaseException]] = {}
     for item in items:  # a fresh staging folder: stale files from an older attempt must not count
-        purge_staging(settings.staging_dir / item.pseudo_uid)
+        remove_tree(settings.staging_dir / item.pseudo_uid)
     receiver = (
         StorageReceiver(
             settings.receiver.ae_title,
@@ -270,8 +261,9 @@ def _retrieve_and_deidentify(settings: Settings, key: bytes, deid: Deidentifier,
 def _sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummary, logger) -> None:
     """ImagingStudy + Patient for what this run cataloged, plus every study whose FHIR sync
     failed before. Failures stay in the FHIR ledger for the next run; they never fail the night."""
-    from flows.fhir_resync import publish_report
-    from tasks.fhir_sync import FhirSyncLedger, sync_with_tasks
+    from pacsflow.flows.fhir_resync import publish_report
+    from pacsflow.tasks.fhir.ledger import FhirSyncLedger
+    from pacsflow.tasks.fhir.steps import sync_with_tasks
 
     try:
         owed = FhirSyncLedger.for_settings(settings).failed()

@@ -9,9 +9,10 @@ local Orthanc that ``pacsflow stack up`` starts.
 from __future__ import annotations
 
 import enum
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -91,7 +92,7 @@ class DeidSettings(BaseModel):
     @field_validator("options")
     @classmethod
     def _options(cls, v: list[str]) -> list[str]:
-        from tasks.deid import Option
+        from pacsflow.tasks.deid.deidentifier import Option
 
         names = {o.value for o in Option}
         bad = [o for o in v if o not in names]
@@ -111,7 +112,7 @@ class DeidSettings(BaseModel):
     @field_validator("pixel_masks")
     @classmethod
     def _masks(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from tasks.deid_pixels import parse_masks
+        from pacsflow.tasks.deid.pixels import parse_masks
 
         try:
             parse_masks(v)
@@ -259,8 +260,22 @@ class Settings(BaseSettings):
     def ledger_path(self) -> Path:
         return self.state_root / "ledger.sqlite"
 
+    def with_secret_blocks(self, load_block: Callable[[str], Any]) -> "Settings":
+        """A copy whose secrets named by block (``deid_key_block``, ``fhir.credentials_block``) are
+        filled in by ``load_block(name)``; the flow layer passes the Prefect Secret loader, so this
+        module (like everything below the flows) never imports Prefect."""
+        update: dict[str, Any] = {}
+        if self.deid_key is None and self.deid_key_file is None and self.deid_key_block:
+            update["deid_key"] = SecretStr(str(load_block(self.deid_key_block)))
+        fhir = self.fhir
+        if fhir.credentials_block and fhir.token is None and not fhir.username:
+            creds = fhir_credentials(load_block(fhir.credentials_block))
+            update["fhir"] = fhir.model_copy(update=creds)
+        return self.model_copy(update=update) if update else self
+
     def resolve_deid_key(self) -> bytes:
-        """The de-identification key, from env/settings or a Prefect Secret block. Never logged."""
+        """The de-identification key, from env/settings, a key file or (through the flows) a Prefect
+        Secret block. Never logged."""
         if self.deid_key is not None:
             key = self.deid_key.get_secret_value()
         elif self.deid_key_file is not None:
@@ -269,9 +284,8 @@ class Settings(BaseSettings):
             except OSError as exc:
                 raise SettingsError(f"deid_key_file: cannot read the key file ({type(exc).__name__})") from None
         elif self.deid_key_block:
-            from prefect.blocks.system import Secret
-
-            key = str(Secret.load(self.deid_key_block).get())
+            raise SettingsError("deid_key_block: the Secret block was not loaded; load settings with "
+                                "pacsflow.flows.secrets.load_run_settings()")
         else:
             raise SettingsError(
                 "deid_key: no de-identification key; set PACSFLOW_DEID_KEY, PACSFLOW_DEID_KEY_FILE "
@@ -280,6 +294,25 @@ class Settings(BaseSettings):
         if len(key) < 16:
             raise SettingsError("deid_key: must be at least 16 characters")
         return key.encode("utf-8")
+
+
+def fhir_credentials(value: Any) -> dict[str, Any]:
+    """A credentials secret's value (a token string, or a mapping or JSON text with ``token`` or
+    ``username`` + ``password``) as ``FhirSettings`` fields. Messages never show the value."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith("{"):
+            return {"token": SecretStr(text)}
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise SettingsError("fhir.credentials_block: the secret is neither a token nor JSON") from None
+    if isinstance(value, dict):
+        if value.get("token"):
+            return {"token": SecretStr(str(value["token"]))}
+        if value.get("username") and value.get("password") is not None:
+            return {"username": str(value["username"]), "password": SecretStr(str(value["password"]))}
+    raise SettingsError("fhir.credentials_block: expected a token, or {token} or {username, password}")
 
 
 class SettingsError(ValueError):

@@ -42,7 +42,7 @@ def build_catalog(root, key: bytes = b"test-catalog-key-0123456789", **generate_
     """
     from pathlib import Path
 
-    from deployments.local import sampledata
+    from pacsflow.deployments.local import sampledata
 
     root = Path(root)
     studies = sampledata.generate(root / "in", **generate_kw)
@@ -56,10 +56,10 @@ def catalog_studies(studies, root, key: bytes, lake: str = "lake"):
     import shutil
     from pathlib import Path
 
-    from catalog.store import CatalogStore
-    from tasks.deid import Deidentifier
-    from tasks.process import process_study, read_rows
-    from tasks.storage import LakeStorage
+    from pacsflow.catalog.store import CatalogStore
+    from pacsflow.tasks.deid.deidentifier import Deidentifier
+    from pacsflow.tasks.lake.study import process_study, read_rows
+    from pacsflow.tasks.lake.storage import LakeStorage
 
     root = Path(root)
     deid = Deidentifier(key)
@@ -81,7 +81,7 @@ def catalog_studies(studies, root, key: bytes, lake: str = "lake"):
 def start_hapi(run_dir, data_dir=None, attempts: int = 2):
     """Start the HAPI FHIR server on a free port, retrying with a new port when another process
     took it before Jetty could bind."""
-    from deployments import fhir_server
+    from pacsflow.deployments import fhir_server
 
     last = None
     for _attempt in range(attempts):

@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from deployments.local.orthanc import OrthancServer
+from pacsflow.deployments.local.orthanc import OrthancServer
 from tests.helpers import free_port
 from tests.integration.conftest import hapi, orthanc_factory  # noqa: F401  (fixture re-export)
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from catalog.store import CatalogStore
-from catalog.views import query
-from deployments.local import sampledata
-from flows.compact import compact_catalog
-from flows.nightly import nightly_ingest
-from tasks.ledger import Ledger
+from pacsflow.catalog.store import CatalogStore
+from pacsflow.catalog.views import query
+from pacsflow.deployments.local import sampledata
+from pacsflow.flows.compact import compact_catalog
+from pacsflow.flows.nightly import nightly_ingest
+from pacsflow.tasks.ingest.ledger import Ledger
 
 pytestmark = pytest.mark.integration
 

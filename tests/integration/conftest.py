@@ -23,19 +23,15 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-_REPO = Path(__file__).resolve().parents[2]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
-
-from deployments import fhir_server
-from deployments.local.orthanc import (  # noqa: E402
+from pacsflow.deployments import fhir_server
+from pacsflow.deployments.local.orthanc import (
     ORTHANC_BINARY,
     OrthancConfig,
     OrthancError,
     OrthancServer,
     default_modalities,
 )
-from tests.helpers import dcmtk_env, free_port, start_hapi  # noqa: E402
+from tests.helpers import dcmtk_env, free_port, start_hapi
 
 RECEIVER_AE = "PACSFLOW"
 DCMTK_AE = "DCMTK"

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from deployments import fhir_server
+from pacsflow.deployments import fhir_server
 from tests.helpers import start_hapi
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]

@@ -24,23 +24,18 @@ from typing import Any
 import httpx
 import pytest
 
-from catalog.store import CatalogStore
-from catalog.views import connect
-from deployments.local import sampledata
-from tasks.deid import Deidentifier
-from tasks.errors import FhirConfigurationError, FhirRejected
-from tasks.fhir_client import FhirClient, _auth_from_secret, _escape_token, errors_in, redact
-from tasks.fhir_map import MappingOptions, build_study, resource_json, study_identity
-from tasks.fhir_sync import (
-    FhirSyncLedger,
-    catalog_study_uids,
-    load_study_rows,
-    send_studies,
-    sync_catalog,
-)
-from tasks.process import process_study, read_rows
-from tasks.settings import Settings, load_settings
-from tasks.storage import LakeStorage
+from pacsflow.catalog.store import CatalogStore
+from pacsflow.catalog.views import connect
+from pacsflow.deployments.local import sampledata
+from pacsflow.tasks.deid.deidentifier import Deidentifier
+from pacsflow.tasks.core.errors import FhirConfigurationError, FhirRejected
+from pacsflow.tasks.fhir.client import FhirClient, _escape_token, errors_in, redact
+from pacsflow.tasks.fhir.mapping import MappingOptions, build_study, resource_json, study_identity
+from pacsflow.tasks.fhir.ledger import FhirSyncLedger
+from pacsflow.tasks.fhir.sync import catalog_study_uids, load_study_rows, send_studies, sync_catalog
+from pacsflow.tasks.lake.study import process_study, read_rows
+from pacsflow.tasks.settings import FhirSettings, Settings, SettingsError, load_settings
+from pacsflow.tasks.lake.storage import LakeStorage
 from tests.helpers import free_port
 from tests.integration.conftest import hapi  # noqa: F401  (session fixture)
 
@@ -461,7 +456,7 @@ def test_configuration_errors_stop_the_run(tmp_path, raw_studies, make_lake, hap
 def test_fhir_resync_flow(hapi, client, raw_studies, make_lake, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.fhir_resync import fhir_resync
+    from pacsflow.flows.fhir_resync import fhir_resync
 
     lake = make_lake([s.path for s in raw_studies[:3]])
     for k, v in {"PACSFLOW_CATALOG_ROOT": str(lake.catalog), "PACSFLOW_STATE_ROOT": str(lake.state),
@@ -477,7 +472,7 @@ def test_fhir_resync_flow(hapi, client, raw_studies, make_lake, monkeypatch):
         assert forced["sent"] == 3
         from typer.testing import CliRunner
 
-        from flows.cli import app
+        from pacsflow.flows.cli import app
 
         cli = CliRunner().invoke(app, ["run", "fhir-resync", "--only-failed"])
         assert cli.exit_code == 0, cli.output
@@ -506,12 +501,21 @@ def test_redaction_and_token_escaping():
 
 
 def test_credentials_from_a_secret_block_value():
-    assert repr(_auth_from_secret("tok")) == "_BearerAuth(***)"
-    assert isinstance(_auth_from_secret({"username": "u", "password": "p"}), httpx.BasicAuth)
-    assert repr(_auth_from_secret('{"token": "t"}')) == "_BearerAuth(***)"
-    with pytest.raises(FhirConfigurationError) as err:
-        _auth_from_secret({"user": "u"})
-    assert isinstance(err.value, FhirRejected) and "u" not in str(err.value).split(":", 1)[1].replace("username", "")
+    blocks = {"tok": "tok", "basic": {"username": "u", "password": "p"}, "json": '{"token": "t"}',
+              "bad": {"user": "secret-user"}}
+
+    def client_for(name: str) -> FhirClient:
+        settings = load_settings(fhir=FhirSettings(base_url="http://127.0.0.1:9/fhir", credentials_block=name))
+        return FhirClient.from_settings(settings.with_secret_blocks(blocks.__getitem__).fhir)
+
+    assert repr(client_for("tok")._http.auth) == "_BearerAuth(***)"
+    assert isinstance(client_for("basic")._http.auth, httpx.BasicAuth)
+    assert repr(client_for("json")._http.auth) == "_BearerAuth(***)"
+    with pytest.raises(SettingsError) as err:
+        client_for("bad")
+    assert "fhir.credentials_block" in str(err.value) and "secret-user" not in str(err.value)
+    with pytest.raises(FhirConfigurationError, match="credentials_block"):  # a block nobody loaded
+        FhirClient.from_settings(FhirSettings(base_url="http://127.0.0.1:9/fhir", credentials_block="tok"))
 
 
 def test_a_new_ledger_opened_by_several_runs_at_once(tmp_path):

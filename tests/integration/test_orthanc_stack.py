@@ -16,10 +16,10 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from deployments.local import orthanc as orthanc_mod
-from deployments.local import sampledata
-from deployments.local.orthanc import OrthancServer, status, stop_by_pidfile
-from deployments.local.sampledata import StudySummary
+from pacsflow.deployments.local import orthanc as orthanc_mod
+from pacsflow.deployments.local import sampledata
+from pacsflow.deployments.local.orthanc import OrthancServer, status, stop_by_pidfile
+from pacsflow.deployments.local.sampledata import StudySummary
 from tests.helpers import dcmtk_env, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

@@ -8,11 +8,11 @@ import subprocess
 
 import pytest
 
-from deployments.local import sampledata
-from tasks.pacs import PacsClient
-from tasks.planning import Window, discover
-from tasks.receiver import StagingWriter, StorageReceiver, count_staged
-from tasks.settings import load_settings
+from pacsflow.deployments.local import sampledata
+from pacsflow.tasks.pacs.client import PacsClient
+from pacsflow.tasks.pacs.planning import Window, discover
+from pacsflow.tasks.pacs.receiver import StagingWriter, StorageReceiver, count_staged
+from pacsflow.tasks.settings import load_settings
 from tests.helpers import dcmtk_env, free_port
 
 pytestmark = pytest.mark.integration

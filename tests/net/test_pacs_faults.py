@@ -15,9 +15,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from tasks.errors import PacsConfigurationError, PacsStatusError, PacsUnavailable, is_transient
-from tasks.pacs import PacsClient
-from tasks.settings import load_settings
+from pacsflow.tasks.core.errors import PacsConfigurationError, PacsStatusError, PacsUnavailable, is_transient
+from pacsflow.tasks.pacs.client import PacsClient
+from pacsflow.tasks.settings import load_settings
 from tests.helpers import free_port
 
 

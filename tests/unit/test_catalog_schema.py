@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from catalog import schema
+from pacsflow.catalog import schema
 
 STR, DATE, I32, I64, F64, BOOL = pa.string(), pa.date32(), pa.int32(), pa.int64(), pa.float64(), pa.bool_()
 STRS, F64S = pa.list_(pa.string()), pa.list_(pa.float64())

@@ -1,4 +1,4 @@
-"""catalog.store: real Parquet files on disk, queried with real DuckDB."""
+"""pacsflow.catalog.store: real Parquet files on disk, queried with real DuckDB."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from catalog import store as store_mod
-from catalog import views
-from catalog.schema import SCHEMAS
-from catalog.store import CatalogBusy, CatalogStore, IntegrityError, SchemaMismatch
-from tasks.extract import StudyExtractor
+from pacsflow.catalog import store as store_mod
+from pacsflow.catalog import views
+from pacsflow.catalog.schema import SCHEMAS
+from pacsflow.catalog.errors import CatalogBusy, IntegrityError, SchemaMismatch
+from pacsflow.catalog.store import CatalogStore
+from pacsflow.tasks.lake.rows import StudyExtractor
 
 INGESTED = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc)
 TABLES = ("studies", "series", "instances")
@@ -450,8 +451,8 @@ _CHILD = textwrap.dedent(
     import copy, sys, datetime as dt
     import pydicom
     from pydicom.data import get_testdata_file
-    from tasks.extract import StudyExtractor
-    from catalog.store import CatalogStore
+    from pacsflow.tasks.lake.rows import StudyExtractor
+    from pacsflow.catalog.store import CatalogStore
 
     root, prefix = sys.argv[1], sys.argv[2]
     base = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)

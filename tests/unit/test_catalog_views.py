@@ -1,4 +1,4 @@
-"""catalog.views: real DuckDB over real Parquet written by the store."""
+"""pacsflow.catalog.views: real DuckDB over real Parquet written by the store."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from catalog import views
-from catalog.schema import SCHEMAS
-from catalog.store import CatalogStore
-from tasks.extract import StudyExtractor
+from pacsflow.catalog import views
+from pacsflow.catalog.schema import SCHEMAS
+from pacsflow.catalog.store import CatalogStore
+from pacsflow.tasks.lake.rows import StudyExtractor
 
 INGESTED = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc)
 TABLES = ("studies", "series", "instances")

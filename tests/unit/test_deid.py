@@ -10,7 +10,7 @@ from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from tasks.deid import (
+from pacsflow.tasks.deid.deidentifier import (
     Deidentifier,
     Option,
     load_profile,
@@ -122,14 +122,14 @@ def test_retain_uids_option_keeps_uids():
 
 
 def test_full_and_modified_dates_are_exclusive():
-    from tasks.errors import DeidentificationError
+    from pacsflow.tasks.core.errors import DeidentificationError
 
     with pytest.raises(DeidentificationError):
         Deidentifier(KEY, [Option.RETAIN_FULL_DATES, Option.RETAIN_MODIFIED_DATES])
 
 
 def test_empty_key_refused():
-    from tasks.errors import DeidentificationError
+    from pacsflow.tasks.core.errors import DeidentificationError
 
     with pytest.raises(DeidentificationError):
         Deidentifier(b"")

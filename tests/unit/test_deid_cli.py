@@ -12,16 +12,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from deployments.local import sampledata
-from tasks.deid import Deidentifier, Option
-from tasks.deid_cli import (
-    MANIFEST_NAME,
-    build_manifest,
-    manifest_markdown,
-    purge_older_than,
-    run_deidentify,
-)
-from tasks.settings import SettingsError, load_settings
+from pacsflow.deployments.local import sampledata
+from pacsflow.tasks.deid.deidentifier import Deidentifier, Option
+from pacsflow.tasks.deid.manifest import MANIFEST_NAME, build_manifest, manifest_markdown
+from pacsflow.tasks.core.files import purge_older_than
+from pacsflow.tasks.deid.folder import run_deidentify
+from pacsflow.tasks.settings import SettingsError, load_settings
 
 KEY = b"cli-test-key-0123456789abcdef"
 
@@ -101,8 +97,8 @@ def test_crosswalk_is_owner_only_outside_out_dir_and_off_by_default(sample, tmp_
 
 
 def test_manifest_from_a_report():
-    from tasks.deid import DeidReport
-    from tasks.deid_cli import QuarantinedObject
+    from pacsflow.tasks.deid.deidentifier import DeidReport
+    from pacsflow.tasks.deid.manifest import QuarantinedObject
 
     r = DeidReport()
     r.count("X", 3)
@@ -141,7 +137,7 @@ def test_deid_settings_validate_options_and_policy():
 
 
 def test_update_crosswalk_merges_and_stays_owner_only(tmp_path):
-    from tasks.deid_cli import update_crosswalk
+    from pacsflow.tasks.deid.crosswalk import update_crosswalk
 
     cw = tmp_path / "phi" / "cw.csv"
     assert update_crosswalk(cw, [("study", "2.25.1", "1.2.3")]) == 1

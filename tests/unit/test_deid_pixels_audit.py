@@ -13,11 +13,12 @@ import pytest
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataset import Dataset
 
-from tasks.deid import Deidentifier, Option
-from tasks.deid_audit import ResidualPHIError, audit_bytes
-from tasks.deid_pixels import BurnedInAnnotationError, MaskRule, at_risk, parse_masks
-from tasks.process import deidentify_file, encode, process_study
-from tasks.storage import LakeStorage
+from pacsflow.tasks.deid.deidentifier import Deidentifier, Option
+from pacsflow.tasks.deid.audit import ResidualPHIError, audit_bytes
+from pacsflow.tasks.deid.pixels import BurnedInAnnotationError, MaskRule, at_risk, parse_masks
+from pacsflow.tasks.deid.instance import deidentify_file, encode
+from pacsflow.tasks.lake.study import process_study
+from pacsflow.tasks.lake.storage import LakeStorage
 
 KEY = b"pixels-test-key-0123456789"
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -204,7 +205,7 @@ def test_retained_text_stays_correctly_encoded(name, text):
 def test_deidentify_file_parses_once_and_keeps_originals_in_memory(tmp_path):
     src = tmp_path / "x.dcm"
     shutil.copy(get_testdata_file("CT_small.dcm"), src)
-    from tasks.deid import DeidReport
+    from pacsflow.tasks.deid.deidentifier import DeidReport
 
     ds = deidentify_file(src, Deidentifier(KEY), DeidReport())
     assert ds._deid_originals.values["PatientName"]
@@ -217,7 +218,7 @@ def test_deidentify_file_parses_once_and_keeps_originals_in_memory(tmp_path):
      ("1.1", True), ("1.2.1", True), ("2", False), ("4", False), ("128", False), ("30", False), ("11.1", False)],
 )
 def test_sop_classes_that_burn_text_in(suffix, risky):
-    from tasks.deid_pixels import _risky_sop
+    from pacsflow.tasks.deid.pixels import _risky_sop
 
     assert _risky_sop("1.2.840.10008.5.1.4.1.1." + suffix) is risky
 

@@ -12,8 +12,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from tasks import deid_iod
-from tasks.deid import (
+from pacsflow.tasks.deid import iod as deid_iod
+from pacsflow.tasks.deid.deidentifier import (
     OPTION_CODES,
     DeidReport,
     Deidentifier,
@@ -23,8 +23,8 @@ from tasks.deid import (
     patient_day_shift,
     pseudonymize_uid,
 )
-from tasks.errors import DeidentificationError
-from tasks.process import encode
+from pacsflow.tasks.core.errors import DeidentificationError
+from pacsflow.tasks.deid.instance import encode
 
 KEY = b"profile-test-key-0123456789"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -465,7 +465,7 @@ def test_unknown_option_refused():
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
 def test_fast_encoder_writes_what_save_as_writes(name):
-    from tasks.process import _part10
+    from pacsflow.tasks.deid.instance import _part10
 
     ds = pydicom.dcmread(get_testdata_file(name))
     Deidentifier(KEY, [Option.RETAIN_MODIFIED_DATES, Option.CLEAN_DESCRIPTORS]).apply(ds)

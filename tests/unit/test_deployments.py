@@ -30,5 +30,15 @@ def test_nightly_has_a_cron_schedule_with_a_time_zone():
     [nightly] = [d for d in _deployments() if d["name"] == "nightly"]
     [schedule] = nightly["schedules"]
     assert schedule["cron"].count(" ") == 4 and schedule["timezone"]
-    flow = load_flow_from_entrypoint(str(ROOT / nightly["entrypoint"].split(":")[0]) + ":nightly_ingest")
+    flow = load_flow_from_entrypoint(nightly["entrypoint"])
     assert set(flow.parameters.properties) == {"since", "until"}
+
+
+def test_entrypoints_name_the_installed_package():
+    """Module paths, not files: a worker loads the same module objects the package defines."""
+    from pacsflow.flows.nightly import nightly_ingest
+
+    entrypoints = [d["entrypoint"] for d in _deployments()]
+    assert all(e.startswith("pacsflow.flows.") and ".py" not in e for e in entrypoints)
+    [nightly] = [d for d in _deployments() if d["name"] == "nightly"]
+    assert load_flow_from_entrypoint(nightly["entrypoint"]) is nightly_ingest

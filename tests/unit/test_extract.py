@@ -1,4 +1,4 @@
-"""tasks.extract on real sample files shipped with pydicom (read from the installed package)."""
+"""pacsflow.tasks.lake.rows on real sample files shipped with pydicom (read from the installed package)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from catalog.schema import SCHEMAS
-from tasks import extract
-from tasks.errors import BadDicom
-from tasks.extract import StudyExtractor
+from pacsflow.catalog.schema import SCHEMAS
+from pacsflow.tasks.lake import rows as extract
+from pacsflow.tasks.core.errors import BadDicom
+from pacsflow.tasks.lake.rows import StudyExtractor
 
 INGESTED = dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone.utc)
 
@@ -251,7 +251,7 @@ def test_output_does_not_depend_on_add_order():
 def test_duplicate_instance_kept_once_deterministically(caplog):
     ds = read("CT_small.dcm")
     ex = StudyExtractor()
-    with caplog.at_level(logging.WARNING, logger="tasks.extract"):
+    with caplog.at_level(logging.WARNING, logger="pacsflow.tasks.lake.rows"):
         ex.add(ds, file_path="b", file_size=1, sha256="b" * 64)
         ex.add(ds, file_path="a", file_size=1, sha256="a" * 64)
         ex.add(ds, file_path="c", file_size=1, sha256="c" * 64)

@@ -6,8 +6,9 @@ import datetime as dt
 
 import pytest
 
-from catalog.views import connect
-from tasks.fhir_sync import FhirSyncLedger, plan_batches
+from pacsflow.catalog.views import connect
+from pacsflow.tasks.fhir.ledger import FhirSyncLedger
+from pacsflow.tasks.fhir.sync import plan_batches
 from tests.helpers import build_catalog
 
 

@@ -6,7 +6,7 @@ import logging
 
 import httpx
 
-from tasks.fhir_client import FhirClient
+from pacsflow.tasks.fhir.client import FhirClient
 
 SECRET = "MRN-4711-Doe"
 

@@ -1,4 +1,4 @@
-"""The pure FHIR mapping (tasks/fhir_map.py) on catalog rows built by the real pipeline pieces."""
+"""The pure FHIR mapping (pacsflow.tasks.fhir.mapping) on catalog rows built by the real pipeline pieces."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from catalog.views import connect
-from tasks.errors import FhirMappingError, PermanentError
-from tasks.fhir_map import (
+from pacsflow.catalog.views import connect
+from pacsflow.tasks.core.errors import FhirMappingError, PermanentError
+from pacsflow.tasks.fhir.mapping import (
     DCM_SYSTEM,
     DICOM_UID_SYSTEM,
     MAPPING_VERSION,
@@ -131,7 +131,7 @@ def test_body_part_lookup_is_lenient_on_case_and_blanks_and_strict_otherwise():
 
 
 def test_body_part_table_is_well_formed():
-    doc = json.loads((Path(__file__).resolve().parents[2] / "tasks/data/bodypart_snomed.json").read_text())
+    doc = json.loads((Path(__file__).resolve().parents[2] / "tasks/fhir/data/bodypart_snomed.json").read_text())
     assert "PS3.16" in doc["source"] and "Annex L" in doc["source"]
     for term, entry in doc["terms"].items():
         assert term == term.upper() and " " not in term and len(term) <= 16  # CS, 16 chars max

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from tasks.ledger import Ledger
+from pacsflow.tasks.ingest.ledger import Ledger
 
 
 def test_failure_after_catalog_keeps_the_cataloged_count(tmp_path):

@@ -4,9 +4,9 @@ import datetime as dt
 
 import pytest
 
-from tasks.ledger import Ledger
-from tasks.pacs import FindResult, StudyInfo
-from tasks.planning import Window, discover, plan_window, worklist
+from pacsflow.tasks.ingest.ledger import Ledger
+from pacsflow.tasks.pacs.models import FindResult, StudyInfo
+from pacsflow.tasks.pacs.planning import Window, discover, plan_window, worklist
 
 D = dt.date
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from catalog.views import query
+from pacsflow.catalog.views import query
 from tests.helpers import build_catalog
 
 README = Path(__file__).resolve().parents[2] / "README.md"

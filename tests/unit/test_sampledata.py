@@ -15,8 +15,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from deployments.local import sampledata
-from deployments.local.sampledata import SOP_CLASSES, StudySummary, add_series, generate
+from pacsflow.deployments.local import sampledata
+from pacsflow.deployments.local.sampledata import SOP_CLASSES, StudySummary, add_series, generate
 
 END = date(2025, 3, 14)
 PARAMS = dict(studies=10, series_per_study=(2, 3), instances_per_series=(2, 4), days=5, end_date=END, seed=7)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.settings import RetrieveMethod, SettingsError, load_settings
+from pacsflow.tasks.settings import RetrieveMethod, SettingsError, load_settings
 
 
 def test_defaults_point_at_the_local_stack(monkeypatch):

@@ -1,6 +1,6 @@
 """De-identification: DICOM PS3.15 Annex E Table E.1-1, applied by a pure function.
 
-The table is data (``tasks/data/ps3.15-table-e1-1-2024b.json``, copied from the standard's
+The table is data (``tasks/deid/data/ps3.15-table-e1-1-2024b.json``, copied from the standard's
 edition named in it), never hand-typed rules. The recipe is the table's Basic Profile column
 with the option columns selected in settings; everything below is how each action code is
 carried out (the conformance statement of this recipe, ``RECIPE_VERSION``):
@@ -9,7 +9,7 @@ carried out (the conformance statement of this recipe, ``RECIPE_VERSION``):
   (e.g. Retain Device Identity K and Retain Long. Modified Dates C on a calibration date),
   C (clean) wins over K.
 - **Combined codes** (Z/D, X/Z, X/D, X/Z/D, X/Z/U*) choose by the attribute's Type in the
-  object's IOD at that sequence path (``tasks/deid_iod.py``; Type 1 -> D or U, 2 -> Z, 3 or not
+  object's IOD at that sequence path (:mod:`.iod`; Type 1 -> D or U, 2 -> Z, 3 or not
   in the IOD -> X; an unknown IOD takes D over Z over X, never keeping the original value).
 - **D** writes a dummy of the VR (UIDs are remapped, see U). On a sequence (Content Sequence,
   Graphic Annotation Sequence, ...) the items are kept, the table applies inside them, and every
@@ -28,7 +28,7 @@ carried out (the conformance statement of this recipe, ``RECIPE_VERSION``):
 - **Overlays (60xx)** and **curves (50xx)** with X are removed as whole groups (an overlay
   without its data is not a valid Overlay Plane module).
 - **Private attributes** are removed at every depth; with Retain Safe Private only those on
-  ``tasks/data/safe-private-attributes.json`` (PS3.15 Table E.3.10-1) with a VR that carries no
+  ``tasks/deid/data/safe-private-attributes.json`` (PS3.15 Table E.3.10-1) with a VR that carries no
   free text are kept, with their private creator; every other element of a safe block goes.
 - **File meta** is replaced by a description of this application (E.1.1 step 7), with the
   preamble zeroed; group-length elements are dropped.
@@ -58,8 +58,8 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from tasks import deid_iod
-from tasks.errors import DeidentificationError
+from pacsflow.tasks.deid import iod as deid_iod
+from pacsflow.tasks.core.errors import DeidentificationError
 
 TABLE_RESOURCE = "ps3.15-table-e1-1-2024b.json"
 SAFE_PRIVATE_RESOURCE = "safe-private-attributes.json"
@@ -184,7 +184,7 @@ class Profile:
 
 @cache
 def load_profile() -> Profile:
-    with resources.files("tasks.data").joinpath(TABLE_RESOURCE).open("r", encoding="utf-8") as fh:
+    with resources.files("pacsflow.tasks.deid").joinpath("data", TABLE_RESOURCE).open("r", encoding="utf-8") as fh:
         table = json.load(fh)
     rules: dict[int, Rule] = {}
     overlay: dict[int, Rule] = {}
@@ -206,7 +206,7 @@ def load_profile() -> Profile:
 @cache
 def load_safe_private() -> dict[tuple[int, str, int], str]:
     """(group, private creator, element offset) -> VR, from Table E.3.10-1."""
-    with resources.files("tasks.data").joinpath(SAFE_PRIVATE_RESOURCE).open("r", encoding="utf-8") as fh:
+    with resources.files("pacsflow.tasks.deid").joinpath("data", SAFE_PRIVATE_RESOURCE).open("r", encoding="utf-8") as fh:
         table = json.load(fh)
     return {
         (int(r["group"], 16), r["creator"].strip().upper(), int(r["element"], 16)): r["vr"]
@@ -412,9 +412,9 @@ def _patient_id(ds: Dataset) -> str:
 class Deidentifier:
     """Applies the profile to Datasets in place. Holds the key; never logs values.
 
-    ``pixel_policy`` (``tasks.deid_pixels.PixelPolicy`` or its value) and ``pixel_masks`` turn on
+    ``pixel_policy`` (``pacsflow.tasks.deid.pixels.PixelPolicy`` or its value) and ``pixel_masks`` turn on
     the burned-in annotation check before the header is touched; ``audit`` keeps the original
-    identifying values on the Dataset (in memory) so that ``tasks.process.encode`` can audit the
+    identifying values on the Dataset (in memory) so that ``pacsflow.tasks.deid.instance.encode`` can audit the
     encoded output for them.
     """
 
@@ -445,7 +445,7 @@ class Deidentifier:
         self.pixel_policy = None
         self.pixel_masks: tuple[Any, ...] = ()
         if pixel_policy is not None:
-            from tasks.deid_pixels import PixelPolicy, parse_masks
+            from pacsflow.tasks.deid.pixels import PixelPolicy, parse_masks
 
             self.pixel_policy = PixelPolicy(pixel_policy)
             self.pixel_masks = tuple(parse_masks(pixel_masks))
@@ -460,7 +460,7 @@ class Deidentifier:
 
     @classmethod
     def from_settings(cls, key: bytes, settings: Any) -> "Deidentifier":
-        """Build from ``tasks.settings.DeidSettings``."""
+        """Build from ``pacsflow.tasks.settings.DeidSettings``."""
         return cls(
             key,
             settings.options,
@@ -513,7 +513,7 @@ class Deidentifier:
         report = report if report is not None else DeidReport()
         pixels_cleaned = False
         if self.pixel_policy is not None:
-            from tasks.deid_pixels import check_pixels
+            from pacsflow.tasks.deid.pixels import check_pixels
 
             pixels_cleaned = check_pixels(ds, self.pixel_policy, self.pixel_masks, report)
         original_pid = _patient_id(ds)

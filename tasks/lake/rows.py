@@ -17,8 +17,8 @@ Design
   (``IS "abc"``, ``DA "2004-13-45"``, ``DS "n/a"``) becomes null and is counted in
   :attr:`StudyExtractor.malformed_values`; it never raises. Where one value is expected and several
   are stored, the first is used. Dates become ``datetime.date`` (``date32``); times stay as the
-  stored TM text (see :mod:`catalog.schema`).
-* Only identifiers without which a row cannot be placed raise :class:`~tasks.errors.BadDicom`
+  stored TM text (see :mod:`pacsflow.catalog.schema`).
+* Only identifiers without which a row cannot be placed raise :class:`~pacsflow.tasks.core.errors.BadDicom`
   (no StudyInstanceUID / SeriesInstanceUID / SOPInstanceUID, or an instance of another study).
   The extractor is unchanged when ``add()`` raises, so the rest of the study is kept.
 * Output is deterministic whatever the order of ``add()`` calls: instances are sorted by
@@ -39,8 +39,8 @@ from typing import Any
 import pyarrow as pa
 from pydicom.dataset import Dataset
 
-from catalog.schema import INSTANCES, SERIES, STUDIES
-from tasks.errors import BadDicom
+from pacsflow.catalog.schema import INSTANCES, SERIES, STUDIES
+from pacsflow.tasks.core.errors import BadDicom
 
 logger = logging.getLogger(__name__)
 

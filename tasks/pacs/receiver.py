@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -18,19 +17,14 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tasks.pacs import NODELAY_HANDLER, quiet_pynetdicom
+from pacsflow.tasks.pacs.client import NODELAY_HANDLER, quiet_pynetdicom
 
+from pacsflow.tasks.core.files import ensure_private_dir, write_atomic
 log = logging.getLogger(__name__)
 
 _SUCCESS = 0x0000
 _OUT_OF_RESOURCES = 0xA700
 _CANNOT_UNDERSTAND = 0xC000
-
-
-def ensure_private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    return path
 
 
 class StagingWriter:
@@ -63,12 +57,7 @@ class StagingWriter:
         folder = self.study_dir(study_uid)
         name = hashlib.sha256(sop_uid.encode()).hexdigest()[:32] + ".dcm"
         try:
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            final = folder / name
-            tmp = folder / f".{name}.{threading.get_ident()}.part"
-            with open(tmp, "wb") as fh:
-                fh.write(event.encoded_dataset())
-            os.replace(tmp, final)
+            write_atomic(folder / name, event.encoded_dataset(), private=True)
         except OSError as exc:
             log.error("cannot write a received object to staging: %s", type(exc).__name__)
             return _OUT_OF_RESOURCES

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pacsflow.tasks.core.files import write_atomic
 
 
 class LakeStorage:
@@ -34,12 +35,7 @@ class LakeStorage:
     def put(self, rel: str, data: bytes) -> str:
         full = self.path(rel)
         if self.local:
-            target = Path(full)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.part"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
+            write_atomic(Path(full), data)
         else:
             # Object stores replace an object whole on put: already atomic.
             self.fs.pipe_file(full, data)

@@ -6,8 +6,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from tasks.ledger import LedgerEntry
-from tasks.pacs import StudyInfo
+from pacsflow.tasks.ingest.ledger import LedgerEntry
+from pacsflow.tasks.pacs.models import StudyInfo
 
 DAY_SECONDS = 24 * 3600
 MIN_SLICE_SECONDS = 60

@@ -1,8 +1,8 @@
 """The one network boundary to the PACS (pynetdicom): C-ECHO, C-FIND, C-MOVE, C-GET.
 
 Associations are opened and closed by a context manager that always releases or aborts.
-Every DIMSE status becomes success, or a typed error from ``tasks.errors`` that decides
-whether Prefect retries. Identifiers are never logged: pynetdicom's identifier logging is
+Every DIMSE status becomes success, or a typed error (:mod:`.status`) that decides whether
+Prefect retries. Identifiers are never logged: pynetdicom's identifier logging is
 switched off by ``quiet_pynetdicom()``.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from pydicom.dataset import Dataset
@@ -23,26 +22,16 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.presentation import AllStoragePresentationContexts, StoragePresentationContexts
+from pynetdicom.presentation import StoragePresentationContexts
 
-from tasks.errors import (
-    IncompleteRetrieve,
-    PacsConfigurationError,
-    PacsStatusError,
-    PacsUnavailable,
-)
-from tasks.settings import Settings
+from pacsflow.tasks.core.errors import PacsConfigurationError, PacsUnavailable
+from pacsflow.tasks.pacs.models import FindResult, StudyInfo, SubOps
+from pacsflow.tasks.pacs.status import is_pending, is_success, raise_for_status, status_code
+from pacsflow.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Statuses whose cause is on our side or in configuration: retrying will not fix them.
-_PERMANENT_STATUSES = {
-    0xA801: "move destination unknown",
-    0xA900: "identifier does not match SOP class",
-    0x0122: "SOP class not supported",
-    0x0124: "refused: not authorized",
-    0xAA00: "none of the frames requested were found",
-}
+CANCELLED = 0xFE00  # "matching terminated due to cancel": how a capped C-FIND ends
 
 
 def quiet_pynetdicom() -> None:
@@ -64,48 +53,6 @@ def set_nodelay(event: evt.Event) -> None:
 
 
 NODELAY_HANDLER = (evt.EVT_CONN_OPEN, set_nodelay)
-
-
-@dataclass(frozen=True)
-class StudyInfo:
-    """A study as the PACS reports it. ``study_uid`` is the original UID: PHI zone only."""
-
-    study_uid: str
-    study_date: str
-    n_instances: int | None
-    n_series: int | None
-    modalities: tuple[str, ...]
-
-
-class FindResult(list):
-    """C-FIND answers; ``capped`` when the PACS said it stopped at its result limit."""
-
-    capped: bool = False
-
-
-@dataclass(frozen=True)
-class SubOps:
-    completed: int = 0
-    failed: int = 0
-    warning: int = 0
-
-
-def _status_code(status: Dataset | None) -> int | None:
-    if status is None or "Status" not in status:
-        return None
-    return int(status.Status)
-
-
-def _raise_for_status(code: int, operation: str, study_ref: str) -> None:
-    if code in _PERMANENT_STATUSES:
-        raise PacsConfigurationError(
-            f"{operation} for study {study_ref}: status 0x{code:04X} ({_PERMANENT_STATUSES[code]})"
-        )
-    if code in (0xFE00,):
-        raise PacsStatusError(f"{operation} for study {study_ref}: cancelled (0xFE00)")
-    if code == 0xB000:
-        raise PacsStatusError(f"{operation} for study {study_ref}: warning 0xB000, some sub-operations failed")
-    raise PacsStatusError(f"{operation} for study {study_ref}: failure status 0x{code:04X}")
 
 
 class PacsClient:
@@ -168,7 +115,8 @@ class PacsClient:
         ae.add_requested_context(Verification)
         with self.association(ae) as assoc:
             status = assoc.send_c_echo()
-            if _status_code(status) != 0x0000:
+            code = status_code(status)
+            if code is None or not is_success(code):
                 raise PacsUnavailable("C-ECHO failed")
 
     # -- C-FIND ---------------------------------------------------------------------------
@@ -202,19 +150,21 @@ class PacsClient:
         for status, identifier in assoc.send_c_find(
             query, StudyRootQueryRetrieveInformationModelFind, msg_id=self._msg_id
         ):
-            code = _status_code(status)
+            code = status_code(status)
             if code is None:
                 raise PacsUnavailable(f"{what}: connection lost or timed out")
-            if code in (0xFF00, 0xFF01):
+            if is_pending(code):
                 if identifier is not None:
                     results.append(identifier)
             else:
                 final = code
-        if final == 0xFE00 and results:
+        if final is None:
+            raise PacsUnavailable(f"{what}: no final status")
+        if final == CANCELLED and results:
             # Orthanc (LimitFindResults) and others end a capped answer with Cancel.
             results.capped = True
-        elif final != 0x0000:
-            _raise_for_status(final if final is not None else 0xC000, what, "query")
+        else:
+            raise_for_status(final, what, "query")
         return results
 
     def find_studies(self, date_range: str, time_range: str | None = None) -> list[StudyInfo]:
@@ -279,19 +229,18 @@ class PacsClient:
             final = None
             last_pending = SubOps()
             for status, _identifier in assoc.send_c_move(q, destination_ae, StudyRootQueryRetrieveInformationModelMove):
-                code = _status_code(status)
+                code = status_code(status)
                 if code is None:
                     raise PacsUnavailable(f"C-MOVE for study {study_ref}: connection lost or timed out")
                 ops = _subops(status)
-                if code == 0xFF00:
+                if is_pending(code):
                     last_pending = ops
                     continue
                 final = (code, ops)
             if final is None:
                 raise PacsUnavailable(f"C-MOVE for study {study_ref}: no final status")
             code, ops = final
-            if code != 0x0000:
-                _raise_for_status(code, "C-MOVE", study_ref)
+            raise_for_status(code, "C-MOVE", study_ref)
             return ops if (ops.completed or ops.failed) else last_pending
 
     # -- C-GET ----------------------------------------------------------------------------
@@ -308,23 +257,17 @@ class PacsClient:
         with self.association(ae, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
             final = None
             for status, _identifier in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet):
-                code = _status_code(status)
+                code = status_code(status)
                 if code is None:
                     raise PacsUnavailable(f"C-GET for study {study_ref}: connection lost or timed out")
-                if code == 0xFF00:
+                if is_pending(code):
                     continue
                 final = (code, _subops(status))
             if final is None:
                 raise PacsUnavailable(f"C-GET for study {study_ref}: no final status")
             code, ops = final
-            if code != 0x0000:
-                _raise_for_status(code, "C-GET", study_ref)
+            raise_for_status(code, "C-GET", study_ref)
             return ops
-
-
-def check_complete(received: int, expected: int | None, study_ref: str) -> None:
-    if expected is not None and received < expected:
-        raise IncompleteRetrieve(f"study {study_ref}: received {received} of {expected} instances")
 
 
 def _study_identifier(study_uid: str) -> Dataset:
@@ -357,12 +300,3 @@ def _multi(value) -> list[str]:
     return [str(v) for v in value if v]
 
 
-__all__ = [
-    "AllStoragePresentationContexts",
-    "NODELAY_HANDLER",
-    "PacsClient",
-    "StudyInfo",
-    "SubOps",
-    "check_complete",
-    "quiet_pynetdicom",
-]

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from tasks.errors import DeidentificationError
+from pacsflow.tasks.core.errors import DeidentificationError
 
 
 class BurnedInAnnotationError(DeidentificationError):

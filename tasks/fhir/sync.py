@@ -1,7 +1,7 @@
 """FHIR sync: catalog rows → ``ImagingStudy`` + ``Patient`` on the FHIR server, in transaction Bundles.
 
 Plain functions (``sync_catalog``, ``sync_batch``, ``reconcile``) over the pure mapping
-(:mod:`tasks.fhir_map`) and the one network boundary (:mod:`tasks.fhir_client`), plus thin Prefect
+(:mod:`.mapping`) and the one network boundary (:mod:`.client`); the Prefect
 tasks (``fhir_sync`` per batch, ``fhir_reconcile``) and ``sync_with_tasks`` for flows.
 
 * **Source**: the catalog only (de-identified header metadata): a sync never touches DICOM, so it
@@ -24,140 +24,41 @@ tasks (``fhir_sync`` per batch, ``fhir_reconcile``) and ``sync_with_tasks`` for 
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
-from catalog.views import connect as connect_catalog
-from tasks.errors import (
+from pacsflow.catalog.views import connect as connect_catalog
+from pacsflow.tasks.core.errors import (
     FhirConfigurationError,
     FhirConflict,
     FhirMappingError,
     FhirRejected,
     FhirUnavailable,
-    PacsflowError,
     is_transient,
 )
-from tasks.fhir_client import FhirClient
-from tasks.fhir_map import MappingOptions, StudyResources, build_study, study_identity, transaction_bundle
-from tasks.ledger import open_sqlite, sqlite_tx
-from tasks.settings import Settings
+from pacsflow.tasks.fhir.client import FhirClient
+from pacsflow.tasks.fhir.mapping import (
+    MappingOptions,
+    StudyResources,
+    build_study,
+    study_identity,
+    transaction_bundle,
+)
+from pacsflow.tasks.settings import Settings
 
+from pacsflow.tasks.core.clock import new_run_id
+from pacsflow.tasks.core.errors import error_text
+from pacsflow.tasks.fhir.ledger import FhirSyncLedger
 log = logging.getLogger(__name__)
 
-LEDGER_NAME = "fhir_sync.sqlite"
 #: Upper bound of instances per Bundle (ImagingStudy lists every instance: ~200 bytes each).
 MAX_INSTANCES_PER_BUNDLE = 20_000
-
-# -- ledger ------------------------------------------------------------------------------------------
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS fhir_studies (
-    study_uid    TEXT PRIMARY KEY,  -- the catalog's (de-identified) StudyInstanceUID
-    synced_hash  TEXT,              -- content hash of the resources last committed by the server
-    status       TEXT NOT NULL,     -- 'synced' | 'failed'
-    reason       TEXT,              -- failure class and redacted diagnostics
-    transient    INTEGER NOT NULL DEFAULT 0,
-    attempts     INTEGER NOT NULL DEFAULT 0,  -- failed attempts since the last success
-    server_id    TEXT,              -- ImagingStudy id on the server
-    updated_at   TEXT NOT NULL,
-    run_id       TEXT
-);
-CREATE INDEX IF NOT EXISTS fhir_studies_status ON fhir_studies(status);
-"""
-
-
-@dataclass(frozen=True)
-class LedgerRow:
-    study_uid: str
-    synced_hash: str | None
-    status: str
-    reason: str | None
-    transient: bool
-    attempts: int
-    server_id: str | None
-    run_id: str | None
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-class FhirSyncLedger:
-    """SQLite under ``state_root``; one transaction per update (WAL, so concurrent runs can share it)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        open_sqlite(self.path, _SCHEMA)
-
-    @classmethod
-    def for_settings(cls, settings: Settings) -> FhirSyncLedger:
-        return cls(settings.state_root / LEDGER_NAME)
-
-    def _tx(self):
-        return sqlite_tx(self.path)
-
-    def entries(self, study_uids: Iterable[str] | None = None) -> dict[str, LedgerRow]:
-        query = ("SELECT study_uid, synced_hash, status, reason, transient, attempts, server_id, run_id "
-                 "FROM fhir_studies")
-        with self._tx() as con:
-            if study_uids is None:
-                rows = con.execute(query).fetchall()
-            else:
-                uids = list(study_uids)
-                rows = []
-                for i in range(0, len(uids), 500):
-                    part = uids[i : i + 500]
-                    rows += con.execute(query + " WHERE study_uid IN (SELECT value FROM json_each(?))",
-                                        (_json_list(part),)).fetchall()
-        return {r[0]: LedgerRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7]) for r in rows}
-
-    def failed(self) -> list[str]:
-        with self._tx() as con:
-            rows = con.execute("SELECT study_uid FROM fhir_studies WHERE status = 'failed' ORDER BY study_uid")
-            return [r[0] for r in rows.fetchall()]
-
-    def mark_synced(self, items: Sequence[tuple[str, str, str | None]], run_id: str) -> None:
-        """items: (study_uid, content hash, server id)."""
-        now = _now()
-        with self._tx() as con:
-            con.executemany(
-                """INSERT INTO fhir_studies(study_uid, synced_hash, status, reason, transient, attempts, server_id,
-                                            updated_at, run_id)
-                   VALUES (?, ?, 'synced', NULL, 0, 0, ?, ?, ?)
-                   ON CONFLICT(study_uid) DO UPDATE SET
-                     synced_hash=excluded.synced_hash, status='synced', reason=NULL, transient=0, attempts=0,
-                     server_id=COALESCE(excluded.server_id, fhir_studies.server_id),
-                     updated_at=excluded.updated_at, run_id=excluded.run_id""",
-                [(uid, h, sid, now, run_id) for uid, h, sid in items],
-            )
-
-    def mark_failed(self, items: Sequence[tuple[str, str, bool]], run_id: str) -> None:
-        """items: (study_uid, reason, transient). Keeps the hash last synced (the server still has it)."""
-        now = _now()
-        with self._tx() as con:
-            con.executemany(
-                """INSERT INTO fhir_studies(study_uid, synced_hash, status, reason, transient, attempts, server_id,
-                                            updated_at, run_id)
-                   VALUES (?, NULL, 'failed', ?, ?, 1, NULL, ?, ?)
-                   ON CONFLICT(study_uid) DO UPDATE SET
-                     status='failed', reason=excluded.reason, transient=excluded.transient,
-                     attempts=fhir_studies.attempts + 1, updated_at=excluded.updated_at, run_id=excluded.run_id""",
-                [(uid, reason, int(transient), now, run_id) for uid, reason, transient in items],
-            )
-
-
-def _json_list(values: Sequence[str]) -> str:
-    return json.dumps(list(values))
 
 
 # -- catalog --------------------------------------------------------------------------------------
@@ -260,10 +161,6 @@ class BatchResult:
         return asdict(self)
 
 
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if isinstance(exc, PacsflowError) else type(exc).__name__
-
-
 def _server_ids(response: dict[str, Any], bundle: dict[str, Any]) -> dict[str, str]:
     """fullUrl of each ImagingStudy entry → the server's resource id (from the response location)."""
     ids = {}
@@ -344,7 +241,7 @@ def send_studies(client: FhirClient, studies: Sequence[StudyResources],
                 return outcome
             exc = still
         if len(studies) == 1:
-            reason = _reason(exc)
+            reason = error_text(exc)
             outcome.failed.append((studies[0].study_uid, reason, is_transient(exc)))
             log.warning("study %s: FHIR server rejected it: %s", studies[0].study_uid, reason)
             return outcome
@@ -390,8 +287,8 @@ def sync_batch(
         try:
             built = build_study(study, series, instances, options)
         except FhirMappingError as exc:
-            result.failed[uid] = _reason(exc)
-            failed.append((uid, _reason(exc), False))
+            result.failed[uid] = error_text(exc)
+            failed.append((uid, error_text(exc), False))
             log.warning("study %s: not mapped to FHIR: %s", uid, exc)
             continue
         last = prior.get(uid)
@@ -404,7 +301,7 @@ def sync_batch(
     try:
         send_studies(client, to_send, sent)
     except (FhirUnavailable, FhirConfigurationError) as exc:
-        reason = _reason(exc)
+        reason = error_text(exc)
         done = {u for u, _, _ in sent.synced} | {u for u, _, _ in sent.failed}
         for st in to_send:
             if st.study_uid not in done:
@@ -472,7 +369,7 @@ def reconcile(client: FhirClient, con: duckdb.DuckDBPyConnection, study_uids: Se
     return diffs
 
 
-def _mark_differences(ledger: FhirSyncLedger, diffs: Sequence[Difference], run_id: str) -> None:
+def mark_differences(ledger: FhirSyncLedger, diffs: Sequence[Difference], run_id: str) -> None:
     """Studies that differ are sent again on the next run (failed, transient)."""
     by_uid: dict[str, list[str]] = {}
     for d in diffs:
@@ -542,11 +439,7 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def new_run_id() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
-
-
-def _warn_identified(settings: Settings, logger: logging.Logger | logging.LoggerAdapter) -> None:
+def warn_identified(settings: Settings, logger: logging.Logger | logging.LoggerAdapter) -> None:
     if settings.fhir.identified_sync:
         logger.warning("fhir.identified_sync is on: resources may carry identifying data; the FHIR server "
                        "and its logs are a PHI zone")
@@ -566,14 +459,14 @@ def sync_catalog(
     studies too. Never raises for FHIR errors: they are in the report (and the ledger)."""
     started = time.monotonic()
     report = SyncReport(new_run_id())
-    _warn_identified(settings, log)
+    warn_identified(settings, log)
     ledger = FhirSyncLedger.for_settings(settings)
     options = MappingOptions.from_settings(settings.fhir)
     own_client = client is None
     try:
         client = client or FhirClient.from_settings(settings.fhir)
     except FhirConfigurationError as exc:
-        report.aborted = _reason(exc)
+        report.aborted = error_text(exc)
         return report
     con = connect_catalog(settings.catalog_root)
     try:
@@ -585,9 +478,9 @@ def sync_catalog(
             try:
                 res = sync_batch(client, ledger, con, batch, options, run_id=report.run_id, force=force)
             except (FhirUnavailable, FhirConfigurationError) as exc:
-                res = getattr(exc, "batch_result", BatchResult(aborted=_reason(exc)))
+                res = getattr(exc, "batch_result", BatchResult(aborted=error_text(exc)))
                 report.add(res)
-                report.aborted = res.aborted or _reason(exc)
+                report.aborted = res.aborted or error_text(exc)
                 report.not_attempted = sum(len(b) for b in batches[i + 1 :])
                 log.warning("FHIR sync stopped: %s; %d studies not attempted", report.aborted, report.not_attempted)
                 break
@@ -596,9 +489,9 @@ def sync_catalog(
         if reconcile_after and reconcile_uids and report.aborted is None:
             try:
                 report.differences = reconcile(client, con, reconcile_uids)
-                _mark_differences(ledger, report.differences, report.run_id)
+                mark_differences(ledger, report.differences, report.run_id)
             except (FhirUnavailable, FhirRejected) as exc:
-                report.aborted = f"reconciliation: {_reason(exc)}"
+                report.aborted = f"reconciliation: {error_text(exc)}"
     finally:
         con.close()
         if own_client:
@@ -608,112 +501,3 @@ def sync_catalog(
     return report
 
 
-# -- Prefect tasks -------------------------------------------------------------------------------
-def retry_if_transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's signature
-    """Retry only errors that may go away (server down, 429/5xx, conflicts)."""
-    try:
-        state.result()
-    except Exception as exc:  # noqa: BLE001 - we classify, Prefect records the failure
-        return is_transient(exc)
-    return False
-
-
-@task(name="fhir-sync", task_run_name="fhir-sync-{batch_no}", persist_result=False, cache_policy=NO_CACHE,
-      retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_if_transient)
-def fhir_sync(settings: Settings, study_uids: list[str], run_id: str, force: bool = False,
-              batch_no: int = 0) -> dict[str, Any]:
-    """One transaction Bundle (split only if the server rejects it) for a batch of catalog studies.
-
-    Returns the BatchResult as a dict. Raises FhirUnavailable (retried) when the server is down,
-    FhirConfigurationError (not retried) on wrong base URL or credentials.
-    """
-    logger = get_run_logger()
-    ledger = FhirSyncLedger.for_settings(settings)
-    options = MappingOptions.from_settings(settings.fhir)
-    con = connect_catalog(settings.catalog_root)
-    try:
-        with FhirClient.from_settings(settings.fhir) as client:
-            res = sync_batch(client, ledger, con, study_uids, options, run_id=run_id, force=force)
-    finally:
-        con.close()
-    logger.info("FHIR batch %d: %d sent, %d unchanged, %d failed, %d transactions", batch_no, len(res.sent),
-                len(res.skipped), len(res.failed), res.transactions)
-    return res.as_dict()
-
-
-@task(name="fhir-reconcile", persist_result=False, cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30,
-      retry_condition_fn=retry_if_transient)
-def fhir_reconcile(settings: Settings, study_uids: list[str], run_id: str) -> list[dict[str, Any]]:
-    """Catalog counts vs the server's ImagingStudy; differing studies are marked for re-sending."""
-    con = connect_catalog(settings.catalog_root)
-    try:
-        with FhirClient.from_settings(settings.fhir) as client:
-            diffs = reconcile(client, con, study_uids)
-    finally:
-        con.close()
-    _mark_differences(FhirSyncLedger.for_settings(settings), diffs, run_id)
-    get_run_logger().info("FHIR reconciliation: %d studies checked, %d differences", len(study_uids), len(diffs))
-    return [asdict(d) for d in diffs]
-
-
-def sync_with_tasks(
-    settings: Settings,
-    study_uids: Sequence[str] | None = None,
-    *,
-    only_failed: bool = False,
-    force: bool = False,
-    reconcile_after: bool = True,
-    logger: logging.Logger | logging.LoggerAdapter | None = None,
-) -> SyncReport:
-    """``sync_catalog`` inside a flow: one ``fhir-sync`` task per batch (in order), then
-    ``fhir-reconcile``. FHIR failures are recorded and reported, never raised."""
-    logger = logger or log
-    started = time.monotonic()
-    report = SyncReport(new_run_id())
-    _warn_identified(settings, logger)
-    if not settings.fhir.base_url:
-        report.aborted = "fhir.base_url is not set"
-        return report
-    ledger = FhirSyncLedger.for_settings(settings)
-    con = connect_catalog(settings.catalog_root)
-    try:
-        batches = plan_batches(con, ledger, study_uids, only_failed=only_failed,
-                               batch_size=settings.fhir.batch_size)
-    finally:
-        con.close()
-    report.selected = sum(len(b) for b in batches)
-    reconcile_uids: list[str] = []
-    for i, batch in enumerate(batches):
-        state = fhir_sync(settings, batch, report.run_id, force, i, return_state=True)
-        res = state.result(raise_on_failure=False)
-        if isinstance(res, dict):
-            batch_result = BatchResult(**res)
-            report.add(batch_result)
-            reconcile_uids += batch_result.sent + batch_result.skipped
-            continue
-        # The task failed after its retries: what happened per study is in the ledger.
-        exc = res if isinstance(res, BaseException) else RuntimeError("fhir-sync task did not complete")
-        report.aborted = _reason(exc)
-        rows = ledger.entries(batch)
-        untouched = 0
-        for uid in batch:
-            row = rows.get(uid)
-            if row is None or row.run_id != report.run_id:
-                untouched += 1
-            elif row.status == "failed":
-                report.failed[uid] = row.reason or report.aborted
-            else:
-                report.sent += 1
-        report.not_attempted = untouched + sum(len(b) for b in batches[i + 1 :])
-        logger.warning("FHIR sync stopped: %s; %d studies not attempted", report.aborted, report.not_attempted)
-        break
-    if reconcile_after and reconcile_uids and report.aborted is None:
-        state = fhir_reconcile(settings, reconcile_uids, report.run_id, return_state=True)
-        res = state.result(raise_on_failure=False)
-        if isinstance(res, list):
-            report.differences = [Difference(**d) for d in res]
-        else:
-            report.aborted = "reconciliation: " + (_reason(res) if isinstance(res, BaseException) else "failed")
-    report.seconds = round(time.monotonic() - started, 2)
-    report.log_summary(logger)
-    return report

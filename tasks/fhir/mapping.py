@@ -6,7 +6,7 @@ them), so a FHIR sync can be replayed at any time without retrieving or de-ident
 
 The models are ``fhir.resources.R4B`` (R4B matches R4 for ImagingStudy, Patient and Endpoint);
 building them validates every element, and a study that does not validate raises
-:class:`tasks.errors.FhirMappingError` naming the element (never its value).
+:class:`pacsflow.tasks.core.errors.FhirMappingError` naming the element (never its value).
 
 Mapping (DICOM PS3.17 / FHIR R4 ImagingStudy page, "Mappings for DICOM"):
 
@@ -27,7 +27,7 @@ series[].uid/number/modality      series_uid, series_number, modality
 series[].description              series_description
 series[].numberOfInstances        number_of_instances
 series[].bodySite                 body_part_examined → SNOMED CT via PS3.16 Annex L
-                                  (``tasks/data/bodypart_snomed.json``)
+                                  (``tasks/fhir/data/bodypart_snomed.json``)
 series[].laterality               laterality (Laterality, else ImageLaterality) → SNOMED CT
                                   (R4 value set bodysite-laterality)
 series[].started                  series_date + series_time
@@ -64,7 +64,7 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.patient import Patient
 from pydantic import ValidationError
 
-from tasks.errors import FhirMappingError
+from pacsflow.tasks.core.errors import FhirMappingError
 
 #: Bump when the mapping changes on purpose: every study's hash changes, so the next sync re-sends all.
 MAPPING_VERSION = "pacsflow-fhir-map-1"
@@ -191,7 +191,7 @@ class StudyResources:
 @lru_cache(maxsize=1)
 def bodypart_table() -> dict[str, dict[str, str]]:
     """BodyPartExamined defined term → {"code", "display"} (SNOMED CT), from PS3.16 Annex L Table L-1."""
-    with _resources.files("tasks.data").joinpath(BODYPART_RESOURCE).open("r", encoding="utf-8") as fh:
+    with _resources.files("pacsflow.tasks.fhir").joinpath("data", BODYPART_RESOURCE).open("r", encoding="utf-8") as fh:
         doc = json.load(fh)
     return {k.upper(): dict(v) for k, v in doc["terms"].items()}
 

@@ -1,9 +1,15 @@
-"""Typed errors: they decide whether Prefect retries a task.
+"""The error taxonomy: typed errors decide whether Prefect retries a task.
 
-Messages carry UIDs and counts at most: never names, IDs or other header values.
+Messages carry UIDs and counts at most: never names, IDs or other header values. The catalog has
+errors of its own (:mod:`pacsflow.catalog.errors`); :func:`is_transient` classifies them too, so the
+dependency points one way (tasks know the catalog, the catalog knows nothing of tasks).
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from pacsflow.catalog.errors import CatalogBusy, CatalogError
 
 
 class PacsflowError(Exception):
@@ -55,15 +61,33 @@ class DeidentificationError(PermanentError):
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, TransientError):
+    if isinstance(exc, (TransientError, CatalogBusy)):
         return True
-    if isinstance(exc, PermanentError):
+    if isinstance(exc, (PermanentError, CatalogError)):
         return False
     # Socket-level failures from libraries that do not use our types.
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
-# -- FHIR sync (tasks/fhir_client.py, tasks/fhir_map.py, tasks/fhir_sync.py) -------------------------
+def error_text(exc: BaseException) -> str:
+    """A one-line, PHI-free description: our errors carry pseudonymous UIDs and counts only;
+    anything else is named by its type alone."""
+    if isinstance(exc, (PacsflowError, CatalogError, CatalogBusy)):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """A Prefect ``retry_condition_fn``: retry only the errors that may go away (network faults,
+    busy peers, short counts). Plain code: it only reads the failed state's exception."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - we classify, Prefect records the failure
+        return is_transient(exc)
+    return False
+
+
+# -- FHIR sync (pacsflow.tasks.fhir) -------------------------
 # Messages carry study UIDs, HTTP statuses and the server's OperationOutcome diagnostics with
 # identifier values redacted; never request bodies or credentials.
 

@@ -1,9 +1,9 @@
 """The one network boundary to the FHIR server: an ``httpx.Client`` with auth, retries and typed errors.
 
-* **Auth**: a bearer token or basic credentials, from ``Settings.fhir`` or from a Prefect Secret
-  block named by ``fhir.credentials_block`` (a token string, or JSON ``{"token": …}`` /
-  ``{"username": …, "password": …}``). Credentials are never logged or put in a message.
-* **Statuses → errors** (``tasks/errors.py``): 429, 5xx and network errors are retried with
+* **Auth**: a bearer token or basic credentials from ``Settings.fhir`` (the flows fill them in from
+  the Prefect Secret block named by ``fhir.credentials_block``: see ``Settings.with_secret_blocks``).
+  Credentials are never logged or put in a message.
+* **Statuses → errors** (:mod:`pacsflow.tasks.core.errors`): 429, 5xx and network errors are retried with
   exponential backoff and jitter, honouring ``Retry-After`` (capped), at most ``max_retries`` times,
   then raise :class:`FhirUnavailable` (transient). 409 (a concurrent writer won a race for the same
   conditional create) is retried the same way, then :class:`FhirConflict` (transient). 401, 403,
@@ -20,7 +20,6 @@ second attempt finds what the first created.
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import random
 import re
@@ -31,7 +30,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tasks.errors import FhirConfigurationError, FhirConflict, FhirRejected, FhirUnavailable
+from pacsflow.tasks.core.errors import FhirConfigurationError, FhirConflict, FhirRejected, FhirUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -70,41 +69,17 @@ class _BearerAuth(httpx.Auth):
         return "_BearerAuth(***)"
 
 
-def _auth_from_secret(value: Any) -> httpx.Auth:
-    """A Prefect Secret's value: a token string, or a mapping (or JSON text) with token / username+password."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("{"):
-            try:
-                value = json.loads(text)
-            except ValueError:
-                raise FhirConfigurationError("fhir.credentials_block: the secret is neither a token nor JSON") from None
-        else:
-            return _BearerAuth(text)
-    if isinstance(value, dict):
-        if value.get("token"):
-            return _BearerAuth(str(value["token"]))
-        if value.get("username") and value.get("password") is not None:
-            return httpx.BasicAuth(str(value["username"]), str(value["password"]))
-    raise FhirConfigurationError("fhir.credentials_block: expected a token, or {token} or {username, password}")
-
-
 def auth_from_settings(fhir: Any) -> httpx.Auth | None:
-    """The auth configured in ``Settings.fhir``: token, then username/password, then the Secret block."""
+    """The auth configured in ``Settings.fhir``: token, then username/password."""
     if fhir.token is not None:
         return _BearerAuth(fhir.token.get_secret_value())
     if fhir.username:
         password = fhir.password.get_secret_value() if fhir.password is not None else ""
         return httpx.BasicAuth(fhir.username, password)
     if fhir.credentials_block:
-        from prefect.blocks.system import Secret
-
-        try:
-            secret = Secret.load(fhir.credentials_block)
-        except Exception as exc:  # noqa: BLE001 - any failure to load it is a configuration problem
-            raise FhirConfigurationError(
-                f"fhir.credentials_block: cannot load the Secret block ({type(exc).__name__})") from None
-        return _auth_from_secret(secret.get())
+        # Settings.with_secret_blocks (called by the flows) turns the block into token or username.
+        raise FhirConfigurationError("fhir.credentials_block: the Secret block was not loaded; load settings "
+                                     "with pacsflow.flows.secrets.load_run_settings()")
     return None
 
 

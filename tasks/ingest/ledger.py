@@ -8,12 +8,11 @@ a crash leaves either the old or the new state.
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
-import time
-from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
+from pacsflow.tasks.core.clock import utc_timestamp
+from pacsflow.tasks.core.sqlite import open_sqlite, sqlite_tx
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -56,47 +55,6 @@ class LedgerEntry:
     attempts: int
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def open_sqlite(path: Path, schema: str) -> None:
-    """Create (if needed) a WAL-mode SQLite database with ``schema``.
-
-    Several runs or threads may open a new database at once: switching to WAL does not wait
-    for the busy timeout, so it is retried; the schema is created under a write lock, which does.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for attempt in range(100):
-        try:
-            with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as con:
-                if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    con.execute("PRAGMA journal_mode=WAL")
-            break
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == 99:
-                raise
-            time.sleep(0.02)
-    with sqlite_tx(path) as con:
-        for statement in schema.split(";"):
-            if statement.strip():
-                con.execute(statement)
-
-
-@contextmanager
-def sqlite_tx(path: Path) -> Iterator[sqlite3.Connection]:
-    """One write transaction (BEGIN IMMEDIATE): committed on success, rolled back on error."""
-    with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as con:
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        else:
-            con.execute("COMMIT")
-
-
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -121,7 +79,7 @@ class Ledger:
         return [e for e in self.entries().values() if e.status == "failed"]
 
     def mark_cataloged(self, items: Iterable[tuple[str, str, str | None, int]], run_id: str) -> None:
-        now = _now()
+        now = utc_timestamp()
         with self._tx() as con:
             con.executemany(
                 """INSERT INTO studies(study_uid, pseudo_uid, study_date, instances, status, reason, permanent,
@@ -157,19 +115,19 @@ class Ledger:
                                  THEN 'cataloged' ELSE 'failed' END,
                      reason=excluded.reason, permanent=excluded.permanent,
                      attempts=studies.attempts + 1, updated_at=excluded.updated_at, run_id=excluded.run_id""",
-                (study_uid, pseudo_uid, study_date, expected, reason, int(permanent), _now(), run_id),
+                (study_uid, pseudo_uid, study_date, expected, reason, int(permanent), utc_timestamp(), run_id),
             )
             if permanent:
                 con.execute(
                     "INSERT INTO quarantine(pseudo_uid, object_ref, reason, run_id, created_at) VALUES (?, '', ?, ?, ?)",
-                    (pseudo_uid, reason, run_id, _now()),
+                    (pseudo_uid, reason, run_id, utc_timestamp()),
                 )
 
     def quarantine(self, pseudo_uid: str, object_ref: str, reason: str, run_id: str) -> None:
         with self._tx() as con:
             con.execute(
                 "INSERT INTO quarantine(pseudo_uid, object_ref, reason, run_id, created_at) VALUES (?, ?, ?, ?, ?)",
-                (pseudo_uid, object_ref, reason, run_id, _now()),
+                (pseudo_uid, object_ref, reason, run_id, utc_timestamp()),
             )
 
     def quarantine_entries(self) -> list[dict]:

@@ -1,7 +1,7 @@
 """Residual-PHI audit: look for the original's identifying values in the encoded output.
 
 The original values are collected once, while the object is de-identified (``Originals`` in
-``tasks.deid``: patient names and IDs, birth date, accession number, addresses, institution,
+``pacsflow.tasks.deid``: patient names and IDs, birth date, accession number, addresses, institution,
 device serial, every person name at any depth, and replaced UIDs). The audit searches the
 encoded Part 10 bytes, i.e. every header, sequence, private block and the file meta, for each
 value in every encoding it may take (the original bytes, UTF-8, Latin-1 and the object's
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 
-from tasks.deid import Originals, encoded_forms
-from tasks.errors import DeidentificationError
+from pacsflow.tasks.deid.deidentifier import Originals, encoded_forms
+from pacsflow.tasks.core.errors import DeidentificationError
 
 _PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
 _PIXEL_MIN = 8

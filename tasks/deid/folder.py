@@ -1,0 +1,139 @@
+"""``pacsflow deidentify IN_DIR OUT_DIR``: the de-identifier on a folder, for privacy officers
+and researchers to check it on their own files; plus the run manifest, the optional crosswalk
+and the retention purge of the PHI zones.
+
+Plain functions (no Prefect, no print): the CLI command and the flow call them.
+
+- Every file under IN_DIR (recursively, in sorted order) is parsed once, checked by the pixel
+  policy, de-identified, encoded and audited for residual identifiers.
+- Outputs go to ``OUT_DIR/<study>/<series>/<instance>.dcm`` (pseudonymous UIDs), each written
+  through a temp file and a rename. The same key gives byte-identical outputs on every run.
+- What must not leave is not written to OUT_DIR. It is listed in the manifest by an opaque id
+  (a keyed hash of its relative path) with the reason; when ``quarantine_dir`` is given (it must
+  be outside OUT_DIR), the original is copied there (owner-only) with an index of ids to paths.
+- ``OUT_DIR/deid-manifest.json``: table edition, recipe version, options, pixel policy, counts by
+  action, quarantined objects with reasons. No PHI, no timestamps (identical on rerun).
+- The crosswalk (pseudonym <-> original patient ID and study UID) is written only when asked,
+  outside OUT_DIR, with 0600 permissions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+
+from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier, Option
+from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
+from pacsflow.tasks.deid.instance import deidentify_dataset, encode, read_instance
+
+from pacsflow.tasks.core.files import is_inside, write_atomic, write_private_file
+from pacsflow.tasks.deid.crosswalk import update_crosswalk
+from pacsflow.tasks.deid.manifest import MANIFEST_NAME, QuarantinedObject, build_manifest, object_id
+
+@dataclass
+class DeidRunSummary:
+    files: int = 0
+    written: int = 0
+    quarantined: list[QuarantinedObject] = field(default_factory=list)
+    actions: dict[str, int] = field(default_factory=dict)
+    bytes_written: int = 0
+    seconds: float = 0.0
+    manifest_path: str | None = None
+    crosswalk_path: str | None = None
+
+    def lines(self) -> list[str]:
+        """A short human summary (no PHI) for the CLI to print."""
+        out = [
+            f"files: {self.files}  written: {self.written}  quarantined: {len(self.quarantined)}",
+            "actions: " + ", ".join(f"{k}={v}" for k, v in sorted(self.actions.items())),
+        ]
+        reasons: dict[str, int] = {}
+        for q in self.quarantined:
+            reasons[q.reason] = reasons.get(q.reason, 0) + 1
+        out += [f"  quarantined ({n}): {r}" for r, n in sorted(reasons.items())]
+        if self.manifest_path:
+            out.append(f"manifest: {self.manifest_path}")
+        return out
+
+
+def run_deidentify(
+    in_dir: Path | str,
+    out_dir: Path | str,
+    options: Iterable[Option | str],
+    key: bytes,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    pixel_policy: str = "quarantine",
+    pixel_masks: Iterable[Any] = (),
+    audit: bool = True,
+    quarantine_dir: Path | str | None = None,
+    crosswalk_path: Path | str | None = None,
+) -> DeidRunSummary:
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise ValueError("IN_DIR is not a folder")
+    if is_inside(out_dir, in_dir) or is_inside(in_dir, out_dir):
+        raise ValueError("IN_DIR and OUT_DIR must not contain each other")
+    for extra, name in ((quarantine_dir, "quarantine folder"), (crosswalk_path, "crosswalk")):
+        if extra is not None and is_inside(Path(extra), out_dir):
+            raise ValueError(f"the {name} holds PHI and must be outside OUT_DIR")
+    started = time.perf_counter()
+    deid = Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=pixel_masks, audit=audit)
+    report = DeidReport()
+    summary = DeidRunSummary()
+    files = sorted(p for p in in_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    summary.files = len(files)
+    crosswalk: set[tuple[str, str, str]] = set()
+    index: dict[str, str] = {}
+    for n, path in enumerate(files, 1):
+        rel = path.relative_to(in_dir).as_posix()
+        one = DeidReport()
+        try:
+            try:
+                ds = read_instance(path)
+            except OSError as exc:  # a user's folder: an unreadable file is quarantined like a bad one
+                raise BadDicom(f"unreadable file ({type(exc).__name__})") from None
+            pid = str(ds.get("PatientID", "") or "")
+            study = str(ds.StudyInstanceUID)
+            data = encode(deidentify_dataset(ds, deid, one), audit=audit)
+        except (BadDicom, DeidentificationError) as exc:
+            qid = object_id(key, rel)
+            summary.quarantined.append(QuarantinedObject(qid, str(exc)))
+            if quarantine_dir is not None:
+                qdir = Path(quarantine_dir)
+                qdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                shutil.copyfile(path, qdir / f"{qid}.dcm")
+                os.chmod(qdir / f"{qid}.dcm", stat.S_IRUSR | stat.S_IWUSR)
+                index[qid] = rel
+        else:
+            report.merge(one)
+            dest = out_dir / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+            write_atomic(dest, data)
+            summary.written += 1
+            summary.bytes_written += len(data)
+            if crosswalk_path is not None:
+                crosswalk.add(("patient", deid.patient_ref(pid), pid))
+                crosswalk.add(("study", deid.study_ref(study), study))
+        if progress is not None:
+            progress(n, len(files))
+    summary.actions = dict(sorted(report.actions.items()))
+    manifest = build_manifest(deid, report, summary.quarantined, summary.written, summary.files)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    summary.manifest_path = str(out_dir / MANIFEST_NAME)
+    if quarantine_dir is not None and index:
+        write_private_file(Path(quarantine_dir) / "index.json", json.dumps(index, indent=1, sort_keys=True) + "\n")
+    if crosswalk_path is not None:
+        update_crosswalk(crosswalk_path, crosswalk)
+        summary.crosswalk_path = str(crosswalk_path)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
