@@ -37,6 +37,7 @@ def _f(name: str, type_: pa.DataType, doc: str, *, nullable: bool = True) -> pa.
 _STRINGS = pa.list_(pa.string())
 _FLOATS = pa.list_(pa.float64())
 
+# The declared schemas: one field per line, so the lists below look alike by design (they are data).
 STUDIES = pa.schema(
     [
         _f("study_uid", pa.string(), "StudyInstanceUID after de-identification", nullable=False),
@@ -142,7 +143,7 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
 
 def column_doc(table: str, column: str) -> str:
     """The documentation string of one column."""
-    meta = SCHEMAS[table].field(column).metadata or {}
+    meta: dict[bytes, bytes] = SCHEMAS[table].field(column).metadata or {}
     return meta.get(_DOC, b"").decode("utf-8")
 
 

@@ -197,6 +197,23 @@ def _read_file(path: Path) -> pa.Table:
     return pq.ParquetFile(path).read()
 
 
+def _split_by_partition(table: pa.Table) -> dict[str | None, pa.Table]:
+    """The rows of ``table`` grouped by their partition key (from study_date; None when it has none)."""
+    keys = _partition_keys(table["study_date"])
+    groups: dict[str | None, pa.Table] = {}
+    for p in set(keys.to_pylist()):
+        mask = pc.is_null(keys) if p is None else pc.fill_null(pc.equal(keys, p), False)
+        groups[p] = table.filter(mask)
+    return groups
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _fsync(path: Path, *, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
@@ -397,65 +414,17 @@ class CatalogStore:
         started = time.monotonic()
         with self._locked():
             base = self.snapshot()
+            unchanged = CommitResult(base.version, 0, 0, {t: 0 for t in TABLES}, (), 0, 0, 0.0)
             if only_if_empty and base.version:
-                return CommitResult(base.version, 0, 0, {t: 0 for t in TABLES}, (), 0, 0, 0.0)
+                return unchanged
             old_partitions, existing = self._locate(base, replaced)
-
-            # New rows per partition, per table.
-            new_parts: dict[str, dict[str | None, pa.Table]] = {}
-            for t in TABLES:
-                table = incoming[t]
-                keys = _partition_keys(table["study_date"])
-                groups: dict[str | None, pa.Table] = {}
-                for p in set(keys.to_pylist()):
-                    mask = pc.is_null(keys) if p is None else pc.fill_null(pc.equal(keys, p), False)
-                    groups[p] = table.filter(mask)
-                new_parts[t] = groups
+            new_parts = {t: _split_by_partition(incoming[t]) for t in TABLES}
             touched: set[str | None] = set(old_partitions) | set(new_parts["studies"])
             if rewrite_all:
                 touched |= {e.partition for t in TABLES for e in base.entries[t]}
             if not touched and base.version:  # nothing to change: no new snapshot
-                return CommitResult(base.version, 0, 0, {t: 0 for t in TABLES}, (), 0, 0, 0.0)
-
-            self._snapshots_dir.mkdir(parents=True, exist_ok=True)
-            version = self._next_version(base)
-            build = self._snapshots_dir / f".build-{uuid.uuid4().hex}"
-            final = self._snapshots_dir / f"v{version:012d}"
-            build.mkdir()
-            published = False
-            try:
-                manifest_tables, written, linked, rows, rewritten = self._build(
-                    base, build, version, new_parts, replaced, touched
-                )
-                created = _dt.datetime.now(_dt.timezone.utc)
-                manifest = {
-                    "format": MANIFEST_FORMAT,
-                    "version": version,
-                    "parent": base.version or None,
-                    "schema_version": SCHEMA_VERSION,
-                    "created_at": created.isoformat(),
-                    "tables": manifest_tables,
-                }
-                with open(build / MANIFEST, "w", encoding="utf-8") as fh:
-                    json.dump(manifest, fh, indent=1, sort_keys=True)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                _fsync(build, directory=True)
-                os.rename(build, final)
-                _fsync(self._snapshots_dir, directory=True)
-                tmp_link = self.root / f".current-{uuid.uuid4().hex}"
-                os.symlink(f"snapshots/{final.name}", tmp_link)
-                try:
-                    os.replace(tmp_link, self._current_link)  # the commit point
-                except BaseException:
-                    tmp_link.unlink(missing_ok=True)
-                    raise
-                published = True
-                _fsync(self.root, directory=True)
-            finally:
-                if not published:
-                    shutil.rmtree(build, ignore_errors=True)
-                    shutil.rmtree(final, ignore_errors=True)
+                return unchanged
+            version, written, linked, rows, rewritten = self._publish(base, new_parts, replaced, touched)
         result = CommitResult(
             version=version,
             studies_committed=incoming["studies"].num_rows,
@@ -474,6 +443,54 @@ class CatalogStore:
             len(result.partitions_rewritten),
         )
         return result
+
+    def _publish(
+        self,
+        base: Snapshot,
+        new_parts: dict[str, dict[str | None, pa.Table]],
+        replaced: set[str],
+        touched: set[str | None],
+    ) -> tuple[int, int, int, dict[str, int], set[str | None]]:
+        """Build the next snapshot in a hidden folder, rename it into place and swap ``current``
+        to it (the commit point). Nothing of a failed build stays behind."""
+        self._snapshots_dir.mkdir(parents=True, exist_ok=True)
+        version = self._next_version(base)
+        build = self._snapshots_dir / f".build-{uuid.uuid4().hex}"
+        final = self._snapshots_dir / f"v{version:012d}"
+        build.mkdir()
+        published = False
+        try:
+            manifest_tables, written, linked, rows, rewritten = self._build(
+                base, build, version, new_parts, replaced, touched
+            )
+            _write_manifest(build / MANIFEST, {
+                "format": MANIFEST_FORMAT,
+                "version": version,
+                "parent": base.version or None,
+                "schema_version": SCHEMA_VERSION,
+                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                "tables": manifest_tables,
+            })
+            _fsync(build, directory=True)
+            os.rename(build, final)
+            _fsync(self._snapshots_dir, directory=True)
+            self._point_current_at(final)
+            published = True
+        finally:
+            if not published:
+                shutil.rmtree(build, ignore_errors=True)
+                shutil.rmtree(final, ignore_errors=True)
+        return version, written, linked, rows, rewritten
+
+    def _point_current_at(self, snapshot_dir: Path) -> None:
+        tmp_link = self.root / f".current-{uuid.uuid4().hex}"
+        os.symlink(f"snapshots/{snapshot_dir.name}", tmp_link)
+        try:
+            os.replace(tmp_link, self._current_link)  # the commit point
+        except BaseException:
+            tmp_link.unlink(missing_ok=True)
+            raise
+        _fsync(self.root, directory=True)
 
     def _next_version(self, base: Snapshot) -> int:
         versions = [base.version]

@@ -12,6 +12,10 @@ from typing import Any
 from pacsflow.catalog.errors import CatalogBusy, CatalogError
 
 
+# One small class per kind of failure, so the shapes below repeat on purpose: the type is what
+# the retry decision and the except clauses match on, and ``reason`` is what ledgers record.
+
+
 class PacsflowError(Exception):
     """Base of our errors."""
 

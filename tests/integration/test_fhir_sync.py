@@ -503,16 +503,24 @@ def test_redaction_and_token_escaping():
 def test_credentials_from_a_secret_block_value():
     blocks = {"tok": "tok", "basic": {"username": "u", "password": "p"}, "json": '{"token": "t"}',
               "bad": {"user": "secret-user"}}
+    seen: list[str] = []
 
-    def client_for(name: str) -> FhirClient:
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return httpx.Response(200, json={"resourceType": "CapabilityStatement"})
+
+    def metadata_with(name: str) -> str:
         settings = load_settings(fhir=FhirSettings(base_url="http://127.0.0.1:9/fhir", credentials_block=name))
-        return FhirClient.from_settings(settings.with_secret_blocks(blocks.__getitem__).fhir)
+        fhir = settings.with_secret_blocks(blocks.__getitem__).fhir
+        with FhirClient.from_settings(fhir, transport=httpx.MockTransport(server)) as client:
+            client.metadata()
+        return seen[-1]
 
-    assert repr(client_for("tok")._http.auth) == "_BearerAuth(***)"
-    assert isinstance(client_for("basic")._http.auth, httpx.BasicAuth)
-    assert repr(client_for("json")._http.auth) == "_BearerAuth(***)"
+    assert metadata_with("tok") == "Bearer tok"
+    assert metadata_with("basic") == "Basic dTpw"  # base64 of "u:p"
+    assert metadata_with("json") == "Bearer t"
     with pytest.raises(SettingsError) as err:
-        client_for("bad")
+        metadata_with("bad")
     assert "fhir.credentials_block" in str(err.value) and "secret-user" not in str(err.value)
     with pytest.raises(FhirConfigurationError, match="credentials_block"):  # a block nobody loaded
         FhirClient.from_settings(FhirSettings(base_url="http://127.0.0.1:9/fhir", credentials_block="tok"))
