@@ -60,6 +60,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from pacsflow.tasks.deid import iod as deid_iod
 from pacsflow.tasks.core.errors import DeidentificationError
+from pacsflow.tasks.core.values import items_of
 
 TABLE_RESOURCE = "ps3.15-table-e1-1-2024b.json"
 SAFE_PRIVATE_RESOURCE = "safe-private-attributes.json"
@@ -393,8 +394,7 @@ def _texts(ds: Dataset, elem: Any, vr: str) -> list[Any]:
         out = []
     if value is None or value == "":
         return out
-    values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
-    out += [str(v) for v in values if v is not None and str(v)]
+    out += [str(v) for v in items_of(value) if v is not None and str(v)]
     return out
 
 
@@ -744,8 +744,7 @@ class Deidentifier:
         value = elem.value
         if value is None or value == "":
             return
-        multi = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
-        values = [str(v) for v in value] if multi else [str(value)]
+        values = [str(v) for v in items_of(value)]
         scrub = self._scrubber(ctx)
         out = []
         for v in values:
@@ -907,14 +906,6 @@ def _convert_raw(elem: RawDataElement, vr: str, ds: Dataset) -> Any:
     return convert_raw_data_element(elem._replace(VR=vr), encoding=ds._character_set, ds=ds).value
 
 
-def _map_multi(value, fn):
-    if value is None or value == "":
-        return value
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [fn(str(v)) for v in value]
-    return fn(str(value))
-
-
 _SHIFTED: dict[tuple[str, int], str | None] = {}
 
 
@@ -939,9 +930,8 @@ def _shift_temporal(value, vr: str, days: int):
         return value
     if vr == "TM":
         return value  # whole-day shifts keep times of day
-    values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
     out = []
-    for v in values:
+    for v in items_of(value):
         s = str(v).strip()
         if len(s) < 8 or not s[:8].isdigit():
             out.append(None)
