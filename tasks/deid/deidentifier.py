@@ -48,7 +48,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, TypeVar
 
 from pydicom.charset import encode_string
 from pydicom.datadict import dictionary_VR
@@ -58,9 +58,14 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from pacsflow.tasks.deid import iod as deid_iod
 from pacsflow.tasks.core.errors import DeidentificationError
 from pacsflow.tasks.core.values import items_of
+from pacsflow.tasks.deid import iod as deid_iod
+from pacsflow.tasks.deid.choices import Option, PixelPolicy, conflicting_dates
+from pacsflow.tasks.deid.pixels import MaskRule, check_pixels, parse_masks
+
+if TYPE_CHECKING:
+    from pacsflow.tasks.settings import DeidSettings
 
 TABLE_RESOURCE = "ps3.15-table-e1-1-2024b.json"
 SAFE_PRIVATE_RESOURCE = "safe-private-attributes.json"
@@ -68,21 +73,6 @@ RECIPE_VERSION = "pacsflow-deid-2"
 DEID_METHOD_CODE = "113100"  # Basic Application Confidentiality Profile (CID 7050)
 CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
 IMPLEMENTATION_VERSION_NAME = "PACSFLOW_DEID2"
-
-
-class Option(str, enum.Enum):
-    """The option columns of Table E.1-1, by the name the table uses."""
-
-    CLEAN_DESCRIPTORS = "Clean Descriptors"
-    CLEAN_GRAPHICS = "Clean Graphics"
-    CLEAN_STRUCTURED_CONTENT = "Clean Structured Content"
-    RETAIN_DEVICE_IDENTITY = "Retain Device Identity"
-    RETAIN_INSTITUTION_IDENTITY = "Retain Institution Identity"
-    RETAIN_FULL_DATES = "Retain Long. Full Dates"
-    RETAIN_MODIFIED_DATES = "Retain Long. Modified Dates"
-    RETAIN_PATIENT_CHARACTERISTICS = "Retain Patient Characteristics"
-    RETAIN_SAFE_PRIVATE = "Retain Safe Private"
-    RETAIN_UIDS = "Retain UIDs"
 
 
 # CID 7050 codes recorded in DeidentificationMethodCodeSequence.
@@ -412,10 +402,10 @@ def _patient_id(ds: Dataset) -> str:
 class Deidentifier:
     """Applies the profile to Datasets in place. Holds the key; never logs values.
 
-    ``pixel_policy`` (``pacsflow.tasks.deid.pixels.PixelPolicy`` or its value) and ``pixel_masks`` turn on
-    the burned-in annotation check before the header is touched; ``audit`` keeps the original
-    identifying values on the Dataset (in memory) so that ``pacsflow.tasks.deid.instance.encode`` can audit the
-    encoded output for them.
+    ``options`` and ``pixel_policy`` take the enums of :mod:`.choices` or their values (the CLI
+    passes strings). A ``pixel_policy`` (with ``pixel_masks``) turns on the burned-in annotation
+    check before the header is touched; ``audit`` keeps the original identifying values on the
+    Dataset (in memory) so that ``pacsflow.tasks.deid.instance.encode`` can audit the output.
     """
 
     def __init__(
@@ -423,18 +413,16 @@ class Deidentifier:
         key: bytes,
         options: Iterable[Option | str] = DEFAULT_OPTIONS,
         *,
-        pixel_policy: Any = None,
-        pixel_masks: Iterable[Any] = (),
+        pixel_policy: PixelPolicy | str | None = None,
+        pixel_masks: Iterable[MaskRule | dict[str, Any]] = (),
         audit: bool = True,
     ) -> None:
         if not key:
             raise DeidentificationError("an empty de-identification key is not allowed")
         self._key = key
-        try:
-            self.options = tuple(sorted({Option(o) for o in options}, key=lambda o: o.value))
-        except ValueError:
-            raise DeidentificationError("unknown de-identification option; see tasks.deid.Option") from None
-        if Option.RETAIN_FULL_DATES in self.options and Option.RETAIN_MODIFIED_DATES in self.options:
+        chosen = {_member(Option, o, "de-identification option") for o in options}
+        self.options = tuple(sorted(chosen, key=lambda o: o.value))
+        if conflicting_dates(self.options):
             raise DeidentificationError("choose one of the full-dates and modified-dates options")
         self.profile = load_profile()
         self._plan = _plan_for(self.options)
@@ -442,13 +430,8 @@ class Deidentifier:
         self._retain_uids = Option.RETAIN_UIDS in self.options
         self._safe_private = load_safe_private() if self._plan.private == "C" else {}
         self.audit = audit
-        self.pixel_policy = None
-        self.pixel_masks: tuple[Any, ...] = ()
-        if pixel_policy is not None:
-            from pacsflow.tasks.deid.pixels import PixelPolicy, parse_masks
-
-            self.pixel_policy = PixelPolicy(pixel_policy)
-            self.pixel_masks = tuple(parse_masks(pixel_masks))
+        self.pixel_policy = _member(PixelPolicy, pixel_policy, "pixel policy") if pixel_policy is not None else None
+        self.pixel_masks: tuple[MaskRule, ...] = tuple(parse_masks(pixel_masks)) if pixel_policy is not None else ()
 
     def __reduce__(self):
         # Rebuilt from its inputs in worker processes: the plan and tables are cached per process.
@@ -459,8 +442,8 @@ class Deidentifier:
         )
 
     @classmethod
-    def from_settings(cls, key: bytes, settings: Any) -> "Deidentifier":
-        """Build from ``pacsflow.tasks.settings.DeidSettings``."""
+    def from_settings(cls, key: bytes, settings: DeidSettings) -> "Deidentifier":
+        """Build from the ``deid`` section of the settings."""
         return cls(
             key,
             settings.options,
@@ -513,8 +496,6 @@ class Deidentifier:
         report = report if report is not None else DeidReport()
         pixels_cleaned = False
         if self.pixel_policy is not None:
-            from pacsflow.tasks.deid.pixels import check_pixels
-
             pixels_cleaned = check_pixels(ds, self.pixel_policy, self.pixel_masks, report)
         original_pid = _patient_id(ds)
         shift = patient_day_shift(self._key, original_pid)
@@ -864,8 +845,19 @@ class Deidentifier:
         ds.preamble = b"\x00" * 128
 
 
-def _rebuild(key: bytes, options: tuple[str, ...], pixel_policy: Any, masks: tuple, audit: bool) -> Deidentifier:
+def _rebuild(key: bytes, options: tuple[str, ...], pixel_policy: str | None, masks: tuple, audit: bool) -> Deidentifier:
     return Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=masks, audit=audit)
+
+
+_Choice = TypeVar("_Choice", Option, PixelPolicy)
+
+
+def _member(choices: type[_Choice], value: _Choice | str, what: str) -> _Choice:
+    try:
+        return choices(value)
+    except ValueError:
+        names = ", ".join(c.value for c in choices)
+        raise DeidentificationError(f"unknown {what}; choose from: {names}") from None
 
 
 @cache

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 
-from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier, Option
+from pacsflow.tasks.deid.choices import Option, PixelPolicy
+from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
 from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
 from pacsflow.tasks.deid.instance import deidentify_dataset, encode, read_instance
 
@@ -70,7 +71,7 @@ def run_deidentify(
     key: bytes,
     progress: Callable[[int, int], None] | None = None,
     *,
-    pixel_policy: str = "quarantine",
+    pixel_policy: PixelPolicy | str = PixelPolicy.QUARANTINE,
     pixel_masks: Iterable[Any] = (),
     audit: bool = True,
     quarantine_dir: Path | str | None = None,

@@ -459,8 +459,10 @@ def test_group_lengths_dropped_and_report_counts_actions():
 
 
 def test_unknown_option_refused():
-    with pytest.raises(DeidentificationError):
+    with pytest.raises(DeidentificationError, match="choose from: Clean Descriptors"):
         Deidentifier(KEY, ["Retain Everything"])
+    with pytest.raises(DeidentificationError, match="choose from: quarantine, mask, allow"):
+        Deidentifier(KEY, pixel_policy="export")
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
