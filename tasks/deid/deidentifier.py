@@ -952,14 +952,3 @@ def encoded_forms(token: str | bytes, encodings: list[str]) -> set[bytes]:
     except (UnicodeEncodeError, LookupError, ValueError):
         pass
     return {f for f in forms if f}
-
-
-def file_meta_for(ds: Dataset) -> FileMetaDataset:
-    """Ensure a file meta group consistent with the de-identified dataset."""
-    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
-    if "SOPClassUID" in ds:
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    if "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta = meta
-    return meta

@@ -18,7 +18,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
 from pacsflow.tasks.deid.audit import audit_or_raise
-from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier, file_meta_for
+from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
 
 
 def read_instance(path: Path) -> pydicom.Dataset:
@@ -36,7 +36,6 @@ def deidentify_dataset(ds: pydicom.Dataset, deid: Deidentifier, report: DeidRepo
     """Apply the pixel policy and the profile in place; any failure is a typed, PHI-free error."""
     try:
         deid.apply(ds, report)
-        file_meta_for(ds)
     except DeidentificationError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError, LookupError, NotImplementedError) as exc:
