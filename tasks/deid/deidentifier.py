@@ -404,8 +404,8 @@ class Deidentifier:
 
     ``options`` and ``pixel_policy`` take the enums of :mod:`.choices` or their values (the CLI
     passes strings). A ``pixel_policy`` (with ``pixel_masks``) turns on the burned-in annotation
-    check before the header is touched; ``audit`` keeps the original identifying values on the
-    Dataset (in memory) so that ``pacsflow.tasks.deid.instance.encode`` can audit the output.
+    check before the header is touched; ``audit`` makes ``apply`` hand back the original
+    identifying values for :func:`pacsflow.tasks.deid.instance.encode` to audit the output with.
     """
 
     def __init__(
@@ -492,7 +492,11 @@ class Deidentifier:
         return self._plan.actions.get(int(tag), "K")
 
     # -- the walk ----------------------------------------------------------------------
-    def apply(self, ds: Dataset, report: DeidReport | None = None) -> Dataset:
+    def apply(self, ds: Dataset, report: DeidReport | None = None) -> Originals | None:
+        """De-identify ``ds`` in place: pixel policy, profile, patient pseudonym, method
+        attributes, file meta. Returns the original identifying values for the residual-PHI
+        audit of the encoded output (in memory only; ``None`` when this de-identifier does not
+        audit)."""
         report = report if report is not None else DeidReport()
         pixels_cleaned = False
         if self.pixel_policy is not None:
@@ -509,6 +513,11 @@ class Deidentifier:
         ds.PatientID = pseudonym
         ds.PatientName = pseudonym
         report.count("D", 2)
+        self._record_method(ds, pixels_cleaned)
+        return originals if self.audit else None
+
+    def _record_method(self, ds: Dataset, pixels_cleaned: bool) -> None:
+        """The attributes that say how the object was de-identified (PS3.15 E.1.1 step 6)."""
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = self.method_values()
         codes = Sequence()
@@ -525,9 +534,6 @@ class Deidentifier:
             ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
         else:
             ds.LongitudinalTemporalInformationModified = "REMOVED"  # dates emptied or removed
-        if self.audit:
-            object.__setattr__(ds, "_deid_originals", originals)
-        return ds
 
     def _collect(self, ds: Dataset) -> Originals:
         """Original identifying values of the top level, before anything changes.

@@ -103,7 +103,7 @@ def run_deidentify(
                 raise BadDicom(f"unreadable file ({type(exc).__name__})") from None
             pid = str(ds.get("PatientID", "") or "")
             study = str(ds.StudyInstanceUID)
-            data = encode(deidentify_dataset(ds, deid, one), audit=audit)
+            data = encode(ds, deidentify_dataset(ds, deid, one))
         except (BadDicom, DeidentificationError) as exc:
             qid = object_id(key, rel)
             summary.quarantined.append(QuarantinedObject(qid, str(exc)))
