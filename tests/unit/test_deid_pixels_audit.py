@@ -224,9 +224,11 @@ def test_deidentify_file_hands_back_the_originals_for_the_audit(tmp_path):
      ("1.1", True), ("1.2.1", True), ("2", False), ("4", False), ("128", False), ("30", False), ("11.1", False)],
 )
 def test_sop_classes_that_burn_text_in(suffix, risky):
-    from pacsflow.tasks.deid.pixels import _risky_sop
-
-    assert _risky_sop("1.2.840.10008.5.1.4.1.1." + suffix) is risky
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1." + suffix
+    ds.Modality = "CT"  # not a modality that burns text in: the SOP class decides
+    ds.PixelData = b"\x00\x00"
+    assert at_risk(ds) is risky
 
 
 DEID_DATA = importlib.util.find_spec("deid_data")
