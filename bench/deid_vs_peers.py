@@ -28,6 +28,7 @@ from typing import Callable
 import pydicom
 
 from pacsflow.deployments.local import sampledata
+from pacsflow.tasks.deid.choices import PixelPolicy
 from pacsflow.tasks.deid.deidentifier import DEFAULT_OPTIONS, DeidReport, Deidentifier
 from pacsflow.tasks.core.errors import DeidentificationError
 from pacsflow.tasks.deid.instance import encode
@@ -39,15 +40,14 @@ def _write(ds: pydicom.Dataset) -> bytes:
     return buf.getvalue()
 
 
-def ours_fn(pixel_policy: str | None = "quarantine") -> Callable[[bytes], bytes | None]:
+def ours_fn(pixel_policy: PixelPolicy | None = PixelPolicy.QUARANTINE) -> Callable[[bytes], bytes | None]:
     deid = Deidentifier(b"bench-key-0123456789abcdef", DEFAULT_OPTIONS, pixel_policy=pixel_policy, audit=True)
     report = DeidReport()
 
     def run(data: bytes) -> bytes | None:
         ds = pydicom.dcmread(io.BytesIO(data))
         try:
-            deid.apply(ds, report)
-            return encode(ds)
+            return encode(ds, deid.apply(ds, report))
         except DeidentificationError:
             return None  # quarantined: examined, not exported
 

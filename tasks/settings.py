@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from pacsflow.tasks.deid.choices import Option, PixelPolicy, SafePrivateList, conflicting_dates
+
 AE_TITLE_MAX = 16
 
 
@@ -66,12 +68,12 @@ class ReceiverSettings(BaseModel):
 class DeidSettings(BaseModel):
     """De-identification profile (PS3.15 E.1-1 option columns, by name), pixel policy, audit, zones."""
 
-    options: list[str] = Field(
-        default_factory=lambda: ["Retain Long. Modified Dates"],
+    options: list[Option] = Field(
+        default_factory=lambda: [Option.RETAIN_MODIFIED_DATES],
         description="option columns of Table E.1-1 to apply on top of the Basic Profile",
     )
-    pixel_policy: str = Field(
-        "quarantine",
+    pixel_policy: PixelPolicy = Field(
+        PixelPolicy.QUARANTINE,
         description="burned-in annotation: quarantine (default) | mask (configured regions, else quarantine) | allow",
     )
     pixel_masks: list[dict[str, Any]] = Field(
@@ -80,8 +82,9 @@ class DeidSettings(BaseModel):
         "manufacturer, model, rows, columns} (deid filter-recipe coordinates)",
     )
     audit: bool = Field(True, description="residual-PHI audit of every encoded output; a hit quarantines")
-    safe_private_list: str = Field(
-        "ps3.15-table-e.3.10-1", description="safe private list used by Retain Safe Private (only this one for now)"
+    safe_private_list: SafePrivateList = Field(
+        SafePrivateList.PS3_15_TABLE_E_3_10_1,
+        description="safe private list used by Retain Safe Private (only this one for now)",
     )
     crosswalk_path: Path | None = Field(
         None, description="pseudonym <-> original CSV (PHI; owner-only; outside the lake); off when unset"
@@ -91,40 +94,21 @@ class DeidSettings(BaseModel):
 
     @field_validator("options")
     @classmethod
-    def _options(cls, v: list[str]) -> list[str]:
-        from pacsflow.tasks.deid.deidentifier import Option
-
-        names = {o.value for o in Option}
-        bad = [o for o in v if o not in names]
-        if bad:
-            raise ValueError("unknown option; choose from: " + ", ".join(sorted(names)))
-        if "Retain Long. Full Dates" in v and "Retain Long. Modified Dates" in v:
+    def _options(cls, v: list[Option]) -> list[Option]:
+        if conflicting_dates(v):
             raise ValueError("choose one of the full-dates and modified-dates options")
-        return v
-
-    @field_validator("pixel_policy")
-    @classmethod
-    def _pixel_policy(cls, v: str) -> str:
-        if v not in ("quarantine", "mask", "allow"):
-            raise ValueError("must be quarantine, mask or allow")
         return v
 
     @field_validator("pixel_masks")
     @classmethod
     def _masks(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # pixels imports pydicom: loaded when masks are given, not with this module
         from pacsflow.tasks.deid.pixels import parse_masks
 
         try:
             parse_masks(v)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"invalid mask rule ({type(exc).__name__})") from None
-        return v
-
-    @field_validator("safe_private_list")
-    @classmethod
-    def _safe_list(cls, v: str) -> str:
-        if v != "ps3.15-table-e.3.10-1":
-            raise ValueError("only ps3.15-table-e.3.10-1 is available")
         return v
 
 

@@ -48,7 +48,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, TypeVar
 
 from pydicom.charset import encode_string
 from pydicom.datadict import dictionary_VR
@@ -58,8 +58,14 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from pacsflow.tasks.deid import iod as deid_iod
 from pacsflow.tasks.core.errors import DeidentificationError
+from pacsflow.tasks.core.values import items_of
+from pacsflow.tasks.deid import iod as deid_iod
+from pacsflow.tasks.deid.choices import Option, PixelPolicy, conflicting_dates
+from pacsflow.tasks.deid.pixels import MaskRule, check_pixels, parse_masks
+
+if TYPE_CHECKING:
+    from pacsflow.tasks.settings import DeidSettings
 
 TABLE_RESOURCE = "ps3.15-table-e1-1-2024b.json"
 SAFE_PRIVATE_RESOURCE = "safe-private-attributes.json"
@@ -67,21 +73,6 @@ RECIPE_VERSION = "pacsflow-deid-2"
 DEID_METHOD_CODE = "113100"  # Basic Application Confidentiality Profile (CID 7050)
 CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
 IMPLEMENTATION_VERSION_NAME = "PACSFLOW_DEID2"
-
-
-class Option(str, enum.Enum):
-    """The option columns of Table E.1-1, by the name the table uses."""
-
-    CLEAN_DESCRIPTORS = "Clean Descriptors"
-    CLEAN_GRAPHICS = "Clean Graphics"
-    CLEAN_STRUCTURED_CONTENT = "Clean Structured Content"
-    RETAIN_DEVICE_IDENTITY = "Retain Device Identity"
-    RETAIN_INSTITUTION_IDENTITY = "Retain Institution Identity"
-    RETAIN_FULL_DATES = "Retain Long. Full Dates"
-    RETAIN_MODIFIED_DATES = "Retain Long. Modified Dates"
-    RETAIN_PATIENT_CHARACTERISTICS = "Retain Patient Characteristics"
-    RETAIN_SAFE_PRIVATE = "Retain Safe Private"
-    RETAIN_UIDS = "Retain UIDs"
 
 
 # CID 7050 codes recorded in DeidentificationMethodCodeSequence.
@@ -393,8 +384,7 @@ def _texts(ds: Dataset, elem: Any, vr: str) -> list[Any]:
         out = []
     if value is None or value == "":
         return out
-    values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
-    out += [str(v) for v in values if v is not None and str(v)]
+    out += [str(v) for v in items_of(value) if v is not None and str(v)]
     return out
 
 
@@ -412,10 +402,10 @@ def _patient_id(ds: Dataset) -> str:
 class Deidentifier:
     """Applies the profile to Datasets in place. Holds the key; never logs values.
 
-    ``pixel_policy`` (``pacsflow.tasks.deid.pixels.PixelPolicy`` or its value) and ``pixel_masks`` turn on
-    the burned-in annotation check before the header is touched; ``audit`` keeps the original
-    identifying values on the Dataset (in memory) so that ``pacsflow.tasks.deid.instance.encode`` can audit the
-    encoded output for them.
+    ``options`` and ``pixel_policy`` take the enums of :mod:`.choices` or their values (the CLI
+    passes strings). A ``pixel_policy`` (with ``pixel_masks``) turns on the burned-in annotation
+    check before the header is touched; ``audit`` makes ``apply`` hand back the original
+    identifying values for :func:`pacsflow.tasks.deid.instance.encode` to audit the output with.
     """
 
     def __init__(
@@ -423,18 +413,16 @@ class Deidentifier:
         key: bytes,
         options: Iterable[Option | str] = DEFAULT_OPTIONS,
         *,
-        pixel_policy: Any = None,
-        pixel_masks: Iterable[Any] = (),
+        pixel_policy: PixelPolicy | str | None = None,
+        pixel_masks: Iterable[MaskRule | dict[str, Any]] = (),
         audit: bool = True,
     ) -> None:
         if not key:
             raise DeidentificationError("an empty de-identification key is not allowed")
         self._key = key
-        try:
-            self.options = tuple(sorted({Option(o) for o in options}, key=lambda o: o.value))
-        except ValueError:
-            raise DeidentificationError("unknown de-identification option; see tasks.deid.Option") from None
-        if Option.RETAIN_FULL_DATES in self.options and Option.RETAIN_MODIFIED_DATES in self.options:
+        chosen = {_member(Option, o, "de-identification option") for o in options}
+        self.options = tuple(sorted(chosen, key=lambda o: o.value))
+        if conflicting_dates(self.options):
             raise DeidentificationError("choose one of the full-dates and modified-dates options")
         self.profile = load_profile()
         self._plan = _plan_for(self.options)
@@ -442,13 +430,8 @@ class Deidentifier:
         self._retain_uids = Option.RETAIN_UIDS in self.options
         self._safe_private = load_safe_private() if self._plan.private == "C" else {}
         self.audit = audit
-        self.pixel_policy = None
-        self.pixel_masks: tuple[Any, ...] = ()
-        if pixel_policy is not None:
-            from pacsflow.tasks.deid.pixels import PixelPolicy, parse_masks
-
-            self.pixel_policy = PixelPolicy(pixel_policy)
-            self.pixel_masks = tuple(parse_masks(pixel_masks))
+        self.pixel_policy = _member(PixelPolicy, pixel_policy, "pixel policy") if pixel_policy is not None else None
+        self.pixel_masks: tuple[MaskRule, ...] = tuple(parse_masks(pixel_masks)) if pixel_policy is not None else ()
 
     def __reduce__(self):
         # Rebuilt from its inputs in worker processes: the plan and tables are cached per process.
@@ -459,8 +442,8 @@ class Deidentifier:
         )
 
     @classmethod
-    def from_settings(cls, key: bytes, settings: Any) -> "Deidentifier":
-        """Build from ``pacsflow.tasks.settings.DeidSettings``."""
+    def from_settings(cls, key: bytes, settings: DeidSettings) -> "Deidentifier":
+        """Build from the ``deid`` section of the settings."""
         return cls(
             key,
             settings.options,
@@ -509,12 +492,14 @@ class Deidentifier:
         return self._plan.actions.get(int(tag), "K")
 
     # -- the walk ----------------------------------------------------------------------
-    def apply(self, ds: Dataset, report: DeidReport | None = None) -> Dataset:
+    def apply(self, ds: Dataset, report: DeidReport | None = None) -> Originals | None:
+        """De-identify ``ds`` in place: pixel policy, profile, patient pseudonym, method
+        attributes, file meta. Returns the original identifying values for the residual-PHI
+        audit of the encoded output (in memory only; ``None`` when this de-identifier does not
+        audit)."""
         report = report if report is not None else DeidReport()
         pixels_cleaned = False
         if self.pixel_policy is not None:
-            from pacsflow.tasks.deid.pixels import check_pixels
-
             pixels_cleaned = check_pixels(ds, self.pixel_policy, self.pixel_masks, report)
         original_pid = _patient_id(ds)
         shift = patient_day_shift(self._key, original_pid)
@@ -528,6 +513,11 @@ class Deidentifier:
         ds.PatientID = pseudonym
         ds.PatientName = pseudonym
         report.count("D", 2)
+        self._record_method(ds, pixels_cleaned)
+        return originals if self.audit else None
+
+    def _record_method(self, ds: Dataset, pixels_cleaned: bool) -> None:
+        """The attributes that say how the object was de-identified (PS3.15 E.1.1 step 6)."""
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = self.method_values()
         codes = Sequence()
@@ -544,9 +534,6 @@ class Deidentifier:
             ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
         else:
             ds.LongitudinalTemporalInformationModified = "REMOVED"  # dates emptied or removed
-        if self.audit:
-            object.__setattr__(ds, "_deid_originals", originals)
-        return ds
 
     def _collect(self, ds: Dataset) -> Originals:
         """Original identifying values of the top level, before anything changes.
@@ -744,8 +731,7 @@ class Deidentifier:
         value = elem.value
         if value is None or value == "":
             return
-        multi = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
-        values = [str(v) for v in value] if multi else [str(value)]
+        values = [str(v) for v in items_of(value)]
         scrub = self._scrubber(ctx)
         out = []
         for v in values:
@@ -865,8 +851,19 @@ class Deidentifier:
         ds.preamble = b"\x00" * 128
 
 
-def _rebuild(key: bytes, options: tuple[str, ...], pixel_policy: Any, masks: tuple, audit: bool) -> Deidentifier:
+def _rebuild(key: bytes, options: tuple[str, ...], pixel_policy: str | None, masks: tuple, audit: bool) -> Deidentifier:
     return Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=masks, audit=audit)
+
+
+_Choice = TypeVar("_Choice", Option, PixelPolicy)
+
+
+def _member(choices: type[_Choice], value: _Choice | str, what: str) -> _Choice:
+    try:
+        return choices(value)
+    except ValueError:
+        names = ", ".join(c.value for c in choices)
+        raise DeidentificationError(f"unknown {what}; choose from: {names}") from None
 
 
 @cache
@@ -907,14 +904,6 @@ def _convert_raw(elem: RawDataElement, vr: str, ds: Dataset) -> Any:
     return convert_raw_data_element(elem._replace(VR=vr), encoding=ds._character_set, ds=ds).value
 
 
-def _map_multi(value, fn):
-    if value is None or value == "":
-        return value
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [fn(str(v)) for v in value]
-    return fn(str(value))
-
-
 _SHIFTED: dict[tuple[str, int], str | None] = {}
 
 
@@ -939,9 +928,8 @@ def _shift_temporal(value, vr: str, days: int):
         return value
     if vr == "TM":
         return value  # whole-day shifts keep times of day
-    values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
     out = []
-    for v in values:
+    for v in items_of(value):
         s = str(v).strip()
         if len(s) < 8 or not s[:8].isdigit():
             out.append(None)
@@ -970,14 +958,3 @@ def encoded_forms(token: str | bytes, encodings: list[str]) -> set[bytes]:
     except (UnicodeEncodeError, LookupError, ValueError):
         pass
     return {f for f in forms if f}
-
-
-def file_meta_for(ds: Dataset) -> FileMetaDataset:
-    """Ensure a file meta group consistent with the de-identified dataset."""
-    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
-    if "SOPClassUID" in ds:
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    if "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta = meta
-    return meta

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from pydicom.dataset import Dataset
 
-from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier, Option
 from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
-from pacsflow.tasks.deid.instance import deidentify_dataset, encode, read_instance
-
 from pacsflow.tasks.core.files import is_inside, write_atomic, write_private_file
+from pacsflow.tasks.deid.choices import Option, PixelPolicy
 from pacsflow.tasks.deid.crosswalk import update_crosswalk
+from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
+from pacsflow.tasks.deid.instance import deidentify_dataset, encode, read_instance
 from pacsflow.tasks.deid.manifest import MANIFEST_NAME, QuarantinedObject, build_manifest, object_id
 
 @dataclass
@@ -70,20 +71,14 @@ def run_deidentify(
     key: bytes,
     progress: Callable[[int, int], None] | None = None,
     *,
-    pixel_policy: str = "quarantine",
+    pixel_policy: PixelPolicy | str = PixelPolicy.QUARANTINE,
     pixel_masks: Iterable[Any] = (),
     audit: bool = True,
     quarantine_dir: Path | str | None = None,
     crosswalk_path: Path | str | None = None,
 ) -> DeidRunSummary:
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    if not in_dir.is_dir():
-        raise ValueError("IN_DIR is not a folder")
-    if is_inside(out_dir, in_dir) or is_inside(in_dir, out_dir):
-        raise ValueError("IN_DIR and OUT_DIR must not contain each other")
-    for extra, name in ((quarantine_dir, "quarantine folder"), (crosswalk_path, "crosswalk")):
-        if extra is not None and is_inside(Path(extra), out_dir):
-            raise ValueError(f"the {name} holds PHI and must be outside OUT_DIR")
+    _check_folders(in_dir, out_dir, quarantine_dir, crosswalk_path)
     started = time.perf_counter()
     deid = Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=pixel_masks, audit=audit)
     report = DeidReport()
@@ -96,21 +91,12 @@ def run_deidentify(
         rel = path.relative_to(in_dir).as_posix()
         one = DeidReport()
         try:
-            try:
-                ds = read_instance(path)
-            except OSError as exc:  # a user's folder: an unreadable file is quarantined like a bad one
-                raise BadDicom(f"unreadable file ({type(exc).__name__})") from None
-            pid = str(ds.get("PatientID", "") or "")
-            study = str(ds.StudyInstanceUID)
-            data = encode(deidentify_dataset(ds, deid, one), audit=audit)
+            ds, data, pid, study = _deidentify_one(path, deid, one)
         except (BadDicom, DeidentificationError) as exc:
             qid = object_id(key, rel)
             summary.quarantined.append(QuarantinedObject(qid, str(exc)))
             if quarantine_dir is not None:
-                qdir = Path(quarantine_dir)
-                qdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                shutil.copyfile(path, qdir / f"{qid}.dcm")
-                os.chmod(qdir / f"{qid}.dcm", stat.S_IRUSR | stat.S_IWUSR)
+                _keep_original(path, Path(quarantine_dir), qid)
                 index[qid] = rel
         else:
             report.merge(one)
@@ -119,8 +105,7 @@ def run_deidentify(
             summary.written += 1
             summary.bytes_written += len(data)
             if crosswalk_path is not None:
-                crosswalk.add(("patient", deid.patient_ref(pid), pid))
-                crosswalk.add(("study", deid.study_ref(study), study))
+                crosswalk.update({("patient", deid.patient_ref(pid), pid), ("study", deid.study_ref(study), study)})
         if progress is not None:
             progress(n, len(files))
     summary.actions = dict(sorted(report.actions.items()))
@@ -136,4 +121,34 @@ def run_deidentify(
     summary.seconds = time.perf_counter() - started
     return summary
 
+
+def _check_folders(in_dir: Path, out_dir: Path, quarantine_dir: Path | str | None,
+                   crosswalk_path: Path | str | None) -> None:
+    if not in_dir.is_dir():
+        raise ValueError("IN_DIR is not a folder")
+    if is_inside(out_dir, in_dir) or is_inside(in_dir, out_dir):
+        raise ValueError("IN_DIR and OUT_DIR must not contain each other")
+    for extra, name in ((quarantine_dir, "quarantine folder"), (crosswalk_path, "crosswalk")):
+        if extra is not None and is_inside(Path(extra), out_dir):
+            raise ValueError(f"the {name} holds PHI and must be outside OUT_DIR")
+
+
+def _deidentify_one(path: Path, deid: Deidentifier, report: DeidReport) -> tuple[Dataset, bytes, str, str]:
+    """The de-identified Dataset, its audited Part 10 bytes, and the original patient ID and
+    study UID (for the crosswalk)."""
+    try:
+        ds = read_instance(path)
+    except OSError as exc:  # a user's folder: an unreadable file is quarantined like a bad one
+        raise BadDicom(f"unreadable file ({type(exc).__name__})") from None
+    pid = str(ds.get("PatientID", "") or "")
+    study = str(ds.StudyInstanceUID)
+    data = encode(ds, deidentify_dataset(ds, deid, report))
+    return ds, data, pid, study
+
+
+def _keep_original(path: Path, quarantine_dir: Path, qid: str) -> None:
+    quarantine_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dest = quarantine_dir / f"{qid}.dcm"
+    shutil.copyfile(path, dest)
+    os.chmod(dest, stat.S_IRUSR | stat.S_IWUSR)
 

@@ -18,7 +18,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
 from pacsflow.tasks.deid.audit import audit_or_raise
-from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier, file_meta_for
+from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier, Originals
 
 
 def read_instance(path: Path) -> pydicom.Dataset:
@@ -32,34 +32,35 @@ def read_instance(path: Path) -> pydicom.Dataset:
     return ds
 
 
-def deidentify_dataset(ds: pydicom.Dataset, deid: Deidentifier, report: DeidReport) -> pydicom.Dataset:
-    """Apply the pixel policy and the profile in place; any failure is a typed, PHI-free error."""
+def deidentify_dataset(ds: pydicom.Dataset, deid: Deidentifier, report: DeidReport) -> Originals | None:
+    """Apply the pixel policy and the profile in place; returns the original identifying values
+    for ``encode`` to audit (None when ``deid`` does not audit). Any failure is a typed,
+    PHI-free error."""
     try:
-        deid.apply(ds, report)
-        file_meta_for(ds)
+        return deid.apply(ds, report)
     except DeidentificationError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError, LookupError, NotImplementedError) as exc:
         # Unknown character sets and malformed values surface here: never export half-cleaned.
         raise DeidentificationError(f"de-identification failed ({type(exc).__name__})") from None
-    return ds
 
 
-def deidentify_file(path: Path, deid: Deidentifier, report: DeidReport) -> pydicom.Dataset:
-    """Parse once, apply the pixel policy and the profile; the Dataset keeps (in memory only)
-    the original identifying values for the residual-PHI audit in ``encode``."""
-    return deidentify_dataset(read_instance(path), deid, report)
+def deidentify_file(path: Path, deid: Deidentifier, report: DeidReport) -> tuple[pydicom.Dataset, Originals | None]:
+    """Parse once, apply the pixel policy and the profile: the de-identified Dataset and the
+    original identifying values (in memory only) for ``encode``."""
+    ds = read_instance(path)
+    return ds, deidentify_dataset(ds, deid, report)
 
 
-def encode(ds: pydicom.Dataset, audit: bool = True) -> bytes:
-    """Encode as Part 10; then, if the de-identifier kept the originals, audit the bytes for
-    residual identifying values (a hit raises ``ResidualPHIError``, a DeidentificationError)."""
+def encode(ds: pydicom.Dataset, originals: Originals | None) -> bytes:
+    """Encode as Part 10, then audit the bytes for the ``originals`` (from ``deidentify_*`` or
+    ``Deidentifier.apply``; None skips the audit). A hit raises ``ResidualPHIError``, a
+    DeidentificationError."""
     try:
         data = _part10(ds)
     except (ValueError, TypeError, AttributeError, LookupError, OverflowError, NotImplementedError) as exc:
         raise DeidentificationError(f"cannot encode de-identified object ({type(exc).__name__})") from None
-    if audit:
-        audit_or_raise(data, getattr(ds, "_deid_originals", None))
+    audit_or_raise(data, originals)
     return data
 
 

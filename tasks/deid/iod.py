@@ -56,19 +56,20 @@ def types_for_sop_class(sop_class_uid: str) -> dict[str, str] | None:
     if ciod is None:
         return None
     out: dict[str, str] = {}
-
-    def merge(path: str, typ: str) -> None:
-        if _RANK.get(typ, 0) > _RANK.get(out.get(path, ""), 0):
-            out[path] = typ
-
     for module in t["ciods"][ciod]["modules"]:
         for path, typ in t["modules"][module].items():
-            merge(path, typ)
+            _keep_strongest(out, path, typ)
     for macro in t["ciods"][ciod].get("fg_macros", ()):
         for path, typ in t["macros"][macro].items():
             for fg in _FG_SEQUENCES:
-                merge(f"{fg}:{path}", typ)
+                _keep_strongest(out, f"{fg}:{path}", typ)
     return out
+
+
+def _keep_strongest(types: dict[str, str], path: str, typ: str) -> None:
+    """Where several modules define the same path, the strongest type wins."""
+    if _RANK.get(typ, 0) > _RANK.get(types.get(path, ""), 0):
+        types[path] = typ
 
 
 def choose(code: str, attr_type: str | None, iod_known: bool) -> str:
@@ -105,20 +106,17 @@ def generate(standard_dir: Path, profile_json: Path, out: Path) -> None:
         parts = [p.upper() for p in path.split(":")[1:]]
         return ":".join(parts) if parts and parts[-1] in wanted else None
 
-    modules: dict[str, dict[str, str]] = {}
-    for row in load("module_to_attributes.json"):
-        p = path_of(row["path"])
-        if p and row["type"] in _RANK:
-            cur = modules.setdefault(row["moduleId"], {})
-            if _RANK[row["type"]] > _RANK.get(cur.get(p, ""), 0):
-                cur[p] = row["type"]
-    macros: dict[str, dict[str, str]] = {}
-    for row in load("macro_to_attributes.json"):
-        p = path_of(row["path"])
-        if p and row["type"] in _RANK:
-            cur = macros.setdefault(row["macroId"], {})
-            if _RANK[row["type"]] > _RANK.get(cur.get(p, ""), 0):
-                cur[p] = row["type"]
+    def strongest_types(rows: list, owner: str) -> dict[str, dict[str, str]]:
+        """Module or macro id -> {path: the strongest type defined there}."""
+        out: dict[str, dict[str, str]] = {}
+        for row in rows:
+            p = path_of(row["path"])
+            if p and row["type"] in _RANK:
+                _keep_strongest(out.setdefault(row[owner], {}), p, row["type"])
+        return out
+
+    modules = strongest_types(load("module_to_attributes.json"), "moduleId")
+    macros = strongest_types(load("macro_to_attributes.json"), "macroId")
     ciods: dict[str, dict[str, list[str]]] = {}
     for row in load("ciod_to_modules.json"):
         entry = ciods.setdefault(row["ciodId"], {"modules": []})

@@ -24,7 +24,6 @@ section can be copied as it is.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -32,18 +31,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacsflow.tasks.core.errors import DeidentificationError
+from pacsflow.tasks.deid.choices import PixelPolicy
 
 
 class BurnedInAnnotationError(DeidentificationError):
     """The pixels may show identifying text and cannot be cleaned under the configured policy."""
 
     reason = "burned-in-annotation"
-
-
-class PixelPolicy(str, enum.Enum):
-    QUARANTINE = "quarantine"
-    MASK = "mask"
-    ALLOW = "allow"
 
 
 # Modalities / SOP classes that commonly carry burned-in text.
@@ -150,7 +144,6 @@ def at_risk(ds: Dataset) -> bool:
 
 def check_pixels(ds: Dataset, policy: PixelPolicy, masks: Iterable[MaskRule], report: Any = None) -> bool:
     """Apply the pixel policy; True when pixels were masked (record the Clean Pixel Data code)."""
-    policy = PixelPolicy(policy)
     flag = _peek(ds, "BurnedInAnnotation")
     if policy == PixelPolicy.ALLOW and flag != "YES":
         return False

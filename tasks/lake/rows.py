@@ -41,6 +41,7 @@ from pydicom.dataset import Dataset
 
 from pacsflow.catalog.schema import INSTANCES, SERIES, STUDIES
 from pacsflow.tasks.core.errors import BadDicom
+from pacsflow.tasks.core.values import is_multi, items_of
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ _STRIP = " \x00\t\r\n"
 # -- value coercion: raw pydicom value -> Python value for Arrow, or None -----------------------
 def _first(value: Any) -> Any:
     """First item of a multi-valued element (MultiValue/list/tuple), else the value itself."""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if is_multi(value):
         return value[0] if len(value) else None
     return value
 
@@ -75,8 +76,7 @@ def to_str_list(value: Any) -> list[str] | None:
     """All values as stripped strings (empty items dropped); None when there are none."""
     if value is None:
         return None
-    items = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
-    out = [t for t in (_text(v) for v in items) if t is not None]
+    out = [t for t in (_text(v) for v in items_of(value)) if t is not None]
     return out or None
 
 
@@ -129,7 +129,7 @@ def to_float_list(value: Any) -> list[float] | None:
     """Multi-valued DS -> list of floats; None if absent or if any item is malformed."""
     if value is None:
         return None
-    items = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    items = items_of(value)
     if not items:
         return None
     out = [_float(v) for v in items]
@@ -258,7 +258,7 @@ def _is_empty(raw: Any) -> bool:
         return True
     if isinstance(raw, (str, bytes)):
         return not raw.strip(_STRIP if isinstance(raw, str) else _STRIP.encode())
-    if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue":
+    if is_multi(raw):
         return len(raw) == 0
     return False
 

@@ -63,8 +63,8 @@ def process_study(
     extractor = StudyExtractor()
     for path in sorted(p for p in staged.iterdir() if p.suffix == ".dcm" and not p.name.startswith(".")):
         try:
-            ds = deidentify_file(path, deid, report)
-            data = encode(ds)
+            ds, originals = deidentify_file(path, deid, report)
+            data = encode(ds, originals)
         except (BadDicom, DeidentificationError) as exc:
             outcome.quarantined.append((_quarantine(path, quarantine_dir, pseudo_uid), str(exc)))
             continue

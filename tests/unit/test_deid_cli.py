@@ -13,6 +13,7 @@ import pydicom
 import pytest
 
 from pacsflow.deployments.local import sampledata
+from pacsflow.tasks.deid.choices import PixelPolicy
 from pacsflow.tasks.deid.deidentifier import Deidentifier, Option
 from pacsflow.tasks.deid.manifest import MANIFEST_NAME, build_manifest, manifest_markdown
 from pacsflow.tasks.core.files import purge_older_than
@@ -124,13 +125,17 @@ def test_purge_older_than(tmp_path):
 def test_deid_settings_validate_options_and_policy():
     s = load_settings(deid={"options": ["Retain UIDs", "Clean Descriptors"], "pixel_policy": "mask",
                             "pixel_masks": [{"modality": "US", "regions": [[0, 0, 10, 10]]}]})
+    assert s.deid.options == [Option.RETAIN_UIDS, Option.CLEAN_DESCRIPTORS]
+    assert s.deid.pixel_policy is PixelPolicy.MASK
     d = Deidentifier.from_settings(b"k" * 20, s.deid)
-    assert [o.value for o in d.options] == ["Clean Descriptors", "Retain UIDs"]
-    assert d.pixel_policy.value == "mask" and d.audit
+    assert d.options == (Option.CLEAN_DESCRIPTORS, Option.RETAIN_UIDS)
+    assert d.pixel_policy is PixelPolicy.MASK and d.audit
     assert s.deid.crosswalk_path is None
-    with pytest.raises(SettingsError, match="deid.options"):
+    with pytest.raises(SettingsError, match=r"deid\.options.*'Retain UIDs'"):  # the message lists the choices
         load_settings(deid={"options": ["Retain Everything"]})
-    with pytest.raises(SettingsError, match="deid.pixel_policy"):
+    with pytest.raises(SettingsError, match=r"deid\.options.*full-dates"):
+        load_settings(deid={"options": ["Retain Long. Full Dates", "Retain Long. Modified Dates"]})
+    with pytest.raises(SettingsError, match=r"deid\.pixel_policy.*'quarantine', 'mask' or 'allow'"):
         load_settings(deid={"pixel_policy": "export"})
     with pytest.raises(SettingsError, match="deid.pixel_masks"):
         load_settings(deid={"pixel_masks": [{"regions": [[1, 2]]}]})

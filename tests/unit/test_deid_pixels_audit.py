@@ -13,7 +13,7 @@ import pytest
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataset import Dataset
 
-from pacsflow.tasks.deid.deidentifier import Deidentifier, Option
+from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier, Option
 from pacsflow.tasks.deid.audit import ResidualPHIError, audit_bytes
 from pacsflow.tasks.deid.pixels import BurnedInAnnotationError, MaskRule, at_risk, parse_masks
 from pacsflow.tasks.deid.instance import deidentify_file, encode
@@ -81,8 +81,7 @@ def test_mask_policy_blanks_configured_regions_and_records_clean_pixel_code():
     masks = [{"modality": "US", "manufacturer": "ACME US", "coordinates": ["0,0,32,8"]}]
     deid = Deidentifier(KEY, pixel_policy="mask", pixel_masks=masks)
     ds = us_image("YES")
-    deid.apply(ds)
-    back = pydicom.dcmread(io.BytesIO(encode(ds)))
+    back = pydicom.dcmread(io.BytesIO(encode(ds, deid.apply(ds))))
     arr = back.pixel_array
     assert (arr[:8] == 0).all() and (arr[8:] == 200).all()
     assert back.BurnedInAnnotation == "NO"
@@ -101,8 +100,7 @@ def test_compressed_ultrasound_is_decoded_masked_and_stored_uncompressed():
     ds.BurnedInAnnotation = "YES"
     rows, cols = int(ds.Rows), int(ds.Columns)
     deid = Deidentifier(KEY, pixel_policy="mask", pixel_masks=[{"modality": "US", "regions": [[0, 0, cols, 20]]}])
-    deid.apply(ds)
-    back = pydicom.dcmread(io.BytesIO(encode(ds)))
+    back = pydicom.dcmread(io.BytesIO(encode(ds, deid.apply(ds))))
     assert not back.file_meta.TransferSyntaxUID.is_compressed
     assert (back.pixel_array[:20] == 0).all()
     assert back.pixel_array.shape[:2] == (rows, cols)
@@ -129,44 +127,53 @@ def test_audit_finds_a_name_left_in_a_kept_attribute():
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.PatientName = "Winterbottom^Cecilia"
     ds.Manufacturer = "WINTERBOTTOM scanner"  # kept by the profile: a real leak
-    Deidentifier(KEY).apply(ds)
+    originals = Deidentifier(KEY).apply(ds)
     with pytest.raises(ResidualPHIError, match="PatientName") as err:
-        encode(ds)
+        encode(ds, originals)
     assert "Winterbottom" not in str(err.value).lower()
 
 
 def test_audit_finds_a_leak_inside_a_private_creator_kept_under_safe_private():
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.PatientID = "MRN99887766"
-    Deidentifier(KEY).apply(ds)
+    originals = Deidentifier(KEY).apply(ds)
     ds.add_new(0x00091010, "LO", "MRN99887766")  # simulate a leak after apply
     with pytest.raises(ResidualPHIError, match="PatientID"):
-        encode(ds)
+        encode(ds, originals)
 
 
 def test_audit_passes_clean_output_and_can_be_switched_off():
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    Deidentifier(KEY).apply(ds)
-    assert audit_bytes(encode(ds), ds._deid_originals) == []
-    ds2 = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds2.Manufacturer = str(ds2.PatientName)
-    Deidentifier(KEY, audit=False).apply(ds2)
-    encode(ds2)  # no originals kept: nothing to audit
+    originals = Deidentifier(KEY).apply(ds)
+    assert originals is not None and originals.values["PatientName"]
+    assert audit_bytes(encode(ds, originals), originals) == []
+
+    def leaky() -> Dataset:
+        leak = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        leak.Manufacturer = str(leak.PatientName)  # kept by the profile
+        return leak
+
+    ds = leaky()
+    with pytest.raises(ResidualPHIError):
+        encode(ds, Deidentifier(KEY).apply(ds))
+    ds = leaky()
+    assert Deidentifier(KEY, audit=False).apply(ds) is None  # nothing kept, nothing audited
+    assert str(pydicom.dcmread(get_testdata_file("CT_small.dcm")).PatientName).encode() in encode(ds, None)
 
 
 def test_audit_finds_latin1_and_iso2022_encoded_names():
     fr = pydicom.dcmread(get_charset_files("chrFren.dcm")[0])
     name = str(fr.PatientName)
-    Deidentifier(KEY).apply(fr)
+    originals = Deidentifier(KEY).apply(fr)
     fr.Manufacturer = "note: " + name.split("^")[1]  # "Jérôme", written in ISO_IR 100 (Latin-1)
     with pytest.raises(ResidualPHIError):
-        encode(fr)
+        encode(fr, originals)
     jp = pydicom.dcmread(get_charset_files("chrH31.dcm")[0])
     family = str(jp.PatientName).split("=")[1].split("^")[0]  # ideographic family name
-    Deidentifier(KEY).apply(jp)
+    originals = Deidentifier(KEY).apply(jp)
     jp.Manufacturer = family  # encoded with ISO 2022 IR 87 escapes on write
     with pytest.raises(ResidualPHIError):
-        encode(jp)
+        encode(jp, originals)
 
 
 # -- character sets -----------------------------------------------------------------------------
@@ -175,8 +182,7 @@ def test_charset_files_deidentified_audited_and_readable(path):
     ds = pydicom.dcmread(path)
     raw_names = [ds[t].value for t in ds.keys() if ds[t].VR == "PN" and ds[t].value]
     originals = [pydicom.dcmread(path)[t] for t in ds.keys() if ds[t].VR == "PN"]
-    Deidentifier(KEY, [Option.RETAIN_MODIFIED_DATES]).apply(ds)
-    data = encode(ds)  # audit included
+    data = encode(ds, Deidentifier(KEY, [Option.RETAIN_MODIFIED_DATES]).apply(ds))  # audited
     back = pydicom.dcmread(io.BytesIO(data))
     back.decode()  # every retained text value decodes with the file's character set
     assert back.PatientIdentityRemoved == "YES"
@@ -195,21 +201,21 @@ def test_retained_text_stays_correctly_encoded(name, text):
     ds.Manufacturer = text  # not in the table: kept
     ds.save_as(buf := io.BytesIO(), enforce_file_format=True)
     ds = pydicom.dcmread(io.BytesIO(buf.getvalue()))  # now a raw element in the file's encoding
-    Deidentifier(KEY).apply(ds)
-    back = pydicom.dcmread(io.BytesIO(encode(ds)))
+    back = pydicom.dcmread(io.BytesIO(encode(ds, Deidentifier(KEY).apply(ds))))
     assert back.Manufacturer == text
     assert list(back.SpecificCharacterSet if back["SpecificCharacterSet"].VM > 1 else [back.SpecificCharacterSet]) == \
         list(ds.SpecificCharacterSet if ds["SpecificCharacterSet"].VM > 1 else [ds.SpecificCharacterSet])
 
 
-def test_deidentify_file_parses_once_and_keeps_originals_in_memory(tmp_path):
+def test_deidentify_file_hands_back_the_originals_for_the_audit(tmp_path):
     src = tmp_path / "x.dcm"
     shutil.copy(get_testdata_file("CT_small.dcm"), src)
-    from pacsflow.tasks.deid.deidentifier import DeidReport
-
-    ds = deidentify_file(src, Deidentifier(KEY), DeidReport())
-    assert ds._deid_originals.values["PatientName"]
-    encode(ds)
+    ds, originals = deidentify_file(src, Deidentifier(KEY), DeidReport())
+    assert originals is not None and originals.values["PatientName"]
+    assert ds.PatientIdentityRemoved == "YES"
+    ds.StudyDescription = str(pydicom.dcmread(src).PatientID)  # a leak the audit must see
+    with pytest.raises(ResidualPHIError, match="PatientID"):
+        encode(ds, originals)
 
 
 @pytest.mark.parametrize(
@@ -218,9 +224,11 @@ def test_deidentify_file_parses_once_and_keeps_originals_in_memory(tmp_path):
      ("1.1", True), ("1.2.1", True), ("2", False), ("4", False), ("128", False), ("30", False), ("11.1", False)],
 )
 def test_sop_classes_that_burn_text_in(suffix, risky):
-    from pacsflow.tasks.deid.pixels import _risky_sop
-
-    assert _risky_sop("1.2.840.10008.5.1.4.1.1." + suffix) is risky
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1." + suffix
+    ds.Modality = "CT"  # not a modality that burns text in: the SOP class decides
+    ds.PixelData = b"\x00\x00"
+    assert at_risk(ds) is risky
 
 
 DEID_DATA = importlib.util.find_spec("deid_data")
@@ -239,8 +247,7 @@ def test_real_burned_in_ultrasound_quarantined_or_masked(name, tmp_path):
     ds = pydicom.dcmread(tmp_path / "q" / "2.25.9" / name)
     cols = int(ds.Columns)
     deid = Deidentifier(KEY, pixel_policy="mask", pixel_masks=[{"modality": "US", "regions": [[0, 0, cols, 40]]}])
-    deid.apply(ds)
-    back = pydicom.dcmread(io.BytesIO(encode(ds)))
+    back = pydicom.dcmread(io.BytesIO(encode(ds, deid.apply(ds))))
     arr = back.pixel_array
     top = arr[:, :40] if int(back.get("NumberOfFrames", 1) or 1) > 1 else arr[:40]
     assert not top.any() and arr.any()

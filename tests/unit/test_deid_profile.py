@@ -18,6 +18,7 @@ from pacsflow.tasks.deid.deidentifier import (
     DeidReport,
     Deidentifier,
     Option,
+    Originals,
     load_profile,
     load_safe_private,
     patient_day_shift,
@@ -36,8 +37,8 @@ def ct() -> Dataset:
     return pydicom.dcmread(get_testdata_file("CT_small.dcm"))
 
 
-def roundtrip(ds: Dataset) -> tuple[Dataset, bytes]:
-    raw = encode(ds)
+def roundtrip(ds: Dataset, originals: Originals | None) -> tuple[Dataset, bytes]:
+    raw = encode(ds, originals)  # audited for the originals
     return pydicom.dcmread(io.BytesIO(raw)), raw
 
 
@@ -198,8 +199,8 @@ def test_every_option_is_selectable_and_recorded(option):
     else:
         options = [option, Option.RETAIN_MODIFIED_DATES] if option != Option.RETAIN_MODIFIED_DATES else [option]
     ds = ct()
-    Deidentifier(KEY, options).apply(ds)
-    back, _ = roundtrip(ds)
+    originals = Deidentifier(KEY, options).apply(ds)
+    back, _ = roundtrip(ds, originals)
     assert OPTION_CODES[option][0] in codes(back)
     assert "113100" in codes(back)
     assert option.value in list(back.DeidentificationMethod)
@@ -311,8 +312,8 @@ def _sr() -> Dataset:
 
 def test_structured_content_basic_profile_dummies_text_and_names():
     ds = _sr()
-    Deidentifier(KEY).apply(ds)
-    back, raw = roundtrip(ds)
+    originals = Deidentifier(KEY).apply(ds)
+    back, raw = roundtrip(ds, originals)
     assert b"Bloggsworth" not in raw and b"Olga" not in raw
     text, pname, date, num = back.ContentSequence
     assert text.TextValue == "ANONYMIZED" and pname.PersonName == "ANONYMIZED"
@@ -322,8 +323,8 @@ def test_structured_content_basic_profile_dummies_text_and_names():
 
 def test_option_clean_structured_content_removes_pname_items_and_cleans_text():
     ds = _sr()
-    Deidentifier(KEY, [Option.CLEAN_STRUCTURED_CONTENT, Option.RETAIN_MODIFIED_DATES]).apply(ds)
-    back, raw = roundtrip(ds)
+    originals = Deidentifier(KEY, [Option.CLEAN_STRUCTURED_CONTENT, Option.RETAIN_MODIFIED_DATES]).apply(ds)
+    back, raw = roundtrip(ds, originals)
     assert [i.ValueType for i in back.ContentSequence] == ["TEXT", "DATE", "NUM"]
     assert "Nodule seen" in back.ContentSequence[0].TextValue
     assert b"Bloggsworth" not in raw and b"Frederick" not in raw and b"Olga" not in raw
@@ -366,8 +367,8 @@ def test_nested_sequences_three_deep():
     holder = Dataset()
     holder.ReferencedInstanceSequence = Sequence([level1.copy()])
     ds.DerivationCodeSequence = Sequence([holder])
-    Deidentifier(KEY).apply(ds)
-    _, raw = roundtrip(ds)
+    originals = Deidentifier(KEY).apply(ds)
+    _, raw = roundtrip(ds, originals)
     assert b"Deep^Three" not in raw and b"3 Deep Lane" not in raw and b"private at depth 3" not in raw
     assert b"1.2.3.999" not in raw
     inner = ds.DerivationCodeSequence[0].ReferencedInstanceSequence[0].DerivationCodeSequence[0]
@@ -418,16 +419,16 @@ def test_private_blocks_removed_at_every_depth():
     ds = _with_private_blocks(ct())
     item = _with_private_blocks(Dataset())
     ds.ReferencedInstanceSequence = Sequence([item])
-    Deidentifier(KEY).apply(ds)
-    _, raw = roundtrip(ds)
+    originals = Deidentifier(KEY).apply(ds)
+    _, raw = roundtrip(ds, originals)
     assert not [e for e in ds.iterall() if e.tag.is_private]
     assert b"Private^Person" not in raw and b"GEMS_ACQU_01" not in raw
 
 
 def test_option_retain_safe_private_keeps_listed_numeric_elements_only():
     ds = _with_private_blocks(ct())
-    Deidentifier(KEY, [Option.RETAIN_SAFE_PRIVATE]).apply(ds)
-    back, raw = roundtrip(ds)
+    originals = Deidentifier(KEY, [Option.RETAIN_SAFE_PRIVATE]).apply(ds)
+    back, raw = roundtrip(ds, originals)
     block = back.private_block(0x0019, "GEMS_ACQU_01")
     assert str(block[0x23].value) == "39.375"
     assert 0x00191001 not in back and 0x0019109E not in back
@@ -440,8 +441,8 @@ def test_file_meta_replaced_and_preamble_zeroed():
     ds = ct()
     ds.file_meta.SourceApplicationEntityTitle = "HOSPITAL_PACS"
     ds.preamble = b"DOE JOHN" + b"\x00" * 120
-    Deidentifier(KEY).apply(ds)
-    back, raw = roundtrip(ds)
+    originals = Deidentifier(KEY).apply(ds)
+    back, raw = roundtrip(ds, originals)
     assert raw[:128] == b"\x00" * 128
     assert "SourceApplicationEntityTitle" not in back.file_meta
     assert back.file_meta.MediaStorageSOPInstanceUID == back.SOPInstanceUID
@@ -459,19 +460,19 @@ def test_group_lengths_dropped_and_report_counts_actions():
 
 
 def test_unknown_option_refused():
-    with pytest.raises(DeidentificationError):
+    with pytest.raises(DeidentificationError, match="choose from: Clean Descriptors"):
         Deidentifier(KEY, ["Retain Everything"])
+    with pytest.raises(DeidentificationError, match="choose from: quarantine, mask, allow"):
+        Deidentifier(KEY, pixel_policy="export")
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
 def test_fast_encoder_writes_what_save_as_writes(name):
-    from pacsflow.tasks.deid.instance import _part10
-
     ds = pydicom.dcmread(get_testdata_file(name))
     Deidentifier(KEY, [Option.RETAIN_MODIFIED_DATES, Option.CLEAN_DESCRIPTORS]).apply(ds)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    assert _part10(ds) == buf.getvalue()
+    assert encode(ds, None) == buf.getvalue()
 
 
 def test_deidentifier_pickles_for_worker_processes():

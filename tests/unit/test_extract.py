@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import gc
 import io
 import logging
 import os
 import warnings
+import weakref
 from pathlib import Path
 
 import pydicom
@@ -374,7 +376,11 @@ def test_add_does_not_keep_the_dataset_or_read_pixels():
     ex = StudyExtractor()
     ex.add(ds, file_path="x", file_size=1, sha256="0" * 64)
     assert ds.get_item("PixelData") is pixel_elem_before  # not converted/touched
-    assert not any(v is ds for row in ex._instances.values() for v in row.values())
+    kept = weakref.ref(ds)
+    del ds, pixel_elem_before
+    gc.collect()
+    assert kept() is None  # the extractor holds no reference to the Dataset
+    assert len(ex) == 1
 
 
 # -- coercions ------------------------------------------------------------------------------------

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
+from pacsflow.tasks.deid.choices import Option, PixelPolicy, SafePrivateList
 from pacsflow.tasks.settings import RetrieveMethod, SettingsError, load_settings
 
 
@@ -72,3 +77,41 @@ def test_phi_zone_beside_the_lake_is_fine(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     s = load_settings(storage_root="s3://bucket/lake", catalog_root="lake/catalog", state_root="state")
     assert s.state_root.name == "state"
+
+
+def test_deid_closed_sets_are_enums_read_from_the_same_strings(monkeypatch, tmp_path):
+    cfg = tmp_path / "pacsflow.yaml"
+    cfg.write_text("deid:\n  options: [Retain UIDs, Clean Descriptors]\n  pixel_policy: allow\n"
+                   "  safe_private_list: ps3.15-table-e.3.10-1\n")
+    monkeypatch.setenv("PACSFLOW_CONFIG", str(cfg))
+    s = load_settings()
+    assert s.deid.options == [Option.RETAIN_UIDS, Option.CLEAN_DESCRIPTORS]
+    assert s.deid.pixel_policy is PixelPolicy.ALLOW
+    assert s.deid.safe_private_list is SafePrivateList.PS3_15_TABLE_E_3_10_1
+    monkeypatch.setenv("PACSFLOW_DEID__PIXEL_POLICY", "mask")
+    monkeypatch.setenv("PACSFLOW_DEID__OPTIONS", '["Retain Long. Full Dates"]')
+    s = load_settings()
+    assert (s.deid.options, s.deid.pixel_policy) == ([Option.RETAIN_FULL_DATES], PixelPolicy.MASK)
+    dumped = json.loads(s.model_dump_json())["deid"]  # what `pacsflow settings` prints: the same strings
+    assert dumped["options"] == ["Retain Long. Full Dates"] and dumped["pixel_policy"] == "mask"
+    assert dumped["safe_private_list"] == "ps3.15-table-e.3.10-1"
+
+
+@pytest.mark.parametrize("deid, name, choice", [
+    ({"options": ["Retain Everything"]}, "deid.options", "'Retain Safe Private'"),
+    ({"pixel_policy": "export"}, "deid.pixel_policy", "'allow'"),
+    ({"safe_private_list": "my-list"}, "deid.safe_private_list", "'ps3.15-table-e.3.10-1'"),
+])
+def test_deid_closed_sets_name_the_setting_and_the_choices(deid, name, choice):
+    with pytest.raises(SettingsError) as exc:
+        load_settings(deid=deid)
+    assert name in str(exc.value) and choice in str(exc.value)
+
+
+def test_settings_module_does_not_load_the_deidentifier():
+    """Settings type their fields with the small choices module; pydicom and the de-identifier
+    (which is built from settings) stay unloaded."""
+    code = ("import sys, pacsflow.tasks.settings as s; s.load_settings(); "
+            "print(sorted(m for m in sys.modules if m == 'pydicom' or m.startswith('pacsflow.tasks.deid.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['pacsflow.tasks.deid.choices']"
