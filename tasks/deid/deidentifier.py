@@ -48,6 +48,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any, Iterable, TypeVar
 
 from pydicom.charset import encode_string
@@ -56,7 +57,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from pacsflow.tasks.core.errors import DeidentificationError
 from pacsflow.tasks.core.values import items_of
@@ -129,20 +130,20 @@ _CODE_TAGS = frozenset(
      0x0040A040, 0x0040A010, 0x0040A050, 0x00700002, 0x00700023, 0x00700005}
 )
 # Sequences whose items are content items (ValueType): cleaned as structured content.
-_VALUE_TYPE = 0x0040A040
-_TEXT_VALUE = 0x0040A160
+_VALUE_TYPE = BaseTag(0x0040A040)
+_TEXT_VALUE = BaseTag(0x0040A160)
 
 # The identifiers we replace by keyed pseudonyms rather than the table's empty value:
 # analysts need a stable per-patient key.
 _PATIENT_ID = Tag(0x0010, 0x0020)
 _PATIENT_NAME = Tag(0x0010, 0x0010)
-_SOP_CLASS_UID = 0x00080016
-_SOP_INSTANCE_UID = 0x00080018
-_SPECIFIC_CHARACTER_SET = 0x00080005
+_SOP_CLASS_UID = BaseTag(0x00080016)
+_SOP_INSTANCE_UID = BaseTag(0x00080018)
+_SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 
 # Identifying attributes whose original values the residual-PHI audit and the "clean" action
 # look for (keyword, split into name components). PN values found anywhere are added as well.
-IDENTIFYING_KEYWORDS: dict[int, str] = {
+IDENTIFYING_KEYWORDS: dict[BaseTag, str] = {BaseTag(tag): keyword for tag, keyword in {
     0x00100010: "PatientName", 0x00100020: "PatientID", 0x00101000: "OtherPatientIDs",
     0x00101001: "OtherPatientNames", 0x00101005: "PatientBirthName", 0x00101060: "PatientMotherBirthName",
     0x00101040: "PatientAddress", 0x00102154: "PatientTelephoneNumbers", 0x00100030: "PatientBirthDate",
@@ -153,7 +154,7 @@ IDENTIFYING_KEYWORDS: dict[int, str] = {
     0x00080080: "InstitutionName", 0x00080081: "InstitutionAddress", 0x00081040: "InstitutionalDepartmentName",
     0x00181000: "DeviceSerialNumber", 0x00200010: "StudyID", 0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID", 0x00080018: "SOPInstanceUID", 0x00200052: "FrameOfReferenceUID",
-}
+}.items()}
 _NAME_COMPONENTS = re.compile(r"[\^=\\ ,]+")
 _DATE_OR_ID = re.compile(r"\b\d{8}\b|\b\d{1,4}[./-]\d{1,2}[./-]\d{2,4}\b|\b\d{6,}\b")
 
@@ -262,6 +263,7 @@ class Originals:
         for kw, vals in self.values.items():
             toks: set[str | bytes] = set()
             for v in vals:
+                whole: str | bytes
                 if isinstance(v, bytes):
                     whole = v.strip(b"\x00 ")
                     # ISO 2022 multi-byte text uses "^" inside characters: never split it as bytes
@@ -670,13 +672,14 @@ class Deidentifier:
 
     # -- value helpers -------------------------------------------------------------------
     @staticmethod
-    def _set(d: dict, tag: BaseTag, vr: str, value: Any) -> None:
+    def _set(d: MutableMapping[BaseTag, Any], tag: BaseTag, vr: str, value: Any) -> None:
         """Replace an element. An ASCII text value replacing a raw element becomes a raw element
         in the same encoding, so the writer copies its bytes instead of re-encoding it."""
         if vr == "UN":
             vr = "OB"
         old = d.get(tag)
         if old is not None and old.__class__ is RawDataElement and vr in _RAW_TEXT_VRS:
+            raw: bytes | None
             if value is None:
                 raw = b""
             elif value.__class__ is str:
@@ -692,14 +695,14 @@ class Deidentifier:
                 return
         d[tag] = DataElement(tag, vr, value)
 
-    def _remap(self, d: dict, tag: BaseTag, elem: Any) -> None:
+    def _remap(self, d: MutableMapping[BaseTag, Any], tag: BaseTag, elem: Any) -> None:
         values = _str_values(elem)
         if not values:
             return
         new = [self.uid(v) for v in values]
         self._set(d, tag, "UI", new if len(new) > 1 else new[0])
 
-    def _date(self, d: dict, tag: BaseTag, vr: str, ctx: _Ctx, action: str) -> None:
+    def _date(self, d: MutableMapping[BaseTag, Any], tag: BaseTag, vr: str, ctx: _Ctx, action: str) -> None:
         if Option.RETAIN_FULL_DATES in self.options:
             return
         if vr == "TM" or action == "K":
@@ -800,9 +803,8 @@ class Deidentifier:
         for t in privates:
             e = int(t) & 0xFFFF
             if 0x0010 <= e <= 0x00FF:
-                vals = _str_values(d[t]) if not isinstance(d[t].value, bytes) else [
-                    d[t].value.decode("latin-1").strip("\x00 ")
-                ]
+                value = d[t].value
+                vals = [value.decode("latin-1").strip("\x00 ")] if isinstance(value, bytes) else _str_values(d[t])
                 creators[(int(t) >> 16, e)] = (vals[0] if vals else "").strip().upper()
         kept_blocks: set[tuple[int, int]] = set()
         removed = kept = 0
@@ -817,8 +819,9 @@ class Deidentifier:
             if vr and _safe_value(d[t], vr):
                 kept_blocks.add(block)
                 kept += 1
-                if isinstance(d[t], RawDataElement) and d[t].VR in (None, "UN"):
-                    d[t] = DataElement(t, vr, _convert_raw(d[t], vr, ds))
+                elem = d[t]
+                if isinstance(elem, RawDataElement) and elem.VR in (None, "UN"):
+                    d[t] = DataElement(t, vr, _convert_raw(elem, vr, ds))
             else:
                 del d[t]
                 removed += 1
@@ -844,7 +847,7 @@ class Deidentifier:
         if "SOPInstanceUID" in ds:
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         elif old is not None and "MediaStorageSOPInstanceUID" in old:
-            meta.MediaStorageSOPInstanceUID = self.uid(str(old.MediaStorageSOPInstanceUID))
+            meta.MediaStorageSOPInstanceUID = UID(self.uid(str(old.MediaStorageSOPInstanceUID)))
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         ds.file_meta = meta
@@ -928,7 +931,7 @@ def _shift_temporal(value, vr: str, days: int):
         return value
     if vr == "TM":
         return value  # whole-day shifts keep times of day
-    out = []
+    out: list[str | None] = []
     for v in items_of(value):
         s = str(v).strip()
         if len(s) < 8 or not s[:8].isdigit():

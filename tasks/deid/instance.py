@@ -14,6 +14,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.dataelem import DataElement
+from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
@@ -64,7 +66,7 @@ def encode(ds: pydicom.Dataset, originals: Originals | None) -> bytes:
     return data
 
 
-PIXEL_DATA = 0x7FE00010
+PIXEL_DATA = BaseTag(0x7FE00010)
 
 
 _META_VRS = {0x00020001: "OB", 0x00020002: "UI", 0x00020003: "UI", 0x00020010: "UI", 0x00020012: "UI",
@@ -109,7 +111,8 @@ def _part10(ds: pydicom.Dataset) -> bytes:
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if (
-        ts is None
+        meta is None
+        or ts is None
         or ts == DeflatedExplicitVRLittleEndian
         or not ts.is_transfer_syntax
         or meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID")
@@ -120,7 +123,7 @@ def _part10(ds: pydicom.Dataset) -> bytes:
         ds.save_as(buf, enforce_file_format=True)
         return buf.getvalue()
     pixels = ds._dict.get(PIXEL_DATA)
-    if pixels is not None and not pixels.is_raw:
+    if isinstance(pixels, DataElement):
         pixels.is_undefined_length = ts.is_compressed  # as dcmwrite does
     fp = DicomBytesIO()
     preamble = getattr(ds, "preamble", None)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacsflow.tasks.core.errors import DeidentificationError
@@ -104,17 +105,17 @@ def parse_masks(masks: Iterable[Any]) -> list[MaskRule]:
             continue
         m = dict(m)
         raw = m.pop("regions", None) or m.pop("coordinates", None) or m.pop("ctpcoordinates", None) or []
-        regions = []
+        regions: list[tuple[int, int, int, int]] = []
         for r in raw:
             vals = [int(float(v)) for v in (r.split(",") if isinstance(r, str) else r)]
             if len(vals) != 4:
                 raise ValueError("a mask region needs four numbers: xmin, ymin, xmax, ymax")
-            regions.append(tuple(vals))
+            regions.append((vals[0], vals[1], vals[2], vals[3]))
         out.append(MaskRule(regions=tuple(regions), **m))
     return out
 
 
-_TAGS = {"BurnedInAnnotation": 0x00280301, "Modality": 0x00080060, "SOPClassUID": 0x00080016}
+_TAGS = {"BurnedInAnnotation": BaseTag(0x00280301), "Modality": BaseTag(0x00080060), "SOPClassUID": BaseTag(0x00080016)}
 
 
 def _peek(ds: Dataset, keyword: str) -> str:

@@ -256,8 +256,10 @@ _INSTANCE_ATTRS: dict[str, tuple[str, _Conv]] = {
 def _is_empty(raw: Any) -> bool:
     if raw is None:
         return True
-    if isinstance(raw, (str, bytes)):
-        return not raw.strip(_STRIP if isinstance(raw, str) else _STRIP.encode())
+    if isinstance(raw, str):
+        return not raw.strip(_STRIP)
+    if isinstance(raw, bytes):
+        return not raw.strip(_STRIP.encode())
     if is_multi(raw):
         return len(raw) == 0
     return False
