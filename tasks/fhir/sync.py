@@ -206,7 +206,7 @@ def _transaction(client: FhirClient, bundle: dict[str, Any],
 
 
 def _revive(client: FhirClient, study: StudyResources, outcome: SendOutcome,
-            conflict: FhirConflict) -> BaseException | None:
+            conflict: FhirConflict) -> FhirRejected | FhirConflict | None:
     """The conditional update of this study found no match but could not create it under our id,
     because a deleted resource holds that id (HAPI keeps it). Write the resources that have no match
     by id instead (``PUT Type/id`` revives them as a new version). None when that landed, else the
@@ -245,16 +245,17 @@ def send_studies(client: FhirClient, studies: Sequence[StudyResources],
         ids = _server_ids(answer, bundle)
         outcome.synced += [(st.study_uid, st.hash, ids.get(st.study_identity.full_url)) for st in studies]
         return outcome
+    rejection: FhirRejected | FhirConflict | None = answer
     if len(studies) == 1 and isinstance(answer, FhirConflict) and _ID_TAKEN in str(answer):
-        answer = _revive(client, studies[0], outcome, answer)
-        if answer is None:
-            return outcome
+        rejection = _revive(client, studies[0], outcome, answer)
+    if rejection is None:
+        return outcome
     if len(studies) == 1:
-        reason = error_text(answer)
-        outcome.failed.append((studies[0].study_uid, reason, is_transient(answer)))
+        reason = error_text(rejection)
+        outcome.failed.append((studies[0].study_uid, reason, is_transient(rejection)))
         log.warning("study %s: FHIR server rejected it: %s", studies[0].study_uid, reason)
         return outcome
-    log.info("FHIR transaction of %d studies rejected (%s); splitting it", len(studies), type(answer).__name__)
+    log.info("FHIR transaction of %d studies rejected (%s); splitting it", len(studies), type(rejection).__name__)
     mid = len(studies) // 2
     send_studies(client, studies[:mid], outcome)
     send_studies(client, studies[mid:], outcome)
