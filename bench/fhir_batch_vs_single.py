@@ -17,7 +17,8 @@ Both send the same mapped resources in the same order (mapping is not timed). Th
 time of each method at that latency. A latency above 0 puts a small TCP
 proxy in front of the server that holds each answer back by that many milliseconds once per
 request (a round trip to a server elsewhere on the network). Finally, for information, the whole
-``sync_catalog`` (catalog read, mapping, ledger, Bundles, reconciliation) on the catalog itself.
+``sync_catalog`` (the flows' sync loop without Prefect: catalog read, mapping, ledger, Bundles,
+reconciliation) on the catalog itself.
 Prints studies/s for each and the ratio batched / one by one. Not a test: nothing here asserts a speed.
 """
 

@@ -375,61 +375,89 @@ def build_study(
     s_ident = study_identity(study_uid)
     p_ident = patient_identity(options.pseudonym_system, pseudo)
     e_ident = endpoint_identity(options.wado_rs_base_url) if options.wado_rs_base_url else None
-    security = None if options.identified else {"security": [{"system": SECURITY_SYSTEM, "code": "PSEUDED",
-                                                              "display": "pseudonymized"}]}
 
-    # Patient: the pseudonym only (and sex when the de-identification kept it).
-    patient_doc: dict[str, Any] = {"identifier": [{"system": p_ident.system, "value": p_ident.value}]}
+    patient, patient_json = _validated(Patient, _patient_doc(study, p_ident, options), study_uid)
+    endpoint, endpoint_json = None, None
+    if e_ident is not None:
+        endpoint, endpoint_json = _validated(Endpoint, _endpoint_doc(e_ident), study_uid)
+    study_doc = _imaging_study_doc(study, _series_docs(series, instances, options.timezone),
+                                   (s_ident, p_ident, e_ident), options)
+    imaging_study, study_json = _validated(ImagingStudy, study_doc, study_uid)
+    return StudyResources(
+        study_uid, imaging_study, patient, endpoint, s_ident, p_ident, e_ident,
+        number_of_series=int(study.get("number_of_series") or 0),
+        number_of_instances=int(study.get("number_of_instances") or 0),
+        hash=content_hash([patient_json, endpoint_json, study_json]),
+        patient_json=patient_json, endpoint_json=endpoint_json, study_json=study_json,
+    )
+
+
+def _security(options: MappingOptions) -> dict[str, Any] | None:
+    """``meta`` of our own resources: labelled pseudonymized, unless the sync is identified."""
+    if options.identified:
+        return None
+    return {"security": [{"system": SECURITY_SYSTEM, "code": "PSEUDED", "display": "pseudonymized"}]}
+
+
+def _patient_doc(study: Mapping[str, Any], ident: Identity, options: MappingOptions) -> dict[str, Any]:
+    """The pseudonym only (and sex when the de-identification kept it); name and birth date only
+    in identified mode."""
+    doc: dict[str, Any] = {"identifier": [{"system": ident.system, "value": ident.value}]}
     if not options.identified:
         # Our own resource: our id. In identified mode the hospital's Patient may already exist
         # under another id, and a conditional update must not try to rename it.
-        patient_doc["id"] = p_ident.resource_id
-        patient_doc["meta"] = security
+        doc["id"] = ident.resource_id
+        doc["meta"] = _security(options)
     gender = _GENDER.get((_text(study.get("patient_sex")) or "").upper())
     if gender:
-        patient_doc["gender"] = gender
+        doc["gender"] = gender
     if options.identified:
         name = _human_name(study.get("patient_name"))
         birth = _as_date(study.get("patient_birth_date"))
         if name:
-            patient_doc["name"] = name
+            doc["name"] = name
         if birth:
-            patient_doc["birthDate"] = birth.isoformat()
-    patient, patient_json = _validated(Patient, patient_doc, study_uid)
+            doc["birthDate"] = birth.isoformat()
+    return doc
 
-    endpoint, endpoint_json = None, None
-    if e_ident is not None:
-        endpoint, endpoint_json = _validated(Endpoint, {
-            "id": e_ident.resource_id,
-            "identifier": [{"system": e_ident.system, "value": e_ident.value}],
-            "status": "active",
-            "connectionType": {"system": ENDPOINT_CONNECTION_SYSTEM, "code": "dicom-wado-rs"},
-            "name": "pacsflow DICOMweb WADO-RS",
-            "payloadType": [{"coding": [{"system": ENDPOINT_PAYLOAD_SYSTEM, "code": "any"}], "text": "DICOM"}],
-            "payloadMimeType": ["application/dicom"],
-            "address": e_ident.value,
-        }, study_uid)
 
+def _endpoint_doc(ident: Identity) -> dict[str, Any]:
+    return {
+        "id": ident.resource_id,
+        "identifier": [{"system": ident.system, "value": ident.value}],
+        "status": "active",
+        "connectionType": {"system": ENDPOINT_CONNECTION_SYSTEM, "code": "dicom-wado-rs"},
+        "name": "pacsflow DICOMweb WADO-RS",
+        "payloadType": [{"coding": [{"system": ENDPOINT_PAYLOAD_SYSTEM, "code": "any"}], "text": "DICOM"}],
+        "payloadMimeType": ["application/dicom"],
+        "address": ident.value,
+    }
+
+
+def _instance_doc(inst: Mapping[str, Any]) -> dict[str, Any]:
+    sop_class = _text(inst.get("sop_class_uid"))
+    image_type = inst.get("image_type") or []
+    return {
+        "uid": _text(inst.get("sop_instance_uid")),
+        "sopClass": {"system": URI_SYSTEM, "code": f"urn:oid:{sop_class}"} if sop_class else None,
+        "number": inst.get("instance_number"),
+        "title": "\\".join(str(v) for v in image_type if v is not None) or None,
+    }
+
+
+def _series_docs(series: Sequence[Mapping[str, Any]], instances: Sequence[Mapping[str, Any]],
+                 timezone: str | None) -> list[dict[str, Any]]:
+    """``ImagingStudy.series`` in series number order, each with its instances in instance number order."""
     by_series: dict[str, list[Mapping[str, Any]]] = {}
     for inst in instances:
         by_series.setdefault(str(inst.get("series_uid")), []).append(inst)
-    series_docs = []
+    docs = []
     for se in sorted(series, key=lambda r: _sort_key(r.get("series_number"), str(r.get("series_uid")))):
         se_uid = _text(se.get("series_uid"))
         modality = _text(se.get("modality"))
-        inst_docs = []
-        for inst in sorted(by_series.get(str(se_uid), []),
-                           key=lambda r: _sort_key(r.get("instance_number"), str(r.get("sop_instance_uid")))):
-            sop_class = _text(inst.get("sop_class_uid"))
-            image_type = inst.get("image_type") or []
-            title = "\\".join(str(v) for v in image_type if v is not None) or None
-            inst_docs.append({
-                "uid": _text(inst.get("sop_instance_uid")),
-                "sopClass": {"system": URI_SYSTEM, "code": f"urn:oid:{sop_class}"} if sop_class else None,
-                "number": inst.get("instance_number"),
-                "title": title,
-            })
-        series_docs.append({
+        members = sorted(by_series.get(str(se_uid), []),
+                         key=lambda r: _sort_key(r.get("instance_number"), str(r.get("sop_instance_uid"))))
+        docs.append({
             "uid": se_uid,
             "number": se.get("series_number"),
             "modality": {"system": DCM_SYSTEM, "code": modality} if modality else None,
@@ -437,18 +465,25 @@ def build_study(
             "numberOfInstances": se.get("number_of_instances"),
             "bodySite": body_site(se.get("body_part_examined")),
             "laterality": laterality(se.get("laterality")),
-            "started": started(se.get("series_date"), se.get("series_time"), options.timezone),
-            "instance": inst_docs or None,
+            "started": started(se.get("series_date"), se.get("series_time"), timezone),
+            "instance": [_instance_doc(inst) for inst in members] or None,
         })
+    return docs
 
+
+def _imaging_study_doc(study: Mapping[str, Any], series_docs: list[dict[str, Any]],
+                       identities: tuple[Identity, Identity, Identity | None],
+                       options: MappingOptions) -> dict[str, Any]:
+    """identities: the study's, its patient's and the endpoint's (None without WADO-RS)."""
+    s_ident, p_ident, e_ident = identities
     modalities = [m for m in (study.get("modalities") or []) if m]
-    study_doc: dict[str, Any] = {
+    return {
         "id": s_ident.resource_id,
-        "meta": security,
+        "meta": _security(options),
         "identifier": [{"system": s_ident.system, "value": s_ident.value}],
         "status": "available",
-        "subject": {"reference": f"Patient/{p_ident.resource_id}" if not options.identified
-                    else p_ident.conditional_url},
+        "subject": {"reference": p_ident.conditional_url if options.identified
+                    else f"Patient/{p_ident.resource_id}"},
         "started": started(study.get("study_date"), study.get("study_time"), options.timezone),
         "numberOfSeries": study.get("number_of_series"),
         "numberOfInstances": study.get("number_of_instances"),
@@ -458,25 +493,6 @@ def build_study(
         "endpoint": [{"reference": f"Endpoint/{e_ident.resource_id}"}] if e_ident else None,
         "series": series_docs or None,
     }
-    imaging_study, study_json = _validated(ImagingStudy, study_doc, study_uid)
-
-    n_series = int(study.get("number_of_series") or 0)
-    n_instances = int(study.get("number_of_instances") or 0)
-    return StudyResources(
-        study_uid=study_uid,
-        imaging_study=imaging_study,
-        patient=patient,
-        endpoint=endpoint,
-        study_identity=s_ident,
-        patient_identity=p_ident,
-        endpoint_identity=e_ident,
-        number_of_series=n_series,
-        number_of_instances=n_instances,
-        hash=content_hash([patient_json, endpoint_json, study_json]),
-        patient_json=patient_json,
-        endpoint_json=endpoint_json,
-        study_json=study_json,
-    )
 
 
 def transaction_bundle(studies: Sequence[StudyResources], by_id: Collection[Identity] = ()) -> dict[str, Any]:

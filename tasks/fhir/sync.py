@@ -1,8 +1,11 @@
 """FHIR sync: catalog rows → ``ImagingStudy`` + ``Patient`` on the FHIR server, in transaction Bundles.
 
-Plain functions (``sync_catalog``, ``sync_batch``, ``reconcile``) over the pure mapping
-(:mod:`.mapping`) and the one network boundary (:mod:`.client`); the Prefect
-tasks (``fhir_sync`` per batch, ``fhir_reconcile``) and ``sync_with_tasks`` for flows.
+Plain functions over the pure mapping (:mod:`.mapping`) and the one network boundary
+(:mod:`.client`): ``sync_batch`` (one batch), ``reconcile`` (catalog counts against the server) and
+:func:`run_sync`, the one sync loop. The loop takes the per-batch and reconciliation steps as
+callables: :func:`sync_catalog` passes steps that call ``sync_batch`` / ``reconcile`` directly (no
+Prefect); :func:`pacsflow.tasks.fhir.steps.sync_with_tasks`, which the flows run, passes the
+Prefect tasks ``fhir-sync`` and ``fhir-reconcile`` that call the same functions.
 
 * **Source**: the catalog only (de-identified header metadata): a sync never touches DICOM, so it
   can be replayed at any time (``fhir-resync``).
@@ -26,7 +29,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,15 +38,18 @@ from typing import Any
 import duckdb
 
 from pacsflow.catalog.views import connect as connect_catalog
+from pacsflow.tasks.core.clock import new_run_id
 from pacsflow.tasks.core.errors import (
     FhirConfigurationError,
     FhirConflict,
     FhirMappingError,
     FhirRejected,
     FhirUnavailable,
+    error_text,
     is_transient,
 )
 from pacsflow.tasks.fhir.client import FhirClient
+from pacsflow.tasks.fhir.ledger import FhirSyncLedger
 from pacsflow.tasks.fhir.mapping import (
     MappingOptions,
     StudyResources,
@@ -50,11 +57,8 @@ from pacsflow.tasks.fhir.mapping import (
     study_identity,
     transaction_bundle,
 )
-from pacsflow.tasks.settings import Settings
+from pacsflow.tasks.settings import FhirSettings, Settings
 
-from pacsflow.tasks.core.clock import new_run_id
-from pacsflow.tasks.core.errors import error_text
-from pacsflow.tasks.fhir.ledger import FhirSyncLedger
 log = logging.getLogger(__name__)
 
 #: Upper bound of instances per Bundle (ImagingStudy lists every instance: ~200 bytes each).
@@ -155,10 +159,6 @@ class BatchResult:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     transactions: int = 0
-    aborted: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _server_ids(response: dict[str, Any], bundle: dict[str, Any]) -> dict[str, str]:
@@ -183,36 +183,47 @@ class SendOutcome:
     failed: list[tuple[str, str, bool]] = field(default_factory=list)
     transactions: int = 0
 
+    def done(self) -> set[str]:
+        """The studies with an outcome (committed or rejected)."""
+        return {u for u, _, _ in self.synced} | {u for u, _, _ in self.failed}
+
 
 # HAPI's "client-assigned ID constraint failure": our id belongs to a resource deleted on the server.
 _ID_TAKEN = "HAPI-0825"
 
 
+def _transaction(client: FhirClient, bundle: dict[str, Any],
+                 outcome: SendOutcome) -> dict[str, Any] | FhirRejected | FhirConflict:
+    """The server's answer to ``bundle``, or the rejection when it committed none of it.
+    FhirConfigurationError (a FhirRejected no split can fix) and FhirUnavailable propagate."""
+    outcome.transactions += 1
+    try:
+        return client.transaction(bundle)
+    except FhirConfigurationError:
+        raise
+    except (FhirRejected, FhirConflict) as exc:
+        return exc
+
+
 def _revive(client: FhirClient, study: StudyResources, outcome: SendOutcome,
-            conflict: FhirConflict) -> BaseException | None:
+            conflict: FhirConflict) -> FhirRejected | FhirConflict | None:
     """The conditional update of this study found no match but could not create it under our id,
     because a deleted resource holds that id (HAPI keeps it). Write the resources that have no match
     by id instead (``PUT Type/id`` revives them as a new version). None when that landed, else the
     error to record."""
     identities = [(study.patient_identity, study.patient), (study.endpoint_identity, study.endpoint),
                   (study.study_identity, study.imaging_study)]
-    by_id = set()
-    for identity, resource in identities:
-        if identity is not None and getattr(resource, "id", None):
-            if not client.search_by_identifier(identity.resource_type, [identity.token], elements=["id"]):
-                by_id.add(identity)
+    by_id = {identity for identity, resource in identities
+             if identity is not None and getattr(resource, "id", None)
+             and not client.search_by_identifier(identity.resource_type, [identity.token], elements=["id"])}
     if not by_id:
         return conflict
     bundle = transaction_bundle([study], by_id=by_id)
-    outcome.transactions += 1
-    try:
-        response = client.transaction(bundle)
-    except FhirConfigurationError:
-        raise
-    except (FhirRejected, FhirConflict) as exc:
-        return exc
+    answer = _transaction(client, bundle, outcome)
+    if isinstance(answer, BaseException):
+        return answer
     log.info("study %s: revived on the FHIR server under its deleted id", study.study_uid)
-    server_id = _server_ids(response, bundle).get(study.study_identity.full_url)
+    server_id = _server_ids(answer, bundle).get(study.study_identity.full_url)
     outcome.synced.append((study.study_uid, study.hash, server_id))
     return None
 
@@ -229,31 +240,54 @@ def send_studies(client: FhirClient, studies: Sequence[StudyResources],
     if not studies:
         return outcome
     bundle = transaction_bundle(studies)
-    outcome.transactions += 1
-    try:
-        response = client.transaction(bundle)
-    except FhirConfigurationError:
-        raise
-    except (FhirRejected, FhirConflict) as exc:
-        if len(studies) == 1 and isinstance(exc, FhirConflict) and _ID_TAKEN in str(exc):
-            still = _revive(client, studies[0], outcome, exc)
-            if still is None:
-                return outcome
-            exc = still
-        if len(studies) == 1:
-            reason = error_text(exc)
-            outcome.failed.append((studies[0].study_uid, reason, is_transient(exc)))
-            log.warning("study %s: FHIR server rejected it: %s", studies[0].study_uid, reason)
-            return outcome
-        log.info("FHIR transaction of %d studies rejected (%s); splitting it", len(studies), type(exc).__name__)
-        mid = len(studies) // 2
-        send_studies(client, studies[:mid], outcome)
-        send_studies(client, studies[mid:], outcome)
+    answer = _transaction(client, bundle, outcome)
+    if not isinstance(answer, BaseException):
+        ids = _server_ids(answer, bundle)
+        outcome.synced += [(st.study_uid, st.hash, ids.get(st.study_identity.full_url)) for st in studies]
         return outcome
-    ids = _server_ids(response, bundle)
-    for st in studies:
-        outcome.synced.append((st.study_uid, st.hash, ids.get(st.study_identity.full_url)))
+    rejection: FhirRejected | FhirConflict | None = answer
+    if len(studies) == 1 and isinstance(answer, FhirConflict) and _ID_TAKEN in str(answer):
+        rejection = _revive(client, studies[0], outcome, answer)
+    if rejection is None:
+        return outcome
+    if len(studies) == 1:
+        reason = error_text(rejection)
+        outcome.failed.append((studies[0].study_uid, reason, is_transient(rejection)))
+        log.warning("study %s: FHIR server rejected it: %s", studies[0].study_uid, reason)
+        return outcome
+    log.info("FHIR transaction of %d studies rejected (%s); splitting it", len(studies), type(rejection).__name__)
+    mid = len(studies) // 2
+    send_studies(client, studies[:mid], outcome)
+    send_studies(client, studies[mid:], outcome)
     return outcome
+
+
+def _changed_studies(con: duckdb.DuckDBPyConnection, ledger: FhirSyncLedger, study_uids: Sequence[str],
+                     options: MappingOptions, force: bool) -> tuple[list[StudyResources], list[str], SendOutcome]:
+    """Map the batch: the studies to send, those unchanged since their last sync (skipped unless
+    ``force``), and an outcome that already holds those that cannot be sent (not in the catalog, not
+    mappable: permanent failures)."""
+    rows = load_study_rows(con, study_uids)
+    prior = ledger.entries(study_uids)
+    to_send: list[StudyResources] = []
+    skipped: list[str] = []
+    unsendable = SendOutcome()
+    for uid in study_uids:
+        if uid not in rows:
+            unsendable.failed.append((uid, "not in the catalog", False))
+            continue
+        try:
+            built = build_study(*rows[uid], options)
+        except FhirMappingError as exc:
+            unsendable.failed.append((uid, error_text(exc), False))
+            log.warning("study %s: not mapped to FHIR: %s", uid, exc)
+            continue
+        last = prior.get(uid)
+        if not force and last is not None and last.status == "synced" and last.synced_hash == built.hash:
+            skipped.append(uid)
+        else:
+            to_send.append(built)
+    return to_send, skipped, unsendable
 
 
 def sync_batch(
@@ -266,58 +300,34 @@ def sync_batch(
     run_id: str,
     force: bool = False,
 ) -> BatchResult:
-    """Map, skip unchanged, send, and record one batch of studies.
+    """Map, skip unchanged, send, and record one batch of studies in the ledger.
 
     Per-study problems (mapping errors, rejected entries) are recorded and returned. When the server
     is unavailable or misconfigured, the studies not yet sent are recorded failed and the error
-    (FhirUnavailable / FhirConfigurationError) is raised after recording, with ``result`` attached
-    as ``exc.batch_result``.
+    (FhirUnavailable / FhirConfigurationError) is raised after recording.
     """
-    result = BatchResult()
-    rows = load_study_rows(con, study_uids)
-    prior = ledger.entries(study_uids)
-    to_send: list[StudyResources] = []
-    failed: list[tuple[str, str, bool]] = []
-    for uid in study_uids:
-        if uid not in rows:
-            result.failed[uid] = "not in the catalog"
-            failed.append((uid, "not in the catalog", False))
-            continue
-        study, series, instances = rows[uid]
-        try:
-            built = build_study(study, series, instances, options)
-        except FhirMappingError as exc:
-            result.failed[uid] = error_text(exc)
-            failed.append((uid, error_text(exc), False))
-            log.warning("study %s: not mapped to FHIR: %s", uid, exc)
-            continue
-        last = prior.get(uid)
-        if not force and last is not None and last.status == "synced" and last.synced_hash == built.hash:
-            result.skipped.append(uid)
-            continue
-        to_send.append(built)
-
-    sent = SendOutcome()
+    to_send, skipped, outcome = _changed_studies(con, ledger, study_uids, options, force)
     try:
-        send_studies(client, to_send, sent)
+        send_studies(client, to_send, outcome)
     except (FhirUnavailable, FhirConfigurationError) as exc:
-        reason = error_text(exc)
-        done = {u for u, _, _ in sent.synced} | {u for u, _, _ in sent.failed}
-        for st in to_send:
-            if st.study_uid not in done:
-                sent.failed.append((st.study_uid, reason, is_transient(exc)))
-        result.aborted = reason
-        exc.batch_result = result  # type: ignore[attr-defined]
+        done = outcome.done()
+        outcome.failed += [(st.study_uid, error_text(exc), is_transient(exc))
+                           for st in to_send if st.study_uid not in done]
         raise
     finally:
-        result.transactions += sent.transactions
-        result.sent += [u for u, _, _ in sent.synced]
-        result.failed.update({u: r for u, r, _ in sent.failed})
-        if sent.synced:
-            ledger.mark_synced(sent.synced, run_id)
-        if failed or sent.failed:
-            ledger.mark_failed(failed + sent.failed, run_id)
-    return result
+        if outcome.synced:
+            ledger.mark_synced(outcome.synced, run_id)
+        if outcome.failed:
+            ledger.mark_failed(outcome.failed, run_id)
+    return BatchResult(sent=[u for u, _, _ in outcome.synced], skipped=skipped,
+                       failed={u: reason for u, reason, _ in outcome.failed}, transactions=outcome.transactions)
+
+
+def sync_catalog_batch(client: FhirClient, ledger: FhirSyncLedger, catalog_root: Path, study_uids: Sequence[str],
+                       options: MappingOptions, *, run_id: str, force: bool = False) -> BatchResult:
+    """:func:`sync_batch` over its own connection to the catalog at ``catalog_root``."""
+    with closing(connect_catalog(catalog_root)) as con:
+        return sync_batch(client, ledger, con, study_uids, options, run_id=run_id, force=force)
 
 
 # -- reconciliation --------------------------------------------------------------------------------
@@ -344,29 +354,40 @@ def reconcile(client: FhirClient, con: duckdb.DuckDBPyConnection, study_uids: Se
     for i in range(0, len(uids), chunk):
         part = uids[i : i + chunk]
         counts = {r[0]: (r[1], r[2]) for r in con.execute(_SQL_COUNTS, [part]).fetchall()}
-        tokens = {study_identity(u).token: u for u in part}
-        found: dict[str, list[dict[str, Any]]] = {}
-        for res in client.search_by_identifier("ImagingStudy", list(tokens), chunk=chunk,
-                                               elements=["identifier", "numberOfSeries", "numberOfInstances"]):
-            for ident in res.get("identifier", []):
-                uid = tokens.get(f"{ident.get('system')}|{ident.get('value')}")
-                if uid is not None:
-                    found.setdefault(uid, []).append(res)
+        found = _server_studies(client, part, chunk)
         for uid in part:
-            if uid not in counts:
-                continue
-            n_series, n_instances = counts[uid]
-            hits = found.get(uid, [])
-            if not hits:
-                diffs.append(Difference(uid, "missing", None, None))
-                continue
-            if len(hits) > 1:
-                diffs.append(Difference(uid, "duplicates", 1, len(hits)))
-            server = hits[0]
-            for name, expected in (("numberOfSeries", n_series), ("numberOfInstances", n_instances)):
-                if server.get(name) != expected:
-                    diffs.append(Difference(uid, name, expected, server.get(name)))
+            if uid in counts:
+                diffs += _differences(uid, counts[uid], found.get(uid, []))
     return diffs
+
+
+def _server_studies(client: FhirClient, study_uids: Sequence[str], chunk: int) -> dict[str, list[dict[str, Any]]]:
+    """Per study, the server's ImagingStudy resources with its identifier (their counts only)."""
+    tokens = {study_identity(u).token: u for u in study_uids}
+    found: dict[str, list[dict[str, Any]]] = {}
+    for res in client.search_by_identifier("ImagingStudy", list(tokens), chunk=chunk,
+                                           elements=["identifier", "numberOfSeries", "numberOfInstances"]):
+        for ident in res.get("identifier", []):
+            uid = tokens.get(f"{ident.get('system')}|{ident.get('value')}")
+            if uid is not None:
+                found.setdefault(uid, []).append(res)
+    return found
+
+
+def _differences(uid: str, counts: tuple[int, int], hits: list[dict[str, Any]]) -> list[Difference]:
+    if not hits:
+        return [Difference(uid, "missing", None, None)]
+    diffs = [Difference(uid, "duplicates", 1, len(hits))] if len(hits) > 1 else []
+    for name, expected in zip(("numberOfSeries", "numberOfInstances"), counts, strict=True):
+        if hits[0].get(name) != expected:
+            diffs.append(Difference(uid, name, expected, hits[0].get(name)))
+    return diffs
+
+
+def reconcile_catalog(client: FhirClient, catalog_root: Path, study_uids: Sequence[str]) -> list[Difference]:
+    """:func:`reconcile` over its own connection to the catalog at ``catalog_root``."""
+    with closing(connect_catalog(catalog_root)) as con:
+        return reconcile(client, con, study_uids)
 
 
 def mark_differences(ledger: FhirSyncLedger, diffs: Sequence[Difference], run_id: str) -> None:
@@ -424,14 +445,10 @@ class SyncReport:
             lines += ["", f"**Stopped early:** {_md(self.aborted)}"]
         if self.failed:
             lines += ["", "## Failed studies", "", "| study | reason |", "|---|---|"]
-            lines += [f"| {uid} | {_md(reason)} |" for uid, reason in sorted(self.failed.items())[:200]]
-            if len(self.failed) > 200:
-                lines.append(f"| … | {len(self.failed) - 200} more |")
+            lines += _md_rows([f"| {uid} | {_md(reason)} |" for uid, reason in sorted(self.failed.items())])
         if self.differences:
             lines += ["", "## Reconciliation: catalog vs server", "", "| study | difference |", "|---|---|"]
-            lines += [f"| {d.study_uid} | {_md(d.text())} |" for d in self.differences[:200]]
-            if len(self.differences) > 200:
-                lines.append(f"| … | {len(self.differences) - 200} more |")
+            lines += _md_rows([f"| {d.study_uid} | {_md(d.text())} |" for d in self.differences])
         return "\n".join(lines)
 
 
@@ -439,10 +456,98 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def warn_identified(settings: Settings, logger: logging.Logger | logging.LoggerAdapter) -> None:
-    if settings.fhir.identified_sync:
+def _md_rows(rows: list[str], limit: int = 200) -> list[str]:
+    return rows[:limit] + ([f"| … | {len(rows) - limit} more |"] if len(rows) > limit else [])
+
+
+#: Sync one batch and record it in the ledger: (study UIDs, run id, batch number) → its result.
+#: Raises FhirUnavailable / FhirConfigurationError when the run must stop.
+BatchStep = Callable[[list[str], str, int], BatchResult]
+#: Catalog counts against the server for these studies (not recorded: the loop marks them).
+ReconcileStep = Callable[[list[str]], list[Difference]]
+
+
+def run_sync(
+    fhir: FhirSettings,
+    catalog_root: Path,
+    ledger: FhirSyncLedger,
+    sync_step: BatchStep,
+    reconcile_step: ReconcileStep,
+    study_uids: Sequence[str] | None = None,
+    *,
+    only_failed: bool = False,
+    reconcile_after: bool = True,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> SyncReport:
+    """The FHIR sync loop, for flows and plain callers alike: plan the batches (all of the catalog,
+    ``study_uids``, or with ``only_failed`` what the ledger has failed), sync them in order with
+    ``sync_step`` until the server is unavailable or misconfigured, reconcile what is on the server
+    with ``reconcile_step`` and mark the differences for re-sending, then report. FHIR failures
+    are in the report (and the ledger), never raised."""
+    started = time.monotonic()
+    report = SyncReport(new_run_id())
+    if fhir.identified_sync:
         logger.warning("fhir.identified_sync is on: resources may carry identifying data; the FHIR server "
                        "and its logs are a PHI zone")
+    if not fhir.base_url:
+        report.aborted = "fhir.base_url is not set"
+    else:
+        with closing(connect_catalog(catalog_root)) as con:
+            batches = plan_batches(con, ledger, study_uids, only_failed=only_failed, batch_size=fhir.batch_size)
+        report.selected = sum(len(b) for b in batches)
+        on_server = _sync_batches(batches, sync_step, ledger, report, logger)
+        if reconcile_after and on_server and report.aborted is None:
+            _reconcile(on_server, reconcile_step, ledger, report)
+    report.seconds = round(time.monotonic() - started, 2)
+    report.log_summary(logger)
+    return report
+
+
+def _sync_batches(batches: list[list[str]], sync_step: BatchStep, ledger: FhirSyncLedger, report: SyncReport,
+                  logger: logging.Logger | logging.LoggerAdapter) -> list[str]:
+    """Each batch in order, into ``report``, until one stops the run; the studies now on the server."""
+    on_server: list[str] = []
+    for i, batch in enumerate(batches):
+        try:
+            result = sync_step(batch, report.run_id, i)
+        except (FhirUnavailable, FhirConfigurationError) as exc:
+            report.aborted = error_text(exc)
+            result, untouched = _stopped_batch(ledger, batch, report.run_id, report.aborted)
+            report.add(result)
+            report.not_attempted = untouched + sum(len(b) for b in batches[i + 1 :])
+            logger.warning("FHIR sync stopped: %s; %d studies not attempted", report.aborted, report.not_attempted)
+            break
+        report.add(result)
+        on_server += result.sent + result.skipped
+    return on_server
+
+
+def _stopped_batch(ledger: FhirSyncLedger, batch: Sequence[str], run_id: str,
+                   reason: str) -> tuple[BatchResult, int]:
+    """What this run did to the studies of the batch that stopped it, from the ledger (a step retried
+    by Prefect may have sent some before it gave up), and how many it did not touch."""
+    rows = ledger.entries(batch)
+    result = BatchResult()
+    untouched = 0
+    for uid in batch:
+        row = rows.get(uid)
+        if row is None or row.run_id != run_id:
+            untouched += 1
+        elif row.status == "failed":
+            result.failed[uid] = row.reason or reason
+        else:
+            result.sent.append(uid)
+    return result, untouched
+
+
+def _reconcile(study_uids: list[str], reconcile_step: ReconcileStep, ledger: FhirSyncLedger,
+               report: SyncReport) -> None:
+    try:
+        report.differences = reconcile_step(study_uids)
+    except (FhirUnavailable, FhirConflict, FhirRejected) as exc:
+        report.aborted = f"reconciliation: {error_text(exc)}"
+        return
+    mark_differences(ledger, report.differences, report.run_id)
 
 
 def sync_catalog(
@@ -452,52 +557,36 @@ def sync_catalog(
     only_failed: bool = False,
     force: bool = False,
     reconcile_after: bool = True,
-    client: FhirClient | None = None,
 ) -> SyncReport:
-    """Sync the catalog (or ``study_uids``, or with ``only_failed`` the studies the ledger has failed)
-    to the FHIR server at ``settings.fhir.base_url``; no Prefect needed. ``force`` sends unchanged
-    studies too. Never raises for FHIR errors: they are in the report (and the ledger)."""
-    started = time.monotonic()
-    report = SyncReport(new_run_id())
-    warn_identified(settings, log)
-    ledger = FhirSyncLedger.for_settings(settings)
-    options = MappingOptions.from_settings(settings.fhir)
-    own_client = client is None
+    """:func:`run_sync` without Prefect: every batch and the reconciliation call :func:`sync_batch`
+    and :func:`reconcile` in this process, over one client. ``force`` sends unchanged studies too."""
+    fhir, catalog_root = settings.fhir, settings.catalog_root
+    ledger = FhirSyncLedger.under(settings.state_root)
+    options = MappingOptions.from_settings(fhir)
+    with _run_client(fhir) as connected:
+        def sync_step(batch: list[str], run_id: str, _batch_no: int) -> BatchResult:
+            return sync_catalog_batch(connected(), ledger, catalog_root, batch, options, run_id=run_id, force=force)
+
+        def reconcile_step(uids: list[str]) -> list[Difference]:
+            return reconcile_catalog(connected(), catalog_root, uids)
+
+        return run_sync(fhir, catalog_root, ledger, sync_step, reconcile_step, study_uids,
+                        only_failed=only_failed, reconcile_after=reconcile_after)
+
+
+@contextmanager
+def _run_client(fhir: FhirSettings) -> Iterator[Callable[[], FhirClient]]:
+    """One client for the whole run, made by the first step that needs it: a configuration error
+    then stops the run in its first batch, as it does in a flow's ``fhir-sync`` task."""
+    made: list[FhirClient] = []
+
+    def connected() -> FhirClient:
+        if not made:
+            made.append(FhirClient.from_settings(fhir))
+        return made[0]
+
     try:
-        client = client or FhirClient.from_settings(settings.fhir)
-    except FhirConfigurationError as exc:
-        report.aborted = error_text(exc)
-        return report
-    con = connect_catalog(settings.catalog_root)
-    try:
-        batches = plan_batches(con, ledger, study_uids, only_failed=only_failed,
-                               batch_size=settings.fhir.batch_size)
-        report.selected = sum(len(b) for b in batches)
-        reconcile_uids: list[str] = []
-        for i, batch in enumerate(batches):
-            try:
-                res = sync_batch(client, ledger, con, batch, options, run_id=report.run_id, force=force)
-            except (FhirUnavailable, FhirConfigurationError) as exc:
-                res = getattr(exc, "batch_result", BatchResult(aborted=error_text(exc)))
-                report.add(res)
-                report.aborted = res.aborted or error_text(exc)
-                report.not_attempted = sum(len(b) for b in batches[i + 1 :])
-                log.warning("FHIR sync stopped: %s; %d studies not attempted", report.aborted, report.not_attempted)
-                break
-            report.add(res)
-            reconcile_uids += res.sent + res.skipped
-        if reconcile_after and reconcile_uids and report.aborted is None:
-            try:
-                report.differences = reconcile(client, con, reconcile_uids)
-                mark_differences(ledger, report.differences, report.run_id)
-            except (FhirUnavailable, FhirRejected) as exc:
-                report.aborted = f"reconciliation: {error_text(exc)}"
+        yield connected
     finally:
-        con.close()
-        if own_client:
+        for client in made:
             client.close()
-    report.seconds = round(time.monotonic() - started, 2)
-    report.log_summary(log)
-    return report
-
-

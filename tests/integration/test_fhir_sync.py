@@ -29,7 +29,7 @@ from pacsflow.catalog.views import connect
 from pacsflow.deployments.local import sampledata
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.core.errors import FhirConfigurationError, FhirRejected
-from pacsflow.tasks.fhir.client import FhirClient, _escape_token, errors_in, redact
+from pacsflow.tasks.fhir.client import FhirClient, errors_in, redact
 from pacsflow.tasks.fhir.mapping import MappingOptions, build_study, resource_json, study_identity
 from pacsflow.tasks.fhir.ledger import FhirSyncLedger
 from pacsflow.tasks.fhir.sync import catalog_study_uids, load_study_rows, send_studies, sync_catalog
@@ -402,6 +402,20 @@ def test_bearer_token_is_sent_and_never_logged(hapi, raw_studies, make_lake, cap
         proxy.close()
 
 
+def test_identifier_search_escapes_commas_and_dollars(hapi, client):
+    """A comma separates alternatives in a token search: a value holding one must be escaped, or the
+    search for "a,b$c" would find the Patient "a" instead."""
+    system = f"urn:pacsflow:test:{uuid.uuid4().hex}"
+    for value in ("a,b$c", "a"):
+        resp = httpx.post(f"{hapi.base_url}/Patient", json={"resourceType": "Patient", "identifier": [
+            {"system": system, "value": value}]}, headers={"Content-Type": "application/fhir+json"})
+        assert resp.status_code == 201
+    found = client.search_by_identifier("Patient", [f"{system}|a,b$c"])
+    assert [i["value"] for p in found for i in p["identifier"]] == ["a,b$c"]
+    both = client.search_by_identifier("Patient", [f"{system}|a,b$c", f"{system}|a"])
+    assert sorted(i["value"] for p in both for i in p["identifier"]) == ["a", "a,b$c"]
+
+
 def test_hapi_validate_reports_no_errors(hapi, client, raw_studies, make_lake):
     lake = make_lake([s.path for s in raw_studies[:4]])
     settings = lake.settings(hapi.base_url, study_timezone="Europe/Zurich",
@@ -492,12 +506,11 @@ def test_fhir_resync_flow(hapi, client, raw_studies, make_lake, monkeypatch):
 
 
 # -- the client's pure helpers (no server) ---------------------------------------------------------
-def test_redaction_and_token_escaping():
+def test_redaction():
     text = 'HAPI-2207: Invalid match URL "Patient?identifier=urn:pacsflow:pseudonym|PFA03ED8" - Multiple'
     assert "PFA03ED8" not in redact(text) and "urn:pacsflow:pseudonym|<redacted>" in redact(text)
     assert redact(text, strict=True) == "HAPI-2207"
     assert len(redact("x" * 5000)) <= 600
-    assert _escape_token("urn:x|a,b$c") == "urn:x|a\\,b\\$c"
 
 
 def test_credentials_from_a_secret_block_value():
