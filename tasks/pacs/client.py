@@ -22,7 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 
 from pacsflow.tasks.core.errors import PacsConfigurationError, PacsUnavailable
 from pacsflow.tasks.pacs.models import FindResult, StudyInfo, SubOps
@@ -52,7 +52,12 @@ def set_nodelay(event: evt.Event) -> None:
         pass
 
 
-NODELAY_HANDLER = (evt.EVT_CONN_OPEN, set_nodelay)
+NODELAY_HANDLER: evt.EventHandlerType = (evt.EVT_CONN_OPEN, set_nodelay)
+
+
+def abstract_syntaxes(contexts: list[PresentationContext]) -> list[str]:
+    """The SOP class UIDs of pynetdicom's ready-made presentation contexts (each has one)."""
+    return [str(cx.abstract_syntax) for cx in contexts if cx.abstract_syntax is not None]
 
 
 class PacsClient:
@@ -126,7 +131,7 @@ class PacsClient:
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         with self.association(ae) as assoc:
-            self._find_assoc = assoc
+            self._find_assoc: Association | None = assoc
             try:
                 yield self
             finally:
@@ -250,9 +255,9 @@ class PacsClient:
         # C-GET carries the store sub-operations on the same association: offer storage
         # contexts with the SCP role. pynetdicom caps requested contexts at 128.
         roles = []
-        for cx in StoragePresentationContexts[: 128 - 1]:
-            ae.add_requested_context(cx.abstract_syntax)
-            roles.append(build_role(cx.abstract_syntax, scp_role=True))
+        for uid in abstract_syntaxes(StoragePresentationContexts[: 128 - 1]):
+            ae.add_requested_context(uid)
+            roles.append(build_role(uid, scp_role=True))
         q = _study_identifier(study_uid)
         with self.association(ae, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
             final = None

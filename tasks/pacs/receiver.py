@@ -16,8 +16,9 @@ from pathlib import Path
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
-from pacsflow.tasks.pacs.client import NODELAY_HANDLER, quiet_pynetdicom
+from pacsflow.tasks.pacs.client import NODELAY_HANDLER, abstract_syntaxes, quiet_pynetdicom
 
 from pacsflow.tasks.core.files import ensure_private_dir, write_atomic
 log = logging.getLogger(__name__)
@@ -86,13 +87,13 @@ class StorageReceiver:
         self._ae.acse_timeout = 30
         self._ae.dimse_timeout = 60
         # Accept every storage SOP class in every transfer syntax we are offered: we store bytes as sent.
-        for cx in AllStoragePresentationContexts:
-            self._ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for uid in abstract_syntaxes(AllStoragePresentationContexts):
+            self._ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         self._ae.add_supported_context(Verification)
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> "StorageReceiver":
-        handlers = [NODELAY_HANDLER, (evt.EVT_C_STORE, self.writer.handle_store)]
+        handlers: list[evt.EventHandlerType] = [NODELAY_HANDLER, (evt.EVT_C_STORE, self.writer.handle_store)]
         self._server = self._ae.start_server(self.address, block=False, evt_handlers=handlers)
         return self
 
