@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 from prefect.blocks.system import Secret
 
@@ -23,7 +23,8 @@ _RUN_SETTINGS: ContextVar[Settings | None] = ContextVar("pacsflow_run_settings",
 def load_secret_block(name: str) -> Any:
     """The value of the Prefect Secret block ``name`` (never logged)."""
     try:
-        return Secret.load(name).get()
+        block = cast(Secret, Secret.load(name))  # called from sync code: the block, not a coroutine
+        return block.get()
     except Exception as exc:  # noqa: BLE001 - any failure to load it is a configuration problem
         raise SettingsError(f"cannot load the Prefect Secret block named in settings ({type(exc).__name__}); "
                             "check the block name and the Prefect API") from None

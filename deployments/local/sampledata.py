@@ -100,7 +100,8 @@ _PERFORMING = ["House^Gregory", "Grey^Meredith", "Ross^Doug", "Carter^John"]
 _OPERATORS = ["Tech^Alex", "Tech^Sam", "Rivera^Jo", "Nguyen^Lee"]
 
 # modality -> equipment (manufacturer, model, software, station prefix, field strength for MR)
-_EQUIPMENT = {
+_Equipment = tuple[str, str, str, str, str | None]
+_EQUIPMENT: dict[str, list[_Equipment]] = {
     "CT": [("SIEMENS", "SOMATOM Definition AS+", "syngo CT VA48A", "CTAWP", None),
            ("GE MEDICAL SYSTEMS", "Revolution CT", "revo_ct_22BC.1", "CT", None)],
     "MR": [("SIEMENS", "MAGNETOM Skyra", "syngo MR E11", "MRC", "3"),
@@ -112,7 +113,8 @@ _EQUIPMENT = {
 }
 
 # modality -> protocols: (body part, study description, procedure code, [(series description, protocol)])
-_PROTOCOLS = {
+_Protocol = tuple[str, str, str, list[tuple[str, str]]]
+_PROTOCOLS: dict[str, list[_Protocol]] = {
     "CT": [
         ("CHEST", "CT Chest with contrast", "CTCHC",
          [("Topogram 0.6 T20f", "Thorax^Routine"), ("Thorax 3.0 B31f", "Thorax^Routine"),
@@ -280,7 +282,7 @@ class _SeriesPlan:
     body_part: str
     start: datetime  # series date/time
     n_instances: int
-    equipment: tuple[str, str, str, str, str | None]
+    equipment: _Equipment
     station_name: str
     device_serial: str
     performing: str
@@ -559,7 +561,7 @@ def _write_series(study: Dataset, plan: _SeriesPlan, study_dir: Path, rows: int,
     return sop_uids
 
 
-def _plan_series(modality: str, protocol: tuple, equipment: tuple, rng: random.Random, seed: int,
+def _plan_series(modality: str, protocol: _Protocol, equipment: _Equipment, rng: random.Random, seed: int,
                  study_key: tuple[object, ...], series_uid: str, series_number: int, series_index: int,
                  start: datetime, n_instances: int, accession: str, study_id: str, for_uid: str,
                  institution_code: str) -> _SeriesPlan:
@@ -724,8 +726,7 @@ def add_series(
     """
     study_dir = Path(study.path if isinstance(study, StudySummary) else study)
     series_dirs = sorted(p for p in study_dir.iterdir() if p.is_dir())
-    firsts = [next(iter(sorted(d.glob("*.dcm"))), None) for d in series_dirs]
-    firsts = [f for f in firsts if f is not None]
+    firsts = [files[0] for d in series_dirs if (files := sorted(d.glob("*.dcm")))]
     if not firsts:
         raise ValueError(f"no DICOM files under study directory {study_dir.name}")
     headers = [dcmread(f, stop_before_pixels=True) for f in firsts]
