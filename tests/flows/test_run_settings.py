@@ -51,6 +51,7 @@ def test_the_fhir_resync_flow_uses_the_given_settings(prefect_api, tmp_path, mon
     flow stops at once instead of trying to reach it."""
     monkeypatch.setenv("PACSFLOW_FHIR__BASE_URL", "http://127.0.0.1:9/fhir")
     monkeypatch.setenv("PACSFLOW_CATALOG_ROOT", str(tmp_path / "catalog"))
+    monkeypatch.setenv("PACSFLOW_STATE_ROOT", str(tmp_path / "state"))  # were the env used: a ledger there
     given = load_settings(fhir={"base_url": None})
     assert load_settings().fhir.base_url == "http://127.0.0.1:9/fhir"
 
