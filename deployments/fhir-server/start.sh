@@ -18,21 +18,16 @@
 # (the previous one kept as fhir-server.log.1) and fhir-server.url (the base URL once ready).
 # Exit status: 0 ready; 1 failed (log tail printed); 3 already running from this run dir.
 set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
 PORT="${FHIR_PORT:-8090}"
-RUN_DIR="${FHIR_RUN_DIR:-$REPO/var/fhir-server}"
 TIMEOUT="${FHIR_START_TIMEOUT:-240}"
 JAVA_OPTS="${FHIR_JAVA_OPTS:--Xms256m -Xmx1g -XX:+UseSerialGC}"
-PID_FILE="$RUN_DIR/fhir-server.pid"
-LOG="$RUN_DIR/fhir-server.log"
-URL_FILE="$RUN_DIR/fhir-server.url"
 BASE_URL="http://127.0.0.1:$PORT/fhir"
 
-say() { echo "[fhir-server start] $*"; }
 fail() {
-  echo "[fhir-server start] ERROR: $*" >&2
+  err "$*"
   if [[ -f "$LOG" ]]; then
     echo "----- last 40 lines of $LOG -----" >&2
     tail -n 40 "$LOG" >&2 || true
@@ -41,8 +36,8 @@ fail() {
   exit 1
 }
 
-[[ "$PORT" =~ ^[0-9]+$ ]] && ((PORT > 0 && PORT < 65536)) || { echo "[fhir-server start] ERROR: FHIR_PORT must be 1-65535, got '$PORT'" >&2; exit 1; }
-[[ "$TIMEOUT" =~ ^[0-9]+$ ]] || { echo "[fhir-server start] ERROR: FHIR_START_TIMEOUT must be whole seconds, got '$TIMEOUT'" >&2; exit 1; }
+[[ "$PORT" =~ ^[0-9]+$ ]] && ((PORT > 0 && PORT < 65536)) || { err "FHIR_PORT must be 1-65535, got '$PORT'"; exit 1; }
+[[ "$TIMEOUT" =~ ^[0-9]+$ ]] || { err "FHIR_START_TIMEOUT must be whole seconds, got '$TIMEOUT'"; exit 1; }
 
 # GET $1; true when it answers HTTP 200. curl if present, else bash's /dev/tcp.
 http_ok() {
@@ -59,30 +54,20 @@ http_ok() {
   fi
 }
 port_busy() { (exec 7<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
-# Running and not a zombie (a zombie still answers kill -0).
-alive() {
-  kill -0 "$1" 2>/dev/null || return 1
-  local stat
-  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
-  stat="${stat##*) }"
-  [[ "${stat:0:1}" != "Z" ]]
-}
 
 mkdir -p "$RUN_DIR"
-RUN_DIR="$(cd "$RUN_DIR" && pwd)"
-PID_FILE="$RUN_DIR/fhir-server.pid"; LOG="$RUN_DIR/fhir-server.log"; URL_FILE="$RUN_DIR/fhir-server.url"
+use_run_dir "$(cd "$RUN_DIR" && pwd)"
 
+if old_pid="$(server_pid)"; then
+  say "already running from $RUN_DIR: pid $old_pid, $(cat "$URL_FILE" 2>/dev/null || echo 'url unknown'); stop it with stop.sh" >&2
+  exit 3
+fi
 if [[ -f "$PID_FILE" ]]; then
-  old_pid="$(cat "$PID_FILE" 2>/dev/null || true)"
-  if [[ "$old_pid" =~ ^[0-9]+$ ]] && alive "$old_pid" && grep -qa pacsflow-fhir-server "/proc/$old_pid/cmdline" 2>/dev/null; then
-    echo "[fhir-server start] already running from $RUN_DIR: pid $old_pid, $(cat "$URL_FILE" 2>/dev/null || echo 'url unknown'); stop it with stop.sh" >&2
-    exit 3
-  fi
-  say "removing stale PID file (pid ${old_pid:-?} is gone)"
+  say "removing stale PID file (pid $(cat "$PID_FILE" 2>/dev/null || echo '?') is gone)"
   rm -f "$PID_FILE" "$URL_FILE"
 fi
 if port_busy; then
-  echo "[fhir-server start] ERROR: something already listens on 127.0.0.1:$PORT; choose another FHIR_PORT" >&2
+  err "something already listens on 127.0.0.1:$PORT; choose another FHIR_PORT"
   exit 1
 fi
 

@@ -90,6 +90,21 @@ def default_modalities() -> dict[str, tuple[str, str, int]]:
     }
 
 
+class _InWorkDir:
+    """A read-only attribute of an ``OrthancConfig``: the path ``name`` inside its ``work_dir``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, config: OrthancConfig | None, owner: type | None = None) -> Path:
+        if config is None:
+            raise AttributeError(f"a path in an OrthancConfig's work_dir: {self.name}")
+        return config.work_dir / self.name
+
+    def __set__(self, config: OrthancConfig, value: object) -> None:
+        raise AttributeError(f"{self.name} follows work_dir; set work_dir instead")
+
+
 @dataclass
 class OrthancConfig:
     work_dir: Path
@@ -100,28 +115,15 @@ class OrthancConfig:
     limit_find_results: int = 0  # Orthanc's LimitFindResults; 0 = unlimited
     extra: dict[str, Any] = field(default_factory=dict)  # merged last into the JSON config
 
+    # Where Orthanc's files go (read-only: they follow work_dir).
+    config_path = _InWorkDir(CONFIG_NAME)
+    pid_path = _InWorkDir(PID_NAME)
+    log_path = _InWorkDir(LOG_NAME)
+    storage_dir = _InWorkDir(STORAGE_NAME)
+    broken_dir = _InWorkDir(BROKEN_NAME)
+
     def __post_init__(self) -> None:
         self.work_dir = Path(self.work_dir).resolve()
-
-    @property
-    def config_path(self) -> Path:
-        return self.work_dir / CONFIG_NAME
-
-    @property
-    def pid_path(self) -> Path:
-        return self.work_dir / PID_NAME
-
-    @property
-    def log_path(self) -> Path:
-        return self.work_dir / LOG_NAME
-
-    @property
-    def storage_dir(self) -> Path:
-        return self.work_dir / STORAGE_NAME
-
-    @property
-    def broken_dir(self) -> Path:
-        return self.work_dir / BROKEN_NAME
 
 
 def instance_name(work_dir: Path) -> str:
@@ -475,31 +477,27 @@ class OrthancServer:
         (kept, so ``repair_study`` can put them back). The index still lists the study, so
         C-FIND keeps finding it. Returns the number of files moved.
         """
-        storage, broken = self.cfg.storage_dir, self.cfg.broken_dir
-        moved = 0
-        for rel in list(self._attachment_files(study_instance_uid)):
-            src, dst = storage / rel, broken / rel
-            if not src.exists():
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
-            moved += 1
+        moved = self._move_attachments(study_instance_uid, self.cfg.storage_dir, self.cfg.broken_dir)
         log.info("broke study %s: %d files moved aside", study_instance_uid, moved)
         return moved
 
     def repair_study(self, study_instance_uid: str) -> int:
         """Put back the files ``break_study`` moved aside. Returns the number restored."""
-        storage, broken = self.cfg.storage_dir, self.cfg.broken_dir
-        restored = 0
+        restored = self._move_attachments(study_instance_uid, self.cfg.broken_dir, self.cfg.storage_dir)
+        log.info("repaired study %s: %d files restored", study_instance_uid, restored)
+        return restored
+
+    def _move_attachments(self, study_instance_uid: str, from_root: Path, to_root: Path) -> int:
+        """Move the study's attachment files found under ``from_root`` to the same place under ``to_root``."""
+        moved = 0
         for rel in list(self._attachment_files(study_instance_uid)):
-            src, dst = broken / rel, storage / rel
+            src, dst = from_root / rel, to_root / rel
             if not src.exists():
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
-            restored += 1
-        log.info("repaired study %s: %d files restored", study_instance_uid, restored)
-        return restored
+            moved += 1
+        return moved
 
 
 # -- module-level helpers for the CLI ------------------------------------------------------------
@@ -565,7 +563,8 @@ def status(work_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.local.orthanc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pacsflow.deployments.local.orthanc",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     parser.add_argument("--dicom-port", type=int, default=4242)

@@ -100,7 +100,8 @@ _PERFORMING = ["House^Gregory", "Grey^Meredith", "Ross^Doug", "Carter^John"]
 _OPERATORS = ["Tech^Alex", "Tech^Sam", "Rivera^Jo", "Nguyen^Lee"]
 
 # modality -> equipment (manufacturer, model, software, station prefix, field strength for MR)
-_EQUIPMENT = {
+_Equipment = tuple[str, str, str, str, str | None]
+_EQUIPMENT: dict[str, list[_Equipment]] = {
     "CT": [("SIEMENS", "SOMATOM Definition AS+", "syngo CT VA48A", "CTAWP", None),
            ("GE MEDICAL SYSTEMS", "Revolution CT", "revo_ct_22BC.1", "CT", None)],
     "MR": [("SIEMENS", "MAGNETOM Skyra", "syngo MR E11", "MRC", "3"),
@@ -112,7 +113,8 @@ _EQUIPMENT = {
 }
 
 # modality -> protocols: (body part, study description, procedure code, [(series description, protocol)])
-_PROTOCOLS = {
+_Protocol = tuple[str, str, str, list[tuple[str, str]]]
+_PROTOCOLS: dict[str, list[_Protocol]] = {
     "CT": [
         ("CHEST", "CT Chest with contrast", "CTCHC",
          [("Topogram 0.6 T20f", "Thorax^Routine"), ("Thorax 3.0 B31f", "Thorax^Routine"),
@@ -280,7 +282,7 @@ class _SeriesPlan:
     body_part: str
     start: datetime  # series date/time
     n_instances: int
-    equipment: tuple[str, str, str, str, str | None]
+    equipment: _Equipment
     station_name: str
     device_serial: str
     performing: str
@@ -298,7 +300,7 @@ def _series_template(study: Dataset, plan: _SeriesPlan, rows: int, cols: int, rn
     """Series-level attributes; instance-level ones are added per instance on a shallow copy."""
     ds = Dataset(dict(study._dict))  # shares study-level elements (never mutated afterwards)
     m = plan.modality
-    manufacturer, model, software, _, field_strength = plan.equipment
+    manufacturer, model, software, *_ = plan.equipment
     ds.SOPClassUID = SOP_CLASSES[m]
     ds.Modality = m
     ds.SeriesInstanceUID = plan.series_uid
@@ -347,76 +349,78 @@ def _series_template(study: Dataset, plan: _SeriesPlan, rows: int, cols: int, rn
     ds.PixelRepresentation = 0
     ds.LossyImageCompression = "00"
 
+    _modality_attributes(ds, plan, cols, rng)
+    return ds
+
+
+# Values every generated series of a modality carries: fixed acquisition facts and display defaults.
+_CROSS_SECTIONAL: dict[str, object] = {
+    "PositionReferenceIndicator": "", "PatientPosition": "HFS",
+    "ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"], "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+}
+_FIXED_ATTRIBUTES: dict[str, dict[str, object]] = {
+    "CT": {**_CROSS_SECTIONAL, "DataCollectionDiameter": "500", "GantryDetectorTilt": "0", "RotationDirection": "CW",
+           "RescaleIntercept": "-1024", "RescaleSlope": "1", "RescaleType": "HU", "WindowCenter": "40",
+           "WindowWidth": "400"},
+    "MR": {**_CROSS_SECTIONAL, "SequenceVariant": ["SK", "SP"], "ScanOptions": "", "ImagedNucleus": "1H",
+           "WindowCenter": "600", "WindowWidth": "1200"},
+    "MG": {"ImageType": ["ORIGINAL", "PRIMARY"], "PresentationIntentType": "FOR PRESENTATION", "DetectorType": "DIRECT",
+           "ImagerPixelSpacing": ["0.07", "0.07"], "PixelSpacing": ["0.065", "0.065"],
+           "PixelIntensityRelationship": "LOG", "PixelIntensityRelationshipSign": -1, "BreastImplantPresent": "NO",
+           "QualityControlImage": "NO", "BurnedInAnnotation": "NO", "WindowCenter": "2047", "WindowWidth": "4095",
+           "VOILUTFunction": "SIGMOID"},
+    "US": {},
+}
+
+
+def _modality_attributes(ds: Dataset, plan: _SeriesPlan, cols: int, rng: random.Random) -> None:
+    """The modality's own attributes: the fixed ones above, then those drawn per series."""
+    m = plan.modality
+    for keyword, value in _FIXED_ATTRIBUTES[m].items():
+        setattr(ds, keyword, value)
     if m in ("CT", "MR"):
         ds.FrameOfReferenceUID = plan.frame_of_reference_uid
-        ds.PositionReferenceIndicator = ""
-        ds.PatientPosition = "HFS"
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
         spacing = _ds(rng.choice([0.5, 0.625, 0.7, 0.8, 0.9765625]))
         ds.PixelSpacing = [spacing, spacing]
         ds.SliceThickness = _ds(rng.choice([1.0, 3.0, 5.0]) if m == "CT" else rng.choice([3.0, 4.0, 5.0]))
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     if m == "CT":
         ds.KVP = rng.choice(["100", "120", "140"])
         ds.XRayTubeCurrent = rng.randrange(80, 400)
         ds.ExposureTime = rng.randrange(500, 1000)
         ds.ConvolutionKernel = plan.description.split()[-1][:16]
-        ds.DataCollectionDiameter = "500"
         ds.ReconstructionDiameter = _ds(float(ds.PixelSpacing[0]) * cols)
-        ds.GantryDetectorTilt = "0"
         ds.TableHeight = _ds(rng.uniform(120, 180))
-        ds.RotationDirection = "CW"
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "400"
     elif m == "MR":
         ds.ScanningSequence = ["SE"] if "se" in plan.description else ["GR"]
-        ds.SequenceVariant = ["SK", "SP"]
-        ds.ScanOptions = ""
         ds.MRAcquisitionType = "3D" if "mprage" in plan.description else "2D"
         ds.SequenceName = "*" + plan.protocol_name[:10]
         ds.RepetitionTime = _ds(rng.uniform(400, 9000))
         ds.EchoTime = _ds(rng.uniform(2, 120))
         ds.EchoTrainLength = rng.choice([1, 7, 15, 23])
         ds.FlipAngle = _ds(rng.choice([90, 150, 8]))
-        ds.MagneticFieldStrength = field_strength or "1.5"
+        ds.MagneticFieldStrength = plan.equipment[4] or "1.5"
         ds.ImagingFrequency = _ds(42.577 * float(ds.MagneticFieldStrength))
-        ds.ImagedNucleus = "1H"
-        ds.WindowCenter = "600"
-        ds.WindowWidth = "1200"
     elif m == "MG":
-        lat, view = plan.mg_view or ("R", "CC")
-        code, meaning = _MG_VIEW_CODES[view]
-        ds.ImageType = ["ORIGINAL", "PRIMARY"]
-        ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.Laterality = lat
-        ds.ImageLaterality = lat
-        ds.ViewPosition = view
-        ds.ViewCodeSequence = DicomSequence([_code_item(code, "SRT", meaning)])
-        ds.AnatomicRegionSequence = DicomSequence([_code_item("T-04000", "SRT", "Breast")])
-        ds.PatientOrientation = _MG_ORIENTATION[(lat, view)]
-        ds.DetectorType = "DIRECT"
+        _mammography_view(ds, plan.mg_view or ("R", "CC"))
         ds.KVP = _ds(rng.choice([28, 29, 30, 31]))
         ds.ExposureTime = rng.randrange(800, 1600)
         ds.BodyPartThickness = _ds(rng.uniform(35, 70))
         ds.CompressionForce = _ds(rng.uniform(60, 140))
-        ds.ImagerPixelSpacing = ["0.07", "0.07"]
-        ds.PixelSpacing = ["0.065", "0.065"]
-        ds.PixelIntensityRelationship = "LOG"
-        ds.PixelIntensityRelationshipSign = -1
-        ds.BreastImplantPresent = "NO"
-        ds.QualityControlImage = "NO"
-        ds.BurnedInAnnotation = "NO"
-        ds.WindowCenter = "2047"
-        ds.WindowWidth = "4095"
-        ds.VOILUTFunction = "SIGMOID"
     elif m == "US":
         ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL" if plan.body_part == "ABDOMEN" else "SMALL PARTS", "0001"]
         ds.BurnedInAnnotation = "YES" if plan.burned_in else "NO"
         ds.TransducerData = rng.choice(["C5-1", "L12-5", "eL18-4"])
-    return ds
+
+
+def _mammography_view(ds: Dataset, view: tuple[str, str]) -> None:
+    lat, position = view
+    code, meaning = _MG_VIEW_CODES[position]
+    ds.Laterality = lat
+    ds.ImageLaterality = lat
+    ds.ViewPosition = position
+    ds.ViewCodeSequence = DicomSequence([_code_item(code, "SRT", meaning)])
+    ds.AnatomicRegionSequence = DicomSequence([_code_item("T-04000", "SRT", "Breast")])
+    ds.PatientOrientation = _MG_ORIENTATION[(lat, position)]
 
 
 def _pixels(m: str, rows: int, cols: int, base: np.ndarray, nprng: np.random.Generator) -> bytes:
@@ -557,7 +561,7 @@ def _write_series(study: Dataset, plan: _SeriesPlan, study_dir: Path, rows: int,
     return sop_uids
 
 
-def _plan_series(modality: str, protocol: tuple, equipment: tuple, rng: random.Random, seed: int,
+def _plan_series(modality: str, protocol: _Protocol, equipment: _Equipment, rng: random.Random, seed: int,
                  study_key: tuple[object, ...], series_uid: str, series_number: int, series_index: int,
                  start: datetime, n_instances: int, accession: str, study_id: str, for_uid: str,
                  institution_code: str) -> _SeriesPlan:
@@ -599,6 +603,20 @@ def _stable_hash(s: str) -> int:
 # -- public API ----------------------------------------------------------------------------------
 
 
+def _check_generate_args(studies: int, days: int, modalities: Sequence[str], series_per_study: tuple[int, int],
+                         instances_per_series: tuple[int, int], n_patients: int) -> None:
+    if studies < 0 or days < 1:
+        raise ValueError("studies must be >= 0 and days >= 1")
+    unknown = [m for m in modalities if m not in SOP_CLASSES]
+    if unknown or not modalities:
+        raise ValueError(f"modalities must be a non-empty subset of {sorted(SOP_CLASSES)}")
+    (lo_s, hi_s), (lo_i, hi_i) = series_per_study, instances_per_series
+    if not (1 <= lo_s <= hi_s and 1 <= lo_i <= hi_i):
+        raise ValueError("series_per_study / instances_per_series must be ranges (lo, hi) with 1 <= lo <= hi")
+    if n_patients < 1:
+        raise ValueError("patients must be >= 1")
+
+
 def generate(
     out_dir: Path,
     studies: int = 12,
@@ -618,21 +636,13 @@ def generate(
     among ``patients`` patients (default ``studies // 3``, at least 1) and among ``modalities``.
     Ranges are inclusive.
     """
-    if studies < 0 or days < 1:
-        raise ValueError("studies must be >= 0 and days >= 1")
-    unknown = [m for m in modalities if m not in SOP_CLASSES]
-    if unknown or not modalities:
-        raise ValueError(f"modalities must be a non-empty subset of {sorted(SOP_CLASSES)}")
+    n_patients = patients if patients is not None else max(1, studies // 3)
+    _check_generate_args(studies, days, modalities, series_per_study, instances_per_series, n_patients)
     lo_s, hi_s = series_per_study
     lo_i, hi_i = instances_per_series
-    if not (1 <= lo_s <= hi_s and 1 <= lo_i <= hi_i):
-        raise ValueError("series_per_study / instances_per_series must be ranges (lo, hi) with 1 <= lo <= hi")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     end_date = end_date or date.today()
-    n_patients = patients if patients is not None else max(1, studies // 3)
-    if n_patients < 1:
-        raise ValueError("patients must be >= 1")
     people = _make_patients(n_patients, seed)
 
     top = random.Random(f"pacsflow-sampledata:{seed}:assign")
@@ -716,8 +726,7 @@ def add_series(
     """
     study_dir = Path(study.path if isinstance(study, StudySummary) else study)
     series_dirs = sorted(p for p in study_dir.iterdir() if p.is_dir())
-    firsts = [next(iter(sorted(d.glob("*.dcm"))), None) for d in series_dirs]
-    firsts = [f for f in firsts if f is not None]
+    firsts = [files[0] for d in series_dirs if (files := sorted(d.glob("*.dcm")))]
     if not firsts:
         raise ValueError(f"no DICOM files under study directory {study_dir.name}")
     headers = [dcmread(f, stop_before_pixels=True) for f in firsts]

@@ -3,20 +3,93 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from pacsflow.flows.cli import app
+from pacsflow.flows.cli import app, demo_settings
+from pacsflow.tasks.settings import load_settings
 
 runner = CliRunner()
 
+COMMANDS = {
+    (): ["demo", "deidentify", "settings", "stack", "run", "catalog"],
+    ("stack",): ["up", "down", "status", "seed"],
+    ("run",): ["nightly", "compact", "fhir-resync"],
+    ("catalog",): ["query", "views", "stats"],
+}
 
-@pytest.mark.parametrize("args", [[], ["stack"], ["run"], ["catalog"]])
-def test_help_lists_commands(args):
-    result = runner.invoke(app, [*args, "--help"])
+
+@pytest.mark.parametrize("group", list(COMMANDS))
+def test_help_lists_commands(group):
+    result = runner.invoke(app, [*group, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "Usage" in result.output
+    for name in COMMANDS[group]:
+        assert f" {name} " in result.output, name
+
+
+@pytest.mark.parametrize("command", [[*group, name] for group, names in COMMANDS.items() for name in names
+                                     if (*group, name) not in COMMANDS])
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f"Usage: pacsflow {' '.join(command)}" in " ".join(result.output.split())
+
+
+def test_commands_that_do_not_drive_the_local_stack_do_not_load_it(tmp_path):
+    """Only `stack` and `demo` import Orthanc, the FHIR server and the sample generator; the rest
+    (and --help) also leave Prefect alone."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from pacsflow.flows.cli import app\n"
+        "for args in (['--help'], ['settings'], ['catalog', 'stats'], ['catalog', 'query', 'SELECT 1 AS one']):\n"
+        "    r = CliRunner().invoke(app, args)\n"
+        "    assert r.exit_code == 0, (args, r.output)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith(('pacsflow.deployments', 'prefect')))))\n"
+    )
+    env = {**os.environ, "PACSFLOW_CATALOG_ROOT": str(tmp_path / "catalog")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["pacsflow.deployments", "pacsflow.deployments.local",
+                                   "pacsflow.deployments.local.cli"]
+
+
+def test_stack_status_of_a_stopped_orthanc_exits_1(tmp_path):
+    result = runner.invoke(app, ["stack", "status", "--work-dir", str(tmp_path / "orthanc")])
+    assert result.exit_code == 1
+    assert "running: False" in result.output and "fhir: " in result.output
+
+
+def test_demo_settings_make_a_private_key_once_and_leave_the_environment_alone(tmp_path, monkeypatch):
+    for name in ("PACSFLOW_DEID_KEY", "PACSFLOW_DEID_KEY_FILE", "PACSFLOW_DEID_KEY_BLOCK", "PACSFLOW_FHIR__BASE_URL",
+                 "PACSFLOW_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    env = dict(os.environ)
+    key = tmp_path / "state" / "deid.key"
+    settings = load_settings()
+
+    run = demo_settings(settings, "http://127.0.0.1:8090/fhir", key_path=key)
+    assert run.deid_key_file == key and run.fhir.base_url == "http://127.0.0.1:8090/fhir"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(run.resolve_deid_key()) >= 32
+    assert demo_settings(settings, None, key_path=key).resolve_deid_key() == run.resolve_deid_key()  # kept
+    assert settings.deid_key_file is None and settings.fhir.base_url is None
+    assert dict(os.environ) == env
+
+
+def test_demo_settings_keep_a_configured_key_and_fhir_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("PACSFLOW_DEID_KEY", "configured-key-0123456789")
+    monkeypatch.setenv("PACSFLOW_FHIR__BASE_URL", "https://fhir.example.org/r4")
+    run = demo_settings(load_settings(), "http://127.0.0.1:8090/fhir", key_path=tmp_path / "deid.key")
+    assert run.resolve_deid_key() == b"configured-key-0123456789" and run.deid_key_file is None
+    assert run.fhir.base_url == "https://fhir.example.org/r4"
+    assert not (tmp_path / "deid.key").exists()
 
 
 def test_settings_hides_the_key(monkeypatch):

@@ -149,3 +149,50 @@ def test_update_crosswalk_merges_and_stays_owner_only(tmp_path):
     assert update_crosswalk(cw, [("study", "2.25.1", "1.2.3"), ("study", "2.25.2", "1.2.4")]) == 2
     assert stat.S_IMODE(os.stat(cw).st_mode) == 0o600
     assert cw.read_text().splitlines()[1:] == ["study,2.25.1,1.2.3", "study,2.25.2,1.2.4"]
+
+
+# -- the command: `pacsflow deidentify` ------------------------------------------------------------
+
+def _deidentify(*args: str):
+    from typer.testing import CliRunner
+
+    from pacsflow.flows.cli import app
+
+    return CliRunner().invoke(app, ["deidentify", *map(str, args)])
+
+
+def test_the_command_writes_what_run_deidentify_writes(sample, tmp_path, monkeypatch):
+    root, _ = sample
+    monkeypatch.delenv("PACSFLOW_DEID_KEY", raising=False)
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY + b"\n")
+    result = _deidentify(root / "in", tmp_path / "cli", "--key-file", key_file, "-o", "Retain Long. Modified Dates",
+                         "--quarantine-dir", tmp_path / "q")
+    assert result.exit_code == 0, result.output
+    direct = run_deidentify(root / "in", tmp_path / "direct", ["Retain Long. Modified Dates"], KEY)
+    assert _tree(tmp_path / "cli") == _tree(tmp_path / "direct")
+    assert f"written: {direct.written}" in result.output and KEY.decode() not in result.output
+    assert (tmp_path / "q" / "index.json").exists()
+
+
+def test_the_command_refuses_a_missing_or_short_key_with_status_2(sample, tmp_path, monkeypatch):
+    root, _ = sample
+    for name in ("PACSFLOW_DEID_KEY", "PACSFLOW_DEID_KEY_FILE", "PACSFLOW_DEID_KEY_BLOCK", "PACSFLOW_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    none = _deidentify(root / "in", tmp_path / "a")
+    assert none.exit_code == 2 and "no de-identification key" in none.output
+    short = tmp_path / "short"
+    short.write_text("too-short")
+    result = _deidentify(root / "in", tmp_path / "b", "--key-file", short)
+    assert result.exit_code == 2 and "at least 16 characters" in result.output
+    missing = _deidentify(root / "in", tmp_path / "c", "--key-file", tmp_path / "nowhere")
+    assert missing.exit_code == 2 and "--key-file: cannot read it" in missing.output
+    inside = _deidentify(root / "in", tmp_path / "d", "--key-file", _write(tmp_path / "k", KEY),
+                         "--crosswalk", tmp_path / "d" / "cw.csv")
+    assert inside.exit_code == 2 and "outside OUT_DIR" in inside.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path

@@ -1,0 +1,82 @@
+"""``pacsflow catalog``: SQL over the Parquet catalog, a DuckDB file of views, snapshot stats.
+
+The catalog knows nothing of settings: the root command line tells it where the catalog is.
+DuckDB and the store are imported when a command runs, so ``pacsflow --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+console = Console(stderr=True)
+out = Console()
+
+
+def rich_table(table: "pa.Table") -> Table:
+    """An Arrow table as a rich table (NULL shown empty)."""
+    shown = Table(show_header=True, header_style="bold")
+    for name in table.column_names:
+        shown.add_column(name)
+    for row in table.to_pylist():
+        shown.add_row(*["" if v is None else str(v) for v in row.values()])
+    return shown
+
+
+def print_query(catalog_root: Path, sql: str, params: list[str] | None = None) -> None:
+    """Run ``sql`` over the views ``studies``, ``series``, ``instances`` and print the rows.
+
+    A query DuckDB rejects ends the command with exit status 2 and DuckDB's message."""
+    import duckdb
+
+    from pacsflow.catalog.views import query
+
+    try:
+        table = query(catalog_root, sql, params)
+    except duckdb.Error as exc:
+        console.print(f"[red]query failed:[/red] {exc}")
+        raise typer.Exit(2) from None
+    out.print(rich_table(table))
+
+
+def build_app(catalog_root: Callable[[], Path]) -> typer.Typer:
+    """The ``catalog`` commands; ``catalog_root()`` is asked for the catalog's location when one runs."""
+    app = typer.Typer(help="Query and maintain the Parquet catalog.", no_args_is_help=True)
+
+    @app.command("query")
+    def catalog_query(
+        sql: Annotated[str, typer.Argument(help="SQL over the views studies, series, instances")],
+        param: Annotated[
+            Optional[list[str]], typer.Option("--param", "-p", help="bound parameter ($1, $2, …)")
+        ] = None,
+    ) -> None:
+        """Run SQL over the catalog with DuckDB and print the result."""
+        print_query(catalog_root(), sql, list(param) if param else None)
+
+    @app.command("views")
+    def catalog_views(
+        db_path: Annotated[Path, typer.Argument(help="DuckDB database file to write")]
+        = Path("var/lake/catalog.duckdb"),
+    ) -> None:
+        """Write a DuckDB database file with live views over the catalog, for the duckdb CLI or BI tools."""
+        from pacsflow.catalog.views import write_views_database
+
+        path = write_views_database(catalog_root(), db_path)
+        console.print(f"wrote {path}: open it with `duckdb -readonly {path}`")
+
+    @app.command("stats")
+    def catalog_stats() -> None:
+        """Snapshot version, files and rows per table."""
+        from pacsflow.catalog.store import CatalogStore
+
+        for k, v in CatalogStore(catalog_root()).stats().items():
+            out.print(f"{k}: {v}")
+
+    return app
