@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, get_run_logger
 
 from pacsflow.catalog.store import CatalogStore
-from pacsflow.tasks.settings import load_settings
+from pacsflow.flows.secrets import load_run_settings
 
 
 @flow(name="compact-catalog", persist_result=False)
-def compact_catalog(vacuum_grace_s: float = 3600.0) -> dict:
+def compact_catalog(vacuum_grace_s: float = 3600.0) -> dict[str, Any]:
     """Rewrite every partition of every table into one file sorted by study, then delete the
     files no snapshot references any more (older than the grace period, so readers that
     opened the previous snapshot can finish)."""
-    settings = load_settings()
+    settings = load_run_settings()
     store = CatalogStore(settings.catalog_root)
     store.compact()
     store.vacuum(grace_s=vacuum_grace_s)
