@@ -94,7 +94,7 @@ def read_rows(rows_dirs: list[str]) -> dict[str, pa.Table]:
     out: dict[str, pa.Table] = {}
     for name in TABLES:
         parts = [pq.read_table(Path(d) / f"{name}.parquet") for d in rows_dirs]
-        out[name] = pa.concat_tables(parts) if parts else None  # type: ignore[assignment]
+        out[name] = pa.concat_tables(parts) if parts else None
     return out
 
 

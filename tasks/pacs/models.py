@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pacsflow.tasks.core.errors import IncompleteRetrieve
 from pacsflow.tasks.settings import PacsSettings, RetrieveMethod, Settings
@@ -19,7 +20,7 @@ class StudyInfo:
     modalities: tuple[str, ...]
 
 
-class FindResult(list):
+class FindResult(list[Any]):
     """C-FIND answers; ``capped`` when the PACS said it stopped at its result limit."""
 
     capped: bool = False
