@@ -75,7 +75,8 @@ def nightly_ingest(since: dt.date | None = None, until: dt.date | None = None) -
 
 def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.date | None = None,
                 logger: Logger | None = None) -> dict:
-    """settings → discover → worklist → retrieve + de-identify → commit → bookkeeping → FHIR → artifacts."""
+    """One run, step by step: settings → discover → worklist → retrieve + de-identify → commit →
+    bookkeeping → FHIR → artifacts."""
     logger = logger or log
     started = time.monotonic()
     run = open_run(settings)
@@ -115,8 +116,8 @@ def open_run(settings: Settings) -> NightlyRun:
     for folder in (settings.state_root, settings.staging_dir, settings.quarantine_dir):
         ensure_private_dir(folder)
     run_id = new_run_id()
-    return NightlyRun(run_id, key, deid, Ledger(settings.ledger_path), StagingWriter(settings.staging_dir, deid.study_ref),
-                      settings.state_root / "runs" / run_id)
+    staging = StagingWriter(settings.staging_dir, deid.study_ref)
+    return NightlyRun(run_id, key, deid, Ledger(settings.ledger_path), staging, settings.state_root / "runs" / run_id)
 
 
 def discover_work(settings: Settings, run: NightlyRun, window: Window, book: RunBook, logger: Logger) -> list[WorkItem]:
@@ -140,10 +141,13 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
         retries=settings.retrieve_retries,
         retry_delay_seconds=[settings.retry_delay_s * (2**i) for i in range(max(settings.retrieve_retries, 1))],
     )
+
+    def submit(item: WorkItem) -> PrefectFuture:
+        return retrieve.submit(item, route, run.staging)
+
     processor = StudyProcessor(run.deid, settings.storage_root, settings.quarantine_dir, settings.deid_workers)
     with _receiver(settings, run.staging, items), processor:
         deid_futures: dict[Any, tuple[WorkItem, PrefectFuture]] = {}
-        submit = lambda item: retrieve.submit(item, route, run.staging)  # noqa: E731
         for item, result in _bounded(submit, items, settings.max_associations):
             if isinstance(result, Retrieved):
                 book.retrieved(item)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from pacsflow.tasks.core.clock import parse_dicom_date
 from pacsflow.tasks.core.errors import error_text, is_transient
@@ -39,21 +39,25 @@ class StudyReport:
 class RunSummary:
     run_id: str
     window: str
+    # studies: at the PACS, to process, on disk
     found: int = 0
     queued: int = 0
     retrieved: int = 0
+    # studies: through de-identification, into the catalog, failed (or wholly quarantined)
     deidentified: int = 0
     cataloged: int = 0
     failed: int = 0
+    # objects
     instances: int = 0
     quarantined_objects: int = 0
+    # the FHIR copy (studies)
     fhir_sent: int = 0
     fhir_failed: int = 0
     fhir_differences: int = 0
     seconds: float = 0.0
     studies: list[StudyReport] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """The flow's result: counts only (the per-study reports go to an artifact)."""
         d = {k: v for k, v in self.__dict__.items() if k != "studies"}
         d["instances_per_second"] = round(self.instances / self.seconds, 1) if self.seconds else 0.0

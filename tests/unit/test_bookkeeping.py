@@ -24,7 +24,8 @@ def _item(n: int, day: str = "20261105", expected: int | None = 3, reason: str =
 def _cataloged(item: WorkItem, written: int = 3, quarantined: int = 0) -> StudyOutcome:
     return StudyOutcome(item.pseudo_uid, written=written,
                         quarantined=[(f"f{i}.dcm", "BadDicom: unreadable") for i in range(quarantined)],
-                        actions={"X": written}, rows_dir=f"/rows/{item.pseudo_uid}", study_uids=[f"9.9.{item.pseudo_uid}"])
+                        actions={"X": written}, rows_dir=f"/rows/{item.pseudo_uid}",
+                        study_uids=[f"9.9.{item.pseudo_uid}"])
 
 
 def _book(ledger: Ledger, run_id: str = "r1", max_attempts: int = 3) -> RunBook:
