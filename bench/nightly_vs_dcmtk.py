@@ -23,16 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 from pacsflow.deployments.local import sampledata
 from pacsflow.deployments.local.orthanc import OrthancConfig, OrthancServer, default_modalities
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port
 
 
 def wait_port(port: int, timeout: float = 10) -> None:

@@ -1,7 +1,9 @@
-"""The nightly ingest flow: PACS → de-identified lake → Parquet catalog.
+"""The nightly ingest flow: PACS → de-identified lake → Parquet catalog → FHIR.
 
 Parameters are dates only (no PHI). Settings are read at run time from the environment or
-``PACSFLOW_CONFIG`` (a YAML file); see ``tasks/settings.py``.
+``PACSFLOW_CONFIG`` (a YAML file); see ``tasks/settings.py``. This module is the list of steps;
+what each study's fate means for the ledger, the watermark and the summary is decided in
+:mod:`pacsflow.tasks.ingest.bookkeeping`.
 """
 
 from __future__ import annotations
@@ -10,76 +12,54 @@ import datetime as dt
 import logging
 import shutil
 import time
-import uuid
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
 
 from pacsflow.flows.concurrency import ensure_concurrency_limit
-from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
-from pacsflow.tasks.deid.manifest import QuarantinedObject, build_manifest, manifest_markdown, object_id
-from pacsflow.tasks.core.files import purge_older_than
-from pacsflow.tasks.deid.crosswalk import update_crosswalk
-from pacsflow.tasks.core.errors import is_transient
-from pacsflow.tasks.pacs.steps import PACS_LIMIT, discover_studies, retrieve_study
-from pacsflow.tasks.pacs.models import Retrieved
-from pacsflow.tasks.lake.steps import commit_catalog, deidentify_study, shutdown_worker_pool
-from pacsflow.tasks.core.files import remove_tree
-from pacsflow.tasks.fhir.sync import catalog_study_uids
-from pacsflow.tasks.ingest.ledger import Ledger
-from pacsflow.tasks.pacs.client import quiet_pynetdicom
-from pacsflow.tasks.pacs.planning import WorkItem, plan_window, worklist
-from pacsflow.tasks.lake.study import StudyOutcome
-from pacsflow.tasks.pacs.receiver import StagingWriter, StorageReceiver
-from pacsflow.tasks.core.files import ensure_private_dir
 from pacsflow.flows.secrets import load_run_settings
+from pacsflow.tasks.core.clock import new_run_id, parse_dicom_date
+from pacsflow.tasks.core.errors import error_text
+from pacsflow.tasks.core.files import ensure_private_dir, purge_older_than, remove_tree
+from pacsflow.tasks.deid.crosswalk import update_crosswalk
+from pacsflow.tasks.deid.deidentifier import Deidentifier
+from pacsflow.tasks.deid.manifest import build_manifest, manifest_markdown, object_id
+from pacsflow.tasks.ingest.bookkeeping import RunBook, RunSummary
+from pacsflow.tasks.ingest.ledger import Ledger
+from pacsflow.tasks.lake.steps import commit_catalog, deidentify_study
+from pacsflow.tasks.lake.study import StudyOutcome, StudyProcessor
+from pacsflow.tasks.pacs.client import quiet_pynetdicom
+from pacsflow.tasks.pacs.models import PacsPeer, Retrieved, RetrieveRoute
+from pacsflow.tasks.pacs.planning import Window, WorkItem, plan_window, worklist
+from pacsflow.tasks.pacs.receiver import StagingWriter, StorageReceiver
+from pacsflow.tasks.pacs.steps import PACS_LIMIT, discover_studies, retrieve_study
 from pacsflow.tasks.settings import RetrieveMethod, Settings
 
-
-@dataclass
-class StudyReport:
-    pseudo_uid: str
-    reason: str
-    outcome: str = "pending"  # cataloged | failed | quarantined
-    instances: int = 0
-    quarantined: int = 0
-    error: str = ""
+log = logging.getLogger(__name__)
+Logger = logging.Logger | logging.LoggerAdapter
 
 
-@dataclass
-class RunSummary:
+@dataclass(frozen=True)
+class NightlyRun:
+    """What one run builds once and every step shares."""
+
     run_id: str
-    window: str
-    found: int = 0
-    queued: int = 0
-    retrieved: int = 0
-    deidentified: int = 0
-    cataloged: int = 0
-    failed: int = 0
-    instances: int = 0
-    quarantined_objects: int = 0
-    fhir_sent: int = 0
-    fhir_failed: int = 0
-    fhir_differences: int = 0
-    seconds: float = 0.0
-    studies: list[StudyReport] = field(default_factory=list)
+    key: bytes
+    deid: Deidentifier
+    ledger: Ledger
+    staging: StagingWriter  # names each study's staging folder (its pseudonymous UID): the one way
+    work_dir: Path  # this run's catalog row files, removed at the end
 
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "studies"}
-        d["instances_per_second"] = round(self.instances / self.seconds, 1) if self.seconds else 0.0
-        return d
-
-
-def _error_text(exc: BaseException) -> str:
-    # Our errors carry pseudonymous UIDs and counts only; anything else is named by type.
-    from pacsflow.tasks.core.errors import PacsflowError
-
-    return f"{type(exc).__name__}: {exc}" if isinstance(exc, PacsflowError) else type(exc).__name__
+    @property
+    def rows_root(self) -> Path:
+        return self.work_dir / "rows"
 
 
 @flow(name="nightly-ingest", log_prints=False, persist_result=False)
@@ -93,172 +73,117 @@ def nightly_ingest(since: dt.date | None = None, until: dt.date | None = None) -
     return run_nightly(settings, since=since, until=until, logger=logger)
 
 
-def run_nightly(settings: Settings, *, since=None, until=None, logger: logging.Logger | None = None) -> dict:
-    logger = logger or logging.getLogger(__name__)
+def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.date | None = None,
+                logger: Logger | None = None) -> dict:
+    """One run, step by step: settings → discover → worklist → retrieve + de-identify → commit →
+    bookkeeping → FHIR → artifacts."""
+    logger = logger or log
     started = time.monotonic()
-    quiet_pynetdicom()
-    key = settings.resolve_deid_key()
-    deid = Deidentifier.from_settings(key, settings.deid)
-    ensure_private_dir(settings.state_root)
-    ensure_private_dir(settings.staging_dir)
-    ensure_private_dir(settings.quarantine_dir)
-    ledger = Ledger(settings.ledger_path)
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    run = open_run(settings)
     window = plan_window(
-        watermark=ledger.watermark,
+        watermark=run.ledger.watermark,
         overlap_days=settings.overlap_days,
-        initial_since=_parse_date(settings.initial_since),
+        initial_since=parse_dicom_date(settings.initial_since),
         initial_days=settings.initial_days,
         since=since,
         until=until,
     )
-    summary = RunSummary(run_id, f"{window.start.isoformat()}..{window.end.isoformat()}")
+    book = RunBook(run.ledger, run.run_id, window, max_attempts=settings.max_attempts,
+                   object_id=partial(object_id, run.key))
     ensure_concurrency_limit(PACS_LIMIT, settings.max_associations)
-
     with concurrency(PACS_LIMIT, occupy=settings.max_associations, strict=False):
-        retry_uids = [e.study_uid for e in ledger.failed() if not e.permanent]
-        found, _warnings = discover_studies(settings, window, retry_uids)
-        summary.found = len(found)
-        items = worklist(found, ledger.entries(), deid.study_ref)
-        summary.queued = len(items)
-        logger.info("run %s: window %s, %d studies found, %d to process", run_id, summary.window, len(found),
-                    len(items))
-        rows_root = settings.state_root / "runs" / run_id / "rows"
-        try:
-            outcomes, failures = _retrieve_and_deidentify(settings, key, deid, items, rows_root, summary)
-        finally:
-            shutdown_worker_pool()
-    reports = {w.pseudo_uid: StudyReport(w.pseudo_uid, w.reason) for w in items}
-
-    # Commit what is complete, in batches; the ledger follows each commit.
-    done = [(w, o) for w, o in outcomes.values() if o.rows_dir]
-    for start in range(0, len(done), settings.commit_batch):
-        batch = done[start : start + settings.commit_batch]
-        commit_catalog([o.rows_dir for _, o in batch], str(settings.catalog_root))
-        ledger.mark_cataloged([(w.study_uid, w.pseudo_uid, w.study_date, w.expected or o.written) for w, o in batch],
-                              run_id)
-        for w, o in batch:
-            rep = reports[w.pseudo_uid]
-            rep.outcome, rep.instances, rep.quarantined = "cataloged", o.written, len(o.quarantined)
-            summary.cataloged += 1
-            summary.instances += o.written
-            remove_tree(settings.staging_dir / w.pseudo_uid)
-    # The catalog's UIDs (not our pseudonyms: under Retain UIDs they differ), read before rows_root goes.
-    committed_uids = catalog_study_uids([o.rows_dir for _, o in done])
-    deid_report, quarantined_objects, written = DeidReport(), [], 0
-    for w, o in outcomes.values():
-        summary.deidentified += 1
-        summary.quarantined_objects += len(o.quarantined)
-        deid_report.merge(DeidReport(dict(o.actions)))
-        written += o.written
-        for name, reason in o.quarantined:
-            ledger.quarantine(w.pseudo_uid, name, reason, run_id)
-            # Staged names are hashes of original UIDs: the manifest gets a keyed id instead.
-            quarantined_objects.append(QuarantinedObject(object_id(key, f"{w.pseudo_uid}/{name}"), reason))
-        if not o.rows_dir:  # every object quarantined
-            reports[w.pseudo_uid].outcome = "quarantined"
-            ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, "all objects quarantined",
-                               True, run_id)
-            summary.failed += 1
-    known = ledger.entries([w.study_uid for w, _ in failures.values()])
-    for pseudo, (w, exc) in failures.items():
-        transient = is_transient(exc)
-        text = _error_text(exc)
-        prior = known.get(w.study_uid)
-        attempts = (prior.attempts if prior else 0) + 1
-        if transient and attempts >= settings.max_attempts:
-            # Retried on max_attempts runs: stop holding the watermark and wait for an operator.
-            transient = False
-            text = f"gave up after {attempts} runs: {text}"
-        ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, text, not transient, run_id)
-        rep = reports[pseudo]
-        rep.outcome, rep.error = "failed", text
-        summary.failed += 1
-        logger.warning("study %s failed (%s): %s", pseudo, "transient" if transient else "permanent", text)
-
-    # The watermark moves over completed days only: a transient failure holds it at that study's day.
-    held = [_parse_date(r.study_date) for r in ledger.entries([w.study_uid for w, _ in failures.values()]).values()
-            if r.status == "failed" and not r.permanent]
-    held = [d for d in held if d is not None]
-    ledger.advance_watermark(min([window.end, *held]))
-    shutil.rmtree(rows_root.parent, ignore_errors=True)
-    # PHI zones do not keep originals longer than the retention settings say.
-    purge_older_than(settings.staging_dir, settings.deid.staging_retention_days)
-    purge_older_than(settings.quarantine_dir, settings.deid.quarantine_retention_days)
-    if settings.deid.crosswalk_path:
-        update_crosswalk(settings.deid.crosswalk_path,
-                         [("study", w.pseudo_uid, w.study_uid) for w, _ in outcomes.values()])
-
+        items = discover_work(settings, run, window, book, logger)
+        retrieve_and_deidentify(settings, run, items, book)
+    commit(settings, run, book)
+    for item, verdict in book.settle():
+        logger.warning("study %s failed (%s): %s", item.pseudo_uid,
+                       "permanent" if verdict.permanent else "transient", verdict.reason)
+    tidy(settings, run, book)
     if settings.fhir.base_url:
-        _sync_fhir(settings, committed_uids, summary, logger)
-
-    summary.seconds = round(time.monotonic() - started, 2)
-    summary.studies = list(reports.values())
-    _publish(summary, build_manifest(deid, deid_report, quarantined_objects, written))
-    logger.info(
-        "run %s done: %d found, %d cataloged (%d instances), %d failed in %.1fs",
-        run_id, summary.found, summary.cataloged, summary.instances, summary.failed, summary.seconds,
-    )
+        sync_fhir(settings, book.catalog_uids, book.summary, logger)
+    summary = book.finish(time.monotonic() - started)
+    publish(summary, build_manifest(run.deid, book.deid_report, book.quarantined, book.written))
+    logger.info("run %s done: %d found, %d cataloged (%d instances), %d failed in %.1fs", run.run_id, summary.found,
+                summary.cataloged, summary.instances, summary.failed, summary.seconds)
     return summary.as_dict()
 
 
-def _retrieve_and_deidentify(settings: Settings, key: bytes, deid: Deidentifier, items: list[WorkItem],
-                             rows_root: Path, summary: "RunSummary"):
-    """Retrieve each study (at most max_associations at once) and de-identify it as soon as it
-    is complete. Returns outcomes and failures by pseudonymous UID."""
-    outcomes: dict[str, tuple[WorkItem, StudyOutcome]] = {}
-    failures: dict[str, tuple[WorkItem, BaseException]] = {}
+def open_run(settings: Settings) -> NightlyRun:
+    """The key, the run's one Deidentifier, the PHI-zone folders (owner-only) and the ledger."""
+    quiet_pynetdicom()
+    key = settings.resolve_deid_key()
+    deid = Deidentifier.from_settings(key, settings.deid)
+    for folder in (settings.state_root, settings.staging_dir, settings.quarantine_dir):
+        ensure_private_dir(folder)
+    run_id = new_run_id()
+    staging = StagingWriter(settings.staging_dir, deid.study_ref)
+    return NightlyRun(run_id, key, deid, Ledger(settings.ledger_path), staging, settings.state_root / "runs" / run_id)
+
+
+def discover_work(settings: Settings, run: NightlyRun, window: Window, book: RunBook, logger: Logger) -> list[WorkItem]:
+    """C-FIND the window (and earlier transient failures by UID); keep what is new, grew or is retried."""
+    retry_uids = [e.study_uid for e in run.ledger.failed() if not e.permanent]
+    found, _warnings = discover_studies(PacsPeer.from_settings(settings), window, retry_uids)
+    items = worklist(found, run.ledger.entries(), run.deid.study_ref)
+    book.planned(len(found), items)
+    logger.info("run %s: window %s, %d studies found, %d to process", run.run_id, book.summary.window, len(found),
+                len(items))
+    return items
+
+
+def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[WorkItem], book: RunBook) -> None:
+    """Retrieve each study (at most max_associations at once: the run holds that many slots of the
+    global PACS limit, and waiting here costs nothing) and de-identify it as soon as it is complete."""
     for item in items:  # a fresh staging folder: stale files from an older attempt must not count
-        remove_tree(settings.staging_dir / item.pseudo_uid)
-    receiver = (
-        StorageReceiver(
-            settings.receiver.ae_title,
-            settings.receiver.host,
-            settings.receiver.port,
-            StagingWriter(settings.staging_dir, deid.study_ref),
-        )
-        if settings.retrieve_method is RetrieveMethod.C_MOVE and items
-        else nullcontext()
-    )
+        remove_tree(run.staging.study_dir(item.study_uid))
+    route = RetrieveRoute.from_settings(settings)
     retrieve = retrieve_study.with_options(
         retries=settings.retrieve_retries,
         retry_delay_seconds=[settings.retry_delay_s * (2**i) for i in range(max(settings.retrieve_retries, 1))],
     )
-    with receiver:
-        # At most max_associations retrieves in flight: the run holds that many slots of the
-        # global PACS limit, and waiting here costs nothing.
-        pending = list(items)
-        running: dict = {}
-        owner: dict = {}
-        deid_futures = []
-        while pending or running:
-            while pending and len(running) < settings.max_associations:
-                item = pending.pop(0)
-                fut = retrieve.submit(item, settings, key)
-                owner[fut.task_run_id] = item
-                running[fut.task_run_id] = fut
-            fut = next(as_completed(list(running.values())))
-            del running[fut.task_run_id]
-            item = owner[fut.task_run_id]
-            res = fut.result(raise_on_failure=False)
-            if isinstance(res, Retrieved):
-                summary.retrieved += 1
-                deid_fut = deidentify_study.submit(res, settings, key, str(rows_root))
-                owner[deid_fut.task_run_id] = item
-                deid_futures.append(deid_fut)
+
+    def submit(item: WorkItem) -> PrefectFuture:
+        return retrieve.submit(item, route, run.staging)
+
+    processor = StudyProcessor(run.deid, settings.storage_root, settings.quarantine_dir, settings.deid_workers)
+    with _receiver(settings, run.staging, items), processor:
+        deid_futures: dict[Any, tuple[WorkItem, PrefectFuture]] = {}
+        for item, result in _bounded(submit, items, settings.max_associations):
+            if isinstance(result, Retrieved):
+                book.retrieved(item)
+                future = deidentify_study.submit(result, processor, str(run.rows_root))
+                deid_futures[future.task_run_id] = (item, future)
             else:
-                failures[item.pseudo_uid] = (item, _as_exception(res))
-        for fut in as_completed(deid_futures):
-            item = owner[fut.task_run_id]
-            res = fut.result(raise_on_failure=False)
-            if isinstance(res, StudyOutcome):
-                outcomes[item.pseudo_uid] = (item, res)
+                book.failed(item, _as_exception(result))
+        for item, result in _completed(deid_futures):
+            if isinstance(result, StudyOutcome):
+                book.deidentified(item, result)
             else:
-                failures[item.pseudo_uid] = (item, _as_exception(res))
-    return outcomes, failures
+                book.failed(item, _as_exception(result))
 
 
-def _sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummary, logger) -> None:
+def commit(settings: Settings, run: NightlyRun, book: RunBook) -> None:
+    """Commit what is complete, in batches; the ledger follows each commit, and a cataloged
+    study's staged originals go."""
+    done = book.to_commit()
+    for start in range(0, len(done), settings.commit_batch):
+        batch = done[start : start + settings.commit_batch]
+        commit_catalog([str(o.rows_dir) for _, o in batch], str(settings.catalog_root))
+        book.cataloged(batch)
+        for w, _ in batch:
+            remove_tree(run.staging.study_dir(w.study_uid))
+
+
+def tidy(settings: Settings, run: NightlyRun, book: RunBook) -> None:
+    shutil.rmtree(run.work_dir, ignore_errors=True)
+    # PHI zones do not keep originals longer than the retention settings say.
+    purge_older_than(settings.staging_dir, settings.deid.staging_retention_days)
+    purge_older_than(settings.quarantine_dir, settings.deid.quarantine_retention_days)
+    if settings.deid.crosswalk_path:
+        update_crosswalk(settings.deid.crosswalk_path, book.crosswalk_rows())
+
+
+def sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummary, logger: Logger) -> None:
     """ImagingStudy + Patient for what this run cataloged, plus every study whose FHIR sync
     failed before. Failures stay in the FHIR ledger for the next run; they never fail the night."""
     from pacsflow.flows.fhir_resync import publish_report
@@ -269,7 +194,7 @@ def _sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummar
         owed = FhirSyncLedger.for_settings(settings).failed()
         report = sync_with_tasks(settings, sorted(set(committed_uids) | set(owed)), logger=logger)
     except Exception as exc:  # noqa: BLE001 - the FHIR copy must not fail the night; the ledger keeps what is owed
-        logger.error("FHIR sync step failed: %s", _error_text(exc))
+        logger.error("FHIR sync step failed: %s", error_text(exc))
         summary.fhir_failed = len(committed_uids)
         return
     summary.fhir_sent, summary.fhir_failed = report.sent, len(report.failed)
@@ -277,18 +202,7 @@ def _sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummar
     publish_report(report, key="nightly-fhir-sync", title="Nightly FHIR sync")
 
 
-def _as_exception(result: object) -> BaseException:
-    return result if isinstance(result, BaseException) else RuntimeError("task did not complete")
-
-
-def _parse_date(value: str | None) -> dt.date | None:
-    try:
-        return dt.datetime.strptime((value or "")[:8], "%Y%m%d").date()
-    except ValueError:
-        return None
-
-
-def _publish(summary: RunSummary, deid_manifest: dict) -> None:
+def publish(summary: RunSummary, deid_manifest: dict) -> None:
     """Artifacts for the Prefect UI: pseudonymous UIDs and counts only."""
     try:
         create_markdown_artifact(
@@ -312,3 +226,36 @@ def _publish(summary: RunSummary, deid_manifest: dict) -> None:
     except RuntimeError:
         # Outside a flow run (plain function call): there is no run to attach artifacts to.
         pass
+
+
+# -- scheduling helpers -----------------------------------------------------------------------
+def _receiver(settings: Settings, writer: StagingWriter, items: list[WorkItem]) -> AbstractContextManager:
+    """Our Storage SCP for the run's C-MOVEs (none for C-GET, or when there is nothing to move)."""
+    if settings.retrieve_method is not RetrieveMethod.C_MOVE or not items:
+        return nullcontext()
+    r = settings.receiver
+    return StorageReceiver(r.ae_title, r.host, r.port, writer)
+
+
+def _bounded(submit: Callable[[WorkItem], PrefectFuture], items: Iterable[WorkItem],
+             limit: int) -> Iterator[tuple[WorkItem, object]]:
+    """``submit`` each item, at most ``limit`` in flight; yield (item, result or exception) as each ends."""
+    pending = list(items)
+    running: dict[Any, tuple[WorkItem, PrefectFuture]] = {}
+    while pending or running:
+        while pending and len(running) < limit:
+            item = pending.pop(0)
+            future = submit(item)
+            running[future.task_run_id] = (item, future)
+        yield next(_completed(running))
+
+
+def _completed(futures: dict[Any, tuple[WorkItem, PrefectFuture]]) -> Iterator[tuple[WorkItem, object]]:
+    """(item, result or exception) as each future ends; each is removed from ``futures`` when yielded."""
+    for future in as_completed([f for _, f in list(futures.values())]):
+        item, _ = futures.pop(future.task_run_id)
+        yield item, future.result(raise_on_failure=False)
+
+
+def _as_exception(result: object) -> BaseException:
+    return result if isinstance(result, BaseException) else RuntimeError("task did not complete")

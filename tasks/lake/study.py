@@ -1,14 +1,17 @@
 """Staged originals → de-identified Part 10 files in the lake + catalog rows, for one study.
 
 Plain functions (no Prefect, no sockets). Each instance is parsed once: the same in-memory
-Dataset is de-identified, encoded, stored and then read for the catalog row.
+Dataset is de-identified, encoded, stored and then read for the catalog row. A run's studies go
+through one :class:`StudyProcessor` (one Deidentifier per run, and per worker process).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,6 +39,9 @@ class StudyOutcome:
     actions: dict[str, int] = field(default_factory=dict)
     rows_dir: str | None = None
     bytes_written: int = 0
+    # The catalog's StudyInstanceUID(s) of what was written: pseudonyms, or under Retain UIDs the
+    # originals (so not always ``pseudo_uid``); what the FHIR sync of the run is given.
+    study_uids: list[str] = field(default_factory=list)
 
 
 def _quarantine(src: Path, quarantine_dir: Path, pseudo_uid: str) -> str:
@@ -79,6 +85,7 @@ def process_study(
         for name in TABLES:
             write_atomic(rows_dir / f"{name}.parquet", partial(pq.write_table, tables[name]), private=True)
         outcome.rows_dir = str(rows_dir)
+        outcome.study_uids = [str(u) for u in tables["studies"].column("study_uid").to_pylist() if u]
     return outcome
 
 
@@ -87,5 +94,62 @@ def read_rows(rows_dirs: list[str]) -> dict[str, pa.Table]:
     out: dict[str, pa.Table] = {}
     for name in TABLES:
         parts = [pq.read_table(Path(d) / f"{name}.parquet") for d in rows_dirs]
-        out[name] = pa.concat_tables(parts) if parts else None  # type: ignore[assignment]
+        out[name] = pa.concat_tables(parts) if parts else None
     return out
+
+
+# A worker process's share of its run: set once, when the pool starts the process.
+_worker: tuple[Deidentifier, LakeStorage, Path] | None = None
+
+
+def _start_worker(deid: Deidentifier, storage_root: str, quarantine_dir: Path) -> None:
+    global _worker
+    _worker = (deid, LakeStorage(storage_root), quarantine_dir)
+
+
+def _process_in_worker(staged: Path, pseudo_uid: str, rows_dir: Path) -> StudyOutcome:
+    if _worker is None:
+        raise RuntimeError("worker process was not started by a StudyProcessor")
+    deid, storage, quarantine_dir = _worker
+    return process_study(staged, pseudo_uid, deid, storage, quarantine_dir, rows_dir)
+
+
+class StudyProcessor:
+    """``process_study`` for every study of a run, with the run's one Deidentifier.
+
+    With ``workers`` > 0 the studies go to a ``spawn`` process pool (no thread of this process is
+    forked): parsing and re-encoding is CPU work that would otherwise share one GIL with the
+    Storage SCP receiving the next studies. Each worker process builds the Deidentifier once, when
+    it starts. With 0, studies are processed in the calling thread.
+    """
+
+    def __init__(self, deid: Deidentifier, storage_root: str, quarantine_dir: Path, workers: int) -> None:
+        self.deid = deid
+        self.quarantine_dir = Path(quarantine_dir)
+        self._pool: ProcessPoolExecutor | None = None
+        self._storage: LakeStorage | None = None
+        if workers > 0:
+            self._pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker, initargs=(deid, str(storage_root), self.quarantine_dir),
+            )
+        else:
+            self._storage = LakeStorage(storage_root)
+
+    def process(self, staged: Path, pseudo_uid: str, rows_dir: Path) -> StudyOutcome:
+        if self._pool is not None:
+            return self._pool.submit(_process_in_worker, Path(staged), pseudo_uid, Path(rows_dir)).result()
+        if self._storage is None:
+            raise RuntimeError("this StudyProcessor is closed")
+        return process_study(Path(staged), pseudo_uid, self.deid, self._storage, self.quarantine_dir, Path(rows_dir))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "StudyProcessor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 
 from pacsflow.tasks.core.errors import PacsConfigurationError, PacsUnavailable
-from pacsflow.tasks.pacs.models import FindResult, StudyInfo, SubOps
+from pacsflow.tasks.pacs.models import FindResult, PacsPeer, StudyInfo, SubOps
 from pacsflow.tasks.pacs.status import is_pending, is_success, raise_for_status, status_code
 from pacsflow.tasks.settings import Settings
 
@@ -63,7 +63,7 @@ def abstract_syntaxes(contexts: list[PresentationContext]) -> list[str]:
 class PacsClient:
     """A short-lived client: each operation runs in its own association."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings | PacsPeer) -> None:
         self.settings = settings
         quiet_pynetdicom()
 

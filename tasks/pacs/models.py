@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pacsflow.tasks.core.errors import IncompleteRetrieve
+from pacsflow.tasks.settings import PacsSettings, RetrieveMethod, Settings
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,7 @@ class StudyInfo:
     modalities: tuple[str, ...]
 
 
-class FindResult(list):
+class FindResult(list[Any]):
     """C-FIND answers; ``capped`` when the PACS said it stopped at its result limit."""
 
     capped: bool = False
@@ -34,6 +36,34 @@ class SubOps:
 def check_complete(received: int, expected: int | None, study_ref: str) -> None:
     if expected is not None and received < expected:
         raise IncompleteRetrieve(f"study {study_ref}: received {received} of {expected} instances")
+
+
+@dataclass(frozen=True)
+class PacsPeer:
+    """What a PACS client needs of the settings: the PACS, and the AE title we call it with."""
+
+    pacs: PacsSettings
+    calling_ae: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "PacsPeer":
+        return cls(settings.pacs, settings.calling_ae)
+
+
+@dataclass(frozen=True)
+class RetrieveRoute:
+    """How a study comes to us: C-MOVE to our Storage SCP (``move_destination``, its AE title),
+    or C-GET over the association that asks."""
+
+    peer: PacsPeer
+    method: RetrieveMethod
+    move_destination: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "RetrieveRoute":
+        return cls(PacsPeer.from_settings(settings), settings.retrieve_method, settings.receiver.ae_title)
+
+
 @dataclass(frozen=True)
 class Retrieved:
     pseudo_uid: str

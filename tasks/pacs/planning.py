@@ -75,15 +75,16 @@ def discover(
     def is_capped(answer: list[StudyInfo]) -> bool:
         return bool(getattr(answer, "capped", False)) or (bool(cap) and len(answer) >= cap)  # type: ignore[operator]
 
-    def query_day_time(day: str, lo: int | None, hi: int | None) -> None:
-        time_range = None if lo is None else f"{_fmt_time(lo)}-{_fmt_time(hi)}"
+    def query_day_time(day: str, span: tuple[int, int] | None) -> None:
+        """One day, or a StudyTime slice of it (seconds since midnight, inclusive)."""
+        time_range = None if span is None else f"{_fmt_time(span[0])}-{_fmt_time(span[1])}"
         answer = find(day, time_range)
         if is_capped(answer):
-            lo_, hi_ = (0, DAY_SECONDS - 1) if lo is None else (lo, hi)
-            if hi_ - lo_ >= MIN_SLICE_SECONDS:
-                mid = (lo_ + hi_) // 2
-                query_day_time(day, lo_, mid)
-                query_day_time(day, mid + 1, hi_)
+            lo, hi = span or (0, DAY_SECONDS - 1)
+            if hi - lo >= MIN_SLICE_SECONDS:
+                mid = (lo + hi) // 2
+                query_day_time(day, (lo, mid))
+                query_day_time(day, (mid + 1, hi))
                 return
             warnings.append(f"{day} {time_range}: still {len(answer)} results at the PACS cap; some may be missing")
         for s in answer:
@@ -92,7 +93,7 @@ def discover(
     def query_days(lo: dt.date, hi: dt.date) -> None:
         if lo == hi:
             before = len(found)
-            query_day_time(lo.strftime("%Y%m%d"), None, None)
+            query_day_time(lo.strftime("%Y%m%d"), None)
             if on_day:
                 on_day(lo, len(found) - before)
             return

@@ -1,0 +1,195 @@
+"""The bookkeeping of one nightly run: what the ledger records of each study, where the watermark
+goes, and the run's summary and per-study report.
+
+Plain code (no Prefect, no sockets). The flow tells a :class:`RunBook` what happened to each study
+(retrieved, de-identified, failed, cataloged) and then settles the run: quarantined objects,
+failures (transient, or permanent after ``max_attempts`` runs) and the watermark.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from pacsflow.tasks.core.clock import parse_dicom_date
+from pacsflow.tasks.core.errors import error_text, is_transient
+from pacsflow.tasks.deid.deidentifier import DeidReport
+from pacsflow.tasks.deid.manifest import QuarantinedObject
+from pacsflow.tasks.ingest.ledger import Ledger
+from pacsflow.tasks.lake.study import StudyOutcome
+from pacsflow.tasks.pacs.planning import Window, WorkItem
+
+ALL_QUARANTINED = "all objects quarantined"
+
+
+@dataclass
+class StudyReport:
+    """One study's line in the run's table artifact (pseudonymous UID only)."""
+
+    pseudo_uid: str
+    reason: str
+    outcome: str = "pending"  # cataloged | failed | quarantined
+    instances: int = 0
+    quarantined: int = 0
+    error: str = ""
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    window: str
+    # studies: at the PACS, to process, on disk
+    found: int = 0
+    queued: int = 0
+    retrieved: int = 0
+    # studies: through de-identification, into the catalog, failed (or wholly quarantined)
+    deidentified: int = 0
+    cataloged: int = 0
+    failed: int = 0
+    # objects
+    instances: int = 0
+    quarantined_objects: int = 0
+    # the FHIR copy (studies)
+    fhir_sent: int = 0
+    fhir_failed: int = 0
+    fhir_differences: int = 0
+    seconds: float = 0.0
+    studies: list[StudyReport] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The flow's result: counts only (the per-study reports go to an artifact)."""
+        d = {k: v for k, v in self.__dict__.items() if k != "studies"}
+        d["instances_per_second"] = round(self.instances / self.seconds, 1) if self.seconds else 0.0
+        return d
+
+
+@dataclass(frozen=True)
+class FailureVerdict:
+    permanent: bool
+    reason: str  # PHI-free: error class and message
+
+
+def judge_failure(exc: BaseException, prior_attempts: int, max_attempts: int) -> FailureVerdict:
+    """A transient failure is retried by later runs, until this run is the ``max_attempts``-th
+    that tried the study: then it stops holding the watermark and waits for an operator."""
+    text = error_text(exc)
+    if not is_transient(exc):
+        return FailureVerdict(True, text)
+    attempts = prior_attempts + 1
+    if attempts >= max_attempts:
+        return FailureVerdict(True, f"gave up after {attempts} runs: {text}")
+    return FailureVerdict(False, text)
+
+
+def next_watermark(window_end: dt.date, held_study_dates: Iterable[str | None]) -> dt.date:
+    """The watermark moves over completed days only: a study that failed transiently holds it at
+    that study's day, so the next window (watermark minus the overlap) still covers it. A study
+    date that is not a date holds nothing: such a study is retried by UID."""
+    days = [d for d in map(parse_dicom_date, held_study_dates) if d is not None]
+    return min([window_end, *days])
+
+
+class RunBook:
+    """What one run did to each study, written to the ledger.
+
+    ``object_id`` names a quarantined object in the manifest (a keyed id: staged file names are
+    hashes of original UIDs).
+    """
+
+    def __init__(self, ledger: Ledger, run_id: str, window: Window, *, max_attempts: int,
+                 object_id: Callable[[str], str]) -> None:
+        self.ledger = ledger
+        self.run_id = run_id
+        self.window = window
+        self.max_attempts = max_attempts
+        self._object_id = object_id
+        self.summary = RunSummary(run_id, f"{window.start.isoformat()}..{window.end.isoformat()}")
+        self.reports: dict[str, StudyReport] = {}
+        self.outcomes: dict[str, tuple[WorkItem, StudyOutcome]] = {}
+        self.failures: dict[str, tuple[WorkItem, BaseException]] = {}
+        self.catalog_uids: list[str] = []  # catalog StudyInstanceUIDs committed by this run
+        self.deid_report = DeidReport()
+        self.quarantined: list[QuarantinedObject] = []
+        self.written = 0
+
+    # -- what happened, as the tasks report it ----------------------------------------------
+    def planned(self, found: int, items: Sequence[WorkItem]) -> None:
+        self.summary.found, self.summary.queued = found, len(items)
+        self.reports = {w.pseudo_uid: StudyReport(w.pseudo_uid, w.reason) for w in items}
+
+    def retrieved(self, item: WorkItem) -> None:
+        self.summary.retrieved += 1
+
+    def deidentified(self, item: WorkItem, outcome: StudyOutcome) -> None:
+        self.outcomes[item.pseudo_uid] = (item, outcome)
+
+    def failed(self, item: WorkItem, exc: BaseException) -> None:
+        self.failures[item.pseudo_uid] = (item, exc)
+
+    def to_commit(self) -> list[tuple[WorkItem, StudyOutcome]]:
+        """De-identified studies with catalog rows (at least one object written), by day."""
+        done = [(w, o) for w, o in self.outcomes.values() if o.rows_dir]
+        return sorted(done, key=lambda wo: (wo[0].study_date, wo[0].pseudo_uid))
+
+    def cataloged(self, batch: Sequence[tuple[WorkItem, StudyOutcome]]) -> None:
+        """After a catalog commit: the ledger follows it. A study's count is what the PACS reported
+        (what the next run compares with), else what was written."""
+        self.ledger.mark_cataloged(
+            [(w.study_uid, w.pseudo_uid, w.study_date, w.expected or o.written) for w, o in batch], self.run_id
+        )
+        for w, o in batch:
+            report = self.reports[w.pseudo_uid]
+            report.outcome, report.instances, report.quarantined = "cataloged", o.written, len(o.quarantined)
+            self.summary.cataloged += 1
+            self.summary.instances += o.written
+            self.catalog_uids.extend(o.study_uids)
+
+    # -- settling the run -------------------------------------------------------------------
+    def settle(self) -> list[tuple[WorkItem, FailureVerdict]]:
+        """Record quarantined objects and failed studies, then advance the watermark. Returns the
+        failures with their verdicts (for the run's log)."""
+        self._record_deidentified()
+        verdicts = self._record_failures()
+        held = [w.study_date for w, v in verdicts if not v.permanent]
+        self.ledger.advance_watermark(next_watermark(self.window.end, held))
+        return verdicts
+
+    def _record_deidentified(self) -> None:
+        for w, o in self.outcomes.values():
+            self.summary.deidentified += 1
+            self.summary.quarantined_objects += len(o.quarantined)
+            self.deid_report.merge(DeidReport(dict(o.actions)))
+            self.written += o.written
+            for name, reason in o.quarantined:
+                self.ledger.quarantine(w.pseudo_uid, name, reason, self.run_id)
+                self.quarantined.append(QuarantinedObject(self._object_id(f"{w.pseudo_uid}/{name}"), reason))
+            if not o.rows_dir:
+                self.ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, ALL_QUARANTINED, True,
+                                        self.run_id)
+                self.reports[w.pseudo_uid].outcome = "quarantined"
+                self.summary.failed += 1
+
+    def _record_failures(self) -> list[tuple[WorkItem, FailureVerdict]]:
+        prior = self.ledger.entries([w.study_uid for w, _ in self.failures.values()])
+        verdicts = []
+        for w, exc in self.failures.values():
+            entry = prior.get(w.study_uid)
+            verdict = judge_failure(exc, entry.attempts if entry else 0, self.max_attempts)
+            self.ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, verdict.reason,
+                                    verdict.permanent, self.run_id)
+            report = self.reports[w.pseudo_uid]
+            report.outcome, report.error = "failed", verdict.reason
+            self.summary.failed += 1
+            verdicts.append((w, verdict))
+        return verdicts
+
+    def finish(self, seconds: float) -> RunSummary:
+        self.summary.seconds = round(seconds, 2)
+        self.summary.studies = list(self.reports.values())
+        return self.summary
+
+    def crosswalk_rows(self) -> list[tuple[str, str, str]]:
+        """(kind, pseudonym, original) for the optional crosswalk (PHI zone): every study this run
+        de-identified."""
+        return [("study", w.pseudo_uid, w.study_uid) for w, _ in self.outcomes.values()]

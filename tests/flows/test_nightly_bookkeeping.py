@@ -1,0 +1,235 @@
+"""The nightly flow's bookkeeping under the real Prefect engine, against the in-process fake PACS
+(tests/net/fake_pacs.py) instead of Orthanc: what the ledger, the watermark, the catalog and the
+run's result and artifacts say after clean, failing and quarantined studies."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pacsflow.catalog.views import query
+from pacsflow.deployments.local import sampledata
+from pacsflow.flows.nightly import nightly_ingest
+from pacsflow.tasks.fhir.ledger import FhirSyncLedger
+from pacsflow.tasks.ingest.ledger import Ledger
+from pacsflow.tasks.settings import load_settings
+from tests.helpers import free_port
+from tests.net.fake_pacs import FakePacs, held_files
+
+TODAY = dt.date.today()
+NO_US = ("CT", "MR", "MG")  # ultrasound carries burned-in text: quarantined
+RESULT_KEYS = {"run_id", "window", "found", "queued", "retrieved", "deidentified", "cataloged", "failed",
+               "instances", "quarantined_objects", "fhir_sent", "fhir_failed", "fhir_differences", "seconds",
+               "instances_per_second"}
+ARTIFACT_KEYS = {"nightly-deid-manifest", "nightly-ingest-summary", "nightly-ingest-studies"}
+
+
+@dataclass
+class Site:
+    pacs: FakePacs
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "lake" / "catalog"
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(self.state / "ledger.sqlite")
+
+    def seed(self, name: str, **kw) -> list[sampledata.StudySummary]:
+        studies = sampledata.generate(self.root / name, end_date=TODAY, **kw)
+        self.pacs.add_files(held_files(self.root / name))
+        return studies
+
+    def count(self, sql: str) -> int:
+        return query(self.catalog, sql).column(0)[0].as_py()
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch, prefect_api):
+    receiver_port = free_port()
+    with FakePacs() as pacs:
+        pacs.add_destination("PACSFLOW", receiver_port)
+        env = {
+            "PACSFLOW_PACS__PORT": str(pacs.port),
+            "PACSFLOW_PACS__CALLED_AE": pacs.ae_title,
+            "PACSFLOW_PACS__TIMEOUT_S": "10",
+            "PACSFLOW_RECEIVER__PORT": str(receiver_port),
+            "PACSFLOW_STORAGE_ROOT": str(tmp_path / "lake" / "dicom"),
+            "PACSFLOW_CATALOG_ROOT": str(tmp_path / "lake" / "catalog"),
+            "PACSFLOW_STATE_ROOT": str(tmp_path / "state"),
+            "PACSFLOW_DEID_KEY": "fake-pacs-test-key-0123456789",
+            "PACSFLOW_RETRY_DELAY_S": "0.1",
+            "PACSFLOW_RETRIEVE_RETRIES": "0",
+            "PACSFLOW_DEID_WORKERS": "0",
+        }
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        yield Site(pacs, tmp_path)
+
+
+def _run() -> tuple[dict, list[dict]]:
+    """One flow run: its result and its artifacts (key and data)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    state = nightly_ingest(return_state=True)
+    result = state.result()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    return result, [{"key": a.key, "data": a.data} for a in artifacts]
+
+
+@pytest.mark.parametrize(("method", "workers"), [("c-move", "1"), ("c-get", "0")])
+def test_a_clean_run_catalogs_every_study_and_advances_the_watermark(site, monkeypatch, method, workers):
+    monkeypatch.setenv("PACSFLOW_RETRIEVE_METHOD", method)
+    monkeypatch.setenv("PACSFLOW_DEID_WORKERS", workers)
+    studies = site.seed("in", studies=3, days=3, seed=41, modalities=NO_US)
+    instances = sum(s.n_instances for s in studies)
+
+    result, artifacts = _run()
+
+    assert set(result) == RESULT_KEYS
+    assert (result["found"], result["queued"], result["retrieved"], result["cataloged"], result["failed"]) == (
+        3, 3, 3, 3, 0)
+    assert result["instances"] == instances == site.count("SELECT count(*) FROM instances")
+    assert site.count("SELECT count(*) FROM studies") == 3
+    entries = site.ledger.entries()
+    assert {uid: (e.status, e.instances) for uid, e in entries.items()} == {
+        s.study_uid: ("cataloged", s.n_instances) for s in studies
+    }
+    assert site.ledger.watermark == TODAY
+    assert not any((site.state / "staging").rglob("*.dcm")) and not list((site.state / "runs").glob("*"))
+    assert {a["key"] for a in artifacts} == ARTIFACT_KEYS
+    assert not any(s.study_uid in repr(artifacts) + repr(result) for s in studies)
+
+    again, _ = _run()
+    assert (again["found"], again["queued"], again["cataloged"]) == (3, 0, 0)
+    assert site.count("SELECT count(*) FROM instances") == instances
+
+
+def test_a_transient_failure_holds_the_watermark_and_is_retried_next_run(site):
+    studies = sorted(site.seed("in", studies=3, days=3, seed=43, modalities=NO_US), key=lambda s: s.study_date)
+    broken = studies[0]
+    assert broken.study_date < TODAY
+    site.pacs.fail_study(broken.study_uid)
+
+    first, _ = _run()
+
+    assert (first["found"], first["cataloged"], first["failed"]) == (3, 2, 1)
+    [failed] = site.ledger.failed()
+    assert failed.study_uid == broken.study_uid and not failed.permanent and "0xC000" in failed.reason
+    assert site.ledger.watermark == broken.study_date
+    assert site.count("SELECT count(*) FROM studies") == 2
+
+    site.pacs.repair_study(broken.study_uid)
+    second, _ = _run()
+
+    assert (second["queued"], second["cataloged"], second["failed"]) == (1, 1, 0)
+    assert site.pacs.retrieve_count(broken.study_uid) == 2
+    assert site.ledger.failed() == []
+    assert site.ledger.watermark == TODAY
+    assert site.count("SELECT count(*) FROM instances") == sum(s.n_instances for s in studies)
+
+
+def test_a_study_failing_max_attempts_runs_becomes_permanent(site, monkeypatch):
+    monkeypatch.setenv("PACSFLOW_MAX_ATTEMPTS", "2")
+    studies = sorted(site.seed("in", studies=2, days=2, seed=47, modalities=NO_US), key=lambda s: s.study_date)
+    broken = studies[0]
+    site.pacs.fail_study(broken.study_uid)
+
+    first, _ = _run()
+    assert (first["cataloged"], first["failed"]) == (1, 1)
+    assert site.ledger.watermark == broken.study_date and site.ledger.quarantine_entries() == []
+
+    second, _ = _run()
+    assert (second["queued"], second["failed"]) == (1, 1)
+    entry = site.ledger.entries()[broken.study_uid]
+    assert entry.permanent and entry.reason.startswith("gave up after 2 runs") and entry.attempts == 2
+    [quarantined] = site.ledger.quarantine_entries()
+    assert quarantined["pseudo_uid"] == entry.pseudo_uid and quarantined["object_ref"] == ""
+    assert site.ledger.watermark == TODAY
+
+    third, _ = _run()
+    assert third["queued"] == 0
+    assert site.pacs.retrieve_count(broken.study_uid) == 2
+
+
+def test_an_all_quarantined_study_is_recorded_and_does_not_hold_the_watermark(site):
+    clean = site.seed("in", studies=2, days=2, seed=53, modalities=NO_US)
+    # One series of ultrasound with burned-in text: every object is quarantined.
+    [burned] = site.seed("us", studies=1, days=1, seed=59, modalities=("US",), series_per_study=(1, 1))
+
+    result, artifacts = _run()
+
+    assert (result["found"], result["deidentified"], result["cataloged"], result["failed"]) == (3, 3, 2, 1)
+    assert result["quarantined_objects"] == burned.n_instances
+    entry = site.ledger.entries()[burned.study_uid]
+    assert (entry.status, entry.permanent, entry.reason) == ("failed", True, "all objects quarantined")
+    quarantine = site.ledger.quarantine_entries()
+    assert sorted(bool(q["object_ref"]) for q in quarantine) == [False] + [True] * burned.n_instances
+    assert all(q["pseudo_uid"] == entry.pseudo_uid for q in quarantine)
+    assert len(list((site.state / "quarantine" / entry.pseudo_uid).glob("*.dcm"))) == burned.n_instances
+    assert site.ledger.watermark == TODAY
+    assert site.count("SELECT count(*) FROM instances") == sum(s.n_instances for s in clean)
+    [table] = [a for a in artifacts if a["key"] == "nightly-ingest-studies"]
+    assert sorted(row["outcome"] for row in json.loads(table["data"])) == ["cataloged", "cataloged", "quarantined"]
+
+    again, _ = _run()
+    assert again["queued"] == 0  # the PACS still reports the same count: it waits for an operator
+
+
+@pytest.fixture
+def wrong_fhir_url():
+    """An HTTP server that answers 404 to everything: a FHIR base URL that is wrong, which the FHIR
+    step records per study without retrying (nothing listening would cost its retry delays)."""
+
+    class NotFound(BaseHTTPRequestHandler):
+        def _404(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = _404
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/fhir"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_fhir_step_is_given_the_catalog_study_uids(site, monkeypatch, wrong_fhir_url):
+    # Under Retain UIDs the catalog's StudyInstanceUIDs are the originals, not the pseudonymous
+    # study refs: the FHIR step must be owed exactly those (a UID it cannot find in the catalog
+    # would be recorded as "not in the catalog" instead).
+    monkeypatch.setenv("PACSFLOW_DEID__OPTIONS", '["Retain UIDs"]')
+    monkeypatch.setenv("PACSFLOW_FHIR__BASE_URL", wrong_fhir_url)
+    monkeypatch.setenv("PACSFLOW_FHIR__MAX_RETRIES", "0")
+    studies = site.seed("in", studies=2, days=2, seed=61, modalities=NO_US)
+
+    result, _ = _run()
+
+    assert (result["cataloged"], result["fhir_sent"], result["fhir_failed"]) == (2, 0, 2)
+    catalog_uids = {r["study_uid"] for r in query(site.catalog, "SELECT study_uid FROM studies").to_pylist()}
+    assert catalog_uids == {s.study_uid for s in studies}
+    owed = FhirSyncLedger.for_settings(load_settings()).entries()
+    assert set(owed) == catalog_uids
+    assert all(e.status == "failed" and "not in the catalog" not in (e.reason or "") for e in owed.values())

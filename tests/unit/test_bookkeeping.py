@@ -1,0 +1,158 @@
+"""The run's bookkeeping (pacsflow.tasks.ingest.bookkeeping) against a real ledger file: what is
+recorded for cataloged, failed and quarantined studies, and where the watermark goes."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from pacsflow.tasks.core.errors import IncompleteRetrieve, PacsConfigurationError, PacsStatusError
+from pacsflow.tasks.ingest.bookkeeping import RunBook, judge_failure, next_watermark
+from pacsflow.tasks.ingest.ledger import Ledger
+from pacsflow.tasks.lake.study import StudyOutcome
+from pacsflow.tasks.pacs.planning import Window, WorkItem
+
+D = dt.date
+WINDOW = Window(D(2026, 11, 1), D(2026, 11, 10))
+
+
+def _item(n: int, day: str = "20261105", expected: int | None = 3, reason: str = "new") -> WorkItem:
+    return WorkItem(f"1.2.840.{n}", f"2.25.{n}", day, expected, reason)
+
+
+def _cataloged(item: WorkItem, written: int = 3, quarantined: int = 0) -> StudyOutcome:
+    return StudyOutcome(item.pseudo_uid, written=written,
+                        quarantined=[(f"f{i}.dcm", "BadDicom: unreadable") for i in range(quarantined)],
+                        actions={"X": written}, rows_dir=f"/rows/{item.pseudo_uid}",
+                        study_uids=[f"9.9.{item.pseudo_uid}"])
+
+
+def _book(ledger: Ledger, run_id: str = "r1", max_attempts: int = 3) -> RunBook:
+    return RunBook(ledger, run_id, WINDOW, max_attempts=max_attempts, object_id=lambda rel: f"id({rel})")
+
+
+@pytest.fixture
+def ledger(tmp_path) -> Ledger:
+    return Ledger(tmp_path / "ledger.sqlite")
+
+
+def test_failures_are_judged_by_type_and_by_attempts():
+    assert judge_failure(PacsConfigurationError("study 2.25.1: 0xA801"), 0, 5).permanent
+    transient = judge_failure(PacsStatusError("study 2.25.1: 0xC000"), 3, 5)
+    assert not transient.permanent and transient.reason == "PacsStatusError: study 2.25.1: 0xC000"
+    last = judge_failure(IncompleteRetrieve("2 of 3"), 4, 5)
+    assert last.permanent and last.reason == "gave up after 5 runs: IncompleteRetrieve: 2 of 3"
+    # Anything not ours is named by its type only: its message could carry header values.
+    assert judge_failure(ValueError("Doe^John"), 0, 5).reason == "ValueError"
+
+
+def test_the_watermark_stops_at_the_earliest_held_day():
+    end = D(2026, 11, 10)
+    assert next_watermark(end, []) == end
+    assert next_watermark(end, ["20261107", "20261104", None, "garbage"]) == D(2026, 11, 4)
+    assert next_watermark(end, ["20261201"]) == end
+
+
+def test_a_clean_run_records_every_study_and_advances_the_watermark(ledger):
+    book = _book(ledger)
+    items = [_item(1, "20261103"), _item(2, "20261109", expected=None)]
+    book.planned(found=5, items=items)
+    for w in items:
+        book.retrieved(w)
+        book.deidentified(w, _cataloged(w, written=4))
+    book.cataloged(book.to_commit())
+    assert book.settle() == []
+
+    entries = ledger.entries()
+    assert {u: (e.status, e.pseudo_uid, e.instances) for u, e in entries.items()} == {
+        "1.2.840.1": ("cataloged", "2.25.1", 3),  # what the PACS reported, for the next run to compare
+        "1.2.840.2": ("cataloged", "2.25.2", 4),  # the PACS gave no count: what was written
+    }
+    assert ledger.watermark == WINDOW.end
+    assert book.catalog_uids == ["9.9.2.25.1", "9.9.2.25.2"]
+    summary = book.finish(2.0)
+    assert (summary.found, summary.queued, summary.retrieved, summary.deidentified, summary.cataloged,
+            summary.failed, summary.instances) == (5, 2, 2, 2, 2, 0, 8)
+    assert [(s.pseudo_uid, s.outcome, s.instances) for s in summary.studies] == [
+        ("2.25.1", "cataloged", 4), ("2.25.2", "cataloged", 4)]
+    assert summary.as_dict()["instances_per_second"] == 4.0 and "studies" not in summary.as_dict()
+    assert book.deid_report.actions == {"X": 8} and book.written == 8
+
+
+def test_a_transient_failure_holds_the_watermark_until_max_attempts(ledger):
+    item = _item(1, "20261104")
+    for run, permanent in (("r1", False), ("r2", False), ("r3", True)):
+        book = _book(ledger, run, max_attempts=3)
+        book.planned(1, [item])
+        book.failed(item, PacsStatusError("C-MOVE for study 2.25.1: failure status 0xC000"))
+        [(failed, verdict)] = book.settle()
+        assert failed is item and verdict.permanent is permanent
+        entry = ledger.entries()[item.study_uid]
+        assert (entry.status, entry.permanent, entry.attempts) == ("failed", permanent, int(run[1]))
+        assert book.finish(1).studies[0].error == entry.reason
+    assert entry.reason.startswith("gave up after 3 runs: PacsStatusError")
+    # Held at the study's day while it was transient; free once it is permanent.
+    assert ledger.watermark == WINDOW.end
+    [quarantined] = ledger.quarantine_entries()
+    assert (quarantined["pseudo_uid"], quarantined["object_ref"], quarantined["run_id"]) == ("2.25.1", "", "r3")
+
+
+def test_the_watermark_holds_at_a_transiently_failed_study_day(ledger):
+    book = _book(ledger)
+    ok, late, bad = _item(1, "20261102"), _item(2, "20261108"), _item(3, "20261106")
+    book.planned(3, [ok, late, bad])
+    book.deidentified(ok, _cataloged(ok))
+    book.failed(late, PacsStatusError("0xC000"))
+    book.failed(bad, IncompleteRetrieve("study 2.25.3: received 1 of 3 instances"))
+    book.cataloged(book.to_commit())
+    book.settle()
+    assert ledger.watermark == D(2026, 11, 6)
+    assert {e.study_uid for e in ledger.failed()} == {late.study_uid, bad.study_uid}
+
+
+def test_a_grown_study_that_fails_keeps_its_catalog_entry_and_holds_the_watermark(ledger):
+    item = _item(1, "20261105")
+    ledger.mark_cataloged([(item.study_uid, item.pseudo_uid, item.study_date, 3)], "r0")
+    grown = _item(1, "20261105", expected=5, reason="grew")
+    book = _book(ledger)
+    book.planned(1, [grown])
+    book.failed(grown, IncompleteRetrieve("study 2.25.1: received 4 of 5 instances"))
+    book.settle()
+    entry = ledger.entries()[item.study_uid]
+    assert (entry.status, entry.instances) == ("cataloged", 3)  # the next run still sees it grew
+    assert ledger.watermark == D(2026, 11, 5)
+
+
+def test_quarantined_objects_and_an_all_quarantined_study_are_recorded(ledger):
+    partly, wholly = _item(1), _item(2, "20261107")
+    book = _book(ledger)
+    book.planned(2, [partly, wholly])
+    book.deidentified(partly, _cataloged(partly, written=2, quarantined=1))
+    book.deidentified(wholly, StudyOutcome(wholly.pseudo_uid, quarantined=[("a.dcm", "BadDicom: x"),
+                                                                            ("b.dcm", "BadDicom: y")]))
+    assert [w for w, _ in book.to_commit()] == [partly]
+    book.cataloged(book.to_commit())
+    assert book.settle() == []
+
+    entry = ledger.entries()[wholly.study_uid]
+    assert (entry.status, entry.permanent, entry.reason) == ("failed", True, "all objects quarantined")
+    assert [(q["pseudo_uid"], q["object_ref"]) for q in ledger.quarantine_entries()] == [
+        ("2.25.1", "f0.dcm"), ("2.25.2", "a.dcm"), ("2.25.2", "b.dcm"), ("2.25.2", "")]
+    assert ledger.watermark == WINDOW.end  # a permanent failure does not hold it
+    summary = book.finish(1)
+    assert (summary.cataloged, summary.failed, summary.quarantined_objects, summary.deidentified) == (1, 1, 3, 2)
+    assert {s.pseudo_uid: s.outcome for s in summary.studies} == {"2.25.1": "cataloged", "2.25.2": "quarantined"}
+    # The manifest names objects by the (keyed) object id of study/file, with the reason.
+    assert [(q.id, q.reason) for q in book.quarantined] == [
+        ("id(2.25.1/f0.dcm)", "BadDicom: unreadable"), ("id(2.25.2/a.dcm)", "BadDicom: x"),
+        ("id(2.25.2/b.dcm)", "BadDicom: y")]
+    assert ledger.entries()[partly.study_uid].status == "cataloged" and book.written == 2
+
+
+def test_the_crosswalk_rows_name_every_deidentified_study(ledger):
+    item = _item(7)
+    book = _book(ledger)
+    book.planned(1, [item])
+    book.deidentified(item, _cataloged(item))
+    assert book.crosswalk_rows() == [("study", "2.25.7", "1.2.840.7")]

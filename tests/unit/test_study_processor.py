@@ -1,0 +1,52 @@
+"""A run's StudyProcessor: one Deidentifier, in this process or in worker processes, same output."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pacsflow.deployments.local import sampledata
+from pacsflow.tasks.deid.deidentifier import Deidentifier
+from pacsflow.tasks.lake.study import StudyProcessor
+
+KEY = b"study-processor-key-0123456789"
+
+
+def _stage(study: sampledata.StudySummary, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for f in study.path.rglob("*.dcm"):
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def _lake_digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*.dcm")}
+
+
+@pytest.mark.parametrize("options", [(), ("Retain UIDs",)])
+def test_worker_processes_write_what_this_process_writes(tmp_path, options):
+    [study] = sampledata.generate(tmp_path / "in", studies=1, seed=7, modalities=("CT",))
+    deid = Deidentifier(KEY, options)
+    outcomes = {}
+    for workers in (0, 1):
+        run = tmp_path / f"w{workers}"
+        with StudyProcessor(deid, str(run / "lake"), run / "quarantine", workers) as processor:
+            outcomes[workers] = processor.process(_stage(study, run / "staged"), "2.25.1", run / "rows")
+    assert outcomes[0].written == outcomes[1].written == study.n_instances
+    assert _lake_digests(tmp_path / "w0" / "lake") == _lake_digests(tmp_path / "w1" / "lake") != {}
+
+    # The outcome carries the catalog's StudyInstanceUID: the pseudonym, or the original under Retain UIDs.
+    rows = pq.read_table(Path(outcomes[1].rows_dir) / "studies.parquet").column("study_uid").to_pylist()
+    expected = study.study_uid if options else deid.uid(study.study_uid)
+    assert outcomes[0].study_uids == outcomes[1].study_uids == rows == [expected]
+
+
+def test_a_closed_processor_refuses_work(tmp_path):
+    processor = StudyProcessor(Deidentifier(KEY), str(tmp_path / "lake"), tmp_path / "q", 1)
+    processor.close()
+    with pytest.raises(RuntimeError):
+        processor.process(tmp_path, "2.25.1", tmp_path / "rows")
