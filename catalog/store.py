@@ -230,6 +230,7 @@ class CatalogStore:
         self.lock_timeout_s = lock_timeout_s
 
     # -- reading (lock-free) -------------------------------------------------------------------
+    # Locations under the root, one property each (the same shape as Settings' derived folders).
     @property
     def _current_link(self) -> Path:
         return self.root / "current"

@@ -231,7 +231,7 @@ class Settings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config))
         return tuple(sources)
 
-    # -- derived locations -------------------------------------------------------------
+    # -- derived locations (one property each; the same shape as the catalog store's) ---------
     @property
     def staging_dir(self) -> Path:
         return self.state_root / "staging"

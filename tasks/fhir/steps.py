@@ -55,6 +55,7 @@ def fhir_reconcile(fhir: FhirSettings, catalog_root: Path, study_uids: list[str]
     return diffs
 
 
+# The parameters mirror sync_catalog's on purpose: the same loop, entered from a flow or from plain code.
 def sync_with_tasks(
     settings: Settings,
     study_uids: Sequence[str] | None = None,

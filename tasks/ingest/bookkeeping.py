@@ -37,6 +37,7 @@ class StudyReport:
 
 @dataclass
 class RunSummary:
+    # Counters, one field each (they look alike by design): the result dict and the summary artifact.
     run_id: str
     window: str
     # studies: at the PACS, to process, on disk

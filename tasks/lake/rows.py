@@ -197,7 +197,8 @@ def joined(value: Any) -> str | None:
     return "; ".join(items) if items else None
 
 
-# column -> (DICOM keyword, coercion); order matters only for readability.
+# column -> (DICOM keyword, coercion); order matters only for readability. These tables are data,
+# so their lines look alike.
 _Conv = Callable[[Any], Any]
 
 _STUDY_ATTRS: dict[str, tuple[str, _Conv]] = {

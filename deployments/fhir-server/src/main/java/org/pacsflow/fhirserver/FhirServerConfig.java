@@ -99,6 +99,7 @@ public class FhirServerConfig {
                 HapiEntityManagerFactoryUtil.newEntityManagerFactory(beanFactory, fhirContext, storageSettings);
         emf.setPersistenceUnitName("HAPI_PU");
         emf.setDataSource(dataSource);
+        // Hibernate settings, one per line: the lines look alike because they are data.
         Properties p = new Properties();
         p.put("hibernate.dialect", HapiFhirH2Dialect.class.getName());
         p.put("hibernate.hbm2ddl.auto", "update");
