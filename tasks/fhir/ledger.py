@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from pacsflow.tasks.core.clock import utc_timestamp
 from pacsflow.tasks.core.sqlite import open_sqlite, sqlite_tx
@@ -55,11 +55,6 @@ class FhirSyncLedger:
     def under(cls, state_root: Path) -> FhirSyncLedger:
         """The ledger of the deployment whose state root is ``state_root``."""
         return cls(Path(state_root) / LEDGER_NAME)
-
-    @classmethod
-    def for_settings(cls, settings: Any) -> FhirSyncLedger:
-        """``under(settings.state_root)``, for callers that hold the whole Settings (the nightly flow)."""
-        return cls.under(settings.state_root)
 
     def _tx(self):
         return sqlite_tx(self.path)

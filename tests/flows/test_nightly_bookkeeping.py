@@ -230,6 +230,6 @@ def test_the_fhir_step_is_given_the_catalog_study_uids(site, monkeypatch, wrong_
     assert (result["cataloged"], result["fhir_sent"], result["fhir_failed"]) == (2, 0, 2)
     catalog_uids = {r["study_uid"] for r in query(site.catalog, "SELECT study_uid FROM studies").to_pylist()}
     assert catalog_uids == {s.study_uid for s in studies}
-    owed = FhirSyncLedger.for_settings(load_settings()).entries()
+    owed = FhirSyncLedger.under(load_settings().state_root).entries()
     assert set(owed) == catalog_uids
     assert all(e.status == "failed" and "not in the catalog" not in (e.reason or "") for e in owed.values())
