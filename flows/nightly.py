@@ -43,6 +43,7 @@ from pacsflow.tasks.pacs.steps import PACS_LIMIT, discover_studies, retrieve_stu
 from pacsflow.tasks.settings import RetrieveMethod, Settings
 
 log = logging.getLogger(__name__)
+STALE_RUN_DAYS = 1
 Logger = logging.Logger | logging.LoggerAdapter
 
 
@@ -176,6 +177,8 @@ def commit(settings: Settings, run: NightlyRun, book: RunBook) -> None:
 
 def tidy(settings: Settings, run: NightlyRun, book: RunBook) -> None:
     shutil.rmtree(run.work_dir, ignore_errors=True)
+    # Row folders of runs that were killed before their own tidy (a run lasts hours, not days).
+    purge_older_than(run.work_dir.parent, STALE_RUN_DAYS)
     # PHI zones do not keep originals longer than the retention settings say.
     purge_older_than(settings.staging_dir, settings.deid.staging_retention_days)
     purge_older_than(settings.quarantine_dir, settings.deid.quarantine_retention_days)

@@ -194,7 +194,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _zones_apart(self) -> "Settings":
-        """The PHI zone (staging, quarantine, ledger) must never sit inside the lake or the catalog."""
+        """The PHI zone (staging, quarantine, ledger) and the crosswalk must never sit inside the lake or
+        the catalog: whatever is there is shared with analysts."""
         state = self.state_root.resolve()
         lake_roots = [self.catalog_root.resolve()]
         if "://" not in self.storage_root or self.storage_root.startswith("file://"):
@@ -202,6 +203,9 @@ class Settings(BaseSettings):
         for root in lake_roots:
             if state == root or root in state.parents or state in root.parents:
                 raise ValueError("state_root must be outside storage_root and catalog_root (it holds PHI)")
+            crosswalk = self.deid.crosswalk_path
+            if crosswalk is not None and (root == crosswalk.resolve() or root in crosswalk.resolve().parents):
+                raise ValueError("deid.crosswalk_path must be outside storage_root and catalog_root (it holds PHI)")
         return self
 
     @field_validator("calling_ae")

@@ -28,8 +28,10 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object], *, priv
     file in the same folder and a rename. ``private``: owner-only (0600) file in a 0700 folder.
     The temp file is removed on every failure path."""
     path = Path(path)
-    if mkdir:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE if private else 0o777)
+    if mkdir and private:
+        _make_private_dirs(path.parent)
+    elif mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
     mode = PRIVATE_FILE_MODE if private else 0o666
     try:
@@ -55,9 +57,19 @@ def write_private_file(path: Path, text: str) -> None:
 
 def ensure_private_dir(path: Path) -> Path:
     """A folder of the PHI zone: created if needed, owner-only (0700) whatever the umask."""
-    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    _make_private_dirs(path)
     os.chmod(path, PRIVATE_DIR_MODE)
     return path
+
+
+def _make_private_dirs(path: Path) -> None:
+    # mkdir(parents=True) gives only the last folder the mode: every folder we create must be owner-only.
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
 
 
 def is_inside(child: Path, parent: Path) -> bool:

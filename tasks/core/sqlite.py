@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from pacsflow.tasks.core.files import PRIVATE_FILE_MODE, ensure_private_dir
 
 
 def open_sqlite(path: Path, schema: str) -> None:
@@ -15,7 +18,10 @@ def open_sqlite(path: Path, schema: str) -> None:
     Several runs or threads may open a new database at once: switching to WAL does not wait
     for the busy timeout, so it is retried; the schema is created under a write lock, which does.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_private_dir(path.parent)
+    # Owner-only before SQLite first opens it: its -wal and -shm files take the database's mode.
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE))
+    os.chmod(path, PRIVATE_FILE_MODE)
     for attempt in range(100):
         try:
             with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as con:
