@@ -26,8 +26,8 @@ from prefect.futures import PrefectFuture, as_completed
 from pacsflow.flows.concurrency import ensure_concurrency_limit
 from pacsflow.flows.secrets import load_run_settings
 from pacsflow.tasks.core.clock import new_run_id, parse_dicom_date
-from pacsflow.tasks.core.errors import error_text
-from pacsflow.tasks.core.files import ensure_private_dir, purge_older_than, remove_tree
+from pacsflow.tasks.core.errors import InsufficientSpace, error_text
+from pacsflow.tasks.core.files import ensure_private_dir, low_space, purge_older_than, remove_tree
 from pacsflow.tasks.deid.crosswalk import update_crosswalk
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.deid.manifest import build_manifest, manifest_markdown, object_id
@@ -80,6 +80,7 @@ def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.d
     bookkeeping → FHIR → artifacts."""
     logger = logger or log
     started = time.monotonic()
+    check_free_space(settings)
     run = open_run(settings)
     window = plan_window(
         watermark=run.ledger.watermark,
@@ -107,6 +108,16 @@ def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.d
     logger.info("run %s done: %d found, %d cataloged (%d instances), %d failed in %.1fs", run.run_id, summary.found,
                 summary.cataloged, summary.instances, summary.failed, summary.seconds)
     return summary.as_dict()
+
+
+def check_free_space(settings: Settings) -> None:
+    """Refuse to start when a local zone is nearly full: a run would fail half-way through."""
+    zones = {"catalog_root": settings.catalog_root, "state_root": settings.state_root}
+    if settings.local_storage_root is not None:
+        zones["storage_root"] = settings.local_storage_root
+    problems = low_space(zones, settings.min_free_mb)
+    if problems:
+        raise InsufficientSpace(f"less than min_free_mb={settings.min_free_mb} MiB free: " + "; ".join(problems))
 
 
 def open_run(settings: Settings) -> NightlyRun:

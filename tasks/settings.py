@@ -185,6 +185,9 @@ class Settings(BaseSettings):
         5, ge=1, description="runs that may fail a study transiently before it is quarantined as permanent"
     )
     commit_batch: int = Field(200, ge=1, description="studies per catalog commit")
+    min_free_mb: int = Field(
+        500, ge=0, description="a run does not start when the lake, catalog or state zone has less free space (MiB)"
+    )
     deid_workers: int = Field(
         default_factory=lambda: min(4, os.cpu_count() or 1),
         ge=0,
@@ -198,8 +201,8 @@ class Settings(BaseSettings):
         the catalog: whatever is there is shared with analysts."""
         state = self.state_root.resolve()
         lake_roots = [self.catalog_root.resolve()]
-        if "://" not in self.storage_root or self.storage_root.startswith("file://"):
-            lake_roots.append(Path(self.storage_root.removeprefix("file://")).resolve())
+        if self.local_storage_root is not None:
+            lake_roots.append(self.local_storage_root.resolve())
         for root in lake_roots:
             if state == root or root in state.parents or state in root.parents:
                 raise ValueError("state_root must be outside storage_root and catalog_root (it holds PHI)")
@@ -236,6 +239,13 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     # -- derived locations (one property each; the same shape as the catalog store's) ---------
+    @property
+    def local_storage_root(self) -> Path | None:
+        """The lake's folder when it is on a local file system; None for object stores."""
+        if "://" not in self.storage_root or self.storage_root.startswith("file://"):
+            return Path(self.storage_root.removeprefix("file://"))
+        return None
+
     @property
     def staging_dir(self) -> Path:
         return self.state_root / "staging"

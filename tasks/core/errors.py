@@ -60,6 +60,18 @@ class BadDicom(PermanentError):
     reason = "bad-dicom"
 
 
+class LakeWriteError(TransientError):
+    """The lake refused a write (full disk, lost mount, no permission): the study is retried later."""
+
+    reason = "lake-write"
+
+
+class InsufficientSpace(TransientError):
+    """A zone has less free space than ``min_free_mb`` at the start of a run: the run does not begin."""
+
+    reason = "insufficient-space"
+
+
 class DeidentificationError(PermanentError):
     reason = "deid"
 

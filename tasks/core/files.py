@@ -72,6 +72,27 @@ def _make_private_dirs(path: Path) -> None:
         folder.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
 
 
+def describe_os_error(exc: OSError) -> str:
+    """``No space left on device`` rather than a traceback; the errno name when there is no text."""
+    if exc.errno is not None:
+        return os.strerror(exc.errno)
+    return type(exc).__name__
+
+
+def free_megabytes(path: Path) -> float:
+    """Free space (MiB) of the file system that holds ``path`` (or its nearest existing parent)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free / 2**20
+
+
+def low_space(zones: dict[str, Path], floor_mb: float) -> list[str]:
+    """``setting: path has N MiB free`` for each zone (by setting name) below ``floor_mb``."""
+    free = {name: free_megabytes(path) for name, path in zones.items()}
+    return [f"{name}: {zones[name]} has {mb:.0f} MiB free" for name, mb in free.items() if mb < floor_mb]
+
+
 def is_inside(child: Path, parent: Path) -> bool:
     """Whether ``child`` is ``parent`` or lies below it (after resolving links)."""
     try:

@@ -8,7 +8,8 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pacsflow.tasks.core.files import write_atomic
+from pacsflow.tasks.core.errors import LakeWriteError
+from pacsflow.tasks.core.files import describe_os_error, write_atomic
 
 
 class LakeStorage:
@@ -34,11 +35,16 @@ class LakeStorage:
 
     def put(self, rel: str, data: bytes) -> str:
         full = self.path(rel)
-        if self.local:
-            write_atomic(Path(full), data)
-        else:
-            # Object stores replace an object whole on put: already atomic.
-            self.fs.pipe_file(full, data)
+        try:
+            if self.local:
+                write_atomic(Path(full), data)  # removes its temp file on failure: nothing half-written
+            else:
+                # Object stores replace an object whole on put: already atomic.
+                self.fs.pipe_file(full, data)
+        except OSError as exc:
+            # The root, not the object's path: the operator needs the place and the setting, one line.
+            raise LakeWriteError(f"storage_root: cannot write under {self.fs.unstrip_protocol(self.root)} "
+                                 f"({describe_os_error(exc)})") from None
         return self.url(rel)
 
     def exists(self, rel: str) -> bool:
