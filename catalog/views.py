@@ -7,15 +7,14 @@ without opening them, filtering on ``study_date``/``study_uid`` skips row groups
 Two ways to get them, chosen for their consistency/staleness trade-off:
 
 * :func:`connect` / :func:`query` (Python): TEMP views pinned to the snapshot that was current when
-  the connection was made (or last :func:`refresh`-ed). :func:`query` (and ``pacsflow catalog query``)
-  is the read-only path for SQL from people: see its docstring for what it refuses. Every query on the connection sees one
-  consistent snapshot, even while commits land; the connection does not see later commits until
-  ``refresh(con, root)``, and must be refreshed within the vacuum grace period (the store deletes
-  superseded snapshots after it). The file lists live in DuckDB variables, so refreshing is
+  the connection was made (or last :func:`refresh`-ed). :func:`query` (``pacsflow catalog query``) is
+  the read-only path for SQL from people: see its docstring for what it refuses. Every query on the
+  connection sees one consistent snapshot, even while commits land; the connection does not see
+  later commits until ``refresh(con, root)``, and must be refreshed within the vacuum grace period
+  (the store deletes superseded snapshots after it). The file lists live in DuckDB variables, so refreshing is
   cheap and the views never need rebinding by hand.
 * :func:`write_views_database` (one ``.duckdb`` file for trusted analysts, not a sandbox: see its
-  docstring): persistent views over
-  ``<root>/current/<table>/*/*.parquet``. ``current`` is the symlink the store swaps atomically on
+  docstring): persistent views over ``<root>/current/<table>/*/*.parquet``. ``current`` is the symlink the store swaps atomically on
   commit, so these views are *live*: each query lists the files of the newest snapshot; the file
   never needs rewriting after commits. Trade-off: a query that starts within milliseconds of a
   commit may combine files of two consecutive snapshots (each file is complete; a study that just
@@ -178,10 +177,8 @@ def query(root: Path | str, sql: str, params: Sequence[Any] | dict[str, Any] | N
         statement = _single_select(con, sql)
         try:
             return con.sql(statement, params=params).to_arrow_table()
-        except duckdb.PermissionException as exc:
-            raise QueryRefused(f"{_first_line(exc)}; {_ALLOWED}") from None
-        except duckdb.InvalidInputException as exc:
-            if "configuration has been locked" not in str(exc):
+        except (duckdb.PermissionException, duckdb.InvalidInputException) as exc:
+            if isinstance(exc, duckdb.InvalidInputException) and "configuration has been locked" not in str(exc):
                 raise
             raise QueryRefused(f"{_first_line(exc)}; {_ALLOWED}") from None
     finally:
