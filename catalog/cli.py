@@ -7,10 +7,11 @@ DuckDB and the store are imported when a command runs, so ``pacsflow --help`` st
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -31,19 +32,27 @@ def rich_table(table: "pa.Table") -> Table:
 
 
 def print_query(catalog_root: Path, sql: str, params: list[str] | None = None) -> None:
-    """Run ``sql`` over the views ``studies``, ``series``, ``instances`` and print the rows.
+    """Run ``sql`` (one SELECT) over the views ``studies``, ``series``, ``instances``; print the rows.
 
-    A query DuckDB rejects ends the command with exit status 2 and DuckDB's message."""
+    SQL that would do more than read the catalog ends the command with exit status 2 and a
+    one-line reason; SQL that DuckDB rejects, with exit status 2 and DuckDB's message."""
     import duckdb
 
-    from pacsflow.catalog.views import query
+    from pacsflow.catalog.views import QueryRefused, query
 
     try:
         table = query(catalog_root, sql, params)
+    except QueryRefused as exc:
+        _fail("query refused", exc)
     except duckdb.Error as exc:
-        console.print(f"[red]query failed:[/red] {exc}")
-        raise typer.Exit(2) from None
+        _fail("query failed", exc)
     out.print(rich_table(table))
+
+
+def _fail(what: str, exc: Exception) -> NoReturn:
+    # escaped: DuckDB messages quote the SQL, whose brackets rich would take for markup
+    console.print(f"[red]{what}:[/red] {escape(str(exc).strip())}", soft_wrap=True)
+    raise typer.Exit(2)
 
 
 def build_app(catalog_root: Callable[[], Path]) -> typer.Typer:
@@ -52,12 +61,15 @@ def build_app(catalog_root: Callable[[], Path]) -> typer.Typer:
 
     @app.command("query")
     def catalog_query(
-        sql: Annotated[str, typer.Argument(help="SQL over the views studies, series, instances")],
+        sql: Annotated[str, typer.Argument(help="one SELECT over the views studies, series, instances")],
         param: Annotated[
             Optional[list[str]], typer.Option("--param", "-p", help="bound parameter ($1, $2, …)")
         ] = None,
     ) -> None:
-        """Run SQL over the catalog with DuckDB and print the result."""
+        """Run one SELECT over the catalog with DuckDB and print the result.
+
+        Read-only: DuckDB may read the current snapshot's Parquet files and nothing else; COPY,
+        ATTACH, INSTALL/LOAD, SET, writes and file functions on other paths are refused (exit 2)."""
         print_query(catalog_root(), sql, list(param) if param else None)
 
     @app.command("views")
@@ -65,7 +77,11 @@ def build_app(catalog_root: Callable[[], Path]) -> typer.Typer:
         db_path: Annotated[Path, typer.Argument(help="DuckDB database file to write")]
         = Path("var/lake/catalog.duckdb"),
     ) -> None:
-        """Write a DuckDB database file with live views over the catalog, for the duckdb CLI or BI tools."""
+        """Write a DuckDB database file with live views over the catalog, for the duckdb CLI or BI tools.
+
+        For trusted analysts, not a sandbox: whoever opens the file keeps their own DuckDB's full
+        access (COPY, ATTACH, reading any file they can). The views name only paths inside the
+        catalog. For read-only SQL use `pacsflow catalog query`."""
         from pacsflow.catalog.views import write_views_database
 
         path = write_views_database(catalog_root(), db_path)

@@ -7,13 +7,14 @@ without opening them, filtering on ``study_date``/``study_uid`` skips row groups
 Two ways to get them, chosen for their consistency/staleness trade-off:
 
 * :func:`connect` / :func:`query` (Python): TEMP views pinned to the snapshot that was current when
-  the connection was made (or last :func:`refresh`-ed). Every query on the connection sees one
-  consistent snapshot, even while commits land; the connection does not see later commits until
-  ``refresh(con, root)``, and must be refreshed within the vacuum grace period (the store deletes
-  superseded snapshots after it). The file lists live in DuckDB variables, so refreshing is
+  the connection was made (or last :func:`refresh`-ed). :func:`query` (``pacsflow catalog query``) is
+  the read-only path for SQL from people: see its docstring for what it refuses. Every query on the
+  connection sees one consistent snapshot, even while commits land; the connection does not see
+  later commits until ``refresh(con, root)``, and must be refreshed within the vacuum grace period
+  (the store deletes superseded snapshots after it). The file lists live in DuckDB variables, so refreshing is
   cheap and the views never need rebinding by hand.
-* :func:`write_views_database` (one ``.duckdb`` file for analysts): persistent views over
-  ``<root>/current/<table>/*/*.parquet``. ``current`` is the symlink the store swaps atomically on
+* :func:`write_views_database` (one ``.duckdb`` file for trusted analysts, not a sandbox: see its
+  docstring): persistent views over ``<root>/current/<table>/*/*.parquet``. ``current`` is the symlink the store swaps atomically on
   commit, so these views are *live*: each query lists the files of the newest snapshot; the file
   never needs rewriting after commits. Trade-off: a query that starts within milliseconds of a
   commit may combine files of two consecutive snapshots (each file is complete; a study that just
@@ -31,8 +32,9 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from pacsflow.catalog.errors import CatalogError
 from pacsflow.catalog.schema import SCHEMAS
-from pacsflow.catalog.store import PARTITION_COLUMN, TABLES, CatalogStore
+from pacsflow.catalog.store import PARTITION_COLUMN, TABLES, CatalogStore, Snapshot
 
 VIEW_NAMES: tuple[str, ...] = TABLES
 
@@ -79,7 +81,10 @@ def _empty_with_partition(table: str) -> pa.Table:
 
 def refresh(con: duckdb.DuckDBPyConnection, root: Path | str) -> int:
     """Point ``con``'s TEMP views at the catalog's current snapshot; returns its version."""
-    snap = CatalogStore(root).snapshot()
+    return _bind(con, CatalogStore(root).snapshot())
+
+
+def _bind(con: duckdb.DuckDBPyConnection, snap: Snapshot) -> int:
     for name in VIEW_NAMES:
         files = snap.paths(name)
         if files:
@@ -112,13 +117,76 @@ def connect(
     return con
 
 
+class QueryRefused(CatalogError, ValueError):
+    """SQL given to :func:`query` that would do more than read the catalog; the message is one line."""
+
+    reason = "catalog-query-refused"
+
+
+# Settings that confine a connection to the files it was given. Order matters: the access limits
+# first, the lock last (after it, no SET or RESET from the SQL can loosen them).
+_CONFINE = (
+    "SET allowed_directories = []",
+    "SET enable_external_access = false",
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET python_enable_replacements = false",
+    "SET lock_configuration = true",
+)
+_ALLOWED = (
+    "queries may read only the current snapshot's Parquet files "
+    "(enable_external_access=false, allowed_paths=those files, lock_configuration=true)"
+)
+
+
+def _confine(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:
+    """Leave ``con`` able to read ``files`` and nothing else on disk or the network."""
+    con.execute("SET allowed_paths = ?", [files])
+    for stmt in _CONFINE:
+        con.execute(stmt)
+
+
+def _single_select(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement:
+    """The one SELECT in ``sql``. allowed_paths lets DuckDB *write* the files it may read (COPY
+    over a live catalog file would succeed), so statements other than SELECT never run."""
+    statements = con.extract_statements(sql)
+    kinds = [st.type.name for st in statements]
+    if kinds != ["SELECT"]:
+        got = ", ".join(kinds) or "no statement"
+        raise QueryRefused(
+            f"only one SELECT statement may run (got {got}); "
+            "SELECT, WITH, VALUES, DESCRIBE, SUMMARIZE and SHOW read the catalog, nothing else runs here"
+        )
+    return statements[0]
+
+
 def query(root: Path | str, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
-    """Run one parameterized query over the current snapshot; ``?`` / ``$name`` placeholders."""
-    con = connect(root)
+    """Run one parameterized SELECT over the current snapshot; ``?`` / ``$name`` placeholders.
+
+    Read-only and confined, for SQL typed by people: exactly one SELECT (WITH, DESCRIBE, SUMMARIZE,
+    SHOW, VALUES are SELECTs too) on an in-memory connection that may read the snapshot's Parquet
+    files and nothing else. COPY, ATTACH, INSTALL/LOAD, EXPORT, SET/RESET, DDL and DML, file
+    functions on other paths (``read_text``, ``read_csv``, ``glob``, URLs) and setting-changing
+    table functions raise :class:`QueryRefused`; other DuckDB errors propagate as ``duckdb.Error``.
+    """
+    snap = CatalogStore(root).snapshot()
+    con = duckdb.connect(":memory:")
     try:
-        return con.sql(sql, params=params).to_arrow_table()
+        _bind(con, snap)
+        _confine(con, [path for name in VIEW_NAMES for path in snap.paths(name)])
+        statement = _single_select(con, sql)
+        try:
+            return con.sql(statement, params=params).to_arrow_table()
+        except (duckdb.PermissionException, duckdb.InvalidInputException) as exc:
+            if isinstance(exc, duckdb.InvalidInputException) and "configuration has been locked" not in str(exc):
+                raise
+            raise QueryRefused(f"{_first_line(exc)}; {_ALLOWED}") from None
     finally:
         con.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _sql_string(value: str) -> str:
@@ -134,6 +202,13 @@ def write_views_database(root: Path | str, db_path: Path | str) -> Path:
     The views are live (see the module docstring): no refresh is needed after commits. Publishes
     an empty first snapshot if nothing was committed yet, so the views bind. The paths inside the
     views are absolute: write the file again if the catalog root moves.
+
+    A convenience for trusted analysts, not a sandbox: DuckDB settings live in the process that
+    opens a file, not in the file, so whoever opens it (duckdb CLI, a BI tool) keeps all the access
+    their own OS user has (COPY, ATTACH, read_text on any path they can read). The file holds view
+    definitions only, no data, and every path in them lies under the catalog root
+    (``<root>/current/...``). SQL from people who may only read the catalog goes through
+    :func:`query` (``pacsflow catalog query``) instead.
     """
     root = Path(root).resolve()
     if any(c in str(root) for c in "*?[]{}"):

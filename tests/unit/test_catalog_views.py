@@ -6,6 +6,7 @@ import copy
 import datetime as dt
 import functools
 import hashlib
+import re
 from pathlib import Path
 
 import duckdb
@@ -208,3 +209,36 @@ def test_views_database_is_live_across_commits(root, tmp_path):
 def test_views_database_refuses_glob_characters(tmp_path):
     with pytest.raises(ValueError):
         views.write_views_database(tmp_path / "cat[1]", tmp_path / "x.duckdb")
+
+
+def test_views_database_names_only_paths_inside_the_catalog(filled, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    db = views.write_views_database(filled, tmp_path / "elsewhere" / "catalog.duckdb")
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        definitions = [r[0] for r in con.execute("SELECT sql FROM duckdb_views() WHERE NOT internal").fetchall()]
+    finally:
+        con.close()
+    literals = [lit for sql in definitions for lit in re.findall(r"'([^']*)'", sql) if "/" in lit]
+    assert len(definitions) == 4 and len(literals) == 4
+    inside = str(filled.resolve()) + "/current/"
+    assert all(lit.startswith(inside) and ".." not in lit for lit in literals), literals
+
+
+def test_query_reads_the_snapshot_and_refuses_the_rest(filled, tmp_path):
+    files = CatalogStore(filled).files("instances")
+    before = [Path(f).read_bytes() for f in files]
+    with pytest.raises(views.QueryRefused, match="got COPY"):
+        views.query(filled, f"COPY (SELECT 1 AS x) TO '{files[0]}' (FORMAT parquet, USE_TMP_FILE false)")
+    assert [Path(f).read_bytes() for f in files] == before
+    outside = tmp_path / "notes.txt"
+    outside.write_text("not catalog")
+    with pytest.raises(views.QueryRefused, match="enable_external_access=false"):
+        views.query(filled, "SELECT * FROM read_text(?)", [str(outside)])
+    with pytest.raises(views.QueryRefused, match="got SELECT, SELECT"):
+        views.query(filled, "SELECT 1; SELECT 2")
+    with pytest.raises(duckdb.Error):  # not a refusal: an ordinary mistake keeps DuckDB's error
+        views.query(filled, "SELECT no_such_column FROM studies")
+    blobs = views.query(filled, "SELECT count(*) AS n FROM read_blob(?)", [files[0]]).to_pylist()
+    assert blobs == [{"n": 1}]  # the catalog's own files stay readable, by any reader
+    assert views.query(filled, "SELECT count(*) AS n FROM instances").to_pylist() == [{"n": 10}]
