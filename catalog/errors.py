@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 class CatalogError(Exception):
-    """The catalog refused a commit; messages name tables, columns and counts, never values."""
+    """The catalog refused an operation; messages name tables, columns and counts, never values."""
 
     reason = "catalog"
 
