@@ -75,9 +75,9 @@ def nightly_ingest(since: dt.date | None = None, until: dt.date | None = None) -
 
 
 def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.date | None = None,
-                logger: Logger | None = None) -> dict:
+                logger: Logger | None = None, artifacts: str = "nightly") -> dict:
     """One run, step by step: settings → discover → worklist → retrieve + de-identify → commit →
-    bookkeeping → FHIR → artifacts."""
+    bookkeeping → FHIR → artifacts (keys start with ``artifacts``: the sweep's are its own)."""
     logger = logger or log
     started = time.monotonic()
     check_free_space(settings)
@@ -104,7 +104,7 @@ def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.d
     if settings.fhir.base_url:
         sync_fhir(settings, book.catalog_uids, book.summary, logger)
     summary = book.finish(time.monotonic() - started)
-    publish(summary, build_manifest(run.deid, book.deid_report, book.quarantined, book.written))
+    publish(summary, build_manifest(run.deid, book.deid_report, book.quarantined, book.written), artifacts)
     logger.info("run %s done: %d found, %d cataloged (%d instances), %d failed in %.1fs", run.run_id, summary.found,
                 summary.cataloged, summary.instances, summary.failed, summary.seconds)
     return summary.as_dict()
@@ -135,7 +135,9 @@ def open_run(settings: Settings) -> NightlyRun:
 def discover_work(settings: Settings, run: NightlyRun, window: Window, book: RunBook, logger: Logger) -> list[WorkItem]:
     """C-FIND the window (and earlier transient failures by UID); keep what is new, grew or is retried."""
     retry_uids = [e.study_uid for e in run.ledger.failed() if not e.permanent]
-    found, _warnings = discover_studies(PacsPeer.from_settings(settings), window, retry_uids)
+    discovery = discover_studies(PacsPeer.from_settings(settings), window, retry_uids)
+    found = discovery.found
+    book.summary.pacs_queries = discovery.queries
     items = worklist(found, run.ledger.entries(), run.deid.study_ref)
     book.planned(len(found), items)
     logger.info("run %s: window %s, %d studies found, %d to process", run.run_id, book.summary.window, len(found),
@@ -216,25 +218,25 @@ def sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummary
     publish_report(report, key="nightly-fhir-sync", title="Nightly FHIR sync")
 
 
-def publish(summary: RunSummary, deid_manifest: dict) -> None:
+def publish(summary: RunSummary, deid_manifest: dict, prefix: str = "nightly") -> None:
     """Artifacts for the Prefect UI: pseudonymous UIDs and counts only."""
     try:
         create_markdown_artifact(
-            manifest_markdown(deid_manifest), key="nightly-deid-manifest",
+            manifest_markdown(deid_manifest), key=f"{prefix}-deid-manifest",
             description="De-identification manifest: edition, recipe, options, actions, quarantine",
         )
         d = summary.as_dict()
         md = [
-            f"# Nightly ingest {summary.run_id}",
+            f"# Ingest ({prefix}) {summary.run_id}",
             "",
             "| measure | value |",
             "|---|---|",
             *[f"| {k} | {v} |" for k, v in d.items() if k != "run_id"],
         ]
-        create_markdown_artifact("\n".join(md), key="nightly-ingest-summary", description="Nightly ingest counts")
+        create_markdown_artifact("\n".join(md), key=f"{prefix}-ingest-summary", description="Ingest counts")
         if summary.studies:
             create_table_artifact(
-                [s.__dict__ for s in summary.studies], key="nightly-ingest-studies",
+                [s.__dict__ for s in summary.studies], key=f"{prefix}-ingest-studies",
                 description="Per-study outcomes (pseudonymous UIDs)",
             )
     except RuntimeError:

@@ -185,6 +185,9 @@ class Settings(BaseSettings):
         5, ge=1, description="runs that may fail a study transiently before it is quarantined as permanent"
     )
     commit_batch: int = Field(200, ge=1, description="studies per catalog commit")
+    sweep_lookback_days: int = Field(
+        30, ge=1, le=3650, description="the reconciliation sweep C-FINDs this many days back (one C-FIND per day)"
+    )
     min_free_mb: int = Field(
         500, ge=0, description="a run does not start when the lake, catalog or state zone has less free space (MiB)"
     )

@@ -42,6 +42,7 @@ class RunSummary:
     window: str
     # studies: at the PACS, to process, on disk
     found: int = 0
+    pacs_queries: int = 0  # C-FIND requests of discovery (its cost at the PACS)
     queued: int = 0
     retrieved: int = 0
     # studies: through de-identification, into the catalog, failed (or wholly quarantined)

@@ -115,6 +115,16 @@ def discover(
 
 
 @dataclass(frozen=True)
+class Discovery:
+    """What the PACS reported for a window: the studies, warnings for slices that stayed capped,
+    and what it cost (C-FIND requests, cap splitting included)."""
+
+    found: list[StudyInfo]
+    warnings: list[str]
+    queries: int
+
+
+@dataclass(frozen=True)
 class WorkItem:
     """One study to retrieve. ``study_uid`` is the original (PHI zone); ``pseudo_uid`` names
     it everywhere else (run names, logs, artifacts, paths)."""

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from pacsflow.tasks.core.errors import retry_if_transient
 from pacsflow.tasks.pacs.client import PacsClient
 from pacsflow.tasks.pacs.models import PacsPeer, Retrieved, RetrieveRoute, StudyInfo, check_complete
-from pacsflow.tasks.pacs.planning import Window, WorkItem, discover
+from pacsflow.tasks.pacs.planning import Discovery, Window, WorkItem, discover
 from pacsflow.tasks.pacs.receiver import StagingWriter, count_staged
 from pacsflow.tasks.settings import RetrieveMethod
 
@@ -25,27 +25,36 @@ PACS_LIMIT = "pacs-associations"
 
 @task(name="discover-studies", persist_result=False, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_if_transient)
-def discover_studies(peer: PacsPeer, window: Window, retry_uids: list[str]) -> tuple[list[StudyInfo], list[str]]:
+def discover_studies(peer: PacsPeer, window: Window, retry_uids: list[str]) -> Discovery:
     """Study-level C-FIND over the window, day by day; plus a by-UID look-up of earlier
     failures that lie outside the window."""
     logger = get_run_logger()
     client = PacsClient(peer)
+    queries = 0
+
+    def find(date_range: str, time_range: str | None) -> list[StudyInfo]:
+        nonlocal queries
+        queries += 1
+        return client.find_studies(date_range, time_range)
+
     with client.query_session():
-        found, warnings = discover(client.find_studies, window, peer.pacs.result_cap)
+        found, warnings = discover(find, window, peer.pacs.result_cap)
         known = {s.study_uid for s in found}
         for uid in retry_uids:
             if uid in known:
                 continue
+            queries += 1
             found.extend(client.find_study(uid))
         for i, s in enumerate(found):
             if s.n_instances is None:
+                queries += 1  # one series-level C-FIND
                 found[i] = StudyInfo(s.study_uid, s.study_date, client.count_instances(s.study_uid), s.n_series,
                                      s.modalities)
-    logger.info("discovered %d studies in %s..%s (%d days)", len(found), window.start, window.end,
-                len(window.days()))
+    logger.info("discovered %d studies in %s..%s (%d days, %d C-FIND requests)", len(found), window.start,
+                window.end, len(window.days()), queries)
     for w in warnings:
         logger.warning(w)
-    return found, warnings
+    return Discovery(found, warnings, queries)
 
 
 @task(name="retrieve-study", task_run_name="retrieve-{item.pseudo_uid}", persist_result=False,
