@@ -120,6 +120,11 @@ class FhirSettings(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     credentials_block: str | None = None
+    ca_bundle: Path | None = Field(
+        None, description="PEM file of the CAs that sign the server's TLS certificate (default: the system's)"
+    )
+    client_cert: Path | None = Field(None, description="PEM client certificate, for servers that require one")
+    client_key: Path | None = Field(None, description="PEM private key of client_cert (when not in the same file)")
     timeout_s: float = Field(30.0, gt=0)
     batch_size: int = Field(50, ge=1, le=1000, description="studies per transaction Bundle")
     pseudonym_system: str = "urn:pacsflow:pseudonym"

@@ -23,6 +23,7 @@ import email.utils
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
@@ -81,6 +82,42 @@ def auth_from_settings(fhir: Any) -> httpx.Auth | None:
         raise FhirConfigurationError("fhir.credentials_block: the Secret block was not loaded; load settings "
                                      "with pacsflow.flows.secrets.load_run_settings()")
     return None
+
+
+def tls_from_settings(fhir: Any) -> ssl.SSLContext | bool:
+    """The TLS context for ``fhir.ca_bundle`` / ``fhir.client_cert`` / ``fhir.client_key``; True (the
+    system's CAs, no client certificate) when none is set. A file that cannot be used is a
+    configuration error naming the setting."""
+    if fhir.ca_bundle is None and fhir.client_cert is None:
+        return True
+    try:
+        context = ssl.create_default_context(cafile=str(fhir.ca_bundle) if fhir.ca_bundle else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise FhirConfigurationError(f"fhir.ca_bundle: cannot load {fhir.ca_bundle} ({_tls_reason(exc)})") from None
+    if fhir.client_cert is not None:
+        try:
+            context.load_cert_chain(str(fhir.client_cert), str(fhir.client_key) if fhir.client_key else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise FhirConfigurationError(
+                f"fhir.client_cert / fhir.client_key: cannot load them ({_tls_reason(exc)})") from None
+    return context
+
+
+def _raise_for_tls(exc: httpx.TransportError, what: str) -> None:
+    """A TLS failure is configuration (trust, client certificate), not an outage: no retry."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        raise FhirConfigurationError(f"FHIR {what}: the server's TLS certificate is not trusted "
+                                     f"({cause.verify_message}); set fhir.ca_bundle") from None
+    if cause is not None:
+        raise FhirConfigurationError(f"FHIR {what}: TLS handshake failed ({_tls_reason(cause)}); check "
+                                     "fhir.client_cert / fhir.client_key and the server's TLS settings") from None
+
+
+def _tls_reason(exc: BaseException) -> str:
+    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__)
 
 
 _IDENT_VALUE = re.compile(r"(identifier=[^|\s\"'&,]*\|)[^\s\"'&,]+")
@@ -144,6 +181,7 @@ class FhirClient:
         backoff_s: float = 1.0,
         max_delay_s: float = 60.0,
         strict_redaction: bool = False,
+        verify: ssl.SSLContext | bool = True,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -161,6 +199,7 @@ class FhirClient:
             headers={"Accept": FHIR_JSON, "Content-Type": FHIR_JSON},
             transport=transport,
             follow_redirects=False,
+            verify=verify,
         )
         #: Requests sent (attempts, including retries), for benchmarks and reports.
         self.requests = 0
@@ -171,7 +210,8 @@ class FhirClient:
         if not fhir.base_url:
             raise FhirConfigurationError("fhir.base_url is not set")
         options: dict[str, Any] = dict(
-            auth=auth_from_settings(fhir), timeout_s=fhir.timeout_s, max_retries=fhir.max_retries,
+            auth=auth_from_settings(fhir), verify=tls_from_settings(fhir), timeout_s=fhir.timeout_s,
+            max_retries=fhir.max_retries,
             backoff_s=fhir.retry_backoff_s, max_delay_s=fhir.retry_max_delay_s,
             strict_redaction=fhir.identified_sync,
         )
@@ -207,6 +247,7 @@ class FhirClient:
             try:
                 resp = self._http.request(method, url, **kwargs)
             except httpx.TransportError as exc:
+                _raise_for_tls(exc, what)
                 problem, conflict = f"{type(exc).__name__} (no answer from {self._origin[1]})", False
             else:
                 elapsed = time.monotonic() - started

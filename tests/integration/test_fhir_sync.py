@@ -13,6 +13,7 @@ import datetime as dt
 import http.server
 import logging
 import shutil
+import ssl
 import threading
 import time
 import uuid
@@ -130,9 +131,10 @@ class FaultProxy:
     """Forwards to the real server; can answer 503 with Retry-After a number of times first, and records
     the Authorization header it saw. ``stop()`` closes the port (connection refused)."""
 
-    def __init__(self, target_base_url: str, port: int) -> None:
+    def __init__(self, target_base_url: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.target = target_base_url.split("/fhir")[0]
         self.port = port
+        self.tls = tls  # serve HTTPS with this server-side context
         self.unavailable = 0  # answer this many requests with 503 before forwarding
         self.retry_after = "1"
         self.seen_503 = 0
@@ -143,7 +145,7 @@ class FaultProxy:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/fhir"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/fhir"
 
     def start(self) -> FaultProxy:
         proxy = self
@@ -183,6 +185,8 @@ class FaultProxy:
             do_GET = do_POST = do_PUT = do_DELETE = _handle
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
