@@ -8,6 +8,7 @@ final: both carry the earlier query's message id, and both land while the next q
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from io import BytesIO
@@ -19,7 +20,7 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
-from pacsflow.tasks.pacs.client import PacsClient
+from pacsflow.tasks.pacs.client import FindResponses, PacsClient
 from pacsflow.tasks.settings import load_settings
 from tests.helpers import free_port
 
@@ -40,15 +41,20 @@ def _answer(uid: str, day: str) -> Dataset:
     return ds
 
 
+def _response(msg_id: int, status: int) -> C_FIND:
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = msg_id
+    rsp.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+    rsp.Status = status
+    return rsp
+
+
 def _send_late(event: evt.Event, delay_s: float) -> None:
     """After ``delay_s``: a Pending and a Success answering the request of ``event`` once more."""
     time.sleep(delay_s)
     ts = event.context.transfer_syntax
     for status, ident in ((PENDING, _answer(STRAY_UID, CAPPED_DAY)), (SUCCESS, None)):
-        rsp = C_FIND()
-        rsp.MessageIDBeingRespondedTo = event.request.MessageID
-        rsp.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
-        rsp.Status = status
+        rsp = _response(event.request.MessageID, status)
         if ident is not None:
             rsp.Identifier = BytesIO(encode(ident, ts.is_implicit_VR, ts.is_little_endian))
         event.assoc.dimse.send_msg(rsp, event.context.context_id)
@@ -117,3 +123,20 @@ def test_a_late_response_between_queries_is_dropped(straying_pacs):
         last = client.find_studies(LAST_DAY)
         waited = time.monotonic() - started
     assert _uids(last) == HELD[LAST_DAY] and waited < TIMEOUT_S / 2
+
+
+def test_pynetdicoms_idle_loop_cannot_take_the_answer_of_a_query_in_flight():
+    # pynetdicom's idle loop polls the message queue without blocking; when it wins the race
+    # against a query just sent it used to swallow that query's final response, and the query
+    # waited out the DIMSE timeout. Timing-dependent over a socket, so shown on the queue itself.
+    responses = FindResponses()
+    responses.expect(7)
+    responses.put((1, _response(6, SUCCESS)))  # a late answer to the previous query
+    responses.put((1, _response(7, SUCCESS)))
+    with pytest.raises(queue.Empty):
+        responses.get(block=False)  # what the idle loop does
+    context_id, answer = responses.get(block=True, timeout=1)  # what the waiting query does
+    assert answer.MessageIDBeingRespondedTo == 7 and answer.Status == SUCCESS
+    assert responses.expect(None) == 1  # the late one, dropped and counted
+    responses.put((1, _response(7, PENDING)))  # after the final: nothing more reaches anyone
+    assert responses.empty()
