@@ -128,7 +128,7 @@ def open_run(settings: Settings) -> NightlyRun:
     for folder in (settings.state_root, settings.staging_dir, settings.quarantine_dir):
         ensure_private_dir(folder)
     run_id = new_run_id()
-    staging = StagingWriter(settings.staging_dir, deid.study_ref)
+    staging = StagingWriter(settings.staging_dir, deid.study_ref, settings.receiver.max_object_mb)
     return NightlyRun(run_id, key, deid, Ledger(settings.ledger_path), staging, settings.state_root / "runs" / run_id)
 
 
@@ -150,6 +150,7 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
     global PACS limit, and waiting here costs nothing) and de-identify it as soon as it is complete."""
     for item in items:  # a fresh staging folder: stale files from an older attempt must not count
         remove_tree(run.staging.study_dir(item.study_uid))
+    run.staging.expect(item.study_uid for item in items)  # objects of any other study are refused
     route = RetrieveRoute.from_settings(settings)
     retrieve = retrieve_study.with_options(
         retries=settings.retrieve_retries,
@@ -249,8 +250,7 @@ def _receiver(settings: Settings, writer: StagingWriter, items: list[WorkItem]) 
     """Our Storage SCP for the run's C-MOVEs (none for C-GET, or when there is nothing to move)."""
     if settings.retrieve_method is not RetrieveMethod.C_MOVE or not items:
         return nullcontext()
-    r = settings.receiver
-    return StorageReceiver(r.ae_title, r.host, r.port, writer)
+    return StorageReceiver.for_run(settings, writer)
 
 
 def _bounded(submit: Callable[[WorkItem], PrefectFuture], items: Iterable[WorkItem],

@@ -61,8 +61,18 @@ class ReceiverSettings(BaseModel):
     ae_title: str = "PACSFLOW"
     host: str = "127.0.0.1"
     port: int = Field(11113, ge=1, le=65535)
+    allowed_aes: list[str] = Field(
+        default_factory=list,
+        description="calling AE titles that may send to the receiver besides the PACS's own (pacs.called_ae)",
+    )
+    max_object_mb: int = Field(2048, ge=1, description="a received object larger than this is refused, never staged")
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("allowed_aes")
+    @classmethod
+    def _allowed_aes(cls, v: list[str]) -> list[str]:
+        return [_check_ae_title(ae) for ae in v]
 
 
 class DeidSettings(BaseModel):

@@ -9,6 +9,7 @@ switched off by ``quiet_pynetdicom()``.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -16,6 +17,7 @@ from typing import Callable, Iterator
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -150,19 +152,26 @@ class PacsClient:
         results = FindResult()
         final: int | None = None
         self._msg_id = getattr(self, "_msg_id", 0) % 65535 + 1
-        # Exhaust the generator (no break): pynetdicom finishes its bookkeeping after the final
-        # response, and a later C-FIND on the same association depends on it.
-        for status, identifier in assoc.send_c_find(
-            query, StudyRootQueryRetrieveInformationModelFind, msg_id=self._msg_id
-        ):
-            code = status_code(status)
-            if code is None:
-                raise PacsUnavailable(f"{what}: connection lost or timed out")
-            if is_pending(code):
-                if identifier is not None:
-                    results.append(identifier)
-            else:
-                final = code
+        responses = FindResponses.installed_on(assoc)
+        responses.expect(self._msg_id)
+        try:
+            # Exhaust the generator (no break): pynetdicom finishes its bookkeeping after the final
+            # response, and a later C-FIND on the same association depends on it.
+            for status, identifier in assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind, msg_id=self._msg_id
+            ):
+                code = status_code(status)
+                if code is None:
+                    raise PacsUnavailable(f"{what}: connection lost or timed out")
+                if is_pending(code):
+                    if identifier is not None:
+                        results.append(identifier)
+                else:
+                    final = code
+        finally:
+            strays = responses.expect(None)
+        if strays:
+            log.warning("%s: ignored %d late response(s) to an earlier query on this association", what, strays)
         if final is None:
             raise PacsUnavailable(f"{what}: no final status")
         if final == CANCELLED and results:
@@ -273,6 +282,72 @@ class PacsClient:
             code, ops = final
             raise_for_status(code, "C-GET", study_ref)
             return ops
+
+
+class FindResponses(queue.Queue):
+    """An association's incoming DIMSE messages, where a C-FIND response reaches only the query
+    it answers.
+
+    pynetdicom reads the next C-FIND response as the answer to whatever query waits. Two ways
+    that goes wrong over one association (discovery asks once per day): a response arriving late
+    (after a capped or cancelled answer's final status) ends the next query with the earlier
+    day's studies and shifts every answer after it; and pynetdicom's idle loop, which polls this
+    queue without blocking for requests from the peer, can win the race against a query just
+    sent and swallow its final response ("Received unexpected C-FIND service message"), leaving
+    the query to wait out the DIMSE timeout. So responses to any other message id are dropped as
+    they arrive (``expect`` also drops those that came in between two queries), and a
+    non-blocking read never takes a C-FIND response: only the query waiting for it does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._expected: int | None = None
+        self._strays = 0
+
+    @classmethod
+    def installed_on(cls, assoc: Association) -> "FindResponses":
+        """The association's message queue, replaced by this filter on first use (keeping any
+        message already queued, such as the sentinel of an abort)."""
+        current = assoc.dimse.msg_queue
+        if isinstance(current, cls):
+            return current
+        responses = cls()
+        with current.mutex:
+            responses.queue.extend(current.queue)
+        assoc.dimse.msg_queue = responses
+        return responses
+
+    def expect(self, msg_id: int | None) -> int:
+        """Keep responses to ``msg_id`` only (None: to none); returns the strays dropped so far,
+        and restarts the count."""
+        with self.mutex:
+            self._expected = msg_id
+            kept = [item for item in self.queue if not self._stray(item)]
+            self._strays += len(self.queue) - len(kept)
+            self.queue.clear()
+            self.queue.extend(kept)
+            strays, self._strays = self._strays, 0
+        return strays
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        if block:
+            return super().get(block, timeout)
+        with self.mutex:  # the idle loop: anything but a C-FIND response
+            for i, item in enumerate(self.queue):
+                if not isinstance(item[1], C_FIND):
+                    del self.queue[i]
+                    return item
+        raise queue.Empty
+
+    def _stray(self, item) -> bool:
+        msg = item[1]
+        return isinstance(msg, C_FIND) and msg.MessageIDBeingRespondedTo not in (None, self._expected)
+
+    def _put(self, item) -> None:  # queue.Queue calls it holding the mutex
+        if self._stray(item):
+            self._strays += 1
+        else:
+            super()._put(item)
 
 
 def _study_identifier(study_uid: str) -> Dataset:

@@ -4,6 +4,11 @@ Received objects are written from their encoded bytes, as they came off the wire
 ``staging/<pseudonymous study UID>/`` through a temp file and a rename, so a crash never
 leaves a half-written object that looks complete. Staging holds originals (PHI): it lives
 under ``state_root`` with owner-only permissions, never in the lake.
+
+The receiver listens on a port anyone can reach for the length of a run, so it trusts no one:
+only the PACS (and AEs named in ``receiver.allowed_aes``) may associate, only objects of the
+studies the run is retrieving are kept, and an object above ``receiver.max_object_mb`` is
+refused before a byte of it is written.
 """
 
 from __future__ import annotations
@@ -11,21 +16,26 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections import Counter
 from pathlib import Path
+from typing import Callable, Iterable
 
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacsflow.tasks.pacs.client import NODELAY_HANDLER, abstract_syntaxes, quiet_pynetdicom
-
 from pacsflow.tasks.core.files import ensure_private_dir, write_atomic
+from pacsflow.tasks.pacs.client import NODELAY_HANDLER, abstract_syntaxes, quiet_pynetdicom
+from pacsflow.tasks.settings import Settings
+
 log = logging.getLogger(__name__)
 
 _SUCCESS = 0x0000
-_OUT_OF_RESOURCES = 0xA700
+_NOT_AUTHORISED = 0x0124  # an object of a study this run does not retrieve
+_OUT_OF_RESOURCES = 0xA700  # cannot write, or larger than we accept
 _CANNOT_UNDERSTAND = 0xC000
+MB = 1024 * 1024
 
 
 class StagingWriter:
@@ -33,28 +43,44 @@ class StagingWriter:
 
     ``study_dir_name`` maps an original StudyInstanceUID to the folder name (a pseudonymous
     UID), so no original identifier appears in a path that Prefect or the logs could see.
+    Only studies announced with ``expect`` are staged; every refusal is counted in ``refused``
+    by reason (``too_large``, ``undecodable``, ``unexpected_study``) and in ``rejected``.
     """
 
-    def __init__(self, staging_dir: Path, study_dir_name) -> None:
+    def __init__(self, staging_dir: Path, study_dir_name: Callable[[str], str], max_object_mb: int = 2048) -> None:
         self.staging_dir = ensure_private_dir(staging_dir)
         self._name = study_dir_name
+        self.max_object_bytes = max_object_mb * MB
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
-        self.rejected = 0
+        self._expected: set[str] = set()  # original UIDs: held in memory, never written or logged
+        self.refused: Counter[str] = Counter()
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.refused.values())
+
+    def expect(self, study_uids: Iterable[str]) -> None:
+        """Accept objects of these studies (original StudyInstanceUIDs) from now on."""
+        with self._lock:
+            self._expected.update(study_uids)
 
     def study_dir(self, study_uid: str) -> Path:
         return self.staging_dir / self._name(study_uid)
 
     def handle_store(self, event: evt.Event) -> int:
+        if _encoded_size(event) > self.max_object_bytes:
+            return self._refuse(event, "too_large", _OUT_OF_RESOURCES)
         try:
             ds = event.dataset
             study_uid = str(ds.StudyInstanceUID)
             sop_uid = str(ds.SOPInstanceUID)
         except Exception:  # noqa: BLE001 - any decode failure is the sender's malformed object
-            with self._lock:
-                self.rejected += 1
-            log.warning("rejected a C-STORE whose dataset could not be decoded")
-            return _CANNOT_UNDERSTAND
+            return self._refuse(event, "undecodable", _CANNOT_UNDERSTAND)
+        with self._lock:
+            expected = study_uid in self._expected
+        if not expected:
+            return self._refuse(event, "unexpected_study", _NOT_AUTHORISED)
         folder = self.study_dir(study_uid)
         name = hashlib.sha256(sop_uid.encode()).hexdigest()[:32] + ".dcm"
         try:
@@ -67,6 +93,28 @@ class StagingWriter:
             self._counts[key] = self._counts.get(key, 0) + 1
         return _SUCCESS
 
+    def _refuse(self, event: evt.Event, reason: str, status: int) -> int:
+        with self._lock:
+            self.refused[reason] += 1
+        log.warning("refused a C-STORE from %s: %s (0x%04X)", _peer_ae(event), reason.replace("_", " "), status)
+        return status
+
+
+def _encoded_size(event: evt.Event) -> int:
+    """The received dataset's encoded length: pynetdicom holds it in memory (a BytesIO)."""
+    data = event.request.DataSet  # type: ignore[union-attr]
+    if data is None:
+        return 0
+    with data.getbuffer() as view:
+        return view.nbytes
+
+
+def _peer_ae(event: evt.Event) -> str:
+    """The AE title at the other end (AE titles are not PHI)."""
+    assoc = event.assoc
+    peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+    return repr(str(peer.ae_title).strip())
+
 
 def count_staged(folder: Path) -> int:
     if not folder.is_dir():
@@ -75,13 +123,23 @@ def count_staged(folder: Path) -> int:
 
 
 class StorageReceiver:
-    """A pynetdicom Storage SCP running in the flow's process for the duration of a run."""
+    """A pynetdicom Storage SCP running in the flow's process for the duration of a run.
 
-    def __init__(self, ae_title: str, host: str, port: int, writer: StagingWriter) -> None:
+    Associations are accepted from ``allowed_aes`` (calling AE titles) only, and only when they
+    call us by ``ae_title``; refused calling AEs are logged and kept in ``refused_aes``.
+    """
+
+    def __init__(self, ae_title: str, host: str, port: int, writer: StagingWriter, allowed_aes: Iterable[str]) -> None:
         quiet_pynetdicom()
         self.writer = writer
         self.address = (host, port)
+        self.allowed_aes = sorted({ae.strip() for ae in allowed_aes if ae.strip()})
+        if not self.allowed_aes:  # pynetdicom reads an empty list as "anyone"
+            raise ValueError("the receiver needs at least one allowed calling AE (the PACS's)")
+        self.refused_aes: list[str] = []
         self._ae = AE(ae_title=ae_title)
+        self._ae.require_calling_aet = self.allowed_aes
+        self._ae.require_called_aet = True
         self._ae.maximum_associations = 16
         self._ae.network_timeout = 60
         self._ae.acse_timeout = 30
@@ -92,10 +150,26 @@ class StorageReceiver:
         self._ae.add_supported_context(Verification)
         self._server: ThreadedAssociationServer | None = None
 
+    @classmethod
+    def for_run(cls, settings: Settings, writer: StagingWriter) -> "StorageReceiver":
+        """The receiver of ``settings.receiver``, open to the PACS and ``receiver.allowed_aes``."""
+        r = settings.receiver
+        return cls(r.ae_title, r.host, r.port, writer, [settings.pacs.called_ae, *r.allowed_aes])
+
     def start(self) -> "StorageReceiver":
-        handlers: list[evt.EventHandlerType] = [NODELAY_HANDLER, (evt.EVT_C_STORE, self.writer.handle_store)]
+        handlers: list[evt.EventHandlerType] = [
+            NODELAY_HANDLER,
+            (evt.EVT_C_STORE, self.writer.handle_store),
+            (evt.EVT_REJECTED, self._rejected),
+        ]
         self._server = self._ae.start_server(self.address, block=False, evt_handlers=handlers)
         return self
+
+    def _rejected(self, event: evt.Event) -> None:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        self.refused_aes.append(calling)
+        why = "not the PACS nor an allowed AE" if calling not in self.allowed_aes else "called AE or association limit"
+        log.warning("receiver refused an association from calling AE %r (%s)", calling, why)
 
     def stop(self) -> None:
         if self._server is not None:

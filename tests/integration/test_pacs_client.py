@@ -81,9 +81,10 @@ def test_retrieve_exact_counts(orthanc_factory, tmp_path, method):
     settings = _settings(server, receiver_port=port, retrieve_method=method)
     client = PacsClient(settings)
     writer = StagingWriter(tmp_path / "staging", lambda uid: "s" + uid.rsplit(".", 1)[-1])
+    writer.expect(s.study_uid for s in studies)
     for s in studies:
         if method == "c-move":
-            with StorageReceiver("PACSFLOW", "127.0.0.1", port, writer):
+            with StorageReceiver.for_run(settings, writer):
                 ops = client.move_study(s.study_uid, "PACSFLOW", "ref")
         else:
             ops = client.get_study(s.study_uid, writer.handle_store, "ref")

@@ -48,11 +48,13 @@ def test_move_stores_the_study_at_the_destination_and_get_returns_it(pacs, tmp_p
     port = free_port()
     pacs.add_destination("RECEIVER", port)
     writer = StagingWriter(tmp_path / "staging", lambda uid: "moved")
-    with StorageReceiver("RECEIVER", "127.0.0.1", port, writer):
+    writer.expect([study.study_uid])
+    with StorageReceiver("RECEIVER", "127.0.0.1", port, writer, [pacs.ae_title]):
         ops = _client(pacs).move_study(study.study_uid, "RECEIVER", "2.25.1")
     assert ops.completed == study.n_instances == count_staged(tmp_path / "staging" / "moved")
 
     got = StagingWriter(tmp_path / "got", lambda uid: "got")
+    got.expect([study.study_uid])
     ops = _client(pacs).get_study(study.study_uid, got.handle_store, "2.25.1")
     assert ops.completed == study.n_instances == count_staged(tmp_path / "got" / "got")
     assert pacs.retrieve_count(study.study_uid) == 2
@@ -63,6 +65,7 @@ def test_a_failing_study_answers_a_transient_failure_until_repaired(pacs, tmp_pa
     study = studies[1]
     pacs.fail_study(study.study_uid)
     got = StagingWriter(tmp_path / "got", lambda uid: "got")
+    got.expect([study.study_uid])
     with pytest.raises(PacsStatusError) as exc:
         _client(pacs).get_study(study.study_uid, got.handle_store, "2.25.2")
     assert "0xC000" in str(exc.value) and is_transient(exc.value)

@@ -115,3 +115,24 @@ def test_settings_module_does_not_load_the_deidentifier():
             "print(sorted(m for m in sys.modules if m == 'pydicom' or m.startswith('pacsflow.tasks.deid.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['pacsflow.tasks.deid.choices']"
+
+
+def test_receiver_admits_the_pacs_and_listed_aes_only_up_to_a_size(monkeypatch):
+    s = load_settings()
+    assert s.receiver.allowed_aes == [] and s.receiver.max_object_mb == 2048
+    monkeypatch.setenv("PACSFLOW_RECEIVER__ALLOWED_AES", '["ROUTER ", "ARCHIVE2"]')
+    monkeypatch.setenv("PACSFLOW_RECEIVER__MAX_OBJECT_MB", "64")
+    s = load_settings()
+    assert (s.receiver.allowed_aes, s.receiver.max_object_mb) == (["ROUTER", "ARCHIVE2"], 64)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("allowed_aes", ["THIS-AE-TITLE-IS-TOO-LONG"]),
+    ("allowed_aes", ["BACK\\SLASH"]),
+    ("allowed_aes", [" "]),
+    ("max_object_mb", 0),
+])
+def test_invalid_receiver_limits_name_the_setting(field, value):
+    with pytest.raises(SettingsError) as exc:
+        load_settings(receiver={field: value})
+    assert f"receiver.{field}" in str(exc.value)
