@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -26,7 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 
-from pacsflow.tasks.core.errors import PacsConfigurationError, PacsUnavailable
+from pacsflow.tasks.core.errors import PacsConfigurationError, PacsflowError, PacsUnavailable
 from pacsflow.tasks.pacs.models import FindResult, PacsPeer, StudyInfo, SubOps
 from pacsflow.tasks.pacs.status import is_pending, is_success, raise_for_status, status_code
 from pacsflow.tasks.settings import Settings
@@ -148,7 +149,24 @@ class PacsClient:
         with self.association(ae) as assoc:
             return self._find_on(assoc, query, what)
 
+    def _no_answer(self, started: float, what: str, answered: bool, *, query: bool = False) -> PacsflowError:
+        """Why a request got no (more) response: the PACS dropped the association before answering at
+        all, long before the timeout (as Orthanc does for a calling AE it does not know), or the
+        exchange broke off or timed out. Only a query refused that way is a configuration error: a
+        retrieve stays transient, so a PACS that restarts mid-run costs no study."""
+        pacs = self.settings.pacs
+        waited = time.monotonic() - started
+        if not answered and waited < pacs.timeout_s / 2:
+            kind = PacsConfigurationError if query else PacsUnavailable
+            return kind(
+                f"{what}: PACS {pacs.called_ae}@{pacs.host}:{pacs.port} dropped the association after "
+                f"{waited:.1f} s without an answer; it may not accept our calling AE "
+                f"'{self.settings.calling_ae}' (check calling_ae and the PACS's list of modalities)")
+        return PacsUnavailable(f"{what}: no answer from PACS {pacs.called_ae}@{pacs.host}:{pacs.port} within "
+                               f"{waited:.0f} s (pacs.timeout_s={pacs.timeout_s:g})")
+
     def _find_on(self, assoc: Association, query: Dataset, what: str) -> "FindResult":
+        started = time.monotonic()
         results = FindResult()
         final: int | None = None
         self._msg_id = getattr(self, "_msg_id", 0) % 65535 + 1
@@ -162,7 +180,7 @@ class PacsClient:
             ):
                 code = status_code(status)
                 if code is None:
-                    raise PacsUnavailable(f"{what}: connection lost or timed out")
+                    raise self._no_answer(started, what, final is not None or bool(results), query=True)
                 if is_pending(code):
                     if identifier is not None:
                         results.append(identifier)
@@ -240,12 +258,13 @@ class PacsClient:
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         q = _study_identifier(study_uid)
         with self.association(ae) as assoc:
+            started = time.monotonic()
             final = None
             last_pending = SubOps()
             for status, _identifier in assoc.send_c_move(q, destination_ae, StudyRootQueryRetrieveInformationModelMove):
                 code = status_code(status)
                 if code is None:
-                    raise PacsUnavailable(f"C-MOVE for study {study_ref}: connection lost or timed out")
+                    raise self._no_answer(started, f"C-MOVE for study {study_ref}", last_pending != SubOps())
                 ops = _subops(status)
                 if is_pending(code):
                     last_pending = ops
@@ -269,12 +288,15 @@ class PacsClient:
             roles.append(build_role(uid, scp_role=True))
         q = _study_identifier(study_uid)
         with self.association(ae, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+            started = time.monotonic()
             final = None
+            answered = False
             for status, _identifier in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet):
                 code = status_code(status)
                 if code is None:
-                    raise PacsUnavailable(f"C-GET for study {study_ref}: connection lost or timed out")
+                    raise self._no_answer(started, f"C-GET for study {study_ref}", answered)
                 if is_pending(code):
+                    answered = True
                     continue
                 final = (code, _subops(status))
             if final is None:
