@@ -20,6 +20,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
 from pacsflow.tasks.deid.audit import audit_or_raise
+from pacsflow.tasks.deid.validation import problems
 from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier, Originals
 
 
@@ -31,6 +32,9 @@ def read_instance(path: Path) -> pydicom.Dataset:
         raise BadDicom(f"unreadable DICOM ({type(exc).__name__})") from None
     if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
         raise BadDicom("missing SOP/Study/Series Instance UID")
+    problem = problems(ds)
+    if problem:
+        raise BadDicom(problem)
     return ds
 
 
