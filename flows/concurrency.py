@@ -15,6 +15,7 @@ look like a dead holder's.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import json
 import logging
@@ -183,7 +184,9 @@ class HolderRegistry:
             if extra:
                 logger.warning("concurrency limit %s: %d of %d slots held by no live run; giving them back",
                                self.limit, extra, active)
-                self.client.release_concurrency_slots([self.limit], extra, occupancy_seconds=0)
+                # No occupancy: how long a dead run held them is unknown, and must not skew the limit's average.
+                self.client.request("POST", "/v2/concurrency_limits/decrement",
+                                    json={"names": [self.limit], "slots": extra})
         return live
 
     @contextmanager
@@ -211,8 +214,13 @@ class _Renewal(threading.Thread):
         super().__init__(daemon=True, name=f"slot-lease-{registry.limit}")
         self.registry, self.every_s = registry, every_s
         self.stopped = threading.Event()
+        # The caller's Prefect settings (its API URL): a new thread would start from the defaults.
+        self.context = contextvars.copy_context()
 
     def run(self) -> None:
+        self.context.run(self._renew)
+
+    def _renew(self) -> None:
         with get_client(sync_client=True) as client:
             while not self.stopped.wait(self.every_s):
                 try:
@@ -241,6 +249,7 @@ def _wait_for_slots(registry: HolderRegistry, slots: int, max_wait_s: float, log
         registry.publish("acquiring")  # before the increment: a clearer counts it from here on
         if _try_take(client, limit, slots):
             registry.publish("held")
+            logger.info("concurrency limit %s: %d slots taken after %.1fs", limit, slots, time.monotonic() - started)
             return
         registry.publish("waiting")
         waited = time.monotonic() - started
