@@ -178,8 +178,8 @@ class HolderRegistry:
             if not mine:
                 return live
             for name, holder in stale.items():
-                logger.warning("concurrency limit %s: holder %s is gone (no renewal for %.0fs); clearing it",
-                               self.limit, holder.describe(now), holder.silent_for(now))
+                logger.warning("concurrency limit %s: holder %s is gone (its lease is %.0fs); clearing it",
+                               self.limit, holder.describe(now), holder.lease_s)
                 self.client.delete_variable_by_name(name)
             if extra:
                 logger.warning("concurrency limit %s: %d of %d slots held by no live run; giving them back",
