@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Iterator
 
 from prefect.events.worker import EventsWorker
@@ -31,13 +31,16 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STARTUP_S = 120.0
 
 
+# Looked up here, not in the forked child: loading symbols there could wait on a lock held by a
+# thread that does not exist in the child.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def die_with_parent() -> None:
     """In a child before exec: SIGTERM when the parent's thread that forked it ends. Start such
     children from the main thread, which ends with the process. No-op off Linux."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _free_port() -> int:
@@ -86,9 +89,8 @@ def temporary_api() -> Iterator[None]:
                 APILogWorker.drain_all(timeout=5)
                 EventsWorker.drain_all(timeout=5)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        for stop in (process.terminate, process.kill):  # politely, then not
+            stop()
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+                break
