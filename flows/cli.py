@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -101,8 +102,10 @@ def run_nightly_cmd(
     window = {"since": _parse_day(since, "--since"), "until": _parse_day(until, "--until")}
     _settings()
     from pacsflow.flows.nightly import nightly_ingest
+    from pacsflow.flows.temporary_server import temporary_api
 
-    result = nightly_ingest(**window)
+    with temporary_api():
+        result = nightly_ingest(**window)
     _print_result(result)
     if result.get("failed"):
         raise typer.Exit(1)
@@ -207,7 +210,15 @@ def show_settings() -> None:
     out.print_json(_settings().model_dump_json(exclude={"deid_key"}))
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # An exception, not the default death: `finally` blocks and atexit run, so the run gives its
+    # slots back and stops its workers and its temporary server. Inside a flow run Prefect turns
+    # SIGTERM into its own exception first and sends it again once the run is marked crashed.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "pynetdicom", "pydicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

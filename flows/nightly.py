@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import shutil
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.concurrency.sync import concurrency
+from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, as_completed
 
-from pacsflow.flows.concurrency import ensure_concurrency_limit
+from pacsflow.flows.concurrency import hold_slots
 from pacsflow.flows.secrets import load_run_settings
 from pacsflow.tasks.core.clock import new_run_id, parse_dicom_date
 from pacsflow.tasks.core.errors import InsufficientSpace, error_text
@@ -92,10 +92,11 @@ def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.d
     )
     book = RunBook(run.ledger, run.run_id, window, max_attempts=settings.max_attempts,
                    object_id=partial(object_id, run.key))
-    ensure_concurrency_limit(PACS_LIMIT, settings.max_associations)
-    with concurrency(PACS_LIMIT, occupy=settings.max_associations, strict=False):
+    with hold_slots(PACS_LIMIT, settings.max_associations, run_id=run.run_id, max_wait_s=settings.slot_wait_s,
+                    logger=logger):
         items = discover_work(settings, run, window, book, logger)
-        retrieve_and_deidentify(settings, run, items, book)
+        with _recording_interruption(book, logger):
+            retrieve_and_deidentify(settings, run, items, book)
     commit(settings, run, book)
     for item, verdict in book.settle():
         logger.warning("study %s failed (%s): %s", item.pseudo_uid,
@@ -271,6 +272,20 @@ def _completed(futures: dict[Any, tuple[WorkItem, PrefectFuture]]) -> Iterator[t
     for future in as_completed([f for _, f in list(futures.values())]):
         item, _ = futures.pop(future.task_run_id)
         yield item, future.result(raise_on_failure=False)
+
+
+@contextmanager
+def _recording_interruption(book: RunBook, logger: Logger) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (Prefect turns it into TerminationSignal) mid-retrieval: the unfinished
+    studies go to the ledger as transient failures, so the next run retries them."""
+    try:
+        yield
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        what = f"signal {exc.signal}" if isinstance(exc, TerminationSignal) else "KeyboardInterrupt"
+        interrupted = book.interrupted(f"run interrupted ({what})")
+        logger.error("run %s interrupted (%s): %d unfinished studies recorded for the next run", book.run_id, what,
+                     len(interrupted))
+        raise
 
 
 def _as_exception(result: object) -> BaseException:

@@ -194,6 +194,9 @@ class Settings(BaseSettings):
     initial_since: str | None = Field(None, description="first run's window start (YYYYMMDD)")
     initial_days: int = Field(30, ge=0, description="first run without initial_since: this many days back")
     max_associations: int = Field(2, ge=1, le=64)
+    slot_wait_s: float = Field(
+        3600.0, ge=0, description="how long a run waits for its PACS slots (other runs hold them) before it gives up"
+    )
     retrieve_retries: int = Field(3, ge=0, le=20)
     retry_delay_s: float = Field(2.0, ge=0)
     max_attempts: int = Field(

@@ -29,7 +29,7 @@ class StudyReport:
 
     pseudo_uid: str
     reason: str
-    outcome: str = "pending"  # cataloged | failed | quarantined
+    outcome: str = "pending"  # cataloged | failed | quarantined | interrupted
     instances: int = 0
     quarantined: int = 0
     error: str = ""
@@ -108,6 +108,7 @@ class RunBook:
         self._object_id = object_id
         self.summary = RunSummary(run_id, f"{window.start.isoformat()}..{window.end.isoformat()}")
         self.reports: dict[str, StudyReport] = {}
+        self.items: list[WorkItem] = []
         self.outcomes: dict[str, tuple[WorkItem, StudyOutcome]] = {}
         self.failures: dict[str, tuple[WorkItem, BaseException]] = {}
         self.catalog_uids: list[str] = []  # catalog StudyInstanceUIDs committed by this run
@@ -118,6 +119,7 @@ class RunBook:
     # -- what happened, as the tasks report it ----------------------------------------------
     def planned(self, found: int, items: Sequence[WorkItem]) -> None:
         self.summary.found, self.summary.queued = found, len(items)
+        self.items = list(items)
         self.reports = {w.pseudo_uid: StudyReport(w.pseudo_uid, w.reason) for w in items}
 
     def retrieved(self, item: WorkItem) -> None:
@@ -185,6 +187,19 @@ class RunBook:
             self.summary.failed += 1
             verdicts.append((w, verdict))
         return verdicts
+
+    def interrupted(self, reason: str) -> list[WorkItem]:
+        """The run is stopped before its catalog commit (a signal): failures so far are recorded as
+        usual, and every other planned study (retrieving, de-identified but not cataloged, or still
+        queued) as a transient failure with ``reason``, which the next run retries; an interruption
+        never makes a study permanent. The watermark does not move. Returns the unfinished studies."""
+        self._record_failures()
+        unfinished = [w for w in self.items if w.pseudo_uid not in self.failures]
+        for w in unfinished:
+            self.ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, reason, False, self.run_id)
+            report = self.reports[w.pseudo_uid]
+            report.outcome, report.error = "interrupted", reason
+        return unfinished
 
     def finish(self, seconds: float) -> RunSummary:
         self.summary.seconds = round(seconds, 2)

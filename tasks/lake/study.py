@@ -10,7 +10,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
+import os
 import shutil
+import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -102,8 +106,23 @@ def read_rows(rows_dirs: list[str]) -> dict[str, pa.Table]:
 _worker: tuple[Deidentifier, LakeStorage, Path] | None = None
 
 
-def _start_worker(deid: Deidentifier, storage_root: str, quarantine_dir: Path) -> None:
+PARENT_CHECK_S = 1.0
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A worker whose run was killed (SIGKILL, OOM) is reparented: it ends itself then, instead
+    of living on with the run's key. Polling the parent pid works on every POSIX system and for
+    any thread of the parent that started the worker (PR_SET_PDEATHSIG follows the thread)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(1)
+
+
+def _start_worker(deid: Deidentifier, storage_root: str, quarantine_dir: Path, parent_pid: int) -> None:
     global _worker
+    # Ctrl-C reaches the whole process group: the run decides what happens to its workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
     _worker = (deid, LakeStorage(storage_root), quarantine_dir)
 
 
@@ -131,7 +150,7 @@ class StudyProcessor:
         if workers > 0:
             self._pool = ProcessPoolExecutor(
                 max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker, initargs=(deid, str(storage_root), self.quarantine_dir),
+                initializer=_start_worker, initargs=(deid, str(storage_root), self.quarantine_dir, os.getpid()),
             )
         else:
             self._storage = LakeStorage(storage_root)
@@ -148,8 +167,24 @@ class StudyProcessor:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def stop(self) -> None:
+        """Stop now (the run is interrupted): studies in the workers are abandoned, the workers end."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        # ProcessPoolExecutor has no public way to end busy workers before Python 3.14.
+        workers = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers:
+            process.terminate()
+        for process in workers:
+            process.join(timeout=5)
+
     def __enter__(self) -> "StudyProcessor":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):  # Ctrl-C, SIGTERM, exit
+            self.stop()
+        else:
+            self.close()

@@ -156,3 +156,29 @@ def test_the_crosswalk_rows_name_every_deidentified_study(ledger):
     book.planned(1, [item])
     book.deidentified(item, _cataloged(item))
     assert book.crosswalk_rows() == [("study", "2.25.7", "1.2.840.7")]
+
+
+def test_an_interrupted_run_leaves_every_unfinished_study_for_the_next_run(ledger):
+    ledger.advance_watermark(D(2026, 10, 30))
+    book = _book(ledger, max_attempts=1)
+    items = [_item(1, "20261103"), _item(2, "20261104"), _item(3, "20261105"), _item(4, "20261106")]
+    book.planned(found=4, items=items)
+    book.retrieved(items[0])
+    book.deidentified(items[0], _cataloged(items[0]))  # de-identified, but the commit never came
+    book.retrieved(items[1])  # de-identifying when the signal came; 3 retrieving, 4 still queued
+    book.failed(items[2], PacsConfigurationError("study 2.25.3: 0xA801"))
+
+    unfinished = book.interrupted("run interrupted (signal 15)")
+
+    assert [w.pseudo_uid for w in unfinished] == ["2.25.1", "2.25.2", "2.25.4"]
+    entries = ledger.entries()
+    assert {u: (e.status, e.permanent, e.reason) for u, e in entries.items()} == {
+        "1.2.840.1": ("failed", False, "run interrupted (signal 15)"),
+        "1.2.840.2": ("failed", False, "run interrupted (signal 15)"),
+        "1.2.840.3": ("failed", True, "PacsConfigurationError: study 2.25.3: 0xA801"),
+        "1.2.840.4": ("failed", False, "run interrupted (signal 15)"),
+    }
+    # Even at the last allowed attempt an interruption is no verdict on the study.
+    assert {e.study_uid for e in ledger.failed() if not e.permanent} == {"1.2.840.1", "1.2.840.2", "1.2.840.4"}
+    assert ledger.watermark == D(2026, 10, 30)
+    assert [s.outcome for s in book.finish(1.0).studies] == ["interrupted", "interrupted", "failed", "interrupted"]

@@ -50,3 +50,48 @@ def test_a_closed_processor_refuses_work(tmp_path):
     processor.close()
     with pytest.raises(RuntimeError):
         processor.process(tmp_path, "2.25.1", tmp_path / "rows")
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_an_interrupted_run_abandons_its_studies_and_stops_its_workers(tmp_path):
+    import os
+    import threading
+    import time
+    from concurrent.futures import BrokenExecutor
+
+    [study] = sampledata.generate(tmp_path / "in", studies=1, seed=7, modalities=("CT",), series_per_study=(4, 4),
+                                  instances_per_series=(40, 40), rows=256, cols=256)
+    staged = _stage(study, tmp_path / "staged")
+    before = _children(os.getpid())
+    results: list[object] = []
+    with pytest.raises(KeyboardInterrupt):
+        with StudyProcessor(Deidentifier(KEY), str(tmp_path / "lake"), tmp_path / "q", 1) as processor:
+            def work() -> None:
+                try:
+                    results.append(processor.process(staged, "2.25.1", tmp_path / "rows"))
+                except BrokenExecutor as exc:
+                    results.append(exc)
+
+            thread = threading.Thread(target=work)
+            thread.start()
+            while not list((tmp_path / "lake").rglob("*.dcm")):  # the worker is busy with the study
+                time.sleep(0.01)
+            workers = _children(os.getpid()) - before
+            raise KeyboardInterrupt
+    thread.join(10)
+    assert workers and not _children(os.getpid()) & workers
+    assert isinstance(results[0], BrokenExecutor)  # abandoned, not finished
+    assert len(list((tmp_path / "lake").rglob("*.dcm"))) < study.n_instances
+    with pytest.raises(RuntimeError):
+        processor.process(tmp_path, "2.25.1", tmp_path / "rows")
