@@ -24,7 +24,7 @@ from tests.net.fake_pacs import FakePacs, held_files
 
 TODAY = dt.date.today()
 NO_US = ("CT", "MR", "MG")  # ultrasound carries burned-in text: quarantined
-RESULT_KEYS = {"run_id", "window", "found", "queued", "retrieved", "deidentified", "cataloged", "failed",
+RESULT_KEYS = {"run_id", "window", "found", "pacs_queries", "queued", "retrieved", "deidentified", "cataloged", "failed",
                "instances", "quarantined_objects", "fhir_sent", "fhir_failed", "fhir_differences", "seconds",
                "instances_per_second"}
 ARTIFACT_KEYS = {"nightly-deid-manifest", "nightly-ingest-summary", "nightly-ingest-studies"}
@@ -103,6 +103,7 @@ def test_a_clean_run_catalogs_every_study_and_advances_the_watermark(site, monke
     result, artifacts = _run()
 
     assert set(result) == RESULT_KEYS
+    assert result["pacs_queries"] >= 1  # discovery's C-FIND requests
     assert (result["found"], result["queued"], result["retrieved"], result["cataloged"], result["failed"]) == (
         3, 3, 3, 3, 0)
     assert result["instances"] == instances == site.count("SELECT count(*) FROM instances")
