@@ -107,8 +107,13 @@ def run_nightly_cmd(
     with temporary_api():
         result = nightly_ingest(**window)
     _print_result(result)
-    if result.get("failed"):
-        raise typer.Exit(1)
+    raise typer.Exit(nightly_exit_code(result))
+
+
+def nightly_exit_code(result: dict[str, Any]) -> int:
+    """1 when a study failed or its FHIR copy did (the night is not done), else 0: scripts and
+    schedulers that only see the exit status must not take a FHIR outage for success."""
+    return 1 if result.get("failed") or result.get("fhir_failed") else 0
 
 
 @run_app.command("compact")

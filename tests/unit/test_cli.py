@@ -131,3 +131,12 @@ def test_run_fhir_resync_needs_a_base_url(monkeypatch):
     assert result.exit_code == 2
     assert "fhir.base_url is not set" in result.output
     assert "--only-failed" in runner.invoke(app, ["run", "fhir-resync", "--help"]).output
+
+
+def test_nightly_exit_status_counts_fhir_failures():
+    from pacsflow.flows.cli import nightly_exit_code
+
+    clean = {"found": 3, "cataloged": 3, "failed": 0, "fhir_sent": 3, "fhir_failed": 0}
+    assert nightly_exit_code(clean) == 0
+    assert nightly_exit_code({**clean, "failed": 1}) == 1
+    assert nightly_exit_code({**clean, "fhir_sent": 0, "fhir_failed": 3}) == 1  # a FHIR outage is not a success
