@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.dataelem import DataElement
@@ -46,7 +46,8 @@ def deidentify_dataset(ds: pydicom.Dataset, deid: Deidentifier, report: DeidRepo
         return deid.apply(ds, report)
     except DeidentificationError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError, LookupError, NotImplementedError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, LookupError, NotImplementedError,
+            BytesLengthException) as exc:
         # Unknown character sets and malformed values surface here: never export half-cleaned.
         raise DeidentificationError(f"de-identification failed ({type(exc).__name__})") from None
 
@@ -64,7 +65,8 @@ def encode(ds: pydicom.Dataset, originals: Originals | None) -> bytes:
     DeidentificationError."""
     try:
         data = _part10(ds)
-    except (ValueError, TypeError, AttributeError, LookupError, OverflowError, NotImplementedError) as exc:
+    except (ValueError, TypeError, AttributeError, LookupError, OverflowError, NotImplementedError,
+            BytesLengthException) as exc:
         raise DeidentificationError(f"cannot encode de-identified object ({type(exc).__name__})") from None
     audit_or_raise(data, originals)
     return data

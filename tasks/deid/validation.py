@@ -13,6 +13,7 @@ from typing import Any
 
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
 from pydicom.tag import BaseTag
 
 from pacsflow.tasks.core.values import items_of
@@ -50,9 +51,12 @@ def _pixel_problem(ds: Dataset) -> str | None:
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is None or syntax.is_compressed:
         return None  # encapsulated frames have no fixed length to check
-    frames = _int(ds.get("NumberOfFrames", 1)) or 1
-    samples = _STORED_SAMPLES.get(str(ds.PhotometricInterpretation), int(ds.SamplesPerPixel))
-    bits = int(ds.Rows) * int(ds.Columns) * samples * frames * int(ds.BitsAllocated)
+    try:
+        frames = _int(ds.get("NumberOfFrames", 1)) or 1
+        samples = _STORED_SAMPLES.get(str(ds.PhotometricInterpretation), int(ds.SamplesPerPixel))
+        bits = int(ds.Rows) * int(ds.Columns) * samples * frames * int(ds.BitsAllocated)
+    except (TypeError, ValueError, BytesLengthException):
+        return "image attributes (Rows, Columns, SamplesPerPixel, BitsAllocated) that are not numbers"
     expected = (bits + 7) // 8
     actual = len(ds._dict[PIXEL_DATA].value or b"")
     if actual < expected:

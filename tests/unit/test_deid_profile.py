@@ -482,3 +482,33 @@ def test_deidentifier_pickles_for_worker_processes():
     back = pickle.loads(pickle.dumps(d))
     assert back.options == d.options and back.pixel_policy == d.pixel_policy and back.pixel_masks == d.pixel_masks
     assert back.uid("1.2.3") == d.uid("1.2.3")
+
+
+def test_received_objects_are_checked_before_de_identification(tmp_path):
+    """Broken objects become BadDicom (quarantined with the reason), never another error."""
+    import pathlib
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from pacsflow.tasks.core.errors import BadDicom
+    from pacsflow.tasks.deid.instance import read_instance
+
+    def broken(name: str, keyword: str, vr: str, raw: bytes):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds._dict[Tag(keyword)] = RawDataElement(Tag(keyword), vr, len(raw), raw, 0, False, True)
+        path = tmp_path / name
+        ds.save_as(path)
+        return path
+
+    assert read_instance(pathlib.Path(get_testdata_file("CT_small.dcm"))).Rows == 128
+    cases = {
+        broken("rows.dcm", "Rows", "US", b"\x80"): "not numbers",
+        broken("date.dcm", "StudyDate", "DA", b"2004-01-19"): "unparseable DA value in (0008,0020) StudyDate",
+        broken("ds.dcm", "SliceThickness", "DS", b"abc "): "unparseable DS value in (0018,0050) SliceThickness",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(BadDicom, match=reason.replace("(", r"\(").replace(")", r"\)")):
+            read_instance(path)
