@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import shutil
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -191,7 +190,7 @@ def commit(settings: Settings, run: NightlyRun, book: RunBook) -> None:
 
 
 def tidy(settings: Settings, run: NightlyRun, book: RunBook) -> None:
-    shutil.rmtree(run.work_dir, ignore_errors=True)
+    remove_tree(run.work_dir)
     # Row folders of runs that were killed before their own tidy (a run lasts hours, not days).
     purge_older_than(run.work_dir.parent, STALE_RUN_DAYS)
     # PHI zones do not keep originals longer than the retention settings say.

@@ -21,3 +21,13 @@ def is_multi(value: Any) -> bool:
 def items_of(value: Any) -> Sequence[Any]:
     """The items of a multi-valued value, or the value alone as a one-item list."""
     return value if isinstance(value, _MULTI) else [value]
+
+
+def int_or_none(value: Any) -> int | None:
+    """An IS/US value (or its text) as an int; None when empty or not a whole number."""
+    if value is None or value == "":
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None

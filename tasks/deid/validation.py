@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException
 from pydicom.tag import BaseTag
 
-from pacsflow.tasks.core.values import items_of
+from pacsflow.tasks.core.values import int_or_none, items_of
 
 PIXEL_DATA = BaseTag(0x7FE00010)
 
@@ -52,7 +52,7 @@ def _pixel_problem(ds: Dataset) -> str | None:
     if syntax is None or syntax.is_compressed:
         return None  # encapsulated frames have no fixed length to check
     try:
-        frames = _int(ds.get("NumberOfFrames", 1)) or 1
+        frames = int_or_none(ds.get("NumberOfFrames", 1)) or 1
         samples = _STORED_SAMPLES.get(str(ds.PhotometricInterpretation), int(ds.SamplesPerPixel))
         bits = int(ds.Rows) * int(ds.Columns) * samples * frames * int(ds.BitsAllocated)
     except (TypeError, ValueError, BytesLengthException):
@@ -87,10 +87,3 @@ def _raw_bytes(elem: Any) -> bytes | None:
     if value is None:
         return None
     return "\\".join(str(getattr(v, "original_string", v)) for v in items_of(value)).encode("ascii", "replace")
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        return None

@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 
 from pacsflow.tasks.core.errors import PacsConfigurationError, PacsflowError, PacsUnavailable
+from pacsflow.tasks.core.values import int_or_none
 from pacsflow.tasks.pacs.models import FindResult, PacsPeer, StudyInfo, SubOps
 from pacsflow.tasks.pacs.status import is_pending, is_success, raise_for_status, status_code
 from pacsflow.tasks.settings import Settings
@@ -227,8 +228,8 @@ class PacsClient:
                 StudyInfo(
                     study_uid=uid,
                     study_date=str(ident.get("StudyDate", "") or ""),
-                    n_instances=_int_or_none(ident.get("NumberOfStudyRelatedInstances")),
-                    n_series=_int_or_none(ident.get("NumberOfStudyRelatedSeries")),
+                    n_instances=int_or_none(ident.get("NumberOfStudyRelatedInstances")),
+                    n_series=int_or_none(ident.get("NumberOfStudyRelatedSeries")),
                     modalities=tuple(_multi(ident.get("ModalitiesInStudy"))),
                 )
             )
@@ -244,7 +245,7 @@ class PacsClient:
         q.NumberOfSeriesRelatedInstances = ""
         total = 0
         for ident in self.find(q, "series C-FIND"):
-            n = _int_or_none(ident.get("NumberOfSeriesRelatedInstances"))
+            n = int_or_none(ident.get("NumberOfSeriesRelatedInstances"))
             if n is None:
                 raise PacsConfigurationError("PACS returns no NumberOfSeriesRelatedInstances; cannot check completeness")
             total += n
@@ -385,13 +386,6 @@ def _subops(status: Dataset) -> SubOps:
         failed=int(status.get("NumberOfFailedSuboperations", 0) or 0),
         warning=int(status.get("NumberOfWarningSuboperations", 0) or 0),
     )
-
-
-def _int_or_none(value) -> int | None:
-    try:
-        return int(str(value).strip()) if value not in (None, "") else None
-    except ValueError:
-        return None
 
 
 def _multi(value) -> list[str]:
