@@ -31,7 +31,7 @@ from pacsflow.tasks.deid.crosswalk import update_crosswalk
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.deid.manifest import build_manifest, manifest_markdown, object_id
 from pacsflow.tasks.ingest.bookkeeping import RunBook, RunSummary
-from pacsflow.tasks.ingest.ledger import Ledger
+from pacsflow.tasks.ingest.ledger import Ledger, MissingEntry
 from pacsflow.tasks.lake.steps import commit_catalog, deidentify_study
 from pacsflow.tasks.lake.study import StudyOutcome, StudyProcessor
 from pacsflow.tasks.pacs.client import quiet_pynetdicom
@@ -104,7 +104,8 @@ def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.d
     if settings.fhir.base_url:
         sync_fhir(settings, book.catalog_uids, book.summary, logger)
     summary = book.finish(time.monotonic() - started)
-    publish(summary, build_manifest(run.deid, book.deid_report, book.quarantined, book.written), artifacts)
+    publish(summary, build_manifest(run.deid, book.deid_report, book.quarantined, book.written), artifacts,
+            missing=book.missing_recorded)
     logger.info("run %s done: %d found, %d cataloged (%d instances), %d failed in %.1fs", run.run_id, summary.found,
                 summary.cataloged, summary.instances, summary.failed, summary.seconds)
     return summary.as_dict()
@@ -133,8 +134,9 @@ def open_run(settings: Settings) -> NightlyRun:
 
 
 def discover_work(settings: Settings, run: NightlyRun, window: Window, book: RunBook, logger: Logger) -> list[WorkItem]:
-    """C-FIND the window (and earlier transient failures by UID); keep what is new, grew or is retried."""
-    retry_uids = [e.study_uid for e in run.ledger.failed() if not e.permanent]
+    """C-FIND the window (and, by UID, earlier transient failures and studies with objects still
+    missing); keep what is new, grew or is retried."""
+    retry_uids = [e.study_uid for e in run.ledger.to_retry()]
     discovery = discover_studies(PacsPeer.from_settings(settings), window, retry_uids)
     found = discovery.found
     book.summary.pacs_queries = discovery.queries
@@ -165,7 +167,7 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
         deid_futures: dict[Any, tuple[WorkItem, PrefectFuture]] = {}
         for item, result in _bounded(submit, items, settings.max_associations):
             if isinstance(result, Retrieved):
-                book.retrieved(item)
+                book.retrieved(item, result)
                 future = deidentify_study.submit(result, processor, str(run.rows_root))
                 deid_futures[future.task_run_id] = (item, future)
             else:
@@ -219,7 +221,8 @@ def sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummary
     publish_report(report, key="nightly-fhir-sync", title="Nightly FHIR sync")
 
 
-def publish(summary: RunSummary, deid_manifest: dict, prefix: str = "nightly") -> None:
+def publish(summary: RunSummary, deid_manifest: dict, prefix: str = "nightly",
+            missing: Iterable[MissingEntry] = ()) -> None:
     """Artifacts for the Prefect UI: pseudonymous UIDs and counts only."""
     try:
         create_markdown_artifact(
@@ -239,6 +242,12 @@ def publish(summary: RunSummary, deid_manifest: dict, prefix: str = "nightly") -
             create_table_artifact(
                 [s.__dict__ for s in summary.studies], key=f"{prefix}-ingest-studies",
                 description="Per-study outcomes (pseudonymous UIDs)",
+            )
+        rows = [m.__dict__ for m in missing]
+        if rows:
+            create_table_artifact(
+                rows, key=f"{prefix}-missing-objects",
+                description="Objects the PACS listed but did not send: asked for again until given up (permanent)",
             )
     except RuntimeError:
         # Outside a flow run (plain function call): there is no run to attach artifacts to.

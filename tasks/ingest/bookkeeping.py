@@ -16,8 +16,9 @@ from pacsflow.tasks.core.clock import parse_dicom_date
 from pacsflow.tasks.core.errors import error_text, is_transient
 from pacsflow.tasks.deid.deidentifier import DeidReport
 from pacsflow.tasks.deid.manifest import QuarantinedObject
-from pacsflow.tasks.ingest.ledger import Ledger
+from pacsflow.tasks.ingest.ledger import Ledger, MissingEntry
 from pacsflow.tasks.lake.study import StudyOutcome
+from pacsflow.tasks.pacs.models import MissingObject, Retrieved
 from pacsflow.tasks.pacs.planning import Window, WorkItem
 
 ALL_QUARANTINED = "all objects quarantined"
@@ -32,6 +33,7 @@ class StudyReport:
     outcome: str = "pending"  # cataloged | failed | quarantined | interrupted
     instances: int = 0
     quarantined: int = 0
+    missing: int = 0  # objects the PACS listed but did not send
     error: str = ""
 
 
@@ -52,6 +54,8 @@ class RunSummary:
     # objects
     instances: int = 0
     quarantined_objects: int = 0
+    missing_objects: int = 0  # listed by the PACS, not sent (recorded in the ledger, asked for again)
+    rejected_objects: int = 0  # sent to us but not listed by the PACS: refused
     # the FHIR copy (studies)
     fhir_sent: int = 0
     fhir_failed: int = 0
@@ -114,6 +118,8 @@ class RunBook:
         self.catalog_uids: list[str] = []  # catalog StudyInstanceUIDs committed by this run
         self.deid_report = DeidReport()
         self.quarantined: list[QuarantinedObject] = []
+        self.missing: dict[str, tuple[MissingObject, ...]] = {}  # by study pseudonym
+        self.missing_recorded: list[MissingEntry] = []  # as the ledger holds them after this run
         self.written = 0
 
     # -- what happened, as the tasks report it ----------------------------------------------
@@ -122,8 +128,10 @@ class RunBook:
         self.items = list(items)
         self.reports = {w.pseudo_uid: StudyReport(w.pseudo_uid, w.reason) for w in items}
 
-    def retrieved(self, item: WorkItem) -> None:
+    def retrieved(self, item: WorkItem, result: Retrieved) -> None:
         self.summary.retrieved += 1
+        self.summary.rejected_objects += result.rejected
+        self.missing[item.pseudo_uid] = result.missing
 
     def deidentified(self, item: WorkItem, outcome: StudyOutcome) -> None:
         self.outcomes[item.pseudo_uid] = (item, outcome)
@@ -143,11 +151,22 @@ class RunBook:
             [(w.study_uid, w.pseudo_uid, w.study_date, w.expected or o.written) for w, o in batch], self.run_id
         )
         for w, o in batch:
+            self._record_missing(w)
             report = self.reports[w.pseudo_uid]
             report.outcome, report.instances, report.quarantined = "cataloged", o.written, len(o.quarantined)
             self.summary.cataloged += 1
             self.summary.instances += o.written
             self.catalog_uids.extend(o.study_uids)
+
+    def _record_missing(self, w: WorkItem) -> None:
+        """The cataloged study's objects the PACS did not send: each one more attempt in the
+        ledger (given up at ``max_attempts``); those that arrived this time are forgotten."""
+        missing = self.missing.get(w.pseudo_uid, ())
+        recorded = self.ledger.record_missing(w.study_uid, w.pseudo_uid, [(m.sop_uid, m.ref, m.reason) for m in missing],
+                                              self.run_id, self.max_attempts)
+        self.missing_recorded.extend(recorded)
+        self.reports[w.pseudo_uid].missing = len(missing)
+        self.summary.missing_objects += len(missing)
 
     # -- settling the run -------------------------------------------------------------------
     def settle(self) -> list[tuple[WorkItem, FailureVerdict]]:
@@ -192,11 +211,12 @@ class RunBook:
         """The run is stopped before its catalog commit (a signal): failures so far are recorded as
         usual, and every other planned study (retrieving, de-identified but not cataloged, or still
         queued) as a transient failure with ``reason``, which the next run retries; an interruption
-        never makes a study permanent. The watermark does not move. Returns the unfinished studies."""
+        neither counts as an attempt nor makes a study permanent. The watermark does not move. Returns the unfinished studies."""
         self._record_failures()
         unfinished = [w for w in self.items if w.pseudo_uid not in self.failures]
         for w in unfinished:
-            self.ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, reason, False, self.run_id)
+            self.ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, reason, False, self.run_id,
+                                    attempted=False)
             report = self.reports[w.pseudo_uid]
             report.outcome, report.error = "interrupted", reason
         return unfinished

@@ -40,6 +40,18 @@ CREATE TABLE IF NOT EXISTS quarantine (
     run_id      TEXT,
     created_at  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS missing_objects (
+    study_uid   TEXT NOT NULL,      -- original UIDs (PHI zone)
+    sop_uid     TEXT NOT NULL,
+    pseudo_uid  TEXT NOT NULL,      -- the study's pseudonym
+    object_ref  TEXT NOT NULL,      -- the object's pseudonym
+    reason      TEXT NOT NULL,      -- why the PACS did not send it (no PHI)
+    attempts    INTEGER NOT NULL,   -- runs that asked for it in vain
+    permanent   INTEGER NOT NULL,   -- 1: no longer asked for (max_attempts reached)
+    updated_at  TEXT NOT NULL,
+    run_id      TEXT,
+    PRIMARY KEY (study_uid, sop_uid)
+);
 """
 
 
@@ -53,6 +65,18 @@ class LedgerEntry:
     reason: str | None
     permanent: bool
     attempts: int
+    missing: int = 0  # objects the PACS did not send that later runs still ask for
+
+
+@dataclass(frozen=True)
+class MissingEntry:
+    """An object the PACS listed but did not send (pseudonyms only)."""
+
+    pseudo_uid: str
+    object_ref: str
+    reason: str
+    attempts: int
+    permanent: bool
 
 
 class Ledger:
@@ -66,17 +90,24 @@ class Ledger:
     def entries(self, study_uids: Iterable[str] | None = None) -> dict[str, LedgerEntry]:
         with self._tx() as con:
             rows = con.execute(
-                "SELECT study_uid, pseudo_uid, study_date, instances, status, reason, permanent, attempts FROM studies"
+                """SELECT s.study_uid, pseudo_uid, study_date, instances, status, reason, permanent, attempts,
+                          (SELECT count(*) FROM missing_objects m WHERE m.study_uid = s.study_uid AND m.permanent = 0)
+                   FROM studies s"""
             ).fetchall()
         wanted = set(study_uids) if study_uids is not None else None
         return {
-            r[0]: LedgerEntry(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7])
+            r[0]: LedgerEntry(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8])
             for r in rows
             if wanted is None or r[0] in wanted
         }
 
     def failed(self) -> list[LedgerEntry]:
         return [e for e in self.entries().values() if e.status == "failed"]
+
+    def to_retry(self) -> list[LedgerEntry]:
+        """Studies a run asks for by UID whatever its window: transient failures, and cataloged
+        studies with objects the PACS has not sent yet."""
+        return [e for e in self.entries().values() if (e.status == "failed" and not e.permanent) or e.missing]
 
     def mark_cataloged(self, items: Iterable[tuple[str, str, str | None, int]], run_id: str) -> None:
         now = utc_timestamp()
@@ -101,27 +132,67 @@ class Ledger:
         reason: str,
         permanent: bool,
         run_id: str,
+        *,
+        attempted: bool = True,
     ) -> None:
         """A failure never erases what was cataloged before: a study that grew and failed keeps
-        its old count, so the next run sees it grew again and retries."""
+        its old count, so the next run sees it grew again and retries. ``attempted=False`` (a run
+        interrupted before it got to the study) records the reason without counting an attempt."""
         with self._tx() as con:
             con.execute(
                 """INSERT INTO studies(study_uid, pseudo_uid, study_date, instances, status, reason, permanent,
                                        attempts, updated_at, run_id)
-                   VALUES (?, ?, ?, ?, 'failed', ?, ?, 1, ?, ?)
+                   VALUES (?, ?, ?, ?, 'failed', ?, ?, ?, ?, ?)
                    ON CONFLICT(study_uid) DO UPDATE SET
                      instances=CASE WHEN studies.status='cataloged' THEN studies.instances ELSE excluded.instances END,
                      status=CASE WHEN studies.status='cataloged' AND studies.instances IS NOT NULL
                                  THEN 'cataloged' ELSE 'failed' END,
                      reason=excluded.reason, permanent=excluded.permanent,
-                     attempts=studies.attempts + 1, updated_at=excluded.updated_at, run_id=excluded.run_id""",
-                (study_uid, pseudo_uid, study_date, expected, reason, int(permanent), utc_timestamp(), run_id),
+                     attempts=studies.attempts + excluded.attempts, updated_at=excluded.updated_at,
+                     run_id=excluded.run_id""",
+                (study_uid, pseudo_uid, study_date, expected, reason, int(permanent), int(attempted), utc_timestamp(),
+                 run_id),
             )
             if permanent:
                 con.execute(
                     "INSERT INTO quarantine(pseudo_uid, object_ref, reason, run_id, created_at) VALUES (?, '', ?, ?, ?)",
                     (pseudo_uid, reason, run_id, utc_timestamp()),
                 )
+
+    def record_missing(self, study_uid: str, pseudo_uid: str, missing: Iterable[tuple[str, str, str]],
+                       run_id: str, max_attempts: int) -> list[MissingEntry]:
+        """After a study is cataloged: its objects the PACS did not send this time, as
+        (original SOP Instance UID, pseudonym, reason). Each counts one more attempt and is given
+        up (permanent) at ``max_attempts``; objects that arrived are forgotten. Returns the study's
+        missing objects as recorded."""
+        now = utc_timestamp()
+        missing = list(missing)
+        with self._tx() as con:
+            arrived = {r[0] for r in con.execute("SELECT sop_uid FROM missing_objects WHERE study_uid = ?",
+                                                  (study_uid,))} - {uid for uid, _, _ in missing}
+            con.executemany("DELETE FROM missing_objects WHERE study_uid = ? AND sop_uid = ?",
+                            [(study_uid, uid) for uid in arrived])
+            con.executemany(
+                """INSERT INTO missing_objects(study_uid, sop_uid, pseudo_uid, object_ref, reason, attempts, permanent,
+                                               updated_at, run_id)
+                   VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)
+                   ON CONFLICT(study_uid, sop_uid) DO UPDATE SET
+                     reason=excluded.reason, attempts=missing_objects.attempts + 1,
+                     permanent=CASE WHEN missing_objects.attempts + 1 >= ? THEN 1 ELSE 0 END,
+                     updated_at=excluded.updated_at, run_id=excluded.run_id""",
+                [(study_uid, uid, pseudo_uid, ref, reason, int(max_attempts <= 1), now, run_id, max_attempts)
+                 for uid, ref, reason in missing],
+            )
+        return [e for e in self.missing_entries() if e.pseudo_uid == pseudo_uid]
+
+    def missing_entries(self) -> list[MissingEntry]:
+        """Every object the PACS did not send, pending or given up (pseudonyms only)."""
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT pseudo_uid, object_ref, reason, attempts, permanent FROM missing_objects "
+                "ORDER BY pseudo_uid, object_ref"
+            ).fetchall()
+        return [MissingEntry(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
     def quarantine(self, pseudo_uid: str, object_ref: str, reason: str, run_id: str) -> None:
         with self._tx() as con:

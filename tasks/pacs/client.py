@@ -27,9 +27,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 
-from pacsflow.tasks.core.errors import PacsConfigurationError, PacsflowError, PacsUnavailable
+from pacsflow.tasks.core.errors import PacsConfigurationError, PacsflowError, PacsStatusError, PacsUnavailable
 from pacsflow.tasks.core.values import int_or_none
-from pacsflow.tasks.pacs.models import FindResult, PacsPeer, StudyInfo, SubOps
+from pacsflow.tasks.pacs.models import FindResult, Objects, PacsPeer, StudyInfo, SubOps
 from pacsflow.tasks.pacs.status import is_pending, is_success, raise_for_status, status_code
 from pacsflow.tasks.settings import Settings
 
@@ -251,34 +251,43 @@ class PacsClient:
             total += n
         return total
 
-    # -- C-MOVE ---------------------------------------------------------------------------
-    def move_study(self, study_uid: str, destination_ae: str, study_ref: str) -> SubOps:
-        """C-MOVE a whole study to ``destination_ae``. ``study_ref`` (a pseudonymous UID) names
-        the study in errors."""
+    def find_instances(self, study_uid: str) -> dict[str, str] | None:
+        """The study's objects as the PACS lists them: SOP Instance UID -> Series Instance UID,
+        asked level by level (series, then each series' images: what a strictly hierarchical
+        PACS answers). None when the PACS will not list them or caps the answer: the caller then
+        checks counts only."""
+        try:
+            with self.query_session():
+                series = self.find(_level_query("SERIES", study_uid, SeriesInstanceUID=""), "series C-FIND")
+                found: dict[str, str] = {}
+                for ident in series:
+                    series_uid = str(ident.get("SeriesInstanceUID", "") or "")
+                    images = self.find(_level_query("IMAGE", study_uid, SeriesInstanceUID=series_uid,
+                                                    SOPInstanceUID=""), "instance C-FIND")
+                    if images.capped or series.capped:
+                        return None
+                    found.update((str(i.get("SOPInstanceUID", "") or ""), series_uid) for i in images)
+        except (PacsConfigurationError, PacsStatusError) as exc:  # e.g. 0xA900: no image-level queries here
+            log.warning("the PACS does not list a study's instances (%s); completeness is checked by count only",
+                        exc)
+            return None
+        found.pop("", None)
+        return found or None
+
+    # -- C-MOVE and C-GET -----------------------------------------------------------------
+    def move(self, study_uid: str, objects: Objects | None, destination_ae: str, what: str) -> tuple[int, SubOps]:
+        """C-MOVE a study, or ``objects`` of one of its series, to ``destination_ae``: the final
+        status and sub-operation counts. A Failure or Warning status is returned, not raised: the
+        caller decides what a partial retrieve means."""
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        q = _study_identifier(study_uid)
         with self.association(ae) as assoc:
-            started = time.monotonic()
-            final = None
-            last_pending = SubOps()
-            for status, _identifier in assoc.send_c_move(q, destination_ae, StudyRootQueryRetrieveInformationModelMove):
-                code = status_code(status)
-                if code is None:
-                    raise self._no_answer(started, f"C-MOVE for study {study_ref}", last_pending != SubOps())
-                ops = _subops(status)
-                if is_pending(code):
-                    last_pending = ops
-                    continue
-                final = (code, ops)
-            if final is None:
-                raise PacsUnavailable(f"C-MOVE for study {study_ref}: no final status")
-            code, ops = final
-            raise_for_status(code, "C-MOVE", study_ref)
-            return ops if (ops.completed or ops.failed) else last_pending
+            return self._retrieve_outcome(assoc.send_c_move(
+                _identifier(study_uid, objects), destination_ae, StudyRootQueryRetrieveInformationModelMove), what)
 
-    # -- C-GET ----------------------------------------------------------------------------
-    def get_study(self, study_uid: str, on_store: Callable[[evt.Event], int], study_ref: str) -> SubOps:
+    def get(self, study_uid: str, objects: Objects | None, on_store: Callable[[evt.Event], int],
+            what: str) -> tuple[int, SubOps]:
+        """C-GET a study or some of its objects, each handed to ``on_store``; see :meth:`move`."""
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         # C-GET carries the store sub-operations on the same association: offer storage
@@ -287,24 +296,39 @@ class PacsClient:
         for uid in abstract_syntaxes(StoragePresentationContexts[: 128 - 1]):
             ae.add_requested_context(uid)
             roles.append(build_role(uid, scp_role=True))
-        q = _study_identifier(study_uid)
         with self.association(ae, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
-            started = time.monotonic()
-            final = None
-            answered = False
-            for status, _identifier in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet):
-                code = status_code(status)
-                if code is None:
-                    raise self._no_answer(started, f"C-GET for study {study_ref}", answered)
-                if is_pending(code):
-                    answered = True
-                    continue
-                final = (code, _subops(status))
-            if final is None:
-                raise PacsUnavailable(f"C-GET for study {study_ref}: no final status")
-            code, ops = final
-            raise_for_status(code, "C-GET", study_ref)
-            return ops
+            return self._retrieve_outcome(assoc.send_c_get(
+                _identifier(study_uid, objects), StudyRootQueryRetrieveInformationModelGet), what)
+
+    def _retrieve_outcome(self, responses: Iterator[tuple[Dataset, Dataset | None]], what: str) -> tuple[int, SubOps]:
+        started = time.monotonic()
+        final: tuple[int, SubOps] | None = None
+        last_pending = SubOps()
+        answered = False
+        for status, _identifier in responses:
+            code = status_code(status)
+            if code is None:
+                raise self._no_answer(started, what, answered)
+            if is_pending(code):
+                answered, last_pending = True, _subops(status)
+                continue
+            final = (code, _subops(status))
+        if final is None:
+            raise PacsUnavailable(f"{what}: no final status")
+        code, ops = final
+        return code, (ops if (ops.completed or ops.failed) else last_pending)
+
+    def move_study(self, study_uid: str, destination_ae: str, study_ref: str) -> SubOps:
+        """C-MOVE a whole study; any status but Success raises. ``study_ref`` (a pseudonymous
+        UID) names the study in errors."""
+        code, ops = self.move(study_uid, None, destination_ae, f"C-MOVE for study {study_ref}")
+        raise_for_status(code, "C-MOVE", study_ref)
+        return ops
+
+    def get_study(self, study_uid: str, on_store: Callable[[evt.Event], int], study_ref: str) -> SubOps:
+        code, ops = self.get(study_uid, None, on_store, f"C-GET for study {study_ref}")
+        raise_for_status(code, "C-GET", study_ref)
+        return ops
 
 
 class FindResponses(queue.Queue):
@@ -373,11 +397,22 @@ class FindResponses(queue.Queue):
             super()._put(item)
 
 
-def _study_identifier(study_uid: str) -> Dataset:
+def _level_query(level: str, study_uid: str, **keys: str | list[str]) -> Dataset:
     q = Dataset()
-    q.QueryRetrieveLevel = "STUDY"
+    q.QueryRetrieveLevel = level
     q.StudyInstanceUID = study_uid
+    for keyword, value in keys.items():
+        setattr(q, keyword, value)
     return q
+
+
+def _identifier(study_uid: str, objects: Objects | None) -> Dataset:
+    """A retrieve identifier: the whole study, or some images of one series (the unique keys of
+    every level above, as hierarchical retrieval asks)."""
+    if objects is None:
+        return _level_query("STUDY", study_uid)
+    series_uid, sop_uids = objects
+    return _level_query("IMAGE", study_uid, SeriesInstanceUID=series_uid, SOPInstanceUID=list(sop_uids))
 
 
 def _subops(status: Dataset) -> SubOps:

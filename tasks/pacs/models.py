@@ -64,8 +64,30 @@ class RetrieveRoute:
         return cls(PacsPeer.from_settings(settings), settings.retrieve_method, settings.receiver.ae_title)
 
 
+# Some objects of one series: (SeriesInstanceUID, SOP Instance UIDs), originals (PHI zone).
+Objects = tuple[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class MissingObject:
+    """An object the PACS listed but did not send. ``sop_uid`` is the original (PHI zone: memory
+    and the ledger only); ``ref`` is its keyed pseudonym, what logs and artifacts show."""
+
+    sop_uid: str
+    ref: str
+    reason: str
+
+    def __repr__(self) -> str:  # keep the original UID out of reprs that end up in logs
+        return f"MissingObject({self.ref}, {self.reason!r})"
+
+
 @dataclass(frozen=True)
 class Retrieved:
+    """A retrieved study: what is staged, the objects the PACS did not send, and how many objects
+    that it had not listed were refused (``rejected``)."""
+
     pseudo_uid: str
     staged_dir: str
     received: int
+    missing: tuple[MissingObject, ...] = ()
+    rejected: int = 0

@@ -133,7 +133,7 @@ class WorkItem:
     pseudo_uid: str
     study_date: str
     expected: int | None
-    reason: str  # new | grew | retry
+    reason: str  # new | grew | retry | missing
 
     def __repr__(self) -> str:  # keep the original UID out of reprs that end up in logs
         return f"WorkItem({self.pseudo_uid}, {self.reason}, expected={self.expected})"
@@ -144,7 +144,8 @@ def worklist(
     ledger: Mapping[str, LedgerEntry],
     pseudo: Callable[[str], str],
 ) -> list[WorkItem]:
-    """New studies, studies that grew since we cataloged them, and earlier failures.
+    """New studies, studies that grew since we cataloged them, earlier failures, and cataloged
+    studies with objects the PACS did not send (until those are given up).
 
     A study that failed permanently is retried only when the PACS reports a different
     instance count (something changed); otherwise it stays quarantined until an operator
@@ -161,6 +162,8 @@ def worklist(
             reason = "retry"
         elif s.n_instances is not None and (entry.instances is None or s.n_instances > entry.instances):
             reason = "grew"
+        elif entry.missing:
+            reason = "missing"  # the PACS did not send some objects last time: ask again
         else:
             continue
         items.append(WorkItem(s.study_uid, pseudo(s.study_uid), s.study_date, s.n_instances, reason))

@@ -7,8 +7,9 @@ under ``state_root`` with owner-only permissions, never in the lake.
 
 The receiver listens on a port anyone can reach for the length of a run, so it trusts no one:
 only the PACS (and AEs named in ``receiver.allowed_aes``) may associate, only objects of the
-studies the run is retrieving are kept, and an object above ``receiver.max_object_mb`` is
-refused before a byte of it is written.
+studies the run is retrieving are kept (and of those, once the PACS has listed a study's objects,
+only the listed ones), and an object above ``receiver.max_object_mb`` is refused before a byte
+of it is written.
 """
 
 from __future__ import annotations
@@ -41,19 +42,24 @@ MB = 1024 * 1024
 class StagingWriter:
     """Writes C-STORE requests into per-study staging folders.
 
-    ``study_dir_name`` maps an original StudyInstanceUID to the folder name (a pseudonymous
-    UID), so no original identifier appears in a path that Prefect or the logs could see.
-    Only studies announced with ``expect`` are staged; every refusal is counted in ``refused``
-    by reason (``too_large``, ``undecodable``, ``unexpected_study``) and in ``rejected``.
+    ``uid_ref`` maps an original UID to its keyed pseudonym: a study's folder is named by it, so
+    no original identifier appears in a path that Prefect or the logs could see. Only studies
+    announced with ``expect`` are staged and, once a study's objects are listed with
+    ``announce``, only those objects. Every refusal is counted in ``refused`` by reason
+    (``too_large``, ``undecodable``, ``unexpected_study``, ``unlisted_object``) and in
+    ``rejected``; the reason a listed object was refused is kept for the run's record.
     """
 
-    def __init__(self, staging_dir: Path, study_dir_name: Callable[[str], str], max_object_mb: int = 2048) -> None:
+    def __init__(self, staging_dir: Path, uid_ref: Callable[[str], str], max_object_mb: int = 2048) -> None:
         self.staging_dir = ensure_private_dir(staging_dir)
-        self._name = study_dir_name
+        self.ref = uid_ref
         self.max_object_bytes = max_object_mb * MB
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-        self._expected: set[str] = set()  # original UIDs: held in memory, never written or logged
+        # Original UIDs below: held in memory, never written or logged.
+        self._expected: set[str] = set()
+        self._listed: dict[str, frozenset[str]] = {}  # study -> the SOP Instance UIDs the PACS listed
+        self._unlisted: Counter[str] = Counter()  # study -> objects refused as not listed
+        self._refusals: dict[str, str] = {}  # SOP Instance UID -> why we refused it
         self.refused: Counter[str] = Counter()
 
     @property
@@ -65,12 +71,34 @@ class StagingWriter:
         with self._lock:
             self._expected.update(study_uids)
 
+    def announce(self, study_uid: str, sop_uids: Iterable[str]) -> None:
+        """From now on accept only these objects of ``study_uid`` (what the PACS listed)."""
+        with self._lock:
+            self._listed[study_uid] = frozenset(sop_uids)
+            self._unlisted.pop(study_uid, None)
+
     def study_dir(self, study_uid: str) -> Path:
-        return self.staging_dir / self._name(study_uid)
+        return self.staging_dir / self.ref(study_uid)
+
+    def staged(self, study_uid: str, sop_uids: Iterable[str]) -> set[str]:
+        """Which of ``sop_uids`` are on disk in the study's staging folder."""
+        folder = self.study_dir(study_uid)
+        return {uid for uid in sop_uids if (folder / staged_name(uid)).exists()}
+
+    def refusal(self, sop_uid: str) -> str | None:
+        """Why we refused this object, if we did (e.g. ``too_large``)."""
+        with self._lock:
+            return self._refusals.get(sop_uid)
+
+    def unlisted(self, study_uid: str) -> int:
+        """Objects of the study refused because the PACS had not listed them."""
+        with self._lock:
+            return self._unlisted[study_uid]
 
     def handle_store(self, event: evt.Event) -> int:
         if _encoded_size(event) > self.max_object_bytes:
-            return self._refuse(event, "too_large", _OUT_OF_RESOURCES)
+            sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+            return self._refuse(event, "too_large", _OUT_OF_RESOURCES, sop_uid)
         try:
             ds = event.dataset
             study_uid = str(ds.StudyInstanceUID)
@@ -79,25 +107,33 @@ class StagingWriter:
             return self._refuse(event, "undecodable", _CANNOT_UNDERSTAND)
         with self._lock:
             expected = study_uid in self._expected
+            listed = self._listed.get(study_uid)
         if not expected:
             return self._refuse(event, "unexpected_study", _NOT_AUTHORISED)
+        if listed is not None and sop_uid not in listed:
+            with self._lock:
+                self._unlisted[study_uid] += 1
+            return self._refuse(event, "unlisted_object", _NOT_AUTHORISED)
         folder = self.study_dir(study_uid)
-        name = hashlib.sha256(sop_uid.encode()).hexdigest()[:32] + ".dcm"
         try:
-            write_atomic(folder / name, event.encoded_dataset(), private=True)
+            write_atomic(folder / staged_name(sop_uid), event.encoded_dataset(), private=True)
         except OSError as exc:
             log.error("cannot write a received object to staging: %s", type(exc).__name__)
-            return _OUT_OF_RESOURCES
-        with self._lock:
-            key = folder.name
-            self._counts[key] = self._counts.get(key, 0) + 1
+            return self._refuse(event, "write_failed", _OUT_OF_RESOURCES, sop_uid)
         return _SUCCESS
 
-    def _refuse(self, event: evt.Event, reason: str, status: int) -> int:
+    def _refuse(self, event: evt.Event, reason: str, status: int, sop_uid: str = "") -> int:
         with self._lock:
             self.refused[reason] += 1
+            if sop_uid:
+                self._refusals[sop_uid] = reason
         log.warning("refused a C-STORE from %s: %s (0x%04X)", _peer_ae(event), reason.replace("_", " "), status)
         return status
+
+
+def staged_name(sop_uid: str) -> str:
+    """An object's file name in staging: a hash of its SOP Instance UID (no identifier in paths)."""
+    return hashlib.sha256(sop_uid.encode()).hexdigest()[:32] + ".dcm"
 
 
 def _encoded_size(event: evt.Event) -> int:

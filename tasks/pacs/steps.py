@@ -7,14 +7,26 @@ not hashed (NO_CACHE): a WorkItem holds an original UID that must stay in memory
 
 from __future__ import annotations
 
+from functools import partial
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pacsflow.tasks.core.errors import retry_if_transient
 from pacsflow.tasks.pacs.client import PacsClient
-from pacsflow.tasks.pacs.models import PacsPeer, Retrieved, RetrieveRoute, StudyInfo, check_complete
+from pacsflow.tasks.pacs.models import (
+    MissingObject,
+    Objects,
+    PacsPeer,
+    Retrieved,
+    RetrieveRoute,
+    StudyInfo,
+    check_complete,
+)
 from pacsflow.tasks.pacs.planning import Discovery, Window, WorkItem, discover
 from pacsflow.tasks.pacs.receiver import StagingWriter, count_staged
+from pacsflow.tasks.pacs.retrieval import Send, describe_refusal, retrieve_listed
+from pacsflow.tasks.pacs.status import raise_for_status
 from pacsflow.tasks.settings import RetrieveMethod
 
 # The global concurrency limit on PACS associations. A run takes max_associations slots for
@@ -61,16 +73,52 @@ def discover_studies(peer: PacsPeer, window: Window, retry_uids: list[str]) -> D
       cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient, retry_jitter_factor=0.5)
 def retrieve_study(item: WorkItem, route: RetrieveRoute, writer: StagingWriter) -> Retrieved:
     """C-MOVE (into the run's Storage SCP, which stages through ``writer``) or C-GET (staged
-    through ``writer`` here) one study; complete only when every instance the PACS reported is
-    on disk."""
+    through ``writer`` here) one study. The PACS first lists the study's objects: only those are
+    accepted, and the study is complete when each is on disk or the PACS refused to send it
+    (the rest of the study goes on; the refused ones are recorded by the run)."""
     logger = get_run_logger()
     client = PacsClient(route.peer)
-    if route.method is RetrieveMethod.C_MOVE:
-        ops = client.move_study(item.study_uid, route.move_destination, item.pseudo_uid)
-    else:
-        ops = client.get_study(item.study_uid, writer.handle_store, item.pseudo_uid)
+    send = _sender(client, route, writer, item)
+    listed = client.find_instances(item.study_uid)
     folder = writer.study_dir(item.study_uid)
+    if listed is None:  # the PACS lists no objects: compare counts, as the PACS reported them
+        raise_for_status(send(None), _operation(route), item.pseudo_uid)
+        check_complete(count_staged(folder), item.expected, item.pseudo_uid)
+        return Retrieved(item.pseudo_uid, str(folder), count_staged(folder))
+    writer.announce(item.study_uid, listed)
+    refused = retrieve_listed(send, listed, partial(writer.staged, item.study_uid), _operation(route),
+                              item.pseudo_uid)
+    missing = tuple(MissingObject(uid, writer.ref(uid), _why_missing(writer.refusal(uid), code))
+                    for uid, code in sorted(refused.items()))
     received = count_staged(folder)
-    check_complete(received, item.expected, item.pseudo_uid)
-    logger.info("retrieved study %s: %d instances (%d sub-ops completed)", item.pseudo_uid, received, ops.completed)
-    return Retrieved(item.pseudo_uid, str(folder), received)
+    logger.info("retrieved study %s: %d of %d listed objects", item.pseudo_uid, received, len(listed))
+    if missing:
+        logger.warning("study %s: %d object(s) not sent by the PACS: %s", item.pseudo_uid, len(missing),
+                       "; ".join(f"{m.ref} ({m.reason})" for m in missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    unlisted = writer.unlisted(item.study_uid)
+    if unlisted:
+        logger.warning("study %s: refused %d object(s) the PACS had not listed", item.pseudo_uid, unlisted)
+    return Retrieved(item.pseudo_uid, str(folder), received, missing, unlisted)
+
+
+def _operation(route: RetrieveRoute) -> str:
+    return "C-MOVE" if route.method is RetrieveMethod.C_MOVE else "C-GET"
+
+
+def _sender(client: PacsClient, route: RetrieveRoute, writer: StagingWriter, item: WorkItem) -> Send:
+    """One retrieve of the study, or of some of its objects, by the route's method: its final status."""
+    def send(objects: Objects | None) -> int:
+        what = f"{_operation(route)} for study {item.pseudo_uid}"
+        if route.method is RetrieveMethod.C_MOVE:
+            return client.move(item.study_uid, objects, route.move_destination, what)[0]
+        return client.get(item.study_uid, objects, writer.handle_store, what)[0]
+
+    return send
+
+
+def _why_missing(refusal: str | None, code: int) -> str:
+    if refusal == "too_large":
+        return "refused by our receiver: larger than receiver.max_object_mb"
+    if refusal:
+        return f"refused by our receiver ({refusal.replace('_', ' ')})"
+    return describe_refusal(code)

@@ -111,3 +111,14 @@ def test_an_oversized_object_is_refused_and_leaves_no_file(site, tmp_path):
     assert site.staged() == []  # no object, no temp file, no study folder
     small = site.run("storescu", PACS_AE, site.files(site.expected)[0])
     assert small.returncode == 0 and len(site.staged()) == 1
+
+
+def test_an_object_the_pacs_did_not_list_is_refused_and_counted(site):
+    files = site.files(site.expected)
+    listed = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files[1:]]
+    site.writer.announce(site.expected.study_uid, listed)  # the PACS listed every object but the first
+    sent = site.run("storescu", PACS_AE, "--no-halt", *files)
+    assert sent.stderr.count("Store Response (Unknown Status: 0x124)") == 1
+    assert site.writer.unlisted(site.expected.study_uid) == 1 == site.writer.refused["unlisted_object"]
+    assert site.writer.staged(site.expected.study_uid, listed) == set(listed)
+    assert len(site.staged()) == len(listed)  # the injected object left nothing in staging

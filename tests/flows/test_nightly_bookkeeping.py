@@ -25,7 +25,7 @@ from tests.net.fake_pacs import FakePacs, held_files
 TODAY = dt.date.today()
 NO_US = ("CT", "MR", "MG")  # ultrasound carries burned-in text: quarantined
 RESULT_KEYS = {"run_id", "window", "found", "pacs_queries", "queued", "retrieved", "deidentified", "cataloged", "failed",
-               "instances", "quarantined_objects", "fhir_sent", "fhir_failed", "fhir_differences", "seconds",
+               "instances", "quarantined_objects", "missing_objects", "rejected_objects", "fhir_sent", "fhir_failed", "fhir_differences", "seconds",
                "instances_per_second"}
 ARTIFACT_KEYS = {"nightly-deid-manifest", "nightly-ingest-summary", "nightly-ingest-studies"}
 

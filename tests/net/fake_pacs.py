@@ -1,7 +1,8 @@
 """An in-process PACS for tests that need one without Orthanc: a pynetdicom SCP on a free loopback
-port that holds Part 10 files, answers study-level C-FIND over them, performs C-MOVE by C-STORE-ing
-a study's files to the move destination (looked up in its own modality table) and C-GET by
-C-STORE-ing them back over the asking association.
+port that holds Part 10 files, answers C-FIND over them (studies by date or UID; a study's series;
+a series' images), performs C-MOVE by C-STORE-ing a study's files (or the images asked for) to the
+move destination (looked up in its own modality table) and C-GET by C-STORE-ing them back over the
+asking association.
 
 Faults are injected per study: ``fail_study(uid, status)`` makes every C-MOVE/C-GET of that study
 end with ``status`` before any object is sent (0xC000 looks transient to pacsflow, as Orthanc's
@@ -44,6 +45,7 @@ class HeldStudy:
     date: str
     files: list[Path] = field(default_factory=list)
     series: set[str] = field(default_factory=set)
+    objects: dict[Path, tuple[str, str]] = field(default_factory=dict)  # file -> (series UID, SOP UID)
     modalities: set[str] = field(default_factory=set)
     contexts: set[tuple[str, str]] = field(default_factory=set)  # (SOP class, transfer syntax)
 
@@ -57,7 +59,8 @@ class FakePacs:
         self.studies: dict[str, HeldStudy] = {}
         self.destinations: dict[str, tuple[str, int]] = {}
         self.failing: dict[str, int] = {}
-        self.retrieves: list[str] = []  # study UIDs asked for by C-MOVE or C-GET, in order
+        self.retrieves: list[str] = []  # study UIDs asked for by whole-study C-MOVE or C-GET, in order
+        self.object_retrieves: list[str] = []  # study UIDs of retrieves of some of a study's images
         self._lock = threading.Lock()
         self._server = None
 
@@ -69,6 +72,7 @@ class FakePacs:
             study = self.studies.setdefault(uid, HeldStudy(uid, str(ds.get("StudyDate", ""))))
             study.files.append(Path(path))
             study.series.add(str(ds.SeriesInstanceUID))
+            study.objects[Path(path)] = (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
             study.modalities.add(str(ds.get("Modality", "")))
             study.contexts.add((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
 
@@ -82,6 +86,7 @@ class FakePacs:
         self.failing.pop(study_uid, None)
 
     def retrieve_count(self, study_uid: str) -> int:
+        """Whole-study retrieves of ``study_uid`` (one per attempt of pacsflow's)."""
         with self._lock:
             return self.retrieves.count(study_uid)
 
@@ -126,8 +131,12 @@ class FakePacs:
     # -- services ---------------------------------------------------------------------------
     def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         query = event.identifier
-        if str(query.get("QueryRetrieveLevel", "")) != "STUDY":
-            yield 0xA900, None  # identifier does not match SOP class: only study level here
+        level = str(query.get("QueryRetrieveLevel", ""))
+        if level in ("SERIES", "IMAGE"):
+            yield from _lower_level_answers(self.studies.get(str(query.get("StudyInstanceUID", ""))), query)
+            return
+        if level != "STUDY":
+            yield 0xA900, None  # identifier does not match SOP class
             return
         wanted_uid = str(query.get("StudyInstanceUID", "") or "")
         dates = str(query.get("StudyDate", "") or "")
@@ -155,11 +164,15 @@ class FakePacs:
     def _asked_for(self, identifier: Dataset) -> HeldStudy | None:
         uid = str(identifier.get("StudyInstanceUID", "") or "")
         with self._lock:
-            self.retrieves.append(uid)
+            whole = str(identifier.get("QueryRetrieveLevel", "")) == "STUDY"
+            (self.retrieves if whole else self.object_retrieves).append(uid)
         return self.studies.get(uid)
 
     def _send(self, event: evt.Event, study: HeldStudy | None) -> Iterator:
         files = sorted(study.files) if study else []
+        wanted = _multi(event.identifier.get("SOPInstanceUID"))
+        if study and wanted:
+            files = [f for f in files if study.objects[f][1] in wanted]
         yield len(files)
         status = self.failing.get(study.uid) if study else None
         if status is not None:
@@ -180,6 +193,32 @@ def _date_matches(value: str, query: str) -> bool:
         return value == query
     lo, hi = query.split("-", 1)
     return bool(value) and (not lo or value >= lo) and (not hi or value <= hi)
+
+
+def _multi(value: object) -> set[str]:
+    if not value:
+        return set()
+    return {str(value)} if isinstance(value, str) else {str(v) for v in value}  # type: ignore[attr-defined]
+
+
+def _lower_level_answers(study: HeldStudy | None, query: Dataset) -> Iterator[tuple[int, Dataset | None]]:
+    """A study's series (SERIES level), or one series' images (IMAGE level)."""
+    if study is None:
+        return
+    level = str(query.QueryRetrieveLevel)
+    series_uid = str(query.get("SeriesInstanceUID", "") or "")
+    seen: set[str] = set()
+    for series, sop in sorted(study.objects.values()):
+        ds = Dataset()
+        ds.QueryRetrieveLevel = level
+        ds.StudyInstanceUID = study.uid
+        ds.SeriesInstanceUID = series
+        if level == "SERIES" and series not in seen:
+            seen.add(series)
+            yield PENDING, ds
+        elif level == "IMAGE" and (not series_uid or series == series_uid):
+            ds.SOPInstanceUID = sop
+            yield PENDING, ds
 
 
 def _study_answer(study: HeldStudy) -> Dataset:

@@ -6,6 +6,7 @@ The same client code is exercised against real Orthanc in tests/integration and 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from pydicom.dataset import Dataset
@@ -66,7 +67,10 @@ def test_abort_mid_query_is_transient_unavailability(fake_pacs):
         ident.QueryRetrieveLevel = "STUDY"
         ident.StudyInstanceUID = "1.2.3"
         yield (0xFF00, ident)
-        threading.Thread(target=event.assoc.abort).start()
+        # Abort once the first answer has reached the client (an abort before any answer is how
+        # Orthanc refuses an unknown calling AE: a configuration error, tested elsewhere).
+        threading.Timer(0.3, event.assoc.abort).start()
+        time.sleep(1.0)
         yield (0xFF00, ident)
 
     settings = fake_pacs([(evt.EVT_C_FIND, on_find)])

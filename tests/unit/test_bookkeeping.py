@@ -11,7 +11,8 @@ from pacsflow.tasks.core.errors import IncompleteRetrieve, PacsConfigurationErro
 from pacsflow.tasks.ingest.bookkeeping import RunBook, judge_failure, next_watermark
 from pacsflow.tasks.ingest.ledger import Ledger
 from pacsflow.tasks.lake.study import StudyOutcome
-from pacsflow.tasks.pacs.planning import Window, WorkItem
+from pacsflow.tasks.pacs.models import MissingObject, Retrieved, StudyInfo
+from pacsflow.tasks.pacs.planning import Window, WorkItem, worklist
 
 D = dt.date
 WINDOW = Window(D(2026, 11, 1), D(2026, 11, 10))
@@ -26,6 +27,12 @@ def _cataloged(item: WorkItem, written: int = 3, quarantined: int = 0) -> StudyO
                         quarantined=[(f"f{i}.dcm", "BadDicom: unreadable") for i in range(quarantined)],
                         actions={"X": written}, rows_dir=f"/rows/{item.pseudo_uid}",
                         study_uids=[f"9.9.{item.pseudo_uid}"])
+
+
+def _retrieved(item: WorkItem, *missing: str, rejected: int = 0) -> Retrieved:
+    lost = tuple(MissingObject(f"1.2.840.{item.pseudo_uid}.{m}", f"2.25.9{m}", "the PACS did not send it (status "
+                               "0xC000 (unable to process))") for m in missing)
+    return Retrieved(item.pseudo_uid, f"/staging/{item.pseudo_uid}", 3 - len(missing), lost, rejected)
 
 
 def _book(ledger: Ledger, run_id: str = "r1", max_attempts: int = 3) -> RunBook:
@@ -59,7 +66,7 @@ def test_a_clean_run_records_every_study_and_advances_the_watermark(ledger):
     items = [_item(1, "20261103"), _item(2, "20261109", expected=None)]
     book.planned(found=5, items=items)
     for w in items:
-        book.retrieved(w)
+        book.retrieved(w, _retrieved(w))
         book.deidentified(w, _cataloged(w, written=4))
     book.cataloged(book.to_commit())
     assert book.settle() == []
@@ -163,9 +170,9 @@ def test_an_interrupted_run_leaves_every_unfinished_study_for_the_next_run(ledge
     book = _book(ledger, max_attempts=1)
     items = [_item(1, "20261103"), _item(2, "20261104"), _item(3, "20261105"), _item(4, "20261106")]
     book.planned(found=4, items=items)
-    book.retrieved(items[0])
+    book.retrieved(items[0], _retrieved(items[0]))
     book.deidentified(items[0], _cataloged(items[0]))  # de-identified, but the commit never came
-    book.retrieved(items[1])  # de-identifying when the signal came; 3 retrieving, 4 still queued
+    book.retrieved(items[1], _retrieved(items[1]))  # de-identifying when the signal came; 3 retrieving, 4 still queued
     book.failed(items[2], PacsConfigurationError("study 2.25.3: 0xA801"))
 
     unfinished = book.interrupted("run interrupted (signal 15)")
@@ -182,3 +189,37 @@ def test_an_interrupted_run_leaves_every_unfinished_study_for_the_next_run(ledge
     assert {e.study_uid for e in ledger.failed() if not e.permanent} == {"1.2.840.1", "1.2.840.2", "1.2.840.4"}
     assert ledger.watermark == D(2026, 10, 30)
     assert [s.outcome for s in book.finish(1.0).studies] == ["interrupted", "interrupted", "failed", "interrupted"]
+    # The runs that were interrupted never got to judge these studies: no attempt is counted.
+    assert {u: e.attempts for u, e in ledger.entries().items()} == {
+        "1.2.840.1": 0, "1.2.840.2": 0, "1.2.840.3": 1, "1.2.840.4": 0}
+
+
+def _run_with_missing(ledger: Ledger, run_id: str, *missing: str) -> RunBook:
+    item = _item(1, reason="new")
+    book = _book(ledger, run_id=run_id, max_attempts=2)
+    book.planned(1, [item])
+    book.retrieved(item, _retrieved(item, *missing, rejected=1))
+    book.deidentified(item, _cataloged(item, written=3 - len(missing)))
+    book.cataloged(book.to_commit())
+    book.settle()
+    return book
+
+
+def test_objects_the_pacs_did_not_send_are_asked_for_again_until_given_up(ledger):
+    at_pacs = [StudyInfo("1.2.840.1", "20261105", 3, 1, ("CT",))]
+    first = _run_with_missing(ledger, "r1", "a", "b")
+    summary = first.finish(1.0)
+    assert (summary.cataloged, summary.missing_objects, summary.rejected_objects) == (1, 2, 1)
+    assert summary.studies[0].missing == 2 and summary.studies[0].outcome == "cataloged"
+    assert [(m.object_ref, m.attempts, m.permanent) for m in first.missing_recorded] == [
+        ("2.25.9a", 1, False), ("2.25.9b", 1, False)]
+    # The next run asks for the study by UID, whatever its window, and retrieves it again.
+    assert [e.study_uid for e in ledger.to_retry()] == ["1.2.840.1"]
+    assert [w.reason for w in worklist(at_pacs, ledger.entries(), lambda u: "2.25.1")] == ["missing"]
+
+    second = _run_with_missing(ledger, "r2", "b")  # "a" arrived this time
+    assert [(m.object_ref, m.attempts, m.permanent) for m in second.missing_recorded] == [("2.25.9b", 2, True)]
+    assert [m.object_ref for m in ledger.missing_entries()] == ["2.25.9b"]
+    assert "0xC000" in ledger.missing_entries()[0].reason
+    # Given up after max_attempts: the study is no longer asked for until the PACS's count changes.
+    assert ledger.to_retry() == [] and worklist(at_pacs, ledger.entries(), lambda u: "2.25.1") == []
