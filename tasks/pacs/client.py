@@ -260,11 +260,11 @@ class PacsClient:
             with self.query_session():
                 series = self.find(_level_query("SERIES", study_uid, SeriesInstanceUID=""), "series C-FIND")
                 found: dict[str, str] = {}
-                for ident in series:
+                for ident in [] if series.capped else series:
                     series_uid = str(ident.get("SeriesInstanceUID", "") or "")
                     images = self.find(_level_query("IMAGE", study_uid, SeriesInstanceUID=series_uid,
                                                     SOPInstanceUID=""), "instance C-FIND")
-                    if images.capped or series.capped:
+                    if images.capped:
                         return None
                     found.update((str(i.get("SOPInstanceUID", "") or ""), series_uid) for i in images)
         except (PacsConfigurationError, PacsStatusError) as exc:  # e.g. 0xA900: no image-level queries here
