@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import ssl
 import threading
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacsflow.tasks.core.files import ensure_private_dir, write_atomic
 from pacsflow.tasks.pacs.client import NODELAY_HANDLER, abstract_syntaxes, quiet_pynetdicom
+from pacsflow.tasks.pacs.tls import receiver_context
 from pacsflow.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -129,9 +131,11 @@ class StorageReceiver:
     call us by ``ae_title``; refused calling AEs are logged and kept in ``refused_aes``.
     """
 
-    def __init__(self, ae_title: str, host: str, port: int, writer: StagingWriter, allowed_aes: Iterable[str]) -> None:
+    def __init__(self, ae_title: str, host: str, port: int, writer: StagingWriter, allowed_aes: Iterable[str],
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         quiet_pynetdicom()
         self.writer = writer
+        self.ssl_context = ssl_context
         self.address = (host, port)
         self.allowed_aes = sorted({ae.strip() for ae in allowed_aes if ae.strip()})
         if not self.allowed_aes:  # pynetdicom reads an empty list as "anyone"
@@ -154,7 +158,7 @@ class StorageReceiver:
     def for_run(cls, settings: Settings, writer: StagingWriter) -> "StorageReceiver":
         """The receiver of ``settings.receiver``, open to the PACS and ``receiver.allowed_aes``."""
         r = settings.receiver
-        return cls(r.ae_title, r.host, r.port, writer, [settings.pacs.called_ae, *r.allowed_aes])
+        return cls(r.ae_title, r.host, r.port, writer, [settings.pacs.called_ae, *r.allowed_aes], receiver_context(r))
 
     def start(self) -> "StorageReceiver":
         handlers: list[evt.EventHandlerType] = [
@@ -162,7 +166,9 @@ class StorageReceiver:
             (evt.EVT_C_STORE, self.writer.handle_store),
             (evt.EVT_REJECTED, self._rejected),
         ]
-        self._server = self._ae.start_server(self.address, block=False, evt_handlers=handlers)
+        self._server = self._ae.start_server(
+            self.address, block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
         return self
 
     def _rejected(self, event: evt.Event) -> None:
