@@ -65,7 +65,7 @@ class ReceiverContext(ssl.SSLContext):
     """A server context whose handshakes time out, and whose refusals are logged (not raised
     silently inside pynetdicom's accept loop)."""
 
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         previous = sock.gettimeout()
         sock.settimeout(HANDSHAKE_TIMEOUT_S)
         try:

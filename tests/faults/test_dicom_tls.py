@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pacsflow.deployments.local import sampledata
+from pacsflow.deployments.local.orthanc import render_config
 from pacsflow.tasks.core.errors import PacsConfigurationError
 from pacsflow.tasks.pacs import tls
 from pacsflow.tasks.pacs.client import PacsClient
@@ -206,3 +207,44 @@ def test_unusable_certificate_files_name_the_setting_at_run_start(tmp_path, trus
         tls.check_tls_files(load_settings(receiver={"tls": {"cert": trusted / "server.pem",
                                                             "key": trusted / "server.key",
                                                             "ca_bundle": tmp_path / "missing.pem"}}))
+
+
+# -- end to end: Orthanc with DICOM TLS, C-FIND and C-MOVE into our TLS receiver ----------------
+def test_find_and_move_over_tls_with_orthanc(orthanc_factory, tmp_path, trusted):
+    receiver_port = free_port()
+    server = orthanc_factory(receiver_port=receiver_port, start=False)
+    modalities = render_config(server.cfg)["DicomModalities"]
+    modalities[RECEIVER_AE]["UseDicomTls"] = True
+    server.cfg.extra.update({
+        "DicomModalities": modalities,
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(trusted / "server.pem"),
+        "DicomTlsPrivateKey": str(trusted / "server.key"),
+        "DicomTlsTrustedCertificates": str(trusted / "ca.pem"),
+        "DicomTlsRemoteCertificateRequired": True,
+    })
+    server.start(timeout_s=30)
+    [study] = sampledata.generate(tmp_path / "in", studies=1, days=1, seed=13, modalities=("CT",))
+    for path in sorted(Path(study.path).rglob("*.dcm")):  # seeded over HTTP: its DICOM port speaks TLS only
+        server.client.post("/instances", content=path.read_bytes()).raise_for_status()
+    certs = {"ca_bundle": trusted / "ca.pem", "client_cert": trusted / "client.pem", "client_key": trusted / "client.key"}
+    settings = load_settings(
+        pacs={"port": server.dicom_port, "http_url": server.rest_url, "tls": {"enabled": True, **certs}},
+        receiver={"port": receiver_port, "tls": {"cert": trusted / "server.pem", "key": trusted / "server.key",
+                                                  "ca_bundle": trusted / "ca.pem"}},
+        state_root=tmp_path / "state",
+    )
+    client = PacsClient(settings)
+    [found] = client.find_study(study.study_uid)
+    assert found.n_instances == study.n_instances
+    writer = StagingWriter(settings.staging_dir, _folder_name)
+    writer.expect([study.study_uid])
+    with StorageReceiver.for_run(settings, writer):
+        ops = client.move_study(study.study_uid, RECEIVER_AE, "ref")
+    assert ops.completed == study.n_instances
+    assert count_staged(writer.study_dir(study.study_uid)) == study.n_instances
+    # the same Orthanc refuses us without our certificate, in one line naming the setting
+    no_cert = settings.pacs.model_copy(update={"tls": settings.pacs.tls.model_copy(update={"client_cert": None,
+                                                                                          "client_key": None})})
+    with pytest.raises(PacsConfigurationError, match="pacs.tls.client_cert"):
+        PacsClient(settings.model_copy(update={"pacs": no_cert})).echo()
