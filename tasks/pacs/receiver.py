@@ -128,7 +128,8 @@ class StorageReceiver:
     """A pynetdicom Storage SCP running in the flow's process for the duration of a run.
 
     Associations are accepted from ``allowed_aes`` (calling AE titles) only, and only when they
-    call us by ``ae_title``; refused calling AEs are logged and kept in ``refused_aes``.
+    call us by ``ae_title``; refused calling AEs are logged and kept in ``refused_aes``. With an
+    ``ssl_context`` (``receiver.tls``) it speaks TLS only, and the AE checks apply on top.
     """
 
     def __init__(self, ae_title: str, host: str, port: int, writer: StagingWriter, allowed_aes: Iterable[str],
