@@ -38,6 +38,7 @@ from pacsflow.tasks.pacs.client import quiet_pynetdicom
 from pacsflow.tasks.pacs.models import PacsPeer, Retrieved, RetrieveRoute
 from pacsflow.tasks.pacs.planning import Window, WorkItem, plan_window, worklist
 from pacsflow.tasks.pacs.receiver import StagingWriter, StorageReceiver
+from pacsflow.tasks.pacs.tls import check_tls_files
 from pacsflow.tasks.pacs.steps import PACS_LIMIT, discover_studies, retrieve_study
 from pacsflow.tasks.settings import RetrieveMethod, Settings
 
@@ -80,6 +81,7 @@ def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.d
     logger = logger or log
     started = time.monotonic()
     check_free_space(settings)
+    check_tls_files(settings)
     run = open_run(settings)
     window = plan_window(
         watermark=run.ledger.watermark,

@@ -39,6 +39,30 @@ def _check_ae_title(value: str) -> str:
     return value
 
 
+class PacsTlsSettings(BaseModel):
+    """TLS for our associations with the PACS (DICOM PS3.15 secure transport, TLS 1.2 or later).
+
+    Files are checked when a run starts, not here: settings load on machines that lack them.
+    PACS certificates often name an AE or a host other than the one we dial, so when the name
+    check fails, set ``server_name`` to the name the certificate carries; turn ``check_hostname``
+    off only for a private CA that signs nothing but the PACS (the chain is verified either way)."""
+
+    enabled: bool = False
+    ca_bundle: Path | None = Field(
+        None, description="PEM file of the CAs that sign the PACS's certificate (default: the system's)"
+    )
+    client_cert: Path | None = Field(None, description="PEM certificate we present, for PACSs that require one")
+    client_key: Path | None = Field(None, description="PEM private key of client_cert (when not in the same file)")
+    check_hostname: bool = Field(True, description="the PACS's certificate must name server_name (or pacs.host)")
+    server_name: str | None = Field(None, description="the name to expect in the PACS's certificate (default: host)")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> "PacsTlsSettings":
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key is set without client_cert")
+        return self
+
+
 class PacsSettings(BaseModel):
     """The PACS we query and retrieve from."""
 
@@ -51,8 +75,38 @@ class PacsSettings(BaseModel):
         None, ge=0, description="None = unknown (query day by day); 0 = no cap; N = answers of N are capped"
     )
     timeout_s: float = Field(60.0, gt=0)
+    tls: PacsTlsSettings = PacsTlsSettings()
 
     _ae = field_validator("called_ae")(_check_ae_title)
+
+
+class ReceiverTlsSettings(BaseModel):
+    """TLS for our Storage SCP: on when ``cert`` is set, and then the only way in (one port, one
+    protocol): the PACS must send to us with TLS too. With ``ca_bundle``, a peer must present a
+    certificate signed by one of its CAs, unless ``require_client_cert`` is false."""
+
+    cert: Path | None = Field(None, description="PEM certificate the receiver presents (turns TLS on)")
+    key: Path | None = Field(None, description="PEM private key of cert (when not in the same file)")
+    ca_bundle: Path | None = Field(None, description="PEM file of the CAs that sign the peers' client certificates")
+    require_client_cert: bool | None = Field(
+        None, description="refuse peers without a trusted certificate (default: true when ca_bundle is set)"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+    @property
+    def verifies_peers(self) -> bool:
+        return self.ca_bundle is not None and self.require_client_cert is not False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ReceiverTlsSettings":
+        if self.cert is None and (self.key or self.ca_bundle or self.require_client_cert):
+            raise ValueError("cert is required for the receiver's TLS (key, ca_bundle, require_client_cert)")
+        if self.require_client_cert and self.ca_bundle is None:
+            raise ValueError("require_client_cert needs ca_bundle (the CAs that sign the peers' certificates)")
+        return self
 
 
 class ReceiverSettings(BaseModel):
@@ -66,6 +120,7 @@ class ReceiverSettings(BaseModel):
         description="calling AE titles that may send to the receiver besides the PACS's own (pacs.called_ae)",
     )
     max_object_mb: int = Field(2048, ge=1, description="a received object larger than this is refused, never staged")
+    tls: ReceiverTlsSettings = ReceiverTlsSettings()
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -31,6 +31,7 @@ from pacsflow.tasks.core.errors import PacsConfigurationError, PacsflowError, Pa
 from pacsflow.tasks.core.values import int_or_none
 from pacsflow.tasks.pacs.models import FindResult, Objects, PacsPeer, StudyInfo, SubOps
 from pacsflow.tasks.pacs.status import is_pending, is_success, raise_for_status, status_code
+from pacsflow.tasks.pacs.tls import client_context, handshake_error, server_name
 from pacsflow.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class PacsClient:
         handlers: list | None = None,
     ) -> Iterator[Association]:
         pacs = self.settings.pacs
+        tls = client_context(pacs) if pacs.tls.enabled else None
         try:
             assoc = ae.associate(
                 pacs.host,
@@ -95,9 +97,12 @@ class PacsClient:
                 ae_title=pacs.called_ae,
                 ext_neg=ext_neg,
                 evt_handlers=[NODELAY_HANDLER, *(handlers or [])],
+                tls_args=(tls, server_name(pacs)) if tls is not None else None,
             )
         except (OSError, RuntimeError) as exc:  # socket-level failure before any DICOM
             raise PacsUnavailable(f"cannot reach PACS at {pacs.host}:{pacs.port}: {type(exc).__name__}") from None
+        if tls is not None and tls.failure is not None and not assoc.is_established:
+            raise handshake_error(tls.failure, pacs)
         if assoc.is_rejected:
             result = getattr(assoc.acceptor, "primitive", None)
             # Rejected-permanent (result 1) for a bad called/calling AE is a configuration error.
@@ -108,7 +113,8 @@ class PacsClient:
                 )
             raise PacsUnavailable(f"PACS {pacs.called_ae}@{pacs.host}:{pacs.port} rejected association (transient)")
         if not assoc.is_established:
-            raise PacsUnavailable(f"no association with PACS {pacs.called_ae}@{pacs.host}:{pacs.port}")
+            over_tls = " over TLS (is pacs.port its TLS port?)" if tls is not None else ""
+            raise PacsUnavailable(f"no association with PACS {pacs.called_ae}@{pacs.host}:{pacs.port}{over_tls}")
         try:
             yield assoc
         except BaseException:

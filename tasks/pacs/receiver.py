@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import ssl
 import threading
 from collections import Counter
 from pathlib import Path
@@ -28,6 +29,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacsflow.tasks.core.files import ensure_private_dir, write_atomic
 from pacsflow.tasks.pacs.client import NODELAY_HANDLER, abstract_syntaxes, quiet_pynetdicom
+from pacsflow.tasks.pacs.tls import receiver_context
 from pacsflow.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -162,12 +164,15 @@ class StorageReceiver:
     """A pynetdicom Storage SCP running in the flow's process for the duration of a run.
 
     Associations are accepted from ``allowed_aes`` (calling AE titles) only, and only when they
-    call us by ``ae_title``; refused calling AEs are logged and kept in ``refused_aes``.
+    call us by ``ae_title``; refused calling AEs are logged and kept in ``refused_aes``. With an
+    ``ssl_context`` (``receiver.tls``) it speaks TLS only, and the AE checks apply on top.
     """
 
-    def __init__(self, ae_title: str, host: str, port: int, writer: StagingWriter, allowed_aes: Iterable[str]) -> None:
+    def __init__(self, ae_title: str, host: str, port: int, writer: StagingWriter, allowed_aes: Iterable[str],
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         quiet_pynetdicom()
         self.writer = writer
+        self.ssl_context = ssl_context
         self.address = (host, port)
         self.allowed_aes = sorted({ae.strip() for ae in allowed_aes if ae.strip()})
         if not self.allowed_aes:  # pynetdicom reads an empty list as "anyone"
@@ -190,7 +195,7 @@ class StorageReceiver:
     def for_run(cls, settings: Settings, writer: StagingWriter) -> "StorageReceiver":
         """The receiver of ``settings.receiver``, open to the PACS and ``receiver.allowed_aes``."""
         r = settings.receiver
-        return cls(r.ae_title, r.host, r.port, writer, [settings.pacs.called_ae, *r.allowed_aes])
+        return cls(r.ae_title, r.host, r.port, writer, [settings.pacs.called_ae, *r.allowed_aes], receiver_context(r))
 
     def start(self) -> "StorageReceiver":
         handlers: list[evt.EventHandlerType] = [
@@ -198,7 +203,9 @@ class StorageReceiver:
             (evt.EVT_C_STORE, self.writer.handle_store),
             (evt.EVT_REJECTED, self._rejected),
         ]
-        self._server = self._ae.start_server(self.address, block=False, evt_handlers=handlers)
+        self._server = self._ae.start_server(
+            self.address, block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
         return self
 
     def _rejected(self, event: evt.Event) -> None:
