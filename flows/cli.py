@@ -120,8 +120,10 @@ def nightly_exit_code(result: dict[str, Any]) -> int:
 def run_compact() -> None:
     """Rewrite every catalog partition into one sorted file and delete unreferenced files."""
     from pacsflow.flows.compact import compact_catalog
+    from pacsflow.flows.temporary_server import temporary_api
 
-    _print_result(compact_catalog())
+    with temporary_api():
+        _print_result(compact_catalog())
 
 
 @run_app.command("fhir-resync")
@@ -138,8 +140,10 @@ def run_fhir_resync(
                       "the PACSFLOW_CONFIG file)[/red]")
         raise typer.Exit(2)
     from pacsflow.flows.fhir_resync import fhir_resync
+    from pacsflow.flows.temporary_server import temporary_api
 
-    result = fhir_resync(only_failed=only_failed, force=force)
+    with temporary_api():
+        result = fhir_resync(only_failed=only_failed, force=force)
     _print_result(result)
     if result.get("failed") or result.get("aborted") or result.get("differences"):
         raise typer.Exit(1)
@@ -193,8 +197,9 @@ def demo(
     console.rule("nightly ingest")
     from pacsflow.flows.nightly import nightly_ingest
     from pacsflow.flows.secrets import run_settings
+    from pacsflow.flows.temporary_server import temporary_api
 
-    with run_settings(run):
+    with run_settings(run), temporary_api():  # a server that ends with this process, even on SIGKILL
         result = nightly_ingest()
     console.rule("result")
     _print_result(result)
