@@ -1,5 +1,5 @@
 """The catalog's own errors. The retry decision (``pacsflow.tasks.core.errors.is_transient``)
-classifies them: CatalogBusy is worth retrying, every CatalogError is not."""
+classifies them: CatalogBusy and CatalogWriteError are worth retrying, every other CatalogError is not."""
 
 from __future__ import annotations
 
@@ -20,6 +20,20 @@ class IntegrityError(CatalogError, ValueError):
     """Duplicate keys, or series/instance rows whose study is not in the commit."""
 
     reason = "catalog-integrity"
+
+
+class CatalogWriteError(CatalogError):
+    """The file system refused a commit's writes (full disk, lost mount, no permission); the current
+    snapshot is unchanged and nothing of the failed build stays. One line: ``catalog_root``, the
+    place under it and the OS reason."""
+
+    reason = "catalog-write"
+
+
+class CatalogNotFound(CatalogError):
+    """A reader was pointed at a folder that does not exist (``catalog_root`` is wrong)."""
+
+    reason = "catalog-not-found"
 
 
 class CatalogBusy(Exception):

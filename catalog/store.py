@@ -64,7 +64,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pacsflow.catalog.schema import PRIMARY_KEYS, SCHEMA_VERSION, SCHEMAS, SORT_KEYS
-from pacsflow.catalog.errors import CatalogBusy, CatalogError, IntegrityError, SchemaMismatch
+from pacsflow.catalog.errors import CatalogBusy, CatalogError, CatalogWriteError, IntegrityError, SchemaMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,11 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+def _os_reason(exc: OSError) -> str:
+    """``No space left on device``: the OS's words for the errno (Arrow wraps them in its own)."""
+    return os.strerror(exc.errno) if exc.errno else type(exc).__name__
+
+
 def _fsync(path: Path, *, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
@@ -320,8 +325,11 @@ class CatalogStore:
     # -- writing (under the lock) --------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "_lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / "_lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CatalogWriteError(f"catalog_root: cannot open {self.root}/_lock ({_os_reason(exc)})") from None
         try:
             if self.lock_timeout_s is None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -453,14 +461,15 @@ class CatalogStore:
         touched: set[str | None],
     ) -> tuple[int, int, int, dict[str, int], set[str | None]]:
         """Build the next snapshot in a hidden folder, rename it into place and swap ``current``
-        to it (the commit point). Nothing of a failed build stays behind."""
-        self._snapshots_dir.mkdir(parents=True, exist_ok=True)
+        to it (the commit point). Nothing of a failed build stays behind; an OSError (full disk)
+        becomes a one-line :class:`CatalogWriteError`."""
         version = self._next_version(base)
         build = self._snapshots_dir / f".build-{uuid.uuid4().hex}"
         final = self._snapshots_dir / f"v{version:012d}"
-        build.mkdir()
         published = False
         try:
+            self._snapshots_dir.mkdir(parents=True, exist_ok=True)
+            build.mkdir()
             manifest_tables, written, linked, rows, rewritten = self._build(
                 base, build, version, new_parts, replaced, touched
             )
@@ -477,11 +486,27 @@ class CatalogStore:
             _fsync(self._snapshots_dir, directory=True)
             self._point_current_at(final)
             published = True
+            _fsync(self.root, directory=True)
+        except OSError as exc:
+            raise self._write_error(exc, build, version, base.version, published) from None
         finally:
             if not published:
                 shutil.rmtree(build, ignore_errors=True)
                 shutil.rmtree(final, ignore_errors=True)
         return version, written, linked, rows, rewritten
+
+    def _write_error(self, exc: OSError, build: Path, version: int, current: int,
+                     published: bool) -> CatalogWriteError:
+        """``catalog_root``, the place (relative to the build, else to the root: pseudonymous paths
+        only) and the OS reason, in one line."""
+        place = Path(exc.filename) if isinstance(exc.filename, (str, os.PathLike)) else build
+        for top in (build, self.root):
+            if place.is_relative_to(top) and place != top:
+                place = place.relative_to(top)
+                break
+        outcome = f"snapshot v{version} is current" if published else f"the current snapshot v{current} is unchanged"
+        return CatalogWriteError(f"catalog_root: cannot write snapshot v{version} under {self.root} "
+                                 f"({place.as_posix()}: {_os_reason(exc)}); {outcome}")
 
     def _point_current_at(self, snapshot_dir: Path) -> None:
         tmp_link = self.root / f".current-{uuid.uuid4().hex}"
@@ -491,11 +516,10 @@ class CatalogStore:
         except BaseException:
             tmp_link.unlink(missing_ok=True)
             raise
-        _fsync(self.root, directory=True)
 
     def _next_version(self, base: Snapshot) -> int:
         versions = [base.version]
-        for p in self._snapshots_dir.iterdir():
+        for p in self._snapshots_dir.iterdir() if self._snapshots_dir.is_dir() else ():
             m = _VERSION_DIR.match(p.name)
             if m:
                 versions.append(int(m.group(1)))
@@ -607,6 +631,16 @@ def _write_parquet(table: pa.Table, name: str, path: Path) -> int:
     metadata = dict(schema.metadata or {})
     metadata[b"pacsflow.schema_version"] = str(SCHEMA_VERSION).encode()
     table = table.replace_schema_metadata(metadata)
+    try:
+        _write_table(table, name, path)
+    except OSError as exc:  # Arrow's errors do not name the file: the commit's message will
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    _fsync(path)
+    return path.stat().st_size
+
+
+def _write_table(table: pa.Table, name: str, path: Path) -> None:
+    schema = SCHEMAS[name]
     pq.write_table(
         table,
         path,
@@ -616,5 +650,3 @@ def _write_parquet(table: pa.Table, name: str, path: Path) -> int:
         row_group_size=ROW_GROUP_ROWS,
         sorting_columns=pq.SortingColumn.from_ordering(schema, [(k, "ascending") for k in SORT_KEYS[name]]),
     )
-    _fsync(path)
-    return path.stat().st_size

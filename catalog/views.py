@@ -32,7 +32,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from pacsflow.catalog.errors import CatalogError
+from pacsflow.catalog.errors import CatalogError, CatalogNotFound
 from pacsflow.catalog.schema import SCHEMAS
 from pacsflow.catalog.store import PARTITION_COLUMN, TABLES, CatalogStore, Snapshot
 
@@ -168,7 +168,10 @@ def query(root: Path | str, sql: str, params: Sequence[Any] | dict[str, Any] | N
     files and nothing else. COPY, ATTACH, INSTALL/LOAD, EXPORT, SET/RESET, DDL and DML, file
     functions on other paths (``read_text``, ``read_csv``, ``glob``, URLs) and setting-changing
     table functions raise :class:`QueryRefused`; other DuckDB errors propagate as ``duckdb.Error``.
+    A ``root`` that is no folder raises :class:`CatalogNotFound` (an empty catalog is a folder).
     """
+    if not Path(root).is_dir():
+        raise CatalogNotFound(f"catalog_root: no catalog folder at {root}")
     snap = CatalogStore(root).snapshot()
     con = duckdb.connect(":memory:")
     try:

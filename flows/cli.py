@@ -6,6 +6,9 @@ live beside what they drive and are mounted here: ``catalog`` (``catalog/cli.py`
 same settings as the flows (``PACSFLOW_*`` env vars, or a YAML file named by ``PACSFLOW_CONFIG``);
 ``pacsflow settings`` shows them with secrets hidden. Heavy modules (Prefect, the flows, DuckDB,
 the local stack) are imported when a command needs them, so ``--help`` answers at once.
+
+A failing command prints one line and exits 2 (configuration) or 1 (run time); ``pacsflow --debug``
+shows tracebacks instead (:mod:`pacsflow.flows.console`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from rich.console import Console
 
 from pacsflow.catalog import cli as catalog_cli
 from pacsflow.deployments.local import cli as stack_cli
+from pacsflow.flows import console as errors_console
 from pacsflow.tasks.deid import cli as deid_cli
 
 if TYPE_CHECKING:
@@ -47,15 +51,18 @@ ORDER BY s.modality
 """
 
 
-def _settings() -> Settings:
-    """The settings every command uses; invalid ones end the command with exit status 2."""
+def _settings(*, key: bool = False) -> Settings:
+    """The settings every command uses; invalid ones end the command with exit status 2. With
+    ``key``, the de-identification key must be readable too (before a run starts, not in it)."""
     from pacsflow.tasks.settings import SettingsError, load_settings
 
     try:
-        return load_settings()
+        settings = load_settings()
+        if key and not settings.deid_key_block:  # a Secret block is read in the run, through Prefect
+            settings.resolve_deid_key()
+        return settings
     except SettingsError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        errors_console.fail(exc)
 
 
 def _secret_block(name: str) -> Any:
@@ -69,6 +76,7 @@ app = typer.Typer(
     help="Nightly PACS → de-identified Parquet lake → FHIR, orchestrated by Prefect.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,  # one line per error; --debug turns tracebacks on
     pretty_exceptions_show_locals=False,  # locals may hold PHI or the key
 )
 run_app = typer.Typer(help="Run a flow once, in this process.", no_args_is_help=True)
@@ -76,6 +84,15 @@ app.add_typer(deid_cli.build_app(_settings, _secret_block))  # no name: `pacsflo
 app.add_typer(stack_cli.build_app(_settings), name="stack")
 app.add_typer(run_app, name="run")
 app.add_typer(catalog_cli.build_app(lambda: _settings().catalog_root), name="catalog")
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors (never locals)")] = False,
+) -> None:
+    """Nightly PACS → de-identified Parquet lake → FHIR, orchestrated by Prefect."""
+    app.pretty_exceptions_enable = debug
+    errors_console.show_tracebacks(debug)
 
 
 def _print_result(result: dict) -> None:
@@ -100,7 +117,7 @@ def run_nightly_cmd(
 ) -> None:
     """Run the nightly ingest once, now, with Prefect tracking the run."""
     window = {"since": _parse_day(since, "--since"), "until": _parse_day(until, "--until")}
-    _settings()
+    _settings(key=True)
     from pacsflow.flows.nightly import nightly_ingest
     from pacsflow.flows.temporary_server import temporary_api
 
@@ -135,10 +152,12 @@ def run_fhir_resync(
     """Send the catalog's studies to the FHIR server (ImagingStudy + Patient) once, now.
 
     Exits 1 when studies failed, the run stopped early, or reconciliation found differences."""
-    if not _settings().fhir.base_url:
+    settings = _settings()
+    if not settings.fhir.base_url:
         console.print("[red]fhir.base_url is not set: set PACSFLOW_FHIR__BASE_URL (or fhir.base_url in "
                       "the PACSFLOW_CONFIG file)[/red]")
         raise typer.Exit(2)
+    fhir_answers(settings)
     from pacsflow.flows.fhir_resync import fhir_resync
     from pacsflow.flows.temporary_server import temporary_api
 
@@ -146,7 +165,26 @@ def run_fhir_resync(
         result = fhir_resync(only_failed=only_failed, force=force)
     _print_result(result)
     if result.get("failed") or result.get("aborted") or result.get("differences"):
+        stopped = f"; stopped by {result['aborted']}" if result.get("aborted") else ""
+        errors_console.report_text(f"FHIR resync: {result.get('failed') or 0} studies failed, "
+                                   f"{result.get('differences') or 0} differences{stopped}")
         raise typer.Exit(1)
+
+
+def fhir_answers(settings: Settings) -> None:
+    """Before a run starts: the FHIR server answers at all (any HTTP answer will do; what it
+    refuses, the run reports study by study). No answer, or a TLS failure, ends the command."""
+    from pacsflow.tasks.core.errors import FhirRejected, PacsflowError
+    from pacsflow.tasks.fhir.client import FhirClient
+
+    try:
+        with FhirClient.from_settings(settings.fhir, max_retries=min(settings.fhir.max_retries, 1)) as client:
+            client.metadata()
+    except FhirRejected as exc:
+        if exc.status == 0:  # no HTTP answer: TLS trust or client certificate
+            errors_console.fail(exc)
+    except PacsflowError as exc:  # FhirUnavailable: no answer, or 5xx after the retries
+        errors_console.fail(exc)
 
 
 # -- demo -------------------------------------------------------------------------------
@@ -229,13 +267,20 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    errors_console.configure_console_logging(logging.INFO)
     for noisy in ("httpx", "httpcore", "pynetdicom", "pydicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Prefect's own defaults for a run from the command line (the user's environment wins).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    app(args=argv, prog_name="pacsflow")
+    try:
+        app(args=argv, prog_name="pacsflow")
+    except Exception as exc:
+        if errors_console.debugging():
+            sys.excepthook(type(exc), exc, exc.__traceback__)  # typer's: the traceback, never locals
+        else:
+            errors_console.report(exc)
+        sys.exit(errors_console.exit_status(exc))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from prefect.futures import PrefectFuture, as_completed
 from pacsflow.flows.concurrency import hold_slots
 from pacsflow.flows.secrets import load_run_settings
 from pacsflow.tasks.core.clock import new_run_id, parse_dicom_date
-from pacsflow.tasks.core.errors import InsufficientSpace, error_text
+from pacsflow.tasks.core.errors import InsufficientSpace, error_text, is_transient
 from pacsflow.tasks.core.files import ensure_private_dir, low_space, purge_older_than, remove_tree
 from pacsflow.tasks.deid.crosswalk import update_crosswalk
 from pacsflow.tasks.deid.deidentifier import Deidentifier
@@ -183,11 +183,19 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
 
 def commit(settings: Settings, run: NightlyRun, book: RunBook) -> None:
     """Commit what is complete, in batches; the ledger follows each commit, and a cataloged
-    study's staged originals go."""
+    study's staged originals go. A batch the catalog could not take for a reason that may pass
+    (full disk, busy lock) fails its studies transiently: the next run retries them."""
     done = book.to_commit()
     for start in range(0, len(done), settings.commit_batch):
         batch = done[start : start + settings.commit_batch]
-        commit_catalog([str(o.rows_dir) for _, o in batch], str(settings.catalog_root))
+        try:
+            commit_catalog([str(o.rows_dir) for _, o in batch], str(settings.catalog_root))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            for w, _ in batch:
+                book.failed(w, exc)
+            continue
         book.cataloged(batch)
         for w, _ in batch:
             remove_tree(run.staging.study_dir(w.study_uid))

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -22,6 +23,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from pacsflow.tasks.core.files import describe_os_error
 from pacsflow.tasks.deid.choices import Option, PixelPolicy, SafePrivateList, conflicting_dates
 
 AE_TITLE_MAX = 16
@@ -311,7 +313,7 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config = os.environ.get("PACSFLOW_CONFIG")
         if config:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config))
+            sources.append(_config_file_source(settings_cls, Path(config)))
         return tuple(sources)
 
     # -- derived locations (one property each; the same shape as the catalog store's) ---------
@@ -356,7 +358,8 @@ class Settings(BaseSettings):
             try:
                 key = self.deid_key_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise SettingsError(f"deid_key_file: cannot read the key file ({type(exc).__name__})") from None
+                raise SettingsError(f"deid_key_file: cannot read {self.deid_key_file} "
+                                    f"({describe_os_error(exc)})") from None
         elif self.deid_key_block:
             raise SettingsError("deid_key_block: the Secret block was not loaded; load settings with "
                                 "pacsflow.flows.secrets.load_run_settings()")
@@ -368,6 +371,23 @@ class Settings(BaseSettings):
         if len(key) < 16:
             raise SettingsError("deid_key: must be at least 16 characters")
         return key.encode("utf-8")
+
+
+def _config_file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    """The file named by PACSFLOW_CONFIG. Missing or broken is an error naming the variable: a typo
+    in the path must not fall back to the defaults. Messages never quote the file's text."""
+    if not path.is_file():
+        raise SettingsError(f"PACSFLOW_CONFIG: no file at {path}")
+    try:
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    except OSError as exc:
+        raise SettingsError(f"PACSFLOW_CONFIG: cannot read {path} ({describe_os_error(exc)})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise SettingsError(f"PACSFLOW_CONFIG: {path} is not valid YAML{where}") from None
+    except (TypeError, ValueError):
+        raise SettingsError(f"PACSFLOW_CONFIG: {path} is not a mapping of settings") from None
 
 
 def fhir_credentials(value: Any) -> dict[str, Any]:

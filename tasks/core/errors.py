@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pacsflow.catalog.errors import CatalogBusy, CatalogError
+from pacsflow.catalog.errors import CatalogBusy, CatalogError, CatalogWriteError
 
 
 # One small class per kind of failure, so the shapes below repeat on purpose: the type is what
@@ -77,7 +77,8 @@ class DeidentificationError(PermanentError):
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (TransientError, CatalogBusy)):
+    # A catalog the disk refused (full, lost mount) is like a full lake: the next run retries.
+    if isinstance(exc, (TransientError, CatalogBusy, CatalogWriteError)):
         return True
     if isinstance(exc, (PermanentError, CatalogError)):
         return False

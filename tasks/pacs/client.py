@@ -109,11 +109,12 @@ class PacsClient:
             if result is not None and getattr(result, "result", None) == 0x01:
                 raise PacsConfigurationError(
                     f"PACS {pacs.called_ae}@{pacs.host}:{pacs.port} rejected association permanently "
-                    f"(reason 0x{int(getattr(result, 'reason_diagnostic', 0) or 0):02X}); check AE titles"
+                    f"(reason 0x{int(getattr(result, 'reason_diagnostic', 0) or 0):02X}); check AE titles "
+                    "(pacs.called_ae, calling_ae)"
                 )
             raise PacsUnavailable(f"PACS {pacs.called_ae}@{pacs.host}:{pacs.port} rejected association (transient)")
         if not assoc.is_established:
-            over_tls = " over TLS (is pacs.port its TLS port?)" if tls is not None else ""
+            over_tls = " over TLS (is pacs.port its TLS port?)" if tls is not None else " (check pacs.host and pacs.port)"
             raise PacsUnavailable(f"no association with PACS {pacs.called_ae}@{pacs.host}:{pacs.port}{over_tls}")
         try:
             yield assoc

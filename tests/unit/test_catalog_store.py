@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import datetime as dt
 import fcntl
 import functools
@@ -24,8 +25,9 @@ from pydicom.data import get_testdata_file
 from pacsflow.catalog import store as store_mod
 from pacsflow.catalog import views
 from pacsflow.catalog.schema import SCHEMAS
-from pacsflow.catalog.errors import CatalogBusy, IntegrityError, SchemaMismatch
+from pacsflow.catalog.errors import CatalogBusy, CatalogWriteError, IntegrityError, SchemaMismatch
 from pacsflow.catalog.store import CatalogStore
+from pacsflow.tasks.core.errors import is_transient
 from pacsflow.tasks.lake.rows import StudyExtractor
 
 INGESTED = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc)
@@ -318,7 +320,7 @@ def test_failure_at_the_commit_point_leaves_previous_snapshot(root, monkeypatch)
         raise OSError("simulated crash at the commit point")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CatalogWriteError, match="catalog_root: cannot write snapshot v2 .*unchanged"):
         s.commit(make_study("1.2.2", "20050505"))
     monkeypatch.undo()
     assert written, "data files were written before the failure"
@@ -340,16 +342,25 @@ def test_failure_while_writing_data_files_leaves_previous_snapshot(root, monkeyp
     real = store_mod._write_parquet
     calls = []
 
+    calls_paths = []
+
     def flaky(table, name, path):
         calls.append(name)
+        calls_paths.append(path)
         if len(calls) == 3:
-            raise OSError("disk full (simulated)")
+            raise OSError(errno.ENOSPC, "disk full (simulated)", str(path))
         return real(table, name, path)
 
     monkeypatch.setattr(store_mod, "_write_parquet", flaky)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CatalogWriteError) as err:
         s.commit(make_study("1.2.1", description="changed"))
     monkeypatch.undo()
+    # one line: the setting, the root, the place under the build (pseudonymous), the OS's words
+    place = "/".join(Path(calls_paths[-1]).parts[-3:])
+    assert place.startswith("instances/study_month=")
+    assert str(err.value) == (f"catalog_root: cannot write snapshot v2 under {root} ({place}: "
+                              "No space left on device); the current snapshot v1 is unchanged")
+    assert is_transient(err.value)  # the next run retries the studies
     assert s.snapshot_version == 1
     for t in TABLES:
         assert read_all(root, t).equals(before[t])

@@ -53,6 +53,7 @@ def test_commands_that_do_not_drive_the_local_stack_do_not_load_it(tmp_path):
         "    assert r.exit_code == 0, (args, r.output)\n"
         "print(' '.join(sorted(m for m in sys.modules if m.startswith(('pacsflow.deployments', 'prefect')))))\n"
     )
+    (tmp_path / "catalog").mkdir()  # an empty catalog; a missing folder is an error (test_cli_errors)
     env = {**os.environ, "PACSFLOW_CATALOG_ROOT": str(tmp_path / "catalog")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=120)
@@ -108,6 +109,7 @@ def test_invalid_setting_is_reported_by_name(monkeypatch):
 
 
 def test_catalog_query_on_an_empty_catalog_and_bad_sql(monkeypatch, tmp_path):
+    (tmp_path / "catalog").mkdir()
     monkeypatch.setenv("PACSFLOW_CATALOG_ROOT", str(tmp_path / "catalog"))
     result = runner.invoke(app, ["catalog", "query", "SELECT count(*) AS n FROM series WHERE modality = $1", "-p", "CT"])
     assert result.exit_code == 0, result.output
