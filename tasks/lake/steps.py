@@ -30,7 +30,8 @@ def deidentify_study(retrieved: Retrieved, processor: StudyProcessor, rows_root:
     return outcome
 
 
-@task(name="commit-catalog", persist_result=False, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
+@task(name="commit-catalog", persist_result=False, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5],
+      retry_condition_fn=retry_if_transient)
 def commit_catalog(rows_dirs: list[str], catalog_root: str) -> int:
     """One atomic catalog commit for a batch of studies; returns the snapshot version."""
     tables = read_rows(rows_dirs)
