@@ -49,7 +49,7 @@ class PacsTlsSettings(BaseModel):
     check fails, set ``server_name`` to the name the certificate carries; turn ``check_hostname``
     off only for a private CA that signs nothing but the PACS (the chain is verified either way)."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="speak DICOM TLS with the PACS (C-ECHO, C-FIND, C-MOVE, C-GET)")
     ca_bundle: Path | None = Field(
         None, description="PEM file of the CAs that sign the PACS's certificate (default: the system's)"
     )
@@ -68,15 +68,19 @@ class PacsTlsSettings(BaseModel):
 class PacsSettings(BaseModel):
     """The PACS we query and retrieve from."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(4242, ge=1, le=65535)
-    called_ae: str = "ORTHANC"
-    http_url: str = "http://127.0.0.1:8042"
+    host: str = Field("127.0.0.1", description="the PACS's host name or IP address (DICOM)")
+    port: int = Field(4242, ge=1, le=65535, description="the PACS's DICOM port")
+    called_ae: str = Field("ORTHANC", description="the PACS's AE title (the called AE of our associations)")
+    http_url: str = Field(
+        "http://127.0.0.1:8042",
+        description="Orthanc's HTTP address: only the local stack uses it (the HTTP port `pacsflow stack up` "
+        "gives Orthanc); runs speak DICOM only",
+    )
     # PACSs cap C-FIND answers (Orthanc: LimitFindResults); discovery splits what reaches the cap.
     result_cap: int | None = Field(
         None, ge=0, description="None = unknown (query day by day); 0 = no cap; N = answers of N are capped"
     )
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0, description="DICOM network, ACSE and DIMSE timeouts (seconds)")
     tls: PacsTlsSettings = PacsTlsSettings()
 
     _ae = field_validator("called_ae")(_check_ae_title)
@@ -114,9 +118,10 @@ class ReceiverTlsSettings(BaseModel):
 class ReceiverSettings(BaseModel):
     """Our own Storage SCP that C-MOVE sends to (registered as a modality at the PACS)."""
 
-    ae_title: str = "PACSFLOW"
-    host: str = "127.0.0.1"
-    port: int = Field(11113, ge=1, le=65535)
+    ae_title: str = Field("PACSFLOW", description="our Storage SCP's AE title: the PACS must know it as a C-MOVE "
+                          "destination with receiver.host and receiver.port")
+    host: str = Field("127.0.0.1", description="the address our Storage SCP listens on (and the PACS sends to)")
+    port: int = Field(11113, ge=1, le=65535, description="the port our Storage SCP listens on")
     allowed_aes: list[str] = Field(
         default_factory=list,
         description="calling AE titles that may send to the receiver besides the PACS's own (pacs.called_ae)",
@@ -182,21 +187,27 @@ class DeidSettings(BaseModel):
 class FhirSettings(BaseModel):
     """The FHIR server that receives ImagingStudy and Patient resources (off when base_url is unset)."""
 
-    base_url: str | None = None
-    token: SecretStr | None = None
-    username: str | None = None
-    password: SecretStr | None = None
-    credentials_block: str | None = None
+    base_url: str | None = Field(None, description="FHIR R4 base URL; unset = no FHIR sync")
+    token: SecretStr | None = Field(None, description="bearer token (secret: env or credentials_block only)")
+    username: str | None = Field(None, description="basic-auth user name, with password")
+    password: SecretStr | None = Field(None, description="basic-auth password (secret: env or credentials_block only)")
+    credentials_block: str | None = Field(
+        None, description="Prefect Secret block holding a token, or JSON {token} or {username, password}"
+    )
     ca_bundle: Path | None = Field(
         None, description="PEM file of the CAs that sign the server's TLS certificate (default: the system's)"
     )
     client_cert: Path | None = Field(None, description="PEM client certificate, for servers that require one")
     client_key: Path | None = Field(None, description="PEM private key of client_cert (when not in the same file)")
-    timeout_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0, description="timeout of one HTTP request (seconds)")
     batch_size: int = Field(50, ge=1, le=1000, description="studies per transaction Bundle")
-    pseudonym_system: str = "urn:pacsflow:pseudonym"
-    wado_rs_base_url: str | None = None
-    identified_sync: bool = False
+    pseudonym_system: str = Field("urn:pacsflow:pseudonym", description="identifier system of Patient pseudonyms")
+    wado_rs_base_url: str | None = Field(
+        None, description="DICOMweb base URL: adds an Endpoint (dicom-wado-rs) to every ImagingStudy"
+    )
+    identified_sync: bool = Field(
+        False, description="send patient name and birth date when the catalog keeps them (the server becomes a PHI zone)"
+    )
     study_timezone: str | None = Field(
         None,
         description="IANA time zone of StudyDate/StudyTime (the PACS's local time, e.g. Europe/Zurich); FHIR "
@@ -229,14 +240,18 @@ class Settings(BaseSettings):
 
     pacs: PacsSettings = PacsSettings()
     receiver: ReceiverSettings = ReceiverSettings()
-    calling_ae: str = "PACSFLOW"
-    retrieve_method: RetrieveMethod = RetrieveMethod.C_MOVE
+    calling_ae: str = Field("PACSFLOW", description="our AE title when we call the PACS")
+    retrieve_method: RetrieveMethod = Field(
+        RetrieveMethod.C_MOVE, description="c-move (the PACS sends to our Storage SCP) or c-get (on our association)"
+    )
 
     # Zones. storage_root is the de-identified lake (any fsspec URL); state_root holds PHI
     # (staging of received originals, quarantine, ledger) and must stay outside the lake.
-    storage_root: str = "var/lake/dicom"
-    catalog_root: Path = Path("var/lake/catalog")
-    state_root: Path = Path("var/state")
+    storage_root: str = Field("var/lake/dicom", description="the de-identified DICOM files: a path or any fsspec URL")
+    catalog_root: Path = Field(Path("var/lake/catalog"), description="the Parquet catalog (a local POSIX file system)")
+    state_root: Path = Field(
+        Path("var/state"), description="PHI zone (staging, quarantine, ledgers): owner-only, outside the lake"
+    )
 
     deid: DeidSettings = DeidSettings()
     fhir: FhirSettings = FhirSettings()
@@ -244,18 +259,22 @@ class Settings(BaseSettings):
     deid_key: SecretStr | None = Field(
         None, description="HMAC key for pseudonyms and UIDs; or name a Prefect Secret block in deid_key_block"
     )
-    deid_key_block: str | None = None
-    deid_key_file: Path | None = Field(None, description="file holding the key (owner-only permissions)")
+    deid_key_block: str | None = Field(None, description="Prefect Secret block holding the key")
+    deid_key_file: Path | None = Field(
+        None, description="file holding the key (owner-only permissions); `pacsflow init` writes a random one"
+    )
 
-    overlap_days: int = Field(2, ge=0, le=365)
+    overlap_days: int = Field(2, ge=0, le=365, description="each run starts this many days before the last watermark")
     initial_since: str | None = Field(None, description="first run's window start (YYYYMMDD)")
     initial_days: int = Field(30, ge=0, description="first run without initial_since: this many days back")
-    max_associations: int = Field(2, ge=1, le=64)
+    max_associations: int = Field(
+        2, ge=1, le=64, description="PACS associations at once, shared by all runs (Prefect limit pacs-associations)"
+    )
     slot_wait_s: float = Field(
         3600.0, ge=0, description="how long a run waits for its PACS slots (other runs hold them) before it gives up"
     )
-    retrieve_retries: int = Field(3, ge=0, le=20)
-    retry_delay_s: float = Field(2.0, ge=0)
+    retrieve_retries: int = Field(3, ge=0, le=20, description="retries of a study within a run")
+    retry_delay_s: float = Field(2.0, ge=0, description="first retry delay of a study; doubles per retry, with jitter")
     max_attempts: int = Field(
         5, ge=1, description="runs that may fail a study transiently before it is quarantined as permanent"
     )
@@ -270,7 +289,7 @@ class Settings(BaseSettings):
         default_factory=lambda: min(4, os.cpu_count() or 1),
         ge=0,
         le=64,
-        description="processes for de-identification; 0 = in the flow's own process",
+        description="processes for de-identification (default: the CPUs, at most 4); 0 = in the flow's own process",
     )
 
     @model_validator(mode="after")
