@@ -206,7 +206,7 @@ class FhirSettings(BaseModel):
         None, description="DICOMweb base URL: adds an Endpoint (dicom-wado-rs) to every ImagingStudy"
     )
     identified_sync: bool = Field(
-        False, description="send patient name and birth date when the catalog keeps them (the server becomes a PHI zone)"
+        False, description="send patient name and birth date when the catalog keeps them (the server holds PHI then)"
     )
     study_timezone: str | None = Field(
         None,
