@@ -62,14 +62,31 @@ def ensure_orthanc(settings: Settings, work_dir: Path) -> None:
                   f"(pid {server.pid})")
 
 
+def running_fhir_url(run_dir: Path = FHIR_RUN_DIR) -> str | None:
+    """The base URL of the local HAPI FHIR server started from ``run_dir`` when it answers, else None.
+
+    Read from the URL file its start script leaves in ``run_dir`` once the server is ready, so the
+    answer holds for whatever port ``stack up --fhir-port`` chose."""
+    from pacsflow.deployments import fhir_server
+
+    if not fhir_server.read_pid(run_dir):
+        return None
+    try:
+        url = (run_dir / fhir_server.URL_NAME).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None  # still starting, or a start that failed
+    return url if url and fhir_server.is_ready(url) else None
+
+
 def ensure_fhir(port: int = FHIR_PORT) -> str | None:
     """Build (first time) and start the local HAPI FHIR server; its base URL, or None when it cannot run."""
     from pacsflow.deployments import fhir_server
 
-    url = fhir_server.base_url(port)
-    if fhir_server.read_pid(FHIR_RUN_DIR) and fhir_server.is_ready(url):
-        console.print(f"HAPI FHIR already running: {url}")
-        return url
+    running = running_fhir_url()
+    if running:
+        moved = "" if running == fhir_server.base_url(port) else f" (not port {port}: `stack down` first to move it)"
+        console.print(f"HAPI FHIR already running: {running}{moved}")
+        return running
     if not fhir_server.java_available():
         console.print("[yellow]Java 17+ not found: the local HAPI FHIR server is not started, "
                       "FHIR sync is skipped.[/yellow]")
@@ -101,14 +118,11 @@ def seed_studies(settings: Settings, studies: int = 12, days: int = 10, seed: in
 
 def _print_status(work_dir: Path) -> bool:
     """Print the state of both servers; True when Orthanc runs."""
-    from pacsflow.deployments import fhir_server
-
     info = orthanc_status(work_dir)
     for k, v in info.items():
         out.print(f"{k}: {v}")
-    url = fhir_server.base_url(FHIR_PORT)
-    running = fhir_server.read_pid(FHIR_RUN_DIR) and fhir_server.is_ready(url)
-    out.print(f"fhir: {'running, ' + url if running else 'not running'}")
+    url = running_fhir_url()
+    out.print(f"fhir: {'running, ' + url if url else 'not running'}")
     return bool(info.get("running"))
 
 
