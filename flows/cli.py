@@ -28,6 +28,7 @@ from rich.console import Console
 from pacsflow.catalog import cli as catalog_cli
 from pacsflow.deployments.local import cli as stack_cli
 from pacsflow.flows import console as errors_console
+from pacsflow.tasks import settings_cli
 from pacsflow.tasks.deid import cli as deid_cli
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ app = typer.Typer(
 )
 run_app = typer.Typer(help="Run a flow once, in this process.", no_args_is_help=True)
 app.add_typer(deid_cli.build_app(_settings, _secret_block))  # no name: `pacsflow deidentify`
+app.add_typer(settings_cli.build_app())  # no name: `pacsflow init`
 app.add_typer(stack_cli.build_app(_settings), name="stack")
 app.add_typer(run_app, name="run")
 app.add_typer(catalog_cli.build_app(lambda: _settings().catalog_root), name="catalog")
@@ -253,8 +255,16 @@ def demo(
 
 
 @app.command("settings")
-def show_settings() -> None:
+def show_settings(
+    reference: Annotated[bool, typer.Option("--reference", help="print the table of every setting (README)")]
+    = False,
+) -> None:
     """Print the effective settings (secrets hidden)."""
+    if reference:
+        from pacsflow.tasks.settings_reference import reference_table
+
+        typer.echo(reference_table(), nl=False)
+        return
     out.print_json(_settings().model_dump_json(exclude={"deid_key"}))
 
 

@@ -78,7 +78,7 @@ class PacsSettings(BaseModel):
     )
     # PACSs cap C-FIND answers (Orthanc: LimitFindResults); discovery splits what reaches the cap.
     result_cap: int | None = Field(
-        None, ge=0, description="None = unknown (query day by day); 0 = no cap; N = answers of N are capped"
+        None, ge=0, description="unset = unknown (query day by day); 0 = no cap; N = answers of N are capped"
     )
     timeout_s: float = Field(60.0, gt=0, description="DICOM network, ACSE and DIMSE timeouts (seconds)")
     tls: PacsTlsSettings = PacsTlsSettings()
