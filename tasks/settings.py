@@ -257,7 +257,8 @@ class Settings(BaseSettings):
     fhir: FhirSettings = FhirSettings()
 
     deid_key: SecretStr | None = Field(
-        None, description="HMAC key for pseudonyms and UIDs; or name a Prefect Secret block in deid_key_block"
+        None, description="secret key for pseudonyms, UIDs and date shifts (16+ characters): keep it out of the "
+        "settings file (environment, deid_key_file or deid_key_block)"
     )
     deid_key_block: str | None = Field(None, description="Prefect Secret block holding the key")
     deid_key_file: Path | None = Field(
@@ -271,14 +272,17 @@ class Settings(BaseSettings):
         2, ge=1, le=64, description="PACS associations at once, shared by all runs (Prefect limit pacs-associations)"
     )
     slot_wait_s: float = Field(
-        3600.0, ge=0, description="how long a run waits for its PACS slots (other runs hold them) before it gives up"
+        3600.0,
+        ge=0,
+        description="how long a run waits for its PACS slots while other runs hold them (it logs the holders "
+        "every 15 s) before it gives up; a killed run's slots come back within 30 s",
     )
     retrieve_retries: int = Field(3, ge=0, le=20, description="retries of a study within a run")
     retry_delay_s: float = Field(2.0, ge=0, description="first retry delay of a study; doubles per retry, with jitter")
     max_attempts: int = Field(
         5, ge=1, description="runs that may fail a study transiently before it is quarantined as permanent"
     )
-    commit_batch: int = Field(200, ge=1, description="studies per catalog commit")
+    commit_batch: int = Field(200, ge=1, description="studies per atomic catalog commit")
     sweep_lookback_days: int = Field(
         30, ge=1, le=3650, description="the reconciliation sweep C-FINDs this many days back (one C-FIND per day)"
     )
