@@ -15,10 +15,6 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from pacsflow.tasks.core.files import describe_os_error, write_atomic
-from pacsflow.tasks.settings import SettingsError
-from pacsflow.tasks.settings_reference import commented_config
-
 console = Console(stderr=True)
 
 DEFAULT_CONFIG = Path("var/pacsflow.yaml")
@@ -38,6 +34,11 @@ owner-only; keep a copy somewhere safe, since without it no pseudonym can be rec
 def write_starter_files(config: Path, key_file: Path, *, force: bool = False) -> tuple[Path, Path]:
     """Write a commented settings file naming ``key_file``, and a random key in ``key_file``;
     both owner-only. Returns their absolute paths. Refuses existing files unless ``force``."""
+    # pydantic and the settings model load when the command runs, so `pacsflow --help` stays quick
+    from pacsflow.tasks.core.files import describe_os_error, write_atomic
+    from pacsflow.tasks.settings import SettingsError
+    from pacsflow.tasks.settings_reference import commented_config
+
     config, key_file = config.absolute(), key_file.absolute()
     if config == key_file:
         raise SettingsError(f"init: the settings file and the key file are the same path ({config})")
