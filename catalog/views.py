@@ -38,7 +38,15 @@ import pyarrow as pa
 
 from pacsflow.catalog.errors import CatalogError, CatalogNotFound
 from pacsflow.catalog.schema import SCHEMAS
-from pacsflow.catalog.store import CURRENT_LINK, MANIFEST, PARTITION_COLUMN, TABLES, CatalogStore, Snapshot
+from pacsflow.catalog.store import (
+    CURRENT_LINK,
+    MANIFEST,
+    NULL_PARTITION_DIR,
+    PARTITION_COLUMN,
+    TABLES,
+    CatalogStore,
+    Snapshot,
+)
 
 VIEW_NAMES: tuple[str, ...] = TABLES
 # The oldest storage format the installed DuckDB writes: DuckDB 1.0 and later read it (1.x refuses
@@ -52,16 +60,22 @@ _SET_FILES = {
     "series": "SET VARIABLE pacsflow_files_series = ?",
     "instances": "SET VARIABLE pacsflow_files_instances = ?",
 }
+
+
+def _hive_select(files: str) -> str:
+    """SELECT over Parquet ``files`` (a SQL expression) with the partition column. DuckDB 2 reads the
+    null partition's folder as NULL; DuckDB 1.x returns its name, so the name is mapped to NULL here
+    (filters on study_month still skip whole files in both, measured with 1.1.3 and 2.0.1)."""
+    return (
+        f"SELECT * REPLACE (nullif({PARTITION_COLUMN}, '{NULL_PARTITION_DIR}') AS {PARTITION_COLUMN}) "
+        f"FROM read_parquet({files}, hive_partitioning = true, "
+        f"hive_types = {{'{PARTITION_COLUMN}': 'VARCHAR'}}, union_by_name = true)"
+    )
+
+
 _PINNED_VIEW = {
-    "studies": "CREATE OR REPLACE TEMP VIEW studies AS SELECT * FROM read_parquet("
-    "getvariable('pacsflow_files_studies'), hive_partitioning = true, "
-    "hive_types = {'study_month': 'VARCHAR'}, union_by_name = true)",
-    "series": "CREATE OR REPLACE TEMP VIEW series AS SELECT * FROM read_parquet("
-    "getvariable('pacsflow_files_series'), hive_partitioning = true, "
-    "hive_types = {'study_month': 'VARCHAR'}, union_by_name = true)",
-    "instances": "CREATE OR REPLACE TEMP VIEW instances AS SELECT * FROM read_parquet("
-    "getvariable('pacsflow_files_instances'), hive_partitioning = true, "
-    "hive_types = {'study_month': 'VARCHAR'}, union_by_name = true)",
+    name: f"CREATE OR REPLACE TEMP VIEW {name} AS " + _hive_select(f"getvariable('pacsflow_files_{name}')")
+    for name in TABLES
 }
 _EMPTY_VIEW = {
     "studies": "CREATE OR REPLACE TEMP VIEW studies AS SELECT * FROM _pacsflow_empty_studies",
@@ -206,6 +220,13 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _storage_option() -> str:
+    """``(STORAGE_VERSION ...)`` where the installed DuckDB takes it (1.2 and later); DuckDB 1.0 and
+    1.1 write a format every 1.x reads anyway."""
+    major, minor = (int(part) for part in duckdb.__version__.split(".")[:2])
+    return f" (STORAGE_VERSION '{VIEWS_STORAGE_VERSION}')" if (major, minor) >= (1, 2) else ""
+
+
 def write_views_database(root: Path | str, db_path: Path | str) -> Path:
     """Write (or update) a DuckDB file whose views always read the newest snapshot.
 
@@ -231,14 +252,11 @@ def write_views_database(root: Path | str, db_path: Path | str) -> Path:
     tmp = db_path.with_name(f".{db_path.name}.{uuid.uuid4().hex}.tmp")
     con = duckdb.connect(":memory:")
     try:
-        con.execute(f"ATTACH {_sql_string(str(tmp))} AS views_file (STORAGE_VERSION '{VIEWS_STORAGE_VERSION}')")
+        con.execute(f"ATTACH {_sql_string(str(tmp))} AS views_file{_storage_option()}")
         con.execute("USE views_file")
         for name in VIEW_NAMES:
             pattern = _sql_string(str(store.table_path(name) / "*" / "*.parquet"))
-            con.execute(
-                "CREATE VIEW " + name + " AS SELECT * FROM read_parquet(" + pattern
-                + ", hive_partitioning = true, hive_types = {'study_month': 'VARCHAR'}, union_by_name = true)"
-            )
+            con.execute("CREATE VIEW " + name + " AS " + _hive_select(pattern))
         manifest = _sql_string(str(root / CURRENT_LINK / MANIFEST))
         con.execute(
             "CREATE VIEW catalog_snapshot AS SELECT CAST(version AS BIGINT) AS version, "
