@@ -16,15 +16,10 @@ import pytest
 from pacsflow.catalog import views
 from pacsflow.catalog.errors import CatalogError
 from pacsflow.catalog.store import CatalogStore
-from tests.unit.test_catalog_views import make_study
+from tests.unit.test_catalog_views import make_study, root  # noqa: F401  (root: a fixture)
 
 TABLES = ("studies", "series", "instances")
 KEYS = {"studies": "study_uid", "series": "series_uid", "instances": "sop_instance_uid"}
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "catalog"
 
 
 @pytest.fixture
