@@ -2,20 +2,31 @@
 
 Layout under ``root``::
 
-    _lock                                   fcntl.flock: committers, compact and vacuum serialize
-    current -> snapshots/v000000000007      THE commit point: a symlink swapped with os.replace
-    snapshots/v000000000007/
+    studies -> _current/studies             the live tables: fixed links, never changed once made
+    series -> _current/series
+    instances -> _current/instances
+    _current -> _snapshots/v000000000007    THE commit point: a symlink swapped with os.replace
+    _snapshots/v000000000007/
         manifest.json                       version, parent, created_at, every file of every table
         studies/study_month=2004-01/part-000000000007-<random>.parquet
         studies/study_month=__HIVE_DEFAULT_PARTITION__/part-....parquet   (null study dates)
         series/...   instances/...
-    snapshots/v000000000006/                the previous snapshot, kept for vacuum's grace period
+    _snapshots/v000000000006/               the previous snapshot, kept for vacuum's grace period
+    _lock                                   fcntl.flock: committers, compact and vacuum serialize
+
+Readers glob ``<root>/<table>/**/*.parquet`` (or ``<root>/_current/...``) and get exactly the live
+rows of one table: the three table links resolve through ``_current``, so one swap of ``_current``
+publishes all three tables at once. Everything else starts with ``_``, which hive-style dataset
+readers (pyarrow.dataset, Spark) skip. DuckDB's ``**`` does not skip ``_`` folders (and does not
+follow symlinks below the glob's start), so ``read_parquet('<root>/**/*.parquet')`` still reads
+every kept snapshot of every table: the README says to name the table.
 
 Partitioning: by study month (``study_month=YYYY-MM``) of the study's ``study_date``; studies without
-a date go to the hive default (null) partition, which always exists (possibly with zero rows) so
-that every table always has at least one file and globs never come back empty. All rows of a
-study, in all three tables, live in the partition of its ``studies`` row; the store sets
-``study_date`` of series and instance rows from the study row.
+a date go to the hive default (null) partition. A partition without rows has no file, with one
+exception: a table with no rows at all keeps one zero-row file (in the null partition) so that its
+glob matches a file and DuckDB can bind views over it. All rows of a study, in all three tables,
+live in the partition of its ``studies`` row; the store sets ``study_date`` of series and instance
+rows from the study row.
 
 Commit (``commit(tables)``), under the lock:
 
@@ -23,14 +34,14 @@ Commit (``commit(tables)``), under the lock:
    primary keys are unique and every series/instance row belongs to a study in ``tables["studies"]``;
 2. the study UIDs of ``tables["studies"]`` are the *replaced set*: find the partitions that hold them
    now (their old dates) and the partitions they go to (their new dates);
-3. build the next snapshot in ``snapshots/.build-<random>``: each touched partition of each table is
+3. build the next snapshot in ``_snapshots/.build-<random>``: each touched partition of each table is
    rewritten as ONE file (old rows minus the replaced set, plus the new rows, sorted by
-   study_uid, series_uid, sop_instance_uid; zstd, row-group statistics); every untouched file is
-   hard-linked from the current snapshot (files are immutable, their names unique);
-4. fsync, rename the build directory to ``snapshots/v<N>``, then atomically replace ``current``.
+   study_uid, series_uid, sop_instance_uid; zstd, row-group statistics); every untouched file with
+   rows is hard-linked from the current snapshot (files are immutable, their names unique);
+4. fsync, rename the build directory to ``_snapshots/v<N>``, then atomically replace ``_current``.
 
-Readers resolve ``current`` once and read only that snapshot's manifest and files, so they see a
-commit entirely or not at all; a failure before step 4 leaves ``current`` untouched (the
+Readers resolve ``_current`` once and read only that snapshot's manifest and files, so they see a
+commit entirely or not at all; a failure before step 4 leaves ``_current`` untouched (the
 half-built directory is removed, or later by ``vacuum``). Re-committing a study replaces its rows,
 never duplicates them, and yields identical files content for identical input. There is exactly
 one file per partition per table after every commit, so DuckDB never faces a small-file pile-up.
@@ -38,6 +49,14 @@ one file per partition per table after every commit, so DuckDB never faces a sma
 ``vacuum(grace_s)`` deletes snapshot directories superseded more than ``grace_s`` ago (their
 files, when no newer snapshot links them), unpublished leftovers of failed commits, and stray
 temporary links. Readers pinned to a snapshot keep working for the grace period.
+
+Older layout (``current -> snapshots/vN``, no table links, a zero-row null-partition file in every
+table): readers still read it; the first write (commit, delete, compact, vacuum,
+``ensure_initialized``) migrates it under the lock. The current snapshot is hard-linked into
+``_snapshots/``, published as ``_current``, the table links made, then ``current`` and
+``snapshots/`` (with the superseded snapshots) removed; the zero-row files go with the next
+rewrite of their table (``compact`` rewrites every one). Readers pinned to an old-layout snapshot
+must reconnect after the migration.
 
 The store needs a local POSIX filesystem (hard links, symlinks, flock, atomic rename).
 """
@@ -71,6 +90,10 @@ logger = logging.getLogger(__name__)
 TABLES: tuple[str, ...] = ("studies", "series", "instances")
 PARTITION_COLUMN = "study_month"
 NULL_PARTITION_DIR = "__HIVE_DEFAULT_PARTITION__"  # what DuckDB/Hive read back as NULL
+SNAPSHOTS_DIR = "_snapshots"  # "_": hive-style dataset readers skip it
+CURRENT_LINK = "_current"
+LEGACY_SNAPSHOTS_DIR = "snapshots"  # the layout before the table links (migrated on first write)
+LEGACY_CURRENT_LINK = "current"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "pacsflow-catalog/1"
 ROW_GROUP_ROWS = 64 * 1024  # smaller row groups = finer skipping by study_uid/study_date
@@ -238,18 +261,32 @@ class CatalogStore:
     # Locations under the root, one property each (the same shape as Settings' derived folders).
     @property
     def _current_link(self) -> Path:
-        return self.root / "current"
+        return self.root / CURRENT_LINK
 
     @property
     def _snapshots_dir(self) -> Path:
-        return self.root / "snapshots"
+        return self.root / SNAPSHOTS_DIR
+
+    def table_path(self, table: str) -> Path:
+        """``<root>/<table>``: the fixed link through which every glob reads the live rows of ``table``."""
+        if table not in TABLES:
+            raise KeyError(table)
+        return self.root / table
+
+    def _current_target(self) -> str | None:
+        """Where the commit point links to (the older layout's ``current`` until it is migrated)."""
+        for link in (self._current_link, self.root / LEGACY_CURRENT_LINK):
+            try:
+                return os.readlink(link)
+            except FileNotFoundError:
+                continue
+        return None
 
     def snapshot(self) -> Snapshot:
         """The current snapshot, read consistently (one readlink, one manifest)."""
         for _attempt in range(5):
-            try:
-                target = os.readlink(self._current_link)
-            except FileNotFoundError:
+            target = self._current_target()
+            if target is None:
                 return _EMPTY_SNAPSHOT
             directory = (self.root / target).resolve()
             try:
@@ -343,9 +380,56 @@ class CatalogStore:
                         if time.monotonic() >= deadline:
                             raise CatalogBusy(f"catalog lock not acquired within {self.lock_timeout_s}s") from None
                         time.sleep(0.02)
+            self._settle_layout()
             yield
         finally:
             os.close(fd)  # releases the flock
+
+    def _settle_layout(self) -> None:
+        """Under the lock, before any write: migrate the older layout, make the table links."""
+        try:
+            self._migrate_legacy()
+            for t in TABLES:
+                self._link_table(t)
+        except OSError as exc:
+            raise CatalogWriteError(
+                f"catalog_root: cannot lay out {self.root} ({_os_reason(exc)}); the current snapshot is unchanged"
+            ) from None
+
+    def _migrate_legacy(self) -> None:
+        """``current -> snapshots/vN`` becomes ``_current -> _snapshots/vN`` (see the module docstring).
+        Each step can be repeated, so a migration cut short finishes on the next write."""
+        legacy_link = self.root / LEGACY_CURRENT_LINK
+        legacy_dir = self.root / LEGACY_SNAPSHOTS_DIR
+        if not legacy_link.is_symlink() and not legacy_dir.is_dir():
+            return
+        if not self._current_link.is_symlink() and legacy_link.is_symlink():
+            old = (self.root / os.readlink(legacy_link)).resolve()
+            final = self._snapshots_dir / old.name
+            if not final.is_dir():
+                self._snapshots_dir.mkdir(exist_ok=True)
+                build = self._snapshots_dir / f".build-{uuid.uuid4().hex}"
+                shutil.copytree(old, build, copy_function=os.link)  # files are immutable: share them
+                for d in sorted((p for p in build.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                    _fsync(d, directory=True)
+                os.rename(build, final)
+                _fsync(self._snapshots_dir, directory=True)
+            self._point_current_at(final)
+            _fsync(self.root, directory=True)
+        legacy_link.unlink(missing_ok=True)
+        shutil.rmtree(legacy_dir, ignore_errors=True)
+        logger.info("catalog: migrated to the _current/_snapshots layout")
+
+    def _link_table(self, table: str) -> None:
+        link = self.table_path(table)
+        target = f"{CURRENT_LINK}/{table}"
+        if link.is_symlink() and os.readlink(link) == target:
+            return
+        if link.exists() or link.is_symlink():
+            raise CatalogError(f"catalog_root: {link} is in the way of the {table} table's link; move it away")
+        tmp_link = self.root / f".link-{uuid.uuid4().hex}"
+        os.symlink(target, tmp_link)
+        os.replace(tmp_link, link)
 
     def commit(self, tables: Mapping[str, pa.Table]) -> CommitResult:
         """Replace every row of the studies in ``tables["studies"]`` by the given rows, atomically.
@@ -510,7 +594,7 @@ class CatalogStore:
 
     def _point_current_at(self, snapshot_dir: Path) -> None:
         tmp_link = self.root / f".current-{uuid.uuid4().hex}"
-        os.symlink(f"snapshots/{snapshot_dir.name}", tmp_link)
+        os.symlink(f"{SNAPSHOTS_DIR}/{snapshot_dir.name}", tmp_link)
         try:
             os.replace(tmp_link, self._current_link)  # the commit point
         except BaseException:
@@ -543,11 +627,12 @@ class CatalogStore:
             schema = SCHEMAS[t]
             base_entries = {e.partition: e for e in base.entries.get(t, ())}
             entries: list[FileEntry] = []
-            # The null partition always has a file (maybe zero rows): globs never come back empty.
-            for p in sorted(set(base_entries) | touched | {None}, key=_sort_key):
+            for p in sorted(set(base_entries) | touched, key=_sort_key):
                 old = base_entries.get(p)
                 rel_dir = Path(t) / _partition_dir(p)
                 if p not in touched and old is not None:
+                    if not old.rows:
+                        continue  # a zero-row placeholder: re-made below if the table stays empty
                     assert base.directory is not None
                     (build / rel_dir).mkdir(parents=True, exist_ok=True)
                     os.link(base.directory / old.path, build / old.path)
@@ -566,15 +651,14 @@ class CatalogStore:
                     pieces.append(new)
                     rows_written[t] += new.num_rows
                 table = pa.concat_tables(pieces) if pieces else schema.empty_table()
-                if table.num_rows == 0 and p is not None:
+                if table.num_rows == 0:
                     continue  # the partition is gone
-                table = table.sort_by([(k, "ascending") for k in SORT_KEYS[t]])
-                rel = rel_dir / f"part-{version:012d}-{uuid.uuid4().hex[:12]}.parquet"
-                (build / rel_dir).mkdir(parents=True, exist_ok=True)
-                size = _write_parquet(table, t, build / rel)
-                entries.append(FileEntry(t, p, rel.as_posix(), table.num_rows, size))
+                entries.append(_write_partition(build, t, p, version, table))
                 written += 1
                 rewritten.add(p)
+            if not entries:  # a table without rows keeps one zero-row file: its glob must match
+                entries.append(_write_partition(build, t, None, version, schema.empty_table()))
+                written += 1
             manifest[t] = [e.to_json() for e in entries]
         for d in sorted({p for p in build.rglob("*") if p.is_dir()}, key=lambda p: -len(p.parts)):
             _fsync(d, directory=True)
@@ -608,8 +692,9 @@ class CatalogStore:
                     m = _VERSION_DIR.match(p.name)
                     if (m and int(m.group(1)) not in keep) or p.name.startswith(".build-"):
                         doomed.append(p)
-            for p in self.root.glob(".current-*"):
-                p.unlink(missing_ok=True)
+            for pattern in (".current-*", ".link-*"):
+                for p in self.root.glob(pattern):
+                    p.unlink(missing_ok=True)
             # A file's space is freed when its last link goes: count those.
             links: dict[tuple[int, int], list[int]] = {}
             files_removed = 0
@@ -624,6 +709,16 @@ class CatalogStore:
                 shutil.rmtree(d)
         logger.info("catalog vacuum: %d snapshot(s), %d file link(s) removed", len(doomed), files_removed)
         return VacuumResult(len(doomed), files_removed, freed, tuple(sorted(keep)))
+
+
+def _write_partition(build: Path, name: str, partition: str | None, version: int, table: pa.Table) -> FileEntry:
+    """Write ``table`` as the one sorted file of ``partition`` in the snapshot being built."""
+    rel_dir = Path(name) / _partition_dir(partition)
+    rel = rel_dir / f"part-{version:012d}-{uuid.uuid4().hex[:12]}.parquet"
+    (build / rel_dir).mkdir(parents=True, exist_ok=True)
+    table = table.sort_by([(k, "ascending") for k in SORT_KEYS[name]])
+    size = _write_parquet(table, name, build / rel)
+    return FileEntry(name, partition, rel.as_posix(), table.num_rows, size)
 
 
 def _write_parquet(table: pa.Table, name: str, path: Path) -> int:

@@ -14,17 +14,21 @@ Two ways to get them, chosen for their consistency/staleness trade-off:
   (the store deletes superseded snapshots after it). The file lists live in DuckDB variables, so refreshing is
   cheap and the views never need rebinding by hand.
 * :func:`write_views_database` (one ``.duckdb`` file for trusted analysts, not a sandbox: see its
-  docstring): persistent views over ``<root>/current/<table>/*/*.parquet``. ``current`` is the symlink the store swaps atomically on
-  commit, so these views are *live*: each query lists the files of the newest snapshot; the file
-  never needs rewriting after commits. Trade-off: a query that starts within milliseconds of a
-  commit may combine files of two consecutive snapshots (each file is complete; a study that just
-  moved partition could appear twice or not at all), and a query running longer than the vacuum
-  grace period may fail on a deleted file. Rerun the query in either case. Write the file again
-  only if the catalog root moves.
+  docstring): persistent views over ``<root>/<table>/*/*.parquet``, the store's fixed table links
+  through ``_current``, the symlink it swaps atomically on commit. These views are *live*: each
+  query lists the files of the newest snapshot; the file never needs rewriting after commits.
+  Trade-off: a query that starts within milliseconds of a commit may list the files of one
+  snapshot and open them after the next is published (a rewritten partition's file is then
+  missing), and a query running longer than the vacuum grace period may fail on a deleted file.
+  Rerun the query in either case. Write the file again only if the catalog root moves. The file
+  is written in DuckDB's v1.0.0 storage format (:data:`VIEWS_STORAGE_VERSION`), so DuckDB 1.x
+  opens it as well as the DuckDB pacsflow runs with.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,9 +38,20 @@ import pyarrow as pa
 
 from pacsflow.catalog.errors import CatalogError, CatalogNotFound
 from pacsflow.catalog.schema import SCHEMAS
-from pacsflow.catalog.store import PARTITION_COLUMN, TABLES, CatalogStore, Snapshot
+from pacsflow.catalog.store import (
+    CURRENT_LINK,
+    MANIFEST,
+    NULL_PARTITION_DIR,
+    PARTITION_COLUMN,
+    TABLES,
+    CatalogStore,
+    Snapshot,
+)
 
 VIEW_NAMES: tuple[str, ...] = TABLES
+# The oldest storage format the installed DuckDB writes: DuckDB 1.0 and later read it (1.x refuses
+# the default format of DuckDB 2, "database file with version number 69").
+VIEWS_STORAGE_VERSION = "v1.0.0"
 
 # DuckDB cannot bind parameters in DDL; these statements are constants and the file lists are
 # bound separately through SET VARIABLE ... = ? (see refresh()).
@@ -45,16 +60,22 @@ _SET_FILES = {
     "series": "SET VARIABLE pacsflow_files_series = ?",
     "instances": "SET VARIABLE pacsflow_files_instances = ?",
 }
+
+
+def _hive_select(files: str) -> str:
+    """SELECT over Parquet ``files`` (a SQL expression) with the partition column. DuckDB 2 reads the
+    null partition's folder as NULL; DuckDB 1.x returns its name, so the name is mapped to NULL here
+    (filters on study_month still skip whole files in both, measured with 1.1.3 and 2.0.1)."""
+    return (
+        f"SELECT * REPLACE (nullif({PARTITION_COLUMN}, '{NULL_PARTITION_DIR}') AS {PARTITION_COLUMN}) "
+        f"FROM read_parquet({files}, hive_partitioning = true, "
+        f"hive_types = {{'{PARTITION_COLUMN}': 'VARCHAR'}}, union_by_name = true)"
+    )
+
+
 _PINNED_VIEW = {
-    "studies": "CREATE OR REPLACE TEMP VIEW studies AS SELECT * FROM read_parquet("
-    "getvariable('pacsflow_files_studies'), hive_partitioning = true, "
-    "hive_types = {'study_month': 'VARCHAR'}, union_by_name = true)",
-    "series": "CREATE OR REPLACE TEMP VIEW series AS SELECT * FROM read_parquet("
-    "getvariable('pacsflow_files_series'), hive_partitioning = true, "
-    "hive_types = {'study_month': 'VARCHAR'}, union_by_name = true)",
-    "instances": "CREATE OR REPLACE TEMP VIEW instances AS SELECT * FROM read_parquet("
-    "getvariable('pacsflow_files_instances'), hive_partitioning = true, "
-    "hive_types = {'study_month': 'VARCHAR'}, union_by_name = true)",
+    name: f"CREATE OR REPLACE TEMP VIEW {name} AS " + _hive_select(f"getvariable('pacsflow_files_{name}')")
+    for name in TABLES
 }
 _EMPTY_VIEW = {
     "studies": "CREATE OR REPLACE TEMP VIEW studies AS SELECT * FROM _pacsflow_empty_studies",
@@ -199,6 +220,13 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _storage_option() -> str:
+    """``(STORAGE_VERSION ...)`` where the installed DuckDB takes it (1.2 and later); DuckDB 1.0 and
+    1.1 write a format every 1.x reads anyway."""
+    major, minor = (int(part) for part in duckdb.__version__.split(".")[:2])
+    return f" (STORAGE_VERSION '{VIEWS_STORAGE_VERSION}')" if (major, minor) >= (1, 2) else ""
+
+
 def write_views_database(root: Path | str, db_path: Path | str) -> Path:
     """Write (or update) a DuckDB file whose views always read the newest snapshot.
 
@@ -210,30 +238,38 @@ def write_views_database(root: Path | str, db_path: Path | str) -> Path:
     opens a file, not in the file, so whoever opens it (duckdb CLI, a BI tool) keeps all the access
     their own OS user has (COPY, ATTACH, read_text on any path they can read). The file holds view
     definitions only, no data, and every path in them lies under the catalog root
-    (``<root>/current/...``). SQL from people who may only read the catalog goes through
+    (``<root>/<table>/...`` and ``<root>/_current/manifest.json``). SQL from people who may only read the catalog goes through
     :func:`query` (``pacsflow catalog query``) instead.
     """
     root = Path(root).resolve()
     if any(c in str(root) for c in "*?[]{}"):
         raise ValueError("catalog root path must not contain glob characters")
-    CatalogStore(root).ensure_initialized()
+    store = CatalogStore(root)
+    store.ensure_initialized()
     db_path = Path(db_path)
-    con = duckdb.connect(str(db_path))
+    # Written beside the target and renamed over it: an older file (another storage format, or
+    # views of an earlier layout) is replaced whole, and a reader never sees half a file.
+    tmp = db_path.with_name(f".{db_path.name}.{uuid.uuid4().hex}.tmp")
+    con = duckdb.connect(":memory:")
     try:
+        con.execute(f"ATTACH {_sql_string(str(tmp))} AS views_file{_storage_option()}")
+        con.execute("USE views_file")
         for name in VIEW_NAMES:
-            pattern = _sql_string(str(root / "current" / name / "*" / "*.parquet"))
-            con.execute(
-                "CREATE OR REPLACE VIEW " + name + " AS SELECT * FROM read_parquet(" + pattern
-                + ", hive_partitioning = true, hive_types = {'study_month': 'VARCHAR'}, union_by_name = true)"
-            )
-        manifest = _sql_string(str(root / "current" / "manifest.json"))
+            pattern = _sql_string(str(store.table_path(name) / "*" / "*.parquet"))
+            con.execute("CREATE VIEW " + name + " AS " + _hive_select(pattern))
+        manifest = _sql_string(str(root / CURRENT_LINK / MANIFEST))
         con.execute(
-            "CREATE OR REPLACE VIEW catalog_snapshot AS SELECT CAST(version AS BIGINT) AS version, "
+            "CREATE VIEW catalog_snapshot AS SELECT CAST(version AS BIGINT) AS version, "
             "CAST(created_at AS TIMESTAMPTZ) AS created_at, CAST(schema_version AS INTEGER) AS schema_version "
             "FROM read_json(" + manifest + ", columns = {'version': 'BIGINT', 'created_at': 'VARCHAR', "
             "'schema_version': 'INTEGER'})"
         )
-        con.execute("CHECKPOINT")
+        con.execute("CHECKPOINT views_file")
+        con.execute("USE memory")
+        con.execute("DETACH views_file")
+        os.replace(tmp, db_path)
     finally:
         con.close()
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            leftover.unlink(missing_ok=True)
     return db_path

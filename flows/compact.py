@@ -14,7 +14,9 @@ from pacsflow.flows.secrets import load_run_settings
 def compact_catalog(vacuum_grace_s: float = 3600.0) -> dict[str, Any]:
     """Rewrite every partition of every table into one file sorted by study, then delete the
     files no snapshot references any more (older than the grace period, so readers that
-    opened the previous snapshot can finish)."""
+    opened the previous snapshot can finish). A catalog still in the older ``current ->
+    snapshots/`` layout is migrated first (the store does it on any write) and loses its
+    zero-row files here."""
     settings = load_run_settings()
     store = CatalogStore(settings.catalog_root)
     store.compact()

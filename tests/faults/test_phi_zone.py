@@ -72,7 +72,7 @@ def test_leftovers_of_a_killed_run_are_cleaned(lake, tmp_path):
     assert nightly_ingest()["cataloged"] == 1
     assert not stale_rows.parent.exists()
 
-    half_built = lake.catalog / "snapshots" / ".build-0123456789abcdef"
+    half_built = lake.catalog / "_snapshots" / ".build-0123456789abcdef"
     half_built.mkdir(parents=True)
     (half_built / "part.parquet").write_bytes(b"half")
     compact_catalog(vacuum_grace_s=0)

@@ -116,7 +116,7 @@ def test_commit_then_query(root):
     assert result.version == 1 and s.snapshot_version == 1
     assert result.studies_committed == 1 and result.studies_replaced == 0
     assert result.rows == {"studies": 1, "series": 2, "instances": 6}
-    assert result.partitions_rewritten == ("2004-01", None)
+    assert result.partitions_rewritten == ("2004-01",)
     assert s.study_uids() == {"1.2.1"}
     assert counts(root) == {"studies": 1, "series": 2, "instances": 6}
     row = views.query(root, "SELECT study_uid, study_date, study_month, modalities FROM studies").to_pylist()
@@ -243,7 +243,7 @@ def test_delete_and_compact(root):
     before = {t: read_all(root, t) for t in TABLES}
     old_files = {t: s.files(t) for t in TABLES}
     r = s.compact()
-    assert r.files_written == 6 and r.files_linked == 0
+    assert r.files_written == 3 and r.files_linked == 0  # one partition per table, no empty files
     for t in TABLES:
         assert read_all(root, t).equals(before[t])
         assert s.files(t) != old_files[t]
@@ -286,7 +286,7 @@ def test_incompatible_tables_are_refused_without_values_in_the_message(root):
     other = make_study("1.2.2")
     with pytest.raises(IntegrityError, match="not in"):
         s.commit({"studies": st, "series": tables["series"], "instances": other["instances"]})
-    assert s.snapshot_version == 0 and not (root / "current").exists()
+    assert s.snapshot_version == 0 and not (root / "_current").exists()
 
 
 # -- atomicity ------------------------------------------------------------------------------------
@@ -303,9 +303,9 @@ def _spy_writes(monkeypatch) -> list[Path]:
 
 
 def _assert_only_snapshot(root: Path, version: int) -> None:
-    names = sorted(p.name for p in (root / "snapshots").iterdir())
+    names = sorted(p.name for p in (root / "_snapshots").iterdir())
     assert names == [f"v{version:012d}"]
-    assert not list(root.glob(".current-*"))
+    assert not list(root.glob(".current-*")) and not list(root.glob(".link-*"))
 
 
 def test_failure_at_the_commit_point_leaves_previous_snapshot(root, monkeypatch):
@@ -412,9 +412,10 @@ def test_vacuum_respects_grace_then_removes_unreferenced_files(root):
     assert pinned.execute("SELECT count(*) FROM studies").fetchone()[0] == 2
 
     # leftovers of a crashed commit are removed too
-    (root / "snapshots" / ".build-deadbeef" / "studies").mkdir(parents=True)
-    (root / "snapshots" / "v000000000099").mkdir()  # never published
-    os.symlink("snapshots/v000000000099", root / ".current-deadbeef")
+    (root / "_snapshots" / ".build-deadbeef" / "studies").mkdir(parents=True)
+    (root / "_snapshots" / "v000000000099").mkdir()  # never published
+    os.symlink("_snapshots/v000000000099", root / ".current-deadbeef")
+    os.symlink("_current/studies", root / ".link-deadbeef")
 
     r = s.vacuum(grace_s=0)
     assert r.kept_versions == (4,)

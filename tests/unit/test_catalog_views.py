@@ -221,8 +221,10 @@ def test_views_database_names_only_paths_inside_the_catalog(filled, tmp_path):
         con.close()
     literals = [lit for sql in definitions for lit in re.findall(r"'([^']*)'", sql) if "/" in lit]
     assert len(definitions) == 4 and len(literals) == 4
-    inside = str(filled.resolve()) + "/current/"
+    inside = str(filled.resolve()) + "/"
     assert all(lit.startswith(inside) and ".." not in lit for lit in literals), literals
+    assert sorted(lit[len(inside):] for lit in literals) == [
+        "_current/manifest.json", "instances/*/*.parquet", "series/*/*.parquet", "studies/*/*.parquet"]
 
 
 def test_query_reads_the_snapshot_and_refuses_the_rest(filled, tmp_path):
