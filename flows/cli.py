@@ -27,6 +27,7 @@ from rich.console import Console
 
 from pacsflow.catalog import cli as catalog_cli
 from pacsflow.deployments.local import cli as stack_cli
+from pacsflow.flows import alerts_cli
 from pacsflow.flows import console as errors_console
 from pacsflow.tasks.deid import cli as deid_cli
 
@@ -84,6 +85,7 @@ app.add_typer(deid_cli.build_app(_settings, _secret_block))  # no name: `pacsflo
 app.add_typer(stack_cli.build_app(_settings), name="stack")
 app.add_typer(run_app, name="run")
 app.add_typer(catalog_cli.build_app(lambda: _settings().catalog_root), name="catalog")
+app.add_typer(alerts_cli.build_app(), name="alerts")
 
 
 @app.callback()
