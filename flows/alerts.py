@@ -10,10 +10,11 @@ automation fires. Applying is idempotent: an automation is found by its name and
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from uuid import UUID
 
 import yaml
@@ -118,7 +119,7 @@ def put_automations(client: SyncPrefectClient, automations: list[AutomationCore]
             client.create_automation(automation)
             done.append((automation.name, "created"))
             continue
-        keep, *extra = sorted(same_name, key=lambda a: str(a.id))
+        *extra, keep = same_name  # the server lists the most recently updated first: keep the oldest
         client.update_automation(keep.id, automation)
         for copy in extra:
             client.delete_automation(copy.id)
