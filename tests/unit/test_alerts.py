@@ -13,7 +13,15 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
 from pacsflow.flows import console as errors_console
-from pacsflow.flows.alerts import DEFAULT_WORK_POOL, AlertOptions, automation_files, duration_text, load_automations
+from pacsflow.flows.alerts import (
+    DEFAULT_BLOCK,
+    DEFAULT_NIGHTLY_HOURS,
+    DEFAULT_WORK_POOL,
+    AlertOptions,
+    automation_files,
+    duration_text,
+    load_automations,
+)
 from pacsflow.flows.cli import app
 from pacsflow.flows.compact import compact_catalog
 from pacsflow.flows.fhir_resync import fhir_resync
@@ -100,5 +108,8 @@ def test_apply_needs_the_server_of_the_deployments():
 
 @pytest.mark.parametrize("command", ["apply", "webhook"])
 def test_alerts_commands_have_help(command):
-    result = CliRunner().invoke(app, ["alerts", command, "--help"])
+    result = CliRunner().invoke(app, ["alerts", command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and f"Usage: pacsflow alerts {command}" in " ".join(result.output.split())
+    if command == "apply":  # the command's defaults (kept light, without Prefect) are the module's
+        assert DEFAULT_BLOCK in result.output and DEFAULT_WORK_POOL in result.output
+        assert f"[default: {DEFAULT_NIGHTLY_HOURS}]" in result.output
