@@ -27,6 +27,7 @@ from rich.console import Console
 
 from pacsflow.catalog import cli as catalog_cli
 from pacsflow.deployments.local import cli as stack_cli
+from pacsflow.flows import alerts_cli
 from pacsflow.flows import console as errors_console
 from pacsflow.tasks import settings_cli
 from pacsflow.tasks.deid import cli as deid_cli
@@ -86,6 +87,7 @@ app.add_typer(settings_cli.build_app())  # no name: `pacsflow init`
 app.add_typer(stack_cli.build_app(_settings), name="stack")
 app.add_typer(run_app, name="run")
 app.add_typer(catalog_cli.build_app(lambda: _settings().catalog_root), name="catalog")
+app.add_typer(alerts_cli.build_app(), name="alerts")
 
 
 @app.callback()

@@ -34,6 +34,8 @@ def test_the_wheel_holds_only_the_pacsflow_namespace(wheel):
     assert {t for t in tops if not t.endswith(".dist-info")} == {"pacsflow"}
     assert "pacsflow/tasks/deid/data/ps3.15-table-e1-1-2024b.json" in names
     assert "pacsflow/tasks/fhir/data/bodypart_snomed.json" in names
+    assert {"pacsflow/deployments/automations/run-failed.yaml", "pacsflow/deployments/automations/nightly-overdue.yaml",
+            "pacsflow/deployments/automations/work-pool-not-ready.yaml"} <= set(names)
     assert all(f"pacsflow/{d}/py.typed" in names for d in ("flows", "tasks", "catalog", "deployments"))
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "pacsflow = pacsflow.flows.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -66,6 +68,9 @@ def test_a_fresh_environment_imports_pacsflow_and_not_the_folders(wheel, tmp_pat
              "print(d.__file__); d.load_profile()")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert ok.stdout.strip().startswith(site)
+    shipped = run("from pacsflow.flows.alerts import automation_files as f; print(*(p.name for p in f()))")
+    assert shipped.stdout.split() == ["nightly-overdue.yaml", "run-failed.yaml", "work-pool-not-ready.yaml"], \
+        shipped.stderr[-2000:]
     for old in ("tasks", "flows", "catalog", "deployments"):
         gone = run(f"import {old}")
         assert gone.returncode != 0 and "ModuleNotFoundError" in gone.stderr, old
