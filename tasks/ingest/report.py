@@ -31,7 +31,7 @@ BLUE, GREEN, VERMILLION, ORANGE, SKY, PURPLE, GREY = (
 WIDTH, HEIGHT = 640, 300
 LEFT, RIGHT, TOP, BOTTOM = 72, 20, 64, 64
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans', sans-serif"
-MAX_X_LABELS = 12
+MAX_X_LABELS = 16
 MAX_VALUE_LABELS = 16  # bars and points get their number printed up to this many categories
 
 
@@ -220,7 +220,7 @@ def modality_charts(run: RunRecord) -> list[Chart]:
     return [
         Chart("modality-instances", "Instances cataloged by modality", "instances", labels,
               [Series("instances", [m.instances for m in run.modalities], BLUE)]),
-        Chart("modality-studies", "Studies cataloged by modality", "studies", labels,
+        Chart("modality-studies", "Studies and series cataloged by modality", "studies, series", labels,
               [Series("studies", [m.studies for m in run.modalities], GREEN),
                Series("series", [m.series for m in run.modalities], ORANGE)]),
     ]
