@@ -256,6 +256,23 @@ def demo(
     )
 
 
+@app.command("report")
+def report(
+    runs: Annotated[int, typer.Option("--nights", min=1, help="runs in the trend (the newest last)")] = 30,
+    flow: Annotated[str, typer.Option(help="whose runs: nightly or sweep")] = "nightly",
+) -> None:
+    """Write the run report (an HTML page beside the catalog, under _reports/) from the run history
+    and print its path."""
+    settings = _settings()
+    from pacsflow.flows.run_report import report_from_history
+
+    page = report_from_history(settings, runs, flow)
+    if page is None:
+        errors_console.report_text(f"no run history in state_root {settings.state_root}: every run records one")
+        raise typer.Exit(1)
+    typer.echo(page)
+
+
 @app.command("settings")
 def show_settings(
     reference: Annotated[bool, typer.Option("--reference", help="print the table of every setting (README)")]

@@ -23,6 +23,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, as_completed
 
 from pacsflow.flows.concurrency import hold_slots
+from pacsflow.flows.run_report import publish_report
 from pacsflow.flows.secrets import load_run_settings
 from pacsflow.tasks.core.clock import new_run_id, parse_dicom_date
 from pacsflow.tasks.core.errors import InsufficientSpace, error_text, is_transient
@@ -108,6 +109,7 @@ def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.d
     summary = book.finish(time.monotonic() - started)
     publish(summary, build_manifest(run.deid, book.deid_report, book.quarantined, book.written), artifacts,
             missing=book.missing_recorded)
+    publish_report(settings, summary, book.catalog_uids, flow=artifacts, logger=logger)
     logger.info("run %s done: %d found, %d cataloged (%d instances), %d failed in %.1fs", run.run_id, summary.found,
                 summary.cataloged, summary.instances, summary.failed, summary.seconds)
     return summary.as_dict()

@@ -27,7 +27,8 @@ NO_US = ("CT", "MR", "MG")  # ultrasound carries burned-in text: quarantined
 RESULT_KEYS = {"run_id", "window", "found", "pacs_queries", "queued", "retrieved", "deidentified", "cataloged", "failed",
                "instances", "quarantined_objects", "missing_objects", "rejected_objects", "fhir_sent", "fhir_failed", "fhir_differences", "seconds",
                "instances_per_second"}
-ARTIFACT_KEYS = {"nightly-deid-manifest", "nightly-ingest-summary", "nightly-ingest-studies"}
+ARTIFACT_KEYS = {"nightly-deid-manifest", "nightly-ingest-summary", "nightly-ingest-studies", "nightly-run-report",
+                 "nightly-run-report-page"}
 
 
 @dataclass
