@@ -1,10 +1,11 @@
 """Our de-identifier vs deid (default recipe) vs dicognito, on the same generated files, in one run.
 
 Every tool gets the same in-memory file bytes and does the same work per file: parse, de-identify,
-encode to Part 10 bytes. Ours runs as in production: the PS3.15 profile with the default option
-(Retain Long. Modified Dates), the pixel policy (quarantine) and the residual-PHI audit of the
-encoded bytes; objects it quarantines still count as processed files. It is also timed with the
-pixel check off (every file de-identified and encoded). Prints files/s and ratios.
+encode to Part 10 bytes. Ours runs as in production: the PS3.15 profile with the default options
+(``DEFAULT_OPTIONS``: modified dates, patient characteristics, clean descriptors), the pixel
+policy (quarantine) and the residual-PHI audit of the encoded bytes; objects it quarantines
+still count as processed files. It is also timed with the pixel check off (every file
+de-identified and encoded). Prints files/s and ratios.
 
     .venv/bin/python -m bench.deid_vs_peers [--studies 30] [--size 256] [--repeat 3] [--files 300]
 

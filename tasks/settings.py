@@ -24,7 +24,7 @@ from pydantic_settings import (
 )
 
 from pacsflow.tasks.core.files import describe_os_error
-from pacsflow.tasks.deid.choices import Option, PixelPolicy, SafePrivateList, conflicting_dates
+from pacsflow.tasks.deid.choices import DEFAULT_OPTIONS, Option, PixelPolicy, SafePrivateList, conflicting_dates
 
 AE_TITLE_MAX = 16
 
@@ -141,7 +141,7 @@ class DeidSettings(BaseModel):
     """De-identification profile (PS3.15 E.1-1 option columns, by name), pixel policy, audit, zones."""
 
     options: list[Option] = Field(
-        default_factory=lambda: [Option.RETAIN_MODIFIED_DATES],
+        default_factory=lambda: list(DEFAULT_OPTIONS),
         description="option columns of Table E.1-1 to apply on top of the Basic Profile",
     )
     pixel_policy: PixelPolicy = Field(

@@ -27,6 +27,16 @@ class Option(str, enum.Enum):
     RETAIN_UIDS = "Retain UIDs"
 
 
+#: The options a run uses unless settings say otherwise, chosen for research use (README,
+#: "De-identification"): shifted dates, sex/age/size/weight, and descriptions cleaned of names,
+#: IDs and dates, so that series can be told apart and cohorts stratified.
+DEFAULT_OPTIONS: tuple[Option, ...] = (
+    Option.RETAIN_MODIFIED_DATES,
+    Option.RETAIN_PATIENT_CHARACTERISTICS,
+    Option.CLEAN_DESCRIPTORS,
+)
+
+
 class PixelPolicy(str, enum.Enum):
     """What happens to an object whose pixels may show burned-in text (see :mod:`.pixels`)."""
 

@@ -19,8 +19,12 @@ carried out (the conformance statement of this recipe, ``RECIPE_VERSION``):
   walked). **U** replaces every UID with a ``2.25.`` UID from HMAC-SHA256 under the key, so
   references stay consistent across instances, studies and runs.
 - **C** on DA/DT shifts by the patient's day shift (Modified Dates), TM keeps the time of day
-  (whole-day shifts). C on text removes the object's own identifying values (names and their
-  components, IDs, accession, addresses, birth date, institution...) and date- or ID-like tokens.
+  (whole-day shifts). C on text is carried out after the walk, once every person name of the
+  object has been noted: :mod:`.descriptors` removes the object's own identifying values (names
+  and their components, IDs, accession, addresses, birth date, institution...), names after
+  titles, dates and ID-like tokens.
+- **Retain Patient Characteristics** keeps PatientAge capped at ``090Y`` (Safe Harbor), and
+  computes it from the birth date when it is missing (:mod:`.ages`).
   C on a structured-content sequence (Clean Structured Content) removes PNAME content items,
   cleans TEXT items as text and walks the rest; C on Graphic Annotation (Clean Graphics) cleans
   the text objects and keeps the graphics; C on overlays clears the overlay bitmap and cleans its
@@ -61,8 +65,9 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from pacsflow.tasks.core.errors import DeidentificationError
 from pacsflow.tasks.core.values import items_of
+from pacsflow.tasks.deid import ages, descriptors
 from pacsflow.tasks.deid import iod as deid_iod
-from pacsflow.tasks.deid.choices import Option, PixelPolicy, conflicting_dates
+from pacsflow.tasks.deid.choices import DEFAULT_OPTIONS, Option, PixelPolicy, conflicting_dates
 from pacsflow.tasks.deid.pixels import MaskRule, check_pixels, parse_masks
 
 if TYPE_CHECKING:
@@ -70,7 +75,7 @@ if TYPE_CHECKING:
 
 TABLE_RESOURCE = "ps3.15-table-e1-1-2024b.json"
 SAFE_PRIVATE_RESOURCE = "safe-private-attributes.json"
-RECIPE_VERSION = "pacsflow-deid-2"
+RECIPE_VERSION = "pacsflow-deid-3"  # 3: descriptors cleaned after the walk, ages capped
 DEID_METHOD_CODE = "113100"  # Basic Application Confidentiality Profile (CID 7050)
 CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
 IMPLEMENTATION_VERSION_NAME = "PACSFLOW_DEID2"
@@ -90,8 +95,7 @@ OPTION_CODES = {
     Option.CLEAN_GRAPHICS: ("113103", "Clean Graphics Option"),
 }
 
-DEFAULT_OPTIONS = (Option.RETAIN_MODIFIED_DATES,)
-
+_CLEANING_OPTIONS = frozenset({Option.CLEAN_DESCRIPTORS, Option.CLEAN_STRUCTURED_CONTENT, Option.CLEAN_GRAPHICS})
 _DUMMY_TEXT = "ANONYMIZED"
 _DUMMY_BY_VR: dict[str, object] = {
     "DA": "19000101",
@@ -140,6 +144,9 @@ _PATIENT_NAME = Tag(0x0010, 0x0010)
 _SOP_CLASS_UID = BaseTag(0x00080016)
 _SOP_INSTANCE_UID = BaseTag(0x00080018)
 _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
+_PATIENT_AGE = BaseTag(0x00101010)
+_BIRTH_DATE = BaseTag(0x00100030)
+_AGE_DATES = (BaseTag(0x00080020), BaseTag(0x00080021), BaseTag(0x00080022), BaseTag(0x00080023))  # study..content
 
 # Identifying attributes whose original values the residual-PHI audit and the "clean" action
 # look for (keyword, split into name components). PN values found anywhere are added as well.
@@ -156,7 +163,6 @@ IDENTIFYING_KEYWORDS: dict[BaseTag, str] = {BaseTag(tag): keyword for tag, keywo
     0x0020000E: "SeriesInstanceUID", 0x00080018: "SOPInstanceUID", 0x00200052: "FrameOfReferenceUID",
 }.items()}
 _NAME_COMPONENTS = re.compile(r"[\^=\\ ,]+")
-_DATE_OR_ID = re.compile(r"\b\d{8}\b|\b\d{1,4}[./-]\d{1,2}[./-]\d{2,4}\b|\b\d{6,}\b")
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,16 @@ class Originals:
                 out[kw] = toks
         return out
 
+    def short_name_parts(self) -> set[str]:
+        """Name components too short for the audit (3-4 letters, e.g. "Lee"): cleaning removes
+        them from descriptors as whole words all the same."""
+        out: set[str] = set()
+        for kw in self.names:
+            for v in self.values.get(kw, ()):
+                text = v.decode("latin-1") if isinstance(v, bytes) else v
+                out.update(p for p in _NAME_COMPONENTS.split(text) if len(p) >= 3 and not p.isdigit())
+        return out
+
 
 # Free-text identifiers (institution, address): short values are common words ("Here", "Main").
 _LONG_ONLY = frozenset({"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "PatientAddress"})
@@ -325,8 +341,9 @@ class _Ctx:
     shift: int
     types: dict[str, str] | None
     originals: Originals
-    scrub: "re.Pattern[str] | None" = None
-    scrub_built: bool = False
+    # Text to clean once the whole object has been walked, so that every name noted on the way
+    # (a performing physician after the study description) is removed from every descriptor.
+    pending: list[tuple[Dataset, BaseTag, str]] = field(default_factory=list)
 
 
 @cache
@@ -390,15 +407,31 @@ def _texts(ds: Dataset, elem: Any, vr: str) -> list[Any]:
     return out
 
 
-def _patient_id(ds: Dataset) -> str:
-    elem = ds._dict.get(_PATIENT_ID)
+def _first_text(ds: Dataset, tag: BaseTag, vr: str = "LO") -> str:
+    """The first value of a top-level element as text, without converting it in the Dataset."""
+    elem = ds._dict.get(tag)
     if elem is None:
         return ""
-    values = _texts(ds, elem, "LO")
+    values = _texts(ds, elem, vr)
     decoded = [v for v in values if isinstance(v, str)]
     if decoded:
         return decoded[0]
-    return values[0].decode("ascii") if values else ""
+    return values[0].decode("ascii", "replace") if values else ""
+
+
+def _patient_id(ds: Dataset) -> str:
+    return _first_text(ds, _PATIENT_ID)
+
+
+def _patient_age(ds: Dataset) -> str | None:
+    """The PatientAge to write (Retain Patient Characteristics): the stored one capped at 90,
+    else one computed from the birth date and the first date of the study found."""
+    stored = _first_text(ds, _PATIENT_AGE, "AS")
+    if stored.strip():
+        return ages.capped(stored)
+    birth = _first_text(ds, _BIRTH_DATE, "DA")
+    on = next((v for v in (_first_text(ds, t, "DA") for t in _AGE_DATES) if v.strip()), "")
+    return ages.computed(birth, on) if birth and on else None
 
 
 class Deidentifier:
@@ -431,6 +464,7 @@ class Deidentifier:
         self._uid_cache: dict[str, str] = {}
         self._retain_uids = Option.RETAIN_UIDS in self.options
         self._safe_private = load_safe_private() if self._plan.private == "C" else {}
+        self._cleans = bool(_CLEANING_OPTIONS.intersection(self.options))
         self.audit = audit
         self.pixel_policy = _member(PixelPolicy, pixel_policy, "pixel policy") if pixel_policy is not None else None
         self.pixel_masks: tuple[MaskRule, ...] = tuple(parse_masks(pixel_masks)) if pixel_policy is not None else ()
@@ -508,8 +542,12 @@ class Deidentifier:
         sop_class = _str_values(ds._dict[_SOP_CLASS_UID]) if _SOP_CLASS_UID in ds._dict else []
         types = deid_iod.types_for_sop_class(sop_class[0]) if sop_class else None
         originals = self._collect(ds)
+        age = _patient_age(ds) if Option.RETAIN_PATIENT_CHARACTERISTICS in self.options else None
         ctx = _Ctx(report, shift, types, originals)
         self._walk(ds, ctx, "", _Mode.NORMAL, top=True)
+        self._clean_pending(ctx)
+        if Option.RETAIN_PATIENT_CHARACTERISTICS in self.options:
+            self._write_age(ds, age)
         self._replace_file_meta(ds)
         pseudonym = patient_pseudonym(self._key, original_pid)
         ds.PatientID = pseudonym
@@ -517,6 +555,12 @@ class Deidentifier:
         report.count("D", 2)
         self._record_method(ds, pixels_cleaned)
         return originals if self.audit else None
+
+    def _write_age(self, ds: Dataset, age: str | None) -> None:
+        if age is not None:
+            self._set(ds._dict, _PATIENT_AGE, "AS", age)
+        elif _PATIENT_AGE in ds._dict:
+            del ds._dict[_PATIENT_AGE]  # malformed: AS could carry free text
 
     def _record_method(self, ds: Dataset, pixels_cleaned: bool) -> None:
         """The attributes that say how the object was de-identified (PS3.15 E.1.1 step 6)."""
@@ -617,6 +661,16 @@ class Deidentifier:
         for v in _texts(ds, ds._dict[tag], "PN"):
             ctx.originals.add("PersonName", v, True)
 
+    def _note_names_within(self, ds: Dataset, tag: BaseTag, ctx: _Ctx) -> None:
+        """Names inside a sequence about to go: a cleaned descriptor elsewhere may quote them."""
+        for item in ds[tag].value or ():
+            for t in list(item._dict):
+                vr = _vr_of(item._dict[t], int(t))
+                if vr == "PN":
+                    self._note_name(item, t, ctx)
+                elif vr == "SQ":
+                    self._note_names_within(item, t, ctx)
+
     def _do(self, ds: Dataset, tag: BaseTag, t: int, action: str, ctx: _Ctx, path: str, mode: _Mode) -> None:
         d = ds._dict
         elem = d[tag]
@@ -624,6 +678,8 @@ class Deidentifier:
         ctx.report.count(action)
         if vr == "PN" and action != "K":
             self._note_name(ds, tag, ctx)
+        elif vr == "SQ" and action in ("X", "Z") and self._cleans:
+            self._note_names_within(ds, tag, ctx)
         if action == "X":
             del d[tag]
             return
@@ -714,34 +770,28 @@ class Deidentifier:
         else:
             self._set(d, tag, vr, _DUMMY_BY_VR[vr] if action == "D" else None)
 
-    def _scrubber(self, ctx: _Ctx) -> "re.Pattern[str] | None":
-        if not ctx.scrub_built:
-            tokens = {
-                t if isinstance(t, str) else t.decode("latin-1")
-                for toks in ctx.originals.tokens().values()
-                for t in toks
-            }
-            tokens = {t for t in tokens if t.strip()}
-            if tokens:
-                alt = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
-                ctx.scrub = re.compile(alt, re.IGNORECASE)
-            ctx.scrub_built = True
-        return ctx.scrub
-
     def _clean_text(self, ds: Dataset, tag: BaseTag, vr: str, ctx: _Ctx) -> None:
-        """C for text: drop the object's identifying values and date/ID-like tokens."""
-        elem = ds[tag]  # decoded with the dataset's character set
-        value = elem.value
+        """C for text: queued, carried out by :meth:`_clean_pending` after the walk."""
+        ctx.pending.append((ds, tag, vr))
+
+    def _clean_pending(self, ctx: _Ctx) -> None:
+        if not ctx.pending:
+            return
+        originals = ctx.originals
+        longs = {t if isinstance(t, str) else t.decode("latin-1") for toks in originals.tokens().values() for t in toks}
+        scrub = descriptors.scrubber(longs, originals.short_name_parts())
+        for ds, tag, vr in ctx.pending:
+            self._clean_now(ds, tag, vr, scrub)
+        ctx.pending.clear()
+
+    def _clean_now(self, ds: Dataset, tag: BaseTag, vr: str, scrub: "re.Pattern[str] | None") -> None:
+        """Drop the object's identifying values, names after titles, dates and IDs."""
+        elem = ds.get(tag)  # decoded with the dataset's character set
+        value = elem.value if elem is not None else None
         if value is None or value == "":
             return
         values = [str(v) for v in items_of(value)]
-        scrub = self._scrubber(ctx)
-        out = []
-        for v in values:
-            c = scrub.sub("", v) if scrub else v
-            c = _DATE_OR_ID.sub("", c)
-            c = re.sub(r"\s{2,}", " ", c).strip(" ^,;-")
-            out.append(c)
+        out = [descriptors.clean_descriptor(v, scrub) for v in values]
         if vr == "PN":
             out = [_DUMMY_TEXT for _ in out]  # a person name is never "cleaned" into another name
         if out == values:

@@ -42,6 +42,7 @@ from pydicom.dataset import Dataset
 from pacsflow.catalog.schema import INSTANCES, SERIES, STUDIES
 from pacsflow.tasks.core.errors import BadDicom
 from pacsflow.tasks.core.values import is_multi, items_of
+from pacsflow.tasks.lake.dicom_json import dicom_json
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +180,11 @@ def to_yes_no(value: Any) -> bool | None:
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 
 
+_AGE_CAP = 90  # Safe Harbor: every age of 90 or more is one category
+
+
 def age_in_years(value: Any) -> float | None:
-    """AS 'nnnU' (U in D/W/M/Y) -> years, rounded to 4 decimals; malformed -> None."""
+    """AS 'nnnU' (U in D/W/M/Y) -> years, rounded to 4 decimals, 90 or more as 90.0; malformed -> None."""
     text = to_str(value)
     if text is None or len(text) < 2:
         return None
@@ -188,7 +192,40 @@ def age_in_years(value: Any) -> float | None:
     digits = text[:-1]
     if unit not in _AGE_UNIT_YEARS or not digits.isdigit():
         return None
-    return round(int(digits) * _AGE_UNIT_YEARS[unit], 4)
+    return min(round(int(digits) * _AGE_UNIT_YEARS[unit], 4), float(_AGE_CAP))
+
+
+def age_text(value: Any) -> str | None:
+    """AS as stored, except an age of 90 or more, shown as '090Y' (the de-identifier writes it so;
+    this holds for files de-identified elsewhere too)."""
+    years = age_in_years(value)
+    return "090Y" if years is not None and years >= _AGE_CAP else to_str(value)
+
+
+_NO_CONTRAST = frozenset({"NONE", "NO", "N", "NIL", "0", "-", "N/A", "NA", "WITHOUT"})
+
+
+def contrast_present(agent: Any) -> bool | None:
+    """ContrastBolusAgent -> True when it names an agent, False for 'none'/'no'...; None when absent.
+
+    Under Clean Descriptors the agent is kept after cleaning; under the Basic Profile it is emptied
+    (Type 2) or a dummy, so the flag is null or unreliable then (README, Catalog columns)."""
+    text = to_str(agent)
+    if text is None:
+        return None
+    return text.upper() not in _NO_CONTRAST
+
+
+def exposure_mas(exposure: Any, exposure_uas: Any, current_ma: Any, time_ms: Any) -> float | None:
+    """Exposure in mAs: Exposure (IS, mAs), else ExposureInuAs / 1000, else tube current x time."""
+    mas = to_float(exposure)
+    if mas is not None:
+        return mas
+    uas = to_float(exposure_uas)
+    if uas is not None:
+        return uas / 1000
+    ma, ms = to_float(current_ma), to_float(time_ms)
+    return round(ma * ms / 1000, 6) if ma is not None and ms is not None else None
 
 
 def joined(value: Any) -> str | None:
@@ -209,8 +246,10 @@ _STUDY_ATTRS: dict[str, tuple[str, _Conv]] = {
     "accession_number": ("AccessionNumber", to_str),
     "study_description": ("StudyDescription", to_str),
     "patient_sex": ("PatientSex", to_str),
-    "patient_age": ("PatientAge", to_str),
+    "patient_age": ("PatientAge", age_text),
     "patient_age_years": ("PatientAge", age_in_years),
+    "patient_size": ("PatientSize", to_float),
+    "patient_weight": ("PatientWeight", to_float),
     "institution_name": ("InstitutionName", to_str),
     "deidentification_method": ("DeidentificationMethod", joined),
     "patient_identity_removed": ("PatientIdentityRemoved", to_yes_no),
@@ -251,6 +290,63 @@ _INSTANCE_ATTRS: dict[str, tuple[str, _Conv]] = {
     "content_date": ("ContentDate", to_date),
     "content_time": ("ContentTime", to_time_text),
     "burned_in_annotation": ("BurnedInAnnotation", to_yes_no),
+    "spacing_between_slices": ("SpacingBetweenSlices", to_float),
+    "imager_pixel_spacing": ("ImagerPixelSpacing", to_float_list),
+    # acquisition parameters: per instance, since several vary within a series (multi-echo MR,
+    # tube current modulation, dual energy); the series rows summarise them (_SERIES_SUMMARIES)
+    "magnetic_field_strength": ("MagneticFieldStrength", to_float),
+    "scanning_sequence": ("ScanningSequence", to_str_list),
+    "sequence_variant": ("SequenceVariant", to_str_list),
+    "sequence_name": ("SequenceName", to_str),
+    "mr_acquisition_type": ("MRAcquisitionType", to_str),
+    "repetition_time": ("RepetitionTime", to_float),
+    "echo_time": ("EchoTime", to_float),
+    "inversion_time": ("InversionTime", to_float),
+    "flip_angle": ("FlipAngle", to_float),
+    "kvp": ("KVP", to_float),
+    "convolution_kernel": ("ConvolutionKernel", joined),
+    "contrast_bolus_agent": ("ContrastBolusAgent", to_str),
+    "view_position": ("ViewPosition", to_str),
+    "image_laterality": ("ImageLaterality", to_str),
+}
+
+# Read for exposure_mas only (combined by exposure_mas()).
+_EXPOSURE_ATTRS: tuple[tuple[str, _Conv], ...] = (
+    ("Exposure", to_float), ("ExposureInuAs", to_float), ("XRayTubeCurrent", to_float), ("ExposureTime", to_float),
+)
+
+# series column -> (instance column, how the series' instance values are summarised)
+_Summary = Callable[[list[Any]], Any]
+
+
+def _distinct_sorted(values: list[Any]) -> list[Any] | None:
+    return sorted(set(values)) or None
+
+
+def _first_value(values: list[Any]) -> Any:
+    return values[0] if values else None
+
+
+def _any_true(values: list[Any]) -> bool | None:
+    return any(values) if values else None
+
+
+_SERIES_SUMMARIES: dict[str, tuple[str, _Summary]] = {
+    "magnetic_field_strength": ("magnetic_field_strength", _first_value),
+    "sequence_name": ("sequence_name", _first_value),
+    "scanning_sequence": ("scanning_sequence", _first_value),
+    "mr_acquisition_type": ("mr_acquisition_type", _first_value),
+    "repetition_times": ("repetition_time", _distinct_sorted),
+    "echo_times": ("echo_time", _distinct_sorted),
+    "inversion_times": ("inversion_time", _distinct_sorted),
+    "flip_angles": ("flip_angle", _distinct_sorted),
+    "kvps": ("kvp", _distinct_sorted),
+    "convolution_kernel": ("convolution_kernel", _first_value),
+    "contrast_bolus_agent": ("contrast_bolus_agent", _first_value),
+    "contrast_present": ("contrast_present", _any_true),
+    "view_positions": ("view_position", _distinct_sorted),
+    "slice_thickness": ("slice_thickness", _first_value),
+    "spacing_between_slices": ("spacing_between_slices", _first_value),
 }
 
 
@@ -302,6 +398,15 @@ class StudyExtractor:
         return value
 
     @staticmethod
+    def _json(ds: Dataset, sop_uid: str, counter: list[int]) -> str | None:
+        try:
+            return dicom_json(ds)
+        except Exception:  # noqa: BLE001 - an undecodable element: the instance keeps its typed columns
+            counter[0] += 1
+            logger.debug("no DICOM JSON for instance %s", sop_uid)
+            return None
+
+    @staticmethod
     def _uid(ds: Dataset, keyword: str, meta_keyword: str | None = None) -> str | None:
         try:
             uid = to_str(ds.get(keyword))
@@ -338,6 +443,9 @@ class StudyExtractor:
         inst = {col: self._read(ds, kw, conv, sop_uid, counter) for col, (kw, conv) in _INSTANCE_ATTRS.items()}
         if inst["sop_class_uid"] is None:
             inst["sop_class_uid"] = self._uid(ds, "SOPClassUID", "MediaStorageSOPClassUID")
+        inst["contrast_present"] = contrast_present(inst["contrast_bolus_agent"])
+        inst["dicom_json"] = self._json(ds, sop_uid, counter)
+        inst["exposure_mas"] = exposure_mas(*(self._read(ds, kw, conv, sop_uid, counter) for kw, conv in _EXPOSURE_ATTRS))
         file_meta = getattr(ds, "file_meta", None)
         inst["transfer_syntax_uid"] = (
             self._uid(file_meta, "TransferSyntaxUID") if isinstance(file_meta, Dataset) else None
@@ -389,6 +497,7 @@ class StudyExtractor:
         series_rows = []
         for series_uid, sops in by_series.items():  # already in series_uid order
             row = _first_non_null((self._series_values[s] for s in sops), _SERIES_ATTRS, ("laterality",))
+            row.update(_summaries([self._instances[s] for s in sops]))
             dates = [d for d in (self._instances[s]["content_date"] for s in sops) if d is not None]
             row.update(
                 study_uid=self._study_uid,
@@ -434,6 +543,15 @@ def _first_non_null(
                 missing.discard(col)
         if not missing:
             break
+    return out
+
+
+def _summaries(instances: list[dict[str, Any]]) -> dict[str, Any]:
+    """The series' acquisition summaries from its instances (already in SOP UID order)."""
+    out = {}
+    for column, (source, summary) in _SERIES_SUMMARIES.items():
+        values = [i[source] for i in instances if i[source] is not None]
+        out[column] = summary(values)
     return out
 
 

@@ -24,7 +24,7 @@ from pydicom.data import get_testdata_file
 
 from pacsflow.catalog import store as store_mod
 from pacsflow.catalog import views
-from pacsflow.catalog.schema import SCHEMAS
+from pacsflow.catalog.schema import SCHEMA_VERSION, SCHEMAS
 from pacsflow.catalog.errors import CatalogBusy, CatalogWriteError, IntegrityError, SchemaMismatch
 from pacsflow.catalog.store import CatalogStore
 from pacsflow.tasks.core.errors import is_transient
@@ -135,7 +135,7 @@ def test_parquet_files_are_zstd_sorted_with_statistics(root):
     (path,) = s.files("instances")
     f = pq.ParquetFile(path)
     md = f.metadata
-    assert md.metadata[b"pacsflow.schema_version"] == b"1"
+    assert md.metadata[b"pacsflow.schema_version"] == str(SCHEMA_VERSION).encode()
     rg = md.row_group(0)
     sorted_by = [md.schema.column(sc.column_index).path for sc in rg.sorting_columns]
     assert sorted_by == ["study_uid", "series_uid", "sop_instance_uid"]
@@ -512,7 +512,7 @@ def test_files_and_stats(root):
     s.commit(make_study("1.2.1", series=2, per_series=2))
     s.commit(make_study("1.2.2", None))
     st = s.stats()
-    assert st["version"] == 2 and st["schema_version"] == 1
+    assert st["version"] == 2 and st["schema_version"] == SCHEMA_VERSION
     assert st["tables"]["instances"]["rows"] == 6
     assert st["tables"]["instances"]["files"] == 2
     assert st["tables"]["instances"]["bytes"] == sum(os.path.getsize(p) for p in s.files("instances"))

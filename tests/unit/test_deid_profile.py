@@ -31,6 +31,7 @@ KEY = b"profile-test-key-0123456789"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
 UNKNOWN_SOP = "1.2.3.4.5.6.7.8.9"
+BASIC = [Option.RETAIN_MODIFIED_DATES]  # the Basic Profile with shifted dates (no descriptor kept)
 
 
 def ct() -> Dataset:
@@ -80,7 +81,7 @@ def test_combined_codes_choose_by_type(code, typ, known, expected):
 def test_action_D_dummy_value():
     ds = ct()
     ds.ClinicalTrialSponsorName = "Sponsor Of Doe"  # (0012,0010) D
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert ds.ClinicalTrialSponsorName == "ANONYMIZED"
 
 
@@ -88,7 +89,7 @@ def test_action_Z_empty_value():
     ds = ct()
     ds.AccessionNumber = "ACC12345"  # Z
     ds.ReferringPhysicianName = "Who^Doctor"  # Z
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert ds["AccessionNumber"].is_empty and ds["ReferringPhysicianName"].is_empty
 
 
@@ -96,7 +97,7 @@ def test_action_X_removed():
     ds = ct()
     ds.InstitutionAddress = "1 Main Street"  # X
     ds.ImageComments = "patient was anxious"
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert "InstitutionAddress" not in ds and "ImageComments" not in ds
 
 
@@ -123,7 +124,7 @@ def test_action_U_remaps_uids_everywhere_consistently():
     study = ds.StudyInstanceUID
     ds.ReferencedStudySequence = Sequence([Dataset()])
     ds.ReferencedStudySequence[0].ReferencedSOPInstanceUID = study
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert ds.StudyInstanceUID == pseudonymize_uid(KEY, study)
     assert ds.StudyInstanceUID.startswith("2.25.") and len(ds.StudyInstanceUID) <= 64
 
@@ -132,7 +133,7 @@ def test_action_U_remaps_uids_everywhere_consistently():
 def test_combined_Z_D_type2_in_ct_is_zero_length():
     ds = ct()
     ds.ContrastBolusAgent = "Iodine by Dr Doe"  # Z/D, Type 2 in the CT IOD
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert ds["ContrastBolusAgent"].is_empty
 
 
@@ -147,7 +148,7 @@ def test_combined_X_Z_type3_removed_type2_zeroed():
 def test_combined_X_D_type3_removed():
     ds = ct()
     ds.ProtocolName = "Doe protocol"  # X/D, Type 3 in CT
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert "ProtocolName" not in ds
 
 
@@ -156,7 +157,7 @@ def test_combined_X_Z_D_type1_gets_dummy_in_unknown_iod():
     ds.SOPClassUID = UNKNOWN_SOP
     ds.InstitutionName = "St Elsewhere"  # X/Z/D: unknown IOD -> D (never keeps the value)
     ds.OperatorsName = "Op^Erator"
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert ds.InstitutionName == "ANONYMIZED" and ds.OperatorsName == "ANONYMIZED"
 
 
@@ -174,7 +175,7 @@ def test_combined_X_Z_U_star_type1_in_presentation_state_is_remapped():
     series.SeriesInstanceUID = "1.2.3.4.1"
     series.ReferencedImageSequence = Sequence([ref])  # (0008,1115)>(0008,1140): Type 1 in GSPS
     ps.ReferencedSeriesSequence = Sequence([series])
-    Deidentifier(KEY).apply(ps)
+    Deidentifier(KEY, BASIC).apply(ps)
     item = ps.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
     assert item.ReferencedSOPInstanceUID == pseudonymize_uid(KEY, "1.2.3.4.5")
     assert item.ReferencedSOPClassUID == CT
@@ -187,7 +188,7 @@ def test_combined_X_Z_U_star_type3_in_ct_is_removed():
     ref.ReferencedSOPInstanceUID = "1.2.3.4.5"
     ds.ReferencedImageSequence = Sequence([ref])  # Type 3 in the CT IOD
     ds.SourceImageSequence = Sequence([ref])
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert "ReferencedImageSequence" not in ds and "SourceImageSequence" not in ds
 
 
@@ -222,7 +223,7 @@ def test_option_retain_device_identity():
     assert ds.DeviceSerialNumber == "SN-998877" and ds.StationName == "CTSTATION1"
     ds = ct()
     ds.DeviceSerialNumber = "SN-998877"
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert "DeviceSerialNumber" not in ds  # X/Z/D, Type 3 in CT
 
 
@@ -241,7 +242,7 @@ def test_option_retain_patient_characteristics():
     assert ds.PatientSex == "F" and str(ds.PatientWeight) == "61.5"
     ds = ct()
     ds.PatientWeight = "61.5"
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert "PatientWeight" not in ds
 
 
@@ -277,7 +278,7 @@ def test_option_clean_descriptors_removes_identifying_values_and_keeps_the_rest(
     assert ds.SeriesDescription == "AXIAL 5mm"
     ds = ct()
     ds.StudyDescription = "CT chest"
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert "StudyDescription" not in ds
 
 
@@ -312,7 +313,7 @@ def _sr() -> Dataset:
 
 def test_structured_content_basic_profile_dummies_text_and_names():
     ds = _sr()
-    originals = Deidentifier(KEY).apply(ds)
+    originals = Deidentifier(KEY, BASIC).apply(ds)
     back, raw = roundtrip(ds, originals)
     assert b"Bloggsworth" not in raw and b"Olga" not in raw
     text, pname, date, num = back.ContentSequence
@@ -344,7 +345,7 @@ def test_option_clean_graphics_keeps_graphics_cleans_text():
     d = ds.copy()
     Deidentifier(KEY, [Option.CLEAN_GRAPHICS]).apply(ds)
     assert ds.GraphicAnnotationSequence[0].TextObjectSequence[0].UnformattedTextValue == "lesion 2cm"
-    Deidentifier(KEY).apply(d)  # basic: D on the sequence -> text dummied, structure kept
+    Deidentifier(KEY, BASIC).apply(d)  # basic: D on the sequence -> text dummied, structure kept
     assert d.GraphicAnnotationSequence[0].TextObjectSequence[0].UnformattedTextValue == "ANONYMIZED"
     assert d.GraphicAnnotationSequence[0].GraphicLayer == "LAYER1"
 
@@ -367,7 +368,7 @@ def test_nested_sequences_three_deep():
     holder = Dataset()
     holder.ReferencedInstanceSequence = Sequence([level1.copy()])
     ds.DerivationCodeSequence = Sequence([holder])
-    originals = Deidentifier(KEY).apply(ds)
+    originals = Deidentifier(KEY, BASIC).apply(ds)
     _, raw = roundtrip(ds, originals)
     assert b"Deep^Three" not in raw and b"3 Deep Lane" not in raw and b"private at depth 3" not in raw
     assert b"1.2.3.999" not in raw
@@ -387,7 +388,7 @@ def test_overlays_and_curves_removed_as_groups():
     ds.add_new(0x50000005, "US", 2)
     ds.add_new(0x50002500, "LO", "curve label Doe")
     ds.add_new(0x50003000, "OW", b"\x01\x02")
-    Deidentifier(KEY).apply(ds)
+    Deidentifier(KEY, BASIC).apply(ds)
     assert not [t for t in ds.keys() if t.group in (0x6000, 0x5000)]
 
 
@@ -419,7 +420,7 @@ def test_private_blocks_removed_at_every_depth():
     ds = _with_private_blocks(ct())
     item = _with_private_blocks(Dataset())
     ds.ReferencedInstanceSequence = Sequence([item])
-    originals = Deidentifier(KEY).apply(ds)
+    originals = Deidentifier(KEY, BASIC).apply(ds)
     _, raw = roundtrip(ds, originals)
     assert not [e for e in ds.iterall() if e.tag.is_private]
     assert b"Private^Person" not in raw and b"GEMS_ACQU_01" not in raw
@@ -441,7 +442,7 @@ def test_file_meta_replaced_and_preamble_zeroed():
     ds = ct()
     ds.file_meta.SourceApplicationEntityTitle = "HOSPITAL_PACS"
     ds.preamble = b"DOE JOHN" + b"\x00" * 120
-    originals = Deidentifier(KEY).apply(ds)
+    originals = Deidentifier(KEY, BASIC).apply(ds)
     back, raw = roundtrip(ds, originals)
     assert raw[:128] == b"\x00" * 128
     assert "SourceApplicationEntityTitle" not in back.file_meta
@@ -454,7 +455,7 @@ def test_group_lengths_dropped_and_report_counts_actions():
     ds = ct()
     ds.add_new(0x00080000, "UL", 1234)
     report = DeidReport()
-    Deidentifier(KEY).apply(ds, report)
+    Deidentifier(KEY, BASIC).apply(ds, report)
     assert 0x00080000 not in ds
     assert report.actions["U"] >= 3 and report.actions["X"] >= 1
 
