@@ -473,6 +473,15 @@ class Deidentifier:
     def patient_ref(self, patient_id: str) -> str:
         return patient_pseudonym(self._key, patient_id)
 
+    def date_as_deidentified(self, date: str, patient_id: str | None) -> str:
+        """A DA value (e.g. a StudyDate) as the lake holds it after :meth:`apply`: kept, shifted by
+        the patient's days, or "" when dates are removed (or the patient is unknown)."""
+        if Option.RETAIN_FULL_DATES in self.options:
+            return date
+        if Option.RETAIN_MODIFIED_DATES not in self.options or patient_id is None or len(date) < 8:
+            return ""
+        return _shift_one(date[:8], patient_day_shift(self._key, patient_id.strip())) or ""
+
     def method_description(self) -> str:
         names = ["Basic Application Confidentiality Profile"] + [o.value for o in self.options]
         return f"PS3.15 E.1-1 {self.profile.edition}; {RECIPE_VERSION}; " + "; ".join(names)
