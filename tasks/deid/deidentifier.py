@@ -420,19 +420,20 @@ class Deidentifier:
         audit: bool = True,
     ) -> None:
         if not key:
-            raise DeidentificationError("an empty de-identification key is not allowed")
+            raise DeidentificationError("an empty de-identification key is not allowed; check deid_key, deid_key_file "
+                                        "or deid_key_block")
         self._key = key
-        chosen = {_member(Option, o, "de-identification option") for o in options}
+        chosen = {_member(Option, o, "de-identification option (deid.options)") for o in options}
         self.options = tuple(sorted(chosen, key=lambda o: o.value))
         if conflicting_dates(self.options):
-            raise DeidentificationError("choose one of the full-dates and modified-dates options")
+            raise DeidentificationError("choose one of the full-dates and modified-dates options (deid.options)")
         self.profile = load_profile()
         self._plan = _plan_for(self.options)
         self._uid_cache: dict[str, str] = {}
         self._retain_uids = Option.RETAIN_UIDS in self.options
         self._safe_private = load_safe_private() if self._plan.private == "C" else {}
         self.audit = audit
-        self.pixel_policy = _member(PixelPolicy, pixel_policy, "pixel policy") if pixel_policy is not None else None
+        self.pixel_policy = _member(PixelPolicy, pixel_policy, "pixel policy (deid.pixel_policy)") if pixel_policy is not None else None
         self.pixel_masks: tuple[MaskRule, ...] = tuple(parse_masks(pixel_masks)) if pixel_policy is not None else ()
 
     def __reduce__(self):
