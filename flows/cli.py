@@ -122,11 +122,11 @@ def run_nightly_cmd(
     """Run the nightly ingest once, now, with Prefect tracking the run."""
     window = {"since": _parse_day(since, "--since"), "until": _parse_day(until, "--until")}
     _settings(key=True)
-    from pacsflow.flows.nightly import nightly_ingest
+    from pacsflow.flows.nightly import nightly_ingest, run_result
     from pacsflow.flows.temporary_server import temporary_api
 
     with temporary_api():
-        result = nightly_ingest(**window)
+        result = run_result(nightly_ingest(**window, return_state=True))
     _print_result(result)
     raise typer.Exit(nightly_exit_code(result))
 
@@ -237,12 +237,12 @@ def demo(
     if not stack_cli.orthanc_status(stack_cli.ORTHANC_DIR).get("studies"):
         stack_cli.seed_studies(settings, studies=studies)
     console.rule("nightly ingest")
-    from pacsflow.flows.nightly import nightly_ingest
+    from pacsflow.flows.nightly import nightly_ingest, run_result
     from pacsflow.flows.secrets import run_settings
     from pacsflow.flows.temporary_server import temporary_api
 
     with run_settings(run), temporary_api():  # a server that ends with this process, even on SIGKILL
-        result = nightly_ingest()
+        result = run_result(nightly_ingest(return_state=True))
     console.rule("result")
     _print_result(result)
     console.rule("catalog (DuckDB)")

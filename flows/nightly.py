@@ -16,22 +16,32 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
+from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Completed, Failed
 
 from pacsflow.flows.concurrency import hold_slots
 from pacsflow.flows.run_report import publish_report
 from pacsflow.flows.secrets import load_run_settings
 from pacsflow.tasks.core.clock import new_run_id, parse_dicom_date
-from pacsflow.tasks.core.errors import InsufficientSpace, error_text, is_transient
+from pacsflow.tasks.core.errors import InsufficientSpace, PacsflowError, error_text, is_transient
 from pacsflow.tasks.core.files import ensure_private_dir, low_space, purge_older_than, remove_tree
 from pacsflow.tasks.deid.crosswalk import update_crosswalk
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.deid.manifest import build_manifest, manifest_markdown, object_id
-from pacsflow.tasks.ingest.bookkeeping import RunBook, RunSummary
+from pacsflow.tasks.ingest.bookkeeping import RUN_FAILED, RUN_PARTIAL, RunBook, RunSummary
 from pacsflow.tasks.ingest.ledger import Ledger, MissingEntry
 from pacsflow.tasks.lake.steps import commit_catalog, deidentify_study
 from pacsflow.tasks.lake.study import StudyOutcome, StudyProcessor
@@ -45,6 +55,7 @@ from pacsflow.tasks.settings import RetrieveMethod, Settings
 
 log = logging.getLogger(__name__)
 STALE_RUN_DAYS = 1
+PROGRESS_EVERY_S = 2.0  # one API call per study would cost more than a long run's progress is worth
 Logger = logging.Logger | logging.LoggerAdapter
 
 
@@ -64,26 +75,123 @@ class NightlyRun:
         return self.work_dir / "rows"
 
 
-@flow(name="nightly-ingest", log_prints=False, persist_result=False)
-def nightly_ingest(since: dt.date | None = None, until: dt.date | None = None) -> dict:
+class StudiesFailed(PacsflowError):
+    """The run ended, but studies failed: the flow run's state is Failed, and ``result`` is the
+    run's result dict all the same (see :func:`run_result`)."""
+
+    reason = "studies-failed"
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def run_result(outcome: Any) -> dict[str, Any]:
+    """The result dict of a nightly or sweep run, from what the flow call returned (with or
+    without ``return_state=True``), whether its studies all went in or not. A run that stopped
+    early has no result: its error is raised."""
+    if isinstance(outcome, State):
+        outcome = outcome.result(raise_on_failure=False)
+    if isinstance(outcome, StudiesFailed):
+        return outcome.result
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def final_state(summary: RunSummary, result: dict[str, Any]) -> State:
+    """What the Prefect UI shows of a run that reached its end: Failed when studies failed (so
+    alerts on Failed runs fire), Completed named ``Partial`` when studies went in without some of
+    their objects; the message counts what happened by kind (no PHI)."""
+    if summary.outcome == RUN_FAILED:
+        return Failed(message=summary.message, data=StudiesFailed(summary.message, result))
+    name = "Partial" if summary.outcome == RUN_PARTIAL else "Completed"
+    return Completed(message=summary.message, data=result, name=name)
+
+
+def run_name(prefix: str) -> Callable[[], str]:
+    """The first name of a run (``nightly 2026-11-30``); the window is added once it is planned."""
+    return lambda: f"{prefix} {dt.date.today().isoformat()}"
+
+
+def name_flow_run(name: str) -> None:
+    """Rename the current flow run (nothing outside one)."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(ctx.flow_run.id, name=name)
+
+
+@flow(name="nightly-ingest", flow_run_name=run_name("nightly"), log_prints=False, persist_result=False)
+def nightly_ingest(since: dt.date | None = None, until: dt.date | None = None) -> Any:
     """C-FIND new and changed studies, retrieve, de-identify, store and catalog them.
 
     since/until: StudyDate window (default: last watermark minus the overlap .. today).
+    Returns the result dict, or (studies failed) a Failed state carrying it: :func:`run_result`.
     """
-    logger = get_run_logger()
-    settings = load_run_settings()
-    return run_nightly(settings, since=since, until=until, logger=logger)
+    summary = run_nightly(since=since, until=until, logger=get_run_logger())
+    return final_state(summary, summary.as_dict())
 
 
-def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.date | None = None,
-                logger: Logger | None = None, artifacts: str = "nightly") -> dict:
-    """One run, step by step: settings → discover → worklist → retrieve + de-identify → commit →
-    bookkeeping → FHIR → artifacts (keys start with ``artifacts``: the sweep's are its own)."""
+@dataclass
+class RunParts:
+    """What a run has built so far: its summary is written from these however far it got."""
+
+    run_id: str
+    settings: Settings | None = None
+    run: NightlyRun | None = None
+    book: RunBook | None = None
+
+    def finish(self, seconds: float, error: BaseException | None) -> RunSummary:
+        if self.book is not None:
+            return self.book.finish(seconds, error)
+        summary = RunSummary(self.run_id, "", seconds=round(seconds, 2))
+        summary.conclude(error)
+        return summary
+
+    def manifest(self) -> dict | None:
+        if self.run is None or self.book is None:
+            return None
+        return build_manifest(self.run.deid, self.book.deid_report, self.book.quarantined, self.book.written)
+
+
+def run_nightly(settings: Settings | None = None, *, since: dt.date | None = None, until: dt.date | None = None,
+                logger: Logger | None = None, artifacts: str = "nightly") -> RunSummary:
+    """One run, step by step (see :func:`run_steps`); settings default to the run's
+    (:func:`load_run_settings`). Its summary artifact is written however the run ends (keys start
+    with ``artifacts``: the sweep's are its own): a run that stops early says why."""
     logger = logger or log
     started = time.monotonic()
+    parts = RunParts(new_run_id())
+    error: BaseException | None = None
+    try:
+        run_steps(settings or load_run_settings(), parts, since, until, logger, artifacts)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        summary = parts.finish(time.monotonic() - started, error)
+        try:
+            publish(summary, parts.manifest(), artifacts,
+                    missing=parts.book.missing_recorded if parts.book else ())
+        except Exception as exc:  # noqa: BLE001 - a reporting failure must not hide the run's own error
+            logger.error("run %s: artifacts not written: %s", parts.run_id, error_text(exc))
+        if parts.settings is not None:  # the run history and its report (never raises)
+            publish_report(parts.settings, summary, parts.book.catalog_uids if parts.book else [], flow=artifacts,
+                           logger=logger)
+        (logger.error if error else logger.info)("run %s: %s (%.1fs)", parts.run_id, summary.message,
+                                                 summary.seconds)
+    return summary
+
+
+def run_steps(settings: Settings, parts: RunParts, since: dt.date | None, until: dt.date | None, logger: Logger,
+              prefix: str) -> None:
+    """settings → discover → worklist → retrieve + de-identify → commit → bookkeeping → FHIR."""
+    parts.settings = settings
     check_free_space(settings)
     check_tls_files(settings)
-    run = open_run(settings)
+    run = parts.run = open_run(settings, parts.run_id)
     window = plan_window(
         watermark=run.ledger.watermark,
         overlap_days=settings.overlap_days,
@@ -92,27 +200,23 @@ def run_nightly(settings: Settings, *, since: dt.date | None = None, until: dt.d
         since=since,
         until=until,
     )
-    book = RunBook(run.ledger, run.run_id, window, max_attempts=settings.max_attempts,
-                   object_id=partial(object_id, run.key))
+    name_flow_run(f"{prefix} {dt.date.today().isoformat()} ({window})")
+    book = parts.book = RunBook(run.ledger, run.run_id, window, max_attempts=settings.max_attempts,
+                                object_id=partial(object_id, run.key))
     with hold_slots(PACS_LIMIT, settings.max_associations, run_id=run.run_id, max_wait_s=settings.slot_wait_s,
                     logger=logger):
         items = discover_work(settings, run, window, book, logger)
+        progress = Progress(f"{prefix}-progress", len(items))
         with _recording_interruption(book, logger):
-            retrieve_and_deidentify(settings, run, items, book)
+            retrieve_and_deidentify(settings, run, items, book, progress)
     commit(settings, run, book)
+    progress.finish()
     for item, verdict in book.settle():
-        logger.warning("study %s failed (%s): %s", item.pseudo_uid,
+        logger.warning("study %s (%s) failed (%s): %s", item.pseudo_uid, item.label,
                        "permanent" if verdict.permanent else "transient", verdict.reason)
     tidy(settings, run, book)
     if settings.fhir.base_url:
         sync_fhir(settings, book.catalog_uids, book.summary, logger)
-    summary = book.finish(time.monotonic() - started)
-    publish(summary, build_manifest(run.deid, book.deid_report, book.quarantined, book.written), artifacts,
-            missing=book.missing_recorded)
-    publish_report(settings, summary, book.catalog_uids, flow=artifacts, logger=logger)
-    logger.info("run %s done: %d found, %d cataloged (%d instances), %d failed in %.1fs", run.run_id, summary.found,
-                summary.cataloged, summary.instances, summary.failed, summary.seconds)
-    return summary.as_dict()
 
 
 def check_free_space(settings: Settings) -> None:
@@ -125,14 +229,13 @@ def check_free_space(settings: Settings) -> None:
         raise InsufficientSpace(f"less than min_free_mb={settings.min_free_mb} MiB free: " + "; ".join(problems))
 
 
-def open_run(settings: Settings) -> NightlyRun:
+def open_run(settings: Settings, run_id: str) -> NightlyRun:
     """The key, the run's one Deidentifier, the PHI-zone folders (owner-only) and the ledger."""
     quiet_pynetdicom()
     key = settings.resolve_deid_key()
     deid = Deidentifier.from_settings(key, settings.deid)
     for folder in (settings.state_root, settings.staging_dir, settings.quarantine_dir):
         ensure_private_dir(folder)
-    run_id = new_run_id()
     staging = StagingWriter(settings.staging_dir, deid.study_ref, settings.receiver.max_object_mb)
     return NightlyRun(run_id, key, deid, Ledger(settings.ledger_path), staging, settings.state_root / "runs" / run_id)
 
@@ -144,14 +247,16 @@ def discover_work(settings: Settings, run: NightlyRun, window: Window, book: Run
     discovery = discover_studies(PacsPeer.from_settings(settings), window, retry_uids)
     found = discovery.found
     book.summary.pacs_queries = discovery.queries
-    items = worklist(found, run.ledger.entries(), run.deid.study_ref)
+    items = worklist(found, run.ledger.entries(), run.deid.study_ref,
+                     lambda s: run.deid.date_as_deidentified(s.study_date, s.patient_id))
     book.planned(len(found), items)
     logger.info("run %s: window %s, %d studies found, %d to process", run.run_id, book.summary.window, len(found),
                 len(items))
     return items
 
 
-def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[WorkItem], book: RunBook) -> None:
+def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[WorkItem], book: RunBook,
+                            progress: "Progress | None" = None) -> None:
     """Retrieve each study (at most max_associations at once: the run holds that many slots of the
     global PACS limit, and waiting here costs nothing) and de-identify it as soon as it is complete."""
     for item in items:  # a fresh staging folder: stale files from an older attempt must not count
@@ -166,21 +271,25 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
     def submit(item: WorkItem) -> PrefectFuture:
         return retrieve.submit(item, route, run.staging)
 
+    progress = progress or Progress(None, len(items))
     processor = StudyProcessor(run.deid, settings.storage_root, settings.quarantine_dir, settings.deid_workers)
     with _receiver(settings, run.staging, items), processor:
         deid_futures: dict[Any, tuple[WorkItem, PrefectFuture]] = {}
         for item, result in _bounded(submit, items, settings.max_associations):
             if isinstance(result, Retrieved):
                 book.retrieved(item, result)
-                future = deidentify_study.submit(result, processor, str(run.rows_root))
+                deidentify = deidentify_study.with_options(task_run_name=f"deidentify {item.label}")
+                future = deidentify.submit(result, processor, str(run.rows_root))
                 deid_futures[future.task_run_id] = (item, future)
             else:
                 book.failed(item, _as_exception(result))
+                progress.advance(failed=True)
         for item, result in _completed(deid_futures):
             if isinstance(result, StudyOutcome):
                 book.deidentified(item, result)
             else:
                 book.failed(item, _as_exception(result))
+            progress.advance(failed=not isinstance(result, StudyOutcome))
 
 
 def commit(settings: Settings, run: NightlyRun, book: RunBook) -> None:
@@ -233,21 +342,26 @@ def sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummary
     publish_report(report, key="nightly-fhir-sync", title="Nightly FHIR sync")
 
 
-def publish(summary: RunSummary, deid_manifest: dict, prefix: str = "nightly",
+def publish(summary: RunSummary, deid_manifest: dict | None, prefix: str = "nightly",
             missing: Iterable[MissingEntry] = ()) -> None:
-    """Artifacts for the Prefect UI: pseudonymous UIDs and counts only."""
+    """Artifacts for the Prefect UI: pseudonymous UIDs and counts only. Written at the end of
+    every run, including one that stopped early (no manifest then: nothing was de-identified).
+    The run's other reports (HTML report, runs history) take ``summary`` here too."""
     try:
-        create_markdown_artifact(
-            manifest_markdown(deid_manifest), key=f"{prefix}-deid-manifest",
-            description="De-identification manifest: edition, recipe, options, actions, quarantine",
-        )
+        if deid_manifest is not None:
+            create_markdown_artifact(
+                manifest_markdown(deid_manifest), key=f"{prefix}-deid-manifest",
+                description="De-identification manifest: edition, recipe, options, actions, quarantine",
+            )
         d = summary.as_dict()
         md = [
-            f"# Ingest ({prefix}) {summary.run_id}",
+            f"# Ingest ({prefix}) {summary.run_id}: {summary.outcome}",
+            "",
+            summary.message,
             "",
             "| measure | value |",
             "|---|---|",
-            *[f"| {k} | {v} |" for k, v in d.items() if k != "run_id"],
+            *[f"| {k} | {v} |" for k, v in d.items() if k not in ("run_id", "outcome", "message")],
         ]
         create_markdown_artifact("\n".join(md), key=f"{prefix}-ingest-summary", description="Ingest counts")
         if summary.studies:
@@ -264,6 +378,38 @@ def publish(summary: RunSummary, deid_manifest: dict, prefix: str = "nightly",
     except RuntimeError:
         # Outside a flow run (plain function call): there is no run to attach artifacts to.
         pass
+
+
+class Progress:
+    """The run's progress artifact (``key``): studies through retrieval and de-identification of
+    those to process, moved as each ends (at most every ``PROGRESS_EVERY_S``); 100 once the
+    catalog has them. Nothing outside a flow run, or without a key."""
+
+    def __init__(self, key: str | None, total: int) -> None:
+        self.total, self.done, self.failed = total, 0, 0
+        self._shown = time.monotonic()
+        self._id: UUID | None = None
+        if key and FlowRunContext.get() is not None:
+            created = create_progress_artifact(0.0 if total else 100.0, key=key,
+                                               description=f"0 of {total} studies done")
+            self._id = created if isinstance(created, UUID) else None  # sync in a sync flow
+
+    def advance(self, *, failed: bool = False) -> None:
+        self.done += 1
+        self.failed += failed
+        if self._id is not None and (self.done == self.total or time.monotonic() - self._shown >= PROGRESS_EVERY_S):
+            self._show(100.0 * self.done / max(self.total, 1))
+
+    def finish(self) -> None:
+        if self._id is not None:
+            self._show(100.0)
+
+    def _show(self, percent: float) -> None:
+        if self._id is None:
+            return
+        self._shown = time.monotonic()
+        update_progress_artifact(self._id, min(percent, 100.0),
+                                 description=f"{self.done} of {self.total} studies done ({self.failed} failed)")
 
 
 # -- scheduling helpers -----------------------------------------------------------------------

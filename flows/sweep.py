@@ -15,25 +15,26 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from pacsflow.flows.nightly import run_nightly
+from pacsflow.flows.nightly import final_state, run_name, run_nightly
 from pacsflow.flows.secrets import load_run_settings
 
 
-@flow(name="reconciliation-sweep", log_prints=False, persist_result=False)
-def reconciliation_sweep(lookback_days: int | None = None) -> dict[str, Any]:
+@flow(name="reconciliation-sweep", flow_run_name=run_name("sweep"), log_prints=False, persist_result=False)
+def reconciliation_sweep(lookback_days: int | None = None) -> Any:
     """C-FIND the last ``lookback_days`` days (default: setting ``sweep_lookback_days``) and retrieve
-    only what the ledger does not have as it is at the PACS."""
+    only what the ledger does not have as it is at the PACS. Returns what the nightly flow does
+    (a Failed state carrying the result when studies failed: ``pacsflow.flows.nightly.run_result``)."""
     logger = get_run_logger()
     settings = load_run_settings()
     days = lookback_days or settings.sweep_lookback_days
     today = dt.date.today()
-    result = run_nightly(settings, since=today - dt.timedelta(days=days - 1), until=today, logger=logger,
-                         artifacts="sweep")
-    result["lookback_days"] = days
+    summary = run_nightly(settings, since=today - dt.timedelta(days=days - 1), until=today, logger=logger,
+                          artifacts="sweep")
+    result: dict[str, Any] = {**summary.as_dict(), "lookback_days": days}
     _publish_cost(result)
     logger.info("sweep over %d days: %d C-FIND requests, %d studies at the PACS, %d retrieved", days,
                 result["pacs_queries"], result["found"], result["queued"])
-    return result
+    return final_state(summary, result)
 
 
 def _publish_cost(result: dict[str, Any]) -> None:

@@ -453,12 +453,13 @@ class Deidentifier:
         audit: bool = True,
     ) -> None:
         if not key:
-            raise DeidentificationError("an empty de-identification key is not allowed")
+            raise DeidentificationError("an empty de-identification key is not allowed; check deid_key, deid_key_file "
+                                        "or deid_key_block")
         self._key = key
-        chosen = {_member(Option, o, "de-identification option") for o in options}
+        chosen = {_member(Option, o, "de-identification option (deid.options)") for o in options}
         self.options = tuple(sorted(chosen, key=lambda o: o.value))
         if conflicting_dates(self.options):
-            raise DeidentificationError("choose one of the full-dates and modified-dates options")
+            raise DeidentificationError("choose one of the full-dates and modified-dates options (deid.options)")
         self.profile = load_profile()
         self._plan = _plan_for(self.options)
         self._uid_cache: dict[str, str] = {}
@@ -466,7 +467,7 @@ class Deidentifier:
         self._safe_private = load_safe_private() if self._plan.private == "C" else {}
         self._cleans = bool(_CLEANING_OPTIONS.intersection(self.options))
         self.audit = audit
-        self.pixel_policy = _member(PixelPolicy, pixel_policy, "pixel policy") if pixel_policy is not None else None
+        self.pixel_policy = _member(PixelPolicy, pixel_policy, "pixel policy (deid.pixel_policy)") if pixel_policy is not None else None
         self.pixel_masks: tuple[MaskRule, ...] = tuple(parse_masks(pixel_masks)) if pixel_policy is not None else ()
 
     def __reduce__(self):
@@ -506,6 +507,15 @@ class Deidentifier:
 
     def patient_ref(self, patient_id: str) -> str:
         return patient_pseudonym(self._key, patient_id)
+
+    def date_as_deidentified(self, date: str, patient_id: str | None) -> str:
+        """A DA value (e.g. a StudyDate) as the lake holds it after :meth:`apply`: kept, shifted by
+        the patient's days, or "" when dates are removed (or the patient is unknown)."""
+        if Option.RETAIN_FULL_DATES in self.options:
+            return date
+        if Option.RETAIN_MODIFIED_DATES not in self.options or patient_id is None or len(date) < 8:
+            return ""
+        return _shift_one(date[:8], patient_day_shift(self._key, patient_id.strip())) or ""
 
     def method_description(self) -> str:
         names = ["Basic Application Confidentiality Profile"] + [o.value for o in self.options]

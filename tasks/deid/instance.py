@@ -29,9 +29,9 @@ def read_instance(path: Path) -> pydicom.Dataset:
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
-        raise BadDicom(f"unreadable DICOM ({type(exc).__name__})") from None
+        raise BadDicom(f"unreadable DICOM ({type(exc).__name__}); check the object at its source (the PACS)") from None
     if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
-        raise BadDicom("missing SOP/Study/Series Instance UID")
+        raise BadDicom("missing SOP/Study/Series Instance UID; check the object at its source (the PACS)")
     problem = problems(ds)
     if problem:
         raise BadDicom(problem)
@@ -49,7 +49,8 @@ def deidentify_dataset(ds: pydicom.Dataset, deid: Deidentifier, report: DeidRepo
     except (ValueError, TypeError, KeyError, AttributeError, LookupError, NotImplementedError,
             BytesLengthException) as exc:
         # Unknown character sets and malformed values surface here: never export half-cleaned.
-        raise DeidentificationError(f"de-identification failed ({type(exc).__name__})") from None
+        raise DeidentificationError(f"de-identification failed ({type(exc).__name__}); the original is in "
+                                    "quarantine_dir: check its character set and values") from None
 
 
 def deidentify_file(path: Path, deid: Deidentifier, report: DeidReport) -> tuple[pydicom.Dataset, Originals | None]:
@@ -67,7 +68,8 @@ def encode(ds: pydicom.Dataset, originals: Originals | None) -> bytes:
         data = _part10(ds)
     except (ValueError, TypeError, AttributeError, LookupError, OverflowError, NotImplementedError,
             BytesLengthException) as exc:
-        raise DeidentificationError(f"cannot encode de-identified object ({type(exc).__name__})") from None
+        raise DeidentificationError(f"cannot encode de-identified object ({type(exc).__name__}); the original is "
+                                    "in quarantine_dir: check its values") from None
     audit_or_raise(data, originals)
     return data
 

@@ -55,6 +55,8 @@ logging.getLogger("httpx").addFilter(_REDACT_QUERY)
 FHIR_JSON = "application/fhir+json"
 _TRANSIENT = {429, 500, 502, 503, 504}
 _CONFIGURATION = {401, 403, 404, 405, 406, 415}
+_CHECK_CONFIGURATION = "check fhir.base_url and the credentials (fhir.token, fhir.username, fhir.credentials_block)"
+_CHECK_REJECTED = "check the FHIR server's validation rules for this resource (fhir.base_url)"
 _MAX_DIAGNOSTICS = 600
 
 
@@ -263,7 +265,9 @@ class FhirClient:
                 else:
                     diag = _diagnostics(resp, self.strict_redaction)
                     kind = FhirConfigurationError if status in _CONFIGURATION else FhirRejected
-                    raise kind(f"FHIR {what} rejected (HTTP {status}): {diag}", status=status, diagnostics=diag)
+                    check = _CHECK_CONFIGURATION if status in _CONFIGURATION else _CHECK_REJECTED
+                    raise kind(f"FHIR {what} rejected (HTTP {status}): {diag}; {check}", status=status,
+                               diagnostics=diag)
             if attempt >= self.max_retries:
                 kind2 = FhirConflict if conflict else FhirUnavailable
                 raise kind2(f"FHIR {what}: {problem}, after {attempt + 1} attempts")

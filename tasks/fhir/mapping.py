@@ -345,7 +345,8 @@ def _validated(model: Any, doc: dict[str, Any], study_uid: str) -> tuple[Any, di
     try:
         resource = model(**pruned)
     except ValidationError as exc:
-        raise FhirMappingError(f"study {study_uid}: {_validation_message(kind, exc)}") from None
+        raise FhirMappingError(f"study {study_uid}: {_validation_message(kind, exc)}; check the study's catalog "
+                               "rows (pacsflow catalog query)") from None
     return resource, {"resourceType": kind, **pruned}
 
 
@@ -368,10 +369,11 @@ def build_study(
     """
     study_uid = _text(study.get("study_uid"))
     if not study_uid:
-        raise FhirMappingError("study row without study_uid")
+        raise FhirMappingError("study row without study_uid; check the catalog (catalog_root)")
     pseudo = _text(study.get("patient_pseudo_id"))
     if not pseudo:
-        raise FhirMappingError(f"study {study_uid}: no patient_pseudo_id, so no Patient to reference")
+        raise FhirMappingError(f"study {study_uid}: no patient_pseudo_id, so no Patient to reference; check the "
+                               "study's catalog rows (pacsflow catalog query)")
     s_ident = study_identity(study_uid)
     p_ident = patient_identity(options.pseudonym_system, pseudo)
     e_ident = endpoint_identity(options.wado_rs_base_url) if options.wado_rs_base_url else None

@@ -9,6 +9,7 @@ failures (transient, or permanent after ``max_attempts`` runs) and the watermark
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -22,19 +23,40 @@ from pacsflow.tasks.pacs.models import MissingObject, Retrieved
 from pacsflow.tasks.pacs.planning import Window, WorkItem
 
 ALL_QUARANTINED = "all objects quarantined"
+INTERRUPTED = "interrupted"
+# The outcomes of a study (StudyReport.outcome) and of a run (RunSummary.outcome).
+CATALOGED, CATALOGED_PARTIAL, FAILED, QUARANTINED = "cataloged", "cataloged-partial", "failed", "quarantined"
+RUN_COMPLETED, RUN_PARTIAL, RUN_FAILED, RUN_STOPPED = "completed", "partial", "failed", "stopped"
 
 
 @dataclass
 class StudyReport:
-    """One study's line in the run's table artifact (pseudonymous UID only)."""
+    """One study's line in the run's table artifact (pseudonymous UID and label only)."""
 
     pseudo_uid: str
     reason: str
-    outcome: str = "pending"  # cataloged | failed | quarantined | interrupted
+    label: str = ""  # modalities, de-identified date, short hash: as in the task run names
+    # cataloged | cataloged-partial (objects quarantined or not sent) | failed | quarantined | interrupted
+    outcome: str = "pending"
     instances: int = 0
     quarantined: int = 0
     missing: int = 0  # objects the PACS listed but did not send
+    kind: str = ""  # of failure, as counted in the run's message
     error: str = ""
+
+
+def failure_kind(exc: BaseException) -> str:
+    """A failure's kind in words, for counts by kind: our errors' ``reason`` (``pacs-unavailable``
+    -> ``PACS unavailable``), else the exception's type."""
+    reason = getattr(exc, "reason", None)
+    if not isinstance(reason, str) or reason in ("error", "transient", "permanent"):
+        return type(exc).__name__
+    return reason.replace("-", " ").replace("pacs", "PACS").replace("fhir", "FHIR")
+
+
+def kinds_text(kinds: Counter[str]) -> str:
+    """``2 PACS unavailable, 1 move destination unknown``: most frequent first."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 @dataclass
@@ -42,6 +64,10 @@ class RunSummary:
     # Counters, one field each (they look alike by design): the result dict and the summary artifact.
     run_id: str
     window: str
+    # completed | partial (studies cataloged without some objects) | failed (studies failed) |
+    # stopped (the run ended early); ``message`` says it in one PHI-free line
+    outcome: str = "running"
+    message: str = ""
     # studies: at the PACS, to process, on disk
     found: int = 0
     pacs_queries: int = 0  # C-FIND requests of discovery (its cost at the PACS)
@@ -50,6 +76,7 @@ class RunSummary:
     # studies: through de-identification, into the catalog, failed (or wholly quarantined)
     deidentified: int = 0
     cataloged: int = 0
+    cataloged_partial: int = 0  # of those, studies with objects quarantined or not sent by the PACS
     failed: int = 0
     # objects
     instances: int = 0
@@ -68,6 +95,27 @@ class RunSummary:
         d = {k: v for k, v in self.__dict__.items() if k != "studies"}
         d["instances_per_second"] = round(self.instances / self.seconds, 1) if self.seconds else 0.0
         return d
+
+    def conclude(self, error: BaseException | None = None) -> None:
+        """Set ``outcome`` and ``message`` from the counts and the per-study reports; ``error``
+        stopped the run before its end."""
+        failed = Counter(r.kind or r.outcome for r in self.studies if r.outcome in (FAILED, QUARANTINED, INTERRUPTED))
+        if error is not None:
+            self.outcome = RUN_STOPPED
+            self.message = f"run stopped: {error_text(error)}"
+            if failed:
+                self.message += f"; {sum(failed.values())} of {self.queued} studies failed ({kinds_text(failed)})"
+        elif self.failed:
+            self.outcome = RUN_FAILED
+            self.message = f"{self.failed} of {self.queued} studies failed ({kinds_text(failed)})"
+        elif self.cataloged_partial:
+            self.outcome = RUN_PARTIAL
+            self.message = (f"{self.cataloged} of {self.queued} studies cataloged, {self.cataloged_partial} of them "
+                            f"partly ({self.quarantined_objects} objects quarantined, {self.missing_objects} not "
+                            "sent by the PACS)")
+        else:
+            self.outcome = RUN_COMPLETED
+            self.message = f"{self.cataloged} of {self.queued} studies cataloged ({self.found} found)"
 
 
 @dataclass(frozen=True)
@@ -110,7 +158,7 @@ class RunBook:
         self.window = window
         self.max_attempts = max_attempts
         self._object_id = object_id
-        self.summary = RunSummary(run_id, f"{window.start.isoformat()}..{window.end.isoformat()}")
+        self.summary = RunSummary(run_id, str(window))
         self.reports: dict[str, StudyReport] = {}
         self.items: list[WorkItem] = []
         self.outcomes: dict[str, tuple[WorkItem, StudyOutcome]] = {}
@@ -126,7 +174,7 @@ class RunBook:
     def planned(self, found: int, items: Sequence[WorkItem]) -> None:
         self.summary.found, self.summary.queued = found, len(items)
         self.items = list(items)
-        self.reports = {w.pseudo_uid: StudyReport(w.pseudo_uid, w.reason) for w in items}
+        self.reports = {w.pseudo_uid: StudyReport(w.pseudo_uid, w.reason, w.label) for w in items}
 
     def retrieved(self, item: WorkItem, result: Retrieved) -> None:
         self.summary.retrieved += 1
@@ -153,7 +201,9 @@ class RunBook:
         for w, o in batch:
             self._record_missing(w)
             report = self.reports[w.pseudo_uid]
-            report.outcome, report.instances, report.quarantined = "cataloged", o.written, len(o.quarantined)
+            report.instances, report.quarantined = o.written, len(o.quarantined)
+            report.outcome = CATALOGED_PARTIAL if report.quarantined or report.missing else CATALOGED
+            self.summary.cataloged_partial += report.outcome == CATALOGED_PARTIAL
             self.summary.cataloged += 1
             self.summary.instances += o.written
             self.catalog_uids.extend(o.study_uids)
@@ -190,7 +240,8 @@ class RunBook:
             if not o.rows_dir:
                 self.ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, ALL_QUARANTINED, True,
                                         self.run_id)
-                self.reports[w.pseudo_uid].outcome = "quarantined"
+                report = self.reports[w.pseudo_uid]
+                report.outcome, report.kind, report.error = QUARANTINED, ALL_QUARANTINED, ALL_QUARANTINED
                 self.summary.failed += 1
 
     def _record_failures(self) -> list[tuple[WorkItem, FailureVerdict]]:
@@ -202,7 +253,7 @@ class RunBook:
             self.ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, verdict.reason,
                                     verdict.permanent, self.run_id)
             report = self.reports[w.pseudo_uid]
-            report.outcome, report.error = "failed", verdict.reason
+            report.outcome, report.kind, report.error = FAILED, failure_kind(exc), verdict.reason
             self.summary.failed += 1
             verdicts.append((w, verdict))
         return verdicts
@@ -218,12 +269,14 @@ class RunBook:
             self.ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, reason, False, self.run_id,
                                     attempted=False)
             report = self.reports[w.pseudo_uid]
-            report.outcome, report.error = "interrupted", reason
+            report.outcome, report.kind, report.error = INTERRUPTED, INTERRUPTED, reason
         return unfinished
 
-    def finish(self, seconds: float) -> RunSummary:
+    def finish(self, seconds: float, error: BaseException | None = None) -> RunSummary:
+        """The run's summary, concluded; ``error`` ended the run early (it is summarised all the same)."""
         self.summary.seconds = round(seconds, 2)
         self.summary.studies = list(self.reports.values())
+        self.summary.conclude(error)
         return self.summary
 
     def crosswalk_rows(self) -> list[tuple[str, str, str]]:

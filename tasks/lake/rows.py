@@ -425,15 +425,15 @@ class StudyExtractor:
         """
         sop_uid = self._uid(ds, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
         if sop_uid is None:
-            raise BadDicom("instance without SOPInstanceUID")
+            raise BadDicom("instance without SOPInstanceUID; check the object at the PACS")
         study_uid = self._uid(ds, "StudyInstanceUID")
         if study_uid is None:
-            raise BadDicom(f"instance {sop_uid} has no StudyInstanceUID")
+            raise BadDicom(f"instance {sop_uid} has no StudyInstanceUID; check the object at the PACS")
         if self._study_uid is not None and study_uid != self._study_uid:
             raise BadDicom(f"instance {sop_uid} belongs to study {study_uid}, not {self._study_uid}")
         series_uid = self._uid(ds, "SeriesInstanceUID")
         if series_uid is None:
-            raise BadDicom(f"instance {sop_uid} has no SeriesInstanceUID")
+            raise BadDicom(f"instance {sop_uid} has no SeriesInstanceUID; check the object at the PACS")
 
         counter = [0]
         study = {col: self._read(ds, kw, conv, sop_uid, counter) for col, (kw, conv) in _STUDY_ATTRS.items()}

@@ -224,6 +224,7 @@ class PacsClient:
         q.NumberOfStudyRelatedInstances = ""
         q.NumberOfStudyRelatedSeries = ""
         q.ModalitiesInStudy = ""
+        q.PatientID = ""  # only to name runs by the date as de-identified (shifted per patient)
         answer = self.find(q, "study C-FIND")
         out = FindResult()
         out.capped = answer.capped
@@ -238,6 +239,7 @@ class PacsClient:
                     n_instances=int_or_none(ident.get("NumberOfStudyRelatedInstances")),
                     n_series=int_or_none(ident.get("NumberOfStudyRelatedSeries")),
                     modalities=tuple(_multi(ident.get("ModalitiesInStudy"))),
+                    patient_id=str(ident.PatientID or "") if "PatientID" in ident else None,
                 )
             )
         return out
@@ -254,7 +256,10 @@ class PacsClient:
         for ident in self.find(q, "series C-FIND"):
             n = int_or_none(ident.get("NumberOfSeriesRelatedInstances"))
             if n is None:
-                raise PacsConfigurationError("PACS returns no NumberOfSeriesRelatedInstances; cannot check completeness")
+                pacs = self.settings.pacs
+                raise PacsConfigurationError(
+                    f"PACS {pacs.called_ae}@{pacs.host}:{pacs.port} returns no NumberOfSeriesRelatedInstances at "
+                    "series level, so completeness cannot be checked; check the PACS's C-FIND return keys")
             total += n
         return total
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pacsflow.tasks.core.errors import IncompleteRetrieve
@@ -11,13 +11,16 @@ from pacsflow.tasks.settings import PacsSettings, RetrieveMethod, Settings
 
 @dataclass(frozen=True)
 class StudyInfo:
-    """A study as the PACS reports it. ``study_uid`` is the original UID: PHI zone only."""
+    """A study as the PACS reports it. ``study_uid`` and ``patient_id`` are originals: PHI zone
+    only. ``patient_id`` (None when the PACS did not return it) serves only to compute the study
+    date as de-identification shifts it, for run names."""
 
     study_uid: str
     study_date: str
     n_instances: int | None
     n_series: int | None
     modalities: tuple[str, ...]
+    patient_id: str | None = field(default=None, repr=False)
 
 
 class FindResult(list[Any]):
@@ -58,10 +61,18 @@ class RetrieveRoute:
     peer: PacsPeer
     method: RetrieveMethod
     move_destination: str
+    receiver_address: str = ""  # host:port of our Storage SCP, for errors naming it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "RetrieveRoute":
-        return cls(PacsPeer.from_settings(settings), settings.retrieve_method, settings.receiver.ae_title)
+        receiver = settings.receiver
+        return cls(PacsPeer.from_settings(settings), settings.retrieve_method, receiver.ae_title,
+                   f"{receiver.host}:{receiver.port}")
+
+    @property
+    def destination(self) -> str:
+        """Our receiver as the PACS's modality list must know it: ``AE at host:port``."""
+        return f"{self.move_destination} at {self.receiver_address}" if self.receiver_address else self.move_destination
 
 
 # Some objects of one series: (SeriesInstanceUID, SOP Instance UIDs), originals (PHI zone).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -17,6 +18,9 @@ MIN_SLICE_SECONDS = 60
 class Window:
     start: dt.date
     end: dt.date
+
+    def __str__(self) -> str:
+        return f"{self.start.isoformat()}..{self.end.isoformat()}"
 
     def days(self) -> list[dt.date]:
         n = (self.end - self.start).days
@@ -126,26 +130,43 @@ class Discovery:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One study to retrieve. ``study_uid`` is the original (PHI zone); ``pseudo_uid`` names
-    it everywhere else (run names, logs, artifacts, paths)."""
+    """One study to retrieve. ``study_uid`` and ``study_date`` are originals (PHI zone);
+    ``pseudo_uid`` names it everywhere else (logs, artifacts, paths), and ``label`` in task run
+    names, with the date as de-identified (``shifted_date``)."""
 
     study_uid: str
     pseudo_uid: str
     study_date: str
     expected: int | None
     reason: str  # new | grew | retry | missing
+    modalities: tuple[str, ...] = ()
+    shifted_date: str = ""  # YYYYMMDD as the lake has it; empty when de-identification removes dates
 
     def __repr__(self) -> str:  # keep the original UID out of reprs that end up in logs
         return f"WorkItem({self.pseudo_uid}, {self.reason}, expected={self.expected})"
+
+    @property
+    def short_ref(self) -> str:
+        """8 hex digits of a hash of the pseudonymous UID: short enough for a timeline bar."""
+        return hashlib.sha256(self.pseudo_uid.encode()).hexdigest()[:8]
+
+    @property
+    def label(self) -> str:
+        """``CT/SR 2019-03-04 1a2b3c4d``: modalities, the de-identified study date, ``short_ref``."""
+        d = self.shifted_date
+        day = f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) >= 8 and d[:8].isdigit() else ""
+        return " ".join(p for p in ("/".join(self.modalities), day, self.short_ref) if p)
 
 
 def worklist(
     studies: Iterable[StudyInfo],
     ledger: Mapping[str, LedgerEntry],
     pseudo: Callable[[str], str],
+    shifted_date: Callable[[StudyInfo], str] = lambda s: "",
 ) -> list[WorkItem]:
     """New studies, studies that grew since we cataloged them, earlier failures, and cataloged
-    studies with objects the PACS did not send (until those are given up).
+    studies with objects the PACS did not send (until those are given up). ``shifted_date``: a
+    study's date as de-identification leaves it (for names; never the original).
 
     A study that failed permanently is retried only when the PACS reports a different
     instance count (something changed); otherwise it stays quarantined until an operator
@@ -166,6 +187,7 @@ def worklist(
             reason = "missing"  # the PACS did not send some objects last time: ask again
         else:
             continue
-        items.append(WorkItem(s.study_uid, pseudo(s.study_uid), s.study_date, s.n_instances, reason))
+        items.append(WorkItem(s.study_uid, pseudo(s.study_uid), s.study_date, s.n_instances, reason,
+                              s.modalities, shifted_date(s)))
     items.sort(key=lambda w: (w.study_date, w.pseudo_uid))
     return items

@@ -7,12 +7,13 @@ not hashed (NO_CACHE): a WorkItem holds an original UID that must stay in memory
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pacsflow.tasks.core.errors import retry_if_transient
+from pacsflow.tasks.core.errors import PacsflowError, retry_if_transient
 from pacsflow.tasks.pacs.client import PacsClient
 from pacsflow.tasks.pacs.models import (
     MissingObject,
@@ -25,7 +26,7 @@ from pacsflow.tasks.pacs.models import (
 )
 from pacsflow.tasks.pacs.planning import Discovery, Window, WorkItem, discover
 from pacsflow.tasks.pacs.receiver import StagingWriter, count_staged
-from pacsflow.tasks.pacs.retrieval import Send, describe_refusal, retrieve_listed
+from pacsflow.tasks.pacs.retrieval import OtherWay, Send, describe_refusal, retrieve_listed
 from pacsflow.tasks.pacs.status import raise_for_status
 from pacsflow.tasks.settings import RetrieveMethod
 
@@ -60,8 +61,7 @@ def discover_studies(peer: PacsPeer, window: Window, retry_uids: list[str]) -> D
         for i, s in enumerate(found):
             if s.n_instances is None:
                 queries += 1  # one series-level C-FIND
-                found[i] = StudyInfo(s.study_uid, s.study_date, client.count_instances(s.study_uid), s.n_series,
-                                     s.modalities)
+                found[i] = replace(s, n_instances=client.count_instances(s.study_uid))
     logger.info("discovered %d studies in %s..%s (%d days, %d C-FIND requests)", len(found), window.start,
                 window.end, len(window.days()), queries)
     for w in warnings:
@@ -69,7 +69,7 @@ def discover_studies(peer: PacsPeer, window: Window, retry_uids: list[str]) -> D
     return Discovery(found, warnings, queries)
 
 
-@task(name="retrieve-study", task_run_name="retrieve-{item.pseudo_uid}", persist_result=False,
+@task(name="retrieve-study", task_run_name="retrieve {item.label}", persist_result=False,
       cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient, retry_jitter_factor=0.5)
 def retrieve_study(item: WorkItem, route: RetrieveRoute, writer: StagingWriter) -> Retrieved:
     """C-MOVE (into the run's Storage SCP, which stages through ``writer``) or C-GET (staged
@@ -77,17 +77,19 @@ def retrieve_study(item: WorkItem, route: RetrieveRoute, writer: StagingWriter) 
     accepted, and the study is complete when each is on disk or the PACS refused to send it
     (the rest of the study goes on; the refused ones are recorded by the run)."""
     logger = get_run_logger()
+    logger.info("retrieving study %s (%s, %s)", item.pseudo_uid, item.label, item.reason)
     client = PacsClient(route.peer)
     send = _sender(client, route, writer, item)
     listed = client.find_instances(item.study_uid)
     folder = writer.study_dir(item.study_uid)
     if listed is None:  # the PACS lists no objects: compare counts, as the PACS reported them
-        raise_for_status(send(None), _operation(route), item.pseudo_uid)
+        raise_for_status(send(None), _operation(route), item.pseudo_uid, route.destination)
         check_complete(count_staged(folder), item.expected, item.pseudo_uid)
         return Retrieved(item.pseudo_uid, str(folder), count_staged(folder))
     writer.announce(item.study_uid, listed)
+    other_way = _by_c_get(client, writer, item) if route.method is RetrieveMethod.C_MOVE else None
     refused = retrieve_listed(send, listed, partial(writer.staged, item.study_uid), _operation(route),
-                              item.pseudo_uid)
+                              item.pseudo_uid, other_way=other_way, destination=route.destination)
     missing = tuple(MissingObject(uid, writer.ref(uid), _why_missing(writer.refusal(uid), code))
                     for uid, code in sorted(refused.items()))
     received = count_staged(folder)
@@ -114,6 +116,18 @@ def _sender(client: PacsClient, route: RetrieveRoute, writer: StagingWriter, ite
         return client.get(item.study_uid, objects, writer.handle_store, what)[0]
 
     return send
+
+
+def _by_c_get(client: PacsClient, writer: StagingWriter, item: WorkItem) -> OtherWay:
+    """Whether objects the PACS would not C-MOVE come by C-GET (no move destination involved)."""
+    def other_way(objects: Objects) -> bool:
+        try:
+            client.get(item.study_uid, objects, writer.handle_store, f"C-GET probe for study {item.pseudo_uid}")
+        except PacsflowError:  # no C-GET at this PACS, or no answer: it tells nothing
+            return False
+        return bool(writer.staged(item.study_uid, objects[1]))
+
+    return other_way
 
 
 def _why_missing(refusal: str | None, code: int) -> str:

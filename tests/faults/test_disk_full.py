@@ -15,7 +15,7 @@ import pytest
 from pacsflow.catalog.store import CatalogStore
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
-from pacsflow.flows.nightly import nightly_ingest
+from pacsflow.flows.nightly import nightly_ingest, run_result
 from pacsflow.tasks.core.errors import InsufficientSpace
 from pacsflow.tasks.ingest.ledger import Ledger
 
@@ -43,7 +43,7 @@ def test_a_full_lake_fails_studies_in_one_line_and_leaves_no_temp_file(lake, tmp
                                   end_date=dt.date.today(), seed=5, instances_per_series=(8, 10))
     sampledata.load([tmp_path / "in"], "127.0.0.1", lake.orthanc.dicom_port)
 
-    first = nightly_ingest()
+    first = run_result(nightly_ingest(return_state=True))  # studies failed: a Failed run
     assert first["failed"] >= 1 and first["cataloged"] + first["failed"] == len(studies)
     failed = Ledger(lake.state / "ledger.sqlite").failed()
     assert failed and all(not f.permanent for f in failed)
@@ -87,7 +87,7 @@ def test_a_full_catalog_fails_the_batch_in_one_line_and_keeps_the_snapshot(lake,
 
     more = _seed(lake, tmp_path, "more", studies=2, seed=12)
     filler = _fill(small_disk)
-    second = nightly_ingest()
+    second = run_result(nightly_ingest(return_state=True))
     assert second["cataloged"] == 0 and second["failed"] == len(more)
     failed = Ledger(lake.state / "ledger.sqlite").failed()
     assert len(failed) == len(more) and all(not f.permanent for f in failed)

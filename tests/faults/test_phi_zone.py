@@ -16,7 +16,7 @@ import pytest
 from pacsflow.catalog.store import CatalogStore
 from pacsflow.deployments.local import sampledata
 from pacsflow.flows.compact import compact_catalog
-from pacsflow.flows.nightly import nightly_ingest
+from pacsflow.flows.nightly import nightly_ingest, run_result
 from pacsflow.tasks.settings import SettingsError, load_settings
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def test_phi_zone_files_are_owner_only_after_a_run(lake, tmp_path, monkeypatch):
     sampledata.load([tmp_path / "in"], "127.0.0.1", lake.orthanc.dicom_port)
     old_umask = os.umask(0o022)  # the usual umask: files would be world-readable without our care
     try:
-        result = nightly_ingest()
+        result = run_result(nightly_ingest(return_state=True))  # an all-quarantined study fails the run
     finally:
         os.umask(old_umask)
     assert result["cataloged"] + result["failed"] == len(studies) and result["quarantined_objects"] > 0

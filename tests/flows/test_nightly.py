@@ -14,7 +14,7 @@ from pacsflow.catalog.store import CatalogStore
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
 from pacsflow.flows.compact import compact_catalog
-from pacsflow.flows.nightly import nightly_ingest
+from pacsflow.flows.nightly import nightly_ingest, run_result
 from pacsflow.tasks.ingest.ledger import Ledger
 
 pytestmark = pytest.mark.integration
@@ -151,7 +151,7 @@ def test_a_failing_study_is_reported_and_retried_next_run(lake, tmp_path):
     broken = studies[1]
     lake.orthanc.break_study(broken.study_uid)
 
-    result = nightly_ingest()
+    result = run_result(nightly_ingest(return_state=True))
 
     assert (result["found"], result["cataloged"], result["failed"]) == (4, 3, 1)
     ledger = Ledger(lake.state / "ledger.sqlite")
@@ -178,24 +178,34 @@ def test_c_get_retrieves_the_same(lake, tmp_path, monkeypatch):
     assert _count(lake, "SELECT count(*) FROM instances") == result["instances"]
 
 
-def test_a_study_that_keeps_failing_is_quarantined_after_max_attempts(lake, tmp_path, monkeypatch):
-    # Orthanc answers a C-MOVE to an AE it does not know with 0xC000 (not 0xA801), which looks
-    # transient; the ledger stops retrying after max_attempts runs.
+def test_a_receiver_the_pacs_does_not_know_fails_every_study_permanently_at_once(lake, tmp_path, monkeypatch):
+    # Orthanc answers a C-MOVE to an AE it does not know with 0xC000 and no sub-operation (not
+    # 0xA801), as it answers a study it cannot read; the same object coming by C-GET tells them apart.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
     monkeypatch.setenv("PACSFLOW_RECEIVER__AE_TITLE", "NOSUCHAE")
-    monkeypatch.setenv("PACSFLOW_MAX_ATTEMPTS", "2")
     studies = _seed(lake, tmp_path / "in", studies=2, days=1, end_date=TODAY, seed=31, modalities=NO_US)
-    first = nightly_ingest()
+
+    state = nightly_ingest(return_state=True)
+
+    first = run_result(state)
     assert (first["cataloged"], first["failed"]) == (0, 2)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.state.type is StateType.FAILED
+    assert run.state.message == "2 of 2 studies failed (2 move destination unknown)"
     ledger = Ledger(lake.state / "ledger.sqlite")
-    assert ledger.watermark == studies[0].study_date
-    second = nightly_ingest()
-    assert (second["queued"], second["failed"]) == (2, 2)
     entries = list(ledger.entries().values())
-    assert all(e.permanent and e.reason.startswith("gave up after 2 runs") for e in entries)
+    port = lake.receiver_port
+    assert all(e.permanent and e.attempts == 1 and e.reason.startswith("MoveDestinationUnknown: C-MOVE for study ")
+               and e.reason.endswith(f"the PACS may not know our move destination NOSUCHAE at 127.0.0.1:{port}; "
+                                     "check receiver.ae_title and the PACS's modality list") for e in entries)
     assert len(ledger.quarantine_entries()) == 2
-    assert ledger.watermark == TODAY
-    third = nightly_ingest()
-    assert third["queued"] == 0
+    assert ledger.watermark == TODAY  # a permanent failure does not hold it
+    assert not any(s.study_uid in e.reason for s in studies for e in entries)
+    again = run_result(nightly_ingest(return_state=True))
+    assert (again["queued"], again["failed"]) == (0, 0)  # nothing changed at the PACS: not asked for again
 
 
 def test_fhir_sync_follows_the_catalog_and_survives_an_outage(lake, tmp_path, monkeypatch, hapi):

@@ -15,7 +15,7 @@ import pytest
 
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
-from pacsflow.flows.nightly import nightly_ingest
+from pacsflow.flows.nightly import nightly_ingest, run_result
 from pacsflow.tasks.fhir.ledger import FhirSyncLedger
 from pacsflow.tasks.ingest.ledger import Ledger
 from pacsflow.tasks.settings import load_settings
@@ -24,11 +24,11 @@ from tests.net.fake_pacs import FakePacs, held_files
 
 TODAY = dt.date.today()
 NO_US = ("CT", "MR", "MG")  # ultrasound carries burned-in text: quarantined
-RESULT_KEYS = {"run_id", "window", "found", "pacs_queries", "queued", "retrieved", "deidentified", "cataloged", "failed",
-               "instances", "quarantined_objects", "missing_objects", "rejected_objects", "fhir_sent", "fhir_failed", "fhir_differences", "seconds",
-               "instances_per_second"}
-ARTIFACT_KEYS = {"nightly-deid-manifest", "nightly-ingest-summary", "nightly-ingest-studies", "nightly-run-report",
-                 "nightly-run-report-page"}
+RESULT_KEYS = {"run_id", "window", "outcome", "message", "cataloged_partial", "found", "pacs_queries", "queued",
+               "retrieved", "deidentified", "cataloged", "failed", "instances", "quarantined_objects", "missing_objects",
+               "rejected_objects", "fhir_sent", "fhir_failed", "fhir_differences", "seconds", "instances_per_second"}
+ARTIFACT_KEYS = {"nightly-deid-manifest", "nightly-ingest-summary", "nightly-ingest-studies", "nightly-progress",
+                 "nightly-run-report", "nightly-run-report-page"}
 
 
 @dataclass
@@ -81,17 +81,27 @@ def site(tmp_path, monkeypatch, prefect_api):
 
 
 def _run() -> tuple[dict, list[dict]]:
-    """One flow run: its result and its artifacts (key and data)."""
+    """One flow run: its result (whatever its state) and its artifacts (key and data)."""
+    state = nightly_ingest(return_state=True)
+    return run_result(state), _artifacts(state.state_details.flow_run_id)
+
+
+def _artifacts(flow_run_id) -> list[dict]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    state = nightly_ingest(return_state=True)
-    result = state.result()
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
-        )
-    return result, [{"key": a.key, "data": a.data} for a in artifacts]
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return [{"key": a.key, "data": a.data} for a in artifacts]
+
+
+def _flow_run(state):
+    """The flow run as the Prefect API has it (what the UI shows)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(state.state_details.flow_run_id)
 
 
 @pytest.mark.parametrize(("method", "workers"), [("c-move", "1"), ("c-get", "0")])
@@ -103,7 +113,7 @@ def test_a_clean_run_catalogs_every_study_and_advances_the_watermark(site, monke
 
     result, artifacts = _run()
 
-    assert set(result) == RESULT_KEYS
+    assert set(result) == RESULT_KEYS and result["outcome"] == "completed"
     assert result["pacs_queries"] >= 1  # discovery's C-FIND requests
     assert (result["found"], result["queued"], result["retrieved"], result["cataloged"], result["failed"]) == (
         3, 3, 3, 3, 0)
@@ -235,3 +245,101 @@ def test_the_fhir_step_is_given_the_catalog_study_uids(site, monkeypatch, wrong_
     owed = FhirSyncLedger.under(load_settings().state_root).entries()
     assert set(owed) == catalog_uids
     assert all(e.status == "failed" and "not in the catalog" not in (e.reason or "") for e in owed.values())
+
+
+def _task_run_names(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [r.name for r in runs]
+
+
+def test_a_run_whose_studies_all_fail_is_failed_and_counts_them_by_kind(site):
+    from prefect.client.schemas.objects import StateType
+
+    from pacsflow.flows.nightly import StudiesFailed
+
+    studies = sorted(site.seed("in", studies=3, days=3, seed=67, modalities=NO_US), key=lambda s: s.study_uid)
+    site.pacs.fail_study(studies[0].study_uid)  # 0xC000: transient
+    site.pacs.fail_study(studies[1].study_uid)
+    site.pacs.fail_study(studies[2].study_uid, 0xA801)  # the PACS does not know our receiver
+
+    state = nightly_ingest(return_state=True)
+    result = run_result(state)
+    run = _flow_run(state)
+
+    assert run.state.type is StateType.FAILED
+    assert run.state.message == "3 of 3 studies failed (2 PACS status, 1 move destination unknown)"
+    assert (result["outcome"], result["failed"], result["message"]) == ("failed", 3, run.state.message)
+    assert run.name == f"nightly {TODAY.isoformat()} ({result['window']})"
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    [summary] = [a["data"] for a in artifacts if a["key"] == "nightly-ingest-summary"]
+    assert run.state.message in summary
+    [table] = [json.loads(a["data"]) for a in artifacts if a["key"] == "nightly-ingest-studies"]
+    assert sorted((r["outcome"], r["kind"]) for r in table) == [
+        ("failed", "PACS status"), ("failed", "PACS status"), ("failed", "move destination unknown")]
+    [refused] = [r for r in table if r["kind"] == "move destination unknown"]
+    assert "check receiver.ae_title and the PACS's modality list" in refused["error"]
+    # Task runs are short and readable: modality, the de-identified (shifted) date, a short hash.
+    names = sorted(n for n in _task_run_names(state.state_details.flow_run_id) if n.startswith("retrieve"))
+    assert names == sorted(f"retrieve {r['label']}" for r in table)
+    ledger = site.ledger.entries()
+    for s in studies:
+        label = next(r["label"] for r in table if r["pseudo_uid"] == ledger[s.study_uid].pseudo_uid)
+        modality, day, short = label.split(" ")
+        assert modality == s.modality and len(short) == 8
+        assert day != s.study_date.isoformat()  # shifted, not the original
+    assert not any(s.study_uid in repr(table) + run.name + " ".join(names) for s in studies)
+    # Called without return_state, the run raises; its result is still there.
+    with pytest.raises(StudiesFailed) as raised:
+        nightly_ingest()
+    assert raised.value.result["failed"] == 2  # the 0xA801 study is permanent: not asked for again
+    assert str(raised.value) == "2 of 2 studies failed (2 PACS status)"
+
+
+def test_a_run_that_cannot_reach_the_pacs_still_writes_its_summary(site, monkeypatch):
+    from prefect.client.schemas.objects import StateType
+
+    site.seed("in", studies=1, days=1, seed=71, modalities=NO_US)
+    monkeypatch.setenv("PACSFLOW_PACS__PORT", str(free_port()))  # nothing listens: discovery fails
+
+    state = nightly_ingest(return_state=True)
+
+    run = _flow_run(state)
+    assert run.state.type is StateType.FAILED and "PacsUnavailable" in run.state.message
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    [summary] = [a["data"] for a in artifacts if a["key"] == "nightly-ingest-summary"]
+    assert ": stopped" in summary and "run stopped: PacsUnavailable: no association with PACS FAKEPACS@127.0.0.1" in summary
+    assert "nightly-ingest-studies" not in {a["key"] for a in artifacts}  # no study got that far
+    with pytest.raises(Exception, match="no association with PACS"):
+        run_result(state)
+
+
+def test_a_study_cataloged_without_a_quarantined_object_is_partial(site):
+    import pydicom
+    from prefect.client.schemas.objects import StateType
+
+    studies = sampledata.generate(site.root / "in", end_date=TODAY, studies=2, days=2, seed=73, modalities=("CT",))
+    files = held_files(site.root / "in")
+    flagged = pydicom.dcmread(files[0])
+    flagged.BurnedInAnnotation = "YES"  # one object of one study: quarantined by the default pixel policy
+    flagged.save_as(files[0])
+    site.pacs.add_files(files)
+
+    state = nightly_ingest(return_state=True)
+
+    result = run_result(state)
+    run = _flow_run(state)
+    assert (run.state.type, run.state.name) == (StateType.COMPLETED, "Partial")
+    assert (result["outcome"], result["cataloged"], result["cataloged_partial"], result["failed"]) == (
+        "partial", 2, 1, 0)
+    assert run.state.message == ("2 of 2 studies cataloged, 1 of them partly (1 objects quarantined, "
+                                 "0 not sent by the PACS)")
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    [table] = [json.loads(a["data"]) for a in artifacts if a["key"] == "nightly-ingest-studies"]
+    assert sorted((r["outcome"], r["quarantined"]) for r in table) == [("cataloged", 0), ("cataloged-partial", 1)]
+    [progress] = [a["data"] for a in artifacts if a["key"] == "nightly-progress"]
+    assert float(progress) == 100.0
+    assert site.count("SELECT count(*) FROM instances") == sum(s.n_instances for s in studies) - 1

@@ -43,6 +43,7 @@ UNABLE_TO_PROCESS = 0xC000
 class HeldStudy:
     uid: str
     date: str
+    patient_id: str = ""
     files: list[Path] = field(default_factory=list)
     series: set[str] = field(default_factory=set)
     objects: dict[Path, tuple[str, str]] = field(default_factory=dict)  # file -> (series UID, SOP UID)
@@ -69,7 +70,8 @@ class FakePacs:
         for path in paths:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             uid = str(ds.StudyInstanceUID)
-            study = self.studies.setdefault(uid, HeldStudy(uid, str(ds.get("StudyDate", ""))))
+            study = self.studies.setdefault(uid, HeldStudy(uid, str(ds.get("StudyDate", "")),
+                                                           str(ds.get("PatientID", ""))))
             study.files.append(Path(path))
             study.series.add(str(ds.SeriesInstanceUID))
             study.objects[Path(path)] = (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
@@ -226,6 +228,7 @@ def _study_answer(study: HeldStudy) -> Dataset:
     ds.QueryRetrieveLevel = "STUDY"
     ds.StudyInstanceUID = study.uid
     ds.StudyDate = study.date
+    ds.PatientID = study.patient_id
     ds.NumberOfStudyRelatedInstances = str(len(study.files))
     ds.NumberOfStudyRelatedSeries = str(len(study.series))
     ds.ModalitiesInStudy = sorted(study.modalities)

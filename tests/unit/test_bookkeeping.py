@@ -7,12 +7,13 @@ import datetime as dt
 
 import pytest
 
-from pacsflow.tasks.core.errors import IncompleteRetrieve, PacsConfigurationError, PacsStatusError
-from pacsflow.tasks.ingest.bookkeeping import RunBook, judge_failure, next_watermark
+from pacsflow.tasks.core.errors import IncompleteRetrieve, PacsConfigurationError, PacsStatusError, PacsUnavailable
+from pacsflow.tasks.ingest.bookkeeping import RunBook, failure_kind, judge_failure, next_watermark
 from pacsflow.tasks.ingest.ledger import Ledger
 from pacsflow.tasks.lake.study import StudyOutcome
 from pacsflow.tasks.pacs.models import MissingObject, Retrieved, StudyInfo
 from pacsflow.tasks.pacs.planning import Window, WorkItem, worklist
+from pacsflow.tasks.pacs.status import MoveDestinationUnknown
 
 D = dt.date
 WINDOW = Window(D(2026, 11, 1), D(2026, 11, 10))
@@ -149,7 +150,11 @@ def test_quarantined_objects_and_an_all_quarantined_study_are_recorded(ledger):
     assert ledger.watermark == WINDOW.end  # a permanent failure does not hold it
     summary = book.finish(1)
     assert (summary.cataloged, summary.failed, summary.quarantined_objects, summary.deidentified) == (1, 1, 3, 2)
-    assert {s.pseudo_uid: s.outcome for s in summary.studies} == {"2.25.1": "cataloged", "2.25.2": "quarantined"}
+    # A study cataloged without some of its objects is told apart from a clean one; the run fails.
+    assert {s.pseudo_uid: s.outcome for s in summary.studies} == {"2.25.1": "cataloged-partial",
+                                                                 "2.25.2": "quarantined"}
+    assert (summary.cataloged_partial, summary.outcome) == (1, "failed")
+    assert summary.message == "1 of 2 studies failed (1 all objects quarantined)"
     # The manifest names objects by the (keyed) object id of study/file, with the reason.
     assert [(q.id, q.reason) for q in book.quarantined] == [
         ("id(2.25.1/f0.dcm)", "BadDicom: unreadable"), ("id(2.25.2/a.dcm)", "BadDicom: x"),
@@ -188,7 +193,10 @@ def test_an_interrupted_run_leaves_every_unfinished_study_for_the_next_run(ledge
     # Even at the last allowed attempt an interruption is no verdict on the study.
     assert {e.study_uid for e in ledger.failed() if not e.permanent} == {"1.2.840.1", "1.2.840.2", "1.2.840.4"}
     assert ledger.watermark == D(2026, 10, 30)
-    assert [s.outcome for s in book.finish(1.0).studies] == ["interrupted", "interrupted", "failed", "interrupted"]
+    summary = book.finish(1.0, KeyboardInterrupt())
+    assert [s.outcome for s in summary.studies] == ["interrupted", "interrupted", "failed", "interrupted"]
+    assert summary.outcome == "stopped" and summary.message == (
+        "run stopped: KeyboardInterrupt; 4 of 4 studies failed (3 interrupted, 1 PACS configuration)")
     # The runs that were interrupted never got to judge these studies: no attempt is counted.
     assert {u: e.attempts for u, e in ledger.entries().items()} == {
         "1.2.840.1": 0, "1.2.840.2": 0, "1.2.840.3": 1, "1.2.840.4": 0}
@@ -210,7 +218,9 @@ def test_objects_the_pacs_did_not_send_are_asked_for_again_until_given_up(ledger
     first = _run_with_missing(ledger, "r1", "a", "b")
     summary = first.finish(1.0)
     assert (summary.cataloged, summary.missing_objects, summary.rejected_objects) == (1, 2, 1)
-    assert summary.studies[0].missing == 2 and summary.studies[0].outcome == "cataloged"
+    assert summary.studies[0].missing == 2 and summary.studies[0].outcome == "cataloged-partial"
+    assert summary.outcome == "partial" and summary.message == (
+        "1 of 1 studies cataloged, 1 of them partly (0 objects quarantined, 2 not sent by the PACS)")
     assert [(m.object_ref, m.attempts, m.permanent) for m in first.missing_recorded] == [
         ("2.25.9a", 1, False), ("2.25.9b", 1, False)]
     # The next run asks for the study by UID, whatever its window, and retrieves it again.
@@ -223,3 +233,44 @@ def test_objects_the_pacs_did_not_send_are_asked_for_again_until_given_up(ledger
     assert "0xC000" in ledger.missing_entries()[0].reason
     # Given up after max_attempts: the study is no longer asked for until the PACS's count changes.
     assert ledger.to_retry() == [] and worklist(at_pacs, ledger.entries(), lambda u: "2.25.1") == []
+
+
+def test_a_run_with_failed_studies_counts_them_by_kind(ledger):
+    items = [_item(n, f"2026110{n}") for n in range(1, 6)]
+    book = _book(ledger)
+    book.planned(found=7, items=items)
+    book.failed(items[0], PacsUnavailable("C-MOVE for study 2.25.1: no answer from PACS"))
+    book.failed(items[1], PacsUnavailable("C-MOVE for study 2.25.2: no answer from PACS"))
+    book.failed(items[2], MoveDestinationUnknown("C-MOVE for study 2.25.3: status 0xA801"))
+    book.failed(items[3], ConnectionResetError("Doe^John"))
+    book.deidentified(items[4], _cataloged(items[4]))
+    book.cataloged(book.to_commit())
+    book.settle()
+
+    summary = book.finish(2.0)
+
+    assert (summary.outcome, summary.failed, summary.cataloged) == ("failed", 4, 1)
+    assert summary.message == ("4 of 5 studies failed (2 PACS unavailable, 1 ConnectionResetError, "
+                               "1 move destination unknown)")
+    assert [s.kind for s in summary.studies] == ["PACS unavailable", "PACS unavailable", "move destination unknown",
+                                                 "ConnectionResetError", ""]
+    assert {k: summary.as_dict()[k] for k in ("outcome", "message")} == {"outcome": "failed",
+                                                                       "message": summary.message}
+
+
+def test_a_clean_run_is_completed_and_says_so(ledger):
+    item = _item(1)
+    book = _book(ledger)
+    book.planned(found=3, items=[item])
+    book.deidentified(item, _cataloged(item))
+    book.cataloged(book.to_commit())
+    book.settle()
+    summary = book.finish(1.0)
+    assert (summary.outcome, summary.message) == ("completed", "1 of 1 studies cataloged (3 found)")
+    assert [s.outcome for s in summary.studies] == ["cataloged"]
+
+
+def test_failure_kinds_are_words_from_the_error_type():
+    assert failure_kind(PacsStatusError("x")) == "PACS status"
+    assert failure_kind(IncompleteRetrieve("x")) == "incomplete retrieve"
+    assert failure_kind(TimeoutError()) == "TimeoutError"

@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pydicom
 import pytest
 
+from pacsflow.tasks.deid.choices import Option
+from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.ingest.ledger import Ledger
 from pacsflow.tasks.pacs.models import FindResult, StudyInfo
 from pacsflow.tasks.pacs.planning import Window, discover, plan_window, worklist
@@ -111,3 +114,29 @@ def test_worklist_new_grew_retry_and_unchanged(tmp_path):
 def test_work_item_repr_has_no_original_uid():
     [item] = worklist([_study("1.2.840.99")], {}, lambda u: "2.25.1")
     assert "1.2.840.99" not in repr(item)
+
+
+@pytest.mark.parametrize("options", [[Option.RETAIN_MODIFIED_DATES], [Option.RETAIN_FULL_DATES], []])
+def test_a_work_items_label_has_the_date_as_the_lake_will_have_it(options):
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    original_date, patient_id = str(ds.StudyDate), str(ds.PatientID)
+    deid = Deidentifier(b"planning-test-key", options)
+    study = StudyInfo(str(ds.StudyInstanceUID), original_date, 1, 1, ("CT", "SR"), patient_id=patient_id)
+
+    [item] = worklist([study], {}, deid.study_ref, lambda s: deid.date_as_deidentified(s.study_date, s.patient_id))
+    deid.apply(ds)
+
+    lake_date = str(ds.get("StudyDate", "") or "")
+    assert item.shifted_date == (lake_date if options else "")
+    day = f"{lake_date[:4]}-{lake_date[4:6]}-{lake_date[6:8]}"
+    expected = " ".join(p for p in ("CT/SR", day if options else "", item.short_ref) if p)
+    assert item.label == expected and len(item.short_ref) == 8
+    if options == [Option.RETAIN_MODIFIED_DATES]:
+        assert lake_date != original_date  # shifted: the original StudyDate is PHI
+    assert f"patient_id={patient_id!r}" not in repr(study)
+    for text in (item.label, repr(item)):
+        assert patient_id not in text
+        assert options == [Option.RETAIN_FULL_DATES] or original_date not in text.replace("-", "")
+    assert item.pseudo_uid not in item.label  # short hash only; the full pseudonym goes to logs

@@ -9,6 +9,7 @@ import pytest
 from pacsflow.tasks.core.errors import IncompleteRetrieve, PacsConfigurationError, PacsStatusError
 from pacsflow.tasks.pacs.models import Objects
 from pacsflow.tasks.pacs.retrieval import PROBES_BEFORE_GIVING_UP, describe_refusal, retrieve_listed
+from pacsflow.tasks.pacs.status import PERMANENT_FAILURES, MoveDestinationUnknown, raise_for_status
 
 FAILURE = 0xC000
 SUCCESS = 0x0000
@@ -66,11 +67,41 @@ def test_a_failure_no_object_escapes_is_the_studys_and_costs_only_a_few_probes()
     assert len(pacs.requests) == 1 + PROBES_BEFORE_GIVING_UP
 
 
-def test_a_permanent_status_is_raised_at_once():
+@pytest.mark.parametrize("by_c_get", [True, False])
+def test_nothing_sent_but_the_same_object_comes_by_c_get_means_an_unknown_move_destination(by_c_get):
+    # Orthanc answers a move destination it does not know with 0xC000 and no sub-operation, as it
+    # answers a study it cannot read: only asking the other way (C-GET) tells the two apart.
+    pacs = AbortingPacs(_study(50), unsendable=set(_study(50)))
+    probes: list[Objects] = []
+
+    def other_way(objects: Objects) -> bool:
+        probes.append(objects)
+        return by_c_get
+
+    with pytest.raises(PacsConfigurationError if by_c_get else PacsStatusError) as raised:
+        retrieve_listed(pacs.send, pacs.listed, pacs.staged, "C-MOVE", "2.25.1", other_way=other_way,
+                        destination="PACSFLOW at 10.0.0.5:11113")
+    assert len(probes) == 1 and len(probes[0][1]) == 1  # one object, once
+    assert len(pacs.requests) == 1 + PROBES_BEFORE_GIVING_UP
+    if by_c_get:
+        assert isinstance(raised.value, MoveDestinationUnknown)
+        assert str(raised.value) == (
+            "C-MOVE for study 2.25.1: status 0xC000 (unable to process) and nothing sent, but the PACS sends the study by C-GET; "
+            "the PACS may not know our move destination PACSFLOW at 10.0.0.5:11113; check receiver.ae_title and "
+            "the PACS's modality list")
+    else:
+        assert "failure status 0xC000" in str(raised.value)
+
+
+def test_a_permanent_status_is_raised_at_once_with_what_to_check():
     pacs = AbortingPacs(_study(5), unsendable={"1.2.004"}, status=0xA801)
-    with pytest.raises(PacsConfigurationError, match="0xA801"):
-        pacs.retrieve()
+    with pytest.raises(MoveDestinationUnknown, match="0xA801.*move destination PACSFLOW at h:1; check receiver.ae_title"):
+        retrieve_listed(pacs.send, pacs.listed, pacs.staged, "C-MOVE", "2.25.1", destination="PACSFLOW at h:1")
     assert pacs.requests == [None]
+    for code in PERMANENT_FAILURES:
+        with pytest.raises(PacsConfigurationError, match="; (check|the PACS)") as raised:
+            raise_for_status(code, "C-GET", "2.25.1")
+        assert "check " in str(raised.value)
 
 
 def test_success_with_objects_missing_is_an_incomplete_retrieve():
