@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -247,13 +248,20 @@ def test_the_fhir_step_is_given_the_catalog_study_uids(site, monkeypatch, wrong_
     assert all(e.status == "failed" and "not in the catalog" not in (e.reason or "") for e in owed.values())
 
 
-def _task_run_names(flow_run_id) -> list[str]:
+def _task_run_names(flow_run_id, prefix: str, expected: int) -> list[str]:
+    """Task runs reach the API through Prefect's events worker, after the flow has returned: wait
+    (bounded) until ``expected`` of them with ``prefix`` are there."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return [r.name for r in runs]
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        names = [r.name for r in runs if r.name.startswith(prefix)]
+        if len(names) >= expected or time.monotonic() > deadline:
+            return names
+        time.sleep(0.5)
 
 
 def test_a_run_whose_studies_all_fail_is_failed_and_counts_them_by_kind(site):
@@ -283,7 +291,7 @@ def test_a_run_whose_studies_all_fail_is_failed_and_counts_them_by_kind(site):
     [refused] = [r for r in table if r["kind"] == "move destination unknown"]
     assert "check receiver.ae_title and the PACS's modality list" in refused["error"]
     # Task runs are short and readable: modality, the de-identified (shifted) date, a short hash.
-    names = sorted(n for n in _task_run_names(state.state_details.flow_run_id) if n.startswith("retrieve"))
+    names = sorted(_task_run_names(state.state_details.flow_run_id, "retrieve", len(table)))
     assert names == sorted(f"retrieve {r['label']}" for r in table)
     ledger = site.ledger.entries()
     for s in studies:
