@@ -129,11 +129,10 @@ class RunHistory:
         """The ``n`` most recent runs (of ``flow``, or of every flow), oldest first."""
         if n <= 0:
             return []
-        where, params = ("WHERE flow = ?", [flow]) if flow else ("", [])
         with sqlite_tx(self.path) as con:
             rows = con.execute(
-                f"SELECT run_id, flow, started_at, finished_at, run_window, counts FROM runs {where} "  # noqa: S608 - constant
-                "ORDER BY started_at DESC, run_id DESC LIMIT ?", [*params, n],
+                "SELECT run_id, flow, started_at, finished_at, run_window, counts FROM runs "
+                "WHERE ? IS NULL OR flow = ? ORDER BY started_at DESC, run_id DESC LIMIT ?", [flow, flow, n],
             ).fetchall()
             by_run = _modalities(con, [r[0] for r in rows])
         return [RunRecord(r[0], r[1], _parse(r[2]), _parse(r[3]), r[4], json.loads(r[5]), by_run.get(r[0], ()))
@@ -142,14 +141,11 @@ class RunHistory:
 
 def _modalities(con: Any, run_ids: Sequence[str]) -> dict[str, tuple[ModalityCount, ...]]:
     found: dict[str, list[ModalityCount]] = {}
-    marks = ",".join("?" * len(run_ids))
-    if run_ids:
-        for run_id, *row in con.execute(
-            f"SELECT run_id, modality, studies, series, instances FROM run_modalities WHERE run_id IN ({marks}) "  # noqa: S608
-            "ORDER BY instances DESC, modality", list(run_ids),
-        ):
-            found.setdefault(run_id, []).append(ModalityCount(*row))
-    return {k: tuple(v) for k, v in found.items()}
+    for run_id in run_ids:
+        found[run_id] = [ModalityCount(*row) for row in con.execute(
+            "SELECT modality, studies, series, instances FROM run_modalities WHERE run_id = ? "
+            "ORDER BY instances DESC, modality", [run_id])]
+    return {k: tuple(v) for k, v in found.items() if v}
 
 
 def _parse(text: str) -> dt.datetime:
