@@ -17,8 +17,9 @@ from pacsflow.tasks.settings import load_settings
 runner = CliRunner()
 
 COMMANDS = {
-    (): ["demo", "deidentify", "settings", "stack", "run", "catalog"],
+    (): ["demo", "deidentify", "init", "settings", "report", "stack", "run", "catalog", "alerts"],
     ("stack",): ["up", "down", "status", "seed"],
+    ("alerts",): ["apply", "webhook"],
     ("run",): ["nightly", "compact", "fhir-resync"],
     ("catalog",): ["query", "views", "stats"],
 }
