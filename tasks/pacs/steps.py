@@ -84,8 +84,9 @@ def retrieve_study(item: WorkItem, route: RetrieveRoute, writer: StagingWriter) 
     folder = writer.study_dir(item.study_uid)
     if listed is None:  # the PACS lists no objects: compare counts, as the PACS reported them
         raise_for_status(send(None), _operation(route), item.pseudo_uid, route.destination)
-        check_complete(count_staged(folder), item.expected, item.pseudo_uid)
-        return Retrieved(item.pseudo_uid, str(folder), count_staged(folder))
+        on_disk = count_staged(folder)
+        check_complete(on_disk, item.expected, item.pseudo_uid)
+        return Retrieved(item.pseudo_uid, str(folder), on_disk)
     writer.announce(item.study_uid, listed)
     other_way = _by_c_get(client, writer, item) if route.method is RetrieveMethod.C_MOVE else None
     refused = retrieve_listed(send, listed, partial(writer.staged, item.study_uid), _operation(route),
