@@ -196,11 +196,13 @@ def load_recipe(path: Path | str, may_keep: bool = False) -> SiteRecipe:
     except OSError as exc:
         raise DeidentificationError(f"{SETTING}: cannot read {path.name} ({type(exc).__name__})") from None
     lines = data.decode("utf-8", "replace").splitlines()
+    if not any(re.match(r"\s*FORMAT\s+dicom\s*$", line, re.IGNORECASE) for line in lines):
+        raise DeidentificationError(f"{SETTING}: {path.name} is not a deid recipe (it needs a 'FORMAT dicom' line)")
     parsed, complaints = _parse_with_deid(path)
     for message in complaints:
         raise DeidentificationError(f"{SETTING}: {path.name} is not a valid deid recipe{_line_of(message, lines)}")
-    if not parsed or parsed.get("format") != "dicom":
-        raise DeidentificationError(f"{SETTING}: {path.name} is not a deid recipe (it needs a 'FORMAT dicom' line)")
+    if not parsed:
+        raise DeidentificationError(f"{SETTING}: {path.name} is not a valid deid recipe")
     header = tuple(HeaderAction(a["action"].upper(), a["field"], a.get("value")) for a in parsed.get("header") or ())
     for n, action in enumerate(header, 1):
         problem = _check(action)
@@ -237,8 +239,8 @@ def _parse_with_deid(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
 
 def _line_of(message: str, lines: list[str]) -> str:
     for n, line in enumerate(lines, 1):
-        text = line.strip()
-        if text and not text.startswith("#") and text in message:
+        text = line.split("#", 1)[0].strip()
+        if text and (text in message or text.lstrip("%") + " is not" in message):
             return f" (line {n})"
     return ""
 
@@ -314,7 +316,7 @@ def _matches(action: HeaderAction, ds: Dataset, fields: Any, staged: Staged) -> 
         wanted = staged.values.get(spec[7:], [])
         if not wanted:
             return []
-        pattern = re.compile("|".join(re.escape(v) for v in wanted), re.IGNORECASE)
+        pattern = "|".join(re.escape(v) for v in wanted)  # deid's lists are regular expressions: not ours
         return [uid for uid, f in fields.items() if f.element.VR != "SQ" and f.value_contains(pattern)]
     if spec.lower().startswith("fields:"):
         listed = extract_fields_list(ds, (staged.recipe.parsed.get("fields") or {}).get(spec[7:], []), fields)
