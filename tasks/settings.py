@@ -154,6 +154,14 @@ class DeidSettings(BaseModel):
         "manufacturer, model, rows, columns} (deid filter-recipe coordinates)",
     )
     audit: bool = Field(True, description="residual-PHI audit of every encoded output; a hit quarantines")
+    recipe_file: Path | None = Field(
+        None, description="a site's deid recipe (pydicom/deid format) applied on top of the profile: %header actions "
+        "may only remove, blank, replace, jitter or add; %filter regions go to the pixel policy. Unset = none",
+    )
+    recipe_may_keep: bool = Field(
+        False, description="let the recipe's KEEP spare top-level attributes from the profile (recorded in the "
+        "manifest and DeidentificationMethod); off: such KEEPs are ignored and logged",
+    )
     safe_private_list: SafePrivateList = Field(
         SafePrivateList.PS3_15_TABLE_E_3_10_1,
         description="safe private list used by Retain Safe Private (only this one for now)",

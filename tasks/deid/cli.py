@@ -50,12 +50,16 @@ def read_key(settings: Settings, key_file: Path | None, load_secret: Callable[[s
 
 def deidentify_folder(settings: Settings, key: bytes, in_dir: Path, out_dir: Path, *,
                       options: list[str] | None = None, pixel_policy: str | None = None,
-                      quarantine_dir: Path | None = None, crosswalk: Path | None = None) -> DeidRunSummary:
+                      quarantine_dir: Path | None = None, crosswalk: Path | None = None,
+                      recipe: Path | None = None) -> DeidRunSummary:
     """``run_deidentify`` with the settings' profile where no value is given, behind a progress bar."""
     from pacsflow.tasks.core.errors import DeidentificationError
     from pacsflow.tasks.deid.folder import run_deidentify
+    from pacsflow.tasks.deid.recipe import load_recipe
 
     try:
+        recipe_file = recipe or settings.deid.recipe_file
+        site = load_recipe(recipe_file, settings.deid.recipe_may_keep) if recipe_file else None
         with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console) as bar:
             task = bar.add_task("de-identifying", total=None)
             return run_deidentify(
@@ -64,6 +68,7 @@ def deidentify_folder(settings: Settings, key: bytes, in_dir: Path, out_dir: Pat
                 pixel_policy=pixel_policy or settings.deid.pixel_policy,
                 pixel_masks=settings.deid.pixel_masks, audit=settings.deid.audit,
                 quarantine_dir=quarantine_dir, crosswalk_path=crosswalk or settings.deid.crosswalk_path,
+                recipe=site,
             )
     except (ValueError, DeidentificationError) as exc:  # our messages carry no PHI
         raise _fail(str(exc)) from None
@@ -90,6 +95,10 @@ def build_app(settings: Callable[[], Settings], load_secret: Callable[[str], Any
         ] = None,
         pixel_policy: Annotated[Optional[str], typer.Option(help="quarantine | mask | allow; default: settings")]
         = None,
+        recipe: Annotated[
+            Optional[Path], typer.Option(help="a site's deid recipe applied on top of the profile; default: "
+                                              "settings (deid.recipe_file)")
+        ] = None,
     ) -> None:
         """De-identify a folder with the configured profile, quarantine what must not leave, print a summary.
 
@@ -97,7 +106,7 @@ def build_app(settings: Callable[[], Settings], load_secret: Callable[[str], Any
         current = settings()
         key = read_key(current, key_file, load_secret)
         summary = deidentify_folder(current, key, in_dir, out_dir, options=option, pixel_policy=pixel_policy,
-                                    quarantine_dir=quarantine_dir, crosswalk=crosswalk)
+                                    quarantine_dir=quarantine_dir, crosswalk=crosswalk, recipe=recipe)
         for line in summary.lines():
             out.print(line)
 

@@ -69,6 +69,7 @@ from pacsflow.tasks.deid import ages, descriptors
 from pacsflow.tasks.deid import iod as deid_iod
 from pacsflow.tasks.deid.choices import DEFAULT_OPTIONS, Option, PixelPolicy, conflicting_dates
 from pacsflow.tasks.deid.pixels import MaskRule, check_pixels, parse_masks
+from pacsflow.tasks.deid.recipe import SiteRecipe, load_recipe
 
 if TYPE_CHECKING:
     from pacsflow.tasks.settings import DeidSettings
@@ -451,6 +452,7 @@ class Deidentifier:
         pixel_policy: PixelPolicy | str | None = None,
         pixel_masks: Iterable[MaskRule | dict[str, Any]] = (),
         audit: bool = True,
+        recipe: SiteRecipe | None = None,
     ) -> None:
         if not key:
             raise DeidentificationError("an empty de-identification key is not allowed; check deid_key, deid_key_file "
@@ -469,13 +471,15 @@ class Deidentifier:
         self.audit = audit
         self.pixel_policy = _member(PixelPolicy, pixel_policy, "pixel policy (deid.pixel_policy)") if pixel_policy is not None else None
         self.pixel_masks: tuple[MaskRule, ...] = tuple(parse_masks(pixel_masks)) if pixel_policy is not None else ()
+        self.recipe = recipe  # a site's deid recipe, applied on top of the profile (see .recipe)
 
     def __reduce__(self):
         # Rebuilt from its inputs in worker processes: the plan and tables are cached per process.
         return (
             _rebuild,
             (self._key, tuple(o.value for o in self.options),
-             self.pixel_policy.value if self.pixel_policy is not None else None, self.pixel_masks, self.audit),
+             self.pixel_policy.value if self.pixel_policy is not None else None, self.pixel_masks, self.audit,
+             self.recipe),
         )
 
     @classmethod
@@ -487,6 +491,7 @@ class Deidentifier:
             pixel_policy=settings.pixel_policy,
             pixel_masks=settings.pixel_masks,
             audit=settings.audit,
+            recipe=load_recipe(settings.recipe_file, settings.recipe_may_keep) if settings.recipe_file else None,
         )
 
     # -- identifiers -----------------------------------------------------------------
@@ -525,7 +530,7 @@ class Deidentifier:
         """DeidentificationMethod (LO, VM 1-n): one value per part, each <= 64 characters."""
         return [f"DICOM PS3.15 E.1-1 {self.profile.edition}", RECIPE_VERSION, "Basic Profile"] + [
             o.value for o in self.options
-        ]
+        ] + (self.recipe.method_values() if self.recipe is not None else [])
 
     def method_codes(self, pixels_cleaned: bool = False) -> list[tuple[str, str]]:
         codes = [(DEID_METHOD_CODE, "Basic Application Confidentiality Profile")]
@@ -547,6 +552,7 @@ class Deidentifier:
         pixels_cleaned = False
         if self.pixel_policy is not None:
             pixels_cleaned = check_pixels(ds, self.pixel_policy, self.pixel_masks, report)
+        site = self.recipe.before_profile(ds, self.action_for, report) if self.recipe is not None else None
         original_pid = _patient_id(ds)
         shift = patient_day_shift(self._key, original_pid)
         sop_class = _str_values(ds._dict[_SOP_CLASS_UID]) if _SOP_CLASS_UID in ds._dict else []
@@ -558,6 +564,8 @@ class Deidentifier:
         self._clean_pending(ctx)
         if Option.RETAIN_PATIENT_CHARACTERISTICS in self.options:
             self._write_age(ds, age)
+        if site is not None:
+            site.after_profile(ds, report)  # the site recipe only tightens (KEEP: see .recipe)
         self._replace_file_meta(ds)
         pseudonym = patient_pseudonym(self._key, original_pid)
         ds.PatientID = pseudonym
@@ -914,8 +922,9 @@ class Deidentifier:
         ds.preamble = b"\x00" * 128
 
 
-def _rebuild(key: bytes, options: tuple[str, ...], pixel_policy: str | None, masks: tuple, audit: bool) -> Deidentifier:
-    return Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=masks, audit=audit)
+def _rebuild(key: bytes, options: tuple[str, ...], pixel_policy: str | None, masks: tuple, audit: bool,
+             recipe: SiteRecipe | None = None) -> Deidentifier:
+    return Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=masks, audit=audit, recipe=recipe)
 
 
 _Choice = TypeVar("_Choice", Option, PixelPolicy)

@@ -37,6 +37,7 @@ from pacsflow.tasks.deid.crosswalk import update_crosswalk
 from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
 from pacsflow.tasks.deid.instance import deidentify_dataset, encode, read_instance
 from pacsflow.tasks.deid.manifest import MANIFEST_NAME, QuarantinedObject, build_manifest, object_id
+from pacsflow.tasks.deid.recipe import SiteRecipe
 
 @dataclass
 class DeidRunSummary:
@@ -76,11 +77,12 @@ def run_deidentify(
     audit: bool = True,
     quarantine_dir: Path | str | None = None,
     crosswalk_path: Path | str | None = None,
+    recipe: SiteRecipe | None = None,
 ) -> DeidRunSummary:
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     _check_folders(in_dir, out_dir, quarantine_dir, crosswalk_path)
     started = time.perf_counter()
-    deid = Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=pixel_masks, audit=audit)
+    deid = Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=pixel_masks, audit=audit, recipe=recipe)
     report = DeidReport()
     summary = DeidRunSummary()
     files = sorted(p for p in in_dir.rglob("*") if p.is_file() and not p.name.startswith("."))

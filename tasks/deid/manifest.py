@@ -41,6 +41,7 @@ def build_manifest(
         "method_codes": [c for c, _ in deid.method_codes()],
         "pixel_policy": deid.pixel_policy.value if deid.pixel_policy is not None else "not checked",
         "residual_phi_audit": deid.audit,
+        "site_recipe": deid.recipe.describe() if deid.recipe is not None else None,
         "files": files if files is not None else written + len(quarantined),
         "written": written,
         "quarantined_count": len(quarantined),
@@ -59,6 +60,7 @@ def manifest_markdown(manifest: dict[str, Any]) -> str:
         f"- options: {', '.join(manifest['options']) or 'none'}",
         f"- method codes: {', '.join(manifest['method_codes'])}",
         f"- pixel policy: {manifest['pixel_policy']}; residual-PHI audit: {manifest['residual_phi_audit']}",
+        f"- site recipe: {_site_recipe(manifest.get('site_recipe'))}",
         f"- objects: {manifest['files']} seen, {manifest['written']} written, {manifest['quarantined_count']} quarantined",
         "",
         "| action | count |",
@@ -69,6 +71,13 @@ def manifest_markdown(manifest: dict[str, Any]) -> str:
         lines += ["", "| quarantined object | reason |", "|---|---|"]
         lines += [f"| {q['id']} | {q['reason']} |" for q in manifest["quarantined"]]
     return "\n".join(lines) + "\n"
+
+
+def _site_recipe(recipe: dict[str, Any] | None) -> str:
+    if not recipe:
+        return "none"
+    keep = "KEEP allowed" if recipe["may_keep"] else "KEEP ignored"
+    return f"{recipe['file']} (sha256 {recipe['sha256'][:16]}, {recipe['header_actions']} header actions, {keep})"
 
 
 def object_id(key: bytes, rel: str) -> str:
