@@ -24,7 +24,8 @@ The audit's rules (the README's conformance statement quotes them):
    - the profile retains it unchanged: its action, and the action of every sequence enclosing
      it, is K, or it is a standard attribute that Table E.1-1 does not list (so the
      de-identifier did not touch it); never a private attribute, an overlay or curve group, the
-     file meta, a person name (PN) or one of the identifying attributes the audit collects;
+     file meta, a person name (PN), a value of unknown VR (UN: it may hold anything) or one of
+     the identifying attributes the audit collects;
    - its output value equals its own original value, compared with the snapshot of its
      dataset taken before the walk;
    - every original value it contains is a single component of a person name, not a whole
@@ -54,6 +55,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
+from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
 from pacsflow.tasks.deid.deidentifier import IDENTIFYING_KEYWORDS, Originals, encoded_forms
@@ -157,8 +159,16 @@ def audit_or_raise(data: bytes, originals: Originals | None, ds: Dataset | None 
 
 def _located(found: set[bytes], needles: _Needles, originals: Originals, ds: Dataset | None) -> set[AuditHit]:
     """The byte search's hits, by the path of the element holding each, judged by rule 4."""
+    unlocated = {AuditHit(needles.owner[f], "the encoded object (not located)", True) for f in found}
     if ds is None:
-        return {AuditHit(needles.owner[f], "the encoded object (not located)", True) for f in found}
+        return unlocated
+    try:
+        return _judged(found, needles, originals, ds)
+    except (ValueError, TypeError, LookupError, AttributeError, NotImplementedError):
+        return unlocated  # an element that cannot be read back: every hit counts
+
+
+def _judged(found: set[bytes], needles: _Needles, originals: Originals, ds: Dataset) -> set[AuditHit]:
     judge = _Judge(originals)
     hits: set[AuditHit] = set()
     explained: set[bytes] = set()
@@ -192,10 +202,11 @@ def _path(labels: tuple[str, ...], tag: int) -> str:
 
 
 def _vr(elem: Any, tag: int) -> str:
-    if elem.VR:
-        return str(elem.VR)
+    """As the walk reads it: the dictionary's VR for implicit or UN-encoded standard elements."""
+    if elem.VR and (elem.VR != "UN" or (tag >> 16) & 1):
+        return str(elem.VR).split(" or ")[0]
     try:
-        return str(dictionary_VR(tag))
+        return str(dictionary_VR(tag)).split(" or ")[0]
     except KeyError:
         return "UN"
 
@@ -214,10 +225,11 @@ def _leaves(ds: Dataset, encodings: Any, chain: tuple[int, ...], labels: tuple[s
         if not chain and t in _PIXEL_ELEMENTS:
             continue
         elem = ds._dict[tag]
-        if _vr(elem, t) != "SQ":
+        items = ds[tag].value if _vr(elem, t) == "SQ" else None  # ds[tag]: a sequence still raw is parsed
+        if not isinstance(items, Sequence):
             yield _Where(chain, t, elem, ds, encodings, _path(labels, t))
             continue
-        for i, item in enumerate(ds[tag].value or ()):  # ds[tag]: a sequence still raw is parsed
+        for i, item in enumerate(items):
             enc = item._character_set if 0x00080005 in item._dict else encodings
             yield from _leaves(item, enc, chain + (t,), labels + (f"({t >> 16:04X},{t & 0xFFFF:04X})[{i}]",))
 
@@ -284,7 +296,7 @@ class _Judge:
                 return False
             if actions.get(t, "K") != "K":
                 return False
-        return where.tag not in _IDENTIFYING and _vr(where.elem, where.tag) != "PN"
+        return where.tag not in _IDENTIFYING and _vr(where.elem, where.tag) not in ("PN", "UN")
 
     def _unchanged(self, where: _Where) -> bool:
         held = self.originals.snapshots.get(id(where.container))

@@ -260,7 +260,8 @@ class Originals:
     snapshots: dict[int, tuple[Dataset, dict[BaseTag, Any]]] = field(default_factory=dict)
 
     def keep(self, ds: Dataset) -> None:
-        """Snapshot ``ds``'s elements (a shallow copy: the walk replaces elements, never edits them)."""
+        """Snapshot ``ds``'s elements: a shallow copy, which is enough because the walk replaces
+        elements (``_set``), never edits a value in place, and raw elements are immutable."""
         if id(ds) not in self.snapshots:
             self.snapshots[id(ds)] = (ds, dict(ds._dict))
 
