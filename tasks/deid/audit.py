@@ -64,6 +64,7 @@ from pacsflow.tasks.core.errors import DeidentificationError
 _PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
 _PIXEL_ELEMENTS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 _PIXEL_MIN = 8
+_SHOWN = 8  # reasons named in one error message
 # Written by the de-identifier after the walk, from its own constants (E.1.1 step 6).
 _METHOD_TAGS = frozenset({0x00120062, 0x00120063, 0x00120064, 0x00280303})
 _IDENTIFYING = frozenset(int(t) for t in IDENTIFYING_KEYWORDS)
@@ -154,7 +155,9 @@ def audit_bytes(data: bytes, originals: Originals | None, ds: Dataset | None = N
 def audit_or_raise(data: bytes, originals: Originals | None, ds: Dataset | None = None) -> None:
     reasons = audit_bytes(data, originals, ds)
     if reasons:
-        raise ResidualPHIError("residual identifier after de-identification: " + "; ".join(reasons))
+        # a name copied into every frame's functional groups would make a ledger line per frame
+        more = f"; and {len(reasons) - _SHOWN} more" if len(reasons) > _SHOWN else ""
+        raise ResidualPHIError("residual identifier after de-identification: " + "; ".join(reasons[:_SHOWN]) + more)
 
 
 def _located(found: set[bytes], needles: _Needles, originals: Originals, ds: Dataset | None) -> set[AuditHit]:

@@ -143,3 +143,12 @@ def test_clean_objects_have_no_hits():
     out, hits = exported(ds)
     assert hits == []
     assert out.PatientIdentityRemoved == "YES"
+
+
+def test_the_message_names_the_first_paths_and_counts_the_rest():
+    ds = ct("Johnson^Mary")
+    ds.ProcedureCodeSequence = Sequence([code(str(i), f"Mary Johnson {i}") for i in range(10)])
+    message = quarantined(ds)
+    assert message.count("PatientName found in (0008,1032)[") == 8
+    assert message.endswith("; and 2 more")
+    assert_no_value(message, "Johnson", "Mary")
