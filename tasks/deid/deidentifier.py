@@ -52,7 +52,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Iterable, TypeVar
 
 from pydicom.charset import encode_string
@@ -254,6 +254,17 @@ class Originals:
     encodings: list[str] = field(default_factory=lambda: ["iso8859"])
     values: dict[str, list[str | bytes]] = field(default_factory=dict)
     names: set[str] = field(default_factory=set)  # PN-like keywords: searched by component too
+    # For the audit to tell a retained, unchanged element from one the walk wrote: the plan's
+    # action per standard tag, and every walked dataset's elements as they were before the walk
+    # (by id; the dataset is held so that its id cannot be reused by a new one).
+    actions: Mapping[int, str] = field(default_factory=dict)
+    snapshots: dict[int, tuple[Dataset, dict[BaseTag, Any]]] = field(default_factory=dict)
+
+    def keep(self, ds: Dataset) -> None:
+        """Snapshot ``ds``'s elements: a shallow copy, which is enough because the walk replaces
+        elements (``_set``), never edits a value in place, and raw elements are immutable."""
+        if id(ds) not in self.snapshots:
+            self.snapshots[id(ds)] = (ds, dict(ds._dict))
 
     def add(self, keyword: str, value: str | bytes, is_name: bool = False) -> None:
         if value:
@@ -606,7 +617,7 @@ class Deidentifier:
         written back as its original bytes, which is what keeps retained text correctly encoded
         and the writer fast); only non-ASCII values are decoded, with the object's character set."""
         encodings = ds._character_set if _SPECIFIC_CHARACTER_SET in ds._dict else ["iso8859"]
-        originals = Originals(list(encodings))
+        originals = Originals(list(encodings), actions=self._plan.actions)
         d = ds._dict
         actions = self._plan.actions
         for tag, keyword in IDENTIFYING_KEYWORDS.items():
@@ -621,6 +632,8 @@ class Deidentifier:
         return originals
 
     def _walk(self, ds: Dataset, ctx: _Ctx, path: str, mode: _Mode, top: bool = False) -> None:
+        if self.audit:
+            ctx.originals.keep(ds)
         d = ds._dict
         actions = self._plan.actions
         report = ctx.report

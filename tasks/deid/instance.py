@@ -62,15 +62,15 @@ def deidentify_file(path: Path, deid: Deidentifier, report: DeidReport) -> tuple
 
 def encode(ds: pydicom.Dataset, originals: Originals | None) -> bytes:
     """Encode as Part 10, then audit the bytes for the ``originals`` (from ``deidentify_*`` or
-    ``Deidentifier.apply``; None skips the audit). A hit raises ``ResidualPHIError``, a
-    DeidentificationError."""
+    ``Deidentifier.apply``; None skips the audit). A hit is located in ``ds`` and judged by the
+    audit's rules (:mod:`.audit`); a leak raises ``ResidualPHIError``, a DeidentificationError."""
     try:
         data = _part10(ds)
     except (ValueError, TypeError, AttributeError, LookupError, OverflowError, NotImplementedError,
             BytesLengthException) as exc:
         raise DeidentificationError(f"cannot encode de-identified object ({type(exc).__name__}); the original is "
                                     "in quarantine_dir: check its values") from None
-    audit_or_raise(data, originals)
+    audit_or_raise(data, originals, ds)
     return data
 
 
