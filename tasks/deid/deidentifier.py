@@ -59,6 +59,7 @@ from pydicom.charset import encode_string
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
@@ -637,17 +638,14 @@ class Deidentifier:
                 vr = _vr_of(elem, t)
                 if vr == "SQ":
                     self._walk_items(ds, tag, ctx, path, mode)
-                elif mode and t not in _CODE_TAGS:
+                elif mode and t not in _CODE_TAGS:  # CLEAN: coded concepts stay, text is cleaned
                     if vr in _TEXT_VRS:
                         if vr == "PN":
                             self._note_name(ds, tag, ctx)
-                        if mode == _Mode.DUMMY:
-                            self._set(d, tag, vr, _dummy(vr))
-                        else:
-                            self._clean_text(ds, tag, vr, ctx)
-                        report.count(mode.name[0])  # "D" or "C"
+                        self._clean_text(ds, tag, vr, ctx)
+                        report.count("C")
                     elif vr == "DA" or vr == "DT":
-                        self._date(d, tag, vr, ctx, "D" if mode == _Mode.DUMMY else "C")
+                        self._date(d, tag, vr, ctx, "C")
                 continue
             if len(act) > 1:
                 act = self._choose(act, ctx, path, t)
@@ -663,8 +661,47 @@ class Deidentifier:
     def _walk_items(self, ds: Dataset, tag: BaseTag, ctx: _Ctx, path: str, mode: _Mode) -> None:
         elem = ds[tag]
         sub = f"{path}{int(tag):08X}:"
+        if mode == _Mode.DUMMY:
+            for item in elem.value or ():
+                self._dummy_item(item, ctx, sub)
+            return
         for item in elem.value or ():
             self._walk(item, ctx, sub, mode)
+
+    def _dummy_item(self, item: Dataset, ctx: _Ctx, path: str) -> None:
+        """An item of a sequence whose action is D: every value becomes a dummy of its VR, at
+        any depth, coded concepts and numbers included (an identification code *is* the
+        identifier). The stricter action wins: the table's X and Z on a nested attribute still
+        remove or empty it; K, C and U give way to D. Private elements, group lengths and
+        repeating groups go, as no dummy keeps them meaningful."""
+        d = item._dict
+        actions = self._plan.actions
+        for tag in list(d):
+            t = int(tag)
+            act = actions.get(t)
+            if act is not None and len(act) > 1:
+                act = self._choose(act, ctx, path, t)
+            if act == "X" or act == "Z":
+                self._do(item, tag, t, act, ctx, path, _Mode.DUMMY)
+                continue
+            g = t >> 16
+            if g & 1 or not t & 0xFFFF or (g & 0xFF00) in (0x5000, 0x6000):
+                del d[tag]
+                ctx.report.count("X")
+                continue
+            elem = d[tag]
+            vr = _vr_of(elem, t)
+            ctx.report.count("D")
+            if vr == "SQ":
+                self._walk_items(item, tag, ctx, path, _Mode.DUMMY)
+            elif vr == "UI":
+                self._remap(d, tag, elem)  # the same pseudonym as everywhere: references still resolve
+            else:
+                if vr == "PN":
+                    self._note_name(item, tag, ctx)
+                n = _multiplicity(elem, vr)
+                if n:  # an empty value hides nothing and stays empty
+                    self._set(d, tag, vr, _dummy_values(elem, vr, n))
 
     def _note_name(self, ds: Dataset, tag: BaseTag, ctx: _Ctx) -> None:
         """Keep a person name found anywhere for the audit (raw bytes, and decoded if not ASCII)."""
@@ -716,10 +753,8 @@ class Deidentifier:
                     self._remap(d, tag, elem)
                 else:
                     self._set(d, tag, vr, pseudonymize_uid(self._key, "dummy"))
-            elif vr in _DATE_VRS:
-                self._set(d, tag, vr, _DUMMY_BY_VR[vr])
             else:
-                self._set(d, tag, vr, _dummy(vr))
+                self._set(d, tag, vr, _dummy_values(elem, vr, max(1, _multiplicity(elem, vr))))
             return
         if action == "C":
             if vr == "SQ":
@@ -934,10 +969,42 @@ def _plan_for(options: tuple[Option, ...]) -> _Plan:
     return _Plan(load_profile(), options)
 
 
-def _dummy(vr: str) -> Any:
+_BINARY_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "UV": 8, "SV": 8, "AT": 4}
+# VRs whose values are ASCII by definition: a backslash in their bytes always separates values.
+_ASCII_MULTI_VRS = frozenset({"AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+
+
+def _multiplicity(elem: Any, vr: str) -> int:
+    """How many values ``elem`` holds (0 when empty), read without converting a raw element.
+    Free-text VRs count as one value: their bytes may be multi-byte text."""
+    value = elem.value
+    if value is None:
+        return 0
+    if isinstance(value, (bytes, bytearray)):
+        size = _BINARY_SIZES.get(vr)
+        if size is not None:
+            return len(value) // size
+        if vr in _BINARY_VRS:
+            return 1 if value else 0
+        text = bytes(value).strip(b"\x00 ")
+        if not text:
+            return 0
+        return text.count(b"\\") + 1 if vr in _ASCII_MULTI_VRS else 1
+    if isinstance(value, str):
+        return 1 if value.strip("\x00 ") else 0
+    if isinstance(value, (list, tuple, MultiValue)):
+        return len(value)
+    return 1 if str(value) else 0
+
+
+def _dummy_values(elem: Any, vr: str, n: int) -> Any:
+    """``n`` dummy values of the VR (one value as itself). Binary values become zeros of their
+    own length (8 bytes when empty: a valid length for every binary VR)."""
     if vr in _BINARY_VRS:
-        return b"\x00\x00"
-    return _DUMMY_BY_VR.get(vr, _DUMMY_TEXT)
+        size = len(elem.value or b"")
+        return b"\x00" * (size + (size & 1) if size else 8)
+    one = _DUMMY_BY_VR.get(vr, _DUMMY_TEXT)
+    return [one] * n if n > 1 else one
 
 
 _CS_SAFE = re.compile(r"^[A-Z0-9_ ]*$")
