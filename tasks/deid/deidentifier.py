@@ -990,7 +990,7 @@ def _plan_for(options: tuple[Option, ...]) -> _Plan:
 
 _BINARY_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "UV": 8, "SV": 8, "AT": 4}
 # VRs whose values are ASCII by definition: a backslash in their bytes always separates values.
-_ASCII_MULTI_VRS = frozenset({"AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+_ASCII_MULTI_VRS = frozenset({"AS", "CS", "DA", "DS", "DT", "IS", "TM"})
 
 
 def _multiplicity(elem: Any, vr: str) -> int:
@@ -1002,7 +1002,7 @@ def _multiplicity(elem: Any, vr: str) -> int:
     if isinstance(value, (bytes, bytearray)):
         size = _BINARY_SIZES.get(vr)
         if size is not None:
-            return len(value) // size
+            return max(1, len(value) // size) if value else 0  # a malformed length is not kept either
         if vr in _BINARY_VRS:
             return 1 if value else 0
         text = bytes(value).strip(b"\x00 ")

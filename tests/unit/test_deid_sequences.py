@@ -343,3 +343,27 @@ def test_d_on_multi_valued_leaves_keeps_the_value_count():
     assert list(out.ImageType) == ["ANONYMIZED"] * 3
     assert list(out.ReferencedFrameNumber) == [0, 0]
     assert_gone(raw, "-172.5", "LOCALIZER")
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-vr", "explicit-vr"])
+def test_d_on_items_read_from_a_file(implicit):
+    """Items as read from a file hold raw elements (implicit VR: no VR at all): the same rules."""
+    ds = _sr()
+    item = Dataset()
+    item.ImagePositionPatient = ["-151.25", "-172.5", "-68.125"]
+    item.ReferencedFrameNumber = [3, 4]
+    item.SimpleFrameList = [7, 8, 9]  # UL, binary
+    item.FlowIdentifier = b"FLOW-7f3a9c21e5b8"
+    ds.ContentSequence[0].add_new(0x00401101, "SQ", Sequence([item]))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=implicit, little_endian=True)
+    staged = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    back, raw = deidentify(staged, BASIC)
+    assert_gone(raw, "BADGE778812", "Oakenshaw", "Thistlewood", "STAFF4471", "-172.5", "FLOW-7f3a9c21e5b8")
+    assert struct.pack("<3I", 7, 8, 9) not in raw
+    out = back.ContentSequence[0].PersonIdentificationCodeSequence[0]
+    assert list(out.ImagePositionPatient) == [0, 0, 0] and list(out.ReferencedFrameNumber) == [0, 0]
+    assert list(out.SimpleFrameList) == [0, 0, 0]
+    assert back.ContentSequence[0].ConceptCodeSequence[0].CodeValue == "ANONYMIZED"
+    assert_valid(raw)
