@@ -11,29 +11,45 @@ carried out (the conformance statement of this recipe, ``RECIPE_VERSION``):
 - **Combined codes** (Z/D, X/Z, X/D, X/Z/D, X/Z/U*) choose by the attribute's Type in the
   object's IOD at that sequence path (:mod:`.iod`; Type 1 -> D or U, 2 -> Z, 3 or not
   in the IOD -> X; an unknown IOD takes D over Z over X, never keeping the original value).
-- **D** writes a dummy of the VR (UIDs are remapped, see U). On a sequence (Content Sequence,
-  Graphic Annotation Sequence, ...) the items are kept, the table applies inside them, and every
-  other text value (AE LO LT PN SH ST UC UT UR) and date in them becomes a dummy; coded entries
-  (Code Sequence macro) and numbers are kept.
-- **Z** writes an empty value (an empty sequence). **X** removes. **K** keeps (sequences are
-  walked). **U** replaces every UID with a ``2.25.`` UID from HMAC-SHA256 under the key, so
-  references stay consistent across instances, studies and runs.
+- **D** writes a dummy of the VR, as many values as the original held: ``ANONYMIZED`` for
+  text and CS, ``urn:anonymized`` for UR, ``000Y`` for AS, ``19000101`` / ``000000`` /
+  ``19000101000000`` for DA / TM / DT, 0 for numbers (IS DS US SS UL SL UV SV FL FD AT), zeros of
+  the original length for binary VRs; UIDs are remapped (see U).
+- **Sequences.** What the action on a sequence does to its items, at any depth:
+
+  - **D** (Person Identification Code Sequence, Content Sequence, Graphic Annotation Sequence,
+    Flow Identifier Sequence, ...): the items and their tags are kept and *every* value in them
+    becomes a D dummy -- coded concepts (Code Value, Code Meaning, Coding Scheme ...), numbers,
+    dates and enumerated values included, since an identification code is the identifier itself.
+    UIDs get the keyed pseudonym used everywhere (references still resolve; under Retain UIDs they
+    are kept, as everywhere). Empty values stay empty. The stricter of D and the table's own rule
+    for a nested attribute wins: X removes it and Z empties it (combined codes are resolved by
+    the IOD first); K, C and U give way to D (a kept device serial or a cleaned description inside
+    a D item is dummied, a date is the dummy date, not a shifted one). Private elements (even
+    safe ones), group lengths and repeating groups inside are removed.
+  - **X** removes the sequence, **Z** leaves it empty: nothing nested survives.
+  - **K** and **U** walk the items with the table's rules; **C** walks them cleaning free text
+    (below). Under K and C the coded concepts (Code Sequence macro) stay as they are.
+- **Z** writes an empty value. **X** removes. **K** keeps. **U** replaces every UID with a
+  ``2.25.`` UID from HMAC-SHA256 under the key, so references stay consistent across instances,
+  studies and runs.
 - **C** on DA/DT shifts by the patient's day shift (Modified Dates), TM keeps the time of day
   (whole-day shifts). C on text is carried out after the walk, once every person name of the
   object has been noted: :mod:`.descriptors` removes the object's own identifying values (names
   and their components, IDs, accession, addresses, birth date, institution...), names after
-  titles, dates and ID-like tokens.
+  titles, dates and ID-like tokens. C on a sequence cleans every text value and date of its
+  items and keeps coded concepts and numbers; on structured content (Clean Structured Content)
+  it also removes PNAME content items, at every depth; C on Graphic Annotation (Clean Graphics)
+  cleans the text objects and keeps the graphics; C on overlays clears the overlay bitmap and
+  cleans its text; C on curves keeps numeric curve values and cleans their text.
 - **Retain Patient Characteristics** keeps PatientAge capped at ``090Y`` (Safe Harbor), and
   computes it from the birth date when it is missing (:mod:`.ages`).
-  C on a structured-content sequence (Clean Structured Content) removes PNAME content items,
-  cleans TEXT items as text and walks the rest; C on Graphic Annotation (Clean Graphics) cleans
-  the text objects and keeps the graphics; C on overlays clears the overlay bitmap and cleans its
-  text; C on curves keeps numeric curve values and cleans their text.
 - **Overlays (60xx)** and **curves (50xx)** with X are removed as whole groups (an overlay
   without its data is not a valid Overlay Plane module).
 - **Private attributes** are removed at every depth; with Retain Safe Private only those on
   ``tasks/deid/data/safe-private-attributes.json`` (PS3.15 Table E.3.10-1) with a VR that carries no
-  free text are kept, with their private creator; every other element of a safe block goes.
+  free text are kept (never inside a D sequence), with their private creator; every other element
+  of a safe block goes.
 - **File meta** is replaced by a description of this application (E.1.1 step 7), with the
   preamble zeroed; group-length elements are dropped.
 
@@ -59,6 +75,7 @@ from pydicom.charset import encode_string
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
@@ -76,7 +93,9 @@ if TYPE_CHECKING:
 
 TABLE_RESOURCE = "ps3.15-table-e1-1-2024b.json"
 SAFE_PRIVATE_RESOURCE = "safe-private-attributes.json"
-RECIPE_VERSION = "pacsflow-deid-3"  # 3: descriptors cleaned after the walk, ages capped
+# 3: descriptors cleaned after the walk, ages capped. 4: D on a sequence dummies every value of
+# its items (coded concepts and numbers too), nested X/Z still apply; codes stay only under K/C.
+RECIPE_VERSION = "pacsflow-deid-4"
 DEID_METHOD_CODE = "113100"  # Basic Application Confidentiality Profile (CID 7050)
 CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
 IMPLEMENTATION_VERSION_NAME = "PACSFLOW_DEID2"
@@ -128,7 +147,8 @@ _RAW_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT",
                            "UI", "UR", "UT"})
 _NUMERIC_BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
 
-# Code Sequence macro attributes: coded concepts are kept inside dummied/cleaned sequences.
+# Code Sequence macro attributes: coded concepts are kept inside cleaned (C) sequences, never
+# inside dummied (D) ones.
 _CODE_TAGS = frozenset(
     {0x00080100, 0x00080102, 0x00080103, 0x00080104, 0x00080105, 0x00080106, 0x00080107, 0x0008010B,
      0x0008010D, 0x0008010F, 0x00080117, 0x00080118, 0x00080119, 0x00080120, 0x00080122, 0x00080121,
@@ -658,17 +678,14 @@ class Deidentifier:
                 vr = _vr_of(elem, t)
                 if vr == "SQ":
                     self._walk_items(ds, tag, ctx, path, mode)
-                elif mode and t not in _CODE_TAGS:
+                elif mode and t not in _CODE_TAGS:  # CLEAN: coded concepts stay, text is cleaned
                     if vr in _TEXT_VRS:
                         if vr == "PN":
                             self._note_name(ds, tag, ctx)
-                        if mode == _Mode.DUMMY:
-                            self._set(d, tag, vr, _dummy(vr))
-                        else:
-                            self._clean_text(ds, tag, vr, ctx)
-                        report.count(mode.name[0])  # "D" or "C"
+                        self._clean_text(ds, tag, vr, ctx)
+                        report.count("C")
                     elif vr == "DA" or vr == "DT":
-                        self._date(d, tag, vr, ctx, "D" if mode == _Mode.DUMMY else "C")
+                        self._date(d, tag, vr, ctx, "C")
                 continue
             if len(act) > 1:
                 act = self._choose(act, ctx, path, t)
@@ -684,8 +701,47 @@ class Deidentifier:
     def _walk_items(self, ds: Dataset, tag: BaseTag, ctx: _Ctx, path: str, mode: _Mode) -> None:
         elem = ds[tag]
         sub = f"{path}{int(tag):08X}:"
+        if mode == _Mode.DUMMY:
+            for item in elem.value or ():
+                self._dummy_item(item, ctx, sub)
+            return
         for item in elem.value or ():
             self._walk(item, ctx, sub, mode)
+
+    def _dummy_item(self, item: Dataset, ctx: _Ctx, path: str) -> None:
+        """An item of a sequence whose action is D: every value becomes a dummy of its VR, at
+        any depth, coded concepts and numbers included (an identification code *is* the
+        identifier). The stricter action wins: the table's X and Z on a nested attribute still
+        remove or empty it; K, C and U give way to D. Private elements, group lengths and
+        repeating groups go, as no dummy keeps them meaningful."""
+        d = item._dict
+        actions = self._plan.actions
+        for tag in list(d):
+            t = int(tag)
+            act = actions.get(t)
+            if act is not None and len(act) > 1:
+                act = self._choose(act, ctx, path, t)
+            if act == "X" or act == "Z":
+                self._do(item, tag, t, act, ctx, path, _Mode.DUMMY)
+                continue
+            g = t >> 16
+            if g & 1 or not t & 0xFFFF or (g & 0xFF00) in (0x5000, 0x6000):
+                del d[tag]
+                ctx.report.count("X")
+                continue
+            elem = d[tag]
+            vr = _vr_of(elem, t)
+            ctx.report.count("D")
+            if vr == "SQ":
+                self._walk_items(item, tag, ctx, path, _Mode.DUMMY)
+            elif vr == "UI":
+                self._remap(d, tag, elem)  # the same pseudonym as everywhere: references still resolve
+            else:
+                if vr == "PN":
+                    self._note_name(item, tag, ctx)
+                n = _multiplicity(elem, vr)
+                if n:  # an empty value hides nothing and stays empty
+                    self._set(d, tag, vr, _dummy_values(elem, vr, n))
 
     def _note_name(self, ds: Dataset, tag: BaseTag, ctx: _Ctx) -> None:
         """Keep a person name found anywhere for the audit (raw bytes, and decoded if not ASCII)."""
@@ -737,10 +793,8 @@ class Deidentifier:
                     self._remap(d, tag, elem)
                 else:
                     self._set(d, tag, vr, pseudonymize_uid(self._key, "dummy"))
-            elif vr in _DATE_VRS:
-                self._set(d, tag, vr, _DUMMY_BY_VR[vr])
             else:
-                self._set(d, tag, vr, _dummy(vr))
+                self._set(d, tag, vr, _dummy_values(elem, vr, max(1, _multiplicity(elem, vr))))
             return
         if action == "C":
             if vr == "SQ":
@@ -956,10 +1010,42 @@ def _plan_for(options: tuple[Option, ...]) -> _Plan:
     return _Plan(load_profile(), options)
 
 
-def _dummy(vr: str) -> Any:
+_BINARY_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "UV": 8, "SV": 8, "AT": 4}
+# VRs whose values are ASCII by definition: a backslash in their bytes always separates values.
+_ASCII_MULTI_VRS = frozenset({"AS", "CS", "DA", "DS", "DT", "IS", "TM"})
+
+
+def _multiplicity(elem: Any, vr: str) -> int:
+    """How many values ``elem`` holds (0 when empty), read without converting a raw element.
+    Free-text VRs count as one value: their bytes may be multi-byte text."""
+    value = elem.value
+    if value is None:
+        return 0
+    if isinstance(value, (bytes, bytearray)):
+        size = _BINARY_SIZES.get(vr)
+        if size is not None:
+            return max(1, len(value) // size) if value else 0  # a malformed length is not kept either
+        if vr in _BINARY_VRS:
+            return 1 if value else 0
+        text = bytes(value).strip(b"\x00 ")
+        if not text:
+            return 0
+        return text.count(b"\\") + 1 if vr in _ASCII_MULTI_VRS else 1
+    if isinstance(value, str):
+        return 1 if value.strip("\x00 ") else 0
+    if isinstance(value, (list, tuple, MultiValue)):
+        return len(value)
+    return 1 if str(value) else 0
+
+
+def _dummy_values(elem: Any, vr: str, n: int) -> Any:
+    """``n`` dummy values of the VR (one value as itself). Binary values become zeros of their
+    own length (8 bytes when empty: a valid length for every binary VR)."""
     if vr in _BINARY_VRS:
-        return b"\x00\x00"
-    return _DUMMY_BY_VR.get(vr, _DUMMY_TEXT)
+        size = len(elem.value or b"")
+        return b"\x00" * (size + (size & 1) if size else 8)
+    one = _DUMMY_BY_VR.get(vr, _DUMMY_TEXT)
+    return [one] * n if n > 1 else one
 
 
 _CS_SAFE = re.compile(r"^[A-Z0-9_ ]*$")

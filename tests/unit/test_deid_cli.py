@@ -57,7 +57,7 @@ def test_quarantine_manifest_and_no_phi(sample, tmp_path):
     assert any(r.startswith("unreadable DICOM") for r in reasons)  # notes.txt
     assert s.written + len(s.quarantined) == s.files
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
-    assert manifest["table_edition"] == "2024b" and manifest["recipe_version"] == "pacsflow-deid-3"
+    assert manifest["table_edition"] == "2024b" and manifest["recipe_version"] == "pacsflow-deid-4"
     assert manifest["options"] == ["Retain Long. Modified Dates"] and manifest["pixel_policy"] == "quarantine"
     assert manifest["actions"]["U"] > 0 and manifest["quarantined_count"] == len(s.quarantined)
     text = (tmp_path / "out" / MANIFEST_NAME).read_text() + manifest_markdown(manifest)

@@ -318,7 +318,7 @@ def test_structured_content_basic_profile_dummies_text_and_names():
     assert b"Bloggsworth" not in raw and b"Olga" not in raw
     text, pname, date, num = back.ContentSequence
     assert text.TextValue == "ANONYMIZED" and pname.PersonName == "ANONYMIZED"
-    assert text.ConceptNameCodeSequence[0].CodeMeaning == "Finding"  # codes kept
+    assert text.ConceptNameCodeSequence[0].CodeMeaning == "ANONYMIZED"  # D reaches codes too (recipe 4)
     assert date.Date != "20200115"
 
 
@@ -347,7 +347,7 @@ def test_option_clean_graphics_keeps_graphics_cleans_text():
     assert ds.GraphicAnnotationSequence[0].TextObjectSequence[0].UnformattedTextValue == "lesion 2cm"
     Deidentifier(KEY, BASIC).apply(d)  # basic: D on the sequence -> text dummied, structure kept
     assert d.GraphicAnnotationSequence[0].TextObjectSequence[0].UnformattedTextValue == "ANONYMIZED"
-    assert d.GraphicAnnotationSequence[0].GraphicLayer == "LAYER1"
+    assert d.GraphicAnnotationSequence[0].GraphicLayer == "ANONYMIZED"  # D reaches every value (recipe 4)
 
 
 # -- depth, repeating groups, private, file meta ------------------------------------------------
