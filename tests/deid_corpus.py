@@ -29,20 +29,19 @@ ultrasound image with BurnedInAnnotation YES (at burned-in risk).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+from pacsflow.tasks.deid import iod as deid_iod
+from pacsflow.tasks.deid.deidentifier import Deidentifier, Rule, load_profile
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
-
-from pacsflow.tasks.deid import iod as deid_iod
-from pacsflow.tasks.deid.deidentifier import Deidentifier, Rule, load_profile
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
