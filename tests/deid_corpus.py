@@ -98,6 +98,14 @@ def resolve(rule: Rule, options: tuple[str, ...]) -> str:
     return "C" if "C" in chosen else chosen[0]
 
 
+# Values made from the counter alone, each unique: the VR's format and how the scan matches it.
+_NUMBERED: dict[str, tuple[Callable[[int], str], str]] = {
+    "TM": (lambda n: f"{8 + n % 12:02d}{n % 60:02d}{(7 * n) % 60:02d}.{n:06d}", "time"),
+    "DS": (lambda n: f"7{n:05d}.5", "number"),
+    "IS": (lambda n: f"8{n:05d}", "number"),
+    "AS": (lambda n: f"{40 + n % 40:03d}Y", "number"),
+    "UI": (lambda n: f"{UID_ROOT}{10000 + n}", "uid"),
+}
 Builder = Callable[[str, str, list[tuple[str, str]]], Dataset]
 
 
@@ -122,9 +130,6 @@ class _Planter:
         n = self.next()
         return f"ZQ{tag:08X}{'É' if accented else 'N'}{n:05d}"
 
-    def uid(self) -> str:
-        return f"{UID_ROOT}{10000 + self.next()}"
-
     def date(self) -> str:
         self.year += 2  # two years apart: no day shift maps one original onto another
         return f"{self.year}0615"
@@ -147,22 +152,10 @@ class _Planter:
             d, n = self.date(), self.next()
             v = f"{d}101112.{n:06d}"
             return v, [(v, "datetime"), (d, "date")]
-        if vr == "TM":
-            n = self.next()
-            v = f"{8 + n % 12:02d}{n % 60:02d}{(7 * n) % 60:02d}.{n:06d}"
-            return v, [(v, "time")]
-        if vr == "DS":
-            v = f"7{self.next():05d}.5"
-            return v, [(v, "number")]
-        if vr == "IS":
-            v = f"8{self.next():05d}"
-            return v, [(v, "number")]
-        if vr == "AS":
-            v = f"{40 + self.next() % 40:03d}Y"
-            return v, [(v, "number")]
-        if vr == "UI":
-            v = self.uid()
-            return v, [(v, "uid")]
+        if vr in _NUMBERED:
+            fmt, kind = _NUMBERED[vr]
+            v = fmt(self.next())
+            return v, [(v, kind)]
         if vr in ("US", "SS"):
             n = 1000 + self.next()
             return n, [(struct.pack("<H", n), "binary")]
