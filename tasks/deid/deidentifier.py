@@ -20,7 +20,10 @@ carried out (the conformance statement of this recipe, ``RECIPE_VERSION``):
   - **D** (Person Identification Code Sequence, Content Sequence, Graphic Annotation Sequence,
     Flow Identifier Sequence, ...): the items and their tags are kept and *every* value in them
     becomes a D dummy -- coded concepts (Code Value, Code Meaning, Coding Scheme ...), numbers,
-    dates and enumerated values included, since an identification code is the identifier itself.
+    dates and free CS values included, since an identification code is the identifier itself.
+    Only attributes whose value is one of a closed set the standard enumerates (Value Type,
+    Relationship Type, Continuity of Content, Graphic Type, the annotation units) keep a value of
+    that set, so the items stay valid content items and graphics; any other value is dummied.
     UIDs get the keyed pseudonym used everywhere (references still resolve; under Retain UIDs they
     are kept, as everywhere). Empty values stay empty. The stricter of D and the table's own rule
     for a nested attribute wins: X removes it and Z empties it (combined codes are resolved by
@@ -50,6 +53,11 @@ carried out (the conformance statement of this recipe, ``RECIPE_VERSION``):
   ``tasks/deid/data/safe-private-attributes.json`` (PS3.15 Table E.3.10-1) with a VR that carries no
   free text are kept (never inside a D sequence), with their private creator; every other element
   of a safe block goes.
+- **Attributes the table does not list** are kept, except by VR: a PN anywhere outside a D
+  sequence is treated as D and a DA/DT as C (shifted, kept under Full Dates, emptied without a
+  date option), because a name or a date identifies whatever its tag (e.g. Secondary Reviewer
+  Name, Study Update DateTime, added to the standard after the table). Command-group (0000,eeee)
+  elements never belong in a stored object and are removed.
 - **File meta** is replaced by a description of this application (E.1.1 step 7), with the
   preamble zeroed; group-length elements are dropped.
 
@@ -94,7 +102,8 @@ if TYPE_CHECKING:
 TABLE_RESOURCE = "ps3.15-table-e1-1-2024b.json"
 SAFE_PRIVATE_RESOURCE = "safe-private-attributes.json"
 # 3: descriptors cleaned after the walk, ages capped. 4: D on a sequence dummies every value of
-# its items (coded concepts and numbers too), nested X/Z still apply; codes stay only under K/C.
+# its items (coded concepts and numbers too), nested X/Z still apply; codes stay only under K/C;
+# unlisted names and dates follow their VR; command-group elements removed.
 RECIPE_VERSION = "pacsflow-deid-4"
 DEID_METHOD_CODE = "113100"  # Basic Application Confidentiality Profile (CID 7050)
 CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
@@ -154,6 +163,20 @@ _CODE_TAGS = frozenset(
      0x0008010D, 0x0008010F, 0x00080117, 0x00080118, 0x00080119, 0x00080120, 0x00080122, 0x00080121,
      0x0040A040, 0x0040A010, 0x0040A050, 0x00700002, 0x00700023, 0x00700005}
 )
+# Attributes whose values come from a closed set the standard enumerates: a dummy would make the
+# item invalid (an SR reader needs its ValueType) and the value cannot carry anything else, so
+# they stay inside D sequences when, and only when, the value is one of the set.
+_ENUMERATED: dict[int, frozenset[str]] = {
+    0x0040A040: frozenset({"TEXT", "NUM", "CODE", "DATETIME", "DATE", "TIME", "UIDREF", "PNAME", "COMPOSITE",
+                           "IMAGE", "WAVEFORM", "SCOORD", "SCOORD3D", "TCOORD", "CONTAINER", "TABLE"}),  # ValueType
+    0x0040A010: frozenset({"CONTAINS", "HAS PROPERTIES", "HAS OBS CONTEXT", "HAS ACQ CONTEXT", "INFERRED FROM",
+                           "SELECTED FROM", "HAS CONCEPT MOD"}),  # RelationshipType
+    0x0040A050: frozenset({"SEPARATE", "CONTINUOUS"}),  # ContinuityOfContent
+    0x00700023: frozenset({"POINT", "POLYLINE", "INTERPOLATED", "CIRCLE", "ELLIPSE"}),  # GraphicType
+    0x00700003: frozenset({"PIXEL", "DISPLAY", "MATRIX"}),  # BoundingBoxAnnotationUnits
+    0x00700004: frozenset({"PIXEL", "DISPLAY", "MATRIX"}),  # AnchorPointAnnotationUnits
+    0x00700005: frozenset({"PIXEL", "DISPLAY", "MATRIX"}),  # GraphicAnnotationUnits
+}
 # Sequences whose items are content items (ValueType): cleaned as structured content.
 _VALUE_TYPE = BaseTag(0x0040A040)
 _TEXT_VALUE = BaseTag(0x0040A160)
@@ -664,6 +687,10 @@ class Deidentifier:
             if g & 1:
                 has_private = True
                 continue
+            if not g:  # the command group of a DIMSE message never belongs in a stored object
+                del d[tag]
+                report.count("X")
+                continue
             if top and (t == _PATIENT_ID or t == _PATIENT_NAME):
                 continue
             act = actions.get(t)
@@ -678,7 +705,10 @@ class Deidentifier:
                 vr = _vr_of(elem, t)
                 if vr == "SQ":
                     self._walk_items(ds, tag, ctx, path, mode)
-                elif mode and t not in _CODE_TAGS:  # CLEAN: coded concepts stay, text is cleaned
+                elif not mode:
+                    if vr == "PN" or vr == "DA" or vr == "DT":
+                        self._unlisted(ds, tag, vr, ctx)
+                elif t not in _CODE_TAGS:  # CLEAN: coded concepts stay, text is cleaned
                     if vr in _TEXT_VRS:
                         if vr == "PN":
                             self._note_name(ds, tag, ctx)
@@ -692,6 +722,16 @@ class Deidentifier:
             self._do(ds, tag, t, act, ctx, path, mode)
         if has_private:
             self._private(ds, ctx)
+
+    def _unlisted(self, ds: Dataset, tag: BaseTag, vr: str, ctx: _Ctx) -> None:
+        """An attribute Table E.1-1 does not list is kept, except what its VR says is a person
+        or a date (e.g. Secondary Reviewer Name, Study Update DateTime): the table cannot list
+        every attribute a later edition adds, and a name or date is identifying whatever its tag."""
+        if vr == "PN":
+            self._do(ds, tag, int(tag), "D", ctx, "", _Mode.NORMAL)
+        elif vr == "DA" or vr == "DT":
+            ctx.report.count("C")
+            self._date(ds._dict, tag, vr, ctx, "C")
 
     def _choose(self, code: str, ctx: _Ctx, path: str, t: int) -> str:
         if ctx.types is None:
@@ -731,6 +771,8 @@ class Deidentifier:
                 continue
             elem = d[tag]
             vr = _vr_of(elem, t)
+            if t in _ENUMERATED and _enumerated(elem, t):
+                continue
             ctx.report.count("D")
             if vr == "SQ":
                 self._walk_items(item, tag, ctx, path, _Mode.DUMMY)
@@ -1036,6 +1078,12 @@ def _multiplicity(elem: Any, vr: str) -> int:
     if isinstance(value, (list, tuple, MultiValue)):
         return len(value)
     return 1 if str(value) else 0
+
+
+def _enumerated(elem: Any, t: int) -> bool:
+    """Every value of ``elem`` is one of the closed set the standard enumerates for ``t``."""
+    values = _str_values(elem)
+    return bool(values) and all(v.strip().upper() in _ENUMERATED[t] for v in values)
 
 
 def _dummy_values(elem: Any, vr: str, n: int) -> Any:

@@ -141,10 +141,11 @@ def test_annotation_sequence_under_d_keeps_no_code_text_or_number():
     ds.GraphicAnnotationSequence = Sequence([_annotation()])
     before = shape(ds.GraphicAnnotationSequence[0])
     back, raw = deidentify(ds, DEFAULT_OPTIONS)  # no Clean Graphics: the sequence's action is D
-    assert_gone(raw, "Oakenshaw", "lesion 2cm", "LES4471", "L-ANNOT", "Thistlewood", "WINIFRED", "POLYLINE")
+    assert_gone(raw, "Oakenshaw", "lesion 2cm", "LES4471", "L-ANNOT", "Thistlewood", "WINIFRED")
     layer = back.GraphicAnnotationSequence[0]
     assert shape(layer) == before
     graphic = layer.GraphicObjectSequence[0]
+    assert graphic.GraphicType == "POLYLINE"  # an enumerated value: the item stays a valid graphic
     assert list(graphic.GraphicData) == [0.0] * 4  # the values' count stays valid for the module
     assert list(layer.TextObjectSequence[0].AnchorPoint) == [0.0, 0.0]
     assert graphic.NumberOfGraphicPoints == 0
@@ -237,7 +238,48 @@ def test_structured_content_under_d_keeps_no_original_value_at_any_depth():
     assert deeper[1].ConceptCodeSequence[0].CodeValue == "ANONYMIZED"
     assert deeper[3].MeasuredValueSequence[0].NumericValue == 0
     assert deeper[2].DateTime == "19000101000000"
+    # the enumerated structure stays, so the tree still reads as SR content
+    assert [i.ValueType for i in deeper] == ["TEXT", "CODE", "DATETIME", "NUM", "PNAME"]
+    assert {i.RelationshipType for i in back.ContentSequence} == {"CONTAINS"}
     assert_valid(raw)
+
+
+def test_enumerated_attribute_with_a_value_outside_its_set_is_dummied():
+    ds = _sr()
+    ds.ContentSequence[0].ValueType = "OAKENSHAW"  # not a value type: could be anything
+    back, raw = deidentify(ds, BASIC)
+    assert_gone(raw, "OAKENSHAW")
+    assert back.ContentSequence[0].ValueType == "ANONYMIZED"
+
+
+def test_unlisted_names_and_dates_are_not_kept():
+    """Attributes Table E.1-1 does not list: a PN is dummied and a date follows the date rule."""
+    ds = ct_with(SecondaryReviewerName="Oakenshaw^Winifred", EvaluatorName="Thistlewood^Ambrose",
+                 StudyUpdateDateTime="20200115083000", SecondaryReviewDate="20200116")
+    back, raw = deidentify(ds, BASIC)
+    assert_gone(raw, "Thistlewood", "Oakenshaw", "Winifred", "20200115", "20200116")
+    assert back.SecondaryReviewerName == back.EvaluatorName == "ANONYMIZED"
+    shift = Deidentifier(KEY, BASIC).date_as_deidentified("20200115", "1CT1")
+    assert back.StudyUpdateDateTime == shift + "083000"  # shifted like every date of the patient
+    back, _ = deidentify(ct_with(StudyUpdateDateTime="20200115083000"), [])
+    assert not back.StudyUpdateDateTime  # no date option: emptied
+    back, _ = deidentify(ct_with(StudyUpdateDateTime="20200115083000"), [Option.RETAIN_FULL_DATES])
+    assert back.StudyUpdateDateTime == "20200115083000"  # the option keeps dates, listed or not
+
+
+def ct_with(**values) -> Dataset:
+    ds = ct()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_command_group_elements_never_reach_the_file():
+    ds = ct()
+    ds.add_new(0x00001000, "UI", "1.2.826.0.1.3680043.9.9999.1")  # Affected SOP Instance UID
+    ds.add_new(0x00001001, "UI", "1.2.826.0.1.3680043.9.9999.2")  # Requested SOP Instance UID
+    back, raw = deidentify(ds, BASIC)
+    assert not [e for e in back if e.tag.group == 0]
 
 
 def test_structured_content_under_clean_keeps_codes_cleans_text_removes_names():
