@@ -54,6 +54,7 @@ def deidentify_folder(settings: Settings, key: bytes, in_dir: Path, out_dir: Pat
     """``run_deidentify`` with the settings' profile where no value is given, behind a progress bar."""
     from pacsflow.tasks.core.errors import DeidentificationError
     from pacsflow.tasks.deid.folder import run_deidentify
+    from pacsflow.tasks.deid.ocr import OcrConfig
 
     try:
         with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console) as bar:
@@ -62,7 +63,8 @@ def deidentify_folder(settings: Settings, key: bytes, in_dir: Path, out_dir: Pat
                 in_dir, out_dir, options or settings.deid.options, key,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
                 pixel_policy=pixel_policy or settings.deid.pixel_policy,
-                pixel_masks=settings.deid.pixel_masks, audit=settings.deid.audit,
+                pixel_masks=settings.deid.pixel_masks, pixel_ocr=OcrConfig.from_settings(settings.deid),
+                audit=settings.deid.audit,
                 quarantine_dir=quarantine_dir, crosswalk_path=crosswalk or settings.deid.crosswalk_path,
             )
     except (ValueError, DeidentificationError) as exc:  # our messages carry no PHI
@@ -88,7 +90,7 @@ def build_app(settings: Callable[[], Settings], load_secret: Callable[[str], Any
         crosswalk: Annotated[
             Optional[Path], typer.Option(help="pseudonym <-> original CSV (PHI, 0600, outside OUT_DIR)")
         ] = None,
-        pixel_policy: Annotated[Optional[str], typer.Option(help="quarantine | mask | allow; default: settings")]
+        pixel_policy: Annotated[Optional[str], typer.Option(help="ocr | quarantine | mask | allow; default: settings")]
         = None,
     ) -> None:
         """De-identify a folder with the configured profile, quarantine what must not leave, print a summary.

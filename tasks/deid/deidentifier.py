@@ -68,6 +68,7 @@ from pacsflow.tasks.core.values import items_of
 from pacsflow.tasks.deid import ages, descriptors
 from pacsflow.tasks.deid import iod as deid_iod
 from pacsflow.tasks.deid.choices import DEFAULT_OPTIONS, Option, PixelPolicy, conflicting_dates
+from pacsflow.tasks.deid.ocr import OcrConfig
 from pacsflow.tasks.deid.pixels import MaskRule, check_pixels, parse_masks
 
 if TYPE_CHECKING:
@@ -451,6 +452,7 @@ class Deidentifier:
         pixel_policy: PixelPolicy | str | None = None,
         pixel_masks: Iterable[MaskRule | dict[str, Any]] = (),
         audit: bool = True,
+        pixel_ocr: OcrConfig | None = None,
     ) -> None:
         if not key:
             raise DeidentificationError("an empty de-identification key is not allowed; check deid_key, deid_key_file "
@@ -469,13 +471,15 @@ class Deidentifier:
         self.audit = audit
         self.pixel_policy = _member(PixelPolicy, pixel_policy, "pixel policy (deid.pixel_policy)") if pixel_policy is not None else None
         self.pixel_masks: tuple[MaskRule, ...] = tuple(parse_masks(pixel_masks)) if pixel_policy is not None else ()
+        self.pixel_ocr = pixel_ocr or OcrConfig()
 
     def __reduce__(self):
         # Rebuilt from its inputs in worker processes: the plan and tables are cached per process.
         return (
             _rebuild,
             (self._key, tuple(o.value for o in self.options),
-             self.pixel_policy.value if self.pixel_policy is not None else None, self.pixel_masks, self.audit),
+             self.pixel_policy.value if self.pixel_policy is not None else None, self.pixel_masks, self.audit,
+             self.pixel_ocr),
         )
 
     @classmethod
@@ -487,6 +491,7 @@ class Deidentifier:
             pixel_policy=settings.pixel_policy,
             pixel_masks=settings.pixel_masks,
             audit=settings.audit,
+            pixel_ocr=OcrConfig.from_settings(settings),
         )
 
     # -- identifiers -----------------------------------------------------------------
@@ -546,7 +551,7 @@ class Deidentifier:
         report = report if report is not None else DeidReport()
         pixels_cleaned = False
         if self.pixel_policy is not None:
-            pixels_cleaned = check_pixels(ds, self.pixel_policy, self.pixel_masks, report)
+            pixels_cleaned = check_pixels(ds, self.pixel_policy, self.pixel_masks, report, self.pixel_ocr)
         original_pid = _patient_id(ds)
         shift = patient_day_shift(self._key, original_pid)
         sop_class = _str_values(ds._dict[_SOP_CLASS_UID]) if _SOP_CLASS_UID in ds._dict else []
@@ -914,8 +919,9 @@ class Deidentifier:
         ds.preamble = b"\x00" * 128
 
 
-def _rebuild(key: bytes, options: tuple[str, ...], pixel_policy: str | None, masks: tuple, audit: bool) -> Deidentifier:
-    return Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=masks, audit=audit)
+def _rebuild(key: bytes, options: tuple[str, ...], pixel_policy: str | None, masks: tuple, audit: bool,
+             ocr: OcrConfig) -> Deidentifier:
+    return Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=masks, audit=audit, pixel_ocr=ocr)
 
 
 _Choice = TypeVar("_Choice", Option, PixelPolicy)

@@ -37,6 +37,7 @@ from pacsflow.tasks.deid.crosswalk import update_crosswalk
 from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
 from pacsflow.tasks.deid.instance import deidentify_dataset, encode, read_instance
 from pacsflow.tasks.deid.manifest import MANIFEST_NAME, QuarantinedObject, build_manifest, object_id
+from pacsflow.tasks.deid.ocr import OcrConfig
 
 @dataclass
 class DeidRunSummary:
@@ -71,8 +72,9 @@ def run_deidentify(
     key: bytes,
     progress: Callable[[int, int], None] | None = None,
     *,
-    pixel_policy: PixelPolicy | str = PixelPolicy.QUARANTINE,
+    pixel_policy: PixelPolicy | str = PixelPolicy.OCR,
     pixel_masks: Iterable[Any] = (),
+    pixel_ocr: OcrConfig | None = None,
     audit: bool = True,
     quarantine_dir: Path | str | None = None,
     crosswalk_path: Path | str | None = None,
@@ -80,7 +82,8 @@ def run_deidentify(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     _check_folders(in_dir, out_dir, quarantine_dir, crosswalk_path)
     started = time.perf_counter()
-    deid = Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=pixel_masks, audit=audit)
+    deid = Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=pixel_masks, audit=audit,
+                        pixel_ocr=pixel_ocr)
     report = DeidReport()
     summary = DeidRunSummary()
     files = sorted(p for p in in_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
