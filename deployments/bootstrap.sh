@@ -10,6 +10,7 @@ what="${1:-setup}"
 shift || true
 
 apt_packages=(orthanc orthanc-dicomweb dcmtk openssl)  # openssl: the TLS fault tests make their certificates
+apt_packages+=(tesseract-ocr tesseract-ocr-eng)  # the default pixel policy (ocr) reads burned-in text with it
 command -v java >/dev/null 2>&1 || apt_packages+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || apt_packages+=(maven)
 python_ok() { python3 -c 'import sys, venv, ensurepip; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; }

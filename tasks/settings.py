@@ -145,13 +145,25 @@ class DeidSettings(BaseModel):
         description="option columns of Table E.1-1 to apply on top of the Basic Profile",
     )
     pixel_policy: PixelPolicy = Field(
-        PixelPolicy.QUARANTINE,
-        description="burned-in annotation: quarantine (default) | mask (configured regions, else quarantine) | allow",
+        PixelPolicy.OCR,
+        description="objects that may show burned-in text: ocr (default: Tesseract finds text, it is masked "
+        "and checked gone, else quarantine) | quarantine | mask (configured regions, else quarantine) | allow",
     )
     pixel_masks: list[dict[str, Any]] = Field(
         default_factory=list,
         description="mask rules: {regions: [[xmin, ymin, xmax, ymax], ...], sop_class_uid, modality, "
         "manufacturer, model, rows, columns} (deid filter-recipe coordinates)",
+    )
+    ocr_min_confidence: int = Field(
+        70, ge=0, le=100, description="ocr policy: Tesseract word confidence from which a word of 2+ letters or "
+        "digits is text (its line is masked; after masking, any such word quarantines the object)"
+    )
+    ocr_max_frames: int = Field(
+        100, ge=1, description="ocr policy: objects with more frames are quarantined, not read (about 1-5 s per frame)"
+    )
+    ocr_passes: int = Field(3, ge=1, le=10, description="ocr policy: mask-and-read-again passes before giving up")
+    ocr_device_regions: bool = Field(
+        True, description="ocr policy: also blank the regions of deid's %filter recipe that match the device"
     )
     audit: bool = Field(True, description="residual-PHI audit of every encoded output; a hit quarantines")
     recipe_file: Path | None = Field(

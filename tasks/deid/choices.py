@@ -40,6 +40,7 @@ DEFAULT_OPTIONS: tuple[Option, ...] = (
 class PixelPolicy(str, enum.Enum):
     """What happens to an object whose pixels may show burned-in text (see :mod:`.pixels`)."""
 
+    OCR = "ocr"
     QUARANTINE = "quarantine"
     MASK = "mask"
     ALLOW = "allow"

@@ -56,6 +56,7 @@ def deidentify_folder(settings: Settings, key: bytes, in_dir: Path, out_dir: Pat
     from pacsflow.tasks.core.errors import DeidentificationError
     from pacsflow.tasks.deid.folder import run_deidentify
     from pacsflow.tasks.deid.recipe import load_recipe
+    from pacsflow.tasks.deid.ocr import OcrConfig
 
     try:
         recipe_file = recipe or settings.deid.recipe_file
@@ -66,7 +67,8 @@ def deidentify_folder(settings: Settings, key: bytes, in_dir: Path, out_dir: Pat
                 in_dir, out_dir, options or settings.deid.options, key,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
                 pixel_policy=pixel_policy or settings.deid.pixel_policy,
-                pixel_masks=settings.deid.pixel_masks, audit=settings.deid.audit,
+                pixel_masks=settings.deid.pixel_masks, pixel_ocr=OcrConfig.from_settings(settings.deid),
+                audit=settings.deid.audit,
                 quarantine_dir=quarantine_dir, crosswalk_path=crosswalk or settings.deid.crosswalk_path,
                 recipe=site,
             )
@@ -93,7 +95,7 @@ def build_app(settings: Callable[[], Settings], load_secret: Callable[[str], Any
         crosswalk: Annotated[
             Optional[Path], typer.Option(help="pseudonym <-> original CSV (PHI, 0600, outside OUT_DIR)")
         ] = None,
-        pixel_policy: Annotated[Optional[str], typer.Option(help="quarantine | mask | allow; default: settings")]
+        pixel_policy: Annotated[Optional[str], typer.Option(help="ocr | quarantine | mask | allow; default: settings")]
         = None,
         recipe: Annotated[
             Optional[Path], typer.Option(help="a site's deid recipe applied on top of the profile; default: "

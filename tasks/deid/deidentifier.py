@@ -93,6 +93,7 @@ from pacsflow.tasks.core.values import items_of
 from pacsflow.tasks.deid import ages, descriptors
 from pacsflow.tasks.deid import iod as deid_iod
 from pacsflow.tasks.deid.choices import DEFAULT_OPTIONS, Option, PixelPolicy, conflicting_dates
+from pacsflow.tasks.deid.ocr import OcrConfig
 from pacsflow.tasks.deid.pixels import MaskRule, check_pixels, parse_masks
 from pacsflow.tasks.deid.recipe import SiteRecipe, load_recipe
 
@@ -507,6 +508,7 @@ class Deidentifier:
         pixel_masks: Iterable[MaskRule | dict[str, Any]] = (),
         audit: bool = True,
         recipe: SiteRecipe | None = None,
+        pixel_ocr: OcrConfig | None = None,
     ) -> None:
         if not key:
             raise DeidentificationError("an empty de-identification key is not allowed; check deid_key, deid_key_file "
@@ -526,6 +528,7 @@ class Deidentifier:
         self.pixel_policy = _member(PixelPolicy, pixel_policy, "pixel policy (deid.pixel_policy)") if pixel_policy is not None else None
         self.pixel_masks: tuple[MaskRule, ...] = tuple(parse_masks(pixel_masks)) if pixel_policy is not None else ()
         self.recipe = recipe  # a site's deid recipe, applied on top of the profile (see .recipe)
+        self.pixel_ocr = pixel_ocr or OcrConfig()
 
     def __reduce__(self):
         # Rebuilt from its inputs in worker processes: the plan and tables are cached per process.
@@ -533,7 +536,7 @@ class Deidentifier:
             _rebuild,
             (self._key, tuple(o.value for o in self.options),
              self.pixel_policy.value if self.pixel_policy is not None else None, self.pixel_masks, self.audit,
-             self.recipe),
+             self.recipe, self.pixel_ocr),
         )
 
     @classmethod
@@ -546,6 +549,7 @@ class Deidentifier:
             pixel_masks=settings.pixel_masks,
             audit=settings.audit,
             recipe=load_recipe(settings.recipe_file, settings.recipe_may_keep) if settings.recipe_file else None,
+            pixel_ocr=OcrConfig.from_settings(settings),
         )
 
     # -- identifiers -----------------------------------------------------------------
@@ -605,7 +609,7 @@ class Deidentifier:
         report = report if report is not None else DeidReport()
         pixels_cleaned = False
         if self.pixel_policy is not None:
-            pixels_cleaned = check_pixels(ds, self.pixel_policy, self.pixel_masks, report)
+            pixels_cleaned = check_pixels(ds, self.pixel_policy, self.pixel_masks, report, self.pixel_ocr)
         site = self.recipe.before_profile(ds, self.action_for, report) if self.recipe is not None else None
         original_pid = _patient_id(ds)
         shift = patient_day_shift(self._key, original_pid)
@@ -1032,8 +1036,9 @@ class Deidentifier:
 
 
 def _rebuild(key: bytes, options: tuple[str, ...], pixel_policy: str | None, masks: tuple, audit: bool,
-             recipe: SiteRecipe | None = None) -> Deidentifier:
-    return Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=masks, audit=audit, recipe=recipe)
+             recipe: SiteRecipe | None, ocr: OcrConfig) -> Deidentifier:
+    return Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=masks, audit=audit, recipe=recipe,
+                        pixel_ocr=ocr)
 
 
 _Choice = TypeVar("_Choice", Option, PixelPolicy)

@@ -38,6 +38,7 @@ from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
 from pacsflow.tasks.deid.instance import deidentify_dataset, encode, read_instance
 from pacsflow.tasks.deid.manifest import MANIFEST_NAME, QuarantinedObject, build_manifest, object_id
 from pacsflow.tasks.deid.recipe import SiteRecipe
+from pacsflow.tasks.deid.ocr import OcrConfig
 
 @dataclass
 class DeidRunSummary:
@@ -72,8 +73,9 @@ def run_deidentify(
     key: bytes,
     progress: Callable[[int, int], None] | None = None,
     *,
-    pixel_policy: PixelPolicy | str = PixelPolicy.QUARANTINE,
+    pixel_policy: PixelPolicy | str = PixelPolicy.OCR,
     pixel_masks: Iterable[Any] = (),
+    pixel_ocr: OcrConfig | None = None,
     audit: bool = True,
     quarantine_dir: Path | str | None = None,
     crosswalk_path: Path | str | None = None,
@@ -82,7 +84,8 @@ def run_deidentify(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     _check_folders(in_dir, out_dir, quarantine_dir, crosswalk_path)
     started = time.perf_counter()
-    deid = Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=pixel_masks, audit=audit, recipe=recipe)
+    deid = Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=pixel_masks, audit=audit,
+                        pixel_ocr=pixel_ocr, recipe=recipe)
     report = DeidReport()
     summary = DeidRunSummary()
     files = sorted(p for p in in_dir.rglob("*") if p.is_file() and not p.name.startswith("."))

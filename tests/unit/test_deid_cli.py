@@ -53,12 +53,13 @@ def test_quarantine_manifest_and_no_phi(sample, tmp_path):
                        progress=lambda n, total: progress.append((n, total)), quarantine_dir=tmp_path / "q")
     assert progress[-1] == (s.files, s.files)
     reasons = {q.reason for q in s.quarantined}
-    assert "burned-in annotation: BurnedInAnnotation is YES" in reasons  # generated US with burned-in text
+    # the generated US says YES but carries no text OCR can find (the default ocr policy): not exported
+    assert "burned-in annotation: BurnedInAnnotation is YES but OCR located no text" in reasons
     assert any(r.startswith("unreadable DICOM") for r in reasons)  # notes.txt
     assert s.written + len(s.quarantined) == s.files
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert manifest["table_edition"] == "2024b" and manifest["recipe_version"] == "pacsflow-deid-4"
-    assert manifest["options"] == ["Retain Long. Modified Dates"] and manifest["pixel_policy"] == "quarantine"
+    assert manifest["options"] == ["Retain Long. Modified Dates"] and manifest["pixel_policy"] == "ocr"
     assert manifest["actions"]["U"] > 0 and manifest["quarantined_count"] == len(s.quarantined)
     text = (tmp_path / "out" / MANIFEST_NAME).read_text() + manifest_markdown(manifest)
     for st in studies:
@@ -135,7 +136,7 @@ def test_deid_settings_validate_options_and_policy():
         load_settings(deid={"options": ["Retain Everything"]})
     with pytest.raises(SettingsError, match=r"deid\.options.*full-dates"):
         load_settings(deid={"options": ["Retain Long. Full Dates", "Retain Long. Modified Dates"]})
-    with pytest.raises(SettingsError, match=r"deid\.pixel_policy.*'quarantine', 'mask' or 'allow'"):
+    with pytest.raises(SettingsError, match=r"deid\.pixel_policy.*'ocr', 'quarantine', 'mask' or 'allow'"):
         load_settings(deid={"pixel_policy": "export"})
     with pytest.raises(SettingsError, match="deid.pixel_masks"):
         load_settings(deid={"pixel_masks": [{"regions": [[1, 2]]}]})

@@ -463,7 +463,7 @@ def test_group_lengths_dropped_and_report_counts_actions():
 def test_unknown_option_refused():
     with pytest.raises(DeidentificationError, match="choose from: Clean Descriptors"):
         Deidentifier(KEY, ["Retain Everything"])
-    with pytest.raises(DeidentificationError, match="choose from: quarantine, mask, allow"):
+    with pytest.raises(DeidentificationError, match="choose from: ocr, quarantine, mask, allow"):
         Deidentifier(KEY, pixel_policy="export")
 
 
