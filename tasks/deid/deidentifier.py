@@ -528,6 +528,8 @@ class Deidentifier:
         self.pixel_policy = _member(PixelPolicy, pixel_policy, "pixel policy (deid.pixel_policy)") if pixel_policy is not None else None
         self.pixel_masks: tuple[MaskRule, ...] = tuple(parse_masks(pixel_masks)) if pixel_policy is not None else ()
         self.recipe = recipe  # a site's deid recipe, applied on top of the profile (see .recipe)
+        # its %filter regions join the pixel policy's (deid's own object, built once per process)
+        self._site_filters = recipe.deid_recipe() if recipe is not None and recipe.filters() else None
         self.pixel_ocr = pixel_ocr or OcrConfig()
 
     def __reduce__(self):
@@ -609,7 +611,8 @@ class Deidentifier:
         report = report if report is not None else DeidReport()
         pixels_cleaned = False
         if self.pixel_policy is not None:
-            pixels_cleaned = check_pixels(ds, self.pixel_policy, self.pixel_masks, report, self.pixel_ocr)
+            pixels_cleaned = check_pixels(ds, self.pixel_policy, self.pixel_masks, report, self.pixel_ocr,
+                                          self._site_filters)
         site = self.recipe.before_profile(ds, self.action_for, report) if self.recipe is not None else None
         original_pid = _patient_id(ds)
         shift = patient_day_shift(self._key, original_pid)

@@ -170,32 +170,40 @@ def at_risk(ds: Dataset) -> bool:
 
 
 def check_pixels(
-    ds: Dataset, policy: PixelPolicy, masks: Iterable[MaskRule], report: Any = None, ocr: OcrConfig | None = None
+    ds: Dataset, policy: PixelPolicy, masks: Iterable[MaskRule], report: Any = None, ocr: OcrConfig | None = None,
+    site_filters: Any = None,
 ) -> bool:
     """Apply the pixel policy; True when the pixels were cleaned or checked clean (record the
-    Clean Pixel Data code)."""
+    Clean Pixel Data code). ``site_filters`` is a site recipe's ``deid.config.DeidRecipe`` whose
+    ``%filter`` regions are blanked as well (under ``ocr``, and under ``mask`` with the rules)."""
     flag = _peek(ds, "BurnedInAnnotation")
     if policy == PixelPolicy.ALLOW and flag != "YES":
         return False
     if not at_risk(ds):
         return False
     if policy == PixelPolicy.OCR:
-        return _ocr_clean(ds, masks, ocr or OcrConfig(), flag == "YES", report)
+        return _ocr_clean(ds, masks, ocr or OcrConfig(), flag == "YES", report, site_filters)
     if policy != PixelPolicy.MASK:
         raise BurnedInAnnotationError(
             "burned-in annotation: BurnedInAnnotation is YES" if flag == "YES"
             else "burned-in annotation: flag absent on a modality that burns text in"
         )
     rule = next((m for m in masks if m.matches(ds)), None)
-    if rule is None or not rule.regions:
+    regions = list(rule.regions) if rule is not None else []
+    if site_filters is not None:
+        regions += device_regions(ds, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), site_filters,
+                                  with_default=False)
+    if not regions:
         raise BurnedInAnnotationError("burned-in annotation: no mask rule for this device or SOP class")
-    mask_regions(ds, rule.regions)
+    mask_regions(ds, regions)
     if report is not None:
         report.count("pixel-mask")
     return True
 
 
-def _ocr_clean(ds: Dataset, masks: Iterable[MaskRule], config: OcrConfig, flagged: bool, report: Any) -> bool:
+def _ocr_clean(
+    ds: Dataset, masks: Iterable[MaskRule], config: OcrConfig, flagged: bool, report: Any, site_filters: Any
+) -> bool:
     """The ``ocr`` policy for one object at risk (see the module docstring)."""
     nframes = int(ds.get("NumberOfFrames", 1) or 1)
     if nframes > config.max_frames:
@@ -206,8 +214,8 @@ def _ocr_clean(ds: Dataset, masks: Iterable[MaskRule], config: OcrConfig, flagge
     frames = arr if nframes > 1 else arr[np.newaxis]
     rows, cols = frames.shape[1], frames.shape[2]
     fixed = [r for m in masks if m.matches(ds) for r in m.regions]
-    if config.device_regions:
-        fixed += device_regions(ds, rows, cols)
+    if config.device_regions or site_filters is not None:
+        fixed += device_regions(ds, rows, cols, site_filters, with_default=config.device_regions)
     try:
         outcome = mask_text(frames, str(ds.get("PhotometricInterpretation", "")).upper(), fixed, config)
     except OcrUnavailable:
@@ -227,14 +235,24 @@ def _ocr_clean(ds: Dataset, masks: Iterable[MaskRule], config: OcrConfig, flagge
     return True
 
 
-def device_regions(ds: Dataset, rows: int, columns: int) -> list[Box]:
-    """Rectangles to blank from the ``%filter`` sections of deid's default dicom recipe whose
-    criteria match the header of ``ds`` (deid's own parser and filter evaluation). Only the
-    regions to clean are taken: ``keepcoordinates`` never un-blank what OCR found; ``all`` is
-    the whole frame."""
+def device_regions(
+    ds: Dataset, rows: int, columns: int, site_recipe: Any = None, *, with_default: bool = True
+) -> list[Box]:
+    """Rectangles to blank from the ``%filter`` sections whose criteria match the header of
+    ``ds``: deid's default dicom recipe (``with_default``) and a site's recipe (a
+    ``deid.config.DeidRecipe``), by deid's own parser and filter evaluation. Only the regions to
+    clean are taken: ``keepcoordinates`` never un-blank what OCR found; ``all`` is the whole
+    frame."""
+    recipes = ([_device_recipe()] if with_default else []) + ([site_recipe] if site_recipe is not None else [])
+    out: list[Box] = []
+    for recipe in recipes:
+        out += _regions_of(ds, rows, columns, recipe)
+    return out
+
+
+def _regions_of(ds: Dataset, rows: int, columns: int, recipe: Any) -> list[Box]:
     from deid.dicom.pixels.detect import has_burned_pixels
 
-    recipe = _device_recipe()
     with _quiet_deid():
         # a copy per object: deid writes "from:" coordinates back into the recipe it evaluates
         result = has_burned_pixels(_filter_header(ds, recipe), force=True, deid=copy.deepcopy(recipe))

@@ -199,3 +199,16 @@ def test_the_command_takes_a_recipe(tmp_path, monkeypatch):
                                    "--recipe", str(tmp_path / "broken.deid")])
     assert bad.exit_code == 2 and "deid.recipe_file: broken.deid" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_site_recipes_filter_regions_are_blanked_by_the_pixel_policy(tmp_path):
+    """A site's %filter rule for its own device: its rectangle is blanked, no mask rule needed."""
+    recipe = _recipe(tmp_path, "%filter graylist\n\nLABEL Our ultrasound # site\n  contains Modality US\n"
+                               "  coordinates 100,100,180,140\n")
+    ds = pydicom.dcmread(get_testdata_file("US1_J2KR.dcm"))
+    assert ds.pixel_array[100:140, 100:180].all(axis=-1).any()  # the region shows the image to begin with
+    Deidentifier(KEY, pixel_policy="mask", recipe=recipe).apply(ds)
+    out = ds.pixel_array
+    assert not out[100:140, 100:180].any() and out[140:, 180:].any() and ds.BurnedInAnnotation == "NO"
+    with pytest.raises(DeidentificationError, match="no mask rule"):  # without the recipe: nothing to blank
+        Deidentifier(KEY, pixel_policy="mask").apply(pydicom.dcmread(get_testdata_file("US1_J2KR.dcm")))
