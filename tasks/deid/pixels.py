@@ -21,8 +21,10 @@ about a second a frame, ``bench/ocr_cost.py``). Policies:
   BurnedInAnnotation becomes NO and the Clean Pixel Data code (113101) is recorded, also for an
   object where no text was found: its pixels pass unchanged, and NO then states that they were
   checked (the manifest counts ``pixel-ocr-clean`` apart from ``pixel-ocr-masked``). What OCR
-  does not read as text (handwriting, rotated or very faint text, a photographed face) is not
-  found: sites with such sources choose ``quarantine``.
+  does not read as text (handwriting, rotated or very faint text) is not found: sites with such
+  sources choose ``quarantine``. Photographs of people (modality XC, VL Photographic and Video
+  Photographic images) are quarantined under every policy but ``allow``, whatever their flag and
+  whatever OCR reads: a face is identifying and Clean Recognizable Visual Features is not offered.
 - ``quarantine``: an object at risk raises ``BurnedInAnnotationError`` (a
   ``DeidentificationError``), which ``process_study`` turns into a quarantine entry.
 - ``mask``: an object at risk that matches a configured mask rule (by SOP class, modality,
@@ -64,6 +66,16 @@ class BurnedInAnnotationError(DeidentificationError):
     """The pixels may show identifying text and cannot be cleaned under the configured policy."""
 
     reason = "burned-in-annotation"
+
+
+class RecognizableFeaturesError(BurnedInAnnotationError):
+    """A photograph that may show a face: no pixel policy but ``allow`` can clean it."""
+
+    reason = "recognizable-features"
+
+
+# External-camera photographs of the patient (VL Photographic Image, Video Photographic Image).
+_PHOTOGRAPH_SOPS = frozenset({"1.2.840.10008.5.1.4.1.1.77.1.4", "1.2.840.10008.5.1.4.1.1.77.1.4.1"})
 
 
 # Modalities / SOP classes that commonly carry burned-in text.
@@ -179,6 +191,9 @@ def check_pixels(
     flag = _peek(ds, "BurnedInAnnotation")
     if policy == PixelPolicy.ALLOW and flag != "YES":
         return False
+    if _peek(ds, "Modality") == "XC" or _peek(ds, "SOPClassUID") in _PHOTOGRAPH_SOPS:
+        raise RecognizableFeaturesError("recognizable features: a photograph may show a face, which no pixel "
+                                        "policy but allow lets through (deid.pixel_policy)")
     if not at_risk(ds):
         return False
     if policy == PixelPolicy.OCR:

@@ -252,3 +252,20 @@ def test_real_burned_in_ultrasound_quarantined_or_masked(name, tmp_path):
     top = arr[:, :40] if int(back.get("NumberOfFrames", 1) or 1) > 1 else arr[:40]
     assert not top.any() and arr.any()
     assert back.BurnedInAnnotation == "NO"
+
+
+@pytest.mark.parametrize("policy", ["ocr", "quarantine", "mask"])
+def test_a_photograph_of_the_patient_is_quarantined_whatever_its_flag(policy):
+    """A face identifies: no policy but allow lets a VL photograph through, flag NO or not."""
+    from pydicom.data import get_testdata_file
+
+    from pacsflow.tasks.deid.pixels import RecognizableFeaturesError
+
+    ds = pydicom.dcmread(get_testdata_file("US1_J2KR.dcm"))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.4"  # VL Photographic Image
+    ds.Modality, ds.BurnedInAnnotation = "XC", "NO"
+    with pytest.raises(RecognizableFeaturesError, match="photograph may show a face"):
+        Deidentifier(b"photo-key-0123456789", pixel_policy=policy,
+                     pixel_masks=[{"regions": [[0, 0, 10, 10]]}]).apply(ds)
+    Deidentifier(b"photo-key-0123456789", pixel_policy="allow").apply(ds)  # the site's own call
+    assert ds.PatientIdentityRemoved == "YES"
