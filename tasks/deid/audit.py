@@ -46,6 +46,7 @@ The audit's rules (the README's conformance statement quotes them):
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,11 +65,15 @@ from pacsflow.tasks.core.errors import DeidentificationError
 _PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
 _PIXEL_ELEMENTS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 _PIXEL_MIN = 8
+_PIXEL_DATA = BaseTag(0x7FE00010)
 _SHOWN = 8  # reasons named in one error message
 # Written by the de-identifier after the walk, from its own constants (E.1.1 step 6).
 _METHOD_TAGS = frozenset({0x00120062, 0x00120063, 0x00120064, 0x00280303})
 _IDENTIFYING = frozenset(int(t) for t in IDENTIFYING_KEYWORDS)
 _WORD_EDGE = (rb"(?<![a-z0-9_])", rb"(?![a-z0-9_])")  # a name "Here" must not match "Manufacturer name here"
+# A study's objects share their values: their patterns are compiled once here, not left to re's
+# own cache, which other libraries in the process can flush.
+_compile = lru_cache(maxsize=256)(re.compile)
 _PERSON_STR = re.compile(r"[\^= ,]+")
 _PERSON_BYTES = re.compile(rb"[\^= ,]+")
 _COMPONENT_STR = re.compile(r"[\^=]+")
@@ -112,7 +117,7 @@ def _needles(originals: Originals) -> _Needles | None:
 def _words(forms: Iterable[bytes]) -> re.Pattern[bytes]:
     """Any of ``forms`` as a whole word, the longest first (a full name before its components)."""
     alt = b"|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
-    return re.compile(_WORD_EDGE[0] + rb"(?:" + alt + rb")" + _WORD_EDGE[1])
+    return _compile(_WORD_EDGE[0] + rb"(?:" + alt + rb")" + _WORD_EDGE[1])
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,7 @@ def audit_hits(data: bytes, originals: Originals | None, ds: Dataset | None = No
     needles = _needles(originals)
     if needles is None:
         return []
-    cut = max(data.rfind(t) for t in _PIXEL_TAGS)
+    cut = _pixel_start(data, ds)
     header = (data[:cut] if cut > 0 else data).lower()
     pixels = data[cut:] if cut > 0 else b""
     found = {m.group(0) for m in needles.pattern.finditer(header)}
@@ -150,6 +155,21 @@ def audit_hits(data: bytes, originals: Originals | None, ds: Dataset | None = No
     if found:
         hits |= _located(found, needles, originals, ds)
     return sorted(hits, key=lambda h: (h.where, h.source))
+
+
+def _pixel_start(data: bytes, ds: Dataset | None) -> int:
+    """Where the pixel data element starts in ``data`` (-1: none). Known from the dataset when
+    its native pixel data ends the bytes (no search through the image); else the last tag."""
+    elem = ds._dict.get(_PIXEL_DATA) if ds is not None else None
+    value = getattr(elem, "value", None)
+    undefined = elem.length == 0xFFFFFFFF if isinstance(elem, RawDataElement) else getattr(elem, "is_undefined_length", True)
+    if isinstance(value, (bytes, bytearray)) and not undefined:
+        n = len(value) + (len(value) & 1)
+        for header in (12, 8):  # explicit VR OB/OW, implicit VR
+            start = len(data) - n - header
+            if start > 0 and data[start:start + 4] == _PIXEL_TAGS[0]:
+                return start
+    return max(data.rfind(t) for t in _PIXEL_TAGS)
 
 
 def audit_bytes(data: bytes, originals: Originals | None, ds: Dataset | None = None) -> list[str]:

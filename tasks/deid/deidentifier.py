@@ -83,6 +83,8 @@ from pydicom.charset import encode_string
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_sequence
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
@@ -189,6 +191,7 @@ _PATIENT_NAME = Tag(0x0010, 0x0010)
 _SOP_CLASS_UID = BaseTag(0x00080016)
 _SOP_INSTANCE_UID = BaseTag(0x00080018)
 _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
+_METHOD_CODES = BaseTag(0x00120064)  # DeidentificationMethodCodeSequence
 _PATIENT_AGE = BaseTag(0x00101010)
 _BIRTH_DATE = BaseTag(0x00100030)
 _AGE_DATES = (BaseTag(0x00080020), BaseTag(0x00080021), BaseTag(0x00080022), BaseTag(0x00080023))  # study..content
@@ -208,6 +211,7 @@ IDENTIFYING_KEYWORDS: dict[BaseTag, str] = {BaseTag(tag): keyword for tag, keywo
     0x0020000E: "SeriesInstanceUID", 0x00080018: "SOPInstanceUID", 0x00200052: "FrameOfReferenceUID",
 }.items()}
 _NAME_COMPONENTS = re.compile(r"[\^=\\ ,]+")
+_NAME_COMPONENTS_BYTES = re.compile(rb"[\^=\\]+")
 
 
 @dataclass(frozen=True)
@@ -303,6 +307,7 @@ class Originals:
     # (by id; the dataset is held so that its id cannot be reused by a new one).
     actions: Mapping[int, str] = field(default_factory=dict)
     snapshots: dict[int, tuple[Dataset, dict[BaseTag, Any]]] = field(default_factory=dict)
+    _tokens: dict[str, set[str | bytes]] | None = field(default=None, repr=False, compare=False)
 
     def keep(self, ds: Dataset) -> None:
         """Snapshot ``ds``'s elements: a shallow copy, which is enough because the walk replaces
@@ -313,6 +318,7 @@ class Originals:
     def add(self, keyword: str, value: str | bytes, is_name: bool = False) -> None:
         if value:
             self.values.setdefault(keyword, []).append(value)
+            self._tokens = None
             if is_name:
                 self.names.add(keyword)
 
@@ -320,7 +326,13 @@ class Originals:
         """Keyword -> search tokens (whole values, and name components), long enough to be specific.
 
         Name components need 5 characters (4 if non-ASCII): shorter ones ("Test", "Mark") are
-        also code values and common words, and the whole name is searched anyway."""
+        also code values and common words, and the whole name is searched anyway. Computed once
+        for the cleaning and the audit (read it, do not change it)."""
+        if self._tokens is None:
+            self._tokens = self._make_tokens()
+        return self._tokens
+
+    def _make_tokens(self) -> dict[str, set[str | bytes]]:
         out: dict[str, set[str | bytes]] = {}
         for kw, vals in self.values.items():
             toks: set[str | bytes] = set()
@@ -329,7 +341,7 @@ class Originals:
                 if isinstance(v, bytes):
                     whole = v.strip(b"\x00 ")
                     # ISO 2022 multi-byte text uses "^" inside characters: never split it as bytes
-                    parts = re.split(rb"[\^=\\]+", v) if kw in self.names and b"\x1b" not in v else []
+                    parts = _NAME_COMPONENTS_BYTES.split(v) if kw in self.names and b"\x1b" not in v else []
                     toks.update([whole] if _specific(whole, kw) else [])
                     toks.update(p.strip(b" ") for p in parts if _specific(p.strip(b" "), kw, True))
                 else:
@@ -521,6 +533,7 @@ class Deidentifier:
         self.profile = load_profile()
         self._plan = _plan_for(self.options)
         self._uid_cache: dict[str, str] = {}
+        self._codes_raw: dict[tuple[bool, bool], bytes] = {}
         self._retain_uids = Option.RETAIN_UIDS in self.options
         self._safe_private = load_safe_private() if self._plan.private == "C" else {}
         self._cleans = bool(_CLEANING_OPTIONS.intersection(self.options))
@@ -645,6 +658,22 @@ class Deidentifier:
         """The attributes that say how the object was de-identified (PS3.15 E.1.1 step 6)."""
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = self.method_values()
+        implicit, little = ds.original_encoding
+        if little is True and implicit is not None:
+            # the same items in every object: encoded once, kept raw (the writer copies them)
+            raw = self._method_codes_raw(pixels_cleaned, bool(implicit))
+            ds._dict[_METHOD_CODES] = RawDataElement(_METHOD_CODES, None if implicit else "SQ", len(raw), raw, 0,
+                                                     bool(implicit), True, True, False)
+        else:
+            ds.DeidentificationMethodCodeSequence = self._method_code_items(pixels_cleaned)
+        if Option.RETAIN_MODIFIED_DATES in self.options:
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        elif Option.RETAIN_FULL_DATES in self.options:
+            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        else:
+            ds.LongitudinalTemporalInformationModified = "REMOVED"  # dates emptied or removed
+
+    def _method_code_items(self, pixels_cleaned: bool) -> Sequence:
         codes = Sequence()
         for value, meaning in self.method_codes(pixels_cleaned):
             item = Dataset()
@@ -652,13 +681,18 @@ class Deidentifier:
             item.CodingSchemeDesignator = "DCM"
             item.CodeMeaning = meaning
             codes.append(item)
-        ds.DeidentificationMethodCodeSequence = codes
-        if Option.RETAIN_MODIFIED_DATES in self.options:
-            ds.LongitudinalTemporalInformationModified = "MODIFIED"
-        elif Option.RETAIN_FULL_DATES in self.options:
-            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
-        else:
-            ds.LongitudinalTemporalInformationModified = "REMOVED"  # dates emptied or removed
+        return codes
+
+    def _method_codes_raw(self, pixels_cleaned: bool, implicit: bool) -> bytes:
+        """DeidentificationMethodCodeSequence's value as pydicom writes it (defined lengths)."""
+        key = (pixels_cleaned, implicit)
+        raw = self._codes_raw.get(key)
+        if raw is None:
+            fp = DicomBytesIO()
+            fp.is_implicit_VR, fp.is_little_endian = implicit, True
+            write_sequence(fp, DataElement(_METHOD_CODES, "SQ", self._method_code_items(pixels_cleaned)), ["iso8859"])
+            raw = self._codes_raw[key] = fp.getvalue()
+        return raw
 
     def _collect(self, ds: Dataset) -> Originals:
         """Original identifying values of the top level, before anything changes.
@@ -814,7 +848,7 @@ class Deidentifier:
         ctx.report.count(action)
         if vr == "PN" and action != "K":
             self._note_name(ds, tag, ctx)
-        elif vr == "SQ" and action in ("X", "Z") and self._cleans:
+        elif vr == "SQ" and action in ("X", "Z") and self._cleans and _may_hold_names(elem):
             self._note_names_within(ds, tag, ctx)
         if action == "X":
             del d[tag]
@@ -1086,6 +1120,15 @@ def _multiplicity(elem: Any, vr: str) -> int:
     if isinstance(value, (list, tuple, MultiValue)):
         return len(value)
     return 1 if str(value) else 0
+
+
+def _may_hold_names(elem: Any) -> bool:
+    """Whether a sequence may hold a person name: an unparsed explicit-VR sequence without the
+    bytes ``PN`` has none (every PN element there carries its VR), so it need not be parsed
+    just to be removed."""
+    if elem.__class__ is RawDataElement and elem.is_implicit_VR is False:
+        return b"PN" in (elem.value or b"")
+    return True
 
 
 def _enumerated(elem: Any, t: int) -> bool:

@@ -24,6 +24,7 @@ little, a kept name is a breach. The residual-PHI audit still checks the output 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from collections.abc import Iterable
 
 _TITLES = r"(?:dr|drs|doctor|dott|dra|prof|professor|mr|mrs|ms|miss|mx|herr|frau|mme|mlle|sister|nurse)"
@@ -74,6 +75,9 @@ _ID_PATTERNS = re.compile(
 )
 _PHONE = re.compile(r"\+?\(?\d[\d ()-]{7,}\d")
 _SPACES = re.compile(r"\s{2,}")
+# The objects of a study share their values: their patterns are compiled once here, not left to
+# re's own cache, which other libraries in the process (dicognito compiles hundreds) can flush.
+_compile = lru_cache(maxsize=256)(re.compile)
 
 
 def scrubber(long_tokens: Iterable[str], short_words: Iterable[str]) -> re.Pattern[str] | None:
@@ -86,7 +90,7 @@ def scrubber(long_tokens: Iterable[str], short_words: Iterable[str]) -> re.Patte
         parts.append("|".join(re.escape(t) for t in longs))
     if shorts:
         parts.append(r"(?<![\w])(?:" + "|".join(re.escape(w) for w in shorts) + r")(?![\w])")
-    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
+    return _compile("|".join(parts), re.IGNORECASE) if parts else None
 
 
 def _name_words(text: str, start: int, capitals: bool, limit: int) -> int:

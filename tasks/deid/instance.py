@@ -13,12 +13,13 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.dataelem import DataElement
 from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
+from pacsflow.tasks.deid import part10
 from pacsflow.tasks.deid.audit import audit_or_raise
 from pacsflow.tasks.deid.validation import problems
 from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier, Originals
@@ -140,5 +141,5 @@ def _part10(ds: pydicom.Dataset) -> bytes:
     fp.write(_meta_bytes(meta) or _meta_by_pydicom(meta))
     fp.is_implicit_VR = ts.is_implicit_VR
     fp.is_little_endian = ts.is_little_endian
-    write_dataset(fp, ds)
+    part10.write_dataset(fp, ds)
     return fp.getvalue()
