@@ -61,6 +61,8 @@ def _write_raw(fp: DicomBytesIO, t: int, elem: RawDataElement, implicit: bool) -
     if elem.length == _UNDEFINED:
         return False  # encapsulated pixel data or an unparsed sequence: delimiters to write
     value = elem.value
+    if value is None:
+        return False
     n = len(value)
     if implicit:
         fp.write(struct.pack("<HHI", t >> 16, t & 0xFFFF, n))
