@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.stage_profile [--studies 30] [--instances-per-series 30 37]
     .venv/bin/python -m bench.stage_profile --studies 100     # the README's ~10,000-instance set
+    .venv/bin/python -m bench.stage_profile --nightly         # and the share outside the stages
 
 Generates studies (``deployments/local/sampledata``, the shape ``bench.nightly_vs_dcmtk`` uses),
 then runs every object through the nightly path's own functions, in one process, one stage after
@@ -24,7 +25,13 @@ the other, timing each call with ``time.process_time`` (this process's CPU, all 
 This is ``tasks/lake/study.py``'s ``process_study`` taken apart; objects that de-identification
 quarantines (the generated ultrasound says BurnedInAnnotation YES) stop after deidentify, as there.
 Every stage is divided by all instances received, so the column sums to the CPU per instance of
-the whole path on one core. Prefect's share is not measured here (see ``bench.nightly_vs_dcmtk``).
+the whole path on one core.
+
+With ``--nightly`` the same studies are then loaded into a private Orthanc and one real
+``nightly_ingest`` runs under Prefect (``bench.nightly_vs_dcmtk``'s run, test-harness server):
+its CPU (this process and its reaped children: the worker processes, the Prefect server) less
+the stages' CPU per instance times the instances is what the run spends outside the stages —
+Prefect (imports, server, task runs, state), the retrieve's client side, planning, bookkeeping.
 Not a test: nothing here asserts a speed.
 """
 
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import resource
 import shutil
 import subprocess
 import sys
@@ -121,13 +129,44 @@ def process(staged: Path, rows_dir: Path, deid: Deidentifier, storage: LakeStora
     return written, quarantined
 
 
-def table(clock: Clock, instances: int) -> str:
+def children_and_self_cpu() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def nightly_cpu(inputs: Path, work: Path) -> tuple[int, float]:
+    """(instances, CPU seconds) of one real nightly run over the studies under ``inputs``."""
+    from bench.nightly_vs_dcmtk import bench_pacsflow
+    from pacsflow.deployments.local.orthanc import OrthancConfig, OrthancServer, default_modalities
+
+    receiver_port = free_port()
+    mods = default_modalities()
+    mods["PACSFLOW"] = ("PACSFLOW", "127.0.0.1", receiver_port)
+    server = OrthancServer(OrthancConfig(work_dir=work / "orthanc", dicom_port=free_port(), http_port=free_port(),
+                                         modalities=mods))
+    server.start()
+    try:
+        sampledata.load([inputs], "127.0.0.1", server.dicom_port)
+        before = children_and_self_cpu()
+        n, _seconds, _result = bench_pacsflow(server, work / "nightly", receiver_port)
+        return n, children_and_self_cpu() - before
+    finally:
+        server.stop(graceful=False)
+
+
+def table(clock: Clock, instances: int, nightly: tuple[int, float] | None) -> str:
     total = sum(clock.cpu[s] for s in STAGES)
     lines = ["| stage | CPU ms/instance | share |", "|---|---|---|"]
     for stage in STAGES:
         lines.append(f"| {stage} | {1000 * clock.cpu[stage] / instances:.2f} | {100 * clock.cpu[stage] / total:.0f} % |")
     lines.append(f"| **all stages** | **{1000 * total / instances:.2f}** | 100 % |")
-    lines.append("| Prefect (outside the stages) | not measured | — |")
+    if nightly is None:
+        lines.append("| Prefect and the rest, outside the stages | not measured (--nightly) | — |")
+    else:
+        n, cpu = nightly
+        outside = cpu - n * total / instances
+        lines.append(f"| outside the stages in a real nightly run (Prefect, retrieve client, bookkeeping) "
+                     f"| {1000 * outside / n:.2f} | {100 * outside / cpu:.0f} % of that run's {cpu:.1f} s CPU |")
     rate = instances / total
     return "\n".join(lines) + f"\n\nsum of the stages: {rate:.0f} instances/s per core\n"
 
@@ -137,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=30, help="100 for the README's ~10,000-instance set")
     ap.add_argument("--series-per-study", type=int, nargs=2, default=(3, 3))
     ap.add_argument("--instances-per-series", type=int, nargs=2, default=(30, 37))
+    ap.add_argument("--nightly", action="store_true", help="also run nightly_ingest on the same studies (Orthanc)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
     if shutil.which("storescu") is None:
@@ -163,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         clock.run("commit", lambda: catalog.commit(read_rows(rows_dirs)))
         sys.stdout.write(f"{len(studies)} studies, {instances} instances received; {written} written to the lake, "
                          f"{quarantined} quarantined (pixel policy quarantine); CPU of this process, one core\n\n")
-        sys.stdout.write(table(clock, instances))
+        nightly = nightly_cpu(work / "in", work) if args.nightly else None
+        sys.stdout.write(table(clock, instances, nightly))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
