@@ -17,7 +17,7 @@ the other, timing each call with ``time.process_time`` (this process's CPU, all 
   encode     ``encode(ds, None)``: the Part 10 bytes, audit off.
   audit      ``audit_or_raise`` on those bytes, against the originals ``apply`` returned.
   hash       ``hashlib.sha256`` of the bytes (the catalog's sha256 column).
-  write      ``LakeStorage.put`` into a local folder (atomic write: temp file, fsync, rename).
+  write      ``LakeStorage.put`` into a local folder (atomic write: a temp file in the folder, then a rename).
   extract    ``StudyExtractor.add`` (catalog row, DICOM JSON), then per study ``tables()`` and the
              row files written as ``process_study`` writes them.
   commit     ``read_rows`` + ``CatalogStore.commit`` of all studies (one batch: commit_batch is 200).
@@ -51,20 +51,20 @@ from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from pacsflow.catalog.store import CatalogStore
 from pacsflow.deployments.local import sampledata
 from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
 from pacsflow.tasks.core.files import write_atomic
 from pacsflow.tasks.deid.audit import audit_or_raise
 from pacsflow.tasks.deid.choices import PixelPolicy
-from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
+from pacsflow.tasks.deid.deidentifier import Deidentifier, DeidReport
 from pacsflow.tasks.deid.instance import deidentify_dataset, encode, read_instance
 from pacsflow.tasks.lake.rows import StudyExtractor
 from pacsflow.tasks.lake.storage import LakeStorage
 from pacsflow.tasks.lake.study import TABLES, read_rows
 from pacsflow.tasks.pacs.receiver import StagingWriter, StorageReceiver
 from pacsflow.tasks.settings import DeidSettings
+
 from tests.helpers import dcmtk_env, free_port
 
 STAGES = ("receive", "parse", "deidentify", "encode", "audit", "hash", "write", "extract", "commit")
@@ -102,6 +102,10 @@ def receive(studies, staging: Path, deid: Deidentifier, clock: Clock) -> Staging
     return writer
 
 
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()  # what process_study records in the sha256 column
+
+
 def process(staged: Path, rows_dir: Path, deid: Deidentifier, storage: LakeStorage, clock: Clock) -> tuple[int, int]:
     """``process_study`` stage by stage; returns (written, quarantined)."""
     report = DeidReport()
@@ -116,7 +120,7 @@ def process(staged: Path, rows_dir: Path, deid: Deidentifier, storage: LakeStora
         except (BadDicom, DeidentificationError):
             quarantined += 1
             continue
-        sha = clock.run("hash", lambda: hashlib.sha256(data).hexdigest())
+        sha = clock.run("hash", sha256_hex, data)
         rel = f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
         url = clock.run("write", storage.put, rel, data)
         clock.run("extract", extractor.add, ds, file_path=url, file_size=len(data), sha256=sha)
@@ -139,9 +143,14 @@ def nightly_cpu(inputs: Path, work: Path, instances: int) -> tuple[int, float]:
 
     A study whose every object is quarantined (generated ultrasound) fails the run at its end, as
     it should: all its objects went through the whole run all the same, so the CPU still counts."""
-    from bench.nightly_vs_dcmtk import bench_pacsflow
+    from pacsflow.deployments.local.orthanc import (
+        OrthancConfig,
+        OrthancServer,
+        default_modalities,
+    )
     from pacsflow.flows.nightly import StudiesFailed
-    from pacsflow.deployments.local.orthanc import OrthancConfig, OrthancServer, default_modalities
+
+    from bench.nightly_vs_dcmtk import bench_pacsflow
 
     receiver_port = free_port()
     mods = default_modalities()
@@ -165,7 +174,8 @@ def table(clock: Clock, instances: int, nightly: tuple[int, float] | None) -> st
     total = sum(clock.cpu[s] for s in STAGES)
     lines = ["| stage | CPU ms/instance | share |", "|---|---|---|"]
     for stage in STAGES:
-        lines.append(f"| {stage} | {1000 * clock.cpu[stage] / instances:.2f} | {100 * clock.cpu[stage] / total:.0f} % |")
+        cpu = clock.cpu[stage]
+        lines.append(f"| {stage} | {1000 * cpu / instances:.2f} | {100 * cpu / total:.0f} % |")
     lines.append(f"| **all stages** | **{1000 * total / instances:.2f}** | 100 % |")
     if nightly is None:
         lines.append("| Prefect and the rest, outside the stages | not measured (--nightly) | — |")
