@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
@@ -43,15 +43,43 @@ def dicom_json_dict(ds: Dataset) -> dict[str, Any]:
     """The Dataset as a DICOM JSON object, without pixel data or binary elements. Only the
     elements written out are converted; one pydicom cannot convert (a malformed IS) is left out."""
     out: dict[str, Any] = {}
-    for tag in sorted(ds._dict):
-        if tag.group == 0x7FE0 or _vr(ds, tag) in _BINARY_VRS:
+    d = ds._dict
+    for tag in sorted(d):
+        vr = _vr(ds, tag)
+        if tag.group == 0x7FE0 or vr in _BINARY_VRS:
             continue
+        elem = d[tag]
         try:
-            value = _element_json(ds[tag])
+            value = _raw_json(vr, elem.value) if elem.__class__ is RawDataElement and vr in _RAW_TEXT_VRS else None
+            if value is None:
+                value = _element_json(ds[tag])
         except (ValueError, TypeError, KeyError, OverflowError):
             continue
         out[f"{int(tag):08X}"] = value
     return out
+
+
+# Text VRs whose raw ASCII bytes give the JSON values directly, split and stripped as pydicom
+# decodes each (converting every element through pydicom cost most of a catalog row's time).
+_WHOLE_STRIPPED = frozenset({"AS", "CS", "UI"})  # trailing spaces and NULs off the whole value, then split
+_EACH_RSTRIPPED = {"LO": "\x00 ", "SH": "\x00 ", "DA": None, "DT": None, "TM": None}  # split, then each
+_RAW_TEXT_VRS = _WHOLE_STRIPPED | frozenset(_EACH_RSTRIPPED) | {"AE"}
+
+
+def _raw_json(vr: str, raw: bytes | None) -> dict[str, Any] | None:
+    """The JSON of a raw, ASCII text element; None: let pydicom convert it."""
+    if raw is None or not raw.isascii() or b"\x1b" in raw:
+        return None
+    text = raw.decode("ascii")
+    if vr in _WHOLE_STRIPPED:
+        values = text.rstrip(" \x00").split("\\")
+    elif vr == "AE":
+        values = [v.strip() for v in text.split("\\")]
+    else:
+        values = [v.rstrip(_EACH_RSTRIPPED[vr]) for v in text.split("\\")]
+    if values == [""]:
+        return {"vr": vr}
+    return {"vr": vr, "Value": [v or None for v in values]}
 
 
 def _element_json(elem: DataElement) -> dict[str, Any]:
