@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
+import sys
 import tempfile
 import time
 import warnings
@@ -28,6 +28,8 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
 
+from bench.false_quarantine import candidate_files
+from bench.false_quarantine import corpora as sample_corpora
 from pacsflow.deployments.local import sampledata
 from pacsflow.tasks.deid.ocr import OcrConfig, find_text, to_gray8
 from pacsflow.tasks.deid.pixels import at_risk
@@ -58,15 +60,10 @@ def ms_per_frame(size: int, colour: bool, repeat: int) -> tuple[float, int]:
     return best * 1000, lines
 
 
-def corpora() -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {}
-    pydicom_files = Path(pydicom.__file__).parent / "data" / "test_files"
-    out["pydicom test files"] = sorted(pydicom_files.rglob("*.dcm"))
-    for name, module in (("pydicom-data", "data_store"), ("deid-data", "deid_data")):
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin:
-            out[name] = sorted(p for p in Path(spec.origin).parent.rglob("*") if p.is_file() and p.suffix in ("", ".dcm"))
-    return out
+def corpora(unpack_to: Path) -> dict[str, list[Path]]:
+    """The sample corpora ``bench.false_quarantine`` reads, as lists of candidate files."""
+    return {name: [path for _, path in candidate_files(root, unpack_to / name)]
+            for name, root in sample_corpora().items()}
 
 
 def share_at_risk(paths: list[Path]) -> tuple[int, int, int]:
@@ -89,20 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="best of N reads per frame")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
-    print("OCR per frame (one read; best of %d)" % args.repeat)
+    out = sys.stdout
+    out.write(f"OCR per frame (one read; best of {args.repeat})\n")
     for size in (256, 512, 1024):
         for colour in (False, True):
             ms, lines = ms_per_frame(size, colour, args.repeat)
-            print(f"  {size:5d} px {'colour' if colour else 'mono  '} {ms:8.0f} ms  ({lines} text line(s) found)")
-    print("objects OCR reads (at risk) in the corpora")
-    sets = corpora()
+            out.write(f"  {size:5d} px {'colour' if colour else 'mono  '} {ms:8.0f} ms  ({lines} text line(s) found)\n")
+    out.write("objects OCR reads (at risk) in the corpora\n")
     with tempfile.TemporaryDirectory() as tmp:
+        sets = corpora(Path(tmp) / "unpacked")
         sampledata.generate(Path(tmp), studies=30, end_date=dt.date(2026, 11, 1), seed=11, rows=64, cols=64)
         sets["generated nightly sample (30 studies)"] = sorted(Path(tmp).rglob("*.dcm"))
         for name, paths in sets.items():
             read, risky, frames = share_at_risk(paths)
             share = 100.0 * risky / read if read else 0.0
-            print(f"  {name:40s} {risky:5d} of {read:5d} objects ({share:5.1f} %), {frames} frame(s)")
+            out.write(f"  {name:40s} {risky:5d} of {read:5d} objects ({share:5.1f} %), {frames} frame(s)\n")
     return 0
 
 
