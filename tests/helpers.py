@@ -90,3 +90,15 @@ def start_hapi(run_dir, data_dir=None, attempts: int = 2):
         except fhir_server.FhirServerError as exc:
             last = exc
     raise last
+
+
+def pydicom_sample_files(max_bytes: int = 2_000_000) -> list:
+    """Every file of pydicom's own test data (test_files and charset_files) under ``max_bytes``:
+    the corpus our writers and encoders are pinned against pydicom on."""
+    from pathlib import Path
+
+    from pydicom.data import get_testdata_file
+
+    root = Path(get_testdata_file("CT_small.dcm")).parent.parent
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc", ".json", ".txt")
+                  and p.stat().st_size < max_bytes)

@@ -9,17 +9,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset as pydicom_write_dataset
 
 from pacsflow.tasks.core.errors import DeidentificationError
 from pacsflow.tasks.deid import part10
 from pacsflow.tasks.deid.deidentifier import Deidentifier
+from tests.helpers import pydicom_sample_files
 
-TESTDATA = Path(get_testdata_file("CT_small.dcm")).parent.parent  # test_files and charset_files
-SAMPLES = sorted(p for p in TESTDATA.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc", ".json", ".txt")
-                 and p.stat().st_size < 2_000_000)
+SAMPLES = pydicom_sample_files()
 
 
 def _both(path: Path, deidentify: bool) -> tuple[bytes, bytes] | None:

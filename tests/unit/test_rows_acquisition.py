@@ -14,7 +14,7 @@ from pacsflow.catalog.views import query
 from pacsflow.tasks.lake import rows
 from pacsflow.tasks.lake.dicom_json import dicom_json_dict
 from pacsflow.tasks.lake.rows import StudyExtractor
-from tests.helpers import build_catalog
+from tests.helpers import build_catalog, pydicom_sample_files
 
 STUDY = "2.25.1"
 
@@ -142,14 +142,6 @@ def test_dicom_json_says_what_pydicom_says(name):
     assert ours and plain(ours) == plain(theirs)
 
 
-def _all_sample_files() -> list:
-    from pathlib import Path
-
-    root = Path(get_testdata_file("CT_small.dcm")).parent.parent  # test_files and charset_files
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc", ".json", ".txt")
-                  and p.stat().st_size < 2_000_000)
-
-
 def _convert_standard(ds) -> None:
     """Convert every standard element at every depth (private ones stay raw, as in the lake)."""
     for tag in list(ds._dict):
@@ -160,7 +152,7 @@ def _convert_standard(ds) -> None:
                     _convert_standard(item)
 
 
-@pytest.mark.parametrize("path", _all_sample_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", pydicom_sample_files(), ids=lambda p: p.name)
 def test_dicom_json_of_raw_elements_equals_that_of_converted_ones(path):
     """Text values read straight from raw bytes give the JSON pydicom's conversion gives."""
     try:
