@@ -34,6 +34,16 @@ class RetrieveMethod(str, enum.Enum):
     C_GET = "c-get"
 
 
+class ReceiverEngine(str, enum.Enum):
+    """What receives C-MOVE objects: DCMTK ``storescp`` (native, one process per association) or
+    pynetdicom in the flow's process. ``auto`` takes DCMTK when ``storescp`` is installed and the
+    receiver does not speak TLS."""
+
+    AUTO = "auto"
+    DCMTK = "dcmtk"
+    PYNETDICOM = "pynetdicom"
+
+
 def _check_ae_title(value: str) -> str:
     value = value.strip()
     if not value or len(value) > AE_TITLE_MAX or "\\" in value or not value.isascii():
@@ -127,9 +137,20 @@ class ReceiverSettings(BaseModel):
         description="calling AE titles that may send to the receiver besides the PACS's own (pacs.called_ae)",
     )
     max_object_mb: int = Field(2048, ge=1, description="a received object larger than this is refused, never staged")
+    engine: ReceiverEngine = Field(
+        ReceiverEngine.AUTO,
+        description="auto (dcmtk when storescp is installed and tls is off) | dcmtk (storescp per association, "
+        "checked at the staging boundary) | pynetdicom (in the flow's process)",
+    )
     tls: ReceiverTlsSettings = ReceiverTlsSettings()
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _engine_speaks_tls(self) -> "ReceiverSettings":
+        if self.engine is ReceiverEngine.DCMTK and self.tls.enabled:
+            raise ValueError("engine dcmtk does not take receiver.tls: use engine pynetdicom (or auto) with TLS")
+        return self
 
     @field_validator("allowed_aes")
     @classmethod

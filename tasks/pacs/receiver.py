@@ -16,21 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import ssl
 import threading
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
+from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacsflow.tasks.core.errors import PacsConfigurationError
 from pacsflow.tasks.core.files import ensure_private_dir, write_atomic
 from pacsflow.tasks.pacs.client import NODELAY_HANDLER, abstract_syntaxes, quiet_pynetdicom
 from pacsflow.tasks.pacs.tls import receiver_context
-from pacsflow.tasks.settings import Settings
+from pacsflow.tasks.pacs.storescp import NativeReceiver, storescp_available
+from pacsflow.tasks.settings import ReceiverEngine, ReceiverSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,8 @@ _NOT_AUTHORISED = 0x0124  # an object of a study this run does not retrieve
 _OUT_OF_RESOURCES = 0xA700  # cannot write, or larger than we accept
 _CANNOT_UNDERSTAND = 0xC000
 MB = 1024 * 1024
+# Refusals another retrieve of the object cannot change (a failed write may succeed next time).
+_FINAL_REFUSALS = frozenset({"too_large"})
 
 
 class StagingWriter:
@@ -63,6 +69,8 @@ class StagingWriter:
         self._unlisted: Counter[str] = Counter()  # study -> objects refused as not listed
         self._refusals: dict[str, str] = {}  # SOP Instance UID -> why we refused it
         self.refused: Counter[str] = Counter()
+        # A native receiver's hook (study UID, its listed objects or None): takes in what it wrote.
+        self.intake: Callable[[str, frozenset[str] | None], None] | None = None
 
     @property
     def rejected(self) -> int:
@@ -87,6 +95,18 @@ class StagingWriter:
         folder = self.study_dir(study_uid)
         return {uid for uid in sop_uids if (folder / staged_name(uid)).exists()}
 
+    def settled(self, study_uid: str, sop_uids: Iterable[str]) -> set[str]:
+        """Which of ``sop_uids`` need no further retrieve: on disk, or refused by our receiver."""
+        wanted = set(sop_uids)
+        with self._lock:
+            ours = {uid for uid in wanted if self._refusals.get(uid) in _FINAL_REFUSALS}
+        return ours | self.staged(study_uid, wanted - ours)
+
+    def refused_for_good(self, sop_uids: Iterable[str]) -> dict[str, str]:
+        """The objects among ``sop_uids`` our receiver refused for a reason a retrieve cannot change."""
+        with self._lock:
+            return {uid: r for uid in sop_uids if (r := self._refusals.get(uid)) in _FINAL_REFUSALS}
+
     def refusal(self, sop_uid: str) -> str | None:
         """Why we refused this object, if we did (e.g. ``too_large``)."""
         with self._lock:
@@ -98,38 +118,81 @@ class StagingWriter:
             return self._unlisted[study_uid]
 
     def handle_store(self, event: evt.Event) -> int:
+        """A C-STORE received by pynetdicom: staged, or refused with the status the sender sees."""
         if _encoded_size(event) > self.max_object_bytes:
             sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
-            return self._refuse(event, "too_large", _OUT_OF_RESOURCES, sop_uid)
+            return self._refuse(_peer_ae(event), "too_large", _OUT_OF_RESOURCES, sop_uid)
         try:
             ds = event.dataset
-            study_uid = str(ds.StudyInstanceUID)
-            sop_uid = str(ds.SOPInstanceUID)
+            study_uid, sop_uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
         except Exception:  # noqa: BLE001 - any decode failure is the sender's malformed object
-            return self._refuse(event, "undecodable", _CANNOT_UNDERSTAND)
-        with self._lock:
-            expected = study_uid in self._expected
-            listed = self._listed.get(study_uid)
-        if not expected:
-            return self._refuse(event, "unexpected_study", _NOT_AUTHORISED)
-        if listed is not None and sop_uid not in listed:
-            with self._lock:
-                self._unlisted[study_uid] += 1
-            return self._refuse(event, "unlisted_object", _NOT_AUTHORISED)
-        folder = self.study_dir(study_uid)
+            return self._refuse(_peer_ae(event), "undecodable", _CANNOT_UNDERSTAND)
+        refusal = self._admit(study_uid, sop_uid)
+        if refusal is not None:
+            return self._refuse(_peer_ae(event), refusal, _NOT_AUTHORISED)
         try:
-            write_atomic(folder / staged_name(sop_uid), event.encoded_dataset(), private=True)
+            write_atomic(self.study_dir(study_uid) / staged_name(sop_uid), event.encoded_dataset(), private=True)
         except OSError as exc:
             log.error("cannot write a received object to staging: %s", type(exc).__name__)
-            return self._refuse(event, "write_failed", _OUT_OF_RESOURCES, sop_uid)
+            return self._refuse(_peer_ae(event), "write_failed", _OUT_OF_RESOURCES, sop_uid)
         return _SUCCESS
 
-    def _refuse(self, event: evt.Event, reason: str, status: int, sop_uid: str = "") -> int:
+    def take_file(self, path: Path, peer: str = "storescp") -> bool:
+        """A file a native receiver wrote (``path``, complete): moved into staging by a rename, or
+        refused for the same reasons as :meth:`handle_store` and deleted. The sender was told
+        success already, so a refusal here is only counted and logged (``peer`` names the sender)."""
+        try:
+            size = path.stat().st_size
+            header = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            study_uid, sop_uid = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
+        except FileNotFoundError:
+            return False  # taken by another caller
+        except Exception:  # noqa: BLE001 - any decode failure is the sender's malformed object
+            return self._drop(path, peer, "undecodable")
+        if size > self.max_object_bytes:
+            return self._drop(path, peer, "too_large", sop_uid)
+        refusal = self._admit(study_uid, sop_uid)
+        if refusal is not None:
+            return self._drop(path, peer, refusal)
+        folder = ensure_private_dir(self.study_dir(study_uid))
+        try:
+            os.replace(path, folder / staged_name(sop_uid))
+        except OSError as exc:
+            log.error("cannot move a received object into staging: %s", type(exc).__name__)
+            return self._drop(path, peer, "write_failed", sop_uid)
+        return True
+
+    def settle(self, study_uid: str) -> None:
+        """After a retrieve of ``study_uid`` ended: a native receiver's files of it go to staging
+        (pynetdicom stages as it receives, so there is nothing to do)."""
+        if self.intake is not None:
+            with self._lock:
+                listed = self._listed.get(study_uid)
+            self.intake(study_uid, listed)
+
+    def _admit(self, study_uid: str, sop_uid: str) -> str | None:
+        """None when the object may be staged, else why not."""
+        with self._lock:
+            if study_uid not in self._expected:
+                return "unexpected_study"
+            listed = self._listed.get(study_uid)
+            if listed is not None and sop_uid not in listed:
+                self._unlisted[study_uid] += 1
+                return "unlisted_object"
+        return None
+
+    def _drop(self, path: Path, peer: str, reason: str, sop_uid: str = "") -> bool:
+        path.unlink(missing_ok=True)
+        self._refuse(peer, reason, _SUCCESS, sop_uid, where="at the staging boundary")
+        return False
+
+    def _refuse(self, peer: str, reason: str, status: int, sop_uid: str = "", where: str = "") -> int:
         with self._lock:
             self.refused[reason] += 1
             if sop_uid:
                 self._refusals[sop_uid] = reason
-        log.warning("refused a C-STORE from %s: %s (0x%04X)", _peer_ae(event), reason.replace("_", " "), status)
+        told = where or f"(0x{status:04X})"
+        log.warning("refused a C-STORE from %s: %s %s", peer, reason.replace("_", " "), told)
         return status
 
 
@@ -145,6 +208,9 @@ def _encoded_size(event: evt.Event) -> int:
         return 0
     with data.getbuffer() as view:
         return view.nbytes
+
+
+_HEADER_TAGS = ["StudyInstanceUID", "SOPInstanceUID"]
 
 
 def _peer_ae(event: evt.Event) -> str:
@@ -192,10 +258,14 @@ class StorageReceiver:
         self._server: ThreadedAssociationServer | None = None
 
     @classmethod
-    def for_run(cls, settings: Settings, writer: StagingWriter) -> "StorageReceiver":
-        """The receiver of ``settings.receiver``, open to the PACS and ``receiver.allowed_aes``."""
+    def for_run(cls, settings: Settings, writer: StagingWriter) -> "StorageReceiver | NativeReceiver":
+        """The receiver of ``settings.receiver`` (its ``engine``), open to the PACS and
+        ``receiver.allowed_aes``."""
         r = settings.receiver
-        return cls(r.ae_title, r.host, r.port, writer, [settings.pacs.called_ae, *r.allowed_aes], receiver_context(r))
+        allowed = [settings.pacs.called_ae, *r.allowed_aes]
+        if chosen_engine(r) is ReceiverEngine.DCMTK:
+            return NativeReceiver(r.ae_title, r.host, r.port, writer, allowed, settings.state_root / "incoming")
+        return cls(r.ae_title, r.host, r.port, writer, allowed, receiver_context(r))
 
     def start(self) -> "StorageReceiver":
         handlers: list[evt.EventHandlerType] = [
@@ -219,11 +289,27 @@ class StorageReceiver:
             self._server.shutdown()
             self._server = None
 
+    def drain(self, timeout_s: float) -> bool:
+        """Every object received is staged or refused already (the native engine's counterpart waits)."""
+        return True
+
     def __enter__(self) -> "StorageReceiver":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def chosen_engine(receiver: ReceiverSettings) -> ReceiverEngine:
+    """``receiver.engine``, with ``auto`` resolved: DCMTK when storescp is installed and TLS is off."""
+    if receiver.engine is not ReceiverEngine.AUTO:
+        if receiver.engine is ReceiverEngine.DCMTK and not storescp_available():
+            raise PacsConfigurationError("receiver.engine is dcmtk, but DCMTK's storescp is not on PATH: install "
+                                         "dcmtk or set receiver.engine to pynetdicom")
+        return receiver.engine
+    if storescp_available() and not receiver.tls.enabled:
+        return ReceiverEngine.DCMTK
+    return ReceiverEngine.PYNETDICOM
 
 
 def _all_transfer_syntaxes() -> list[str]:

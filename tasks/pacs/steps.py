@@ -34,6 +34,7 @@ from pacsflow.tasks.settings import RetrieveMethod
 # its PACS phase (discovery + retrieval) and keeps at most that many associations open;
 # Prefect's slot polling (~2 s per acquisition measured here) is too slow to pay per study.
 PACS_LIMIT = "pacs-associations"
+_OURS = 0x0000  # the status of an object our receiver refused: the PACS was not refused it
 
 
 @task(name="discover-studies", persist_result=False, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
@@ -89,8 +90,11 @@ def retrieve_study(item: WorkItem, route: RetrieveRoute, writer: StagingWriter) 
         return Retrieved(item.pseudo_uid, str(folder), on_disk)
     writer.announce(item.study_uid, listed)
     other_way = _by_c_get(client, writer, item) if route.method is RetrieveMethod.C_MOVE else None
-    refused = retrieve_listed(send, listed, partial(writer.staged, item.study_uid), _operation(route),
+    refused = retrieve_listed(send, listed, partial(writer.settled, item.study_uid), _operation(route),
                               item.pseudo_uid, other_way=other_way, destination=route.destination)
+    # Objects our receiver refused for good count as settled above: a native receiver told the
+    # PACS success for them, so only the writer knows they are missing.
+    refused = {**dict.fromkeys(writer.refused_for_good(listed), _OURS), **refused}
     missing = tuple(MissingObject(uid, writer.ref(uid), _why_missing(writer.refusal(uid), code))
                     for uid, code in sorted(refused.items()))
     received = count_staged(folder)
@@ -113,7 +117,9 @@ def _sender(client: PacsClient, route: RetrieveRoute, writer: StagingWriter, ite
     def send(objects: Objects | None) -> int:
         what = f"{_operation(route)} for study {item.pseudo_uid}"
         if route.method is RetrieveMethod.C_MOVE:
-            return client.move(item.study_uid, objects, route.move_destination, what)[0]
+            status = client.move(item.study_uid, objects, route.move_destination, what)[0]
+            writer.settle(item.study_uid)
+            return status
         return client.get(item.study_uid, objects, writer.handle_store, what)[0]
 
     return send

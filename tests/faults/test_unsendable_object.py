@@ -26,8 +26,10 @@ pytestmark = pytest.mark.integration
 UNKNOWN_SOP_CLASS = "1.2.826.0.1.3680043.10.1389.99.1"
 
 
-def test_a_study_is_cataloged_minus_the_objects_the_pacs_cannot_send(lake, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["dcmtk", "pynetdicom"])
+def test_a_study_is_cataloged_minus_the_objects_the_pacs_cannot_send(lake, tmp_path, monkeypatch, engine):
     monkeypatch.setenv("PACSFLOW_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("PACSFLOW_RECEIVER__ENGINE", engine)  # both refuse the unknown class at negotiation
     [study] = sampledata.generate(tmp_path / "in", studies=1, modalities=("CT",), days=1,
                                   end_date=dt.date.today(), seed=11, instances_per_series=(8, 8))
     files = sorted(study.path.rglob("*.dcm"))
