@@ -228,7 +228,9 @@ class Generator:
         p, n = self.plan, inst_series.size
         study = p.series_study[inst_series]
         kinds = p.study_modality[study]
-        table = _from_templates({m: t["instances"] for m, t in self.tpl.items()}, kinds, ordinal)
+        # The template's JSON (kB per row) is left out of the copy: it is replaced below anyway.
+        sources = {m: t["instances"].drop_columns(["dicom_json"]) for m, t in self.tpl.items()}
+        table = _from_templates(sources, kinds, ordinal)
         sop = _uids(rng, n)
         study_uid, series_uid = self.study_uids.take(pa.array(study)), self.series_uids.take(pa.array(inst_series))
         classes = pa.array([MODALITIES[m][5] for m in MODALITIES]).take(pa.array(kinds))
@@ -242,7 +244,8 @@ class Generator:
             text = pc.binary_join_element_wise(cut["prefix"], sop, cut["suffix"], "")
         else:
             text = pa.nulls(n, pa.large_string())
-        return _set(table, "dicom_json", text)
+        fld = SCHEMAS["instances"].field("dicom_json")
+        return table.add_column(SCHEMAS["instances"].get_field_index("dicom_json"), fld, text)
 
     def _series(self, rng: np.random.Generator, series: np.ndarray, counts: np.ndarray,
                 size: np.ndarray) -> pa.Table:
