@@ -97,6 +97,8 @@ LEGACY_CURRENT_LINK = "current"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "pacsflow-catalog/1"
 ROW_GROUP_ROWS = 64 * 1024  # smaller row groups = finer skipping by study_uid/study_date
+#: strftime pattern of the partition key; a coarser one (``%Y``) is what bench/catalog_scale.py compares.
+PARTITION_FORMAT = "%Y-%m"
 ZSTD_LEVEL = 3
 
 _VERSION_DIR = re.compile(r"^v(\d{12})$")
@@ -203,7 +205,7 @@ def _check_keys(name: str, table: pa.Table) -> None:
 
 
 def _partition_keys(study_date: pa.ChunkedArray | pa.Array) -> pa.Array:
-    months = pc.strftime(study_date, format="%Y-%m")
+    months = pc.strftime(study_date, format=PARTITION_FORMAT)
     return months.combine_chunks() if isinstance(months, pa.ChunkedArray) else months
 
 
