@@ -2,12 +2,18 @@
 
     .venv/bin/python -m bench.nightly_vs_dcmtk [--studies 100] [--instances-per-series 30 37]
 
+    .venv/bin/python -m bench.nightly_vs_dcmtk --engines dcmtk pynetdicom   # one nightly run per receive engine
+
 Generates the studies (default 100 studies, ~10,000 instances), loads them into a private
 Orthanc on free loopback ports, then measures:
   1. DCMTK: one ``movescu`` per study into one ``storescp`` (the peer's plain retrieve);
-  2. pacsflow: one full ``nightly_ingest`` run under Prefect (discover, C-MOVE into our
-     Storage SCP, de-identify, write the lake, extract, commit the catalog).
-and prints instances/s for both and their ratio. Not a test: nothing here asserts a speed.
+  2. the serial peer chain (``bench.peer_chain``): pynetdicom C-MOVE into a pynetdicom Storage
+     SCP, dicognito, pydicom header extraction to Parquet, one study after another;
+  3. pacsflow: one full ``nightly_ingest`` run under Prefect per receive engine (discover, C-MOVE
+     into our Storage SCP, de-identify, audit, write the lake, extract, commit the catalog), each
+     into a lake and state of its own.
+and prints instances/s for each and pacsflow's ratios to DCMTK and to the chain. Not a test:
+nothing here asserts a speed.
 The pixel policy is ``quarantine`` unless PACSFLOW_DEID__PIXEL_POLICY says otherwise (the
 generated ultrasound is flagged YES with no text; OCR's cost is measured by ``bench.ocr_cost``).
 """
@@ -26,7 +32,13 @@ import time
 from pathlib import Path
 
 from pacsflow.deployments.local import sampledata
-from pacsflow.deployments.local.orthanc import OrthancConfig, OrthancServer, default_modalities
+from pacsflow.deployments.local.orthanc import (
+    OrthancConfig,
+    OrthancServer,
+    default_modalities,
+)
+
+from bench.peer_chain import CHAIN_AE, run_peer_chain
 from tests.helpers import free_port
 
 
@@ -64,8 +76,10 @@ def bench_dcmtk(server: OrthancServer, studies, work: Path, port: int) -> tuple[
     return sum(1 for _ in out.iterdir()), seconds
 
 
-def bench_pacsflow(server: OrthancServer, work: Path, receiver_port: int) -> tuple[int, float, dict]:
+def bench_pacsflow(server: OrthancServer, work: Path, receiver_port: int, engine: str) -> tuple[int, float, dict]:
+    work.mkdir(parents=True, exist_ok=True)
     os.environ.update(
+        PACSFLOW_RECEIVER__ENGINE=engine,
         PACSFLOW_PACS__PORT=str(server.dicom_port),
         PACSFLOW_PACS__HTTP_URL=server.rest_url,
         PACSFLOW_RECEIVER__PORT=str(receiver_port),
@@ -80,9 +94,8 @@ def bench_pacsflow(server: OrthancServer, work: Path, receiver_port: int) -> tup
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_LOGGING_LEVEL="ERROR",
     )
-    from prefect.testing.utilities import prefect_test_harness
-
     from pacsflow.flows.nightly import nightly_ingest
+    from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         t0 = time.perf_counter()
@@ -102,14 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=100)
     ap.add_argument("--series-per-study", type=int, nargs=2, default=(3, 3))
     ap.add_argument("--instances-per-series", type=int, nargs=2, default=(30, 37))
+    ap.add_argument("--engines", nargs="+", default=["auto"], choices=["auto", "dcmtk", "pynetdicom"],
+                    help="receiver.engine of each nightly run (default: auto, DCMTK when installed)")
+    ap.add_argument("--no-chain", action="store_true", help="skip the serial peer chain")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="pacsflow-bench-"))
-    dcmtk_port, receiver_port = free_port(), free_port()
+    dcmtk_port, receiver_port, chain_port = free_port(), free_port(), free_port()
     mods = default_modalities()
     mods["PACSFLOW"] = ("PACSFLOW", "127.0.0.1", receiver_port)
     mods["DCMTK"] = ("DCMTK", "127.0.0.1", dcmtk_port)
+    mods[CHAIN_AE] = (CHAIN_AE, "127.0.0.1", chain_port)
     server = OrthancServer(OrthancConfig(work_dir=work / "orthanc", dicom_port=free_port(), http_port=free_port(),
                                          modalities=mods))
     server.start()
@@ -124,14 +141,28 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / "in")
 
         n_dcmtk, s_dcmtk = bench_dcmtk(server, studies, work, dcmtk_port)
-        print(f"DCMTK movescu -> storescp : {n_dcmtk} instances in {s_dcmtk:.1f}s = {n_dcmtk / s_dcmtk:.0f} instances/s")
-        n_ours, s_ours, result = bench_pacsflow(server, work, receiver_port)
-        print(f"pacsflow nightly_ingest   : {n_ours} instances in {s_ours:.1f}s = {n_ours / s_ours:.0f} instances/s "
-              f"(retrieve + de-identify + audit + lake + catalog; {result['instances']} cataloged, "
-              f"{result['quarantined_objects']} quarantined, {result['failed']} studies failed)")
-        print(f"ratio pacsflow / DCMTK    : {(n_ours / s_ours) / (n_dcmtk / s_dcmtk):.2f}")
-        if n_dcmtk != total or n_ours != total:
-            print(f"WARNING: expected {total} instances on both sides")
+        dcmtk_rate = n_dcmtk / s_dcmtk
+        print(f"DCMTK movescu -> storescp : {n_dcmtk} instances in {s_dcmtk:.1f}s = {dcmtk_rate:.0f} instances/s")
+        chain_rate = None
+        if not args.no_chain:
+            n_chain, s_chain = run_peer_chain(server.aet, server.dicom_port, [s.study_uid for s in studies],
+                                              work / "chain", chain_port)
+            chain_rate = n_chain / s_chain
+            print(f"serial peer chain         : {n_chain} instances in {s_chain:.1f}s = {chain_rate:.0f} instances/s "
+                  f"(pynetdicom C-MOVE -> dicognito -> pydicom headers to Parquet, study by study)")
+        ok = n_dcmtk == total
+        for engine in args.engines:
+            n_ours, s_ours, result = bench_pacsflow(server, work / f"nightly-{engine}", receiver_port, engine)
+            rate = n_ours / s_ours
+            print(f"pacsflow nightly_ingest   : {n_ours} instances in {s_ours:.1f}s = {rate:.0f} instances/s "
+                  f"(receiver.engine {engine}; {result['instances']} cataloged, "
+                  f"{result['quarantined_objects']} quarantined, {result['failed']} studies failed)")
+            print(f"  ratio to DCMTK          : {rate / dcmtk_rate:.2f}")
+            if chain_rate:
+                print(f"  ratio to the peer chain : {rate / chain_rate:.2f}")
+            ok = ok and n_ours == total
+        if not ok:
+            print(f"WARNING: expected {total} instances on every side")
             return 1
     finally:
         server.stop(graceful=False)

@@ -8,9 +8,10 @@ Generates studies (``deployments/local/sampledata``, the shape ``bench.nightly_v
 then runs every object through the nightly path's own functions, in one process, one stage after
 the other, timing each call with ``time.process_time`` (this process's CPU, all its threads):
 
-  receive    our Storage SCP (``StorageReceiver`` + ``StagingWriter``, in this process on a free
-             loopback port) receiving every study from DCMTK ``storescu``, one association per
-             study, as C-MOVE sub-operations arrive; storescu's own CPU is another process's.
+  receive    our Storage SCP (``StorageReceiver.for_run`` + ``StagingWriter``, on a free loopback
+             port, ``--engine`` as ``receiver.engine``) receiving every study from DCMTK
+             ``storescu``, one association per study, as C-MOVE sub-operations arrive: the CPU
+             of this process and of the native engine's storescp processes, not storescu's.
   parse      ``read_instance`` of the staged file (pydicom ``dcmread``, UID and value checks).
   deidentify ``deidentify_dataset`` (``Deidentifier.apply``) with the default settings and the
              ``quarantine`` pixel policy: OCR never runs here (``bench.ocr_cost`` measures it).
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import os
 import resource
 import shutil
 import subprocess
@@ -63,7 +65,7 @@ from pacsflow.tasks.lake.rows import StudyExtractor
 from pacsflow.tasks.lake.storage import LakeStorage
 from pacsflow.tasks.lake.study import TABLES, read_rows
 from pacsflow.tasks.pacs.receiver import StagingWriter, StorageReceiver
-from pacsflow.tasks.settings import DeidSettings
+from pacsflow.tasks.settings import DeidSettings, load_settings
 
 from tests.helpers import dcmtk_env, free_port
 
@@ -86,17 +88,25 @@ class Clock:
             self.cpu[stage] += time.process_time() - t0
 
 
-def receive(studies, staging: Path, deid: Deidentifier, clock: Clock) -> StagingWriter:
-    """storescu → our receiver, one association per study; the CPU of this process meanwhile."""
+def receive(studies, staging: Path, deid: Deidentifier, clock: Clock, engine: str) -> StagingWriter:
+    """storescu → our receiver (``receiver.engine`` = ``engine``), one association per study: the CPU
+    of this process and of the receiver's own processes (storescp's, once reaped), not storescu's."""
     writer = StagingWriter(staging, deid.study_ref)
     writer.expect([s.study_uid for s in studies])
-    port = free_port()
-    with StorageReceiver(RECEIVER_AE, "127.0.0.1", port, writer, [SENDER_AE]):
+    settings = load_settings(pacs={"called_ae": SENDER_AE}, state_root=staging.parent,
+                             receiver={"ae_title": RECEIVER_AE, "port": free_port(), "engine": engine})
+    with StorageReceiver.for_run(settings, writer) as receiver:
         for s in studies:
             files = sorted(str(p) for p in Path(s.path).rglob("*.dcm"))
-            clock.run("receive", subprocess.run,
-                      ["storescu", "-aet", SENDER_AE, "-aec", RECEIVER_AE, "127.0.0.1", str(port), *files],
-                      env=dcmtk_env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            before = children_and_self_cpu()
+            sender = subprocess.Popen(["storescu", "-aet", SENDER_AE, "-aec", RECEIVER_AE, "127.0.0.1",
+                                       str(settings.receiver.port), *files],
+                                      env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(sender.pid, 0)
+            sender.returncode = os.waitstatus_to_exitcode(status)
+            if sender.returncode != 0 or not receiver.drain(60):
+                raise RuntimeError(f"storescu ended with {sender.returncode}, or the receiver did not settle")
+            clock.cpu["receive"] += children_and_self_cpu() - before - (usage.ru_utime + usage.ru_stime)
     if writer.rejected:
         raise RuntimeError(f"the receiver refused {writer.rejected} objects: {dict(writer.refused)}")
     return writer
@@ -138,7 +148,7 @@ def children_and_self_cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def nightly_cpu(inputs: Path, work: Path, instances: int) -> tuple[int, float]:
+def nightly_cpu(inputs: Path, work: Path, instances: int, engine: str) -> tuple[int, float]:
     """(instances, CPU seconds) of one real nightly run over the ``instances`` under ``inputs``.
 
     A study whose every object is quarantined (generated ultrasound) fails the run at its end, as
@@ -162,7 +172,7 @@ def nightly_cpu(inputs: Path, work: Path, instances: int) -> tuple[int, float]:
         sampledata.load([inputs], "127.0.0.1", server.dicom_port)
         before = children_and_self_cpu()
         try:
-            bench_pacsflow(server, work / "nightly", receiver_port)
+            bench_pacsflow(server, work / "nightly", receiver_port, engine)
         except StudiesFailed as exc:
             sys.stdout.write(f"nightly run: {exc}\n")
         return instances, children_and_self_cpu() - before
@@ -194,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--series-per-study", type=int, nargs=2, default=(3, 3))
     ap.add_argument("--instances-per-series", type=int, nargs=2, default=(30, 37))
     ap.add_argument("--nightly", action="store_true", help="also run nightly_ingest on the same studies (Orthanc)")
+    ap.add_argument("--engine", default="auto", choices=["auto", "dcmtk", "pynetdicom"],
+                    help="receiver.engine for the receive stage and the nightly run (default: auto)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
     if shutil.which("storescu") is None:
@@ -207,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         instances = sum(s.n_instances for s in studies)
         deid = Deidentifier.from_settings(KEY, DeidSettings(pixel_policy=PixelPolicy.QUARANTINE))
         clock = Clock()
-        writer = receive(studies, work / "staging", deid, clock)
+        writer = receive(studies, work / "state" / "staging", deid, clock, args.engine)
         storage = LakeStorage(work / "lake" / "dicom")
         rows_dirs, written, quarantined = [], 0, 0
         for s in studies:
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         clock.run("commit", lambda: catalog.commit(read_rows(rows_dirs)))
         sys.stdout.write(f"{len(studies)} studies, {instances} instances received; {written} written to the lake, "
                          f"{quarantined} quarantined (pixel policy quarantine); CPU of this process, one core\n\n")
-        nightly = nightly_cpu(work / "in", work, instances) if args.nightly else None
+        nightly = nightly_cpu(work / "in", work, instances, args.engine) if args.nightly else None
         sys.stdout.write(table(clock, instances, nightly))
     finally:
         if not args.keep:
