@@ -459,19 +459,33 @@ class StudyExtractor:
             file_sha256=str(sha256).lower(),
         )
 
+        # Commit the instance only now: a raise above leaves the extractor unchanged.
+        self._keep(sop_uid, inst, study, series)
+        self.malformed_values += counter[0]
+        return sop_uid
+
+    def _keep(self, sop_uid: str, inst: dict[str, Any], study: dict[str, Any], series: dict[str, Any]) -> None:
+        """One instance's rows; of two copies of an instance, the one with the lower hash stays."""
         previous = self._instances.get(sop_uid)
         if previous is not None:
             self.duplicates += 1
-            logger.warning("instance %s added twice to study %s; keeping one copy", sop_uid, study_uid)
+            logger.warning("instance %s added twice to study %s; keeping one copy", sop_uid, inst["study_uid"])
             if previous["file_sha256"] <= inst["file_sha256"]:
-                return sop_uid
-        # Commit the instance only now: a raise above leaves the extractor unchanged.
-        self._study_uid = study_uid
-        self.malformed_values += counter[0]
+                return
+        self._study_uid = inst["study_uid"]
         self._instances[sop_uid] = inst
         self._study_values[sop_uid] = study
         self._series_values[sop_uid] = series
-        return sop_uid
+
+    def merge(self, other: "StudyExtractor") -> None:
+        """Take in what another extractor of the same study recorded (a batch of its objects
+        extracted elsewhere); raises BadDicom when it is another study's."""
+        if other.study_uid is not None and self._study_uid is not None and other.study_uid != self._study_uid:
+            raise BadDicom(f"rows of study {other.study_uid} cannot join study {self._study_uid}")
+        for sop_uid, inst in other._instances.items():
+            self._keep(sop_uid, inst, other._study_values[sop_uid], other._series_values[sop_uid])
+        self.malformed_values += other.malformed_values
+        self.duplicates += other.duplicates
 
     # -- building --------------------------------------------------------------------------
     def tables(self, ingested_at: _dt.datetime | None = None) -> dict[str, pa.Table]:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,6 +34,7 @@ from pacsflow.tasks.deid.instance import deidentify_file, encode
 log = logging.getLogger(__name__)
 
 TABLES = ("studies", "series", "instances")
+SPLIT_ABOVE = 256  # objects: a larger study is de-identified in batches, by every worker at once
 
 
 @dataclass
@@ -55,23 +57,21 @@ def _quarantine(src: Path, quarantine_dir: Path, pseudo_uid: str) -> str:
     return src.name
 
 
-def process_study(
-    staged: Path,
-    pseudo_uid: str,
-    deid: Deidentifier,
-    storage: LakeStorage,
-    quarantine_dir: Path,
-    rows_dir: Path,
-) -> StudyOutcome:
-    """De-identify, store and extract every staged object of one study.
+def staged_files(staged: Path) -> list[Path]:
+    """A study's staged objects, in a stable order."""
+    return sorted(p for p in staged.iterdir() if p.suffix == ".dcm" and not p.name.startswith("."))
+
+
+def process_files(paths: list[Path], pseudo_uid: str, deid: Deidentifier, storage: LakeStorage,
+                  quarantine_dir: Path) -> tuple[StudyOutcome, StudyExtractor]:
+    """De-identify, store and extract some (or all) staged objects of one study.
 
     Objects that cannot be read or de-identified are moved to quarantine with a reason; the
-    rest of the study goes on. Row tables are written to ``rows_dir`` for the catalog commit.
-    """
+    rest goes on. The rows stay in the returned extractor (:func:`write_rows` writes them)."""
     outcome = StudyOutcome(pseudo_uid)
     report = DeidReport()
     extractor = StudyExtractor()
-    for path in sorted(p for p in staged.iterdir() if p.suffix == ".dcm" and not p.name.startswith(".")):
+    for path in paths:
         try:
             ds, originals = deidentify_file(path, deid, report)
             data = encode(ds, originals)
@@ -83,7 +83,27 @@ def process_study(
         extractor.add(ds, file_path=url, file_size=len(data), sha256=hashlib.sha256(data).hexdigest())
         outcome.written += 1
         outcome.bytes_written += len(data)
-    outcome.actions = report.actions
+    outcome.actions = dict(report.actions)
+    return outcome, extractor
+
+
+def merge_parts(pseudo_uid: str, parts: list[tuple[StudyOutcome, StudyExtractor]]) -> tuple[StudyOutcome,
+                                                                                             StudyExtractor]:
+    """One study's outcome and rows from those of its batches of objects."""
+    outcome, extractor = StudyOutcome(pseudo_uid), StudyExtractor()
+    actions: Counter[str] = Counter()
+    for part, rows in parts:
+        outcome.written += part.written
+        outcome.bytes_written += part.bytes_written
+        outcome.quarantined += part.quarantined
+        actions.update(part.actions)
+        extractor.merge(rows)
+    outcome.actions = dict(actions)
+    return outcome, extractor
+
+
+def write_rows(outcome: StudyOutcome, extractor: StudyExtractor, rows_dir: Path) -> StudyOutcome:
+    """The study's row tables into ``rows_dir`` for the catalog commit (nothing when no object went in)."""
     if outcome.written:
         tables = extractor.tables()
         for name in TABLES:
@@ -91,6 +111,20 @@ def process_study(
         outcome.rows_dir = str(rows_dir)
         outcome.study_uids = [str(u) for u in tables["studies"].column("study_uid").to_pylist() if u]
     return outcome
+
+
+def process_study(
+    staged: Path,
+    pseudo_uid: str,
+    deid: Deidentifier,
+    storage: LakeStorage,
+    quarantine_dir: Path,
+    rows_dir: Path,
+) -> StudyOutcome:
+    """De-identify, store and extract every staged object of one study, in this process; the row
+    tables go to ``rows_dir`` for the catalog commit."""
+    outcome, extractor = process_files(staged_files(staged), pseudo_uid, deid, storage, quarantine_dir)
+    return write_rows(outcome, extractor, rows_dir)
 
 
 def read_rows(rows_dirs: list[str]) -> dict[str, pa.Table]:
@@ -126,11 +160,22 @@ def _start_worker(deid: Deidentifier, storage_root: str, quarantine_dir: Path, p
     _worker = (deid, LakeStorage(storage_root), quarantine_dir)
 
 
-def _process_in_worker(staged: Path, pseudo_uid: str, rows_dir: Path) -> StudyOutcome:
+def _process_in_worker(paths: list[Path], pseudo_uid: str) -> tuple[StudyOutcome, StudyExtractor]:
     if _worker is None:
         raise RuntimeError("worker process was not started by a StudyProcessor")
     deid, storage, quarantine_dir = _worker
-    return process_study(staged, pseudo_uid, deid, storage, quarantine_dir, rows_dir)
+    return process_files(paths, pseudo_uid, deid, storage, quarantine_dir)
+
+
+def batches(paths: list[Path], workers: int) -> list[list[Path]]:
+    """A study's objects in batches for the workers: one batch up to ``SPLIT_ABOVE`` objects,
+    else one per worker (at least ``SPLIT_ABOVE // 2`` objects each), so that a large study
+    keeps every worker busy instead of one."""
+    if len(paths) <= SPLIT_ABOVE or workers < 2:
+        return [paths]
+    n = min(workers, max(1, len(paths) // (SPLIT_ABOVE // 2)))
+    size = -(-len(paths) // n)
+    return [paths[i : i + size] for i in range(0, len(paths), size)]
 
 
 class StudyProcessor:
@@ -144,6 +189,7 @@ class StudyProcessor:
 
     def __init__(self, deid: Deidentifier, storage_root: str, quarantine_dir: Path, workers: int) -> None:
         self.deid = deid
+        self.workers = workers
         self.quarantine_dir = Path(quarantine_dir)
         self._pool: ProcessPoolExecutor | None = None
         self._storage: LakeStorage | None = None
@@ -156,8 +202,13 @@ class StudyProcessor:
             self._storage = LakeStorage(storage_root)
 
     def process(self, staged: Path, pseudo_uid: str, rows_dir: Path) -> StudyOutcome:
+        """One study; in the workers, a large one in batches at once (:func:`batches`)."""
         if self._pool is not None:
-            return self._pool.submit(_process_in_worker, Path(staged), pseudo_uid, Path(rows_dir)).result()
+            pool = self._pool
+            futures = [pool.submit(_process_in_worker, batch, pseudo_uid)
+                       for batch in batches(staged_files(Path(staged)), self.workers)]
+            parts = [f.result() for f in futures]
+            return write_rows(*merge_parts(pseudo_uid, parts), Path(rows_dir))
         if self._storage is None:
             raise RuntimeError("this StudyProcessor is closed")
         return process_study(Path(staged), pseudo_uid, self.deid, self._storage, self.quarantine_dir, Path(rows_dir))

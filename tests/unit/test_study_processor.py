@@ -11,7 +11,7 @@ import pytest
 
 from pacsflow.deployments.local import sampledata
 from pacsflow.tasks.deid.deidentifier import Deidentifier
-from pacsflow.tasks.lake.study import StudyProcessor
+from pacsflow.tasks.lake.study import SPLIT_ABOVE, StudyProcessor, batches
 
 KEY = b"study-processor-key-0123456789"
 
@@ -95,3 +95,36 @@ def test_an_interrupted_run_abandons_its_studies_and_stops_its_workers(tmp_path)
     assert len(list((tmp_path / "lake").rglob("*.dcm"))) < study.n_instances
     with pytest.raises(RuntimeError):
         processor.process(tmp_path, "2.25.1", tmp_path / "rows")
+
+
+def test_batches_split_only_large_studies_and_cover_every_object():
+    paths = [Path(f"{i:05d}.dcm") for i in range(1000)]
+    assert batches(paths[:SPLIT_ABOVE], 4) == [paths[:SPLIT_ABOVE]]  # small: one worker
+    assert batches(paths, 1) == [paths]
+    split = batches(paths, 4)
+    assert len(split) == 4 and [p for b in split for p in b] == paths
+    assert len(batches(paths[:300], 4)) == 2  # no batch under half the threshold
+
+
+def test_a_large_study_split_across_workers_gives_the_rows_and_files_of_one_pass(tmp_path):
+    [study] = sampledata.generate(tmp_path / "in", studies=1, seed=3, modalities=("CT",), series_per_study=(3, 3),
+                                  instances_per_series=(100, 100), rows=16, cols=16)
+    assert len(batches(sorted(study.path.rglob("*.dcm")), 2)) == 2
+    deid = Deidentifier(KEY)
+    tables = {}
+    for workers in (0, 2):
+        run = tmp_path / f"w{workers}"
+        with StudyProcessor(deid, str(run / "lake"), run / "quarantine", workers) as processor:
+            outcome = processor.process(_stage(study, run / "staged"), "2.25.1", run / "rows")
+        assert outcome.written == study.n_instances == 300 and outcome.quarantined == []
+        tables[workers] = {name: pq.read_table(run / "rows" / f"{name}.parquet").drop_columns(["ingested_at"])
+                           if name == "studies" else pq.read_table(run / "rows" / f"{name}.parquet")
+                           for name in ("studies", "series", "instances")}
+        tables[workers]["actions"] = outcome.actions
+    paths = {w: [p.replace(f"/w{w}/", "/") for p in tables[w]["instances"].column("file_path").to_pylist()]
+             for w in (0, 2)}
+    assert paths[0] == paths[2]  # the same files, each lake under its own folder
+    for w in (0, 2):
+        tables[w]["instances"] = tables[w]["instances"].drop_columns(["file_path"])
+    assert tables[0] == tables[2]
+    assert _lake_digests(tmp_path / "w0" / "lake") == _lake_digests(tmp_path / "w2" / "lake") != {}
