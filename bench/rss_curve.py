@@ -157,10 +157,8 @@ def run_nightly(work: str, dicom_port: int, rest_url: str, receiver_port: int, o
 
 def measure(size: int, per_series: int, work: Path) -> tuple[Samples, tuple[int, float, int]]:
     receiver_port = free_port()
-    mods = default_modalities()
-    mods["PACSFLOW"] = ("PACSFLOW", "127.0.0.1", receiver_port)
-    server = OrthancServer(OrthancConfig(work_dir=work / "orthanc", dicom_port=free_port(), http_port=free_port(),
-                                         modalities=mods))
+    peers = {**default_modalities(), "PACSFLOW": ("PACSFLOW", "127.0.0.1", receiver_port)}
+    server = OrthancServer(OrthancConfig(work / "orthanc", free_port(), free_port(), modalities=peers))
     server.start()
     try:
         t0 = time.perf_counter()
@@ -191,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instances", type=int, nargs="+", default=[2000, 20000, 200000],
                     help="run sizes, in instances (rounded down to whole studies)")
     ap.add_argument("--per-series", type=int, default=50, help="instances per series (2 series per study)")
+    ap.add_argument("--commit-batch", type=int, help="studies per catalog commit (the setting's default: 200)")
     ap.add_argument("--keep", action="store_true", help="keep the work folders")
     args = ap.parse_args(argv)
+    if args.commit_batch:
+        os.environ["PACSFLOW_COMMIT_BATCH"] = str(args.commit_batch)
 
     print("source: private Orthanc loaded with generated 16x16 instances (sampledata), C-MOVE into our Storage SCP; "
           f"RSS sampled every {SAMPLE_S}s from /proc")
