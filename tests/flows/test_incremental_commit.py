@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
 from pacsflow.flows.nightly import nightly_ingest
