@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections import deque
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -267,35 +268,34 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
         retries=settings.retrieve_retries,
         retry_delay_seconds=[settings.retry_delay_s * (2**i) for i in range(max(settings.retrieve_retries, 1))],
     )
-
-    def submit(item: WorkItem) -> PrefectFuture:
-        return retrieve.submit(item, route, run.staging)
-
     progress = progress or Progress(None, len(items))
     processor = StudyProcessor(run.deid, settings.storage_root, settings.quarantine_dir, settings.deid_workers)
+    queue, tasks = deque(items), _InFlight()
     with _receiver(settings, run.staging, items), processor:
-        deid_futures: dict[Any, tuple[WorkItem, PrefectFuture]] = {}
-        for item, result in _bounded(submit, items, settings.max_associations):
+        while queue or tasks:
+            while queue and tasks.retrieving < settings.max_associations:
+                item = queue.popleft()
+                tasks.add(item, retrieve.submit(item, route, run.staging), retrieving=True)
+            item, result = tasks.next_done()
             if isinstance(result, Retrieved):
                 book.retrieved(item, result)
                 deidentify = deidentify_study.with_options(task_run_name=f"deidentify {item.label}")
-                future = deidentify.submit(result, processor, str(run.rows_root))
-                deid_futures[future.task_run_id] = (item, future)
-            else:
-                book.failed(item, _as_exception(result))
-                progress.advance(failed=True)
-        for item, result in _completed(deid_futures):
+                tasks.add(item, deidentify.submit(result, processor, str(run.rows_root)))
+                continue
             if isinstance(result, StudyOutcome):
                 book.deidentified(item, result)
             else:
                 book.failed(item, _as_exception(result))
             progress.advance(failed=not isinstance(result, StudyOutcome))
+            if book.uncommitted >= settings.commit_batch:  # a full batch goes in while retrieval goes on
+                commit(settings, run, book)
 
 
 def commit(settings: Settings, run: NightlyRun, book: RunBook) -> None:
-    """Commit what is complete, in batches; the ledger follows each commit, and a cataloged
-    study's staged originals go. A batch the catalog could not take for a reason that may pass
-    (full disk, busy lock) fails its studies transiently: the next run retries them."""
+    """Commit what is complete and not committed yet, in batches; the ledger follows each commit,
+    and a cataloged study's staged originals and row files go. A batch the catalog could not take
+    for a reason that may pass (full disk, busy lock) fails its studies transiently: the next run
+    retries them."""
     done = book.to_commit()
     for start in range(0, len(done), settings.commit_batch):
         batch = done[start : start + settings.commit_batch]
@@ -308,8 +308,10 @@ def commit(settings: Settings, run: NightlyRun, book: RunBook) -> None:
                 book.failed(w, exc)
             continue
         book.cataloged(batch)
-        for w, _ in batch:
+        for w, o in batch:
             remove_tree(run.staging.study_dir(w.study_uid))
+            if o.rows_dir:
+                remove_tree(Path(o.rows_dir))
 
 
 def tidy(settings: Settings, run: NightlyRun, book: RunBook) -> None:
@@ -420,24 +422,31 @@ def _receiver(settings: Settings, writer: StagingWriter, items: list[WorkItem]) 
     return StorageReceiver.for_run(settings, writer)
 
 
-def _bounded(submit: Callable[[WorkItem], PrefectFuture], items: Iterable[WorkItem],
-             limit: int) -> Iterator[tuple[WorkItem, object]]:
-    """``submit`` each item, at most ``limit`` in flight; yield (item, result or exception) as each ends."""
-    pending = list(items)
-    running: dict[Any, tuple[WorkItem, PrefectFuture]] = {}
-    while pending or running:
-        while pending and len(running) < limit:
-            item = pending.pop(0)
-            future = submit(item)
-            running[future.task_run_id] = (item, future)
-        yield next(_completed(running))
+class _InFlight:
+    """The run's task futures (retrievals and de-identifications), by task run id."""
 
+    def __init__(self) -> None:
+        self._futures: dict[Any, tuple[WorkItem, PrefectFuture]] = {}
+        self._retrieving: set[Any] = set()
 
-def _completed(futures: dict[Any, tuple[WorkItem, PrefectFuture]]) -> Iterator[tuple[WorkItem, object]]:
-    """(item, result or exception) as each future ends; each is removed from ``futures`` when yielded."""
-    for future in as_completed([f for _, f in list(futures.values())]):
-        item, _ = futures.pop(future.task_run_id)
-        yield item, future.result(raise_on_failure=False)
+    def __bool__(self) -> bool:
+        return bool(self._futures)
+
+    @property
+    def retrieving(self) -> int:
+        return len(self._retrieving)
+
+    def add(self, item: WorkItem, future: PrefectFuture, *, retrieving: bool = False) -> None:
+        self._futures[future.task_run_id] = (item, future)
+        if retrieving:
+            self._retrieving.add(future.task_run_id)
+
+    def next_done(self) -> tuple[WorkItem, object]:
+        """Wait for the next future to end and forget it: (its study, its result or exception)."""
+        future = next(as_completed([f for _, f in self._futures.values()]))
+        item, _ = self._futures.pop(future.task_run_id)
+        self._retrieving.discard(future.task_run_id)
+        return item, future.result(raise_on_failure=False)
 
 
 @contextmanager

@@ -162,6 +162,7 @@ class RunBook:
         self.reports: dict[str, StudyReport] = {}
         self.items: list[WorkItem] = []
         self.outcomes: dict[str, tuple[WorkItem, StudyOutcome]] = {}
+        self._uncommitted: dict[str, tuple[WorkItem, StudyOutcome]] = {}  # de-identified, with rows, not yet committed
         self.failures: dict[str, tuple[WorkItem, BaseException]] = {}
         self.catalog_uids: list[str] = []  # catalog StudyInstanceUIDs committed by this run
         self.deid_report = DeidReport()
@@ -183,14 +184,23 @@ class RunBook:
 
     def deidentified(self, item: WorkItem, outcome: StudyOutcome) -> None:
         self.outcomes[item.pseudo_uid] = (item, outcome)
+        if outcome.rows_dir:
+            self._uncommitted[item.pseudo_uid] = (item, outcome)
 
     def failed(self, item: WorkItem, exc: BaseException) -> None:
         self.failures[item.pseudo_uid] = (item, exc)
+        self._uncommitted.pop(item.pseudo_uid, None)
+
+    @property
+    def uncommitted(self) -> int:
+        """De-identified studies waiting for a catalog commit: the run commits a batch as soon as
+        it is full, so the night's staging and row files do not pile up until its end."""
+        return len(self._uncommitted)
 
     def to_commit(self) -> list[tuple[WorkItem, StudyOutcome]]:
-        """De-identified studies with catalog rows (at least one object written), by day."""
-        done = [(w, o) for w, o in self.outcomes.values() if o.rows_dir]
-        return sorted(done, key=lambda wo: (wo[0].study_date, wo[0].pseudo_uid))
+        """De-identified studies with catalog rows (at least one object written) that are neither
+        cataloged nor failed yet, by day."""
+        return sorted(self._uncommitted.values(), key=lambda wo: (wo[0].study_date, wo[0].pseudo_uid))
 
     def cataloged(self, batch: Sequence[tuple[WorkItem, StudyOutcome]]) -> None:
         """After a catalog commit: the ledger follows it. A study's count is what the PACS reported
@@ -199,6 +209,7 @@ class RunBook:
             [(w.study_uid, w.pseudo_uid, w.study_date, w.expected or o.written) for w, o in batch], self.run_id
         )
         for w, o in batch:
+            self._uncommitted.pop(w.pseudo_uid, None)
             self._record_missing(w)
             report = self.reports[w.pseudo_uid]
             report.instances, report.quarantined = o.written, len(o.quarantined)
@@ -259,12 +270,15 @@ class RunBook:
         return verdicts
 
     def interrupted(self, reason: str) -> list[WorkItem]:
-        """The run is stopped before its catalog commit (a signal): failures so far are recorded as
-        usual, and every other planned study (retrieving, de-identified but not cataloged, or still
-        queued) as a transient failure with ``reason``, which the next run retries; an interruption
-        neither counts as an attempt nor makes a study permanent. The watermark does not move. Returns the unfinished studies."""
+        """The run is stopped (a signal): studies cataloged so far stay so, failures so far are
+        recorded as usual, and every other planned study (retrieving, de-identified but not
+        cataloged, or still queued) as a transient failure with ``reason``, which the next run
+        retries; an interruption neither counts as an attempt nor makes a study permanent. The
+        watermark does not move. Returns the unfinished studies."""
         self._record_failures()
-        unfinished = [w for w in self.items if w.pseudo_uid not in self.failures]
+        done = (CATALOGED, CATALOGED_PARTIAL)
+        unfinished = [w for w in self.items
+                      if w.pseudo_uid not in self.failures and self.reports[w.pseudo_uid].outcome not in done]
         for w in unfinished:
             self.ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, reason, False, self.run_id,
                                     attempted=False)

@@ -274,3 +274,29 @@ def test_failure_kinds_are_words_from_the_error_type():
     assert failure_kind(PacsStatusError("x")) == "PACS status"
     assert failure_kind(IncompleteRetrieve("x")) == "incomplete retrieve"
     assert failure_kind(TimeoutError()) == "TimeoutError"
+
+
+def test_each_study_is_handed_to_one_commit_and_an_interruption_keeps_what_was_cataloged(ledger):
+    """The run commits full batches while retrieval goes on: a committed or failed study is not
+    offered again, and a signal after a commit leaves the cataloged studies cataloged."""
+    book = _book(ledger)
+    first, second, third, queued = _item(1, "20261104"), _item(2, "20261103"), _item(3), _item(4)
+    book.planned(found=4, items=[first, second, third, queued])
+    for w in (first, second):
+        book.retrieved(w, _retrieved(w))
+        book.deidentified(w, _cataloged(w))
+    assert book.uncommitted == 2 and [w for w, _ in book.to_commit()] == [second, first]  # by day
+    book.cataloged(book.to_commit())
+    assert book.uncommitted == 0 and book.to_commit() == []
+    book.retrieved(third, _retrieved(third))
+    book.deidentified(third, _cataloged(third))
+    book.failed(third, PacsUnavailable("catalog lock busy"))  # its batch could not be committed
+    assert book.uncommitted == 0 and book.to_commit() == []
+
+    unfinished = book.interrupted("run interrupted (signal 15)")
+
+    assert unfinished == [queued]
+    assert {u: e.status for u, e in ledger.entries().items()} == {
+        "1.2.840.1": "cataloged", "1.2.840.2": "cataloged", "1.2.840.3": "failed", "1.2.840.4": "failed"}
+    assert [s.outcome for s in book.finish(1.0, KeyboardInterrupt()).studies] == [
+        "cataloged", "cataloged", "failed", "interrupted"]
