@@ -276,7 +276,9 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
             while queue and tasks.retrieving < settings.max_associations:
                 item = queue.popleft()
                 tasks.add(item, retrieve.submit(item, route, run.staging), retrieving=True)
-            item, result = tasks.next_done()
+            item, result, retrieval = tasks.next_done()
+            if retrieval:
+                run.staging.forget(item.study_uid)
             if isinstance(result, Retrieved):
                 book.retrieved(item, result)
                 deidentify = deidentify_study.with_options(task_run_name=f"deidentify {item.label}")
@@ -441,12 +443,14 @@ class _InFlight:
         if retrieving:
             self._retrieving.add(future.task_run_id)
 
-    def next_done(self) -> tuple[WorkItem, object]:
-        """Wait for the next future to end and forget it: (its study, its result or exception)."""
+    def next_done(self) -> tuple[WorkItem, object, bool]:
+        """Wait for the next future to end and forget it: (its study, its result or exception,
+        whether it was a retrieval)."""
         future = next(as_completed([f for _, f in self._futures.values()]))
         item, _ = self._futures.pop(future.task_run_id)
+        retrieval = future.task_run_id in self._retrieving
         self._retrieving.discard(future.task_run_id)
-        return item, future.result(raise_on_failure=False)
+        return item, future.result(raise_on_failure=False), retrieval
 
 
 @contextmanager

@@ -90,6 +90,17 @@ class StagingWriter:
             self._listed[study_uid] = frozenset(sop_uids)
             self._unlisted.pop(study_uid, None)
 
+    def forget(self, study_uid: str) -> None:
+        """The study's retrieval has ended (for good or failed): what the writer kept about it goes,
+        and from now on its objects are refused as of a study not being retrieved, so memory does
+        not grow with the run's instances."""
+        with self._lock:
+            self._expected.discard(study_uid)
+            listed = self._listed.pop(study_uid, frozenset())
+            self._unlisted.pop(study_uid, None)
+            for uid in listed:
+                self._refusals.pop(uid, None)
+
     def study_dir(self, study_uid: str) -> Path:
         return self.staging_dir / self.ref(study_uid)
 

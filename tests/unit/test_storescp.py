@@ -9,6 +9,7 @@ import logging
 import shutil
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,22 @@ def test_a_connection_that_asks_for_no_association_is_closed_and_starts_nothing(
         assert receiver.drain(1) and list((tmp_path / "incoming").iterdir()) == []
     assert "sent no A-ASSOCIATE-RQ" in caplog.text
     assert not (tmp_path / "incoming").exists()  # removed at stop
+
+
+def test_a_study_the_writer_forgot_is_refused_at_the_staging_boundary(tmp_path):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    source = Path(get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+    writer = StagingWriter(tmp_path / "staging", lambda uid: "s" + uid[-8:])
+    writer.expect([study])
+    writer.announce(study, [sop])
+    first, second = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    shutil.copy(source, first)
+    shutil.copy(source, second)
+    assert writer.take_file(first) and writer.staged(study, [sop]) == {sop} and not first.exists()
+    writer.forget(study)  # its retrieval ended
+    assert not writer.take_file(second) and not second.exists()
+    assert writer.refused == {"unexpected_study": 1}
