@@ -23,8 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from pacsflow.deployments.local import sampledata
@@ -66,44 +64,22 @@ def bench_dcmtk(server: OrthancServer, studies, work: Path, port: int) -> tuple[
     return sum(1 for _ in out.iterdir()), seconds
 
 
-def nightly_env(server: OrthancServer, work: Path, receiver_port: int) -> dict[str, str]:
-    """The settings (environment variables) of a nightly run against ``server``, its lake and state under ``work``."""
-    return {
-        "PACSFLOW_PACS__PORT": str(server.dicom_port),
-        "PACSFLOW_PACS__HTTP_URL": server.rest_url,
-        "PACSFLOW_RECEIVER__PORT": str(receiver_port),
-        "PACSFLOW_STORAGE_ROOT": str(work / "lake" / "dicom"),
-        "PACSFLOW_CATALOG_ROOT": str(work / "lake" / "catalog"),
-        "PACSFLOW_STATE_ROOT": str(work / "state"),
-        "PACSFLOW_DEID_KEY": "benchmark-key-0123456789",
+def bench_pacsflow(server: OrthancServer, work: Path, receiver_port: int) -> tuple[int, float, dict]:
+    os.environ.update(
+        PACSFLOW_PACS__PORT=str(server.dicom_port),
+        PACSFLOW_PACS__HTTP_URL=server.rest_url,
+        PACSFLOW_RECEIVER__PORT=str(receiver_port),
+        PACSFLOW_STORAGE_ROOT=str(work / "lake" / "dicom"),
+        PACSFLOW_CATALOG_ROOT=str(work / "lake" / "catalog"),
+        PACSFLOW_STATE_ROOT=str(work / "state"),
+        PACSFLOW_DEID_KEY="benchmark-key-0123456789",
         # The generated ultrasound says BurnedInAnnotation YES without drawn text: under the default
         # ocr policy each would be read by Tesseract and then quarantined all the same. The pipeline's
         # own rate is measured with quarantine; OCR's cost per frame is bench.ocr_cost's.
-        "PACSFLOW_DEID__PIXEL_POLICY": os.environ.get("PACSFLOW_DEID__PIXEL_POLICY", "quarantine"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "ERROR",
-    }
-
-
-@contextmanager
-def loaded_orthanc(inputs: Path, work: Path) -> Iterator[tuple[OrthancServer, int]]:
-    """A private Orthanc under ``work/orthanc`` holding the studies under ``inputs``, which knows our
-    receiver as PACSFLOW at a free port: (server, receiver port). Stopped at the end."""
-    receiver_port = free_port()
-    mods = default_modalities()
-    mods["PACSFLOW"] = ("PACSFLOW", "127.0.0.1", receiver_port)
-    server = OrthancServer(OrthancConfig(work_dir=work / "orthanc", dicom_port=free_port(), http_port=free_port(),
-                                         modalities=mods))
-    server.start()
-    try:
-        sampledata.load([inputs], "127.0.0.1", server.dicom_port)
-        yield server, receiver_port
-    finally:
-        server.stop(graceful=False)
-
-
-def bench_pacsflow(server: OrthancServer, work: Path, receiver_port: int) -> tuple[int, float, dict]:
-    os.environ.update(nightly_env(server, work, receiver_port))
+        PACSFLOW_DEID__PIXEL_POLICY=os.environ.get("PACSFLOW_DEID__PIXEL_POLICY", "quarantine"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="ERROR",
+    )
     from prefect.testing.utilities import prefect_test_harness
 
     from pacsflow.flows.nightly import nightly_ingest

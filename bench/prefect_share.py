@@ -3,8 +3,7 @@
     .venv/bin/python -m bench.prefect_share [--studies 30] [--repeat 3]
 
 Generates two sets of studies (``deployments/local/sampledata``, the shape ``bench.nightly_vs_dcmtk``
-uses): ``--studies`` of them, and a 6-study night. Each set is loaded into a private Orthanc
-(``bench.nightly_vs_dcmtk.loaded_orthanc``), and each night runs ``--repeat`` times in each mode,
+uses): ``--studies`` of them, and a 6-study night. Each set is loaded into a private Orthanc, and each night runs ``--repeat`` times in each mode,
 every time in a fresh Python process with fresh lake and state folders, the way
 ``pacsflow run nightly`` runs it (``temporary_api`` around ``nightly_ingest``):
 
@@ -54,8 +53,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pacsflow.deployments.local.orthanc import OrthancServer
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = tuple(f"{ROOT / d}/" for d in ("flows", "tasks", "catalog", "deployments"))
@@ -197,6 +202,43 @@ def one_night(out: Path, started: float) -> None:
 
 
 # -- the bench's process ------------------------------------------------------------------------
+def nightly_env(orthanc: OrthancServer, work: Path, receiver_port: int) -> dict[str, str]:
+    """A nightly run's settings against ``orthanc``, lake and state under ``work`` (as in
+    ``bench.nightly_vs_dcmtk``, but with Prefect's default log level: logs go to the API)."""
+    return {
+        "PACSFLOW_PACS__PORT": str(orthanc.dicom_port), "PACSFLOW_PACS__HTTP_URL": orthanc.rest_url,
+        "PACSFLOW_RECEIVER__PORT": str(receiver_port), "PACSFLOW_STORAGE_ROOT": str(work / "lake" / "dicom"),
+        "PACSFLOW_CATALOG_ROOT": str(work / "lake" / "catalog"), "PACSFLOW_STATE_ROOT": str(work / "state"),
+        "PACSFLOW_DEID_KEY": "benchmark-key-0123456789", "PACSFLOW_DEID__PIXEL_POLICY": "quarantine",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+
+
+@contextmanager
+def loaded_orthanc(inputs: Path, work: Path) -> Iterator[tuple[OrthancServer, int]]:
+    """A private Orthanc holding the studies under ``inputs``, which knows our receiver as PACSFLOW
+    at a free port: (server, receiver port)."""
+    from pacsflow.deployments.local import sampledata
+    from pacsflow.deployments.local.orthanc import (
+        OrthancConfig,
+        OrthancServer,
+        default_modalities,
+    )
+
+    from tests.helpers import free_port
+
+    receiver_port = free_port()
+    mods = {**default_modalities(), "PACSFLOW": ("PACSFLOW", "127.0.0.1", receiver_port)}
+    orthanc = OrthancServer(OrthancConfig(work_dir=work / "orthanc", dicom_port=free_port(), http_port=free_port(),
+                                          modalities=mods))
+    orthanc.start()
+    try:
+        sampledata.load([inputs], "127.0.0.1", orthanc.dicom_port)
+        yield orthanc, receiver_port
+    finally:
+        orthanc.stop(graceful=False)
+
+
 def tree_cpu(root: int) -> float:
     """CPU seconds of process ``root`` and its descendants (with their reaped children), from /proc."""
     parent: dict[int, int] = {}
@@ -360,15 +402,12 @@ def task_counts(nights: list[dict]) -> str:
 
 def nights_of(inputs: Path, work: Path, repeat: int, homes: dict[str, Path], server: tuple[int, str]) -> dict:
     """Each mode's ``repeat`` nights over the studies under ``inputs``, interleaved."""
-    from bench.nightly_vs_dcmtk import loaded_orthanc, nightly_env
-
     nights: dict[str, list[dict]] = {m: [] for m in MODES}
     with loaded_orthanc(inputs, work) as (orthanc, receiver_port):
         for i in range(repeat):
             for mode in MODES:
                 run_dir = work / f"{mode}-{i}"
                 env = {**os.environ, **nightly_env(orthanc, run_dir, receiver_port), "PREFECT_HOME": str(homes[mode])}
-                env.pop("PREFECT_LOGGING_LEVEL")  # the default (INFO): task logs go to the API as in production
                 env.pop("PREFECT_API_URL", None)
                 if mode == "server":
                     env["PREFECT_API_URL"] = server[1]

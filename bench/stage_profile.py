@@ -143,17 +143,31 @@ def nightly_cpu(inputs: Path, work: Path, instances: int) -> tuple[int, float]:
 
     A study whose every object is quarantined (generated ultrasound) fails the run at its end, as
     it should: all its objects went through the whole run all the same, so the CPU still counts."""
+    from pacsflow.deployments.local.orthanc import (
+        OrthancConfig,
+        OrthancServer,
+        default_modalities,
+    )
     from pacsflow.flows.nightly import StudiesFailed
 
-    from bench.nightly_vs_dcmtk import bench_pacsflow, loaded_orthanc
+    from bench.nightly_vs_dcmtk import bench_pacsflow
 
-    with loaded_orthanc(inputs, work) as (server, receiver_port):
+    receiver_port = free_port()
+    mods = default_modalities()
+    mods["PACSFLOW"] = ("PACSFLOW", "127.0.0.1", receiver_port)
+    server = OrthancServer(OrthancConfig(work_dir=work / "orthanc", dicom_port=free_port(), http_port=free_port(),
+                                         modalities=mods))
+    server.start()
+    try:
+        sampledata.load([inputs], "127.0.0.1", server.dicom_port)
         before = children_and_self_cpu()
         try:
             bench_pacsflow(server, work / "nightly", receiver_port)
         except StudiesFailed as exc:
             sys.stdout.write(f"nightly run: {exc}\n")
         return instances, children_and_self_cpu() - before
+    finally:
+        server.stop(graceful=False)
 
 
 def table(clock: Clock, instances: int, nightly: tuple[int, float] | None) -> str:
