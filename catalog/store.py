@@ -36,8 +36,9 @@ Commit (``commit(tables)``), under the lock:
    now (their old dates) and the partitions they go to (their new dates);
 3. build the next snapshot in ``_snapshots/.build-<random>``: each touched partition of each table is
    rewritten as ONE file (old rows minus the replaced set, plus the new rows, sorted by
-   study_uid, series_uid, sop_instance_uid; zstd, row-group statistics); every untouched file with
-   rows is hard-linked from the current snapshot (files are immutable, their names unique);
+   study_uid, series_uid, sop_instance_uid; zstd, row-group statistics, Bloom filters on the UID
+   columns); every untouched file with rows is hard-linked from the current snapshot (files are
+   immutable, their names unique; the manifest records each file's schema version);
 4. fsync, rename the build directory to ``_snapshots/v<N>``, then atomically replace ``_current``.
 
 Readers resolve ``_current`` once and read only that snapshot's manifest and files, so they see a
