@@ -23,6 +23,10 @@ parameters changed, and timed the same way.
     .venv/bin/python -m bench.catalog_scale --instances 10000000
     .venv/bin/python -m bench.catalog_scale --instances 1000000 --dicom-json template \\
         --variants rg16k,rg256k,rg1m,year,none
+    .venv/bin/python -m bench.catalog_scale --instances 10000000 --dir /tmp/cs10m --reuse
+
+``--reuse`` times a catalog an earlier run left in ``--dir`` (same ``--instances`` and ``--seed``)
+after compacting it with today's writer, instead of generating and committing it again.
 
 ``--dicom-json null`` (default) leaves the column empty; ``template`` puts a real de-identified
 object's JSON (about 4.7 kB) in every row with that row's SOP Instance UID in it: the size is
@@ -74,6 +78,8 @@ YEARS = 6
 STUDIES_PER_PATIENT = 6
 VARIANTS: dict[str, dict[str, Any]] = {  # name: writer parameters that differ from the product's
     "rg16k": {"row_group_rows": 16 * 1024},
+    "rg64k": {"row_group_rows": 64 * 1024},
+    "nobloom": {"bloom": False},
     "rg256k": {"row_group_rows": 256 * 1024},
     "rg1m": {"row_group_rows": 1024 * 1024},
     "sort-date": {"instances_sort": ("study_date", "study_uid", "series_uid", "sop_instance_uid")},
@@ -288,17 +294,20 @@ class Generator:
 # -- writing ------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def writer_layout(row_group_rows: int | None = None, partition_format: str | None = None,
-                  instances_sort: tuple[str, ...] | None = None) -> Iterator[None]:
+                  instances_sort: tuple[str, ...] | None = None, bloom: bool = True) -> Iterator[None]:
     """The store's layout parameters changed for the duration (the product's values otherwise)."""
-    saved = (store_mod.ROW_GROUP_ROWS, store_mod.PARTITION_FORMAT, store_mod.SORT_KEYS)
+    saved = (store_mod.ROW_GROUP_ROWS, store_mod.PARTITION_FORMAT, store_mod.SORT_KEYS, store_mod.BLOOM_FILTER_COLUMNS)
     store_mod.ROW_GROUP_ROWS = row_group_rows or saved[0]
     store_mod.PARTITION_FORMAT = partition_format or saved[1]
     if instances_sort:
         store_mod.SORT_KEYS = {**saved[2], "instances": instances_sort}
+    if not bloom:
+        store_mod.BLOOM_FILTER_COLUMNS = {t: () for t in TABLES}
     try:
         yield
     finally:
-        store_mod.ROW_GROUP_ROWS, store_mod.PARTITION_FORMAT, store_mod.SORT_KEYS = saved
+        (store_mod.ROW_GROUP_ROWS, store_mod.PARTITION_FORMAT, store_mod.SORT_KEYS,
+         store_mod.BLOOM_FILTER_COLUMNS) = saved
 
 
 def _batches(counts: np.ndarray, per_batch: int) -> list[tuple[int, int]]:
@@ -475,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--night", type=int, default=100, help="studies in the timed one-night commit")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--reuse", action="store_true",
+                        help="time the catalog already in --dir/catalog (compacted again) instead of building one")
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         work = args.dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -490,18 +501,25 @@ def run(work: Path, args: argparse.Namespace) -> None:
           f"{np.unique(p.study_patient).size:,} patients; dicom_json {args.dicom_json}; "
           f"study months {str(p.study_date.min())[:7]} to {str(p.study_date.max())[:7]}")
     base = work / "catalog"
-    built = build_catalog(base, gen, args.batch)
-    print(f"built by {built['commits']} commits: generating {built['generate_s']:.0f} s, "
-          f"committing {built['commit_s']:.0f} s; peak RSS {_rss_gb():.1f} GB")
-    layouts = [("month, 64k rows, after commits", layout_stats(base), night_commit(base, gen, {}, args.night),
-                time_workload(base, gen, args.runs))]
+    label = f"month, {store_mod.ROW_GROUP_ROWS // 1024}k rows"
+    layouts = []
+    if args.reuse and (base / store_mod.CURRENT_LINK).exists():
+        print(f"reusing the catalog in {base} (same --instances and --seed: the same studies)")
+    else:
+        built = build_catalog(base, gen, args.batch)
+        print(f"built by {built['commits']} commits: generating {built['generate_s']:.0f} s, "
+              f"committing {built['commit_s']:.0f} s; peak RSS {_rss_gb():.1f} GB")
+        layouts.append((f"{label}, after commits", layout_stats(base), night_commit(base, gen, {}, args.night),
+                        time_workload(base, gen, args.runs)))
     start = time.perf_counter()
-    CatalogStore(base).compact()
+    CatalogStore(base).compact()  # with --reuse: rewrites every file with today's writer
     CatalogStore(base).vacuum(grace_s=0)
     print(f"compact: {time.perf_counter() - start:.0f} s")
     final = time_workload(base, gen, args.runs)
-    print_timings("the product's layout (study month, 64k-row groups, sorted by study), after compact:", final)
-    layouts.append(("month, 64k rows, compacted (the product)", layout_stats(base), 0.0, final))
+    print_timings(f"the product's layout (study month, {label}, sorted by study), after compact:", final)
+    nights = [night_commit(base, gen, {}, args.night) for _ in range(args.runs)]
+    print(f"night commit ({args.night} studies again): {_ms(nights)} ms")
+    layouts.append((f"{label}, compacted (the product)", layout_stats(base), statistics.median(nights), final))
     for name in filter(None, args.variants.split(",")):
         root = work / f"variant-{name}"
         seconds = relayout(base, root, VARIANTS[name], per_commit=max(args.batch, 1_000_000))
