@@ -34,18 +34,22 @@ Commit (``commit(tables)``), under the lock:
    primary keys are unique and every series/instance row belongs to a study in ``tables["studies"]``;
 2. the study UIDs of ``tables["studies"]`` are the *replaced set*: find the partitions that hold them
    now (their old dates) and the partitions they go to (their new dates);
-3. build the next snapshot in ``_snapshots/.build-<random>``: each touched partition of each table is
-   rewritten as ONE file (old rows minus the replaced set, plus the new rows, sorted by
-   study_uid, series_uid, sop_instance_uid; zstd, row-group statistics, Bloom filters on the UID
-   columns); every untouched file with rows is hard-linked from the current snapshot (files are
-   immutable, their names unique; the manifest records each file's schema version);
+3. build the next snapshot in ``_snapshots/.build-<random>``: a commit appends. In each touched
+   partition of each table the new rows become one new file (sorted by study_uid, series_uid,
+   sop_instance_uid; zstd, row-group statistics, Bloom filters on the UID columns); only the
+   files that hold a replaced study are read and written again without it; once a partition has
+   more than ``MAX_SMALL_FILES`` files under ``SMALL_FILE_ROWS`` rows they are merged into the new
+   one. Every other file is hard-linked from the current snapshot (files are immutable, their
+   names unique; the manifest records each file's schema version). So a commit's memory follows
+   its batch, not the partitions it lands in. ``compact()`` makes one file of every partition;
 4. fsync, rename the build directory to ``_snapshots/v<N>``, then atomically replace ``_current``.
 
 Readers resolve ``_current`` once and read only that snapshot's manifest and files, so they see a
 commit entirely or not at all; a failure before step 4 leaves ``_current`` untouched (the
 half-built directory is removed, or later by ``vacuum``). Re-committing a study replaces its rows,
-never duplicates them, and yields identical files content for identical input. There is exactly
-one file per partition per table after every commit, so DuckDB never faces a small-file pile-up.
+never duplicates them, and yields identical files content for identical input. A partition holds
+its large files plus at most ``MAX_SMALL_FILES`` small ones, so DuckDB never faces a small-file
+pile-up; after ``compact()`` exactly one.
 
 ``vacuum(grace_s)`` deletes snapshot directories superseded more than ``grace_s`` ago (their
 files, when no newer snapshot links them), unpublished leftovers of failed commits, and stray
@@ -98,6 +102,10 @@ LEGACY_SNAPSHOTS_DIR = "snapshots"  # the layout before the table links (migrate
 LEGACY_CURRENT_LINK = "current"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "pacsflow-catalog/1"
+# A commit appends a file per touched partition; once a partition has more than MAX_SMALL_FILES
+# files under SMALL_FILE_ROWS rows, they are merged into the next commit's file (compact: one file).
+MAX_SMALL_FILES = 4
+SMALL_FILE_ROWS = 64 * 1024
 ROW_GROUP_ROWS = 16 * 1024  # smaller row groups = finer skipping by study_uid/study_date (16k: README, 10M)
 #: strftime pattern of the partition key; a coarser one (``%Y``) is what bench/catalog_scale.py compares.
 PARTITION_FORMAT = "%Y-%m"
@@ -542,7 +550,8 @@ class CatalogStore:
                 touched |= {e.partition for t in TABLES for e in base.entries[t]}
             if not touched and base.version:  # nothing to change: no new snapshot
                 return unchanged
-            version, written, linked, rows, rewritten = self._publish(base, new_parts, replaced, touched)
+            present = replaced if existing else set()  # all new studies: no file needs reading
+            version, written, linked, rows, rewritten = self._publish(base, new_parts, present, touched, rewrite_all)
         result = CommitResult(
             version=version,
             studies_committed=incoming["studies"].num_rows,
@@ -568,6 +577,7 @@ class CatalogStore:
         new_parts: dict[str, dict[str | None, pa.Table]],
         replaced: set[str],
         touched: set[str | None],
+        rewrite_all: bool = False,
     ) -> tuple[int, int, int, dict[str, int], set[str | None]]:
         """Build the next snapshot in a hidden folder, rename it into place and swap ``current``
         to it (the commit point). Nothing of a failed build stays behind; an OSError (full disk)
@@ -580,7 +590,7 @@ class CatalogStore:
             self._snapshots_dir.mkdir(parents=True, exist_ok=True)
             build.mkdir()
             manifest_tables, written, linked, rows, rewritten = self._build(
-                base, build, version, new_parts, replaced, touched
+                base, build, version, new_parts, replaced, touched, rewrite_all
             )
             _write_manifest(build / MANIFEST, {
                 "format": MANIFEST_FORMAT,
@@ -642,6 +652,7 @@ class CatalogStore:
         new_parts: dict[str, dict[str | None, pa.Table]],
         replaced: set[str],
         touched: set[str | None],
+        rewrite_all: bool = False,
     ) -> tuple[dict[str, list[dict[str, Any]]], int, int, dict[str, int], set[str | None]]:
         value_set = pa.array(sorted(replaced), pa.string())
         manifest: dict[str, list[dict[str, Any]]] = {}
@@ -649,45 +660,67 @@ class CatalogStore:
         rewritten: set[str | None] = set()
         rows_written = {t: 0 for t in TABLES}
         for t in TABLES:
-            schema = SCHEMAS[t]
-            base_entries = {e.partition: e for e in base.entries.get(t, ())}
+            by_partition: dict[str | None, list[FileEntry]] = {}
+            for e in base.entries.get(t, ()):
+                by_partition.setdefault(e.partition, []).append(e)
             entries: list[FileEntry] = []
-            for p in sorted(set(base_entries) | touched, key=_sort_key):
-                old = base_entries.get(p)
-                rel_dir = Path(t) / _partition_dir(p)
-                if p not in touched and old is not None:
-                    if not old.rows:
-                        continue  # a zero-row placeholder: re-made below if the table stays empty
+            for p in sorted(set(by_partition) | touched, key=_sort_key):
+                olds = [e for e in by_partition.get(p, []) if e.rows]  # zero-row placeholders: re-made below
+                new = new_parts[t].get(p)
+                if new is not None and new.num_rows:
+                    rows_written[t] += new.num_rows
+                tables: list[pa.Table] = []
+                if p not in touched:
+                    keep = olds
+                else:
+                    keep, tables = self._partition_plan(base, t, olds, new, value_set, rewrite_all)
+                    rewritten.add(p)
+                for old in keep:
                     assert base.directory is not None
-                    (build / rel_dir).mkdir(parents=True, exist_ok=True)
+                    (build / Path(old.path).parent).mkdir(parents=True, exist_ok=True)
                     os.link(base.directory / old.path, build / old.path)
                     entries.append(old)
                     linked += 1
-                    continue
-                pieces = []
-                if old is not None and old.rows:
-                    assert base.directory is not None
-                    kept = conform(_read_file(base.directory / old.path), t, lenient=True)
-                    if replaced:
-                        kept = kept.filter(pc.invert(pc.is_in(kept["study_uid"], value_set=value_set)))
-                    pieces.append(kept)
-                new = new_parts[t].get(p)
-                if new is not None and new.num_rows:
-                    pieces.append(new)
-                    rows_written[t] += new.num_rows
-                table = pa.concat_tables(pieces) if pieces else schema.empty_table()
-                if table.num_rows == 0:
-                    continue  # the partition is gone
-                entries.append(_write_partition(build, t, p, version, table))
-                written += 1
-                rewritten.add(p)
+                for table in tables:
+                    entries.append(_write_partition(build, t, p, version, table))
+                    written += 1
             if not entries:  # a table without rows keeps one zero-row file: its glob must match
-                entries.append(_write_partition(build, t, None, version, schema.empty_table()))
+                entries.append(_write_partition(build, t, None, version, SCHEMAS[t].empty_table()))
                 written += 1
             manifest[t] = [e.to_json() for e in entries]
         for d in sorted({p for p in build.rglob("*") if p.is_dir()}, key=lambda p: -len(p.parts)):
             _fsync(d, directory=True)
         return manifest, written, linked, rows_written, rewritten
+
+    @staticmethod
+    def _partition_plan(base: Snapshot, t: str, olds: list[FileEntry], new: pa.Table | None,
+                        value_set: pa.Array, rewrite_all: bool) -> tuple[list[FileEntry], list[pa.Table]]:
+        """A touched partition: which of its files stay as they are (linked), and the tables to
+        write as new files. A commit appends: its rows become a new file, only the files holding a
+        replaced study are rewritten without it, and small files are merged into the new one once
+        there are more than ``MAX_SMALL_FILES`` of them, so memory follows the batch, not the
+        partition. ``compact`` (``rewrite_all``) makes one file of each partition."""
+        assert base.directory is not None or not olds
+        keep: list[FileEntry] = []
+        merged: list[pa.Table] = [new] if new is not None and new.num_rows else []
+        rewrites: list[pa.Table] = []
+        for old in olds:
+            path = base.directory / old.path  # type: ignore[operator]
+            holds_replaced = len(value_set) and pc.any(
+                pc.is_in(pq.read_table(path, columns=["study_uid"])["study_uid"], value_set=value_set)).as_py()
+            if not holds_replaced and not rewrite_all:
+                keep.append(old)
+                continue
+            table = conform(_read_file(path), t, lenient=True)
+            if holds_replaced:
+                table = table.filter(pc.invert(pc.is_in(table["study_uid"], value_set=value_set)))
+            (merged if rewrite_all else rewrites).append(table)
+        small = [e for e in keep if e.rows < SMALL_FILE_ROWS]
+        if len(small) + bool(merged) > MAX_SMALL_FILES:
+            keep = [e for e in keep if e not in small]
+            merged += [conform(_read_file(base.directory / e.path), t, lenient=True) for e in small]  # type: ignore[operator]
+        tables = [pa.concat_tables(merged)] if merged else []
+        return keep, [x for x in tables + rewrites if x.num_rows]
 
     # -- maintenance ---------------------------------------------------------------------------
     def vacuum(self, grace_s: float = 3600.0) -> VacuumResult:
