@@ -15,13 +15,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
-from pacsflow.tasks.pacs.client import NODELAY_HANDLER
 from pynetdicom import AE, evt
 from pynetdicom.presentation import (
     AllStoragePresentationContexts,
     StoragePresentationContexts,
 )
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
+
+from pacsflow.tasks.pacs.client import NODELAY_HANDLER
 
 CHAIN_AE = "PEERCHAIN"
 

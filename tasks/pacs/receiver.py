@@ -23,21 +23,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
-from pacsflow.tasks.core.errors import PacsConfigurationError
-from pacsflow.tasks.core.files import ensure_private_dir, write_atomic
-from pacsflow.tasks.pacs.client import (
-    NODELAY_HANDLER,
-    abstract_syntaxes,
-    quiet_pynetdicom,
-)
-from pacsflow.tasks.pacs.storescp import NativeReceiver, storescp_available
-from pacsflow.tasks.pacs.tls import receiver_context
-from pacsflow.tasks.settings import ReceiverEngine, ReceiverSettings, Settings
 from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
+
+from pacsflow.tasks.core.errors import PacsConfigurationError
+from pacsflow.tasks.core.files import ensure_private_dir, write_atomic
+from pacsflow.tasks.pacs.client import NODELAY_HANDLER, abstract_syntaxes, quiet_pynetdicom
+from pacsflow.tasks.pacs.storescp import NativeReceiver, storescp_available
+from pacsflow.tasks.pacs.tls import receiver_context
+from pacsflow.tasks.settings import ReceiverEngine, ReceiverSettings, Settings
 
 log = logging.getLogger(__name__)
 
