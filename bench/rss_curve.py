@@ -44,7 +44,7 @@ from tests.helpers import free_port
 
 SAMPLE_S = 0.2
 SERIES_PER_STUDY = 2
-ROLES = ("flow", "workers", "server")
+ROLES = ("flow", "workers", "storescp", "server")
 
 
 def rss_mb(pid: int) -> float:
@@ -86,9 +86,12 @@ def descendants(pid: int) -> list[tuple[int, str]]:
 
 def role(cmdline: str) -> str:
     """What a process under the run is: a de-identification worker (multiprocessing spawn), the
-    Prefect test server (uvicorn), or other helpers (counted with the workers)."""
+    Prefect test server (uvicorn), the native receiver's storescp processes, or other helpers
+    (counted with the workers)."""
     if "uvicorn" in cmdline or "prefect" in cmdline and "server" in cmdline:
         return "server"
+    if cmdline.startswith("storescp"):
+        return "storescp"
     return "workers"
 
 
@@ -211,11 +214,12 @@ def main(argv: list[str] | None = None) -> int:
               f"at {samples.peak_at('flow'):.0f}s of {len(samples.mb['flow']) * SAMPLE_S:.0f}s", flush=True)
 
     print()
-    print("| instances | flow peak | flow median | workers peak (sum) | workers median | Prefect server peak |")
-    print("|---|---|---|---|---|---|")
+    print("| instances | flow peak | flow median | workers peak (sum) | workers median | storescp peak (sum) "
+          "| Prefect server peak |")
+    print("|---|---|---|---|---|---|---|")
     for n, s in rows:
         print(f"| {n:,} | {s.peak('flow'):.0f} MiB | {s.median('flow'):.0f} MiB | {s.peak('workers'):.0f} MiB "
-              f"| {s.median('workers'):.0f} MiB | {s.peak('server'):.0f} MiB |")
+              f"| {s.median('workers'):.0f} MiB | {s.peak('storescp'):.0f} MiB | {s.peak('server'):.0f} MiB |")
     if len(rows) > 1:
         (n0, first), (n1, last) = rows[0], rows[-1]
         for r in ROLES:

@@ -270,19 +270,26 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
     )
     progress = progress or Progress(None, len(items))
     processor = StudyProcessor(run.deid, settings.storage_root, settings.quarantine_dir, settings.deid_workers)
-    queue, tasks = deque(items), _InFlight()
+    # De-identification tasks in flight: each holds a thread (and its Prefect state) while it waits
+    # for a worker, so a fast retrieval must not start one per study; retrieved studies wait in a
+    # queue instead, and retrieval pauses once that queue is this long again (staging stays small).
+    deid_slots = max(2, 2 * settings.deid_workers)
+    queue, retrieved, tasks = deque(items), deque[tuple[WorkItem, Retrieved]](), _InFlight()
     with _receiver(settings, run.staging, items), processor:
-        while queue or tasks:
-            while queue and tasks.retrieving < settings.max_associations:
+        while queue or retrieved or tasks:
+            while queue and tasks.retrieving < settings.max_associations and len(retrieved) < deid_slots:
                 item = queue.popleft()
                 tasks.add(item, retrieve.submit(item, route, run.staging), retrieving=True)
+            while retrieved and tasks.deidentifying < deid_slots:
+                item, done = retrieved.popleft()
+                deidentify = deidentify_study.with_options(task_run_name=f"deidentify {item.label}")
+                tasks.add(item, deidentify.submit(done, processor, str(run.rows_root)))
             item, result, retrieval = tasks.next_done()
             if retrieval:
                 run.staging.forget(item.study_uid)
             if isinstance(result, Retrieved):
                 book.retrieved(item, result)
-                deidentify = deidentify_study.with_options(task_run_name=f"deidentify {item.label}")
-                tasks.add(item, deidentify.submit(result, processor, str(run.rows_root)))
+                retrieved.append((item, result))
                 continue
             if isinstance(result, StudyOutcome):
                 book.deidentified(item, result)
@@ -437,6 +444,10 @@ class _InFlight:
     @property
     def retrieving(self) -> int:
         return len(self._retrieving)
+
+    @property
+    def deidentifying(self) -> int:
+        return len(self._futures) - len(self._retrieving)
 
     def add(self, item: WorkItem, future: PrefectFuture, *, retrieving: bool = False) -> None:
         self._futures[future.task_run_id] = (item, future)
