@@ -94,12 +94,12 @@ def bench_pacsflow(server: OrthancServer, work: Path, receiver_port: int, engine
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_LOGGING_LEVEL="ERROR",
     )
-    from pacsflow.flows.nightly import nightly_ingest
+    from pacsflow.flows.nightly import nightly_ingest, run_result
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         t0 = time.perf_counter()
-        result = nightly_ingest()
+        result = run_result(nightly_ingest(return_state=True))  # a night with failed studies has one too
         seconds = time.perf_counter() - t0
     from pacsflow.tasks.ingest.ledger import Ledger
 

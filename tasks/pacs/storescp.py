@@ -29,7 +29,7 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -76,7 +76,6 @@ class Association:
     calling: str
     process: subprocess.Popen
     folder: Path
-    studies: set[str] = field(default_factory=set)  # studies whose listed objects it delivered
     ended_by_us: bool = False  # terminated at stop(): a file may be half-written
 
     @property
@@ -164,7 +163,7 @@ class NativeReceiver:
             if listed is None:
                 waiting = running
             else:
-                waiting = [a for a in running if self._take_listed(a, study_uid, listed)]
+                waiting = [a for a in running if self._take_listed(a, listed)]
         self._wait_for(waiting, self.settle_wait_s)
 
     def drain(self, timeout_s: float) -> bool:
@@ -173,15 +172,13 @@ class NativeReceiver:
             running = list(self._associations)
         return self._wait_for(running, timeout_s)
 
-    def _take_listed(self, assoc: Association, study_uid: str, listed: frozenset[str]) -> bool:
+    def _take_listed(self, assoc: Association, listed: frozenset[str]) -> bool:
         """Take the association's files of ``listed`` objects; whether it had any."""
         took = False
         for entry in _entries(assoc.folder):
             if _sop_uid(entry.name) in listed:
                 self.writer.take_file(Path(entry.path), _peer(assoc))
                 took = True
-        if took:
-            assoc.studies.add(study_uid)
         return took
 
     def _wait_for(self, associations: list[Association], timeout_s: float) -> bool:
