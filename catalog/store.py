@@ -700,12 +700,12 @@ class CatalogStore:
         replaced study are rewritten without it, and small files are merged into the new one once
         there are more than ``MAX_SMALL_FILES`` of them, so memory follows the batch, not the
         partition. ``compact`` (``rewrite_all``) makes one file of each partition."""
-        assert base.directory is not None or not olds
+        directory = base.directory or Path()  # no files without a directory
         keep: list[FileEntry] = []
         merged: list[pa.Table] = [new] if new is not None and new.num_rows else []
         rewrites: list[pa.Table] = []
         for old in olds:
-            path = base.directory / old.path  # type: ignore[operator]
+            path = directory / old.path
             holds_replaced = len(value_set) and pc.any(
                 pc.is_in(pq.read_table(path, columns=["study_uid"])["study_uid"], value_set=value_set)).as_py()
             if not holds_replaced and not rewrite_all:
@@ -718,7 +718,7 @@ class CatalogStore:
         small = [e for e in keep if e.rows < SMALL_FILE_ROWS]
         if len(small) + bool(merged) > MAX_SMALL_FILES:
             keep = [e for e in keep if e not in small]
-            merged += [conform(_read_file(base.directory / e.path), t, lenient=True) for e in small]  # type: ignore[operator]
+            merged += [conform(_read_file(directory / e.path), t, lenient=True) for e in small]
         tables = [pa.concat_tables(merged)] if merged else []
         return keep, [x for x in tables + rewrites if x.num_rows]
 
