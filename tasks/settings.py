@@ -158,6 +158,43 @@ class ReceiverSettings(BaseModel):
         return [_check_ae_title(ae) for ae in v]
 
 
+class ListenerSettings(BaseModel):
+    """``pacsflow listen``: the long-running Storage SCP that modalities and PACSs push to, the
+    router that forwards by rule, and the hand-off of stable studies to the lake."""
+
+    ae_title: str = Field("PACSFLOW", description="the listener's AE title (senders call it; forwarded copies "
+                          "come from it)")
+    host: str = Field("127.0.0.1", description="the address the listener binds")
+    port: int = Field(11114, ge=1, le=65535, description="the port the listener binds")
+    allowed_aes: list[str] = Field(
+        default_factory=list,
+        description="calling AE titles that may send to the listener (empty: nobody; the listener will not start)",
+    )
+    engine: ReceiverEngine = Field(
+        ReceiverEngine.AUTO, description="receive engine, as receiver.engine: auto | dcmtk | pynetdicom"
+    )
+    max_object_mb: int = Field(2048, ge=1, description="a received object larger than this is refused, never kept")
+    stable_after_s: float = Field(
+        60.0, gt=0, description="a study is stable (routed, handed to the lake) when nothing of it arrived this long"
+    )
+    rules_file: Path | None = Field(None, description="routing rules (YAML); unset = keep and ingest nothing")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus metrics on listener.host at this port (0 = any free port)"
+    )
+    max_attempts: int = Field(8, ge=1, le=100, description="delivery attempts of an object before it is "
+                              "dead-lettered (pacsflow route retry sends it again)")
+    retry_backoff_s: float = Field(5.0, ge=0, description="first delay after a failed delivery; doubles, with jitter")
+    retry_max_delay_s: float = Field(600.0, ge=0, description="cap on one delivery retry delay")
+    timeout_s: float = Field(60.0, gt=0, description="DICOM network, ACSE and DIMSE timeouts towards destinations")
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("allowed_aes")
+    @classmethod
+    def _allowed_aes(cls, v: list[str]) -> list[str]:
+        return [_check_ae_title(ae) for ae in v]
+
+
 class DeidSettings(BaseModel):
     """De-identification profile (PS3.15 E.1-1 option columns, by name), pixel policy, audit, zones."""
 
@@ -281,6 +318,7 @@ class Settings(BaseSettings):
 
     pacs: PacsSettings = PacsSettings()
     receiver: ReceiverSettings = ReceiverSettings()
+    listener: ListenerSettings = ListenerSettings()
     calling_ae: str = Field("PACSFLOW", description="our AE title when we call the PACS")
     retrieve_method: RetrieveMethod = Field(
         RetrieveMethod.C_MOVE, description="c-move (the PACS sends to our Storage SCP) or c-get (on our association)"
@@ -395,6 +433,11 @@ class Settings(BaseSettings):
     @property
     def quarantine_dir(self) -> Path:
         return self.state_root / "quarantine"
+
+    @property
+    def listener_dir(self) -> Path:
+        """The listener's PHI zone: received originals, its study tracker and outbox."""
+        return self.state_root / "listener"
 
     @property
     def ledger_path(self) -> Path:

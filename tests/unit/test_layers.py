@@ -18,7 +18,7 @@ OLD_TOP_LEVEL = frozenset(PACKAGE_DIRS)
 
 # Third-party libraries that belong to one boundary each.
 PREFECT_ALLOWED = ("flows/", "tasks/*/steps.py")
-PYNETDICOM_ALLOWED = ("tasks/pacs/client.py", "tasks/pacs/receiver.py", "tasks/pacs/status.py")
+PYNETDICOM_ALLOWED = ("tasks/pacs/client.py", "tasks/pacs/receiver.py", "tasks/pacs/sender.py", "tasks/pacs/status.py")
 HTTPX_ALLOWED = ("tasks/fhir/client.py", "deployments/")
 
 # pacsflow subpackages a layer must not import (the arrows point one way: flows → tasks → catalog).
@@ -26,7 +26,7 @@ FORBIDDEN_INTERNAL = {
     "catalog/": ("pacsflow.tasks", "pacsflow.flows", "pacsflow.deployments"),
     "tasks/": ("pacsflow.flows", "pacsflow.deployments"),
     "tasks/core/": ("pacsflow.tasks.pacs", "pacsflow.tasks.deid", "pacsflow.tasks.lake", "pacsflow.tasks.fhir",
-                    "pacsflow.tasks.ingest", "pacsflow.tasks.settings"),
+                    "pacsflow.tasks.ingest", "pacsflow.tasks.route", "pacsflow.tasks.settings"),
     "deployments/": ("pacsflow.flows",),
 }
 
