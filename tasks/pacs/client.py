@@ -60,6 +60,16 @@ def set_nodelay(event: evt.Event) -> None:
 NODELAY_HANDLER: evt.EventHandlerType = (evt.EVT_CONN_OPEN, set_nodelay)
 
 
+def timed_ae(ae_title: str, timeout_s: float) -> AE:
+    """An AE calling as ``ae_title`` with ``timeout_s`` for network, ACSE and DIMSE; at most 10 s to connect."""
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    ae.connection_timeout = min(timeout_s, 10)
+    return ae
+
+
 def abstract_syntaxes(contexts: list[PresentationContext]) -> list[str]:
     """The SOP class UIDs of pynetdicom's ready-made presentation contexts (each has one)."""
     return [str(cx.abstract_syntax) for cx in contexts if cx.abstract_syntax is not None]
@@ -73,13 +83,7 @@ class PacsClient:
         quiet_pynetdicom()
 
     def _ae(self) -> AE:
-        ae = AE(ae_title=self.settings.calling_ae)
-        timeout = self.settings.pacs.timeout_s
-        ae.acse_timeout = timeout
-        ae.dimse_timeout = timeout
-        ae.network_timeout = timeout
-        ae.connection_timeout = min(timeout, 10)
-        return ae
+        return timed_ae(self.settings.calling_ae, self.settings.pacs.timeout_s)
 
     @contextmanager
     def association(
