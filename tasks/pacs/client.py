@@ -70,6 +70,19 @@ def timed_ae(ae_title: str, timeout_s: float) -> AE:
     return ae
 
 
+@contextmanager
+def held(assoc: Association) -> Iterator[Association]:
+    """An established association, released at the end, aborted when the block raises."""
+    try:
+        yield assoc
+    except BaseException:
+        assoc.abort()
+        raise
+    else:
+        if assoc.is_established:
+            assoc.release()
+
+
 def abstract_syntaxes(contexts: list[PresentationContext]) -> list[str]:
     """The SOP class UIDs of pynetdicom's ready-made presentation contexts (each has one)."""
     return [str(cx.abstract_syntax) for cx in contexts if cx.abstract_syntax is not None]
@@ -120,14 +133,8 @@ class PacsClient:
         if not assoc.is_established:
             over_tls = " over TLS (is pacs.port its TLS port?)" if tls is not None else " (check pacs.host and pacs.port)"
             raise PacsUnavailable(f"no association with PACS {pacs.called_ae}@{pacs.host}:{pacs.port}{over_tls}")
-        try:
+        with held(assoc):
             yield assoc
-        except BaseException:
-            assoc.abort()
-            raise
-        else:
-            if assoc.is_established:
-                assoc.release()
 
     # -- C-ECHO ---------------------------------------------------------------------------
     def echo(self) -> None:

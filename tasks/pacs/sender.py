@@ -29,7 +29,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from pacsflow.tasks.core.errors import BadDicom, PacsflowError, PermanentError, TransientError, is_transient
-from pacsflow.tasks.pacs.client import NODELAY_HANDLER, quiet_pynetdicom, timed_ae
+from pacsflow.tasks.pacs.client import NODELAY_HANDLER, held, quiet_pynetdicom, timed_ae
 from pacsflow.tasks.pacs.status import describe, status_code
 
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8: odd ids 1-255)
@@ -80,19 +80,19 @@ class FileHeader:
     sop_class: str
     transfer_syntax: str
 
-    @classmethod
-    def read(cls, path: Path) -> "FileHeader":
-        """Raises BadDicom when ``path`` is no Part 10 file with the meta a C-STORE needs."""
-        try:
-            meta = read_file_meta_info(path)
-            return cls(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
-        except (OSError, InvalidDicomError, AttributeError, ValueError) as exc:
-            raise BadDicom(f"prepared file is no DICOM file with file meta ({type(exc).__name__})") from None
-
     @property
     def convertible(self) -> bool:
         """Explicit or Implicit VR Little Endian: may go in the other one, re-encoded."""
         return UID(self.transfer_syntax) in _LITTLE_ENDIAN
+
+
+def read_header(path: Path) -> FileHeader:
+    """The file meta only. Raises BadDicom when ``path`` is no Part 10 file with the meta a C-STORE needs."""
+    try:
+        meta = read_file_meta_info(path)
+        return FileHeader(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+    except (OSError, InvalidDicomError, AttributeError, ValueError) as exc:
+        raise BadDicom(f"prepared file is no DICOM file with file meta ({type(exc).__name__})") from None
 
 
 def presentation_contexts(headers: Sequence[FileHeader]) -> list[PresentationContext]:
@@ -138,7 +138,7 @@ class StoreSender:
         headers: dict[int, FileHeader] = {}
         for i, path in enumerate(files):
             try:
-                headers[i] = FileHeader.read(path)
+                headers[i] = read_header(path)
             except BadDicom as exc:
                 results[i] = SendResult(path, None, exc)
         if headers:
@@ -159,14 +159,8 @@ class StoreSender:
         if not assoc.is_established:
             how = "rejected the association" if assoc.is_rejected else "gave no association (refused or aborted)"
             raise DestinationUnavailable(f"destination {self.destination} {how}; {self._check()}")
-        try:
+        with held(assoc):
             yield assoc
-        except BaseException:
-            assoc.abort()
-            raise
-        else:
-            if assoc.is_established:
-                assoc.release()
 
     def _store(self, assoc: Association, path: Path, header: FileHeader, msg_id: int) -> SendResult:
         if not assoc.is_established:

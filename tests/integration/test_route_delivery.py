@@ -8,15 +8,19 @@ import shutil
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, evt
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE, build_context, evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
 
 from pacsflow.deployments.local import sampledata
 from pacsflow.tasks.pacs.sender import DestinationUnavailable, StoreSender
@@ -159,6 +163,21 @@ def test_storescp_receives_compressed_and_uncompressed_files_byte_identical(stor
         assert received[(sop, ts)] == data, path.name
 
 
+@contextmanager
+def _scp(contexts, on_store, handlers=()):
+    """An in-process pynetdicom Storage SCP (AE ``PEER``) on a free port."""
+    ae = AE(ae_title="PEER")
+    ae.supported_contexts = contexts
+    ae.maximum_associations = 20
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store), *handlers])
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
 @pytest.fixture
 def faulty_scp():
     """A Storage SCP answering each object with the status its SOP Instance UID's last digit picks."""
@@ -172,17 +191,11 @@ def faulty_scp():
             seen.append(uid)
         return statuses[uid[-1]]
 
-    ae = AE(ae_title="FAULTY")
-    ae.supported_contexts = AllStoragePresentationContexts
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    yield port, seen
-    server.shutdown()
+    with _scp(AllStoragePresentationContexts, on_store) as port:
+        yield port, seen
 
 
-def _copies_with_uids(tmp_path: Path, endings: str) -> dict[str, Path]:
-    from pydicom import dcmread
-
+def _copies_with_uids(tmp_path: Path, endings) -> dict[str, Path]:
     out = {}
     for end in endings:
         ds = dcmread(get_testdata_file("CT_small.dcm"))
@@ -197,9 +210,11 @@ def test_store_failures_are_transient_or_permanent_per_object(faulty_scp, tmp_pa
     port, seen = faulty_scp
     outbox = Outbox(tmp_path / "outbox.sqlite")
     files = _copies_with_uids(tmp_path, "12345")
-    for sop, path in files.items():
+    broken = tmp_path / "6.dcm"
+    broken.write_bytes(b"not DICOM at all")
+    for sop, path in [*files.items(), ("1.2.6", broken)]:
         outbox.enqueue("faulty", sop, "ref-f", path)
-    forwarder = Forwarder(outbox, {"faulty": Dest("faulty", "FAULTY", "127.0.0.1", port)}, CALLING_AE,
+    forwarder = Forwarder(outbox, {"faulty": Dest("faulty", "PEER", "127.0.0.1", port)}, CALLING_AE,
                           Backoff(60, 600, 5), timeout_s=30)
     assert forwarder.deliver_due() == 2  # success and warning
     assert sorted(seen) == sorted(files)
@@ -210,10 +225,63 @@ def test_store_failures_are_transient_or_permanent_per_object(faulty_scp, tmp_pa
         "3": (DeliveryState.DEAD, 1),  # data set does not match SOP class
         "4": (DeliveryState.DELIVERED, 0),
         "5": (DeliveryState.DELIVERED, 0),
+        "6": (DeliveryState.DEAD, 1),  # no DICOM file: never sent, alone refused
     }
-    assert "0xA700" in by_end["1"].last_error and "FAULTY@127.0.0.1" in by_end["1"].last_error
+    assert "0xA700" in by_end["1"].last_error and "PEER@127.0.0.1" in by_end["1"].last_error
     assert "0xC000" in by_end["2"].last_error
     assert all(sop not in (r.last_error or "") for r in by_end.values() for sop in files)
+
+
+def test_an_uncompressed_file_goes_in_the_syntax_the_peer_accepts_a_compressed_one_is_refused(tmp_path):
+    received = []
+
+    def on_store(event):
+        received.append((str(event.context.transfer_syntax), event.dataset.PixelData))
+        return 0x0000
+
+    ct, jpeg = Path(get_testdata_file("CT_small.dcm")), Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    implicit_only = [build_context(CTImageStorage, ImplicitVRLittleEndian),
+                     build_context(SecondaryCaptureImageStorage, ImplicitVRLittleEndian)]
+    with _scp(implicit_only, on_store) as port:
+        first, second = StoreSender(CALLING_AE, "PEER", "127.0.0.1", port, 30).send([ct, jpeg])
+    assert first.delivered and first.status == 0
+    assert received == [(ImplicitVRLittleEndian, dcmread(ct).PixelData)]
+    assert second.permanent and second.status is None
+    assert "SOP class 1.2.840.10008.5.1.4.1.1.7 in transfer syntax 1.2.840.10008.1.2.4.50" in str(second.error)
+
+
+def test_workers_keep_to_the_destinations_association_limit(tmp_path):
+    lock = threading.Lock()
+    open_now, peak, stored = [0], [0], []
+
+    def opened(event):
+        with lock:
+            open_now[0] += 1
+            peak[0] = max(peak[0], open_now[0])
+
+    def closed(event):
+        with lock:
+            open_now[0] -= 1
+
+    def on_store(event):
+        time.sleep(0.02)
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    files = _copies_with_uids(tmp_path, [f"{i:02d}5" for i in range(40)])
+    for sop, path in files.items():
+        outbox.enqueue("peer", sop, "ref-p", path)
+    handlers = [(evt.EVT_ACCEPTED, opened), (evt.EVT_RELEASED, closed), (evt.EVT_ABORTED, closed)]
+    with _scp(AllStoragePresentationContexts, on_store, handlers) as port:
+        dest = Dest("peer", "PEER", "127.0.0.1", port, max_associations=3)
+        forwarder = Forwarder(outbox, {"peer": dest}, CALLING_AE, Backoff(1, 10, 3), timeout_s=30, batch=4).start()
+        try:
+            _wait(lambda: outbox.depth()["peer"][DeliveryState.DELIVERED] == len(files))
+        finally:
+            forwarder.stop()
+    assert sorted(stored) == sorted(files)  # each exactly once
+    assert 1 < peak[0] <= 3  # concurrent, never beyond max_associations
 
 
 def test_an_unreachable_destination_raises_naming_it(tmp_path):
