@@ -76,8 +76,10 @@ class Subject:
 
 
 def _dataset_values(ds: Dataset, keyword: str) -> list[str]:
-    element = ds.data_element(keyword)
-    if element is None or element.VR == "SQ" or element.VR.startswith("O") or element.VR == "UN":
+    if keyword not in ds:
+        return []
+    element = ds[keyword]
+    if element.VR == "SQ" or element.VR.startswith("O") or element.VR == "UN":
         return []  # sequences and binary values have no text to compare
     return _texts(element.value)
 
