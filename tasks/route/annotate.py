@@ -58,11 +58,16 @@ class PrivateElement(BaseModel):
             raise ValueError(f"VR must be one of {', '.join(sorted(VRS))}")
         return vr
 
+    @field_validator("value", mode="before")
+    @classmethod
+    def _no_boolean(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # pydantic would take it for 1 or 0
+            raise ValueError("a boolean is no DICOM value (quote it)")
+        return v
+
     @model_validator(mode="after")
     def _value_fits_vr(self) -> PrivateElement:
         value = self.value
-        if isinstance(value, bool):
-            raise ValueError("value: a boolean is no DICOM value (quote it)")
         if self.vr in BINARY_NUMBER_VRS:
             if isinstance(value, str):
                 raise ValueError(f"value: VR {self.vr} holds a number, not text")
