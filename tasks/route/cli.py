@@ -124,9 +124,9 @@ def print_file(path: Path, rules: RoutingRules, calling_ae: str) -> bool:
     try:
         described, decision = file_summary(path, rules, calling_ae)
     except (OSError, InvalidDicomError, ValueError) as exc:
-        stderr.print(f"{escape(str(path))}: cannot read it as DICOM ({type(exc).__name__})")
+        stderr.print(f"{path}: cannot read it as DICOM ({type(exc).__name__})", markup=False)
         return False
-    out.print(f"[bold]{escape(str(path))}[/bold]: {escape(described)}")
+    out.print(f"[bold]{escape(str(path))}[/bold]: {escape(described)}", soft_wrap=True)  # paths stay whole
     if not decision.matched:
         out.print("  no rule matches: forwarded nowhere, not ingested")
         return True
