@@ -30,11 +30,8 @@ ERROR_PREFIX = "pacsflow: error: "
 # keywords (StationName, descriptions, institution) are cleaned or replaced in the catalog, and
 # calling_ae is not kept at all: rules that read them are not decided from the catalog.
 CATALOG_KEYWORDS: dict[str, str] = {
-    "Modality": "modality",
-    "BodyPartExamined": "body_part_examined",
-    "Manufacturer": "manufacturer",
-    "ManufacturerModelName": "manufacturer_model_name",
-    "SOPClassUID": "sop_class_uid",
+    "Modality": "modality", "BodyPartExamined": "body_part_examined", "Manufacturer": "manufacturer",
+    "ManufacturerModelName": "manufacturer_model_name", "SOPClassUID": "sop_class_uid",
 }
 
 # One row per series and SOP class: the rules read series-level values (and the SOP class).
