@@ -31,6 +31,7 @@ from pacsflow.flows import alerts_cli
 from pacsflow.flows import console as errors_console
 from pacsflow.tasks import settings_cli
 from pacsflow.tasks.deid import cli as deid_cli
+from pacsflow.tasks.route import cli as route_cli
 
 if TYPE_CHECKING:
     from pacsflow.tasks.settings import Settings
@@ -88,6 +89,7 @@ app.add_typer(stack_cli.build_app(_settings), name="stack")
 app.add_typer(run_app, name="run")
 app.add_typer(catalog_cli.build_app(lambda: _settings().catalog_root), name="catalog")
 app.add_typer(alerts_cli.build_app(), name="alerts")
+app.add_typer(route_cli.app)  # `pacsflow route test|dry-run|status|retry|drop`
 
 
 @app.callback()

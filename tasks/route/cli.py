@@ -144,8 +144,10 @@ def route_test(
         str, typer.Option("--calling-ae", help="the sender's AE title, as rules on calling_ae see it")
     ] = "",
 ) -> None:
-    """Show, per file, which rules match, which destinations get it (original or de-identified copy,
-    with which private blocks) and whether its study goes to the lake.
+    """Show, per file, which rules match and where it would go.
+
+    For each destination: the original or a de-identified copy, with which private blocks; and
+    whether its study goes to the lake.
 
     Prints the SOP class and modality of each file, never patient attributes. Exit 1 when a file
     cannot be read, 2 when the rules cannot."""
@@ -236,8 +238,10 @@ def route_dry_run(
     = None,
     rules_file: RulesOption = None,
 ) -> None:
-    """Run the rules over the catalog's studies of a window and print, per destination, how many
-    studies and instances would have gone there, and how many studies would have been ingested.
+    """Run the rules over the catalog: what each destination would have received.
+
+    Prints, per destination, how many studies and instances of the window would have gone there,
+    and how many studies would have been ingested.
 
     The catalog holds de-identified values: rules are decided on Modality, BodyPartExamined,
     Manufacturer, ManufacturerModelName and SOPClassUID, which de-identification keeps. A rule that
@@ -257,3 +261,62 @@ def route_dry_run(
     for name, keys in result.undecidable.items():
         out.print(f"rule {escape(name)}: not decidable from the catalog (reads {escape(', '.join(keys))}); "
                   "left out")
+
+
+# -- route status | retry | drop (the outbox) -------------------------------------------------------
+
+
+def _outbox() -> Any:
+    from pacsflow.tasks.route.outbox import Outbox
+
+    settings = _settings()
+    if not (settings.listener_dir / "outbox.sqlite").exists():
+        _fail(FileNotFoundError(f"no outbox under {settings.listener_dir} (state_root): has the listener run here?"))
+    return Outbox.for_settings(settings)
+
+
+DestinationOption = Annotated[Optional[str], typer.Option("--destination", "-d", help="only this destination")]
+IdsOption = Annotated[Optional[list[int]], typer.Option("--id", help="only this outbox row (repeatable)")]
+
+
+@app.command("status")
+def route_status() -> None:
+    """Objects per destination and delivery state, then the dead-lettered ones with their last error."""
+    from pacsflow.tasks.route.outbox import DeliveryState, format_status
+
+    outbox = _outbox()
+    out.print(format_status(outbox.depth(), outbox.rows(state=DeliveryState.DEAD)), markup=False)
+
+
+@app.command("retry")
+def route_retry(
+    destination: DestinationOption = None,
+    ids: IdsOption = None,
+    now: Annotated[bool, typer.Option("--now", help="deliver them from this process now, not by the listener")]
+    = False,
+    rules_file: RulesOption = None,
+) -> None:
+    """Queue dead-lettered objects again (all, one destination's, or the given rows).
+
+    The running listener delivers them, or this command does with ``--now``."""
+    outbox = _outbox()
+    count = outbox.retry(destination, ids)
+    out.print(f"{count} dead-lettered objects queued again")
+    if now and count:
+        from pacsflow.tasks.route.forwarder import Forwarder
+        from pacsflow.tasks.route.outbox import Backoff
+
+        settings, rules = _settings(), load_rules(rules_file)
+        forwarder = Forwarder(outbox, rules.destinations, settings.listener.ae_title,
+                              Backoff.from_settings(settings.listener), settings.listener.timeout_s)
+        out.print(f"{forwarder.deliver_due()} delivered")
+
+
+@app.command("drop")
+def route_drop(destination: DestinationOption = None, ids: IdsOption = None) -> None:
+    """Give dead-lettered objects up for good (their prepared copies are deleted).
+
+    Name a destination or rows: nothing is dropped without one."""
+    if destination is None and not ids:
+        _fail(ValueError("route drop: name --destination or --id (nothing is dropped by default)"))
+    out.print(f"{_outbox().drop(destination, ids)} dead-lettered objects dropped")

@@ -1,0 +1,123 @@
+"""What the listener does with a stable study: the rules decide per object, each destination's
+copy is prepared and queued in the outbox, and the objects to ingest are linked into the lake's
+hand-off folder.
+
+Plain functions over files: no sockets, no Prefect. The listener calls :meth:`Router.route` for
+each stable study and emits the ingest event itself. Every step is idempotent, so a study that is
+routed again after a crash (it was not marked handled) queues nothing twice: a prepared copy
+already on disk is reused, the outbox ignores an object it holds for that destination, and a
+hand-off link that exists is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from pydicom import dcmread
+
+from pacsflow.tasks.core.files import ensure_private_dir, write_atomic
+from pacsflow.tasks.pacs.receiver import staged_name
+from pacsflow.tasks.route.annotate import annotate, annotated_bytes
+from pacsflow.tasks.route.outbox import Outbox
+from pacsflow.tasks.route.rules import Forward, RoutingRules, Subject
+
+log = logging.getLogger(__name__)
+
+# A de-identified copy of one original, with the private blocks added: the listener passes the
+# de-identification pipeline in (the key and profile of the lake), so this module holds no key.
+DeidentifiedCopy = Callable[[Path, Callable], bytes]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One received object of a stable study, as the listener hands it over."""
+
+    sop_uid: str
+    path: Path
+    calling_ae: str
+
+
+@dataclass
+class Routed:
+    """What routing one stable study did."""
+
+    queued: Counter[str] = field(default_factory=Counter)  # destination -> objects queued now
+    received: list[Path] = field(default_factory=list)  # the originals routed
+    modalities: set[str] = field(default_factory=set)
+    # A study goes to the lake whole when a rule says so for any of its objects (the same basis
+    # as `pacsflow route dry-run`'s counts).
+    ingest: bool = False
+    unreadable: int = 0
+
+
+class Router:
+    """Applies ``rules`` to a stable study's objects; copies go under ``copies_dir/<destination>``."""
+
+    def __init__(self, rules: RoutingRules, outbox: Outbox, copies_dir: Path,
+                 deidentified: DeidentifiedCopy | None = None) -> None:
+        self.rules = rules
+        self.outbox = outbox
+        self.copies_dir = ensure_private_dir(copies_dir)
+        self.deidentified = deidentified
+
+    def route(self, study_ref: str, arrivals: Iterable[Arrival]) -> Routed:
+        routed = Routed()
+        for arrival in arrivals:
+            try:
+                header = dcmread(arrival.path, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - the receiver checked it; a file changed since is skipped
+                routed.unreadable += 1
+                log.warning("study %s: a received object cannot be read any more; not routed", study_ref)
+                continue
+            decision = self.rules.decide(Subject.of_dataset(header, arrival.calling_ae))
+            for forward in decision.forwards:
+                copy = self._prepare(arrival, forward)
+                if self.outbox.enqueue(forward.destination, arrival.sop_uid, study_ref, copy):
+                    routed.queued[forward.destination] += 1
+            routed.received.append(arrival.path)
+            routed.modalities.add(str(header.get("Modality", "") or "OT"))
+            routed.ingest = routed.ingest or decision.ingest
+        return routed
+
+    def _prepare(self, arrival: Arrival, forward: Forward) -> Path:
+        """The file the destination gets: the original itself (a hard link) when it is sent as
+        received, else a copy with the destination's de-identification and private blocks."""
+        target = self.copies_dir / forward.destination / staged_name(arrival.sop_uid)
+        if target.exists():
+            return target
+        ensure_private_dir(target.parent)
+        destination = self.rules.destinations[forward.destination]
+        if destination.deidentify:
+            if self.deidentified is None:
+                raise ValueError(f"destination {forward.destination} wants de-identified copies, but the "
+                                 "listener has no de-identification key (deid_key)")
+            data = self.deidentified(arrival.path, lambda ds: annotate(ds, forward.annotations))
+            write_atomic(target, data, private=True)
+        elif forward.annotations:
+            write_atomic(target, annotated_bytes(arrival.path, forward.annotations), private=True)
+        else:
+            _link(arrival.path, target)
+        return target
+
+
+def link_for_ingest(originals: Iterable[Path], folder: Path) -> int:
+    """Hard-link the originals to ingest into the lake's hand-off ``folder`` (PHI zone); links
+    that exist already (a study routed again after a crash) are kept."""
+    ensure_private_dir(folder)
+    count = 0
+    for original in originals:
+        _link(original, folder / original.name)
+        count += 1
+    return count
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        pass
