@@ -65,6 +65,9 @@ class Forwarder:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        # (destination, delivered | retried | dead) -> objects, since this process started: metrics.
+        self.totals: Counter[tuple[str, str]] = Counter()
+        self._totals_lock = threading.Lock()
 
     def sender(self, destination: DestinationLike) -> StoreSender:
         return StoreSender(self.calling_ae, destination.ae_title, destination.host, destination.port, self.timeout_s)
@@ -79,8 +82,13 @@ class Forwarder:
         try:
             results = sender.send([r.file for r in rows])
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the rows, then logged
-            return self._record_failure(name, rows, exc, now)
-        return self._record(name, rows, results, now)
+            outcome = self._record_failure(name, rows, exc, now)
+        else:
+            outcome = self._record(name, rows, results, now)
+        with self._totals_lock:
+            self.totals.update({(name, "delivered"): outcome.delivered, (name, "retried"): outcome.retried,
+                                (name, "dead"): outcome.dead})
+        return outcome
 
     def _record_failure(self, name: str, rows: Sequence[Delivery], exc: Exception,
                         now: float | None) -> BatchOutcome:
