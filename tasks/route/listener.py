@@ -57,10 +57,10 @@ class Listener:
         self.study_ref: Callable[[str], str] = lambda uid: pseudonymize_uid(key, uid)
         folder = ensure_private_dir(settings.listener_dir)
         self.inbox = folder / "inbox"
-        self.tracker = StudyTracker(folder / "tracker.sqlite")
         self.writer = StagingWriter(self.inbox, self.study_ref, settings.listener.max_object_mb,
                                     open_studies=True, on_staged=self._staged)
-        self.receiver = StorageReceiver.for_listener(settings, self.writer)
+        self.receiver = StorageReceiver.for_listener(settings, self.writer)  # settings errors before the database
+        self.tracker = StudyTracker(folder / "tracker.sqlite")
         self._received = self._stable = self._handed = self._failed = 0
         self._received_lock = threading.Lock()  # receiver threads stage objects side by side
         self._backoff: dict[str, tuple[float, float]] = {}  # study UID -> (retry at, delay): failing studies only

@@ -7,6 +7,7 @@ the tracker's SQLite file and the staged files in the listener's PHI zone.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import threading
@@ -17,6 +18,7 @@ import pydicom
 import pytest
 
 from pacsflow.deployments.local import sampledata
+from pacsflow.tasks.core.errors import PacsConfigurationError
 from pacsflow.tasks.pacs.receiver import staged_name
 from pacsflow.tasks.route.listener import Listener
 from pacsflow.tasks.route.tracker import StableStudy
@@ -95,7 +97,8 @@ def bed(tmp_path, request):
     return Bed(tmp_path, request.param)
 
 
-def test_each_study_is_offered_once_with_all_its_objects(bed):
+def test_each_study_is_offered_once_with_all_its_objects(bed, caplog):
+    caplog.set_level(logging.INFO, logger="pacsflow")
     studies = bed.studies(3)
     sent = [f for s in studies for f in files_of(s)]
     with bed.listener() as listener:
@@ -115,6 +118,8 @@ def test_each_study_is_offered_once_with_all_its_objects(bed):
         assert sorted(_sop_uid(p) for p in got.paths) == sorted(got.sop_uids)
     assert (counters.received, counters.stable, counters.handed, counters.pending) == (len(sent), 3, 3, 0)
     assert len(bed.inbox_files()) == len(sent)
+    assert "handled (generation 1" in caplog.text
+    assert not any(s.study_uid in caplog.text or s.patient_id in caplog.text for s in studies)
 
 
 def test_a_stranger_is_refused_at_association_and_leaves_nothing(bed):
@@ -228,3 +233,11 @@ def test_what_storescp_received_for_a_killed_listener_is_taken_in(tmp_path):
     assert offered.sop_uids == [_sop_uid(whole)] and offered.calling_aes == {SENDER_AE}
     assert counters.received == 1 and len(bed.inbox_files()) == 1
     assert not (bed.settings.listener_dir / "incoming" / "a00000007").exists()
+
+
+def test_a_listener_open_to_nobody_does_not_start(tmp_path):
+    settings = load_settings(listener={"port": free_port()}, state_root=tmp_path / "state",
+                             deid_key="listener-test-key-0123456789")
+    with pytest.raises(PacsConfigurationError, match="listener.allowed_aes"):
+        Listener(settings, lambda study: None)
+    assert not (settings.listener_dir / "tracker.sqlite").exists()
