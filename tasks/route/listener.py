@@ -66,6 +66,7 @@ class Listener:
         self._backoff: dict[str, tuple[float, float]] = {}  # study UID -> (retry at, delay): failing studies only
         self._stopping = threading.Event()
         self._loop_thread: threading.Thread | None = None
+        self._final: ListenerCounters | None = None  # once stopped (the tracker is closed)
 
     def start(self) -> "Listener":
         """Take in what a crash left on disk, listen, and start the stability loop."""
@@ -88,6 +89,7 @@ class Listener:
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=60)
             self._loop_thread = None
+        self._final = self.counters
         self.tracker.close()
 
     def __enter__(self) -> "Listener":
@@ -98,6 +100,8 @@ class Listener:
 
     @property
     def counters(self) -> ListenerCounters:
+        if self._final is not None:
+            return self._final
         refused = Counter(self.writer.refused)
         refused["calling_ae"] = len(self.receiver.refused_aes)
         return ListenerCounters(self._received, +refused, self._stable, self._handed, self._failed,

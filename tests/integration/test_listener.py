@@ -106,7 +106,7 @@ def test_each_study_is_offered_once_with_all_its_objects(bed, caplog):
         assert result.returncode == 0, result.stderr[-500:]
         bed.wait_offered(len(studies))
         offered = bed.settle()
-        counters = listener.counters
+    counters = listener.counters  # the last totals, once stopped
     assert sorted(s.study_uid for s in offered) == sorted(s.study_uid for s in studies)  # once each
     for study in studies:
         [got] = [o for o in offered if o.study_uid == study.study_uid]
