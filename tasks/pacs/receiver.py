@@ -38,6 +38,9 @@ from pacsflow.tasks.settings import ReceiverEngine, ReceiverSettings, Settings
 
 log = logging.getLogger(__name__)
 
+# (original study UID, original SOP Instance UID, staged file, calling AE title)
+OnStaged = Callable[[str, str, Path, str], None]
+
 _SUCCESS = 0x0000
 _NOT_AUTHORISED = 0x0124  # an object of a study this run does not retrieve
 _OUT_OF_RESOURCES = 0xA700  # cannot write, or larger than we accept
@@ -56,12 +59,19 @@ class StagingWriter:
     ``announce``, only those objects. Every refusal is counted in ``refused`` by reason
     (``too_large``, ``undecodable``, ``unexpected_study``, ``unlisted_object``) and in
     ``rejected``; the reason a listed object was refused is kept for the run's record.
+
+    ``open_studies`` (the listener): every study is admitted, still not too large or undecodable
+    objects, and nothing is kept per object, so memory does not grow with what arrives.
+    ``on_staged(study_uid, sop_uid, path, calling_ae)`` is called once an object is in staging.
     """
 
-    def __init__(self, staging_dir: Path, uid_ref: Callable[[str], str], max_object_mb: int = 2048) -> None:
+    def __init__(self, staging_dir: Path, uid_ref: Callable[[str], str], max_object_mb: int = 2048, *,
+                 open_studies: bool = False, on_staged: OnStaged | None = None) -> None:
         self.staging_dir = ensure_private_dir(staging_dir)
         self.ref = uid_ref
         self.max_object_bytes = max_object_mb * MB
+        self.open_studies = open_studies
+        self.on_staged = on_staged
         self._lock = threading.Lock()
         # Original UIDs below: held in memory, never written or logged.
         self._expected: set[str] = set()
@@ -130,28 +140,32 @@ class StagingWriter:
 
     def handle_store(self, event: evt.Event) -> int:
         """A C-STORE received by pynetdicom: staged, or refused with the status the sender sees."""
+        calling = calling_ae(event)
         if _encoded_size(event) > self.max_object_bytes:
             sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
-            return self._refuse(_peer_ae(event), "too_large", _OUT_OF_RESOURCES, sop_uid)
+            return self._refuse(repr(calling), "too_large", _OUT_OF_RESOURCES, sop_uid)
         try:
             ds = event.dataset
             study_uid, sop_uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
         except Exception:  # noqa: BLE001 - any decode failure is the sender's malformed object
-            return self._refuse(_peer_ae(event), "undecodable", _CANNOT_UNDERSTAND)
+            return self._refuse(repr(calling), "undecodable", _CANNOT_UNDERSTAND)
         refusal = self._admit(study_uid, sop_uid)
         if refusal is not None:
-            return self._refuse(_peer_ae(event), refusal, _NOT_AUTHORISED)
+            return self._refuse(repr(calling), refusal, _NOT_AUTHORISED)
+        path = self.study_dir(study_uid) / staged_name(sop_uid)
         try:
-            write_atomic(self.study_dir(study_uid) / staged_name(sop_uid), event.encoded_dataset(), private=True)
+            write_atomic(path, event.encoded_dataset(), private=True)
         except OSError as exc:
             log.error("cannot write a received object to staging: %s", type(exc).__name__)
-            return self._refuse(_peer_ae(event), "write_failed", _OUT_OF_RESOURCES, sop_uid)
+            return self._refuse(repr(calling), "write_failed", _OUT_OF_RESOURCES, sop_uid)
+        self._staged(study_uid, sop_uid, path, calling)
         return _SUCCESS
 
-    def take_file(self, path: Path, peer: str = "storescp") -> bool:
+    def take_file(self, path: Path, peer: str = "storescp", calling: str = "") -> bool:
         """A file a native receiver wrote (``path``, complete): moved into staging by a rename, or
         refused for the same reasons as :meth:`handle_store` and deleted. The sender was told
-        success already, so a refusal here is only counted and logged (``peer`` names the sender)."""
+        success already, so a refusal here is only counted and logged (``peer`` names the sender,
+        ``calling`` is its AE title for :attr:`on_staged`)."""
         try:
             size = path.stat().st_size
             header = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
@@ -165,13 +179,18 @@ class StagingWriter:
         refusal = self._admit(study_uid, sop_uid)
         if refusal is not None:
             return self._drop(path, peer, refusal)
-        folder = ensure_private_dir(self.study_dir(study_uid))
+        target = ensure_private_dir(self.study_dir(study_uid)) / staged_name(sop_uid)
         try:
-            os.replace(path, folder / staged_name(sop_uid))
+            os.replace(path, target)
         except OSError as exc:
             log.error("cannot move a received object into staging: %s", type(exc).__name__)
             return self._drop(path, peer, "write_failed", sop_uid)
+        self._staged(study_uid, sop_uid, target, calling)
         return True
+
+    def _staged(self, study_uid: str, sop_uid: str, path: Path, calling: str) -> None:
+        if self.on_staged is not None:
+            self.on_staged(study_uid, sop_uid, path, calling)
 
     def settle(self, study_uid: str) -> None:
         """After a retrieve of ``study_uid`` ended: a native receiver's files of it go to staging
@@ -183,6 +202,8 @@ class StagingWriter:
 
     def _admit(self, study_uid: str, sop_uid: str) -> str | None:
         """None when the object may be staged, else why not."""
+        if self.open_studies:
+            return None
         with self._lock:
             if study_uid not in self._expected:
                 return "unexpected_study"
@@ -200,7 +221,7 @@ class StagingWriter:
     def _refuse(self, peer: str, reason: str, status: int, sop_uid: str = "", where: str = "") -> int:
         with self._lock:
             self.refused[reason] += 1
-            if sop_uid:
+            if sop_uid and not self.open_studies:  # open: no retrieve asks again, nothing kept per object
                 self._refusals[sop_uid] = reason
         told = where or f"(0x{status:04X})"
         log.warning("refused a C-STORE from %s: %s %s", peer, reason.replace("_", " "), told)
@@ -224,11 +245,11 @@ def _encoded_size(event: evt.Event) -> int:
 _HEADER_TAGS = ["StudyInstanceUID", "SOPInstanceUID"]
 
 
-def _peer_ae(event: evt.Event) -> str:
+def calling_ae(event: evt.Event) -> str:
     """The AE title at the other end (AE titles are not PHI)."""
     assoc = event.assoc
     peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
-    return repr(str(peer.ae_title).strip())
+    return str(peer.ae_title).strip()
 
 
 def count_staged(folder: Path) -> int:
@@ -278,6 +299,20 @@ class StorageReceiver:
             return NativeReceiver(r.ae_title, r.host, r.port, writer, allowed, settings.state_root / "incoming")
         return cls(r.ae_title, r.host, r.port, writer, allowed, receiver_context(r))
 
+    @classmethod
+    def for_listener(cls, settings: Settings, writer: StagingWriter) -> "StorageReceiver | NativeReceiver":
+        """The receiver of ``pacsflow listen`` (``settings.listener``): open to ``listener.allowed_aes``
+        only; the native engine writes under ``listener_dir/incoming``."""
+        li = settings.listener
+        if not li.allowed_aes:
+            raise PacsConfigurationError("listener.allowed_aes is empty: name the calling AE titles that may send "
+                                         "to the listener")
+        engine = resolve_engine(li.engine, tls=False, setting="listener.engine")
+        if engine is ReceiverEngine.DCMTK:
+            return NativeReceiver(li.ae_title, li.host, li.port, writer, li.allowed_aes,
+                                  settings.listener_dir / "incoming", keep_received=True)
+        return cls(li.ae_title, li.host, li.port, writer, li.allowed_aes)
+
     def start(self) -> "StorageReceiver":
         handlers: list[evt.EventHandlerType] = [
             NODELAY_HANDLER,
@@ -313,12 +348,18 @@ class StorageReceiver:
 
 def chosen_engine(receiver: ReceiverSettings) -> ReceiverEngine:
     """``receiver.engine``, with ``auto`` resolved: DCMTK when storescp is installed and TLS is off."""
-    if receiver.engine is not ReceiverEngine.AUTO:
-        if receiver.engine is ReceiverEngine.DCMTK and not storescp_available():
-            raise PacsConfigurationError("receiver.engine is dcmtk, but DCMTK's storescp is not on PATH: install "
-                                         "dcmtk or set receiver.engine to pynetdicom")
-        return receiver.engine
-    if storescp_available() and not receiver.tls.enabled:
+    return resolve_engine(receiver.engine, tls=receiver.tls.enabled, setting="receiver.engine")
+
+
+def resolve_engine(engine: ReceiverEngine, *, tls: bool, setting: str) -> ReceiverEngine:
+    """``engine`` (the value of ``setting``), with ``auto`` resolved: DCMTK when storescp is
+    installed and ``tls`` is off; ``dcmtk`` without storescp is a configuration error."""
+    if engine is not ReceiverEngine.AUTO:
+        if engine is ReceiverEngine.DCMTK and not storescp_available():
+            raise PacsConfigurationError(f"{setting} is dcmtk, but DCMTK's storescp is not on PATH: install "
+                                         f"dcmtk or set {setting} to pynetdicom")
+        return engine
+    if storescp_available() and not tls:
         return ReceiverEngine.DCMTK
     return ReceiverEngine.PYNETDICOM
 

@@ -17,6 +17,11 @@ holds complete, admitted objects:
 What ``storescp`` cannot refuse on the wire (objects above ``max_object_mb``, of studies not
 being retrieved, not listed) is refused there: the sender was told success, the object is
 deleted, counted and logged. ``storescp``'s own messages are logged with UIDs masked.
+
+With ``keep_received`` (the listener, where no retrieve asks again for what is lost) what
+``storescp`` acknowledged is never thrown away: the folders of a killed process's associations
+(their ``storescp`` outlives it and finishes) are taken in at start, and at stop the complete
+files of associations we had to end are taken in too; a file cut short is dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -33,7 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from pacsflow.tasks.core.files import ensure_private_dir, remove_tree
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+
+from pacsflow.tasks.core.files import ensure_private_dir, remove_tree, write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +91,10 @@ class Association:
     def log_path(self) -> Path:
         return self.folder.with_suffix(".log")
 
+    @property
+    def pid_path(self) -> Path:
+        return self.folder.with_suffix(".pid")
+
 
 class NativeReceiver:
     """``storescp`` per association behind our own listening socket (see the module's text).
@@ -91,13 +104,13 @@ class NativeReceiver:
     """
 
     def __init__(self, ae_title: str, host: str, port: int, writer, allowed_aes: Iterable[str], incoming: Path,
-                 *, settle_wait_s: float = 10.0, max_pdu: int = 131072) -> None:
+                 *, settle_wait_s: float = 10.0, max_pdu: int = 131072, keep_received: bool = False) -> None:
         self.ae_title, self.address, self.writer = ae_title, (host, port), writer
         self.allowed_aes = sorted({ae.strip() for ae in allowed_aes if ae.strip()})
         if not self.allowed_aes:
             raise ValueError("the receiver needs at least one allowed calling AE (the PACS's)")
         self.incoming = incoming
-        self.settle_wait_s, self.max_pdu = settle_wait_s, max_pdu
+        self.settle_wait_s, self.max_pdu, self.keep_received = settle_wait_s, max_pdu, keep_received
         self.refused_aes: list[str] = []
         self._associations: list[Association] = []
         self._lock = threading.Lock()  # the association list and the taking of files
@@ -109,6 +122,8 @@ class NativeReceiver:
 
     # -- lifetime ----------------------------------------------------------------------------
     def start(self) -> "NativeReceiver":
+        if self.keep_received:
+            self._take_leftovers()
         remove_tree(self.incoming)  # a killed run's leftovers: never answered for, never staged
         ensure_private_dir(self.incoming)
         sock = socket.create_server(self.address, reuse_port=False, backlog=64)
@@ -172,12 +187,34 @@ class NativeReceiver:
             running = list(self._associations)
         return self._wait_for(running, timeout_s)
 
+    def _take_leftovers(self) -> None:
+        """The associations of a killed process: wait for their storescp (it outlives its parent),
+        then take in their complete files, which the sender was told are stored."""
+        folders = sorted(p for p in self.incoming.glob("a*") if p.is_dir()) if self.incoming.is_dir() else []
+        for folder in folders:
+            pid, _, calling = _read_text(folder.with_suffix(".pid")).partition(" ")
+            if pid.isdigit() and not _wait_gone(int(pid), self.settle_wait_s):
+                os.kill(int(pid), signal.SIGTERM)
+            taken = self._take_complete(_entries(folder), calling, f"{calling!r} (an earlier process's association)")
+            log.warning("receiver took in %d object(s) an earlier process received from %r", taken, calling)
+
+    def _take_complete(self, files: list[os.DirEntry], calling: str, peer: str) -> int:
+        """Take in the complete ones of ``files``; drop those cut short. How many were taken."""
+        taken = 0
+        for entry in files:
+            if complete_object(Path(entry.path)):
+                taken += self.writer.take_file(Path(entry.path), peer, calling)
+            else:
+                log.warning("receiver dropped an object cut short by a stopped storescp (%s)", peer)
+                Path(entry.path).unlink(missing_ok=True)
+        return taken
+
     def _take_listed(self, assoc: Association, listed: frozenset[str]) -> bool:
         """Take the association's files of ``listed`` objects; whether it had any."""
         took = False
         for entry in _entries(assoc.folder):
             if _sop_uid(entry.name) in listed:
-                self.writer.take_file(Path(entry.path), _peer(assoc))
+                self.writer.take_file(Path(entry.path), _peer(assoc), assoc.calling)
                 took = True
         return took
 
@@ -238,6 +275,8 @@ class NativeReceiver:
                 stdin=conn.fileno(), stdout=conn.fileno(), stderr=errors, close_fds=True, umask=0o077,
                 env={**os.environ, "TCP_NODELAY": "1"},
             )
+        if self.keep_received:  # a restart after a crash finds the process that wrote the folder
+            write_private_file(folder.with_suffix(".pid"), f"{process.pid} {calling}")
         with self._changed:
             self._associations.append(Association(number, calling, process, folder))
             self._changed.notify_all()
@@ -253,12 +292,14 @@ class NativeReceiver:
         """An association's process ended: every file it wrote is taken in (or refused)."""
         with self._lock:
             files = _entries(assoc.folder)
-            if assoc.ended_by_us and files:
+            if assoc.ended_by_us and files and self.keep_received:
+                self._take_complete(files, assoc.calling, _peer(assoc))
+            elif assoc.ended_by_us and files:
                 log.warning("receiver stopped association %d of %r mid-transfer: %d file(s) discarded",
                             assoc.number, assoc.calling, len(files))
             else:
                 for entry in files:
-                    self.writer.take_file(Path(entry.path), _peer(assoc))
+                    self.writer.take_file(Path(entry.path), _peer(assoc), assoc.calling)
         messages = assoc.log_path.read_bytes() if assoc.log_path.exists() else b""
         for line in messages.splitlines():
             if line.strip():
@@ -267,6 +308,7 @@ class NativeReceiver:
             log.warning("storescp (association %d) ended with exit code %s", assoc.number, assoc.process.returncode)
         remove_tree(assoc.folder)
         assoc.log_path.unlink(missing_ok=True)
+        assoc.pid_path.unlink(missing_ok=True)
         with self._changed:
             self._associations.remove(assoc)
             self._changed.notify_all()
@@ -305,3 +347,42 @@ def _sop_uid(file_name: str) -> str:
 
 def _peer(assoc: Association) -> str:
     return f"{assoc.calling!r} (storescp association {assoc.number})"
+
+
+def complete_object(path: Path) -> bool:
+    """Whether a file storescp wrote holds a whole object: a process killed mid-write leaves its
+    last element shorter than the length it declares (pydicom reads such a file without a word)."""
+    try:
+        ds = dcmread(path)
+        if not ds:
+            return False
+        last = ds.get_item(max(ds.keys()))
+    except Exception:  # noqa: BLE001 - unreadable: the staging boundary refuses it as undecodable
+        return True
+    if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF and last.value is not None:
+        return len(last.value) == last.length
+    return True
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    """Wait until process ``pid`` (if it is a storescp) has ended; whether it did."""
+    deadline = time.monotonic() + timeout_s
+    while _is_storescp(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(REAP_EVERY_S)
+    return True
+
+
+def _is_storescp(pid: int) -> bool:
+    try:
+        return STORESCP in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return False
