@@ -148,3 +148,16 @@ def test_parameters_that_are_no_pseudonym_fail_without_being_shown(lake):
     assert state.is_failed()
     assert run.name == "ingest-study (invalid parameters)"
     assert "Doe" not in (state.message or "")
+
+
+@pytest.mark.parametrize("given", ["", "1.2.3", "2.25.", "2.25.01", "2.25.1/../../etc", "2.25.1 x", "Doe^Jane",
+                                   "pacsflow.study.", "2.25." + "9" * 40])
+def test_only_a_study_pseudonym_names_a_hand_off_folder(given, tmp_path):
+    settings = Settings(state_root=tmp_path)
+    with pytest.raises(ValueError) as caught:
+        handoff_dir(settings, given, 1)
+    assert str(caught.value).startswith("not a pseudonymous study ref") and "Doe" not in str(caught.value)
+    ref = "2.25.123456789"
+    assert handoff_dir(settings, f"pacsflow.study.{ref}", 2) == tmp_path / "listener" / "handoff" / f"{ref}-2"
+    with pytest.raises(ValueError):
+        handoff_dir(settings, ref, 0)
