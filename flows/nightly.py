@@ -230,13 +230,19 @@ def check_free_space(settings: Settings) -> None:
         raise InsufficientSpace(f"less than min_free_mb={settings.min_free_mb} MiB free: " + "; ".join(problems))
 
 
-def open_run(settings: Settings, run_id: str) -> NightlyRun:
-    """The key, the run's one Deidentifier, the PHI-zone folders (owner-only) and the ledger."""
-    quiet_pynetdicom()
+def open_deid(settings: Settings) -> tuple[bytes, Deidentifier]:
+    """The key and a run's one Deidentifier; the PHI-zone folders exist (owner-only)."""
     key = settings.resolve_deid_key()
     deid = Deidentifier.from_settings(key, settings.deid)
     for folder in (settings.state_root, settings.staging_dir, settings.quarantine_dir):
         ensure_private_dir(folder)
+    return key, deid
+
+
+def open_run(settings: Settings, run_id: str) -> NightlyRun:
+    """The key, the run's one Deidentifier, the PHI-zone folders (owner-only) and the ledger."""
+    quiet_pynetdicom()
+    key, deid = open_deid(settings)
     staging = StagingWriter(settings.staging_dir, deid.study_ref, settings.receiver.max_object_mb)
     return NightlyRun(run_id, key, deid, Ledger(settings.ledger_path), staging, settings.state_root / "runs" / run_id)
 

@@ -487,6 +487,25 @@ class StudyExtractor:
         self.malformed_values += other.malformed_values
         self.duplicates += other.duplicates
 
+    @classmethod
+    def from_tables(cls, tables: Mapping[str, pa.Table]) -> "StudyExtractor":
+        """An extractor holding one study's rows as :meth:`tables` made them (e.g. read back from
+        the catalog), so that the rows of objects that arrive later can be merged into them and
+        the study's and series' aggregates computed again over all. Raises BadDicom when the rows
+        are not those of one study."""
+        studies = tables["studies"].to_pylist()
+        if len(studies) != 1:
+            raise BadDicom(f"rows of one study expected, got {len(studies)} study rows")
+        study = {col: studies[0].get(col) for col in _STUDY_ATTRS}
+        series = {r["series_uid"]: {col: r.get(col) for col in _SERIES_ATTRS} for r in tables["series"].to_pylist()}
+        out = cls(studies[0]["study_uid"])
+        for inst in tables["instances"].to_pylist():
+            sop_uid = inst["sop_instance_uid"]
+            if inst["study_uid"] != out.study_uid or inst["series_uid"] not in series:
+                raise BadDicom(f"instance {sop_uid} has no series row in study {out.study_uid}")
+            out._keep(sop_uid, inst, dict(study), series[inst["series_uid"]])
+        return out
+
     # -- building --------------------------------------------------------------------------
     def tables(self, ingested_at: _dt.datetime | None = None) -> dict[str, pa.Table]:
         """The study's rows as {"studies": 1 row, "series": 1/series, "instances": 1/instance}.

@@ -1,0 +1,41 @@
+"""pacsflow's Prefect events: what the listener tells Prefect, and what deployment triggers match.
+
+``pacsflow.study.stable`` (:func:`emit_study_stable`): a pushed study had no new object for the
+stability window and its new objects wait in the hand-off folder
+(:func:`pacsflow.tasks.ingest.handoff.handoff_dir`). The ``ingest-study`` deployment's trigger in
+``prefect.yaml`` starts the flow for it. Nothing identifying goes out: the resource is the keyed
+study pseudonym, the payload holds counts and modalities.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+from prefect.events import emit_event
+
+from pacsflow.tasks.ingest.handoff import (
+    GENERATION_LABEL,
+    STABLE_EVENT,
+    check_generation,
+    study_resource_id,
+)
+
+# Event ids are derived, not random: a listener that emits a study's generation again (it
+# restarted before it recorded the first emit) sends the same id, and the server's trigger
+# evaluation ignores an id it has seen, so the flow does not run twice for it.
+_EVENT_IDS = uuid.UUID("6f1d0a52-3c3e-5b8e-9a57-7061637366c6")
+
+
+def stable_event_id(study_ref: str, generation: int) -> uuid.UUID:
+    return uuid.uuid5(_EVENT_IDS, f"{study_resource_id(study_ref)}/{check_generation(generation)}")
+
+
+def emit_study_stable(study_ref: str, generation: int, objects: int, modalities: Iterable[str]) -> None:
+    """Tell Prefect that generation ``generation`` of the study (``objects`` new objects of these
+    modalities) is handed off for ingest. Events go out from a background worker of Prefect's:
+    a process that ends right after this call should call
+    ``prefect.events.worker.EventsWorker.drain_all()`` first."""
+    resource = {"prefect.resource.id": study_resource_id(study_ref), GENERATION_LABEL: str(generation)}
+    payload = {"objects": int(objects), "modalities": sorted({str(m) for m in modalities if m})}
+    emit_event(STABLE_EVENT, resource=resource, payload=payload, id=stable_event_id(study_ref, generation))

@@ -1,0 +1,64 @@
+"""A real `prefect server start` for tests that need its services (triggers, actions, the foreman),
+which the in-process test harness does not run: a module-scoped fixture, ``prefect_server``
+(its API URL, set as PREFECT_API_URL while the module's tests run). Import it into a test module."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import suppress
+
+import pytest
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.helpers import free_port
+
+
+def _healthy(url: str, process: subprocess.Popen, timeout: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with suppress(urllib.error.URLError, OSError), urllib.request.urlopen(f"{url}/health", timeout=2):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME; the foreman
+    checks workers every second so a silent worker is noticed in seconds, not minutes."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS="1")
+    for _ in range(3):  # another process may take the port first
+        port = free_port()
+        env["PREFECT_UI_URL"] = f"http://127.0.0.1:{port}"  # what notifications link to
+        with open(home / "server.log", "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                        "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/api"
+        if _healthy(url, process):
+            break
+        process.kill()
+        process.wait()
+    else:
+        pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+            APILogWorker.drain_all(timeout=5)  # the runs' last events go out while the server is up
+            EventsWorker.drain_all(timeout=5)
+    finally:
+        process.terminate()
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+        process.kill()  # a no-op once it has exited
+        process.wait()
