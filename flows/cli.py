@@ -193,6 +193,30 @@ def fhir_answers(settings: Settings) -> None:
         errors_console.fail(exc)
 
 
+# -- listen -----------------------------------------------------------------------------
+@app.command("listen")
+def listen_cmd() -> None:
+    """Run the DICOM listener and router until stopped (Ctrl-C or SIGTERM).
+
+    Accepts C-STOREs from listener.allowed_aes on listener.host:port, routes each stable study by
+    listener.rules_file (forward, annotate, ingest), delivers through a durable outbox and hands
+    studies to the ingest-study flow with a Prefect event. `pacsflow route status` shows the outbox.
+    """
+    import threading
+
+    from pacsflow.tasks.route.rules import RulesError
+
+    settings = _settings(key=True)
+    from pacsflow.flows.listen import serve
+
+    try:
+        serve(settings, threading.Event())
+    except RulesError as exc:
+        errors_console.fail(exc)
+    except KeyboardInterrupt:
+        pass
+
+
 # -- demo -------------------------------------------------------------------------------
 def demo_settings(settings: Settings, fhir_url: str | None, key_path: Path = DEMO_KEY) -> Settings:
     """``settings`` for the demo's run: a random key in ``key_path`` (made once, owner-only) unless

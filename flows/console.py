@@ -36,9 +36,10 @@ def debugging() -> bool:
 def exit_status(exc: BaseException) -> int:
     """2 for a configuration problem (fixing it needs a change of settings, or of the peer's
     configuration, not another try), 1 for a failure at run time."""
+    from pacsflow.tasks.route.rules import RulesError
     from pacsflow.tasks.settings import SettingsError  # pydantic: only once something failed
 
-    configuration = (SettingsError, PacsConfigurationError, FhirConfigurationError, CatalogNotFound)
+    configuration = (SettingsError, PacsConfigurationError, FhirConfigurationError, CatalogNotFound, RulesError)
     return 2 if isinstance(exc, configuration) else 1
 
 

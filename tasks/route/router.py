@@ -20,17 +20,32 @@ from typing import Callable, Iterable
 
 from pydicom import dcmread
 
+from pacsflow.tasks.core.errors import PacsflowError, error_text
 from pacsflow.tasks.core.files import ensure_private_dir, write_atomic
+from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
+from pacsflow.tasks.deid.instance import deidentify_file, encode
 from pacsflow.tasks.pacs.receiver import staged_name
-from pacsflow.tasks.route.annotate import annotate, annotated_bytes
+from pacsflow.tasks.route.annotate import PrivateBlock, annotate, annotated_bytes
 from pacsflow.tasks.route.outbox import Outbox
 from pacsflow.tasks.route.rules import Forward, RoutingRules, Subject
+from pacsflow.tasks.route.tracker import StableStudy
 
 log = logging.getLogger(__name__)
 
-# A de-identified copy of one original, with the private blocks added: the listener passes the
-# de-identification pipeline in (the key and profile of the lake), so this module holds no key.
-DeidentifiedCopy = Callable[[Path, Callable], bytes]
+# The bytes a destination that wants de-identified copies gets: (original, private blocks) -> Part 10.
+DeidentifiedCopy = Callable[[Path, tuple[PrivateBlock, ...]], bytes]
+
+
+def deidentified_copies(deid: Deidentifier) -> DeidentifiedCopy:
+    """De-identified copies made as the lake makes them (the same key, profile and residual-PHI
+    audit), with the destination's private blocks added after de-identification."""
+
+    def copy(original: Path, blocks: tuple[PrivateBlock, ...]) -> bytes:
+        ds, originals = deidentify_file(original, deid, DeidReport())
+        annotate(ds, blocks)
+        return encode(ds, originals)
+
+    return copy
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,11 @@ class Arrival:
     sop_uid: str
     path: Path
     calling_ae: str
+
+    @classmethod
+    def of_study(cls, study: StableStudy) -> list["Arrival"]:
+        senders = study.senders or [""] * len(study)
+        return [cls(sop, path, ae) for sop, path, ae in zip(study.sop_uids, study.paths, senders)]
 
 
 @dataclass
@@ -53,6 +73,9 @@ class Routed:
     # as `pacsflow route dry-run`'s counts).
     ingest: bool = False
     unreadable: int = 0
+    # (destination, sop_uid, one-line reason): copies that could not be made (e.g. the
+    # de-identification refused the object); the rest of the study goes on.
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class Router:
@@ -76,7 +99,12 @@ class Router:
                 continue
             decision = self.rules.decide(Subject.of_dataset(header, arrival.calling_ae))
             for forward in decision.forwards:
-                copy = self._prepare(arrival, forward)
+                try:
+                    copy = self._prepare(arrival, forward)
+                except (PacsflowError, OSError) as exc:
+                    routed.refused.append((forward.destination, arrival.sop_uid, error_text(exc)))
+                    log.warning("study %s: no copy for %s: %s", study_ref, forward.destination, error_text(exc))
+                    continue
                 if self.outbox.enqueue(forward.destination, arrival.sop_uid, study_ref, copy):
                     routed.queued[forward.destination] += 1
             routed.received.append(arrival.path)
@@ -96,8 +124,7 @@ class Router:
             if self.deidentified is None:
                 raise ValueError(f"destination {forward.destination} wants de-identified copies, but the "
                                  "listener has no de-identification key (deid_key)")
-            data = self.deidentified(arrival.path, lambda ds: annotate(ds, forward.annotations))
-            write_atomic(target, data, private=True)
+            write_atomic(target, self.deidentified(arrival.path, forward.annotations), private=True)
         elif forward.annotations:
             write_atomic(target, annotated_bytes(arrival.path, forward.annotations), private=True)
         else:

@@ -56,10 +56,14 @@ class StableStudy:
     generation: int
     paths: list[Path]
     sop_uids: list[str]
-    calling_aes: frozenset[str] = field(default_factory=frozenset)
+    senders: list[str] = field(default_factory=list)  # each object's calling AE ("" when not known)
 
     def __len__(self) -> int:
         return len(self.sop_uids)
+
+    @property
+    def calling_aes(self) -> frozenset[str]:
+        return frozenset(ae for ae in self.senders if ae)
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ class StudyTracker:
         rows = con.execute("SELECT sop_uid, path, calling_ae FROM objects WHERE study_uid = ? AND NOT handled "
                            "AND generation <= ? ORDER BY arrived_at, sop_uid", (study_uid, generation)).fetchall()
         return StableStudy(study_uid, generation, [Path(r[1]) for r in rows], [r[0] for r in rows],
-                           frozenset(r[2] for r in rows if r[2]))
+                           [r[2] or "" for r in rows])
 
     def _unhandled_paths(self) -> list[tuple[str, str]]:
         with self._lock:
