@@ -66,12 +66,16 @@ class StagingWriter:
     """
 
     def __init__(self, staging_dir: Path, uid_ref: Callable[[str], str], max_object_mb: int = 2048, *,
-                 open_studies: bool = False, on_staged: OnStaged | None = None) -> None:
+                 open_studies: bool = False, on_staged: OnStaged | None = None,
+                 quarantine: tuple[Path, Callable[[str, str], None]] | None = None) -> None:
         self.staging_dir = ensure_private_dir(staging_dir)
         self.ref = uid_ref
         self.max_object_bytes = max_object_mb * MB
         self.open_studies = open_studies
         self.on_staged = on_staged
+        # (folder, record(file name, reason)): an undecodable object is kept there, not only
+        # refused (the listener's case: nobody will send it again on request).
+        self.quarantine = quarantine
         self._lock = threading.Lock()
         # Original UIDs below: held in memory, never written or logged.
         self._expected: set[str] = set()
@@ -148,6 +152,7 @@ class StagingWriter:
             ds = event.dataset
             study_uid, sop_uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
         except Exception:  # noqa: BLE001 - any decode failure is the sender's malformed object
+            self._keep(event.request.DataSet.getvalue(), repr(calling))  # type: ignore[union-attr]
             return self._refuse(repr(calling), "undecodable", _CANNOT_UNDERSTAND)
         refusal = self._admit(study_uid, sop_uid)
         if refusal is not None:
@@ -173,6 +178,7 @@ class StagingWriter:
         except FileNotFoundError:
             return False  # taken by another caller
         except Exception:  # noqa: BLE001 - any decode failure is the sender's malformed object
+            self._keep(path, peer)
             return self._drop(path, peer, "undecodable")
         if size > self.max_object_bytes:
             return self._drop(path, peer, "too_large", sop_uid)
@@ -212,6 +218,20 @@ class StagingWriter:
                 self._unlisted[study_uid] += 1
                 return "unlisted_object"
         return None
+
+    def _keep(self, data: bytes | Path, peer: str) -> None:
+        """With a quarantine: an undecodable object's bytes are kept there (owner-only) under a hash
+        of its content, and recorded with the reason; a native receiver's file is moved there."""
+        if self.quarantine is None:
+            return
+        folder, record = self.quarantine
+        try:
+            content = data.read_bytes() if isinstance(data, Path) else data
+            name = hashlib.sha256(content).hexdigest()[:32] + ".dcm"
+            write_atomic(folder / name, content, private=True)
+            record(name, f"undecodable object from {peer}: no StudyInstanceUID/SOPInstanceUID could be read")
+        except OSError as exc:
+            log.error("cannot keep an undecodable object in quarantine: %s", type(exc).__name__)
 
     def _drop(self, path: Path, peer: str, reason: str, sop_uid: str = "") -> bool:
         path.unlink(missing_ok=True)

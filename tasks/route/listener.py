@@ -21,6 +21,7 @@ from typing import Callable
 from pacsflow.tasks.core.errors import PacsflowError
 from pacsflow.tasks.core.files import ensure_private_dir
 from pacsflow.tasks.deid.deidentifier import pseudonymize_uid
+from pacsflow.tasks.ingest.ledger import Ledger
 from pacsflow.tasks.pacs.receiver import StagingWriter, StorageReceiver
 from pacsflow.tasks.route.tracker import StableStudy, StudyTracker
 from pacsflow.tasks.settings import Settings
@@ -28,6 +29,9 @@ from pacsflow.tasks.settings import Settings
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0
+# Undecodable objects the listener received: kept in quarantine_dir/listener/, recorded in the
+# ledger's quarantine table under this name (no study pseudonym can be made for them).
+QUARANTINE_FOLDER = "listener"
 FIRST_BACKOFF_S = 5.0
 MAX_BACKOFF_S = 300.0
 
@@ -57,8 +61,12 @@ class Listener:
         self.study_ref: Callable[[str], str] = lambda uid: pseudonymize_uid(key, uid)
         folder = ensure_private_dir(settings.listener_dir)
         self.inbox = folder / "inbox"
+        ledger = Ledger(settings.ledger_path)
         self.writer = StagingWriter(self.inbox, self.study_ref, settings.listener.max_object_mb,
-                                    open_studies=True, on_staged=self._staged)
+                                    open_studies=True, on_staged=self._staged,
+                                    quarantine=(settings.quarantine_dir / QUARANTINE_FOLDER,
+                                                lambda name, reason: ledger.quarantine(QUARANTINE_FOLDER, name, reason,
+                                                                                       QUARANTINE_FOLDER)))
         self.receiver = StorageReceiver.for_listener(settings, self.writer)  # settings errors before the database
         self.tracker = StudyTracker(folder / "tracker.sqlite")
         self._received = self._stable = self._handed = self._failed = 0

@@ -19,6 +19,7 @@ import pytest
 
 from pacsflow.deployments.local import sampledata
 from pacsflow.tasks.core.errors import PacsConfigurationError
+from pacsflow.tasks.ingest.ledger import Ledger
 from pacsflow.tasks.pacs.receiver import staged_name
 from pacsflow.tasks.route.listener import Listener
 from pacsflow.tasks.route.tracker import StableStudy
@@ -135,7 +136,7 @@ def test_a_stranger_is_refused_at_association_and_leaves_nothing(bed):
     assert counters.refused == {"calling_ae": 2} and counters.received == 0
 
 
-def test_a_malformed_object_is_refused_and_counted(bed, tmp_path):
+def test_a_malformed_object_is_refused_counted_and_quarantined_with_a_reason(bed, tmp_path):
     [study] = bed.studies(1)
     broken = pydicom.dcmread(files_of(study)[0])
     del broken.StudyInstanceUID  # no study to file it under
@@ -149,6 +150,10 @@ def test_a_malformed_object_is_refused_and_counted(bed, tmp_path):
     assert (sent.returncode == 0) == (bed.engine == "dcmtk")
     assert offered == [] and bed.inbox_files() == []
     assert counters.refused == {"undecodable": 1} and counters.received == 0
+    [kept] = list((bed.settings.quarantine_dir / "listener").iterdir())
+    assert pydicom.dcmread(kept, force=True).SOPInstanceUID == broken.SOPInstanceUID  # its bytes, kept
+    [entry] = Ledger(bed.settings.ledger_path).quarantine_entries()
+    assert entry["object_ref"] == kept.name and entry["reason"].startswith(f"undecodable object from '{SENDER_AE}'")
 
 
 def test_a_late_object_makes_a_second_generation_with_only_itself(bed):
