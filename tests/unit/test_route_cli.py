@@ -184,3 +184,47 @@ def test_help_names_both_commands():
     text = route("--help").stdout
     assert "test" in text and "dry-run" in text
     assert "--calling-ae" in route("test", "--help").stdout
+
+
+# -- route status | retry | drop -------------------------------------------------------------------
+
+
+@pytest.fixture
+def outbox(monkeypatch, tmp_path):
+    """A real outbox in the listener's PHI zone: two dead rows for ai-archive, one delivered row."""
+    from pacsflow.tasks.route.outbox import Backoff, Outbox
+
+    monkeypatch.setenv("PACSFLOW_STATE_ROOT", str(tmp_path / "state"))
+    box = Outbox(tmp_path / "state" / "listener" / "outbox.sqlite")
+    copies = []
+    for i in range(3):
+        copy = tmp_path / f"copy{i}.dcm"
+        copy.write_bytes(b"x")
+        copies.append(copy)
+        box.enqueue("ai-archive" if i else "main-pacs", f"1.2.3.{i}", "2.25.7", copy)
+    [delivered] = box.claim("main-pacs", 10)
+    box.delivered([delivered.id])
+    dead = box.claim("ai-archive", 10)
+    box.failed([r.id for r in dead], "DestinationRefused: AIARCHIVE@127.0.0.1:4243 refused (0xA900)",
+               permanent=True, backoff=Backoff(1, 10, 3))
+    return box, dead, copies
+
+
+def test_status_retry_and_drop_act_on_the_dead_letters_only(outbox):
+    from pacsflow.tasks.route.outbox import DeliveryState
+
+    box, dead, copies = outbox
+    status = route("status").stdout
+    assert "ai-archive" in status and "0xA900" in status and "1.2.3." not in status  # no original UID shown
+
+    route("drop", code=2)  # nothing is dropped without a destination or a row
+    assert "1 dead-lettered objects queued again" in route("retry", "--id", str(dead[0].id)).stdout
+    assert "1 dead-lettered objects dropped" in route("drop", "--destination", "ai-archive").stdout
+    states = {r.id: r.state for r in box.rows()}
+    assert states[dead[0].id] is DeliveryState.QUEUED and states[dead[1].id] is DeliveryState.DROPPED
+    assert not copies[2].exists() and copies[1].exists()  # a dropped row's prepared copy goes
+
+
+def test_status_without_an_outbox_ends_with_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("PACSFLOW_STATE_ROOT", str(tmp_path / "nowhere"))
+    assert "has the listener run here?" in route("status", code=2).output
