@@ -1,5 +1,9 @@
 """pacsflow's Prefect events: what the listener tells Prefect, and what deployment triggers match.
 
+``pacsflow.study.routed`` (:func:`emit_study_routed`): the listener routed a stable study; the payload
+says how many objects each destination was queued, so operators see routed studies in the
+Prefect UI's event feed next to the ingest runs.
+
 ``pacsflow.study.stable`` (:func:`emit_study_stable`): a pushed study had no new object for the
 stability window and its new objects wait in the hand-off folder
 (:func:`pacsflow.tasks.ingest.handoff.handoff_dir`). The ``ingest-study`` deployment's trigger in
@@ -10,7 +14,7 @@ study pseudonym, the payload holds counts and modalities.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prefect.events import emit_event
 
@@ -39,3 +43,17 @@ def emit_study_stable(study_ref: str, generation: int, objects: int, modalities:
     resource = {"prefect.resource.id": study_resource_id(study_ref), GENERATION_LABEL: str(generation)}
     payload = {"objects": int(objects), "modalities": sorted({str(m) for m in modalities if m})}
     emit_event(STABLE_EVENT, resource=resource, payload=payload, id=stable_event_id(study_ref, generation))
+
+
+ROUTED_EVENT = "pacsflow.study.routed"
+
+
+def emit_study_routed(study_ref: str, generation: int, objects: int, queued: Mapping[str, int],
+                      ingest: bool) -> None:
+    """Tell Prefect that the listener routed generation ``generation`` of the study: ``objects``
+    objects, ``queued`` of them per destination name, handed to the lake or not."""
+    resource = {"prefect.resource.id": study_resource_id(study_ref), GENERATION_LABEL: str(generation)}
+    payload = {"objects": int(objects), "queued": {str(k): int(v) for k, v in sorted(queued.items())},
+               "ingest": bool(ingest)}
+    emit_event(ROUTED_EVENT, resource=resource, payload=payload,
+               id=uuid.uuid5(_EVENT_IDS, f"routed/{study_resource_id(study_ref)}/{check_generation(generation)}"))

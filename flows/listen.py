@@ -25,7 +25,7 @@ from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL
 from prometheus_client import CollectorRegistry, start_http_server
 
-from pacsflow.flows.events import emit_study_stable
+from pacsflow.flows.events import emit_study_routed, emit_study_stable
 from pacsflow.tasks.core.errors import PacsConfigurationError
 from pacsflow.tasks.core.files import purge_older_than
 from pacsflow.tasks.deid.deidentifier import Deidentifier
@@ -54,7 +54,8 @@ class ListenService:
         self.settings = settings
         rules_file = settings.listener.rules_file
         self.rules = RoutingRules.load(rules_file) if rules_file else RoutingRules()
-        if any(rule.ingest for rule in self.rules.rules) and not PREFECT_API_URL.value():
+        self.events = bool(PREFECT_API_URL.value())  # routed studies show in the UI's event feed
+        if any(rule.ingest for rule in self.rules.rules) and not self.events:
             # Without a server the event would start a temporary one that no deployment listens to.
             raise PacsConfigurationError("listener.rules_file ingests studies, but PREFECT_API_URL is not set: point "
                                          "it at the Prefect server that runs the ingest-study deployment")
@@ -80,6 +81,8 @@ class ListenService:
         if routed.ingest and routed.received:
             linked = link_for_ingest(routed.received, handoff_dir(self.settings, ref, study.generation))
             emit_study_stable(ref, study.generation, linked, sorted(routed.modalities))
+        if self.events:
+            emit_study_routed(ref, study.generation, len(study), routed.queued, routed.ingest)
         log.info("study %s (generation %d): %d objects; queued %s; %s", ref, study.generation, len(study),
                  dict(routed.queued) or "nothing", "handed to the lake" if routed.ingest else "not ingested")
 
