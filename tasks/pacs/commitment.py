@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pynetdicom import AE, evt
-from pynetdicom.server import ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
 from pacsflow.tasks.core.errors import error_text
 from pacsflow.tasks.pacs.client import NODELAY_HANDLER, quiet_pynetdicom
