@@ -7,7 +7,6 @@ import datetime as dt
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from pacsflow.tasks.pacs.commitment import CommitmentReportSCP
 from pacsflow.tasks.pacs.sender import StoreSender
 from pacsflow.tasks.route.forwarder import Forwarder
 from pacsflow.tasks.route.outbox import Backoff, DeliveryState, Outbox
+from pacsflow.tasks.route.rules import Destination, RoutingRules
 from pacsflow.tasks.settings import load_settings
 from tests.helpers import free_port
 
@@ -28,14 +28,9 @@ CALLING_AE = "PACSFLOW"
 COMMITMENT = "1.2.840.10008.1.20.1"
 
 
-@dataclass(frozen=True)
-class Dest:
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    max_associations: int = 1
-    storage_commitment: bool = True
+def Dest(name: str, ae_title: str, host: str, port: int) -> Destination:
+    return Destination(name=name, ae_title=ae_title, host=host, port=port, max_associations=1,
+                       storage_commitment=True)
 
 
 def _samples(tmp_path: Path, seed: int = 7) -> dict[str, Path]:
@@ -43,6 +38,14 @@ def _samples(tmp_path: Path, seed: int = 7) -> dict[str, Path]:
     sampledata.generate(tmp_path / "in", studies=1, series_per_study=(1, 1), instances_per_series=(3, 3), days=1,
                         end_date=dt.date.today(), seed=seed, rows=16, cols=16)
     return {str(read_file_meta_info(p).MediaStorageSOPInstanceUID): p for p in sorted((tmp_path / "in").rglob("*.dcm"))}
+
+
+def _queued(tmp_path: Path, destination: str) -> tuple[Outbox, dict[str, Path]]:
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    files = _samples(tmp_path)
+    for sop, path in files.items():
+        outbox.enqueue(destination, sop, "ref-a", path)
+    return outbox, files
 
 
 def _wait(condition, timeout_s: float = 60.0) -> None:
@@ -66,10 +69,7 @@ def committing_orthanc(orthanc_factory):
 
 def test_orthanc_reports_on_its_own_association_and_only_then_rows_are_delivered(committing_orthanc, tmp_path):
     server, port = committing_orthanc
-    outbox = Outbox(tmp_path / "outbox.sqlite")
-    files = _samples(tmp_path)
-    for sop, path in files.items():
-        outbox.enqueue("main", sop, "ref-a", path)
+    outbox, files = _queued(tmp_path, "main")
     forwarder = Forwarder(outbox, {"main": Dest("main", server.aet, "127.0.0.1", server.dicom_port)}, CALLING_AE,
                           Backoff(1, 10, 3), timeout_s=30)
     seen: list[tuple[int, int]] = []  # (rows committing, rows delivered) when each report arrived
@@ -154,10 +154,7 @@ def _commitment_peer(report_on_same_association: bool):
 
 
 def test_no_report_by_the_deadline_sends_again_under_a_new_transaction(tmp_path):
-    outbox = Outbox(tmp_path / "outbox.sqlite")
-    files = _samples(tmp_path)
-    for sop, path in files.items():
-        outbox.enqueue("peer", sop, "ref-a", path)
+    outbox, files = _queued(tmp_path, "peer")
     with _commitment_peer(report_on_same_association=False) as (port, actions):
         forwarder = Forwarder(outbox, {"peer": Dest("peer", "PEER", "127.0.0.1", port)}, CALLING_AE,
                               Backoff(30, 60, 3), timeout_s=10, commitment_timeout_s=600)
@@ -184,10 +181,7 @@ def test_no_report_by_the_deadline_sends_again_under_a_new_transaction(tmp_path)
 
 
 def test_a_report_on_the_same_association_is_taken(tmp_path):
-    outbox = Outbox(tmp_path / "outbox.sqlite")
-    files = _samples(tmp_path)
-    for sop, path in files.items():
-        outbox.enqueue("peer", sop, "ref-a", path)
+    outbox, files = _queued(tmp_path, "peer")
     with _commitment_peer(report_on_same_association=True) as (port, actions):
         forwarder = Forwarder(outbox, {"peer": Dest("peer", "PEER", "127.0.0.1", port)}, CALLING_AE,
                               Backoff(30, 60, 3), timeout_s=10)
@@ -199,7 +193,6 @@ def test_a_report_on_the_same_association_is_taken(tmp_path):
 def test_a_destination_that_commits_needs_the_commitment_port(tmp_path):
     from pacsflow.flows.listen import commitment_aes
     from pacsflow.tasks.core.errors import PacsConfigurationError
-    from pacsflow.tasks.route.rules import RoutingRules
 
     rules = RoutingRules.model_validate({"destinations": {
         "archive": {"ae_title": "ARCH", "host": "127.0.0.1", "port": 104, "storage_commitment": True},
