@@ -6,7 +6,8 @@ decide per object (:class:`~pacsflow.tasks.route.router.Router`): each destinati
 the durable outbox, which the forwarder delivers with retries and dead-lettering; a study a rule
 ingests is hard-linked into the hand-off folder and announced with the Prefect event
 ``pacsflow.study.stable``, whose deployment trigger runs the ``ingest-study`` flow. Prometheus
-metrics are served when ``listener.metrics_port`` is set.
+metrics are served when ``listener.metrics_port`` is set. Destinations with ``storage_commitment``
+send their reports to a Storage Commitment SCP on ``listener.commitment_port``.
 
 This module only wires the parts together and owns their lifetimes; the service stops on
 SIGTERM or SIGINT after draining its receiver.
@@ -31,6 +32,7 @@ from pacsflow.tasks.core.files import purge_older_than
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.ingest.handoff import handoff_dir
 from pacsflow.tasks.ingest.ledger import Ledger
+from pacsflow.tasks.pacs.commitment import CommitmentReportSCP
 from pacsflow.tasks.pacs.receiver import staged_name
 from pacsflow.tasks.route.forwarder import Forwarder
 from pacsflow.tasks.route.listener import Listener
@@ -65,9 +67,12 @@ class ListenService:
         self.ledger = Ledger(settings.ledger_path)
         self.router = Router(self.rules, self.outbox, settings.listener_dir / "outbox", deidentified_copies(deid))
         self.forwarder = Forwarder(self.outbox, self.rules.destinations, settings.listener.ae_title,
-                                   Backoff.from_settings(settings.listener), settings.listener.timeout_s)
+                                   Backoff.from_settings(settings.listener), settings.listener.timeout_s,
+                                   commitment_timeout_s=settings.listener.commitment_timeout_s)
+        self.commitment_aes = commitment_aes(self.rules, settings)
         self.listener = Listener(settings, self.on_stable)
         self.metrics_port: int | None = None
+        self.commitment_port: int | None = None
 
     def on_stable(self, study: StableStudy) -> None:
         """Route a stable study; hand it to the lake when a rule says so. Runs on the listener's
@@ -94,6 +99,7 @@ class ListenService:
             self.listener.start()
             stack.callback(self.listener.stop)
             self._serve_metrics(stack)
+            self._serve_commitment(stack)
             yield self
 
     def tidy(self) -> None:
@@ -115,8 +121,31 @@ class ListenService:
         self.metrics_port = server.server_port
         log.info("listener metrics on http://%s:%d/metrics", self.settings.listener.host, self.metrics_port)
 
+    def _serve_commitment(self, stack: ExitStack) -> None:
+        li = self.settings.listener
+        if li.commitment_port is None or not self.commitment_aes:
+            return
+        scp = CommitmentReportSCP(li.ae_title, li.host, li.commitment_port, self.commitment_aes,
+                                  self.forwarder.on_commitment_report)
+        stack.enter_context(scp)
+        self.commitment_port = scp.port
+        log.info("storage commitment reports taken on %s:%d from %s", li.host, scp.port,
+                 ", ".join(self.commitment_aes))
+
     def _forwarded(self) -> Counter[tuple[str, str]]:
         return self.forwarder.totals.copy()
+
+
+def commitment_aes(rules: RoutingRules, settings: Settings) -> list[str]:
+    """The AE titles of the destinations that commit: the only callers the report SCP accepts.
+    Raises PacsConfigurationError when some destination wants Storage Commitment and
+    ``listener.commitment_port`` is unset (its reports would have nowhere to go)."""
+    wanting = {name: d.ae_title for name, d in rules.destinations.items() if d.storage_commitment}
+    if wanting and settings.listener.commitment_port is None:
+        raise PacsConfigurationError(
+            f"destination(s) {', '.join(sorted(wanting))} in listener.rules_file have storage_commitment: true, but "
+            "listener.commitment_port is unset: set the port their reports come to (and register it at them)")
+    return sorted(set(wanting.values()))
 
 
 def serve(settings: Settings, stop: threading.Event) -> None:

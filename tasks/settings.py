@@ -186,6 +186,14 @@ class ListenerSettings(BaseModel):
     retry_backoff_s: float = Field(5.0, ge=0, description="first delay after a failed delivery; doubles, with jitter")
     retry_max_delay_s: float = Field(600.0, ge=0, description="cap on one delivery retry delay")
     timeout_s: float = Field(60.0, gt=0, description="DICOM network, ACSE and DIMSE timeouts towards destinations")
+    commitment_port: int | None = Field(
+        None, ge=1, le=65535, description="port (on listener.host, as listener.ae_title) where destinations with "
+        "storage_commitment send their Storage Commitment reports (N-EVENT-REPORT); unset = off"
+    )
+    commitment_timeout_s: float = Field(
+        600.0, gt=0, description="an object waits this long for its Storage Commitment report; then it is sent again "
+        "(counts as a failed attempt)"
+    )
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -6,6 +6,9 @@ their SOP class with their own transfer syntax, plus the other VR Little Endian 
 in Explicit or Implicit VR Little Endian; such a file whose own syntax the destination refused
 goes in the one it accepted (same values, other encoding); any other file is refused for good.
 
+For a destination with Storage Commitment, :meth:`StoreSender.request_commitment` then asks it
+(N-ACTION, over an association of its own) to commit what was stored; see :mod:`.commitment`.
+
 Outcomes: a destination we cannot associate with raises :class:`DestinationUnavailable`
 (transient, naming ``AE@host:port`` and what to check); everything after that is one
 :class:`SendResult` per file. Messages carry the destination, statuses and counts, never UIDs
@@ -14,24 +17,36 @@ from the files.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import dcmread, read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config, build_context
+from pynetdicom import _config, build_context, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from pacsflow.tasks.core.errors import BadDicom, PacsflowError, PermanentError, TransientError, is_transient
 from pacsflow.tasks.pacs.client import NODELAY_HANDLER, held, quiet_pynetdicom, timed_ae
+from pacsflow.tasks.pacs.commitment import (
+    REQUEST_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+    CommitmentReport,
+    ReportCallback,
+    commitment_request,
+    report_handler,
+)
 from pacsflow.tasks.pacs.status import describe, status_code
 
+SAME_ASSOCIATION_REPORT_S = 10.0  # longest wait for a report on the N-ACTION's association
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8: odd ids 1-255)
 _LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -79,6 +94,7 @@ class FileHeader:
 
     sop_class: str
     transfer_syntax: str
+    sop_instance: str = ""  # what a Storage Commitment request references
 
     @property
     def convertible(self) -> bool:
@@ -90,7 +106,8 @@ def read_header(path: Path) -> FileHeader:
     """The file meta only. Raises BadDicom when ``path`` is no Part 10 file with the meta a C-STORE needs."""
     try:
         meta = read_file_meta_info(path)
-        return FileHeader(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+        return FileHeader(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID),
+                          str(meta.get("MediaStorageSOPInstanceUID", "")))
     except (OSError, InvalidDicomError, AttributeError, ValueError) as exc:
         raise BadDicom(f"prepared file is no DICOM file with file meta ({type(exc).__name__})") from None
 
@@ -147,12 +164,54 @@ class StoreSender:
                     results[i] = self._store(assoc, files[i], header, n % 65535 + 1)
         return [results[i] for i in range(len(files))]
 
+    def request_commitment(self, transaction_uid: str, references: Iterable[tuple[str, str]],
+                           on_report: ReportCallback | None = None) -> None:
+        """Ask the destination (N-ACTION) to commit the stored copies ``references`` (SOP class,
+        SOP instance) under ``transaction_uid``. When the destination accepts that we act as SCP
+        on this association, a report it sends here within ``SAME_ASSOCIATION_REPORT_S`` goes to
+        ``on_report``; otherwise it comes on an association of its own (:mod:`.commitment`).
+        Raises DestinationUnavailable, DestinationBusy (0x0110, 0x0213, 0xA7xx) or
+        DestinationRefused (no Storage Commitment context, other failures)."""
+        reported = threading.Event()
+
+        def take(report: CommitmentReport) -> None:
+            if on_report is not None:
+                on_report(report)
+            reported.set()
+
+        handlers = [(evt.EVT_N_EVENT_REPORT, report_handler(take))]
+        role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
+        with self._association([build_context(STORAGE_COMMITMENT_PUSH)], handlers, [role]) as assoc:
+            accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == STORAGE_COMMITMENT_PUSH]
+            if not accepted:
+                raise DestinationRefused(f"destination {self.destination} does not accept Storage Commitment "
+                                         "(SOP class 1.2.840.10008.1.20.1): set storage_commitment: false for it "
+                                         "in the routing rules")
+            status, _reply = assoc.send_n_action(commitment_request(transaction_uid, references), REQUEST_COMMITMENT,
+                                                 STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE)
+            self._commitment_status(status_code(status))
+            if accepted[0].as_scp:
+                reported.wait(min(self.timeout_s, SAME_ASSOCIATION_REPORT_S))
+
+    def _commitment_status(self, code: int | None) -> None:
+        if code is None:
+            raise DestinationUnavailable(f"no answer to the storage commitment request from destination "
+                                         f"{self.destination} within {self.timeout_s:g} s (listener.timeout_s)")
+        if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
+            return
+        what = f"destination {self.destination} answered the storage commitment request with {describe(code)}"
+        if code in (0x0110, 0x0213) or 0xA700 <= code <= 0xA7FF:
+            raise DestinationBusy(f"{what} (asked again later)")
+        raise DestinationRefused(f"{what} (not asked again)")
+
     @contextmanager
-    def _association(self, contexts: list[PresentationContext]) -> Iterator[Association]:
+    def _association(self, contexts: list[PresentationContext], handlers: Sequence[evt.EventHandlerType] = (),
+                     ext_neg: Sequence[SCP_SCU_RoleSelectionNegotiation] = ()) -> Iterator[Association]:
         ae = timed_ae(self.calling_ae, self.timeout_s)
         try:
             assoc = ae.associate(self.host, self.port, contexts=contexts, ae_title=self.destination_ae,
-                                 evt_handlers=[NODELAY_HANDLER])
+                                 ext_neg=list(ext_neg) or None,
+                                 evt_handlers=[NODELAY_HANDLER, *handlers])
         except (OSError, RuntimeError) as exc:
             raise DestinationUnavailable(f"cannot reach destination {self.destination}: {type(exc).__name__}; "
                                          f"{self._check()}") from None

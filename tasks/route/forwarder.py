@@ -5,6 +5,11 @@ them over one association (:class:`~pacsflow.tasks.pacs.sender.StoreSender`) and
 delivered, queued again with backoff, or dead. A destination that cannot be reached fails the
 whole batch transiently; a refused object fails alone. Logs name the destination, counts and
 pseudonymous study refs; never original UIDs or file contents.
+
+A destination with ``storage_commitment`` is then asked to commit what it stored (one N-ACTION
+per batch, a fresh transaction UID): those rows wait in ``committing`` until its report comes
+(:meth:`Forwarder.on_commitment_report`, from the report SCP or the N-ACTION's association) or
+their deadline passes, which counts as a transient failure.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
+from pydicom.uid import generate_uid
+
 from pacsflow.tasks.core.errors import error_text, is_transient
-from pacsflow.tasks.pacs.sender import SendResult, StoreSender
+from pacsflow.tasks.pacs.commitment import CommitmentReport, describe_failure, failure_is_transient
+from pacsflow.tasks.pacs.sender import SendResult, StoreSender, read_header
 from pacsflow.tasks.route.outbox import Backoff, Delivery, DeliveryState, Outbox
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,8 @@ class DestinationLike(Protocol):
     def port(self) -> int: ...
     @property
     def max_associations(self) -> int: ...
+    @property
+    def storage_commitment(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -47,25 +57,27 @@ class BatchOutcome:
     delivered: int
     retried: int
     dead: int
+    committing: int = 0  # stored, waiting for the destination's Storage Commitment report
 
     @property
     def sent(self) -> int:
-        return self.delivered + self.retried + self.dead
+        return self.delivered + self.retried + self.dead + self.committing
 
 
 class Forwarder:
     def __init__(self, outbox: Outbox, destinations: Mapping[str, DestinationLike], calling_ae: str,
-                 backoff: Backoff, timeout_s: float, batch: int = BATCH) -> None:
+                 backoff: Backoff, timeout_s: float, batch: int = BATCH, commitment_timeout_s: float = 600.0) -> None:
         self.outbox = outbox
         self.destinations = dict(destinations)
         self.calling_ae = calling_ae
         self.backoff = backoff
         self.timeout_s = timeout_s
         self.batch = batch
+        self.commitment_timeout_s = commitment_timeout_s
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        # (destination, delivered | retried | dead) -> objects, since this process started: metrics.
+        # (destination, delivered | retried | dead | committing) -> objects, since this process started: metrics.
         self.totals: Counter[tuple[str, str]] = Counter()
         self._totals_lock = threading.Lock()
 
@@ -74,7 +86,9 @@ class Forwarder:
 
     # -- one batch ------------------------------------------------------------------------------
     def deliver_batch(self, name: str, now: float | None = None) -> BatchOutcome:
-        """Claim up to ``batch`` due rows of destination ``name``, send them, record the outcomes."""
+        """Claim up to ``batch`` due rows of destination ``name``, send them, record the outcomes
+        (first, rows whose commitment report is overdue are queued again)."""
+        self._expire_commitments(name, now)
         rows = self.outbox.claim(name, self.batch, now)
         if not rows:
             return BatchOutcome(name, 0, 0, 0)
@@ -85,10 +99,17 @@ class Forwarder:
             outcome = self._record_failure(name, rows, exc, now)
         else:
             outcome = self._record(name, rows, results, now)
+            stored = [r for r, res in zip(rows, results) if res.delivered]
+            if stored and self.destinations[name].storage_commitment:
+                outcome = self._request_commitment(name, sender, stored, outcome, now)
+        self._count(outcome)
+        return outcome
+
+    def _count(self, outcome: BatchOutcome) -> None:
+        name = outcome.destination
         with self._totals_lock:
             self.totals.update({(name, "delivered"): outcome.delivered, (name, "retried"): outcome.retried,
-                                (name, "dead"): outcome.dead})
-        return outcome
+                                (name, "dead"): outcome.dead, (name, "committing"): outcome.committing})
 
     def _record_failure(self, name: str, rows: Sequence[Delivery], exc: Exception,
                         now: float | None) -> BatchOutcome:
@@ -101,7 +122,8 @@ class Forwarder:
 
     def _record(self, name: str, rows: Sequence[Delivery], results: Sequence[SendResult],
                 now: float | None) -> BatchOutcome:
-        self.outbox.delivered([r.id for r, res in zip(rows, results) if res.delivered], now)
+        if not self.destinations[name].storage_commitment:
+            self.outbox.delivered([r.id for r, res in zip(rows, results) if res.delivered], now)
         failures: dict[tuple[str, bool], list[Delivery]] = {}
         for row, res in zip(rows, results):
             if res.error is not None:
@@ -115,9 +137,69 @@ class Forwarder:
             log.warning("forward to %s: %d object(s) of %s failed: %s; %d dead, %d queued again", name,
                         len(failed), _studies(failed), text, n_dead, len(after) - n_dead)
         outcome = BatchOutcome(name, len(rows) - retried - dead, retried, dead)
-        log.info("forwarded to %s: %d of %d object(s) delivered (%s)", name, outcome.delivered, len(rows),
+        log.info("forwarded to %s: %d of %d object(s) stored (%s)", name, outcome.delivered, len(rows),
                  _studies(rows))
         return outcome
+
+    # -- Storage Commitment ---------------------------------------------------------------------
+    def _request_commitment(self, name: str, sender: StoreSender, stored: Sequence[Delivery],
+                            stored_outcome: BatchOutcome, now: float | None) -> BatchOutcome:
+        """The stored rows wait in ``committing`` (before the request goes out: a report may come
+        at once, on another thread) while the destination is asked to commit them."""
+        headers = {r.id: read_header(r.file) for r in stored}
+        transaction = generate_uid()
+        deadline = (time.time() if now is None else now) + self.commitment_timeout_s
+        self.outbox.committing({i: h.sop_instance for i, h in headers.items()}, transaction, deadline, now)
+        try:
+            sender.request_commitment(transaction, [(h.sop_class, h.sop_instance) for h in headers.values()],
+                                      self.on_commitment_report)
+        except Exception as exc:  # noqa: BLE001 - recorded on the rows like a failed C-STORE
+            failed = self._record_failure(name, stored, exc, now)
+            return BatchOutcome(name, 0, stored_outcome.retried + failed.retried, stored_outcome.dead + failed.dead)
+        log.info("storage commitment asked of %s for %d object(s) (%s)", name, len(stored), _studies(stored))
+        return BatchOutcome(name, 0, stored_outcome.retried, stored_outcome.dead, committing=len(stored))
+
+    def on_commitment_report(self, report: CommitmentReport, now: float | None = None) -> None:
+        """A destination's report: committed rows delivered; failed ones queued again with backoff
+        (transient FailureReason) or dead (permanent). A report from another AE than the
+        transaction's destination, or for rows no longer waiting, changes nothing."""
+        waiting = self.outbox.awaiting(report.transaction_uid)  # one batch: one destination
+        dest = self.destinations.get(waiting[0].destination) if waiting else None
+        if dest is None or dest.ae_title != report.calling_ae:
+            log.warning("storage commitment report from %s for no transaction of its waiting here: ignored",
+                        report.calling_ae)
+            return
+        name = dest.name
+        delivered = self.outbox.committed(report.transaction_uid, report.committed, now)
+        by_reason: dict[int, list[int]] = {}
+        for row in waiting:
+            if row.sent_uid in report.failed:
+                by_reason.setdefault(report.failed[row.sent_uid], []).append(row.id)
+        retried = dead = 0
+        for reason, ids in by_reason.items():
+            text = (f"destination {dest.ae_title}@{dest.host}:{dest.port} did not commit the object: "
+                    f"{describe_failure(reason)}")
+            after = self.outbox.failed(ids, text, permanent=not failure_is_transient(reason), backoff=self.backoff,
+                                       now=now)
+            n_dead = sum(1 for r in after if r.state is DeliveryState.DEAD)
+            dead, retried = dead + n_dead, retried + len(after) - n_dead
+        self._count(BatchOutcome(name, delivered, retried, dead))
+        log.info("storage commitment of %s: %d delivered, %d queued again, %d dead (%s)", name, delivered, retried,
+                 dead, _studies(waiting))
+
+    def _expire_commitments(self, name: str, now: float | None) -> None:
+        dest = self.destinations[name]
+        if not dest.storage_commitment:
+            return
+        error = (f"no storage commitment report from destination {dest.ae_title}@{dest.host}:{dest.port} within "
+                 f"{self.commitment_timeout_s:g} s (listener.commitment_timeout_s); check that it registers our "
+                 "AE title with listener.commitment_port as its port")
+        after = self.outbox.expire_commitments(name, error, self.backoff, now)
+        if after:
+            n_dead = sum(1 for r in after if r.state is DeliveryState.DEAD)
+            self._count(BatchOutcome(name, 0, len(after) - n_dead, n_dead))
+            log.warning("forward to %s: %d object(s) of %s had no storage commitment report in time; %d dead, "
+                        "%d queued again", name, len(after), _studies(after), n_dead, len(after) - n_dead)
 
     # -- synchronous pass -----------------------------------------------------------------------
     def deliver_due(self, now: float | None = None) -> int:

@@ -2,7 +2,8 @@
 
 SQLite in the listener's PHI zone (``Settings.listener_dir / "outbox.sqlite"``): rows hold original
 SOP Instance UIDs so that an object re-enqueued after a crash is recognised and never forwarded
-twice. Logs and errors name the pseudonymous ``study_ref`` only. Delivery is at least once: a
+twice. For a destination with Storage Commitment, a stored row waits in ``committing`` (with its
+transaction UID and a deadline) until the destination's report makes it delivered or failed. Logs and errors name the pseudonymous ``study_ref`` only. Delivery is at least once: a
 claim that never came back (the process died while sending) is queued again by :meth:`Outbox.recover`.
 
 Pure: sqlite3 and files, no sockets. Every change is one transaction; each call opens its own
@@ -12,20 +13,21 @@ connection, so any thread may use one ``Outbox``.
 from __future__ import annotations
 
 import enum
+import json
 import random
 import sqlite3
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from pacsflow.tasks.core.clock import utc_timestamp
 from pacsflow.tasks.core.errors import PermanentError
 from pacsflow.tasks.core.sqlite import open_sqlite, sqlite_tx
 from pacsflow.tasks.settings import ListenerSettings, Settings
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: Storage Commitment (transaction_uid, sent_uid, commit_by)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -40,24 +42,37 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error   TEXT,              -- one line, no PHI
     created_at   TEXT NOT NULL,
     updated_at   REAL NOT NULL,
+    transaction_uid TEXT,           -- Storage Commitment: the request it waits on ('committing')
+    sent_uid     TEXT,              -- ... the SOP Instance UID of the copy sent (a de-identified one differs)
+    commit_by    REAL,              -- ... when the wait ends: queued again without a report
     UNIQUE (destination, sop_uid)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(destination, state, next_at)
 """
+# Version 1 -> 2: the Storage Commitment columns. Runs once, in the transaction that sets the version.
+_MIGRATIONS = {
+    1: ("ALTER TABLE deliveries ADD COLUMN transaction_uid TEXT",
+        "ALTER TABLE deliveries ADD COLUMN sent_uid TEXT",
+        "ALTER TABLE deliveries ADD COLUMN commit_by REAL"),
+}
+_COMMIT_INDEX = "CREATE INDEX IF NOT EXISTS deliveries_commit ON deliveries(transaction_uid)"
 _ERROR_CHARS = 300
-_COLUMNS = "id, destination, sop_uid, study_ref, file, state, attempts, next_at, last_error"
+_COLUMNS = ("id, destination, sop_uid, study_ref, file, state, attempts, next_at, last_error, transaction_uid, "
+            "sent_uid, commit_by")
 
 
 class DeliveryState(str, enum.Enum):
     QUEUED = "queued"
     SENDING = "sending"
+    COMMITTING = "committing"  # stored; waiting for the destination's Storage Commitment report
     DELIVERED = "delivered"
     DEAD = "dead"  # given up: after max_attempts, or a permanent failure; `route retry` queues it again
     DROPPED = "dropped"  # given up by the operator (`route drop`); its prepared file is deleted
 
 
 # States whose rows may still need their prepared file.
-_LIVE = (DeliveryState.QUEUED.value, DeliveryState.SENDING.value, DeliveryState.DEAD.value)
+_LIVE = (DeliveryState.QUEUED.value, DeliveryState.SENDING.value, DeliveryState.COMMITTING.value,
+         DeliveryState.DEAD.value)
 
 
 class OutboxVersionError(PermanentError):
@@ -86,7 +101,9 @@ class Backoff:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One object for one destination. ``sop_uid`` is the original (kept out of reprs)."""
+    """One object for one destination. ``sop_uid`` is the original (kept out of reprs); while
+    ``committing``, ``transaction_uid`` names the commitment request, ``sent_uid`` the copy's SOP
+    Instance UID it references and ``commit_by`` the deadline of its report."""
 
     id: int
     destination: str
@@ -97,12 +114,16 @@ class Delivery:
     attempts: int
     next_at: float
     last_error: str | None
+    transaction_uid: str | None = None
+    sent_uid: str | None = field(default=None, repr=False)
+    commit_by: float | None = None
 
     @classmethod
     def from_row(cls, row: Sequence[object]) -> "Delivery":
-        i, dest, sop, ref, file, state, attempts, next_at, error = row
+        i, dest, sop, ref, file, state, attempts, next_at, error, transaction, sent, commit_by = row
         return cls(int(str(i)), str(dest), str(sop), str(ref), Path(str(file)), DeliveryState(state),
-                   int(str(attempts)), float(str(next_at)), None if error is None else str(error))
+                   int(str(attempts)), float(str(next_at)), _text(error), _text(transaction), _text(sent),
+                   None if commit_by is None else float(str(commit_by)))
 
 
 def one_line(error: str) -> str:
@@ -117,7 +138,12 @@ class Outbox:
         open_sqlite(self.path, _SCHEMA)
         with self._tx() as con:
             version = int(con.execute("PRAGMA user_version").fetchone()[0])
+            if version in _MIGRATIONS:
+                for statement in _MIGRATIONS[version]:
+                    con.execute(statement)
+                version = 0
             if version == 0:
+                con.execute(_COMMIT_INDEX)
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise OutboxVersionError(f"outbox {self.path} has schema version {version}; this pacsflow "
@@ -156,6 +182,46 @@ class Outbox:
             con.executemany("UPDATE deliveries SET state = ?, claimed_at = ?, updated_at = ? WHERE id = ?",
                             [(DeliveryState.SENDING.value, now, now, r[0]) for r in rows])
         return [Delivery.from_row((*r[:5], DeliveryState.SENDING.value, *r[6:])) for r in rows]
+
+    # -- Storage Commitment -----------------------------------------------------------------------
+    def committing(self, sent: Mapping[int, str], transaction_uid: str, commit_by: float,
+                   now: float | None = None) -> int:
+        """Rows stored at a destination that commits (id -> the sent copy's SOP Instance UID) now
+        wait for the report of ``transaction_uid`` until ``commit_by`` (epoch seconds)."""
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            return sum(con.execute(
+                """UPDATE deliveries SET state = ?, transaction_uid = ?, sent_uid = ?, commit_by = ?, last_error = NULL,
+                                         updated_at = ? WHERE id = ?""",
+                (DeliveryState.COMMITTING.value, transaction_uid, uid, commit_by, now, row_id)).rowcount
+                for row_id, uid in sent.items())
+
+    def awaiting(self, transaction_uid: str) -> list[Delivery]:
+        """The rows still ``committing`` under ``transaction_uid`` (none once reported or timed out)."""
+        with self._tx() as con:
+            return _select(con, "state = ? AND transaction_uid = ? ORDER BY id",
+                           (DeliveryState.COMMITTING.value, transaction_uid))
+
+    def committed(self, transaction_uid: str, sent_uids: Iterable[str], now: float | None = None) -> int:
+        """Rows of ``transaction_uid`` still waiting whose copies the report says are committed: delivered."""
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            return con.execute(
+                """UPDATE deliveries SET state = ?, last_error = NULL, updated_at = ?
+                   WHERE state = ? AND transaction_uid = ? AND sent_uid IN (SELECT value FROM json_each(?))""",
+                (DeliveryState.DELIVERED.value, now, DeliveryState.COMMITTING.value, transaction_uid,
+                 json.dumps(list(sent_uids)))).rowcount
+
+    def expire_commitments(self, destination: str, error: str, backoff: Backoff, now: float | None = None,
+                           rng: random.Random | None = None) -> list[Delivery]:
+        """Rows of ``destination`` whose report did not come by their deadline: a transient
+        failure (queued again with backoff, dead after ``backoff.max_attempts``). Returns them."""
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            ids = [int(r[0]) for r in con.execute(
+                "SELECT id FROM deliveries WHERE destination = ? AND state = ? AND commit_by <= ?",
+                (destination, DeliveryState.COMMITTING.value, now))]
+        return self.failed(ids, error, permanent=False, backoff=backoff, now=now, rng=rng) if ids else []
 
     def delivered(self, ids: Iterable[int], now: float | None = None) -> int:
         now = time.time() if now is None else now
@@ -262,9 +328,10 @@ def format_status(depth: dict[str, dict[DeliveryState, int]], dead: Iterable[Del
     (id, study ref, attempts, last error; no PHI)."""
     states = list(DeliveryState)
     width = max([len("destination"), *(len(d) for d in depth)])
-    lines = ["  ".join([f"{'destination':<{width}}", *(f"{s.value:>9}" for s in states)])]
+    cell = max(len(s.value) for s in states)
+    lines = ["  ".join([f"{'destination':<{width}}", *(f"{s.value:>{cell}}" for s in states)])]
     for dest in sorted(depth):
-        lines.append("  ".join([f"{dest:<{width}}", *(f"{depth[dest][s]:>9}" for s in states)]))
+        lines.append("  ".join([f"{dest:<{width}}", *(f"{depth[dest][s]:>{cell}}" for s in states)]))
     dead = list(dead)
     if dead:
         lines.append("")
@@ -272,6 +339,10 @@ def format_status(depth: dict[str, dict[DeliveryState, int]], dead: Iterable[Del
         lines += [f"  #{d.id} {d.destination} study {d.study_ref} after {d.attempts} attempt(s): {d.last_error}"
                   for d in dead]
     return "\n".join(lines)
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _json_ids(ids: Iterable[int]) -> str:

@@ -39,6 +39,7 @@ class Dest:
     host: str
     port: int
     max_associations: int = 2
+    storage_commitment: bool = False
 
 
 def _enqueue_samples(outbox: Outbox, destination: str, tmp_path: Path, studies: int = 2) -> dict[str, Path]:

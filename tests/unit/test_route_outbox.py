@@ -164,9 +164,9 @@ def test_next_due_and_status_text(outbox, tmp_path):
     _dead(outbox, tmp_path, "second", "1.2", "b.dcm")
     text = format_status(outbox.depth(), outbox.rows(state=DeliveryState.DEAD))
     lines = text.splitlines()
-    assert lines[0].split() == ["destination", "queued", "sending", "delivered", "dead", "dropped"]
-    assert lines[1].split() == ["main", "1", "0", "0", "0", "0"]
-    assert lines[2].split() == ["second", "0", "0", "0", "1", "0"]
+    assert lines[0].split() == ["destination", "queued", "sending", "committing", "delivered", "dead", "dropped"]
+    assert lines[1].split() == ["main", "1", "0", "0", "0", "0", "0"]
+    assert lines[2].split() == ["second", "0", "0", "0", "0", "1", "0"]
     assert "study s after 1 attempt(s): x" in text and "1.2" not in text
 
 
