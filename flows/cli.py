@@ -32,6 +32,7 @@ from pacsflow.flows import console as errors_console
 from pacsflow.tasks import settings_cli
 from pacsflow.tasks.deid import cli as deid_cli
 from pacsflow.tasks.route import cli as route_cli
+from pacsflow.tasks.web import cli as token_cli
 
 if TYPE_CHECKING:
     from pacsflow.tasks.settings import Settings
@@ -90,6 +91,7 @@ app.add_typer(run_app, name="run")
 app.add_typer(catalog_cli.build_app(lambda: _settings().catalog_root), name="catalog")
 app.add_typer(alerts_cli.build_app(), name="alerts")
 app.add_typer(route_cli.app)  # `pacsflow route test|dry-run|status|retry|drop`
+app.add_typer(token_cli.build_app(_settings), name="token")
 
 
 @app.callback()
@@ -213,6 +215,22 @@ def listen_cmd() -> None:
         serve(settings, threading.Event())
     except RulesError as exc:
         errors_console.fail(exc)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("serve")
+def serve_cmd() -> None:
+    """Serve DICOMweb (QIDO-RS, WADO-RS, STOW-RS) over the lake, the study API and the dashboard.
+
+    Binds serve.host:serve.port (HTTPS with serve.tls_cert); every request needs a bearer token
+    made with `pacsflow token add`. Runs until Ctrl-C or SIGTERM.
+    """
+    settings = _settings()
+    from pacsflow.flows.serve import serve
+
+    try:
+        serve(settings)
     except KeyboardInterrupt:
         pass
 

@@ -270,6 +270,34 @@ class DeidSettings(BaseModel):
         return v
 
 
+class ServeSettings(BaseModel):
+    """``pacsflow serve``: DICOMweb (QIDO-RS, WADO-RS, STOW-RS) over the lake, the study API and
+    the analysts' dashboard, on one HTTP address."""
+
+    host: str = Field("127.0.0.1", description="the address the HTTP service binds")
+    port: int = Field(8042, ge=1, le=65535, description="the port the HTTP service binds")
+    public_base_url: str | None = Field(
+        None, description="the URL clients reach the service at (e.g. https://pacsflow.example.org); when set, "
+        "FHIR ImagingStudy resources reference an Endpoint at <url>/dicom-web"
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate (and chain) the service presents: turns HTTPS on")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert (when not in the same file)")
+    tokens_file: Path | None = Field(
+        None, description="the hashed bearer tokens (pacsflow serve token add); default state_root/serve/tokens.json"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="browser origins allowed to call the service (e.g. an OHIF viewer's)"
+    )
+    max_upload_mb: int = Field(2048, ge=1, description="a STOW-RS request body larger than this is refused (413)")
+    query_limit: int = Field(1000, ge=1, le=100000, description="most results a QIDO-RS search returns per request")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServeSettings":
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("tls_key needs tls_cert")
+        return self
+
+
 class FhirSettings(BaseModel):
     """The FHIR server that receives ImagingStudy and Patient resources (off when base_url is unset)."""
 
@@ -327,6 +355,7 @@ class Settings(BaseSettings):
     pacs: PacsSettings = PacsSettings()
     receiver: ReceiverSettings = ReceiverSettings()
     listener: ListenerSettings = ListenerSettings()
+    serve: ServeSettings = ServeSettings()
     calling_ae: str = Field("PACSFLOW", description="our AE title when we call the PACS")
     retrieve_method: RetrieveMethod = Field(
         RetrieveMethod.C_MOVE, description="c-move (the PACS sends to our Storage SCP) or c-get (on our association)"
@@ -446,6 +475,11 @@ class Settings(BaseSettings):
     def listener_dir(self) -> Path:
         """The listener's PHI zone: received originals, its study tracker and outbox."""
         return self.state_root / "listener"
+
+    @property
+    def tokens_path(self) -> Path:
+        """The serve tokens' file (hashes and scopes only; still owner-only)."""
+        return self.serve.tokens_file or self.state_root / "serve" / "tokens.json"
 
     @property
     def ledger_path(self) -> Path:

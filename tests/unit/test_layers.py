@@ -21,6 +21,8 @@ PREFECT_ALLOWED = ("flows/", "tasks/*/steps.py")
 PYNETDICOM_ALLOWED = ("tasks/pacs/client.py", "tasks/pacs/commitment.py", "tasks/pacs/receiver.py",
                       "tasks/pacs/sender.py", "tasks/pacs/status.py")
 HTTPX_ALLOWED = ("tasks/fhir/client.py", "deployments/")
+HTTP_SERVER_ALLOWED = ("tasks/web/", "flows/serve.py")  # fastapi, starlette, uvicorn: one HTTP boundary
+HTTP_SERVER_LIBRARIES = frozenset({"fastapi", "starlette", "uvicorn"})
 
 # pacsflow subpackages a layer must not import (the arrows point one way: flows → tasks → catalog).
 FORBIDDEN_INTERNAL = {
@@ -72,6 +74,8 @@ def violations(imports: list[Import]) -> list[str]:
             out.append(f"{where}: only the PACS client, receiver and status map may import pynetdicom")
         if _top(imp.module) == "httpx" and not _matches(imp.file, HTTPX_ALLOWED):
             out.append(f"{where}: only the FHIR client (and the local stack) may import httpx")
+        if _top(imp.module) in HTTP_SERVER_LIBRARIES and not _matches(imp.file, HTTP_SERVER_ALLOWED):
+            out.append(f"{where}: only tasks/web/ and flows/serve.py may import the HTTP server libraries")
         for layer, banned in FORBIDDEN_INTERNAL.items():
             if imp.file.startswith(layer) and any(imp.module == b or imp.module.startswith(b + ".") for b in banned):
                 out.append(f"{where}: {layer} must not depend on it")
@@ -104,6 +108,8 @@ def test_tests_and_benchmarks_use_the_installed_names():
         ("tasks/lake/study.py", "import prefect\n", "may import prefect"),
         ("tasks/deid/instance.py", "def f():\n    from pynetdicom import AE\n", "may import pynetdicom"),
         ("tasks/fhir/mapping.py", "import httpx\n", "may import httpx"),
+        ("tasks/route/metrics.py", "from fastapi import FastAPI\n", "HTTP server libraries"),
+        ("flows/listen.py", "import uvicorn\n", "HTTP server libraries"),
         ("catalog/store.py", "from pacsflow.tasks.core.errors import BadDicom\n", "catalog/ must not depend"),
         ("tasks/core/files.py", "from pacsflow.tasks.settings import Settings\n", "tasks/core/ must not depend"),
         ("tasks/pacs/client.py", "from pacsflow.flows.nightly import run\n", "tasks/ must not depend"),
