@@ -25,11 +25,12 @@ from pydicom.filereader import dcmread, read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from pacsflow.tasks.core.errors import BadDicom, PacsflowError, PermanentError, TransientError, is_transient
-from pacsflow.tasks.pacs.client import NODELAY_HANDLER, held, quiet_pynetdicom, timed_ae
+from pacsflow.tasks.pacs.client import NODELAY_HANDLER, ReservedResponses, held, quiet_pynetdicom, timed_ae
 from pacsflow.tasks.pacs.status import describe, status_code
 
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8: odd ids 1-255)
@@ -109,6 +110,13 @@ def presentation_contexts(headers: Sequence[FileHeader]) -> list[PresentationCon
     return [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
 
 
+class StoreResponses(ReservedResponses):
+    """C-STORE responses go only to the C-STORE waiting for them, never to pynetdicom's idle loop
+    (which would drop one: the object stored, its sender timed out, and sent again)."""
+
+    reserved = C_STORE
+
+
 class StoreSender:
     """C-STORE to one destination (``destination_ae`` at ``host:port``), calling as ``calling_ae``."""
 
@@ -159,6 +167,7 @@ class StoreSender:
         if not assoc.is_established:
             how = "rejected the association" if assoc.is_rejected else "gave no association (refused or aborted)"
             raise DestinationUnavailable(f"destination {self.destination} {how}; {self._check()}")
+        StoreResponses.installed_on(assoc)
         with held(assoc):
             yield assoc
 
