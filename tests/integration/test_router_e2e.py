@@ -22,22 +22,25 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
 from pacsflow.tasks.route.outbox import DeliveryState, Outbox
 from pacsflow.tasks.settings import load_settings
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.helpers import dcmtk_env, free_port
-from tests.integration.prefect_server import ROOT, ingest_worker, worker_env
-from tests.integration.prefect_server import prefect_server  # noqa: F401  (fixture re-export)
+from tests.integration.prefect_server import (
+    ROOT,
+    ingest_worker,
+    prefect_server,  # noqa: F401  (fixture re-export)
+    worker_env,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -113,7 +116,7 @@ class ListenProcess:
         self.env, self.port, self.log_path = env, port, log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "ListenProcess":
+    def start(self) -> ListenProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([str(PACSFLOW), "listen"], env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -169,9 +172,19 @@ class Site:
         config_path = root / "pacsflow.yaml"
         config_path.write_text(yaml.safe_dump(self.config))
         self.env = worker_env(api_url, root / "prefect-home", PACSFLOW_CONFIG=str(config_path))
+        self.config_path = config_path
         self.settings = load_settings(**self.config)
         self.listener = ListenProcess(self.env, self.config["listener"]["port"], root / "listen.log")
         self._generated = 0
+
+    def reconfigure(self, **listener: Any) -> None:
+        """Restart the listener (SIGTERM, same state) with these listener settings changed."""
+        if all(self.config["listener"].get(k) == v for k, v in listener.items()):
+            return
+        assert self.listener.stop() in (0, 128 + signal.SIGTERM), self.listener.log_tail()
+        self.config["listener"].update(listener)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.listener.start()
 
     # -- inputs ----------------------------------------------------------------------------
     def studies(self, modalities: tuple[str, ...], seed: int, series: tuple[int, int] = (1, 2),
@@ -187,7 +200,8 @@ class Site:
         return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=120, check=False)
 
     def pacsflow(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(PACSFLOW), *args], capture_output=True, text=True, env=self.env, timeout=120,
+        env = {**self.env, "COLUMNS": "400"}  # rich wraps a pipe's lines at 80 columns otherwise
+        return subprocess.run([str(PACSFLOW), *args], capture_output=True, text=True, env=env, timeout=120,
                               check=False)
 
     # -- outcomes --------------------------------------------------------------------------
@@ -202,7 +216,7 @@ class Site:
             return []
         try:
             return query(self.settings.catalog_root, sql, params).to_pylist()
-        except Exception as exc:  # noqa: BLE001 - no snapshot yet
+        except Exception as exc:
             if "snapshot" in str(exc) or "catalog" in str(exc):
                 return []
             raise
@@ -285,7 +299,7 @@ def test_mixed_set_is_routed_annotated_and_the_mg_and_ct_studies_ingested(site, 
     _delivered_once(site, set(sops), mg)
 
     # The second archive's copy carries the block, the main PACS's copy is the original.
-    sop = sorted(mg)[0]
+    sop = min(mg)
     annotated = site.second.download(site.second.instances(by_modality["MG"].study_uid)[sop], tmp_path / "ai.dcm")
     plain = site.main.download(site.main.instances(by_modality["MG"].study_uid)[sop], tmp_path / "main.dcm")
     dump = _dcmdump(annotated)
@@ -317,3 +331,164 @@ def test_mixed_set_is_routed_annotated_and_the_mg_and_ct_studies_ingested(site, 
     assert grew("pacsflow_listener_forwarded_total", destination="main-pacs", outcome="delivered") == len(sops)
     assert grew("pacsflow_listener_forwarded_total", destination="ai-archive", outcome="delivered") == len(mg)
     assert grew("pacsflow_listener_stable_total") == len(studies)
+
+
+def _ingest_runs(ref: str) -> list[Any]:
+    """The ingest-study flow runs of one study (by its pseudonym), oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(
+            any_=["ingest-study"])))
+    return sorted((r for r in runs if r.parameters.get("study") == ref), key=lambda r: r.parameters["generation"])
+
+
+def _cataloged_once(site: Site, ref: str, sops: set[str], series: int) -> None:
+    _wait(lambda: site.cataloged(ref) == {"number_of_series": series, "number_of_instances": len(sops)},
+          "the whole study in the catalog")
+    rows = site.catalog("SELECT count(*) AS n, count(DISTINCT sop_instance_uid) AS u FROM instances "
+                        "WHERE study_uid = ?", [ref])
+    assert rows == [{"n": len(sops), "u": len(sops)}]
+    runs = _wait(lambda: [r for r in _ingest_runs(ref) if r.state and r.state.is_final()], "ingest runs")
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs]
+
+
+@pytest.fixture(params=["dcmtk", "pynetdicom"])
+def engine(site: Site, request) -> Iterator[str]:
+    """The listener runs with this receive engine (same state); dcmtk again afterwards."""
+    site.reconfigure(engine=request.param)
+    try:
+        yield request.param
+    finally:
+        site.reconfigure(engine="dcmtk")
+
+
+def test_a_listener_killed_mid_study_completes_it_delivering_and_cataloging_each_object_once(site, engine):
+    [study] = site.studies(("MG",), seed=22 if engine == "dcmtk" else 23, series=(2, 2), instances=(4, 4))
+    files = files_of(study)
+    sops = {_sop(f) for f in files}
+    sent = site.send(*files[:3])
+    assert sent.returncode == 0, sent.stderr[-1000:]
+    site.listener.kill()  # within the study's stability window: nothing of it was routed yet
+    assert site.outbox_rows(sops) == []
+    site.listener.start()  # the same state_root
+    sent = site.send(*files[3:])
+    assert sent.returncode == 0, sent.stderr[-1000:]
+
+    _wait(lambda: site.delivered(sops, {"main-pacs": sops, "ai-archive": sops}), "delivery")
+    assert set(site.main.instances(study.study_uid)) == sops == set(site.second.instances(study.study_uid))
+    _delivered_once(site, sops, sops)
+    _cataloged_once(site, site.study_ref(study.study_uid), sops, series=2)
+
+
+def _status_counts(site: Site, destination: str) -> dict[str, int]:
+    """`pacsflow route status`'s counts of one destination, by state."""
+    done = site.pacsflow("route", "status")
+    assert done.returncode == 0, done.stdout + done.stderr
+    header, *lines = done.stdout.splitlines()
+    [line] = [line for line in lines if line.split()[:1] == [destination]]
+    return dict(zip(header.split()[1:], map(int, line.split()[1:])))
+
+
+def test_objects_for_a_down_archive_wait_in_the_outbox_dead_letter_and_are_sent_by_route_retry(site):
+    first, second = site.studies(("MG", "MG"), seed=33, series=(1, 1), instances=(2, 2))
+    sops1, sops2 = ({_sop(f) for f in files_of(s)} for s in (first, second))
+    archive = site.second.server
+
+    archive.stop(graceful=False)
+    try:
+        assert site.send(*files_of(first)).returncode == 0
+        _wait(lambda: {(r.state, r.attempts >= 1) for r in site.outbox_rows(sops1) if r.destination == "ai-archive"}
+              == {(DeliveryState.QUEUED, True)}, "a failed attempt", timeout_s=60)
+        counts = _status_counts(site, "ai-archive")  # a row is "sending" while an attempt is under way
+        assert (counts["queued"] + counts["sending"], counts["dead"]) == (len(sops1), 0)
+        _wait(lambda: set(site.main.instances(first.study_uid)) == sops1, "the main PACS's copies", timeout_s=60)
+    finally:
+        archive.start(timeout_s=60)
+    _wait(lambda: site.delivered(sops1, {"main-pacs": sops1, "ai-archive": sops1}), "delivery once it is back")
+
+    archive.stop(graceful=False)
+    try:
+        assert site.send(*files_of(second)).returncode == 0
+
+        def dead_letters() -> list[Any]:
+            rows = [r for r in site.outbox_rows(sops2) if r.destination == "ai-archive"]
+            return rows if rows and all(r.state == DeliveryState.DEAD for r in rows) else []
+
+        dead = _wait(dead_letters, "dead letters", timeout_s=90)
+        assert len(dead) == len(sops2) and {r.attempts for r in dead} == {MAX_ATTEMPTS}
+        counts = _status_counts(site, "ai-archive")
+        assert counts["dead"] == len(sops2)
+        status = site.pacsflow("route", "status").stdout
+        ref = site.study_ref(second.study_uid)
+        assert f"ai-archive study {ref} after {MAX_ATTEMPTS} attempt(s)" in status
+        assert f"{archive.aet}@127.0.0.1:{archive.dicom_port}" in status
+        assert second.study_uid not in status
+    finally:
+        archive.start(timeout_s=60)
+    time.sleep(3)  # dead letters stay dead while the archive is back
+    assert all(r.state == DeliveryState.DEAD for r in site.outbox_rows(sops2) if r.destination == "ai-archive")
+
+    retry = site.pacsflow("route", "retry", "--destination", "ai-archive")
+    assert retry.returncode == 0 and f"{len(sops2)} dead-lettered objects queued again" in retry.stdout
+    _wait(lambda: site.delivered(sops2, {"main-pacs": sops2, "ai-archive": sops2}), "delivery after route retry")
+    assert set(site.second.instances(second.study_uid)) == sops2
+    _delivered_once(site, sops1 | sops2, sops1 | sops2)
+
+
+def test_a_stranger_is_refused_and_a_malformed_object_does_not_stop_the_rest(site, tmp_path):
+    [study] = site.studies(("US",), seed=44, series=(1, 1), instances=(3, 3))
+    files = files_of(study)
+    sops = {_sop(f) for f in files}
+    before = site.metrics()
+
+    stranger = site.send(*files, calling_ae="INTRUDER")
+    assert stranger.returncode != 0
+    assert not site.listener.echo("INTRUDER")
+
+    broken = pydicom.dcmread(files[0])
+    del broken.StudyInstanceUID  # no study to file it under
+    broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    broken_path = tmp_path / "broken.dcm"
+    broken.save_as(broken_path, enforce_file_format=True)
+    sent = site.send(broken_path, *files)  # the broken object first: the rest must still go
+    assert sent.returncode == 0, sent.stderr[-1000:]
+    _wait(lambda: site.delivered(sops, {"main-pacs": sops}), "delivery")
+    assert set(site.main.instances(study.study_uid)) == sops
+    _delivered_once(site, sops, set())
+
+    after = site.metrics()
+    grew = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    assert grew[("pacsflow_listener_received_total", ())] == len(files)  # the stranger's: none
+    assert grew[("pacsflow_listener_refused_total", (("reason", "calling_ae"),))] == 2  # store and echo
+    assert grew[("pacsflow_listener_refused_total", (("reason", "undecodable"),))] == 1
+    # The malformed object is refused at the staging boundary and counted, not quarantined:
+    # no copy of it stays in the listener's PHI zone, the outbox or the ledger.
+    uid = str(broken.SOPInstanceUID)
+    assert not any(uid in p.name for p in Path(site.config["state_root"]).rglob("*"))
+    assert uid not in site.main.stores() and site.outbox_rows({uid}) == []
+
+
+def test_a_study_resumed_after_its_window_is_routed_and_ingested_again_for_its_new_series_only(site):
+    [study] = site.studies(("MG",), seed=55, series=(2, 2), instances=(2, 3))
+    by_series: dict[str, list[Path]] = {}
+    for f in files_of(study):
+        by_series.setdefault(str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID), []).append(f)
+    early, late = by_series.values()
+    sops_early, sops = {_sop(f) for f in early}, {_sop(f) for f in files_of(study)}
+    ref = site.study_ref(study.study_uid)
+
+    assert site.send(*early).returncode == 0
+    _wait(lambda: site.delivered(sops_early, {"main-pacs": sops_early, "ai-archive": sops_early}), "first series")
+    _cataloged_once(site, ref, sops_early, series=1)
+
+    assert site.send(*late).returncode == 0
+    _wait(lambda: site.delivered(sops, {"main-pacs": sops, "ai-archive": sops}), "second series")
+    _cataloged_once(site, ref, sops, series=2)
+    _delivered_once(site, sops, sops)
+    assert set(site.main.instances(study.study_uid)) == sops == set(site.second.instances(study.study_uid))
+    series = site.catalog("SELECT number_of_instances AS n FROM series WHERE study_uid = ? ORDER BY n", [ref])
+    assert [r["n"] for r in series] == sorted([len(early), len(late)])
+    runs = _ingest_runs(ref)
+    assert [r.parameters["generation"] for r in runs] == [1, 2]  # one run per generation
