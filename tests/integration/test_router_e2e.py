@@ -64,14 +64,14 @@ end
 """
 
 
-def _wait(condition: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
+def _wait(condition: Callable[[], Any], what: str, timeout_s: float = WAIT_S, poll_s: float = 0.3) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
         if value:
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
+        time.sleep(poll_s)
 
 
 def _sop(path: Path) -> str:
@@ -164,7 +164,7 @@ class Site:
         self.config: dict[str, Any] = {
             "state_root": str(root / "state"), "storage_root": str(root / "lake" / "dicom"),
             "catalog_root": str(root / "lake" / "catalog"), "deid_key": KEY,
-            "listener": {"ae_title": LISTENER_AE, "port": free_port(), "allowed_aes": [SENDER_AE],
+            "listener": {"ae_title": LISTENER_AE, "port": free_port(), "allowed_aes": [SENDER_AE], "engine": "dcmtk",
                          "stable_after_s": WINDOW_S, "rules_file": str(rules_file), "metrics_port": free_port(),
                          "max_attempts": MAX_ATTEMPTS, "retry_backoff_s": BACKOFF_S, "retry_max_delay_s": 8.0,
                          "timeout_s": 10.0},
@@ -365,15 +365,24 @@ def engine(site: Site, request) -> Iterator[str]:
 
 
 def test_a_listener_killed_mid_study_completes_it_delivering_and_cataloging_each_object_once(site, engine):
-    [study] = site.studies(("MG",), seed=22 if engine == "dcmtk" else 23, series=(2, 2), instances=(4, 4))
+    [study] = site.studies(("MG",), seed=22 if engine == "dcmtk" else 23, series=(2, 2), instances=(40, 40))
     files = files_of(study)
     sops = {_sop(f) for f in files}
-    sent = site.send(*files[:3])
-    assert sent.returncode == 0, sent.stderr[-1000:]
-    site.listener.kill()  # within the study's stability window: nothing of it was routed yet
-    assert site.outbox_rows(sops) == []
+    zone = site.settings.listener_dir
+    cmd = ["storescu", "-aet", SENDER_AE, "-aec", LISTENER_AE, "127.0.0.1", str(site.listener.port), *map(str, files)]
+    sender = subprocess.Popen(cmd, env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def received() -> int:  # storescp's files (incoming/) or staged ones (inbox/)
+        return sum(p.is_file() and p.suffix != ".pid" for d in ("incoming", "inbox") for p in (zone / d).rglob("*"))
+
+    already = received()
+    _wait(lambda: received() >= already + 2 or sender.poll() is not None, "the first objects", timeout_s=60,
+          poll_s=0.005)
+    assert sender.poll() is None  # killed while the association runs
+    site.listener.kill()  # mid-association, within the study's stability window: nothing of it routed yet
+    sender.wait(timeout=60)  # dcmtk: storescp finishes the association on its own; pynetdicom: aborted
     site.listener.start()  # the same state_root
-    sent = site.send(*files[3:])
+    sent = site.send(*files)  # the modality sends the whole study again
     assert sent.returncode == 0, sent.stderr[-1000:]
 
     _wait(lambda: site.delivered(sops, {"main-pacs": sops, "ai-archive": sops}), "delivery")
