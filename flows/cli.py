@@ -211,12 +211,17 @@ def listen_cmd() -> None:
     settings = _settings(key=True)
     from pacsflow.flows.listen import serve
 
+    signal.signal(signal.SIGTERM, _interrupt)  # a service stopped on purpose exits 0
     try:
         serve(settings, threading.Event())
     except RulesError as exc:
         errors_console.fail(exc)
     except KeyboardInterrupt:
         pass
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @app.command("serve")

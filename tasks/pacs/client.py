@@ -13,7 +13,7 @@ import queue
 import socket
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Self
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, build_role, evt
@@ -354,28 +354,21 @@ class PacsClient:
         return ops
 
 
-class FindResponses(queue.Queue):
-    """An association's incoming DIMSE messages, where a C-FIND response reaches only the query
-    it answers.
+class ReservedResponses(queue.Queue):
+    """An association's incoming DIMSE messages, where a response of the ``reserved`` kind reaches
+    only the request that waits for it.
 
-    pynetdicom reads the next C-FIND response as the answer to whatever query waits. Two ways
-    that goes wrong over one association (discovery asks once per day): a response arriving late
-    (after a capped or cancelled answer's final status) ends the next query with the earlier
-    day's studies and shifts every answer after it; and pynetdicom's idle loop, which polls this
-    queue without blocking for requests from the peer, can win the race against a query just
-    sent and swallow its final response ("Received unexpected C-FIND service message"), leaving
-    the query to wait out the DIMSE timeout. So responses to any other message id are dropped as
-    they arrive (``expect`` also drops those that came in between two queries), and a
-    non-blocking read never takes a C-FIND response: only the query waiting for it does.
+    pynetdicom's idle loop polls this queue without blocking, for requests from the peer; it can
+    win the race against a request just sent and swallow its response ("Received unexpected
+    C-FIND service message", or C-STORE), leaving the request to wait out the DIMSE timeout. So a
+    non-blocking read never takes a response of that kind: only the blocking read of the request
+    waiting for it does.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._expected: int | None = None
-        self._strays = 0
+    reserved: type = C_FIND
 
     @classmethod
-    def installed_on(cls, assoc: Association) -> "FindResponses":
+    def installed_on(cls, assoc: Association) -> Self:
         """The association's message queue, replaced by this filter on first use (keeping any
         message already queued, such as the sentinel of an abort)."""
         current = assoc.dimse.msg_queue
@@ -386,6 +379,35 @@ class FindResponses(queue.Queue):
             responses.queue.extend(current.queue)
         assoc.dimse.msg_queue = responses
         return responses
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        if block:
+            return super().get(block, timeout)
+        with self.mutex:  # the idle loop: anything but a reserved response
+            for i, item in enumerate(self.queue):
+                if not isinstance(item[1], self.reserved):
+                    del self.queue[i]
+                    return item
+        raise queue.Empty
+
+
+class FindResponses(ReservedResponses):
+    """C-FIND responses reach only the query they answer.
+
+    pynetdicom reads the next C-FIND response as the answer to whatever query waits. A response
+    arriving late (after a capped or cancelled answer's final status) would end the next query
+    with the earlier day's studies and shift every answer after it (discovery asks once per day
+    over one association). So responses to any other message id are dropped as they arrive
+    (``expect`` also drops those that came in between two queries); the idle loop takes none
+    (:class:`ReservedResponses`).
+    """
+
+    reserved = C_FIND
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._expected: int | None = None
+        self._strays = 0
 
     def expect(self, msg_id: int | None) -> int:
         """Keep responses to ``msg_id`` only (None: to none); returns the strays dropped so far,
@@ -398,16 +420,6 @@ class FindResponses(queue.Queue):
             self.queue.extend(kept)
             strays, self._strays = self._strays, 0
         return strays
-
-    def get(self, block: bool = True, timeout: float | None = None):
-        if block:
-            return super().get(block, timeout)
-        with self.mutex:  # the idle loop: anything but a C-FIND response
-            for i, item in enumerate(self.queue):
-                if not isinstance(item[1], C_FIND):
-                    del self.queue[i]
-                    return item
-        raise queue.Empty
 
     def _stray(self, item) -> bool:
         msg = item[1]

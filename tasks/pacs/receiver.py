@@ -347,7 +347,7 @@ class StorageReceiver:
     def _rejected(self, event: evt.Event) -> None:
         calling = str(event.assoc.requestor.ae_title).strip()
         self.refused_aes.append(calling)
-        why = "not the PACS nor an allowed AE" if calling not in self.allowed_aes else "called AE or association limit"
+        why = "not an allowed calling AE" if calling not in self.allowed_aes else "called AE or association limit"
         log.warning("receiver refused an association from calling AE %r (%s)", calling, why)
 
     def stop(self) -> None:

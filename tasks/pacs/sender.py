@@ -29,12 +29,13 @@ from pydicom.filereader import dcmread, read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from pacsflow.tasks.core.errors import BadDicom, PacsflowError, PermanentError, TransientError, is_transient
-from pacsflow.tasks.pacs.client import NODELAY_HANDLER, held, quiet_pynetdicom, timed_ae
+from pacsflow.tasks.pacs.client import NODELAY_HANDLER, ReservedResponses, held, quiet_pynetdicom, timed_ae
 from pacsflow.tasks.pacs.commitment import (
     REQUEST_COMMITMENT,
     STORAGE_COMMITMENT_INSTANCE,
@@ -124,6 +125,13 @@ def presentation_contexts(headers: Sequence[FileHeader]) -> list[PresentationCon
     if len(pairs) > MAX_CONTEXTS:
         raise ValueError(f"{len(pairs)} SOP class and transfer syntax pairs in one batch; at most {MAX_CONTEXTS}")
     return [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+
+
+class StoreResponses(ReservedResponses):
+    """C-STORE responses go only to the C-STORE waiting for them, never to pynetdicom's idle loop
+    (which would drop one: the object stored, its sender timed out, and sent again)."""
+
+    reserved = C_STORE
 
 
 class StoreSender:
@@ -218,6 +226,7 @@ class StoreSender:
         if not assoc.is_established:
             how = "rejected the association" if assoc.is_rejected else "gave no association (refused or aborted)"
             raise DestinationUnavailable(f"destination {self.destination} {how}; {self._check()}")
+        StoreResponses.installed_on(assoc)
         with held(assoc):
             yield assoc
 

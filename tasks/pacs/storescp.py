@@ -257,7 +257,7 @@ class NativeReceiver:
     def _reject(self, conn: socket.socket, calling: str, reason: int) -> None:
         with self._lock:
             self.refused_aes.append(calling)
-        why = "not the PACS nor an allowed AE" if reason == _REJECT_CALLING_AE else "called AE is not ours"
+        why = "not an allowed calling AE" if reason == _REJECT_CALLING_AE else "called AE is not ours"
         log.warning("receiver refused an association from calling AE %r (%s)", calling, why)
         try:
             conn.sendall(associate_reject(reason))

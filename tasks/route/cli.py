@@ -285,7 +285,7 @@ def route_status() -> None:
     from pacsflow.tasks.route.outbox import DeliveryState, format_status
 
     outbox = _outbox()
-    out.print(format_status(outbox.depth(), outbox.rows(state=DeliveryState.DEAD)), markup=False)
+    out.print(format_status(outbox.depth(), outbox.rows(state=DeliveryState.DEAD)), markup=False, soft_wrap=True)
 
 
 @app.command("retry")

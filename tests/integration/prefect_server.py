@@ -1,6 +1,8 @@
 """A real `prefect server start` for tests that need its services (triggers, actions, the foreman),
 which the in-process test harness does not run: a module-scoped fixture, ``prefect_server``
-(its API URL, set as PREFECT_API_URL while the module's tests run). Import it into a test module."""
+(its API URL, set as PREFECT_API_URL while the module's tests run). Import it into a test module.
+``ingest_worker(env, log_path)`` deploys the ingest-study deployment of prefect.yaml (with its
+trigger) and runs a process worker of its pool with ``env`` until the block ends."""
 
 from __future__ import annotations
 
@@ -11,14 +13,20 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+POOL = "pacsflow-local"  # the pool prefect.yaml names
 
 
 def _healthy(url: str, process: subprocess.Popen, timeout: float = 120.0) -> bool:
@@ -61,4 +69,41 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with suppress(subprocess.TimeoutExpired):
             process.wait(timeout=15)
         process.kill()  # a no-op once it has exited
+        process.wait()
+
+
+def prefect_cli(*args: str, env: dict[str, str]) -> str:
+    """``prefect --no-prompt ARGS`` in the repository (where prefect.yaml is); fails the test on error."""
+    done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=ROOT, env=env, check=False,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def worker_env(api_url: str, home: Path, **env: str) -> dict[str, str]:
+    """The environment of a worker polling ``api_url`` every second (its flow runs inherit it)."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, **env, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+
+
+@contextmanager
+def ingest_worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """The pool, the ingest-study deployment (``prefect deploy``) and a process worker started
+    with ``env`` (the server is the one of PREFECT_API_URL in the caller's Prefect settings and
+    in ``env``); the worker is stopped when the block ends."""
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=POOL, type="process"), overwrite=True)
+    prefect_cli("deploy", "--name", "ingest-study", env=env)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
+                                    "--type", "process"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+        process.kill()
         process.wait()

@@ -8,38 +8,33 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import suppress
-from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
-from prefect.events.worker import EventsWorker
-
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
 from pacsflow.flows.events import emit_study_stable
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.ingest.handoff import handoff_dir
 from pacsflow.tasks.settings import load_settings
-from tests.integration.prefect_server import prefect_server  # noqa: F401  (fixture re-export)
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+)
+from prefect.events.worker import EventsWorker
+
+from tests.integration.prefect_server import (
+    ingest_worker,
+    prefect_server,  # noqa: F401  (fixture re-export)
+    worker_env,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[2]
-POOL = "pacsflow-local"  # the pool prefect.yaml names
 RUN_WAIT_S = 60.0
-
-
-def _prefect(*args: str, env: dict[str, str]) -> str:
-    done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
 
 
 @pytest.fixture
@@ -53,29 +48,13 @@ def site(tmp_path, monkeypatch, prefect_server) -> dict[str, str]:  # noqa: F811
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    return {**os.environ, **env, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    return worker_env(prefect_server, tmp_path / "prefect-home", **env)
 
 
 @pytest.fixture
 def worker(site: dict[str, str], tmp_path) -> Iterator[subprocess.Popen]:
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name=POOL, type="process"), overwrite=True)
-    _prefect("deploy", "--name", "ingest-study", env=site)
-    with open(tmp_path / "worker.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
-                                    "--type", "process"], cwd=ROOT, env=site, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with ingest_worker(site, tmp_path / "worker.log") as process:
         yield process
-    finally:
-        process.terminate()
-        with suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=15)
-        process.kill()
-        process.wait()
 
 
 def _deployment_runs(deadline: float):
