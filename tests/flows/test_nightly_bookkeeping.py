@@ -16,7 +16,7 @@ import pytest
 
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
-from pacsflow.flows.nightly import nightly_ingest, run_result
+from pacsflow.flows.nightly import nightly_ingest, release_task_runs, run_result
 from pacsflow.tasks.fhir.ledger import FhirSyncLedger
 from pacsflow.tasks.ingest.ledger import Ledger
 from pacsflow.tasks.settings import load_settings
@@ -356,3 +356,28 @@ def test_a_study_cataloged_without_a_quarantined_object_is_partial(site):
     [progress] = [a["data"] for a in artifacts if a["key"] == "nightly-progress"]
     assert float(progress) == 100.0
     assert site.count("SELECT count(*) FROM instances") == sum(s.n_instances for s in studies) - 1
+
+
+def test_what_prefect_keeps_of_a_finished_task_run_is_released(prefect_api):
+    from prefect import flow, task
+    from prefect.context import FlowRunContext
+
+    @task
+    def outcome(n: int) -> list[list[int]]:
+        return [list(range(n))]
+
+    def linked(task_run_id) -> int:
+        ctx = FlowRunContext.get()
+        return sum(state.state_details.task_run_id == task_run_id for state, *_ in ctx.run_results.values())
+
+    @flow
+    def night() -> list[int]:
+        kept, released = outcome.submit(3), outcome.submit(4)
+        kept.result(), released.result()
+        before = [linked(kept.task_run_id), linked(released.task_run_id)]
+        release_task_runs({released.task_run_id})
+        return before + [linked(kept.task_run_id), linked(released.task_run_id)]
+
+    # The result and its list are linked to the task run's state until released (a night of
+    # thousands of studies would keep every one of them).
+    assert night() == [2, 2, 2, 0]
