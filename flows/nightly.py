@@ -152,9 +152,13 @@ class RunParts:
         return summary
 
     def manifest(self) -> dict | None:
+        """The run's manifest; its artifact lists the first ``STUDY_ROWS`` quarantined objects (a
+        night of ultrasound quarantines thousands: the ledger lists every one), and counts them all."""
         if self.run is None or self.book is None:
             return None
-        return build_manifest(self.run.deid, self.book.deid_report, self.book.quarantined, self.book.written)
+        manifest = build_manifest(self.run.deid, self.book.deid_report, self.book.quarantined, self.book.written)
+        manifest["quarantined"] = manifest["quarantined"][:STUDY_ROWS]
+        return manifest
 
 
 def run_nightly(settings: Settings | None = None, *, since: dt.date | None = None, until: dt.date | None = None,
@@ -362,7 +366,8 @@ def publish(summary: RunSummary, deid_manifest: dict | None, prefix: str = "nigh
         if deid_manifest is not None:
             create_markdown_artifact(
                 manifest_markdown(deid_manifest), key=f"{prefix}-deid-manifest",
-                description="De-identification manifest: edition, recipe, options, actions, quarantine",
+                description="De-identification manifest: edition, recipe, options, actions, quarantine (objects "
+                            f"listed: {_shown(deid_manifest['quarantined'], range(deid_manifest['quarantined_count']))})",
             )
         d = summary.as_dict()
         md = [
@@ -445,8 +450,9 @@ class _InFlight:
 
     A future is forgotten as soon as it ends, and so is what Prefect keeps of its task run in this
     process for the flow's length: the state linked to each result (``FlowRunContext.run_results``,
-    which links a later task's inputs to it) and the thread runner's cancel event. A night of
-    thousands of studies otherwise grows by each of them. A retrieval's are kept until its
+    which links a later task's inputs to it), the assets it hands downstream (an empty set per task
+    run: ``task_run_assets``) and the thread runner's cancel event. A night of thousands of studies
+    otherwise grows by each of them. A retrieval's are kept until its
     study's de-identification ends, so that task still names the retrieval as its input.
     """
 
@@ -488,14 +494,17 @@ class _InFlight:
 
 def release_task_runs(task_run_ids: set[Any]) -> None:
     """Drop what Prefect keeps in this process of finished task runs whose results were used:
-    their linked states and the thread runner's cancel events (a private dict: it has no public
-    way to forget them, and would hold one per task run until the flow ends)."""
+    their linked states, their assets for downstream tasks and the thread runner's cancel events
+    (a private dict: it has no public way to forget them, and would hold one per task run until
+    the flow ends)."""
     ctx = FlowRunContext.get()
     if ctx is None:
         return
     stale = [key for key, (state, *_) in ctx.run_results.items() if state.state_details.task_run_id in task_run_ids]
     for key in stale:
         del ctx.run_results[key]
+    for task_run_id in task_run_ids:
+        ctx.task_run_assets.pop(task_run_id, None)
     cancel_events = getattr(ctx.task_runner, "_cancel_events", None)
     if isinstance(cancel_events, dict):
         for task_run_id in task_run_ids:
