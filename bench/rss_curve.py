@@ -59,6 +59,14 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def descendants(pid: int) -> list[tuple[int, str]]:
     """(pid, command line) of every process under ``pid``."""
     parents: dict[int, list[int]] = {}
@@ -74,12 +82,7 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     out, todo = [], list(parents.get(pid, []))
     while todo:
         child = todo.pop()
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        out.append((child, cmd))
+        out.append((child, command_line(child)))
         todo.extend(parents.get(child, []))
     return out
 
@@ -102,8 +105,13 @@ class Samples:
     def take(self, pid: int) -> None:
         sums = dict.fromkeys(ROLES, 0.0)
         sums["flow"] = rss_mb(pid)
+        own = command_line(pid)
         for child, cmd in descendants(pid):
-            sums[role(cmd)] += rss_mb(child)
+            # A child between fork and exec (the native receiver's storescp, any subprocess) still
+            # runs the flow's command line and shows the flow's shared pages as its own: counting
+            # it doubled the workers' sum in the one sample that caught it.
+            if cmd != own:
+                sums[role(cmd)] += rss_mb(child)
         for r in ROLES:
             self.mb[r].append(sums[r])
 
