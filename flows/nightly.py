@@ -452,8 +452,8 @@ class _InFlight:
     process for the flow's length: the state linked to each result (``FlowRunContext.run_results``,
     which links a later task's inputs to it), the assets it hands downstream (an empty set per task
     run: ``task_run_assets``) and the thread runner's cancel event. A night of thousands of studies
-    otherwise grows by each of them. A retrieval's are kept until its
-    study's de-identification ends, so that task still names the retrieval as its input.
+    otherwise grows by each of them. A retrieval's are kept until its study's de-identification
+    ends, so that task still names the retrieval as its input.
     """
 
     def __init__(self) -> None:
