@@ -59,6 +59,14 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def descendants(pid: int) -> list[tuple[int, str]]:
     """(pid, command line) of every process under ``pid``."""
     parents: dict[int, list[int]] = {}
@@ -74,12 +82,7 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     out, todo = [], list(parents.get(pid, []))
     while todo:
         child = todo.pop()
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        out.append((child, cmd))
+        out.append((child, command_line(child)))
         todo.extend(parents.get(child, []))
     return out
 
@@ -102,8 +105,13 @@ class Samples:
     def take(self, pid: int) -> None:
         sums = dict.fromkeys(ROLES, 0.0)
         sums["flow"] = rss_mb(pid)
+        own = command_line(pid)
         for child, cmd in descendants(pid):
-            sums[role(cmd)] += rss_mb(child)
+            # A child between fork and exec (the native receiver's storescp, any subprocess) still
+            # runs the flow's command line and shows the flow's shared pages as its own: counting
+            # it doubled the workers' sum in the one sample that caught it.
+            if cmd != own:
+                sums[role(cmd)] += rss_mb(child)
         for r in ROLES:
             self.mb[r].append(sums[r])
 
@@ -114,6 +122,13 @@ class Samples:
         """When the peak was reached, in seconds from the run process's start."""
         values = self.mb[r]
         return values.index(max(values)) * SAMPLE_S if values else 0.0
+
+    def write_csv(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["seconds," + ",".join(ROLES)]
+        lines += [f"{i * SAMPLE_S:.1f}," + ",".join(f"{self.mb[r][i]:.1f}" for r in ROLES)
+                  for i in range(len(self.mb["flow"]))]
+        path.write_text("\n".join(lines) + "\n", encoding="ascii")
 
     def median(self, r: str) -> float:
         seen = [v for v in self.mb[r] if v > 0]
@@ -194,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-series", type=int, default=50, help="instances per series (2 series per study)")
     ap.add_argument("--commit-batch", type=int, help="studies per catalog commit (the setting's default: 200)")
     ap.add_argument("--keep", action="store_true", help="keep the work folders")
+    ap.add_argument("--trace", type=Path, help="write each size's samples to TRACE/rss-SIZE.csv (seconds, MiB by role)")
     args = ap.parse_args(argv)
     if args.commit_batch:
         os.environ["PACSFLOW_COMMIT_BATCH"] = str(args.commit_batch)
@@ -209,9 +225,12 @@ def main(argv: list[str] | None = None) -> int:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
         rows.append((n, samples))
+        if args.trace:
+            samples.write_csv(args.trace / f"rss-{size}.csv")
         print(f"  {size}: {n} instances through the run in {seconds:.0f}s ({n / seconds:.0f}/s), {failed} studies "
               f"failed; flow peak {samples.peak('flow'):.0f} MiB "
-              f"at {samples.peak_at('flow'):.0f}s of {len(samples.mb['flow']) * SAMPLE_S:.0f}s", flush=True)
+              f"at {samples.peak_at('flow'):.0f}s of {len(samples.mb['flow']) * SAMPLE_S:.0f}s, workers peak "
+              f"{samples.peak('workers'):.0f} MiB at {samples.peak_at('workers'):.0f}s", flush=True)
 
     print()
     print("| instances | flow peak | flow median | workers peak (sum) | workers median | storescp peak (sum) "

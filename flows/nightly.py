@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sized
 from uuid import UUID
 
 from prefect import flow, get_run_logger
@@ -42,7 +42,7 @@ from pacsflow.tasks.core.files import ensure_private_dir, low_space, purge_older
 from pacsflow.tasks.deid.crosswalk import update_crosswalk
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.deid.manifest import build_manifest, manifest_markdown, object_id
-from pacsflow.tasks.ingest.bookkeeping import RUN_FAILED, RUN_PARTIAL, RunBook, RunSummary
+from pacsflow.tasks.ingest.bookkeeping import RUN_FAILED, RUN_PARTIAL, STUDY_ROWS, RunBook, RunSummary, table_rows
 from pacsflow.tasks.ingest.ledger import Ledger, MissingEntry
 from pacsflow.tasks.lake.steps import commit_catalog, deidentify_study
 from pacsflow.tasks.lake.study import StudyOutcome, StudyProcessor
@@ -152,9 +152,13 @@ class RunParts:
         return summary
 
     def manifest(self) -> dict | None:
+        """The run's manifest; its artifact lists the first ``STUDY_ROWS`` quarantined objects (a
+        night of ultrasound quarantines thousands: the ledger lists every one), and counts them all."""
         if self.run is None or self.book is None:
             return None
-        return build_manifest(self.run.deid, self.book.deid_report, self.book.quarantined, self.book.written)
+        manifest = build_manifest(self.run.deid, self.book.deid_report, self.book.quarantined, self.book.written)
+        manifest["quarantined"] = manifest["quarantined"][:STUDY_ROWS]
+        return manifest
 
 
 def run_nightly(settings: Settings | None = None, *, since: dt.date | None = None, until: dt.date | None = None,
@@ -368,7 +372,8 @@ def publish(summary: RunSummary, deid_manifest: dict | None, prefix: str = "nigh
         if deid_manifest is not None:
             create_markdown_artifact(
                 manifest_markdown(deid_manifest), key=f"{prefix}-deid-manifest",
-                description="De-identification manifest: edition, recipe, options, actions, quarantine",
+                description="De-identification manifest: edition, recipe, options, actions, quarantine (objects "
+                            f"listed: {_shown(deid_manifest['quarantined'], range(deid_manifest['quarantined_count']))})",
             )
         d = summary.as_dict()
         md = [
@@ -382,19 +387,28 @@ def publish(summary: RunSummary, deid_manifest: dict | None, prefix: str = "nigh
         ]
         create_markdown_artifact("\n".join(md), key=f"{prefix}-ingest-summary", description="Ingest counts")
         if summary.studies:
+            rows = table_rows(summary.studies)
             create_table_artifact(
-                [s.__dict__ for s in summary.studies], key=f"{prefix}-ingest-studies",
-                description="Per-study outcomes (pseudonymous UIDs)",
+                rows, key=f"{prefix}-ingest-studies",
+                description="Per-study outcomes (pseudonymous UIDs), failed and partial first: "
+                            + _shown(rows, summary.studies),
             )
-        rows = [m.__dict__ for m in missing]
-        if rows:
+        missing = list(missing)
+        if missing:
             create_table_artifact(
-                rows, key=f"{prefix}-missing-objects",
-                description="Objects the PACS listed but did not send: asked for again until given up (permanent)",
+                [m.__dict__ for m in missing[:STUDY_ROWS]], key=f"{prefix}-missing-objects",
+                description="Objects the PACS listed but did not send: asked for again until given up (permanent); "
+                            + _shown(missing[:STUDY_ROWS], missing),
             )
     except RuntimeError:
         # Outside a flow run (plain function call): there is no run to attach artifacts to.
         pass
+
+
+def _shown(rows: Sized, of: Sized) -> str:
+    if len(rows) == len(of):
+        return f"all {len(of)}"
+    return f"{len(rows)} of {len(of)} (the ledger has every one)"
 
 
 class Progress:
@@ -438,11 +452,20 @@ def _receiver(settings: Settings, writer: StagingWriter, items: list[WorkItem]) 
 
 
 class _InFlight:
-    """The run's task futures (retrievals and de-identifications), by task run id."""
+    """The run's task futures (retrievals and de-identifications), by task run id.
+
+    A future is forgotten as soon as it ends, and so is what Prefect keeps of its task run in this
+    process for the flow's length: the state linked to each result (``FlowRunContext.run_results``,
+    which links a later task's inputs to it), the assets it hands downstream (an empty set per task
+    run: ``task_run_assets``) and the thread runner's cancel event. A night of thousands of studies
+    otherwise grows by each of them. A retrieval's are kept until its study's de-identification
+    ends, so that task still names the retrieval as its input.
+    """
 
     def __init__(self) -> None:
         self._futures: dict[Any, tuple[WorkItem, PrefectFuture]] = {}
         self._retrieving: set[Any] = set()
+        self._retrieved: dict[str, Any] = {}  # a study's finished retrieval, by pseudonym
 
     def __bool__(self) -> bool:
         return bool(self._futures)
@@ -467,7 +490,31 @@ class _InFlight:
         item, _ = self._futures.pop(future.task_run_id)
         retrieval = future.task_run_id in self._retrieving
         self._retrieving.discard(future.task_run_id)
-        return item, future.result(raise_on_failure=False), retrieval
+        result = future.result(raise_on_failure=False)
+        if retrieval and not isinstance(result, BaseException):
+            self._retrieved[item.pseudo_uid] = future.task_run_id
+        else:
+            release_task_runs({future.task_run_id, self._retrieved.pop(item.pseudo_uid, None)})
+        return item, result, retrieval
+
+
+def release_task_runs(task_run_ids: set[Any]) -> None:
+    """Drop what Prefect keeps in this process of finished task runs whose results were used:
+    their linked states, their assets for downstream tasks and the thread runner's cancel events
+    (a private dict: it has no public way to forget them, and would hold one per task run until
+    the flow ends)."""
+    ctx = FlowRunContext.get()
+    if ctx is None:
+        return
+    stale = [key for key, (state, *_) in ctx.run_results.items() if state.state_details.task_run_id in task_run_ids]
+    for key in stale:
+        del ctx.run_results[key]
+    for task_run_id in task_run_ids:
+        ctx.task_run_assets.pop(task_run_id, None)
+    cancel_events = getattr(ctx.task_runner, "_cancel_events", None)
+    if isinstance(cancel_events, dict):
+        for task_run_id in task_run_ids:
+            cancel_events.pop(task_run_id, None)
 
 
 @contextmanager

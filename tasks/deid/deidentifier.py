@@ -111,6 +111,10 @@ RECIPE_VERSION = "pacsflow-deid-4"
 DEID_METHOD_CODE = "113100"  # Basic Application Confidentiality Profile (CID 7050)
 CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
 IMPLEMENTATION_VERSION_NAME = "PACSFLOW_DEID2"
+# Entries of each per-process memo (original -> pseudonymous UID, shifted date strings): a study's
+# UIDs repeat within that study, so a few studies' worth is enough; beyond it the memo starts over
+# (a worker sees every object of a night: a larger cap is memory kept for nothing).
+CACHE_ENTRIES = 20_000
 
 
 # CID 7050 codes recorded in DeidentificationMethodCodeSequence.
@@ -573,7 +577,7 @@ class Deidentifier:
             return uid
         new = self._uid_cache.get(uid)
         if new is None:
-            if len(self._uid_cache) > 100_000:
+            if len(self._uid_cache) >= CACHE_ENTRIES:
                 self._uid_cache.clear()
             new = self._uid_cache[uid] = pseudonymize_uid(self._key, uid)
         return new
@@ -1187,7 +1191,7 @@ def _shift_one(s: str, days: int) -> str | None:
         out = f"{day.year:04d}{day.month:02d}{day.day:02d}" + s[8:]
     except (ValueError, OverflowError):
         out = None  # unparseable dates are not kept
-    if len(_SHIFTED) > 100_000:
+    if len(_SHIFTED) >= CACHE_ENTRIES:
         _SHIFTED.clear()
     _SHIFTED[key] = out
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 from pacsflow.tasks.core.clock import parse_dicom_date
@@ -27,6 +27,9 @@ INTERRUPTED = "interrupted"
 # The outcomes of a study (StudyReport.outcome) and of a run (RunSummary.outcome).
 CATALOGED, CATALOGED_PARTIAL, FAILED, QUARANTINED = "cataloged", "cataloged-partial", "failed", "quarantined"
 RUN_COMPLETED, RUN_PARTIAL, RUN_FAILED, RUN_STOPPED = "completed", "partial", "failed", "stopped"
+# Rows of the per-study table artifact: a 2,000-study night's full table is an event of megabytes
+# (the server refused one of 2.5 MB) and a peak in the flow's memory; the ledger has every study.
+STUDY_ROWS = 200
 
 
 @dataclass
@@ -43,6 +46,18 @@ class StudyReport:
     missing: int = 0  # objects the PACS listed but did not send
     kind: str = ""  # of failure, as counted in the run's message
     error: str = ""
+
+
+def table_rows(studies: Sequence[StudyReport], limit: int = STUDY_ROWS) -> list[dict[str, Any]]:
+    """The per-study table artifact's rows: every study in run order when they fit in ``limit``,
+    else the ``limit`` an operator must look at first (failed, wholly quarantined, interrupted,
+    cataloged partly, then the rest), each group in run order. The ledger holds every study's
+    outcome, and the summary counts them all."""
+    rank = {FAILED: 0, QUARANTINED: 1, INTERRUPTED: 2, CATALOGED_PARTIAL: 3}
+    order: Sequence[int] = range(len(studies))
+    if len(studies) > limit:
+        order = sorted(order, key=lambda i: (rank.get(studies[i].outcome, 4), i))
+    return [dict(studies[i].__dict__) for i in order[:limit]]
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -180,9 +195,13 @@ class RunBook:
     def retrieved(self, item: WorkItem, result: Retrieved) -> None:
         self.summary.retrieved += 1
         self.summary.rejected_objects += result.rejected
-        self.missing[item.pseudo_uid] = result.missing
+        if result.missing:  # kept until the study is cataloged: most studies have none
+            self.missing[item.pseudo_uid] = result.missing
 
     def deidentified(self, item: WorkItem, outcome: StudyOutcome) -> None:
+        # The run's manifest needs the actions' totals only: each study's are not kept for the night.
+        self.deid_report.merge(DeidReport(dict(outcome.actions)))
+        outcome = replace(outcome, actions={})
         self.outcomes[item.pseudo_uid] = (item, outcome)
         if outcome.rows_dir:
             self._uncommitted[item.pseudo_uid] = (item, outcome)
@@ -222,7 +241,7 @@ class RunBook:
     def _record_missing(self, w: WorkItem) -> None:
         """The cataloged study's objects the PACS did not send: each one more attempt in the
         ledger (given up at ``max_attempts``); those that arrived this time are forgotten."""
-        missing = self.missing.get(w.pseudo_uid, ())
+        missing = self.missing.pop(w.pseudo_uid, ())
         recorded = self.ledger.record_missing(w.study_uid, w.pseudo_uid, [(m.sop_uid, m.ref, m.reason) for m in missing],
                                               self.run_id, self.max_attempts)
         self.missing_recorded.extend(recorded)
@@ -243,7 +262,6 @@ class RunBook:
         for w, o in self.outcomes.values():
             self.summary.deidentified += 1
             self.summary.quarantined_objects += len(o.quarantined)
-            self.deid_report.merge(DeidReport(dict(o.actions)))
             self.written += o.written
             for name, reason in o.quarantined:
                 self.ledger.quarantine(w.pseudo_uid, name, reason, self.run_id)

@@ -16,7 +16,7 @@ import pytest
 
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
-from pacsflow.flows.nightly import nightly_ingest, run_result
+from pacsflow.flows.nightly import NightlyRun, RunParts, nightly_ingest, release_task_runs, run_result
 from pacsflow.tasks.fhir.ledger import FhirSyncLedger
 from pacsflow.tasks.ingest.ledger import Ledger
 from pacsflow.tasks.settings import load_settings
@@ -356,3 +356,48 @@ def test_a_study_cataloged_without_a_quarantined_object_is_partial(site):
     [progress] = [a["data"] for a in artifacts if a["key"] == "nightly-progress"]
     assert float(progress) == 100.0
     assert site.count("SELECT count(*) FROM instances") == sum(s.n_instances for s in studies) - 1
+
+
+def test_what_prefect_keeps_of_a_finished_task_run_is_released(prefect_api):
+    from prefect import flow, task
+    from prefect.context import FlowRunContext
+
+    @task
+    def outcome(n: int) -> list[list[int]]:
+        return [list(range(n))]
+
+    def linked(task_run_id) -> int:
+        ctx = FlowRunContext.get()
+        states = sum(state.state_details.task_run_id == task_run_id for state, *_ in ctx.run_results.values())
+        return states + (task_run_id in ctx.task_run_assets)
+
+    @flow
+    def night() -> list[int]:
+        kept, released = outcome.submit(3), outcome.submit(4)
+        kept.result(), released.result()
+        before = [linked(kept.task_run_id), linked(released.task_run_id)]
+        release_task_runs({released.task_run_id})
+        return before + [linked(kept.task_run_id), linked(released.task_run_id)]
+
+    # The result and its list are linked to the task run's state, and its assets (none) kept, until
+    # released (a night of thousands of studies would keep every one of them).
+    assert night() == [3, 3, 3, 0]
+
+
+def test_the_manifest_artifact_lists_a_bounded_number_of_quarantined_objects_and_counts_them_all(tmp_path):
+    from pacsflow.tasks.deid.deidentifier import Deidentifier
+    from pacsflow.tasks.ingest.bookkeeping import STUDY_ROWS, RunBook
+    from pacsflow.tasks.lake.study import StudyOutcome
+    from pacsflow.tasks.pacs.planning import Window, WorkItem
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    book = RunBook(ledger, "r1", Window(TODAY, TODAY), max_attempts=3, object_id=lambda rel: f"id({rel})")
+    items = [WorkItem(f"1.2.840.{n}", f"2.25.{n}", "20261105", 3, "new") for n in range(3)]
+    book.planned(3, items)
+    for item in items:  # ultrasound nights: every object quarantined
+        book.deidentified(item, StudyOutcome(item.pseudo_uid, quarantined=[(f"{i}.dcm", "BurnedIn") for i in range(90)]))
+    book.settle()
+    run = NightlyRun("r1", b"k" * 32, Deidentifier(b"k" * 32), ledger, None, tmp_path)  # type: ignore[arg-type]
+    manifest = RunParts("r1", run=run, book=book).manifest()
+    assert manifest is not None and manifest["quarantined_count"] == 270 and manifest["files"] == 270
+    assert len(manifest["quarantined"]) == STUDY_ROWS and len(ledger.quarantine_entries()) == 273

@@ -8,7 +8,14 @@ import datetime as dt
 import pytest
 
 from pacsflow.tasks.core.errors import IncompleteRetrieve, PacsConfigurationError, PacsStatusError, PacsUnavailable
-from pacsflow.tasks.ingest.bookkeeping import RunBook, failure_kind, judge_failure, next_watermark
+from pacsflow.tasks.ingest.bookkeeping import (
+    RunBook,
+    StudyReport,
+    failure_kind,
+    judge_failure,
+    next_watermark,
+    table_rows,
+)
 from pacsflow.tasks.ingest.ledger import Ledger
 from pacsflow.tasks.lake.study import StudyOutcome
 from pacsflow.tasks.pacs.models import MissingObject, Retrieved, StudyInfo
@@ -300,3 +307,32 @@ def test_each_study_is_handed_to_one_commit_and_an_interruption_keeps_what_was_c
         "1.2.840.1": "cataloged", "1.2.840.2": "cataloged", "1.2.840.3": "failed", "1.2.840.4": "failed"}
     assert [s.outcome for s in book.finish(1.0, KeyboardInterrupt()).studies] == [
         "cataloged", "cataloged", "failed", "interrupted"]
+
+
+def test_the_study_table_holds_every_study_when_they_fit_and_the_failures_first_when_not():
+    outcomes = ["cataloged", "failed", "cataloged", "cataloged-partial", "quarantined", "interrupted", "failed"]
+    reports = [StudyReport(f"2.25.{i}", "new", outcome=o) for i, o in enumerate(outcomes)]
+    assert [r["pseudo_uid"] for r in table_rows(reports, limit=7)] == [f"2.25.{i}" for i in range(7)]
+    assert table_rows(reports, limit=7)[1] == {**reports[1].__dict__}
+    assert [(r["pseudo_uid"], r["outcome"]) for r in table_rows(reports, limit=5)] == [
+        ("2.25.1", "failed"), ("2.25.6", "failed"), ("2.25.4", "quarantined"), ("2.25.5", "interrupted"),
+        ("2.25.3", "cataloged-partial")]
+    assert [r["pseudo_uid"] for r in table_rows(reports, limit=6)][-1] == "2.25.0"
+
+
+def test_a_long_night_keeps_totals_not_each_studys_actions_and_missing_objects(ledger):
+    items = [_item(n) for n in range(1, 51)]
+    book = _book(ledger)
+    book.planned(50, items)
+    for item in items:
+        book.retrieved(item, _retrieved(item, "a") if item.pseudo_uid == "2.25.7" else _retrieved(item))
+        book.deidentified(item, _cataloged(item, written=3))
+    # The manifest's totals are there as studies are de-identified, before the run settles.
+    assert book.deid_report.actions == {"X": 150}
+    assert list(book.missing) == ["2.25.7"]  # only studies with objects not sent are kept, until cataloged
+    book.cataloged(book.to_commit())
+    assert book.missing == {} and book.settle() == []
+    assert book.deid_report.actions == {"X": 150} and book.written == 150
+    summary = book.finish(1.0)
+    assert (summary.cataloged, summary.cataloged_partial, summary.missing_objects) == (50, 1, 1)
+    assert [m.object_ref for m in ledger.missing_entries()] == ["2.25.9a"]
