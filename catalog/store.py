@@ -104,8 +104,11 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "pacsflow-catalog/1"
 # A commit appends a file per touched partition; once a partition has more than MAX_SMALL_FILES
 # files under SMALL_FILE_ROWS rows, they are merged into the next commit's file (compact: one file).
+# A file is small below one row group: a merge then holds at most MAX_SMALL_FILES row groups plus
+# the commit's own rows, whatever the size of the partition (with 64k it grew with the partition
+# up to a quarter of a million rows and set the nightly flow's peak memory).
 MAX_SMALL_FILES = 4
-SMALL_FILE_ROWS = 64 * 1024
+SMALL_FILE_ROWS = 16 * 1024  # == ROW_GROUP_ROWS
 ROW_GROUP_ROWS = 16 * 1024  # smaller row groups = finer skipping by study_uid/study_date (16k: README, 10M)
 #: strftime pattern of the partition key; a coarser one (``%Y``) is what bench/catalog_scale.py compares.
 PARTITION_FORMAT = "%Y-%m"
