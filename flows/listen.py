@@ -83,8 +83,9 @@ class ListenService:
             self.ledger.quarantine(ref, staged_name(sop_uid), f"route to {destination}: {reason}", QUARANTINE_RUN)
         if routed.queued:
             self.forwarder.wake()
-        if routed.ingest and routed.received:
-            linked = link_for_ingest(routed.received, handoff_dir(self.settings, ref, study.generation))
+        if routed.ingest and routed.routed:
+            originals = (arrival.path for arrival in Arrival.of_study(study))
+            linked = link_for_ingest(originals, handoff_dir(self.settings, ref, study.generation))
             emit_study_stable(ref, study.generation, linked, sorted(routed.modalities))
         if self.events:
             emit_study_routed(ref, study.generation, len(study), routed.queued, routed.ingest)

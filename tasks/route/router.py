@@ -16,7 +16,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from pydicom import dcmread
 
@@ -31,6 +31,8 @@ from pacsflow.tasks.route.rules import Forward, RoutingRules, Subject
 from pacsflow.tasks.route.tracker import StableStudy
 
 log = logging.getLogger(__name__)
+
+QUEUE_BATCH = 500  # copies queued per outbox transaction (one commit per object waits for the disk each time)
 
 # The bytes a destination that wants de-identified copies gets: (original, private blocks) -> Part 10.
 DeidentifiedCopy = Callable[[Path, tuple[PrivateBlock, ...]], bytes]
@@ -57,9 +59,9 @@ class Arrival:
     calling_ae: str
 
     @classmethod
-    def of_study(cls, study: StableStudy) -> list["Arrival"]:
-        senders = study.senders or [""] * len(study)
-        return [cls(sop, path, ae) for sop, path, ae in zip(study.sop_uids, study.paths, senders)]
+    def of_study(cls, study: StableStudy) -> Iterator["Arrival"]:
+        """The study's objects, read from the tracker a page at a time."""
+        return (cls(sop, path, ae) for sop, path, ae in study.objects())
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Routed:
     """What routing one stable study did."""
 
     queued: Counter[str] = field(default_factory=Counter)  # destination -> objects queued now
-    received: list[Path] = field(default_factory=list)  # the originals routed
+    routed: int = 0  # objects read and decided on
     modalities: set[str] = field(default_factory=set)
     # A study goes to the lake whole when a rule says so for any of its objects (the same basis
     # as `pacsflow route dry-run`'s counts).
@@ -89,7 +91,9 @@ class Router:
         self.deidentified = deidentified
 
     def route(self, study_ref: str, arrivals: Iterable[Arrival]) -> Routed:
-        routed = Routed()
+        """Decide on each object and queue its copies, ``QUEUE_BATCH`` objects per outbox
+        transaction; nothing per object is kept, so a 20,000-image series routes in flat memory."""
+        routed, batch = Routed(), list[tuple[str, str, str, Path]]()
         for arrival in arrivals:
             try:
                 header = dcmread(arrival.path, stop_before_pixels=True)
@@ -100,16 +104,18 @@ class Router:
             decision = self.rules.decide(Subject.of_dataset(header, arrival.calling_ae))
             for forward in decision.forwards:
                 try:
-                    copy = self._prepare(arrival, forward)
+                    batch.append((forward.destination, arrival.sop_uid, study_ref, self._prepare(arrival, forward)))
                 except (PacsflowError, OSError) as exc:
                     routed.refused.append((forward.destination, arrival.sop_uid, error_text(exc)))
                     log.warning("study %s: no copy for %s: %s", study_ref, forward.destination, error_text(exc))
-                    continue
-                if self.outbox.enqueue(forward.destination, arrival.sop_uid, study_ref, copy):
-                    routed.queued[forward.destination] += 1
-            routed.received.append(arrival.path)
+            if len(batch) >= QUEUE_BATCH:
+                routed.queued += self.outbox.enqueue_many(batch)
+                batch.clear()
+            routed.routed += 1
             routed.modalities.add(str(header.get("Modality", "") or "OT"))
             routed.ingest = routed.ingest or decision.ingest
+        if batch:
+            routed.queued += self.outbox.enqueue_many(batch)
         return routed
 
     def _prepare(self, arrival: Arrival, forward: Forward) -> Path:

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pydicom import dcmread
 
@@ -48,22 +48,49 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
+PAGE = 1000  # objects of a stable study read at a time: a 20,000-image series is never held whole
+
+
 @dataclass(frozen=True)
 class StableStudy:
-    """A study's objects to route now: those not yet handled (original UIDs: PHI zone only)."""
+    """A study's objects to route now: those not yet handled (original UIDs: PHI zone only).
+    ``objects()`` reads them from the tracker a page at a time, so memory does not follow the
+    size of the study; ``paths``, ``sop_uids`` and ``senders`` are whole lists, for tests."""
 
     study_uid: str
     generation: int
-    paths: list[Path]
-    sop_uids: list[str]
-    senders: list[str] = field(default_factory=list)  # each object's calling AE ("" when not known)
+    count: int
+    pages: Callable[[], Iterator[list[tuple[str, Path, str]]]] = field(repr=False, compare=False)
 
     def __len__(self) -> int:
-        return len(self.sop_uids)
+        return self.count
+
+    def objects(self) -> Iterator[tuple[str, Path, str]]:
+        """(SOP Instance UID, staged path, calling AE or "") of each object, in pages."""
+        for page in self.pages():
+            yield from page
+
+    def snapshot(self) -> "StableStudy":
+        """A copy holding its objects in memory (for tests and small studies): it reads the same
+        after the tracker handed the objects on or closed."""
+        rows = list(self.objects())
+        return StableStudy(self.study_uid, self.generation, len(rows), lambda: iter([rows]))
+
+    @property
+    def paths(self) -> list[Path]:
+        return [path for _, path, _ in self.objects()]
+
+    @property
+    def sop_uids(self) -> list[str]:
+        return [sop for sop, _, _ in self.objects()]
+
+    @property
+    def senders(self) -> list[str]:
+        return [ae for _, _, ae in self.objects()]
 
     @property
     def calling_aes(self) -> frozenset[str]:
-        return frozenset(ae for ae in self.senders if ae)
+        return frozenset(ae for _, _, ae in self.objects() if ae)
 
 
 @dataclass(frozen=True)
@@ -163,10 +190,24 @@ class StudyTracker:
     def _hand_out(self, con: sqlite3.Connection, study_uid: str) -> StableStudy:
         generation = int(con.execute("SELECT generation FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()[0])
         con.execute("UPDATE studies SET generation = ? WHERE study_uid = ?", (generation + 1, study_uid))
-        rows = con.execute("SELECT sop_uid, path, calling_ae FROM objects WHERE study_uid = ? AND NOT handled "
-                           "AND generation <= ? ORDER BY arrived_at, sop_uid", (study_uid, generation)).fetchall()
-        return StableStudy(study_uid, generation, [Path(r[1]) for r in rows], [r[0] for r in rows],
-                           [r[2] or "" for r in rows])
+        # The unhandled objects of earlier generations (their routing failed) join this one.
+        count = con.execute("UPDATE objects SET generation = ? WHERE study_uid = ? AND NOT handled AND generation <= ?",
+                            (generation, study_uid, generation)).rowcount
+        return StableStudy(study_uid, generation, int(count), lambda: self._pages(study_uid, generation))
+
+    def _pages(self, study_uid: str, generation: int) -> Iterator[list[tuple[str, Path, str]]]:
+        """The generation's objects by SOP Instance UID, ``PAGE`` at a time (keyset paging: objects
+        arriving meanwhile belong to the next generation and are not in it)."""
+        after = ""
+        while True:
+            with self._lock:
+                rows = self._con.execute(
+                    "SELECT sop_uid, path, calling_ae FROM objects WHERE study_uid = ? AND generation = ? "
+                    "AND sop_uid > ? ORDER BY sop_uid LIMIT ?", (study_uid, generation, after, PAGE)).fetchall()
+            if not rows:
+                return
+            yield [(sop, Path(path), ae or "") for sop, path, ae in rows]
+            after = rows[-1][0]
 
     def _unhandled_paths(self) -> list[tuple[str, str]]:
         with self._lock:

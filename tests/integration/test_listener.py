@@ -50,6 +50,8 @@ class Bed:
 
     def listener(self, *, fail: bool = False, poll_s: float = 0.2) -> Listener:
         def on_stable(study: StableStudy) -> None:
+            study = study.snapshot()  # read now: the tracker moves on (and closes at stop)
+            assert len(study) == len(study.paths)
             for path in study.paths:
                 assert path.exists()  # what is offered is on disk
             with self._changed:

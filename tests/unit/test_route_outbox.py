@@ -177,3 +177,13 @@ def test_a_newer_schema_is_refused(tmp_path):
         con.execute("PRAGMA user_version = 9")
     with pytest.raises(OutboxVersionError, match="schema version 9"):
         Outbox(path)
+
+
+def test_enqueue_many_queues_a_batch_in_one_transaction_and_skips_what_is_there(outbox, tmp_path):
+    f = _prepared(tmp_path, "a.dcm")
+    outbox.enqueue("main", "1.2.0", "2.25.1", f)
+    batch = [("main", f"1.2.{i}", "2.25.1", f) for i in range(5)] + [("ai", "1.2.0", "2.25.1", f)]
+
+    assert outbox.enqueue_many(batch) == {"main": 4, "ai": 1}
+    assert outbox.enqueue_many(batch) == {}  # queued again after a crash: nothing twice
+    assert len(outbox.rows()) == 6

@@ -41,7 +41,7 @@ def test_a_study_is_stable_only_after_its_window_with_every_object(tmp_path):
 def test_a_study_not_handled_is_offered_again(tmp_path):
     t = _tracker(tmp_path)
     _arrive(t, "1.1", "1.1.1", at=0)
-    first = t.stable(now=100, window_s=WINDOW)
+    first = [s.snapshot() for s in t.stable(now=100, window_s=WINDOW)]  # as read by the failed routing
     again = t.stable(now=101, window_s=WINDOW)  # routing failed: nothing marked handled
     assert [s.sop_uids for s in first] == [s.sop_uids for s in again] == [["1.1.1"]]
     assert again[0].generation > first[0].generation
@@ -123,3 +123,18 @@ def test_recover_registers_unknown_files_and_drops_vanished_rows(tmp_path):
     assert sorted(stable.sop_uids) == sorted(["1.2.3.4", unknown_sop])
     assert set(stable.paths) == {known, unknown}
     assert t.recover(inbox, now=200).registered == 0  # a second start finds nothing new
+
+
+def test_a_large_study_is_read_in_pages_and_each_object_once(tmp_path, monkeypatch):
+    from pacsflow.tasks.route import tracker
+
+    monkeypatch.setattr(tracker, "PAGE", 7)
+    t = _tracker(tmp_path)
+    for i in range(50):
+        _arrive(t, "1.1", f"1.1.{i}", at=0)
+    [study] = t.stable(now=100, window_s=WINDOW)
+    _arrive(t, "1.1", "1.1.late", at=100.5)  # arrives while the study is being routed: the next generation's
+    pages = list(study.pages())
+
+    assert len(study) == 50 and [len(p) for p in pages] == [7] * 7 + [1]
+    assert sorted(sop for page in pages for sop, _, _ in page) == sorted(f"1.1.{i}" for i in range(50))
