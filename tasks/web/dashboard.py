@@ -130,8 +130,8 @@ def collect(settings: Settings) -> tuple[list[Chart], list[tuple[Chart, list[lis
                       [Series("studies", [r["studies"] for r in per_study], SKY)])
     charts = [*modality_charts(months), body, devices, histogram, fhir_chart(fhir)]
     full = {"body-parts": body_labels, "devices": device_labels}
-    tables = [(c, [[label, *(fmt(s.values[i]) for s in c.series)] for i, label in enumerate(full.get(c.ident, c.labels))])
-              for c in charts]
+    tables = [(c, [[label, *(fmt(s.values[i]) for s in c.series)]
+                   for i, label in enumerate(full.get(c.ident, c.labels))]) for c in charts]
     return charts, tables, Facts(catalog_rows(settings, _SQL_TOTALS)[0], fhir)
 
 
