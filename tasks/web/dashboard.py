@@ -82,9 +82,23 @@ def _top(rows: list[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, A
     return [*rows[:TOP_CATEGORIES - 1], {"label": "other", **{c: sum(r[c] for r in rest) for c in columns}}]
 
 
+def month_range(months: set[str]) -> list[str]:
+    """Every month from the first to the last of ``months`` ('YYYY-MM'): a month without studies is
+    a zero on the time axis, not a gap that joins its neighbours."""
+    if not months:
+        return []
+    (year, month), (last_year, last_month) = (map(int, m.split("-")) for m in (min(months), max(months)))
+    out = []
+    while (year, month) <= (last_year, last_month):
+        out.append(f"{year:04d}-{month:02d}")
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return out
+
+
 def modality_charts(rows: list[dict[str, Any]]) -> list[Chart]:
     """Studies and instances per (shifted) study month, one line (bars for one month) per modality."""
-    months = sorted({_label(r["month"]) for r in rows}, key=lambda m: (m == NO_VALUE, m))
+    months = month_range({r["month"] for r in rows if r["month"]})
+    months += [NO_VALUE] if any(not r["month"] for r in rows) else []
     modalities = sorted({_label(r["modality"]) for r in rows})
     kind = "line" if len(months) > 1 else "bar"
     charts = []
@@ -102,8 +116,9 @@ def category_chart(ident: str, title: str, rows: list[dict[str, Any]]) -> tuple[
     the table (the chart shortens them to fit under its bars)."""
     rows = _top([{**r, "label": _label(r["label"])} for r in rows], ("studies", "series"))
     full = [r["label"] for r in rows]
-    room = 24 if len(rows) > 6 else 14  # more than six labels are slanted
-    labels = [label if len(label) <= room else label[:room - 1] + "…" for label in full]
+    room = 18 if len(rows) > 6 else 14  # more than six labels are slanted
+    # The middle goes: names of one maker's models share their start and differ at the end.
+    labels = [label if len(label) <= room else label[:room // 2 - 1] + "…" + label[-(room // 2):] for label in full]
     return Chart(ident, title, "studies, series", labels,
                  [Series("studies", [r["studies"] for r in rows], GREEN),
                   Series("series", [r["series"] for r in rows], ORANGE)]), full
