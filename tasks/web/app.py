@@ -73,6 +73,11 @@ def create_app(settings: Settings) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    from pacsflow.tasks.web import dashboard, studies  # they import this module's auth dependencies
+
+    app.include_router(studies.router)
+    app.include_router(dashboard.router)
+
     return app
 
 
