@@ -69,10 +69,16 @@ def create_app(settings: Settings) -> FastAPI:
                            allow_headers=["Authorization", "Accept", "Content-Type"], max_age=600)
     app.middleware("http")(_log_access)
 
+    from pacsflow.tasks.web import qido, wado  # the routers import this module's auth dependencies
+
+    app.include_router(qido.router, prefix="/dicom-web")
+    app.include_router(wado.router, prefix="/dicom-web")
+
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    app.include_router(wado.guard, prefix="/dicom-web")  # keep last: it answers GETs no other route took
     return app
 
 
