@@ -189,6 +189,24 @@ def _single_select(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement
     return statements[0]
 
 
+def confined(root: Path | str) -> tuple[duckdb.DuckDBPyConnection, int]:
+    """An in-memory connection with TEMP views pinned to the current snapshot that may read that
+    snapshot's Parquet files and nothing else (the sandbox of :func:`query`), and the snapshot's
+    version. For services that run their own parameterized SELECTs many times on one connection:
+    open another when the version changes. Raises :class:`CatalogNotFound` like :func:`query`."""
+    if not Path(root).is_dir():
+        raise CatalogNotFound(f"catalog_root: no catalog folder at {root}")
+    snap = CatalogStore(root).snapshot()
+    con = duckdb.connect(":memory:")
+    try:
+        _bind(con, snap)
+        _confine(con, [path for name in VIEW_NAMES for path in snap.paths(name)])
+    except BaseException:
+        con.close()
+        raise
+    return con, snap.version
+
+
 def query(root: Path | str, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
     """Run one parameterized SELECT over the current snapshot; ``?`` / ``$name`` placeholders.
 
@@ -199,13 +217,8 @@ def query(root: Path | str, sql: str, params: Sequence[Any] | dict[str, Any] | N
     table functions raise :class:`QueryRefused`; other DuckDB errors propagate as ``duckdb.Error``.
     A ``root`` that is no folder raises :class:`CatalogNotFound` (an empty catalog is a folder).
     """
-    if not Path(root).is_dir():
-        raise CatalogNotFound(f"catalog_root: no catalog folder at {root}")
-    snap = CatalogStore(root).snapshot()
-    con = duckdb.connect(":memory:")
+    con, _version = confined(root)
     try:
-        _bind(con, snap)
-        _confine(con, [path for name in VIEW_NAMES for path in snap.paths(name)])
         statement = _single_select(con, sql)
         try:
             return con.sql(statement, params=params).to_arrow_table()

@@ -73,11 +73,14 @@ def create_app(settings: Settings) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    from pacsflow.tasks.web import dashboard, studies  # they import this module's auth dependencies
+    # The routers import this module's auth dependencies, hence imported here.
+    from pacsflow.tasks.web import dashboard, qido, studies, wado
 
+    app.include_router(qido.router, prefix="/dicom-web")
+    app.include_router(wado.router, prefix="/dicom-web")
     app.include_router(studies.router)
     app.include_router(dashboard.router)
-
+    app.include_router(wado.guard, prefix="/dicom-web")  # keep last: it answers GETs no other route took
     return app
 
 

@@ -1,0 +1,42 @@
+"""A streaming ``multipart/related`` writer (RFC 2387, as PS3.18 8.6 uses it): each part's bytes are
+produced while the response goes out, so a study is never held in memory."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+
+@dataclass
+class Part:
+    """One body part: its media type (with parameters), optional length and lazily produced bytes."""
+
+    content_type: str
+    body: Iterable[bytes]
+    length: int | None = None
+    location: str | None = None
+
+
+def new_boundary() -> str:
+    return f"pacsflow-{secrets.token_hex(16)}"
+
+
+def content_type(part_type: str, boundary: str, transfer_syntax: str | None = None) -> str:
+    """The response's Content-Type: ``multipart/related; type="<part_type>"; boundary=...``."""
+    value = f'multipart/related; type="{part_type}"; boundary={boundary}'
+    return value + (f"; transfer-syntax={transfer_syntax}" if transfer_syntax else "")
+
+
+def stream(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
+    """The body: each part's headers, then its bytes as they come, then the closing delimiter."""
+    for part in parts:
+        head = [f"--{boundary}", f"Content-Type: {part.content_type}"]
+        if part.length is not None:
+            head.append(f"Content-Length: {part.length}")
+        if part.location:
+            head.append(f"Content-Location: {part.location}")
+        yield ("\r\n".join(head) + "\r\n\r\n").encode("ascii")
+        yield from part.body
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode("ascii")
