@@ -283,7 +283,7 @@ class ServeSettings(BaseModel):
     tls_cert: Path | None = Field(None, description="PEM certificate (and chain) the service presents: turns HTTPS on")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert (when not in the same file)")
     tokens_file: Path | None = Field(
-        None, description="the hashed bearer tokens (pacsflow serve token add); default state_root/serve/tokens.json"
+        None, description="the hashed bearer tokens (pacsflow token add); default state_root/serve/tokens.json"
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="browser origins allowed to call the service (e.g. an OHIF viewer's)"
