@@ -113,14 +113,14 @@ class ListenService:
     @contextmanager
     def running(self) -> Iterator["ListenService"]:
         with ExitStack() as stack:
+            self._serve_commitment(stack)  # before the forwarder asks for a commitment report
+            self._serve_metrics(stack)
             self.forwarder.start()
             stack.callback(self.forwarder.stop)
             if self.events:
                 self.announce_waiting()
             self.listener.start()
             stack.callback(self.listener.stop)
-            self._serve_metrics(stack)
-            self._serve_commitment(stack)
             yield self
 
     def tidy(self) -> None:
