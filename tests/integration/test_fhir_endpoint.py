@@ -6,23 +6,21 @@ a plain HTTP client follows ImagingStudy → Endpoint.address and retrieves an i
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
-
 from pacsflow.catalog.views import query
 from pacsflow.flows.serve import build_app
 from pacsflow.tasks.fhir.mapping import ENDPOINT_CONNECTION_SYSTEM
 from pacsflow.tasks.fhir.sync import sync_catalog
 from pacsflow.tasks.settings import Settings
+
 from tests.dicomweb_lake import WebLake, bearer, build_lake, parse_multipart
 from tests.helpers import free_port
 from tests.integration.conftest import hapi  # noqa: F401  (session fixture)
+from tests.integration.served_app import serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -34,17 +32,8 @@ def served(tmp_path_factory) -> Iterator[tuple[WebLake, str]]:
     port = free_port()
     public = f"http://127.0.0.1:{port}"
     lake = build_lake(tmp_path_factory.mktemp("endpoint"), studies=2, public_base_url=public)
-    server = uvicorn.Server(uvicorn.Config(build_app(lake.settings), host="127.0.0.1", port=port, log_config=None,
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield lake, public
-    server.should_exit = True
-    thread.join(10)
+    with serving(build_app(lake.settings), port):
+        yield lake, public
 
 
 def with_fhir(settings: Settings, base_url: str) -> Settings:

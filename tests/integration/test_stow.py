@@ -5,20 +5,15 @@ a read token, no token, an oversized and a malformed body are refused."""
 
 from __future__ import annotations
 
-import contextvars
 import datetime as dt
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 import requests
-import uvicorn
 from dicomweb_client.api import DICOMwebClient
-from pydicom import dcmread
-
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
 from pacsflow.flows.serve import build_app
@@ -27,12 +22,15 @@ from pacsflow.tasks.ingest.handoff import handoff_root
 from pacsflow.tasks.settings import Settings, load_settings
 from pacsflow.tasks.web.stow import STOW_GENERATION_BASE
 from pacsflow.tasks.web.tokens import Scope, TokenStore
+from pydicom import dcmread
+
 from tests.helpers import free_port
 from tests.integration.prefect_server import (
     ingest_worker,
     prefect_server,  # noqa: F401  (fixture re-export)
     worker_env,
 )
+from tests.integration.served_app import serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -77,20 +75,10 @@ def site(tmp_path_factory, prefect_server) -> Iterator[Site]:  # noqa: F811
         for k, v in env.items():
             mp.setenv(k, v)
         settings = load_settings()
-        server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1", port=port, log_config=None,
-                                               access_log=False))
-        # The server's thread runs in this context: Prefect's settings (PREFECT_API_URL of the test
-        # server) live in a context variable, which a new thread would not see.
-        thread = threading.Thread(target=contextvars.copy_context().run, args=(server.run,), daemon=True)
-        with ingest_worker(worker_env(prefect_server, root / "prefect-home", **env), root / "worker.log"):
-            thread.start()
-            deadline = time.monotonic() + 30
-            while not server.started:
-                assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-                time.sleep(0.05)
-            yield Site(settings, f"http://127.0.0.1:{port}", root)
-            server.should_exit = True
-            thread.join(10)
+        app = build_app(settings)
+        with ingest_worker(worker_env(prefect_server, root / "prefect-home", **env), root / "worker.log"), \
+                serving(app, port) as url:
+            yield Site(settings, url, root)
 
 
 @pytest.fixture(scope="module")
