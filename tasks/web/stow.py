@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse
 from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
 
-from pacsflow.tasks.core.files import PRIVATE_FILE_MODE, ensure_private_dir, remove_tree
+from pacsflow.tasks.core.files import PRIVATE_FILE_MODE, ensure_private_dir, purge_older_than, remove_tree
 from pacsflow.tasks.core.sqlite import open_sqlite, sqlite_tx
 from pacsflow.tasks.ingest.handoff import handoff_dir, handoff_root
 from pacsflow.tasks.settings import Settings
@@ -93,6 +93,13 @@ def enable_stow(app: Any, ingest: StowIngest | None, reason: str = "") -> None:
     """Turn STOW-RS on with ``ingest``, or leave it answering 503 with ``reason``."""
     app.state.stow = ingest
     app.state.stow_off_reason = reason or "STOW-RS is not configured in this process"
+    if ingest is not None:
+        # Spools of requests a crash cut short (a live request's spool is minutes old at most).
+        purge_older_than(spool_root(app.state.ctx.settings), 1)
+
+
+def spool_root(settings: Settings) -> Path:
+    return settings.listener_dir / "stow" / "spool"
 
 
 @dataclass
@@ -125,7 +132,7 @@ class StowSpool:
     _handle: Any = None
 
     def __post_init__(self) -> None:
-        self.folder = ensure_private_dir(self.settings.listener_dir / "stow" / "spool" / uuid.uuid4().hex)
+        self.folder = ensure_private_dir(spool_root(self.settings) / uuid.uuid4().hex)
 
     def on_event(self, event: PartHeaders | PartData | PartEnd) -> None:
         if isinstance(event, PartHeaders):
@@ -250,7 +257,10 @@ async def _store(request: Request, study: str | None) -> JSONResponse:
     ingest: StowIngest | None = getattr(request.app.state, "stow", None)
     if ingest is None:
         raise HTTPException(503, getattr(request.app.state, "stow_off_reason", "STOW-RS is off"))
-    reader = MultipartReader(boundary_of(request.headers.get("content-type")))
+    try:
+        reader = MultipartReader(boundary_of(request.headers.get("content-type")))
+    except MalformedMultipart as exc:
+        raise HTTPException(400, str(exc)) from None
     settings = context(request).settings
     limit = settings.serve.max_upload_mb * 1024 * 1024
     if int(request.headers.get("content-length") or 0) > limit:

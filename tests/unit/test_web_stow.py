@@ -150,6 +150,7 @@ def test_refusals_before_anything_is_stored(tmp_path, studies):
     assert stow.post(data, ctype="application/dicom").status_code == 415
     assert stow.post(data, ctype='multipart/related; type="application/dicom+json"; boundary=x').status_code == 415
     assert stow.post(data, ctype='multipart/related; type="application/dicom"').status_code == 400
+    assert stow.post(data, ctype=f'multipart/related; type="application/dicom"; boundary={"b" * 71}').status_code == 400
     assert stow.post(data[:-20]).status_code == 400
     assert stow.post(body()).status_code == 400
     assert stow.post(body(b"\0" * (1024 * 1024 + 1))).status_code == 413
