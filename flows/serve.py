@@ -1,5 +1,11 @@
 """``pacsflow serve``: the HTTP service (:func:`pacsflow.tasks.web.app.create_app`) under uvicorn,
-with HTTPS when ``serve.tls_cert`` is set. Runs until SIGTERM or Ctrl-C."""
+with HTTPS when ``serve.tls_cert`` is set. Runs until SIGTERM or Ctrl-C.
+
+STOW-RS hands what it receives to the ``ingest-study`` deployment through the Prefect event
+``pacsflow.study.stable``, as the listener does; that needs ``PREFECT_API_URL`` (the server where
+the deployment and its trigger live) and the de-identification key (the answer names the lake's
+UIDs). Without either, the rest of the service runs and STOW-RS answers 503 saying which is missing.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,51 @@ import logging
 
 import uvicorn
 from fastapi import FastAPI
+from prefect.events.worker import EventsWorker
+from prefect.settings import PREFECT_API_URL
 
-from pacsflow.tasks.settings import Settings
+from pacsflow.flows.events import emit_study_stable
+from pacsflow.flows.secrets import load_secret_block
+from pacsflow.tasks.deid.deidentifier import Deidentifier
+from pacsflow.tasks.settings import Settings, SettingsError
 from pacsflow.tasks.web.app import create_app
+from pacsflow.tasks.web.stow import StowIngest, enable_stow
 
 log = logging.getLogger("pacsflow.serve")
 
 
 def build_app(settings: Settings) -> FastAPI:
     """The application with everything wired that needs the flows layer (STOW-RS's hand-off)."""
-    return create_app(settings)
+    app = create_app(settings)
+    ingest, reason = stow_ingest(settings)
+    enable_stow(app, ingest, reason)
+    if ingest is None:
+        log.warning("STOW-RS is off: %s", reason)
+    return app
+
+
+def stow_ingest(settings: Settings) -> tuple[StowIngest | None, str]:
+    """STOW-RS's way into the ingest path, or None and the one-line reason it cannot have one."""
+    if not PREFECT_API_URL.value():
+        # Without a server the event would start a temporary one that no deployment listens to.
+        return None, ("STOW-RS needs PREFECT_API_URL: set it to the Prefect server that runs the ingest-study "
+                      "deployment, and restart pacsflow serve")
+    try:
+        key = settings.with_secret_blocks(load_secret_block).resolve_deid_key()
+    except SettingsError as exc:
+        return None, f"STOW-RS needs the de-identification key: {exc}"
+    deid = Deidentifier.from_settings(key, settings.deid)
+    return StowIngest(lake_uid=deid.uid, study_ref=deid.study_ref, announce=emit_study_stable), ""
 
 
 def serve(settings: Settings) -> None:
     s = settings.serve
     scheme = "https" if s.tls_cert else "http"
     log.info("serving DICOMweb, the study API and the dashboard on %s://%s:%d", scheme, s.host, s.port)
-    # uvicorn's own access log would print query strings; ours (pacsflow.serve.access) does not.
-    uvicorn.run(build_app(settings), host=s.host, port=s.port, access_log=False, log_config=None,
-                ssl_certfile=str(s.tls_cert) if s.tls_cert else None,
-                ssl_keyfile=str(s.tls_key) if s.tls_key else None)
+    try:
+        # uvicorn's own access log would print query strings; ours (pacsflow.serve.access) does not.
+        uvicorn.run(build_app(settings), host=s.host, port=s.port, access_log=False, log_config=None,
+                    ssl_certfile=str(s.tls_cert) if s.tls_cert else None,
+                    ssl_keyfile=str(s.tls_key) if s.tls_key else None)
+    finally:
+        EventsWorker.drain_all(timeout=10)  # the last STOW requests' events go out before the process ends

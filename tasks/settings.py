@@ -317,7 +317,8 @@ class FhirSettings(BaseModel):
     batch_size: int = Field(50, ge=1, le=1000, description="studies per transaction Bundle")
     pseudonym_system: str = Field("urn:pacsflow:pseudonym", description="identifier system of Patient pseudonyms")
     wado_rs_base_url: str | None = Field(
-        None, description="DICOMweb base URL: adds an Endpoint (dicom-wado-rs) to every ImagingStudy"
+        None, description="DICOMweb base URL: adds an Endpoint (dicom-wado-rs) to every ImagingStudy; default: "
+        "serve.public_base_url + /dicom-web"
     )
     identified_sync: bool = Field(
         False, description="send patient name and birth date when the catalog keeps them (the server holds PHI then)"
@@ -426,6 +427,15 @@ class Settings(BaseSettings):
             crosswalk = self.deid.crosswalk_path
             if crosswalk is not None and (root == crosswalk.resolve() or root in crosswalk.resolve().parents):
                 raise ValueError("deid.crosswalk_path must be outside storage_root and catalog_root (it holds PHI)")
+        return self
+
+    @model_validator(mode="after")
+    def _wado_rs_from_public_url(self) -> "Settings":
+        """One source of the DICOMweb address FHIR publishes: ``fhir.wado_rs_base_url`` when set (a
+        proxy that maps another path), else ``serve.public_base_url`` + ``/dicom-web``."""
+        if self.fhir.wado_rs_base_url is None and self.serve.public_base_url:
+            base = self.serve.public_base_url.rstrip("/") + "/dicom-web"
+            self.fhir = self.fhir.model_copy(update={"wado_rs_base_url": base})
         return self
 
     @field_validator("calling_ae")

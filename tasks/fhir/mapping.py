@@ -22,7 +22,7 @@ numberOfSeries / numberOfInstances  number_of_series / number_of_instances (what
 modality                          modalities (ModalitiesInStudy), DICOM DCM code system
 description                       study_description (StudyDescription), when kept by de-id
 procedureCode                     ``procedure_codes`` when the row carries them (ProcedureCodeSequence)
-endpoint                          one Endpoint (``dicom-wado-rs``) when ``wado_rs_base_url`` is set
+endpoint, series[].endpoint       one Endpoint (``dicom-wado-rs``) when ``wado_rs_base_url`` is set
 series[].uid/number/modality      series_uid, series_number, modality
 series[].description              series_description
 series[].numberOfInstances        number_of_instances
@@ -382,8 +382,8 @@ def build_study(
     endpoint, endpoint_json = None, None
     if e_ident is not None:
         endpoint, endpoint_json = _validated(Endpoint, _endpoint_doc(e_ident), study_uid)
-    study_doc = _imaging_study_doc(study, _series_docs(series, instances, options.timezone),
-                                   (s_ident, p_ident, e_ident), options)
+    series_docs = _series_docs(series, instances, options.timezone, _endpoint_refs(e_ident))
+    study_doc = _imaging_study_doc(study, series_docs, (s_ident, p_ident, e_ident), options)
     imaging_study, study_json = _validated(ImagingStudy, study_doc, study_uid)
     return StudyResources(
         study_uid, imaging_study, patient, endpoint, s_ident, p_ident, e_ident,
@@ -447,9 +447,14 @@ def _instance_doc(inst: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _endpoint_refs(e_ident: Identity | None) -> list[dict[str, str]] | None:
+    return [{"reference": f"Endpoint/{e_ident.resource_id}"}] if e_ident else None
+
+
 def _series_docs(series: Sequence[Mapping[str, Any]], instances: Sequence[Mapping[str, Any]],
-                 timezone: str | None) -> list[dict[str, Any]]:
-    """``ImagingStudy.series`` in series number order, each with its instances in instance number order."""
+                 timezone: str | None, endpoint: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    """``ImagingStudy.series`` in series number order, each with its instances in instance number order
+    (and the Endpoint, when there is one: a client may follow a series to its images too)."""
     by_series: dict[str, list[Mapping[str, Any]]] = {}
     for inst in instances:
         by_series.setdefault(str(inst.get("series_uid")), []).append(inst)
@@ -468,6 +473,7 @@ def _series_docs(series: Sequence[Mapping[str, Any]], instances: Sequence[Mappin
             "bodySite": body_site(se.get("body_part_examined")),
             "laterality": laterality(se.get("laterality")),
             "started": started(se.get("series_date"), se.get("series_time"), timezone),
+            "endpoint": endpoint,
             "instance": [_instance_doc(inst) for inst in members] or None,
         })
     return docs
@@ -492,7 +498,7 @@ def _imaging_study_doc(study: Mapping[str, Any], series_docs: list[dict[str, Any
         "modality": [{"system": DCM_SYSTEM, "code": m} for m in modalities] or None,
         "description": _text(study.get("study_description")),
         "procedureCode": _procedure_codes(study),
-        "endpoint": [{"reference": f"Endpoint/{e_ident.resource_id}"}] if e_ident else None,
+        "endpoint": _endpoint_refs(e_ident),
         "series": series_docs or None,
     }
 
@@ -532,7 +538,10 @@ def transaction_bundle(studies: Sequence[StudyResources], by_id: Collection[Iden
         doc["subject"] = {"reference": subject}
         if s.endpoint is not None and s.endpoint_identity is not None:
             endpoint_doc = s.endpoint_json or resource_json(s.endpoint)
-            doc["endpoint"] = [{"reference": place(s.endpoint_identity, endpoint_doc)}]
+            endpoint = [{"reference": place(s.endpoint_identity, endpoint_doc)}]
+            doc["endpoint"] = endpoint
+            if doc.get("series"):
+                doc["series"] = [{**se, "endpoint": endpoint} for se in doc["series"]]
         entries.append({"fullUrl": s.study_identity.full_url, "resource": doc,
                         "request": {"method": "PUT", "url": url(s.study_identity, doc)}})
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}

@@ -74,10 +74,11 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ok"}
 
     # The routers import this module's auth dependencies, hence imported here.
-    from pacsflow.tasks.web import dashboard, qido, studies, wado
+    from pacsflow.tasks.web import dashboard, qido, stow, studies, wado
 
     app.include_router(qido.router, prefix="/dicom-web")
     app.include_router(wado.router, prefix="/dicom-web")
+    app.include_router(stow.router, prefix="/dicom-web")
     app.include_router(studies.router)
     app.include_router(dashboard.router)
     app.include_router(wado.guard, prefix="/dicom-web")  # keep last: it answers GETs no other route took

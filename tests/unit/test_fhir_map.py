@@ -30,6 +30,7 @@ from pacsflow.tasks.fhir.mapping import (
     started,
     transaction_bundle,
 )
+from pacsflow.tasks.settings import load_settings
 from tests.helpers import build_catalog
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -181,8 +182,21 @@ def test_endpoint_when_a_wado_rs_base_url_is_set(catalog_rows):
     ep = resource_json(res.endpoint)
     assert ep["address"] == url and ep["status"] == "active"
     assert ep["connectionType"]["code"] == "dicom-wado-rs"
-    assert resource_json(res.imaging_study)["endpoint"] == [{"reference": f"Endpoint/{ep['id']}"}]
-    assert _build(next(iter(catalog_rows.values()))).endpoint is None
+    study = resource_json(res.imaging_study)
+    assert study["endpoint"] == [{"reference": f"Endpoint/{ep['id']}"}]
+    assert study["series"] and all(se["endpoint"] == study["endpoint"] for se in study["series"])
+    assert ep["identifier"] == [{"system": "urn:ietf:rfc:3986", "value": url}]
+    plain = resource_json(_build(next(iter(catalog_rows.values()))).imaging_study)
+    assert "endpoint" not in plain and not any("endpoint" in se for se in plain["series"])
+
+
+def test_the_endpoint_address_is_serves_public_url_unless_fhir_names_another():
+    public = load_settings(serve={"public_base_url": "https://pacsflow.example.org/"})
+    assert MappingOptions.from_settings(public.fhir).wado_rs_base_url == "https://pacsflow.example.org/dicom-web"
+    proxied = load_settings(serve={"public_base_url": "https://pacsflow.example.org"},
+                            fhir={"wado_rs_base_url": "https://proxy.example.org/wado"})
+    assert proxied.fhir.wado_rs_base_url == "https://proxy.example.org/wado"
+    assert load_settings().fhir.wado_rs_base_url is None
 
 
 # -- Patient --------------------------------------------------------------------------------------
@@ -302,6 +316,7 @@ def test_bundle_dedupes_patients_and_links_by_full_url(catalog_rows):
         if e["resource"]["resourceType"] == "ImagingStudy":
             assert full_urls[e["resource"]["subject"]["reference"]] == "Patient"
             assert full_urls[e["resource"]["endpoint"][0]["reference"]] == "Endpoint"
+            assert all(se["endpoint"] == e["resource"]["endpoint"] for se in e["resource"]["series"])
             assert e["request"]["url"] == "ImagingStudy?identifier=urn:dicom:uid|" + \
                 e["resource"]["identifier"][0]["value"]
     with pytest.raises(ValueError):
