@@ -334,7 +334,7 @@ def run_qido(args: argparse.Namespace, work: Path) -> None:
             print(f"  run {n + 1}: {len(passes[-1].samples) / passes[-1].wall_s:,.0f} searches/s; "
                   f"load average {before} -> {load()}")
     print(f"\nQIDO-RS, {args.clients} concurrent clients, {args.requests} searches per run, {args.repeat} runs: "
-          "ms, median of the runs (range)\n\n| search | p50 | p99 | rows per answer (mean) |\n|---|---|---|---|")
+          "ms, median of the runs (range)\n\n| search | p50 | p99 | answer size (mean) |\n|---|---|---|---|")
     for kind in (*KINDS, "all"):
         picked = [[s for s in r.samples if kind in ("all", s.kind)] for r in passes]
         p50 = [percentile([s.seconds * 1e3 for s in x], 50) for x in picked]
