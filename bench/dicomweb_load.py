@@ -82,9 +82,21 @@ def read_token(settings: Settings) -> str:
     return TokenStore(settings.tokens_path).add(f"bench-{os.getpid()}-{time.time_ns()}", {Scope.READ})
 
 
+@dataclass
+class Server:
+    base: str
+    pid: int
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server has used (user + system, all threads): unlike latency, barely
+        disturbed by other jobs on the machine."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def serve(settings: Settings, log: Path) -> Iterator[str]:
-    """``pacsflow serve`` over ``settings``' catalog and lake; yields its base URL."""
+def serve(settings: Settings, log: Path) -> Iterator[Server]:
+    """``pacsflow serve`` over ``settings``' catalog and lake."""
     port = free_port()
     env = dict(os.environ, PACSFLOW_CATALOG_ROOT=str(settings.catalog_root),
                PACSFLOW_STORAGE_ROOT=str(settings.storage_root), PACSFLOW_STATE_ROOT=str(settings.state_root),
@@ -94,7 +106,7 @@ def serve(settings: Settings, log: Path) -> Iterator[str]:
         proc = subprocess.Popen([PACSFLOW, "serve"], env=env, stdout=out, stderr=out)
     try:
         wait_port(port, timeout=60)
-        yield f"http://127.0.0.1:{port}"
+        yield Server(f"http://127.0.0.1:{port}", proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -326,13 +338,15 @@ def run_qido(args: argparse.Namespace, work: Path) -> None:
           f"{p.study_modality.size:,} studies, {np.unique(p.study_patient).size:,} patients")
     token = read_token(settings)
     passes: list[Pass] = []
-    with serve(settings, work / "serve.log") as base:
+    cpu: list[float] = []
+    with serve(settings, work / "serve.log") as server:
         for n in range(args.repeat):
             jobs = qido_jobs(gen, args.requests + args.warmup, args.seed + n)
-            before = load()
-            passes.append(qido_pass(base, token, jobs, args.clients, args.warmup))
-            print(f"  run {n + 1}: {len(passes[-1].samples) / passes[-1].wall_s:,.0f} searches/s; "
-                  f"load average {before} -> {load()}")
+            before, cpu0 = load(), server.cpu_s()
+            passes.append(qido_pass(server.base, token, jobs, args.clients, args.warmup))
+            cpu.append((server.cpu_s() - cpu0) * 1e3 / len(jobs))
+            print(f"  run {n + 1}: {len(passes[-1].samples) / passes[-1].wall_s:,.0f} searches/s, server CPU "
+                  f"{cpu[-1]:.1f} ms per search; load average {before} -> {load()}")
     print(f"\nQIDO-RS, {args.clients} concurrent clients, {args.requests} searches per run, {args.repeat} runs: "
           "ms, median of the runs (range)\n\n| search | p50 | p99 | answer size (mean) |\n|---|---|---|---|")
     for kind in (*KINDS, "all"):
@@ -341,7 +355,8 @@ def run_qido(args: argparse.Namespace, work: Path) -> None:
         p99 = [percentile([s.seconds * 1e3 for s in x], 99) for x in picked]
         print(f"| {kind} | {spread(p50, '{:,.1f}')} | {spread(p99, '{:,.1f}')} | "
               f"{statistics.mean(s.bytes for x in picked for s in x):,.0f} B |")
-    print(f"\nthroughput: {spread([len(r.samples) / r.wall_s for r in passes])} searches/s")
+    print(f"\nthroughput: {spread([len(r.samples) / r.wall_s for r in passes])} searches/s; "
+          f"server CPU per search (warm-up included): {spread(cpu, '{:.1f}')} ms")
 
 
 def run_wado(args: argparse.Namespace, work: Path) -> None:
@@ -352,16 +367,20 @@ def run_wado(args: argparse.Namespace, work: Path) -> None:
     token = read_token(settings)
     lake = Path(settings.storage_root)
     results: dict[str, list[tuple[Rate, Rate]]] = {"warm": [], "cold": []}
-    with serve(settings, work / "serve.log") as base:
-        wado_round(base, token, series, lake, args.wado_clients, 1, cold=False)  # warm-up: pool, page cache
+    gb = args.wado_rounds * sum(s.size for s in found) / 1e9
+    cpu: list[float] = []
+    with serve(settings, work / "serve.log") as server:
+        wado_round(server.base, token, series, lake, args.wado_clients, 1, cold=False)  # warm-up: pool, page cache
         for n in range(args.repeat):
             for state in results:
-                before = load()
-                results[state].append(wado_round(base, token, series, lake, args.wado_clients, args.wado_rounds,
-                                                 cold=state == "cold"))
+                before, cpu0 = load(), server.cpu_s()
+                results[state].append(wado_round(server.base, token, series, lake, args.wado_clients,
+                                                 args.wado_rounds, cold=state == "cold"))
+                cpu.append((server.cpu_s() - cpu0) / gb)
                 disk, wado = results[state][-1]
                 print(f"  run {n + 1} {state}: disk {disk.mb_s:,.0f} MB/s, WADO-RS {wado.mb_s:,.0f} MB/s "
-                      f"({wado.mb_s / disk.mb_s:.2f}×); load average {before} -> {load()}")
+                      f"({wado.mb_s / disk.mb_s:.2f}×), server CPU {cpu[-1]:.2f} s per GB; "
+                      f"load average {before} -> {load()}")
     print(f"\nWADO-RS series retrieval, {args.wado_clients} concurrent clients, {args.wado_rounds} rounds of "
           f"{len(found)} series per pass, {args.repeat} runs: median (range)\n\n"
           "| page cache | disk read MB/s | disk read instances/s | WADO-RS MB/s | WADO-RS instances/s | "
@@ -370,6 +389,7 @@ def run_wado(args: argparse.Namespace, work: Path) -> None:
         print(f"| {state} | {spread([d.mb_s for d, _ in runs])} | {spread([d.instances_s for d, _ in runs])} | "
               f"{spread([w.mb_s for _, w in runs])} | {spread([w.instances_s for _, w in runs])} | "
               f"{spread([w.mb_s / d.mb_s for d, w in runs], '{:.2f}×')} |")
+    print(f"\nserver CPU per GB sent: {spread(cpu, '{:.2f}')} s")
 
 
 def main(argv: list[str] | None = None) -> None:
