@@ -41,6 +41,7 @@ import contextlib
 import itertools
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -293,6 +294,47 @@ def wado_call(series: dict[str, SeriesFiles]) -> Callable[[httpx.Client | None, 
     return retrieve
 
 
+@contextlib.contextmanager
+def sendfile_server(series: dict[str, SeriesFiles]) -> Iterator[int]:
+    """A bare TCP server (threads of this process) that answers a series key with its files'
+    bytes by ``sendfile``: moving the same bytes over loopback with no HTTP, no multipart and no
+    copy on the sending side. What any server would pay at least; yields its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def handle(conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                for path in series[line.strip().decode()].paths:
+                    with path.open("rb") as fh:
+                        conn.sendfile(fh)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=handle, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def socket_call(port: int, series: dict[str, SeriesFiles]) -> Callable[[httpx.Client | None, str], tuple[int, int]]:
+    local = threading.local()
+
+    def fetch(_client: httpx.Client | None, key: str) -> tuple[int, int]:
+        if not hasattr(local, "sock"):
+            local.sock = socket.create_connection(("127.0.0.1", port))
+        local.sock.sendall(key.encode() + b"\n")
+        view, want, got = memoryview(bytearray(CHUNK)), series[key].size, 0
+        while got < want and (n := local.sock.recv_into(view, min(CHUNK, want - got))):
+            got += n
+        return (200 if got == want else 599), got
+
+    return fetch
+
+
 @dataclass
 class Rate:
     mb_s: float
@@ -307,16 +349,17 @@ def rate(result: Pass, series: dict[str, SeriesFiles]) -> Rate:
     return Rate(sum(s.bytes for s in result.samples) / 1e6 / result.wall_s, files / result.wall_s)
 
 
-def wado_round(base: str, token: str, series: dict[str, SeriesFiles], lake: Path, clients: int, rounds: int,
-               cold: bool) -> tuple[Rate, Rate]:
-    """(disk read, WADO-RS) over the same retrievals; the page cache dropped before each when ``cold``."""
+def wado_round(base: str, port: int, token: str, series: dict[str, SeriesFiles], lake: Path, clients: int,
+               rounds: int, cold: bool) -> tuple[Rate, Rate, Rate]:
+    """(disk read, WADO-RS, bare TCP) over the same retrievals; the page cache dropped before each
+    when ``cold``."""
     jobs = [(key, key) for _ in range(rounds) for key in series]
     rates = []
-    for call, url in ((disk_call(series), None), (wado_call(series), base)):
+    for call, url in ((disk_call(series), None), (wado_call(series), base), (socket_call(port, series), None)):
         if cold:
             evict(lake)
         rates.append(rate(drive(jobs, clients, call, url, token), series))
-    return rates[0], rates[1]
+    return rates[0], rates[1], rates[2]
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -366,29 +409,30 @@ def run_wado(args: argparse.Namespace, work: Path) -> None:
     print(f"WADO lake: {len(found)} series, {total} instances, {sum(s.size for s in found) / 1e6:,.0f} MB")
     token = read_token(settings)
     lake = Path(settings.storage_root)
-    results: dict[str, list[tuple[Rate, Rate]]] = {"warm": [], "cold": []}
+    results: dict[str, list[tuple[Rate, Rate, Rate]]] = {"warm": [], "cold": []}
     gb = args.wado_rounds * sum(s.size for s in found) / 1e9
     cpu: list[float] = []
-    with serve(settings, work / "serve.log") as server:
-        wado_round(server.base, token, series, lake, args.wado_clients, 1, cold=False)  # warm-up: pool, page cache
+    with serve(settings, work / "serve.log") as server, sendfile_server(series) as port:
+        wado_round(server.base, port, token, series, lake, args.wado_clients, 1, cold=False)  # warm-up
         for n in range(args.repeat):
             for state in results:
                 before, cpu0 = load(), server.cpu_s()
-                results[state].append(wado_round(server.base, token, series, lake, args.wado_clients,
+                results[state].append(wado_round(server.base, port, token, series, lake, args.wado_clients,
                                                  args.wado_rounds, cold=state == "cold"))
                 cpu.append((server.cpu_s() - cpu0) / gb)
-                disk, wado = results[state][-1]
+                disk, wado, bare = results[state][-1]
                 print(f"  run {n + 1} {state}: disk {disk.mb_s:,.0f} MB/s, WADO-RS {wado.mb_s:,.0f} MB/s "
-                      f"({wado.mb_s / disk.mb_s:.2f}×), server CPU {cpu[-1]:.2f} s per GB; "
-                      f"load average {before} -> {load()}")
+                      f"({wado.mb_s / disk.mb_s:.2f}×), bare TCP {bare.mb_s:,.0f} MB/s, server CPU {cpu[-1]:.2f} s "
+                      f"per GB; load average {before} -> {load()}")
     print(f"\nWADO-RS series retrieval, {args.wado_clients} concurrent clients, {args.wado_rounds} rounds of "
           f"{len(found)} series per pass, {args.repeat} runs: median (range)\n\n"
-          "| page cache | disk read MB/s | disk read instances/s | WADO-RS MB/s | WADO-RS instances/s | "
-          "WADO-RS / disk |\n|---|---|---|---|---|---|")
+          "| page cache | disk read MB/s (instances/s) | WADO-RS MB/s (instances/s) | WADO-RS / disk | "
+          "bare TCP sendfile MB/s | WADO-RS / bare TCP |\n|---|---|---|---|---|---|")
     for state, runs in results.items():
-        print(f"| {state} | {spread([d.mb_s for d, _ in runs])} | {spread([d.instances_s for d, _ in runs])} | "
-              f"{spread([w.mb_s for _, w in runs])} | {spread([w.instances_s for _, w in runs])} | "
-              f"{spread([w.mb_s / d.mb_s for d, w in runs], '{:.2f}×')} |")
+        print(f"| {state} | {spread([d.mb_s for d, _, _ in runs])} ({spread([d.instances_s for d, _, _ in runs])}) | "
+              f"{spread([w.mb_s for _, w, _ in runs])} ({spread([w.instances_s for _, w, _ in runs])}) | "
+              f"{spread([w.mb_s / d.mb_s for d, w, _ in runs], '{:.2f}×')} | {spread([b.mb_s for _, _, b in runs])} | "
+              f"{spread([w.mb_s / b.mb_s for _, w, b in runs], '{:.2f}×')} |")
     print(f"\nserver CPU per GB sent: {spread(cpu, '{:.2f}')} s")
 
 
