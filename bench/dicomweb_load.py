@@ -28,7 +28,12 @@ request as soon as the previous answer is read (a closed loop: no think time).
    (``open`` and ``read`` in 1 MiB chunks, WADO-RS's chunk size), the same retrievals in the same
    order. Both warm (files in the page cache, as right after ingest or on a busy server) and cold
    (the lake's files dropped from the page cache with ``posix_fadvise`` before each pass). MB/s
-   counts file bytes (the multipart framing is not counted), instances/s the files.
+   counts file bytes (the multipart framing is not counted), instances/s the files. A third side,
+   a bare TCP server of threads in this process that ``sendfile``s the same files for each
+   request, shows what moving the bytes over loopback costs without HTTP.
+
+Besides latency and rates, the server's CPU time (``/proc/<pid>/stat``) per search and per GB
+sent is printed: on a machine shared with other jobs it moves far less than the wall times.
 
 Each measurement runs ``--repeat`` times, the sides interleaved so that the load of the moment hits
 both; median and range are printed, ratios taken run by run. Not a test: nothing here asserts a speed.
@@ -426,12 +431,13 @@ def run_wado(args: argparse.Namespace, work: Path) -> None:
                       f"per GB; load average {before} -> {load()}")
     print(f"\nWADO-RS series retrieval, {args.wado_clients} concurrent clients, {args.wado_rounds} rounds of "
           f"{len(found)} series per pass, {args.repeat} runs: median (range)\n\n"
-          "| page cache | disk read MB/s (instances/s) | WADO-RS MB/s (instances/s) | WADO-RS / disk | "
-          "bare TCP sendfile MB/s | WADO-RS / bare TCP |\n|---|---|---|---|---|---|")
+          "| page cache | disk read MB/s | disk instances/s | WADO-RS MB/s | WADO-RS instances/s | WADO-RS / disk | "
+          "bare TCP sendfile MB/s | WADO-RS / bare TCP |\n|---|---|---|---|---|---|---|---|")
     for state, runs in results.items():
-        print(f"| {state} | {spread([d.mb_s for d, _, _ in runs])} ({spread([d.instances_s for d, _, _ in runs])}) | "
-              f"{spread([w.mb_s for _, w, _ in runs])} ({spread([w.instances_s for _, w, _ in runs])}) | "
-              f"{spread([w.mb_s / d.mb_s for d, w, _ in runs], '{:.2f}×')} | {spread([b.mb_s for _, _, b in runs])} | "
+        disk, wado, bare = zip(*runs)
+        print(f"| {state} | {spread([d.mb_s for d in disk])} | {spread([d.instances_s for d in disk])} | "
+              f"{spread([w.mb_s for w in wado])} | {spread([w.instances_s for w in wado])} | "
+              f"{spread([w.mb_s / d.mb_s for d, w, _ in runs], '{:.2f}×')} | {spread([b.mb_s for b in bare])} | "
               f"{spread([w.mb_s / b.mb_s for _, w, b in runs], '{:.2f}×')} |")
     print(f"\nserver CPU per GB sent: {spread(cpu, '{:.2f}')} s")
 
