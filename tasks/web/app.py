@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Annotated, Awaitable, Callable
+from typing import Annotated, Callable
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette import types as asgi
 
 from pacsflow.tasks.settings import Settings
 from pacsflow.tasks.web.tokens import Principal, Scope, TokenStore
@@ -67,7 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.serve.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.serve.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Accept", "Content-Type"], max_age=600)
-    app.middleware("http")(_log_access)
+    app.add_middleware(AccessLog)
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:
@@ -85,11 +86,31 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-async def _log_access(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    start = time.perf_counter()
-    response = await call_next(request)
-    route = request.scope.get("route")
-    template = getattr(route, "path", "(no route)")
-    access_log.info("%s %s %d %.1f ms %s", request.method, template, response.status_code,
-                    (time.perf_counter() - start) * 1000, getattr(request.state, "principal", "-"))
-    return response
+class AccessLog:
+    """The access log, as plain ASGI middleware. ``app.middleware("http")`` (BaseHTTPMiddleware)
+    would relay every piece of a streamed body through a memory channel and another task: a
+    WADO-RS retrieval sends one per file. The time logged runs to the body's last byte."""
+
+    def __init__(self, app: asgi.ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def sending(message: asgi.Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            # The router records the matched route, and the auth dependency the token's name, in
+            # this same scope.
+            template = getattr(scope.get("route"), "path", "(no route)")
+            access_log.info("%s %s %d %.1f ms %s", scope["method"], template, status,
+                            (time.perf_counter() - start) * 1000, scope.get("state", {}).get("principal", "-"))

@@ -29,14 +29,21 @@ def content_type(part_type: str, boundary: str, transfer_syntax: str | None = No
 
 
 def stream(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
-    """The body: each part's headers, then its bytes as they come, then the closing delimiter."""
+    """The body: each part's headers, then its bytes as they come, then the closing delimiter.
+
+    A part's headers go out with its first chunk, and the line end after it with the next part's
+    headers: every piece yielded costs the server a thread hop, a pass through the middleware and
+    a socket write, which for a file of 0.5 MB cost more than copying its bytes once."""
+    pending = b""
     for part in parts:
         head = [f"--{boundary}", f"Content-Type: {part.content_type}"]
         if part.length is not None:
             head.append(f"Content-Length: {part.length}")
         if part.location:
             head.append(f"Content-Location: {part.location}")
-        yield ("\r\n".join(head) + "\r\n\r\n").encode("ascii")
-        yield from part.body
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode("ascii")
+        pending += ("\r\n".join(head) + "\r\n\r\n").encode("ascii")
+        for chunk in part.body:
+            yield pending + chunk if pending else chunk
+            pending = b""
+        pending += b"\r\n"
+    yield pending + f"--{boundary}--\r\n".encode("ascii")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any, Iterable
 
@@ -29,7 +29,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from pacsflow.tasks.web.accept import accepts_json
 from pacsflow.tasks.web.app import Reader
-from pacsflow.tasks.web.index import CatalogIndex
+from pacsflow.tasks.web.index import CatalogIndex, study_month
 from pacsflow.tasks.web.services import QueryError, check_uid, services
 
 STUDY, SERIES, INSTANCE = "study", "series", "instance"
@@ -288,10 +288,23 @@ def _json_rows(con: duckdb.DuckDBPyConnection, search: Search, rows: list[dict[s
     return {k: json.loads(j) for k, j in found if j}
 
 
+def _in_month(search: Search, month: str | None) -> Search:
+    """``search`` (scoped to a study) limited to the study's month partition, which holds all its
+    rows: DuckDB then opens one file of series and instances instead of every month's."""
+    aliases = {STUDY: [], SERIES: ["se"], INSTANCE: ["se", "i"]}[search.level]
+    return replace(search, where=search.where + [f"{a}.study_month IS NOT DISTINCT FROM ?" for a in aliases],
+                   params=search.params + [month] * len(aliases))
+
+
 def run(index: CatalogIndex, search: Search, base_url: str | None) -> tuple[list[dict[str, Any]], bool]:
     """The DICOM JSON answers of ``search`` and whether the server's cap cut them short."""
-    sql, params = _sql(search)
     with index.connection() as con:
+        if STUDY in search.scoped:
+            found, month = study_month(con, search.scoped[STUDY])
+            if not found:
+                return [], False
+            search = _in_month(search, month)
+        sql, params = _sql(search)
         cursor = con.execute(sql, params)
         names = [d[0] for d in cursor.description or []]
         rows = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
