@@ -20,11 +20,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pydicom
 import pytest
 import yaml
@@ -37,6 +40,7 @@ from pacsflow.tasks.route.outbox import DeliveryState, Outbox
 from pacsflow.tasks.settings import load_settings
 
 from tests.helpers import dcmtk_env, free_port
+from tests.integration.conftest import hapi  # noqa: F401  (session fixture)
 from tests.integration.prefect_server import (
     ROOT,
     ingest_worker,
@@ -178,6 +182,19 @@ class Site:
         self.settings = load_settings(**self.config)
         self.listener = ListenProcess(self.env, self.config["listener"]["port"], root / "listen.log")
         self._generated = 0
+
+    @contextmanager
+    def configured(self, **top: Any) -> Iterator[None]:
+        """These top-level settings in the shared config file for a while: the worker's flow runs
+        read it when they start (the listener needs no restart for what only the flow uses)."""
+        self.config.update(top)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        try:
+            yield
+        finally:
+            for key in top:
+                self.config.pop(key)
+            self.config_path.write_text(yaml.safe_dump(self.config))
 
     def reconfigure(self, **listener: Any) -> None:
         """Restart the listener (SIGTERM, same state) with these listener settings changed."""
@@ -506,3 +523,18 @@ def test_a_study_resumed_after_its_window_is_routed_and_ingested_again_for_its_n
     assert [r["n"] for r in series] == sorted([len(early), len(late)])
     runs = _ingest_runs(ref)
     assert [r.parameters["generation"] for r in runs] == [1, 2]  # one run per generation
+
+
+def test_an_ingested_study_reaches_fhir_when_fhir_is_configured(site, hapi):  # noqa: F811
+    [study] = site.studies(("CT",), seed=66, series=(1, 1), instances=(3, 3))
+    ref = site.study_ref(study.study_uid)
+    fhir = httpx.Client(base_url=hapi.base_url, headers={"Accept": "application/fhir+json"}, timeout=60)
+    with site.configured(fhir={"base_url": hapi.base_url, "pseudonym_system": f"urn:t:{uuid.uuid4().hex}"}):
+        sent = site.send(*files_of(study))
+        assert sent.returncode == 0, sent.stderr[-1000:]
+        _wait(lambda: site.cataloged(ref), "the CT study in the catalog")
+        entries = _wait(lambda: fhir.get("ImagingStudy", params={"identifier": f"urn:dicom:uid|urn:oid:{ref}"})
+                        .json().get("entry"), "its ImagingStudy on the FHIR server")
+    [entry] = entries
+    assert entry["resource"]["numberOfInstances"] == 3 and entry["resource"]["numberOfSeries"] == 1
+    assert entry["resource"]["subject"]["reference"].startswith("Patient/")
