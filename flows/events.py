@@ -13,6 +13,7 @@ study pseudonym, the payload holds counts and modalities.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable, Mapping
 
@@ -22,8 +23,12 @@ from pacsflow.tasks.ingest.handoff import (
     GENERATION_LABEL,
     STABLE_EVENT,
     check_generation,
+    handoff_root,
     study_resource_id,
 )
+from pacsflow.tasks.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Event ids are derived, not random: a listener that emits a study's generation again (it
 # restarted before it recorded the first emit) sends the same id, and the server's trigger
@@ -57,3 +62,23 @@ def emit_study_routed(study_ref: str, generation: int, objects: int, queued: Map
                "ingest": bool(ingest)}
     emit_event(ROUTED_EVENT, resource=resource, payload=payload,
                id=uuid.uuid5(_EVENT_IDS, f"routed/{study_resource_id(study_ref)}/{check_generation(generation)}"))
+
+
+def announce_waiting(settings: Settings) -> int:
+    """At the start of ``pacsflow listen`` or ``pacsflow serve``: hand-off folders still there were
+    not ingested yet (the flow removes its folder), perhaps because the process died before its
+    event went out. Announce them again; the event id is the same, so a server that saw the event
+    already does nothing, and a run whose folder is gone ends Skipped."""
+    root = handoff_root(settings)
+    count = 0
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        ref, _, generation = folder.name.rpartition("-")
+        try:
+            emit_study_stable(ref, int(generation), sum(1 for _ in folder.glob("*.dcm")), [])
+        except ValueError:
+            log.warning("hand-off folder %r is not named <study ref>-<generation>; left alone", folder.name)
+            continue
+        count += 1
+    if count:
+        log.info("announced %d hand-off folder(s) again that were waiting for the ingest-study flow", count)
+    return count

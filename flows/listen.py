@@ -26,11 +26,11 @@ from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL
 from prometheus_client import CollectorRegistry, start_http_server
 
-from pacsflow.flows.events import emit_study_routed, emit_study_stable
+from pacsflow.flows.events import announce_waiting, emit_study_routed, emit_study_stable
 from pacsflow.tasks.core.errors import PacsConfigurationError
 from pacsflow.tasks.core.files import purge_older_than
 from pacsflow.tasks.deid.deidentifier import Deidentifier
-from pacsflow.tasks.ingest.handoff import handoff_dir, handoff_root
+from pacsflow.tasks.ingest.handoff import handoff_dir
 from pacsflow.tasks.ingest.ledger import Ledger
 from pacsflow.tasks.pacs.commitment import CommitmentReportSCP
 from pacsflow.tasks.pacs.receiver import staged_name
@@ -92,24 +92,6 @@ class ListenService:
         log.info("study %s (generation %d): %d objects; queued %s; %s", ref, study.generation, len(study),
                  dict(routed.queued) or "nothing", "handed to the lake" if routed.ingest else "not ingested")
 
-    def announce_waiting(self) -> int:
-        """At start: hand-off folders still here were not ingested yet (the flow removes its
-        folder), perhaps because the listener died before the event went out. Announce them
-        again; the event id is the same, so a server that saw it already does nothing."""
-        root = handoff_root(self.settings)
-        count = 0
-        for folder in sorted(root.iterdir()) if root.is_dir() else []:
-            ref, _, generation = folder.name.rpartition("-")
-            try:
-                emit_study_stable(ref, int(generation), sum(1 for _ in folder.glob("*.dcm")), [])
-            except ValueError:
-                log.warning("hand-off folder %r is not named <study ref>-<generation>; left alone", folder.name)
-                continue
-            count += 1
-        if count:
-            log.info("announced %d hand-off folder(s) again that were waiting for the ingest-study flow", count)
-        return count
-
     @contextmanager
     def running(self) -> Iterator["ListenService"]:
         with ExitStack() as stack:
@@ -118,7 +100,7 @@ class ListenService:
             self.forwarder.start()
             stack.callback(self.forwarder.stop)
             if self.events:
-                self.announce_waiting()
+                announce_waiting(self.settings)
             self.listener.start()
             stack.callback(self.listener.stop)
             yield self

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL
 
-from pacsflow.flows.events import emit_study_stable
+from pacsflow.flows.events import announce_waiting, emit_study_stable
 from pacsflow.flows.secrets import load_secret_block
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.settings import Settings, SettingsError
@@ -33,6 +33,8 @@ def build_app(settings: Settings) -> FastAPI:
     enable_stow(app, ingest, reason)
     if ingest is None:
         log.warning("STOW-RS is off: %s", reason)
+    else:
+        announce_waiting(settings)  # hand-offs a crashed serve (or listener) left without their event
     return app
 
 

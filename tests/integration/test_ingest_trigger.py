@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
-from pacsflow.flows.events import emit_study_stable
+from pacsflow.flows.events import announce_waiting, emit_study_stable
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.ingest.handoff import handoff_dir
 from pacsflow.tasks.settings import load_settings
@@ -57,17 +57,20 @@ def worker(site: dict[str, str], tmp_path) -> Iterator[subprocess.Popen]:
         yield process
 
 
-def _deployment_runs(deadline: float):
+def _deployment_runs(ref: str, deadline: float):
+    """The ingest-study runs of study ``ref`` (the server is shared by the tests), once one ended."""
     with get_client(sync_client=True) as client:
         while True:
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+            runs = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
                 name=DeploymentFilterName(any_=["ingest-study"])), flow_run_filter=FlowRunFilter())
+                if r.parameters.get("study") == ref]
             if any(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
                 return runs
             time.sleep(0.5)
 
 
-def test_a_stable_study_event_runs_the_deployment_and_catalogs_the_study(site, worker, tmp_path):
+@pytest.mark.parametrize("how", ["emitted", "announced again at start"])
+def test_a_stable_study_event_runs_the_deployment_and_catalogs_the_study(site, worker, tmp_path, how):
     with get_client(sync_client=True) as client:
         [automation] = client.read_automations_by_name("ingest-study__automation_1")
     assert automation.trigger.expect == {"pacsflow.study.stable"}
@@ -75,17 +78,21 @@ def test_a_stable_study_event_runs_the_deployment_and_catalogs_the_study(site, w
 
     settings = load_settings()
     [study] = sampledata.generate(tmp_path / "in", studies=1, series_per_study=(2, 2),
-                                  instances_per_series=(2, 2), modalities=("MR",), end_date=dt.date.today(), seed=5)
+                                  instances_per_series=(2, 2), modalities=("MR",), end_date=dt.date.today(),
+                                  seed=5 if how == "emitted" else 6)  # another study: another event id
     ref = Deidentifier.from_settings(settings.resolve_deid_key(), settings.deid).study_ref(study.study_uid)
     folder = handoff_dir(settings, ref, 2)
     folder.mkdir(parents=True)
     for f in study.path.rglob("*.dcm"):
         os.link(f, folder / f.name)
 
-    emit_study_stable(ref, 2, objects=4, modalities=["MR"])
+    if how == "emitted":  # what the listener does for a stable study
+        emit_study_stable(ref, 2, objects=4, modalities=["MR"])
+    else:  # a listener or serve that died before the event went out: the folder waits, the next start tells
+        assert announce_waiting(settings) == 1
     EventsWorker.drain_all(timeout=10)
 
-    [run] = _deployment_runs(time.monotonic() + RUN_WAIT_S)
+    [run] = _deployment_runs(ref, time.monotonic() + RUN_WAIT_S)
     log = (tmp_path / "worker.log").read_text()[-3000:]
     assert run.state is not None and run.state.is_completed(), (run.state, log)
     assert run.parameters == {"study": ref, "generation": 2}
