@@ -16,10 +16,11 @@ from fastapi import FastAPI
 from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL
 
+from pacsflow.flows.console import configure_console_logging
 from pacsflow.flows.events import announce_waiting, emit_study_stable
 from pacsflow.flows.secrets import load_secret_block
 from pacsflow.tasks.deid.deidentifier import Deidentifier
-from pacsflow.tasks.settings import Settings, SettingsError
+from pacsflow.tasks.settings import Settings, SettingsError, load_settings
 from pacsflow.tasks.web.app import create_app
 from pacsflow.tasks.web.stow import StowIngest, enable_stow
 
@@ -52,14 +53,24 @@ def stow_ingest(settings: Settings) -> tuple[StowIngest | None, str]:
     return StowIngest(lake_uid=deid.uid, study_ref=deid.study_ref, announce=emit_study_stable), ""
 
 
+def app_from_environment() -> FastAPI:
+    """The app of one worker process (``serve.workers`` > 1): uvicorn starts each worker afresh, so
+    it reads the settings from the environment (``PACSFLOW_*``, ``PACSFLOW_CONFIG``) as the command
+    did, and logs to the console as the command does."""
+    configure_console_logging(logging.INFO)
+    return build_app(load_settings())
+
+
 def serve(settings: Settings) -> None:
     s = settings.serve
     scheme = "https" if s.tls_cert else "http"
-    log.info("serving DICOMweb, the study API and the dashboard on %s://%s:%d", scheme, s.host, s.port)
+    log.info("serving DICOMweb, the study API and the dashboard on %s://%s:%d (%d worker process%s)", scheme,
+             s.host, s.port, s.workers, "" if s.workers == 1 else "es")
+    app: FastAPI | str = build_app(settings) if s.workers == 1 else f"{__name__}:app_from_environment"
     try:
         # uvicorn's own access log would print query strings; ours (pacsflow.serve.access) does not.
-        uvicorn.run(build_app(settings), host=s.host, port=s.port, access_log=False, log_config=None,
-                    ssl_certfile=str(s.tls_cert) if s.tls_cert else None,
+        uvicorn.run(app, factory=s.workers > 1, workers=s.workers, host=s.host, port=s.port, access_log=False,
+                    log_config=None, ssl_certfile=str(s.tls_cert) if s.tls_cert else None,
                     ssl_keyfile=str(s.tls_key) if s.tls_key else None)
     finally:
         EventsWorker.drain_all(timeout=10)  # the last STOW requests' events go out before the process ends

@@ -290,6 +290,8 @@ class ServeSettings(BaseModel):
     )
     max_upload_mb: int = Field(2048, ge=1, description="a STOW-RS request body larger than this is refused (413)")
     query_limit: int = Field(1000, ge=1, le=100000, description="most results a QIDO-RS search returns per request")
+    workers: int = Field(1, ge=1, le=32, description="HTTP worker processes; WADO-RS and searches are CPU-bound "
+                         "in one process, so one per core serves more")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServeSettings":

@@ -1,5 +1,6 @@
 """``pacsflow serve`` with ``serve.tls_cert``: the real command speaks HTTPS only, with the configured
-certificate, and still wants a token; a plain-HTTP client gets no answer."""
+certificate, and still wants a token; a plain-HTTP client gets no answer. In one process and with
+``serve.workers`` processes (each reads the settings and the tokens again)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,15 @@ from tests.faults.pki import make_pki
 from tests.helpers import free_port
 
 
-@pytest.fixture
-def https_serve(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
+@pytest.fixture(params=[1, 2], ids=["one process", "two worker processes"])
+def https_serve(tmp_path: Path, request) -> Iterator[tuple[str, Path, str]]:
     pki = make_pki(tmp_path / "pki", names=("server",))
     port = free_port()
     env = dict(os.environ, PACSFLOW_STATE_ROOT=str(tmp_path / "state"),
                PACSFLOW_CATALOG_ROOT=str(tmp_path / "lake" / "catalog"),
                PACSFLOW_STORAGE_ROOT=str(tmp_path / "lake" / "dicom"),
                PACSFLOW_SERVE__PORT=str(port), PACSFLOW_SERVE__TLS_CERT=str(pki / "server.pem"),
-               PACSFLOW_SERVE__TLS_KEY=str(pki / "server.key"))
+               PACSFLOW_SERVE__TLS_KEY=str(pki / "server.key"), PACSFLOW_SERVE__WORKERS=str(request.param))
     env.pop("PACSFLOW_CONFIG", None)
     env.pop("PREFECT_API_URL", None)
     token = TokenStore(tmp_path / "state" / "serve" / "tokens.json").add("tester", {Scope.READ})
