@@ -35,7 +35,7 @@ from pacsflow.tasks.ingest.ledger import Ledger
 from pacsflow.tasks.pacs.commitment import CommitmentReportSCP
 from pacsflow.tasks.pacs.receiver import staged_name
 from pacsflow.tasks.route.forwarder import Forwarder
-from pacsflow.tasks.route.listener import Listener
+from pacsflow.tasks.route.listener import QUARANTINE_FOLDER, Listener
 from pacsflow.tasks.route.metrics import ListenerMetrics
 from pacsflow.tasks.route.outbox import Backoff, Outbox
 from pacsflow.tasks.route.router import Arrival, Router, deidentified_copies, link_for_ingest
@@ -45,7 +45,6 @@ from pacsflow.tasks.settings import Settings
 
 log = logging.getLogger("pacsflow.listen")
 
-QUARANTINE_RUN = "listener"  # the run id of the listener's entries in the ledger's quarantine table
 TIDY_EVERY_S = 3600.0
 
 
@@ -80,7 +79,7 @@ class ListenService:
         ref = self.study_ref(study.study_uid)
         routed = self.router.route(ref, Arrival.of_study(study))
         for destination, sop_uid, reason in routed.refused:
-            self.ledger.quarantine(ref, staged_name(sop_uid), f"route to {destination}: {reason}", QUARANTINE_RUN)
+            self.ledger.quarantine(ref, staged_name(sop_uid), f"route to {destination}: {reason}", QUARANTINE_FOLDER)
         if routed.queued:
             self.forwarder.wake()
         if routed.ingest and routed.routed:

@@ -51,6 +51,10 @@ def _check_ae_title(value: str) -> str:
     return value
 
 
+def _check_ae_titles(values: list[str]) -> list[str]:
+    return [_check_ae_title(ae) for ae in values]
+
+
 class PacsTlsSettings(BaseModel):
     """TLS for our associations with the PACS (DICOM PS3.15 secure transport, TLS 1.2 or later).
 
@@ -152,10 +156,7 @@ class ReceiverSettings(BaseModel):
             raise ValueError("engine dcmtk does not take receiver.tls: use engine pynetdicom (or auto) with TLS")
         return self
 
-    @field_validator("allowed_aes")
-    @classmethod
-    def _allowed_aes(cls, v: list[str]) -> list[str]:
-        return [_check_ae_title(ae) for ae in v]
+    _allowed = field_validator("allowed_aes")(_check_ae_titles)
 
 
 class ListenerSettings(BaseModel):
@@ -197,10 +198,7 @@ class ListenerSettings(BaseModel):
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
-    @field_validator("allowed_aes")
-    @classmethod
-    def _allowed_aes(cls, v: list[str]) -> list[str]:
-        return [_check_ae_title(ae) for ae in v]
+    _allowed = field_validator("allowed_aes")(_check_ae_titles)
 
 
 class DeidSettings(BaseModel):
