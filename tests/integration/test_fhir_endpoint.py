@@ -76,3 +76,43 @@ def test_a_fhir_client_goes_from_an_imaging_study_to_its_instances(hapi, served)
     [row] = query(lake.catalog, "SELECT file_sha256 FROM instances WHERE sop_instance_uid = ?",
                   [instance["uid"]]).to_pylist()
     assert hashlib.sha256(data).hexdigest() == row["file_sha256"]
+
+
+def test_the_study_api_checks_the_live_fhir_server(hapi, tmp_path):  # noqa: F811
+    """``/api/studies/{uid}?check=fhir`` reads the study's ImagingStudy from the real server (its id
+    and version as HAPI holds them) and reconciles it with the catalog: none before the sync, no
+    difference after it, and the server's count once someone changed it there."""
+    lake = build_lake(tmp_path, studies=1, seed=uuid.uuid4().int % 10**9)  # UIDs no other test sent
+    settings = with_fhir(lake.settings, hapi.base_url)
+    [row] = query(lake.catalog, "SELECT study_uid FROM studies").to_pylist()
+    study_uid = row["study_uid"]
+    fhir = httpx.Client(base_url=hapi.base_url, headers=FHIR_JSON, timeout=60)
+    with serving(build_app(settings), free_port()) as base:
+        api = httpx.Client(base_url=base, headers=bearer(lake.token), timeout=120)
+
+        def check() -> dict:
+            answer = api.get(f"/api/studies/{study_uid}", params={"check": "fhir"})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["fhir"]
+
+        before = check()
+        assert before["check"]["imaging_studies"] == []
+        assert [d["field"] for d in before["check"]["differences"]] == ["missing"]
+
+        assert sync_catalog(settings).sent == 1
+        after = check()
+        assert after["status"] == "synced"
+        [held] = fhir.get("ImagingStudy", params={"identifier": f"urn:dicom:uid|urn:oid:{study_uid}"}).json()["entry"]
+        resource = held["resource"]
+        [seen] = after["check"]["imaging_studies"]
+        assert (seen["id"], seen["version"]) == (resource["id"], resource["meta"]["versionId"])
+        assert seen["number_of_instances"] == resource["numberOfInstances"]
+        assert after["check"]["differences"] == []
+
+        count = resource["numberOfInstances"]
+        assert fhir.put(f"ImagingStudy/{resource['id']}", json={**resource, "numberOfInstances": count + 5}
+                        ).status_code == 200
+        drifted = check()["check"]
+        assert drifted["imaging_studies"][0]["version"] != resource["meta"]["versionId"]
+        assert drifted["differences"] == [{"field": "numberOfInstances", "catalog": count, "server": count + 5,
+                                           "text": f"numberOfInstances: catalog {count}, server {count + 5}"}]
