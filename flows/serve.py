@@ -28,8 +28,9 @@ log = logging.getLogger("pacsflow.serve")
 
 
 def build_app(settings: Settings) -> FastAPI:
-    """The application with everything wired that needs the flows layer (STOW-RS's hand-off)."""
-    app = create_app(settings)
+    """The application with everything wired that needs the flows layer (STOW-RS's hand-off, the
+    FHIR credentials a Secret block holds)."""
+    app = create_app(with_fhir_credentials(settings))
     ingest, reason = stow_ingest(settings)
     enable_stow(app, ingest, reason)
     if ingest is None:
@@ -37,6 +38,24 @@ def build_app(settings: Settings) -> FastAPI:
     else:
         announce_waiting(settings)  # hand-offs a crashed serve (or listener) left without their event
     return app
+
+
+def with_fhir_credentials(settings: Settings) -> Settings:
+    """``settings`` with the FHIR credentials ``fhir.credentials_block`` names (the study API's
+    ``check=fhir`` reads the server with them). Only those: serving reads nothing else the blocks
+    hold. Without them the service runs and the check answers with the reason."""
+    if not settings.fhir.credentials_block:
+        return settings
+    if not PREFECT_API_URL.value():
+        log.warning("fhir.credentials_block needs PREFECT_API_URL (the server holding the block): the study "
+                    "API's FHIR check goes without credentials")
+        return settings
+    try:
+        loaded = settings.model_copy(update={"deid_key_block": None}).with_secret_blocks(load_secret_block)
+    except SettingsError as exc:
+        log.warning("the study API's FHIR check goes without credentials: %s", exc)
+        return settings
+    return settings.model_copy(update={"fhir": loaded.fhir})
 
 
 def stow_ingest(settings: Settings) -> tuple[StowIngest | None, str]:

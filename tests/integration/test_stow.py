@@ -6,8 +6,12 @@ a read token, no token, an oversized and a malformed body are refused."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -22,8 +26,10 @@ from pacsflow.tasks.ingest.handoff import handoff_root
 from pacsflow.tasks.settings import Settings, load_settings
 from pacsflow.tasks.web.stow import STOW_GENERATION_BASE
 from pacsflow.tasks.web.tokens import Scope, TokenStore
+from prefect.blocks.system import Secret
 from pydicom import dcmread
 
+from tests.dicomweb_lake import build_lake
 from tests.helpers import free_port
 from tests.integration.prefect_server import (
     ingest_worker,
@@ -160,3 +166,52 @@ def test_the_worker_ran_stow_generations(site):
     assert runs and all(r.parameters["generation"] > STOW_GENERATION_BASE for r in runs)
     assert all(r.state is not None and r.state.is_completed() for r in runs)
 
+
+
+@contextmanager
+def recording_fhir_server() -> Iterator[tuple[str, list[str]]]:
+    """A FHIR base URL whose every search answers with no match, and the Authorization headers it saw:
+    HAPI as launched here takes any caller, so it cannot tell whether credentials were sent."""
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API; searches are POST _search
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.do_GET()
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.headers.get("Authorization", ""))
+            body = json.dumps({"resourceType": "Bundle", "type": "searchset", "total": 0}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/fhir+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/fhir", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_study_apis_fhir_check_uses_credentials_from_a_secret_block(site, tmp_path):
+    """``pacsflow serve`` loads ``fhir.credentials_block`` from the Prefect server (and not the
+    de-identification key's block, which serving never needs)."""
+    Secret(value="serve-fhir-token-42").save("serve-fhir-creds", overwrite=True)
+    lake = build_lake(tmp_path, studies=1)
+    [row] = query(lake.catalog, "SELECT study_uid FROM studies").to_pylist()
+    with recording_fhir_server() as (fhir_url, seen):
+        fhir = lake.settings.fhir.model_copy(update={"base_url": fhir_url, "credentials_block": "serve-fhir-creds"})
+        settings = lake.settings.model_copy(update={"fhir": fhir, "deid_key_block": "no-such-block"})
+        with serving(build_app(settings), free_port()) as url:
+            answer = httpx.get(f"{url}/api/studies/{row['study_uid']}", params={"check": "fhir"},
+                               headers={"Authorization": f"Bearer {lake.token}"}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert [d["field"] for d in answer.json()["fhir"]["check"]["differences"]] == ["missing"]
+    assert seen and set(seen) == {"Bearer serve-fhir-token-42"}
