@@ -78,6 +78,8 @@ _PERSON_STR = re.compile(r"[\^= ,]+")
 _PERSON_BYTES = re.compile(rb"[\^= ,]+")
 _COMPONENT_STR = re.compile(r"[\^=]+")
 _COMPONENT_BYTES = re.compile(rb"[\^=]+")
+_UID_FORM = re.compile(rb"\d+(?:\.\d+)+")
+_WORD_BYTE = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_")  # what _WORD_EDGE must not see beside a match
 
 
 class ResidualPHIError(DeidentificationError):
@@ -93,11 +95,18 @@ _PIXEL_KEYWORDS = frozenset({"PatientName", "PatientID", "OtherPatientIDs", "Oth
 
 @dataclass
 class _Needles:
-    """The search forms of one object's originals (lower case), with the keyword each came from."""
+    """The search forms of one object's originals (lower case), with the keyword each came from.
+    UIDs are looked for one by one (each object has its own: a pattern holding them would be
+    compiled afresh for every object), the study's shared values through one cached pattern."""
 
-    pattern: re.Pattern[bytes]
+    pattern: re.Pattern[bytes] | None
+    uids: list[bytes]
     owner: dict[bytes, str]
     pixel_forms: dict[bytes, str]
+
+    def found_in(self, low: bytes) -> set[bytes]:
+        found = {m.group(0) for m in self.pattern.finditer(low)} if self.pattern is not None else set()
+        return found | {u for u in self.uids if _occurs(u, low)}
 
 
 def _needles(originals: Originals) -> _Needles | None:
@@ -111,7 +120,9 @@ def _needles(originals: Originals) -> _Needles | None:
                     pixel_forms.setdefault(form, keyword)
     if not owner:
         return None
-    return _Needles(_words(owner), owner, pixel_forms)
+    uids = [f for f in owner if _UID_FORM.fullmatch(f)]
+    shared = [f for f in owner if not _UID_FORM.fullmatch(f)]
+    return _Needles(_words(shared) if shared else None, uids, owner, pixel_forms)
 
 
 def _words(forms: Iterable[bytes]) -> re.Pattern[bytes]:
@@ -147,7 +158,7 @@ def audit_hits(data: bytes, originals: Originals | None, ds: Dataset | None = No
     cut = _pixel_start(data, ds)
     header = (data[:cut] if cut > 0 else data).lower()
     pixels = data[cut:] if cut > 0 else b""
-    found = {m.group(0) for m in needles.pattern.finditer(header)}
+    found = needles.found_in(header)
     hits = set()
     if pixels:
         label = _path((), int.from_bytes(pixels[:2], "little") << 16 | int.from_bytes(pixels[2:4], "little"))
@@ -350,4 +361,12 @@ class _Judge:
 
 
 def _occurs(form: bytes, low: bytes) -> bool:
-    return form in low and re.search(_WORD_EDGE[0] + re.escape(form) + _WORD_EDGE[1], low) is not None
+    """Whether ``form`` occurs in ``low`` as a whole word (as ``_WORD_EDGE`` says), without compiling
+    a pattern for it."""
+    start = low.find(form)
+    while start >= 0:
+        end = start + len(form)
+        if (start == 0 or low[start - 1] not in _WORD_BYTE) and (end == len(low) or low[end] not in _WORD_BYTE):
+            return True
+        start = low.find(form, start + 1)
+    return False

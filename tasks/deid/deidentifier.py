@@ -956,7 +956,7 @@ class Deidentifier:
             self._clean_now(ds, tag, vr, scrub)
         ctx.pending.clear()
 
-    def _clean_now(self, ds: Dataset, tag: BaseTag, vr: str, scrub: "re.Pattern[str] | None") -> None:
+    def _clean_now(self, ds: Dataset, tag: BaseTag, vr: str, scrub: descriptors.Scrubber | None) -> None:
         """Drop the object's identifying values, names after titles, dates and IDs."""
         elem = ds.get(tag)  # decoded with the dataset's character set
         value = elem.value if elem is not None else None

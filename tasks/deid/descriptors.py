@@ -24,8 +24,9 @@ little, a kept name is a breach. The residual-PHI audit still checks the output 
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
 
 _TITLES = r"(?:dr|drs|doctor|dott|dra|prof|professor|mr|mrs|ms|miss|mx|herr|frau|mme|mlle|sister|nurse)"
 _TITLE = re.compile(r"(?<![\w])" + _TITLES + r"(?![\w])\.?", re.IGNORECASE)
@@ -78,19 +79,39 @@ _SPACES = re.compile(r"\s{2,}")
 # The objects of a study share their values: their patterns are compiled once here, not left to
 # re's own cache, which other libraries in the process (dicognito compiles hundreds) can flush.
 _compile = lru_cache(maxsize=256)(re.compile)
+_UID_FORM = re.compile(r"\d+(?:\.\d+)+")
 
 
-def scrubber(long_tokens: Iterable[str], short_words: Iterable[str]) -> re.Pattern[str] | None:
-    """One case-insensitive pattern for the object's own values: long tokens anywhere, short
-    name components as whole words only. ``None`` when there is nothing to look for."""
-    longs = sorted({t for t in long_tokens if t.strip()}, key=len, reverse=True)
-    shorts = sorted({w for w in short_words if w.strip()} - set(longs), key=len, reverse=True)
+@dataclass(frozen=True)
+class Scrubber:
+    """The object's own values, to remove from its text. Each object has UIDs of its own, so a
+    pattern holding them would be compiled afresh for every object (about a millisecond each):
+    UIDs are replaced as plain strings (digits and dots have no case), the study's shared
+    values through one cached pattern."""
+
+    uids: tuple[str, ...]  # longest first: a UID that extends another goes whole
+    pattern: re.Pattern[str] | None
+
+    def sub(self, repl: str, text: str) -> str:
+        for uid in self.uids:
+            text = text.replace(uid, repl)
+        return self.pattern.sub(repl, text) if self.pattern is not None else text
+
+
+def scrubber(long_tokens: Iterable[str], short_words: Iterable[str]) -> Scrubber | None:
+    """The object's own values: long tokens anywhere, short name components (case-insensitive)
+    as whole words only. ``None`` when there is nothing to look for."""
+    tokens = {t for t in long_tokens if t.strip()}
+    uids = sorted({t for t in tokens if _UID_FORM.fullmatch(t)}, key=len, reverse=True)
+    longs = sorted(tokens - set(uids), key=len, reverse=True)
+    shorts = sorted({w for w in short_words if w.strip()} - tokens, key=len, reverse=True)
     parts = []
     if longs:
         parts.append("|".join(re.escape(t) for t in longs))
     if shorts:
         parts.append(r"(?<![\w])(?:" + "|".join(re.escape(w) for w in shorts) + r")(?![\w])")
-    return _compile("|".join(parts), re.IGNORECASE) if parts else None
+    pattern = _compile("|".join(parts), re.IGNORECASE) if parts else None
+    return Scrubber(tuple(uids), pattern) if uids or pattern is not None else None
 
 
 def _name_words(text: str, start: int, capitals: bool, limit: int) -> int:
@@ -138,7 +159,7 @@ def _phones(text: str) -> str:
     return _PHONE.sub(lambda m: "" if sum(c.isdigit() for c in m.group(0)) >= 9 else m.group(0), text)
 
 
-def clean_descriptor(text: str, own_values: re.Pattern[str] | None) -> str:
+def clean_descriptor(text: str, own_values: Scrubber | None) -> str:
     """``text`` without the object's own identifying values, names after titles, dates and IDs."""
     if own_values is not None:
         text = own_values.sub(" ", text)

@@ -84,6 +84,19 @@ def test_a_full_name_copied_into_a_retained_free_text_quarantines_with_its_path(
     assert_no_value(message, "Johnson", "Mary")
 
 
+def test_an_original_uid_left_in_retained_text_quarantines_but_not_inside_a_longer_number():
+    ds = ct()
+    sop = str(ds.SOPInstanceUID)
+    ds.DetectorDescription = f"calibration of {sop}"
+    message = quarantined(ds)
+    assert "SOPInstanceUID found in (0018,7006) DetectorDescription" in message
+    assert_no_value(message, sop)
+    ds = ct()
+    ds.DetectorDescription = f"calibration of {ds.SOPInstanceUID}1 and x{ds.SOPInstanceUID}"  # not whole words
+    _, hits = exported(ds)
+    assert not [h for h in hits if h.source == "SOPInstanceUID"]
+
+
 def test_a_one_part_name_is_a_whole_value_and_quarantines():
     ds = ct("Pelvis")
     ds.BodyPartExamined = "PELVIS"

@@ -68,6 +68,12 @@ def test_the_objects_own_values_go_short_name_parts_only_as_whole_words():
     assert clean_descriptor("Annual knee for Lee Whitcombe PID778", own) == "Annual knee for"
 
 
+def test_the_objects_own_uids_go_wherever_they_occur_the_longest_first():
+    own = scrubber(["1.2.840.99.7", "1.2.840.99.77", "Whitcombe"], [])
+    assert own is not None and own.sub("#", "ref 1.2.840.99.77; see 1.2.840.99.7 WHITCOMBE") == "ref #; see # #"
+    assert scrubber(["1.2.840.99.7"], []).sub("#", "x1.2.840.99.7") == "x#"  # anywhere, as every long token
+
+
 def test_default_options_keep_characteristics_and_cleaned_descriptors():
     assert DeidSettings().options == list(DEFAULT_OPTIONS)
     assert {Option.RETAIN_PATIENT_CHARACTERISTICS, Option.CLEAN_DESCRIPTORS, Option.RETAIN_MODIFIED_DATES} == set(
