@@ -53,7 +53,10 @@ from typing import Any
 from pacsflow.tasks.deid.deidentifier import patient_pseudonym
 from pacsflow.tasks.fhir.mapping import SECURITY_SYSTEM, Identity, patient_identity
 from pacsflow.tasks.hl7.message import (
+    APPLICATION_INTERNAL_ERROR,
+    DATA_TYPE_ERROR,
     REQUIRED_FIELD_MISSING,
+    SEGMENT_SEQUENCE_ERROR,
     TABLE_VALUE_NOT_FOUND,
     AdtMessage,
     Hl7Error,
@@ -213,7 +216,7 @@ def _fhir_date(stamp: str, location: str) -> str | None:
     if not digits:
         return None
     if len(digits) not in (4, 6, 8) or not digits.isdigit():
-        raise Hl7Error("not an HL7 date", location=location, code=102)
+        raise Hl7Error("not an HL7 date", location=location, code=DATA_TYPE_ERROR)
     parse_timestamp(digits, location)  # month and day in range
     return "-".join(p for p in (digits[:4], digits[4:6], digits[6:8]) if p)
 
@@ -328,7 +331,7 @@ def _demographics(pid: Segment) -> tuple[dict[str, Any], frozenset[str]]:
 def _pid(msg: AdtMessage) -> Segment:
     pid = msg.segment("PID")
     if pid is None:  # parse_adt guarantees one; a hand-built message may not
-        raise Hl7Error("PID segment missing", location="PID", code=100)
+        raise Hl7Error("PID segment missing", location="PID", code=SEGMENT_SEQUENCE_ERROR)
     return pid
 
 
@@ -482,11 +485,11 @@ def merge_plan(msg: AdtMessage, config: MappingConfig) -> MergePlan:
         raise ValueError("merge_plan needs an A40 message")
     mrg = msg.segment("MRG")
     if mrg is None:
-        raise Hl7Error("A40 without MRG segment", location="MRG", code=100)
+        raise Hl7Error("A40 without MRG segment", location="MRG", code=SEGMENT_SEQUENCE_ERROR)
     survivor = patient_change(msg, config)
     merged = identity_of(mrg.repetitions(1), config, "MRG-1")
     if merged == survivor.identity:
-        raise Hl7Error("merged and surviving identifiers are the same", location="MRG-1", code=207)
+        raise Hl7Error("merged and surviving identifiers are the same", location="MRG-1", code=APPLICATION_INTERNAL_ERROR)
     research = config.mode is Mode.RESEARCH
     return MergePlan(survivor, merged, survivor.identity.resource_id if research else None,
                      merged.resource_id if research else None)
