@@ -29,7 +29,7 @@ FORBIDDEN_INTERNAL = {
     "catalog/": ("pacsflow.tasks", "pacsflow.flows", "pacsflow.deployments"),
     "tasks/": ("pacsflow.flows", "pacsflow.deployments"),
     "tasks/core/": ("pacsflow.tasks.pacs", "pacsflow.tasks.deid", "pacsflow.tasks.lake", "pacsflow.tasks.fhir",
-                    "pacsflow.tasks.ingest", "pacsflow.tasks.route", "pacsflow.tasks.settings"),
+                    "pacsflow.tasks.ingest", "pacsflow.tasks.route", "pacsflow.tasks.hl7", "pacsflow.tasks.settings"),
     "deployments/": ("pacsflow.flows",),
 }
 
