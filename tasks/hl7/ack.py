@@ -3,7 +3,9 @@
 An ACK copies only header fields (applications, facilities, control id, processing id, version,
 character set): never PID or any other segment, so it carries no PHI. It is built from the raw
 bytes, not from a parsed message, so a message we cannot parse still gets an AE naming the field.
-The result is the bare message; MLLP framing belongs to the server.
+The result is the bare message; MLLP framing belongs to the server. The ACK uses the default
+delimiters (``|^~\\&``); header values are copied as sent, which is exact for the usual senders that
+use those delimiters too.
 
 The ERR segment follows v2.5+ (ERR-2 location as ERL, ERR-3 code from table 0357, ERR-4 severity);
 for senders on an older version ERR-1 (ELD) carries the same location and code, since ERR-2..4 did

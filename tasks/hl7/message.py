@@ -112,8 +112,8 @@ def part(rep: Repetition, component: int = 1, sub: int = 1) -> str:
 
 
 def _segment(seg: Any, parsed: Any) -> Segment:
-    def leaf(text: Any, n: int) -> str:
-        text = str(text)
+    def leaf(node: Any, n: int) -> str:
+        text = str(node)
         # MSH-1/MSH-2 are the delimiters themselves, not escaped data.
         if seg[0][0] == "MSH" and n <= 2:
             return text
