@@ -327,13 +327,13 @@ class Hl7Settings(BaseModel):
     identifier_systems: dict[str, str] = Field(
         default_factory=dict, description="PID-3 assigning authority -> FHIR identifier system (URI)"
     )
-    default_identifier_system: str | None = Field(
-        None, description="identifier system of a PID-3 whose authority is not in identifier_systems; unset = such "
-        "identifiers are refused (AE)"
+    default_identifier_system: str = Field(
+        "urn:pacsflow:hl7:unknown-authority",
+        description="identifier system of a PID-3 whose assigning authority is empty or not in identifier_systems",
     )
     research_authority: str | None = Field(
-        None, description="research mode: the PID-3 assigning authority whose id the PACS's PatientID carries (the "
-        "pseudonym is made from it); unset = the first PID-3 repetition"
+        None, description="research mode (required there): the PID-3 assigning authority whose id the PACS's "
+        "PatientID carries; the pseudonym is made from it as the imaging pipeline makes it"
     )
     inbox_retention_days: int = Field(30, ge=1, description="applied or given-up messages older than this are "
                                       "deleted from the inbox")
@@ -353,9 +353,11 @@ class Hl7Settings(BaseModel):
         return [peer.strip() for peer in v]
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> "Hl7Settings":
+    def _consistent(self) -> "Hl7Settings":
         if self.tls_key is not None and self.tls_cert is None:
             raise ValueError("tls_key needs tls_cert")
+        if self.mode is Hl7Mode.RESEARCH and not self.research_authority:
+            raise ValueError("research mode needs research_authority (the PID-3 authority of the PACS's PatientID)")
         return self
 
 

@@ -120,13 +120,12 @@ class Inbox:
         self.path = Path(path)
         self.backoff = backoff
         open_sqlite(self.path, _SCHEMA)
-        with self._tx() as con:
+        with self._tx() as con:  # a new file (version 0) takes ours; another version is refused
             version = int(con.execute("PRAGMA user_version").fetchone()[0])
-            if version == 0:
-                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
-                raise InboxVersionError(f"HL7 inbox {self.path} has schema version {version}; this pacsflow "
-                                        f"reads version {SCHEMA_VERSION}")
+            con.execute(f"PRAGMA user_version = {version or SCHEMA_VERSION}")
+        if version not in (0, SCHEMA_VERSION):
+            raise InboxVersionError(f"HL7 inbox {self.path} has schema version {version}; this pacsflow reads "
+                                    f"version {SCHEMA_VERSION}")
 
     @classmethod
     def for_settings(cls, settings: Settings) -> "Inbox":
