@@ -16,7 +16,10 @@ from typing import Any
 
 import pytest
 
+from pacsflow.tasks.deid.deidentifier import patient_pseudonym
 from pacsflow.tasks.fhir.client import FhirClient, errors_in
+from pacsflow.tasks.fhir.mapping import MappingOptions, build_study, patient_identity
+from pacsflow.tasks.fhir.sync import send_studies
 from pacsflow.tasks.hl7.inbox import Inbox, InboxState
 from tests.helpers import free_port
 from tests.integration.conftest import hapi  # noqa: F401  (session fixture)
@@ -200,3 +203,34 @@ def test_fhir_down_then_kill_9_then_applied_after_restart(hapi, fhir, tmp_path):
             time.sleep(0.2)
     finally:
         assert facade.stop() == 0
+
+
+def test_research_mode_shares_the_imaging_syncs_patient(hapi, fhir, tmp_path):  # noqa: F811
+    key = "research-key-0123456789abcdef"
+    system = f"urn:pacsflow:pseudonym:{uuid.uuid4().hex[:8]}"
+    facade = Facade(tmp_path, _system(), hapi.base_url)
+    facade.env.update({"PACSFLOW_HL7__MODE": "research", "PACSFLOW_HL7__RESEARCH_AUTHORITY": "HOSP",
+                       "PACSFLOW_DEID_KEY": key, "PACSFLOW_FHIR__PSEUDONYM_SYSTEM": system})
+    pseudo = patient_pseudonym(key.encode(), "3001")
+    identity = patient_identity(system, pseudo)
+    # The imaging sync first: its Patient (pseudonym, sex) and an ImagingStudy pointing at it.
+    study = build_study({"study_uid": f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**9}",
+                         "patient_pseudo_id": pseudo, "patient_sex": "F"}, [], [],
+                        MappingOptions(pseudonym_system=system))
+    assert send_studies(fhir, [study]).failed == []
+    facade.start()
+    try:
+        assert facade.send(adt("A01", "R1", "PID|1||3001^^^HOSP^MR~555^^^OTHER||Secret^Name||19800704|F|||"
+                               "Street 1^^Town||^PRN^PH^^^^^^^^^+41 1|||||||||||||||||Y")) == ["AA"]
+        patient = _patient(fhir, system, pseudo, until=lambda p: "birthDate" in p)
+    finally:
+        assert facade.stop() == 0
+    assert patient["id"] == identity.resource_id  # one resource: the imaging sync's
+    assert {k: patient[k] for k in ("identifier", "gender", "birthDate", "deceasedBoolean")} == {
+        "identifier": [{"system": system, "value": pseudo}], "gender": "female", "birthDate": "1980",
+        "deceasedBoolean": True}
+    assert not {"name", "address", "telecom"} & patient.keys()
+    assert [s["code"] for s in patient["meta"]["security"]] == ["PSEUDED"]
+    assert errors_in(fhir.validate(patient)) == []
+    [imaging] = fhir.search_by_identifier("ImagingStudy", [study.study_identity.token])
+    assert imaging["subject"]["reference"] == f"Patient/{patient['id']}"
