@@ -29,6 +29,7 @@ from pacsflow.catalog import cli as catalog_cli
 from pacsflow.deployments.local import cli as stack_cli
 from pacsflow.flows import alerts_cli
 from pacsflow.flows import console as errors_console
+from pacsflow.flows import hl7 as hl7_cli
 from pacsflow.tasks import settings_cli
 from pacsflow.tasks.deid import cli as deid_cli
 from pacsflow.tasks.route import cli as route_cli
@@ -222,6 +223,23 @@ def listen_cmd() -> None:
 
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _hl7_listen(settings: Settings) -> None:
+    """`pacsflow hl7 listen`: SIGTERM stops it cleanly with exit status 0, like `pacsflow listen`."""
+    from pacsflow.tasks.core.errors import PacsflowError
+    from pacsflow.tasks.settings import SettingsError
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        hl7_cli.serve(settings)
+    except (PacsflowError, SettingsError) as exc:  # TLS files, FHIR settings, the key (research mode)
+        errors_console.fail(exc)
+    except KeyboardInterrupt:
+        pass
+
+
+app.add_typer(hl7_cli.build_app(_settings, _hl7_listen), name="hl7")  # `pacsflow hl7 listen|replay|status`
 
 
 @app.command("serve")

@@ -9,6 +9,7 @@ local Orthanc that ``pacsflow stack up`` starts.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -298,6 +299,68 @@ class ServeSettings(BaseModel):
         return self
 
 
+class Hl7Mode(str, enum.Enum):
+    """What the HL7 facade writes: the messages' demographics as they are (a clinical facade) or the
+    imaging pipeline's keyed pseudonym with what the de-identification profile allows."""
+
+    IDENTIFIED = "identified"
+    RESEARCH = "research"
+
+
+class Hl7Settings(BaseModel):
+    """``pacsflow hl7 listen``: the MLLP server that takes HL7v2 ADT messages, its durable inbox (PHI zone)
+    and the worker that turns them into FHIR Patient resources on fhir.base_url."""
+
+    host: str = Field("127.0.0.1", description="the address the MLLP server binds")
+    port: int = Field(2575, ge=0, le=65535, description="the port the MLLP server binds (0 = any free port)")
+    allowed_peers: list[str] = Field(
+        default_factory=list,
+        description="IP addresses or networks (CIDR) that may connect; empty = loopback only; others are closed "
+        "at once",
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate (and chain) the MLLP server presents: turns TLS on")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert (when not in the same file)")
+    max_message_kb: int = Field(1024, ge=1, description="a message larger than this is refused (AR) and its "
+                                "connection closed")
+    mode: Hl7Mode = Field(Hl7Mode.IDENTIFIED, description="identified (demographics as the messages say) | research "
+                          "(the imaging pseudonym; gender, birth year, deceased flag only)")
+    identifier_systems: dict[str, str] = Field(
+        default_factory=dict, description="PID-3 assigning authority -> FHIR identifier system (URI)"
+    )
+    default_identifier_system: str = Field(
+        "urn:pacsflow:hl7:unknown-authority",
+        description="identifier system of a PID-3 whose assigning authority is empty or not in identifier_systems",
+    )
+    research_authority: str | None = Field(
+        None, description="research mode (required there): the PID-3 assigning authority whose id the PACS's "
+        "PatientID carries; the pseudonym is made from it as the imaging pipeline makes it"
+    )
+    inbox_retention_days: int = Field(30, ge=1, description="applied or given-up messages older than this are "
+                                      "deleted from the inbox")
+    apply_retries: int = Field(10, ge=0, le=100, description="retries of a message the FHIR server could not take "
+                               "(down, conflict) before it is failed for good (pacsflow hl7 replay sends it again)")
+    apply_backoff_s: float = Field(5.0, ge=0, description="first delay after a failed apply; doubles, with jitter")
+    apply_max_delay_s: float = Field(600.0, ge=0, description="cap on one apply retry delay")
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _peers(cls, v: list[str]) -> list[str]:
+        for peer in v:
+            try:
+                ipaddress.ip_network(peer.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{peer!r} is not an IP address or network") from None
+        return [peer.strip() for peer in v]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Hl7Settings":
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("tls_key needs tls_cert")
+        if self.mode is Hl7Mode.RESEARCH and not self.research_authority:
+            raise ValueError("research mode needs research_authority (the PID-3 authority of the PACS's PatientID)")
+        return self
+
+
 class FhirSettings(BaseModel):
     """The FHIR server that receives ImagingStudy and Patient resources (off when base_url is unset)."""
 
@@ -357,6 +420,7 @@ class Settings(BaseSettings):
     receiver: ReceiverSettings = ReceiverSettings()
     listener: ListenerSettings = ListenerSettings()
     serve: ServeSettings = ServeSettings()
+    hl7: Hl7Settings = Hl7Settings()
     calling_ae: str = Field("PACSFLOW", description="our AE title when we call the PACS")
     retrieve_method: RetrieveMethod = Field(
         RetrieveMethod.C_MOVE, description="c-move (the PACS sends to our Storage SCP) or c-get (on our association)"
@@ -485,6 +549,11 @@ class Settings(BaseSettings):
     def listener_dir(self) -> Path:
         """The listener's PHI zone: received originals, its study tracker and outbox."""
         return self.state_root / "listener"
+
+    @property
+    def hl7_dir(self) -> Path:
+        """The HL7 facade's PHI zone: its inbox of received messages."""
+        return self.state_root / "hl7"
 
     @property
     def tokens_path(self) -> Path:

@@ -304,15 +304,20 @@ class FhirClient:
             raise FhirUnavailable("FHIR transaction: the answer has a different number of entries")
         return doc
 
-    def put(self, url: str, resource: dict[str, Any], *, minimal: bool = True) -> httpx.Response:
+    def put(self, url: str, resource: dict[str, Any], *, minimal: bool = True,
+            if_match: str | None = None) -> httpx.Response:
         """PUT one resource (``Type/id`` or a conditional ``Type?identifier=…``).
 
         A conditional URL carries the identifier value in its query (httpx's request log drops the
         query). The sync itself uses transactions (identifiers only in the body); this is for tools
-        and benchmarks.
+        and benchmarks. With ``if_match`` (a version id), a 409 or 412 is returned, not retried:
+        someone else wrote the resource since it was read, and only reading it again helps.
         """
         headers = {"Prefer": "return=minimal"} if minimal else {}
-        return self._request("PUT", url, json=resource, headers=headers)
+        if if_match is None:
+            return self._request("PUT", url, json=resource, headers=headers)
+        headers["If-Match"] = f'W/"{if_match}"'
+        return self._request("PUT", url, json=resource, headers=headers, ok=(409, 412))
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """GET ``path`` (relative to the base); None for 404/410."""

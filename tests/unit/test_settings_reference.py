@@ -34,7 +34,8 @@ def _mode(path: Path) -> int:
 def _leaves(mapping: dict, prefix: str = "") -> set[str]:
     names: set[str] = set()
     for key, value in mapping.items():
-        names |= _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+        # A section is a non-empty mapping; an empty one is a dict-valued setting (hl7.identifier_systems).
+        names |= _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {prefix + key}
     return names
 
 
