@@ -318,7 +318,7 @@ def _spy_writes(monkeypatch) -> list[Path]:
     written: list[Path] = []
     real = store_mod._write_parquet
 
-    def spy(table, name, path):
+    def spy(table, name, path):  # table: what the store writes (a Merge of sorted sources)
         written.append(path)
         return real(table, name, path)
 
