@@ -40,8 +40,10 @@ Commit (``commit(tables)``), under the lock:
    files that hold a replaced study are read and written again without it; once a partition has
    more than ``MAX_SMALL_FILES`` files under ``SMALL_FILE_ROWS`` rows they are merged into the new
    one. Every other file is hard-linked from the current snapshot (files are immutable, their
-   names unique; the manifest records each file's schema version). So a commit's memory follows
-   its batch, not the partitions it lands in. ``compact()`` makes one file of every partition;
+   names unique; the manifest records each file's schema version). Files are merged and rewritten
+   streaming (a slice of each input, one row group of the output at a time), so a commit's memory
+   follows its batch and one row group, not the partitions it lands in or the files it merges;
+   ``compact()`` makes one file of every partition the same way;
 4. fsync, rename the build directory to ``_snapshots/v<N>``, then atomically replace ``_current``.
 
 Readers resolve ``_current`` once and read only that snapshot's manifest and files, so they see a
@@ -262,8 +264,11 @@ def _sort_key(partition: str | None) -> tuple[int, str]:
 def _split_by_partition(table: pa.Table) -> dict[str | None, pa.Table]:
     """The rows of ``table`` grouped by their partition key (from study_date; None when it has none)."""
     keys = _partition_keys(table["study_date"])
+    months = set(keys.to_pylist())
+    if len(months) == 1:  # the usual night: no filtered copy of the batch
+        return {months.pop(): table}
     groups: dict[str | None, pa.Table] = {}
-    for p in set(keys.to_pylist()):
+    for p in months:
         mask = pc.is_null(keys) if p is None else pc.fill_null(pc.equal(keys, p), False)
         groups[p] = table.filter(mask)
     return groups
