@@ -861,10 +861,10 @@ class Merge:
 
 def _batches(source: Source, name: str) -> Iterator[pa.Table]:
     """The rows of ``source`` in slices of ``MERGE_BATCH_ROWS``, conformed to today's schema."""
-    if source.table is not None:
-        table = source.table.sort_by([(k, "ascending") for k in SORT_KEYS[name]])
-        for start in range(0, table.num_rows, MERGE_BATCH_ROWS):
-            yield table.slice(start, MERGE_BATCH_ROWS)
+    if source.table is not None:  # sorted a slice at a time: no sorted copy of the whole batch
+        order = pc.sort_indices(source.table, sort_keys=[(k, "ascending") for k in SORT_KEYS[name]])
+        for start in range(0, len(order), MERGE_BATCH_ROWS):
+            yield source.table.take(order.slice(start, MERGE_BATCH_ROWS))
         return
     assert source.path is not None
     # ParquetFile, not pq.read_table: the latter would add the hive column from the path.
