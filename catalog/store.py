@@ -89,6 +89,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -861,10 +862,8 @@ class Merge:
 
 def _batches(source: Source, name: str) -> Iterator[pa.Table]:
     """The rows of ``source`` in slices of ``MERGE_BATCH_ROWS``, conformed to today's schema."""
-    if source.table is not None:  # sorted a slice at a time: no sorted copy of the whole batch
-        order = pc.sort_indices(source.table, sort_keys=[(k, "ascending") for k in SORT_KEYS[name]])
-        for start in range(0, len(order), MERGE_BATCH_ROWS):
-            yield source.table.take(order.slice(start, MERGE_BATCH_ROWS))
+    if source.table is not None:
+        yield from _sorted_slices(source.table, name)
         return
     assert source.path is not None
     # ParquetFile, not pq.read_table: the latter would add the hive column from the path.
@@ -875,6 +874,22 @@ def _batches(source: Source, name: str) -> Iterator[pa.Table]:
                 chunk = chunk.filter(pc.invert(pc.is_in(chunk["study_uid"], value_set=source.drop)))
             if chunk.num_rows:
                 yield chunk
+
+
+def _sorted_slices(table: pa.Table, name: str) -> Iterator[pa.Table]:
+    """``table`` sorted, a slice at a time, without a sorted copy of it whole. Arrow's ``take``
+    on a table of many chunks (the commit's batch: a chunk per study) first concatenates them,
+    a copy of the whole batch per call: each slice is taken from the chunks it needs instead."""
+    order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in SORT_KEYS[name]]).to_numpy().astype(np.int64)
+    batches = table.to_batches()
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    for first in range(0, len(order), MERGE_BATCH_ROWS):
+        idx = order[first : first + MERGE_BATCH_ROWS]
+        chunk = np.searchsorted(starts, idx, side="right") - 1
+        used = np.unique(chunk)
+        picked = pa.Table.from_batches([batches[c].take(idx[chunk == c] - starts[c]) for c in used])
+        came_from = np.concatenate([np.flatnonzero(chunk == c) for c in used])
+        yield picked.combine_chunks().take(np.argsort(came_from, kind="stable"))
 
 
 def _merge_sorted(streams: list[Iterator[pa.Table]], name: str) -> Iterator[pa.Table]:
