@@ -40,8 +40,10 @@ Commit (``commit(tables)``), under the lock:
    files that hold a replaced study are read and written again without it; once a partition has
    more than ``MAX_SMALL_FILES`` files under ``SMALL_FILE_ROWS`` rows they are merged into the new
    one. Every other file is hard-linked from the current snapshot (files are immutable, their
-   names unique; the manifest records each file's schema version). So a commit's memory follows
-   its batch, not the partitions it lands in. ``compact()`` makes one file of every partition;
+   names unique; the manifest records each file's schema version). Files are merged and rewritten
+   streaming (a slice of each input, one row group of the output at a time), so a commit's memory
+   follows its batch and one row group, not the partitions it lands in or the files it merges;
+   ``compact()`` makes one file of every partition the same way;
 4. fsync, rename the build directory to ``_snapshots/v<N>``, then atomically replace ``_current``.
 
 Readers resolve ``_current`` once and read only that snapshot's manifest and files, so they see a
@@ -69,6 +71,8 @@ The store needs a local POSIX filesystem (hard links, symlinks, flock, atomic re
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime as _dt
 import fcntl
 import inspect
@@ -77,6 +81,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -84,6 +89,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -110,6 +116,11 @@ MANIFEST_FORMAT = "pacsflow-catalog/1"
 MAX_SMALL_FILES = 4
 SMALL_FILE_ROWS = 16 * 1024  # == ROW_GROUP_ROWS
 ROW_GROUP_ROWS = 16 * 1024  # smaller row groups = finer skipping by study_uid/study_date (16k: README, 10M)
+# Files are merged and rewritten streaming, a slice of this many rows per input at a time: a
+# commit holds its batch, a slice per merged file and one row group being written, whatever the
+# size of the files it merges (reading them whole lifted the flow's memory 150-300 MiB per merge).
+MERGE_BATCH_ROWS = 512
+READ_BUFFER_BYTES = 1 << 20  # read a column chunk in pieces, not whole (dicom_json: ~20 MiB a row group)
 #: strftime pattern of the partition key; a coarser one (``%Y``) is what bench/catalog_scale.py compares.
 PARTITION_FORMAT = "%Y-%m"
 ZSTD_LEVEL = 3
@@ -251,19 +262,39 @@ def _sort_key(partition: str | None) -> tuple[int, str]:
     return (1, "") if partition is None else (0, partition)
 
 
-def _read_file(path: Path) -> pa.Table:
-    # ParquetFile, not pq.read_table: the latter would add the hive column from the path.
-    return pq.ParquetFile(path).read()
-
-
 def _split_by_partition(table: pa.Table) -> dict[str | None, pa.Table]:
     """The rows of ``table`` grouped by their partition key (from study_date; None when it has none)."""
     keys = _partition_keys(table["study_date"])
+    months = set(keys.to_pylist())
+    if len(months) == 1:  # the usual night: no filtered copy of the batch
+        return {months.pop(): table}
     groups: dict[str | None, pa.Table] = {}
-    for p in set(keys.to_pylist()):
+    for p in months:
         mask = pc.is_null(keys) if p is None else pc.fill_null(pc.equal(keys, p), False)
         groups[p] = table.filter(mask)
     return groups
+
+
+def release_memory() -> None:
+    """Hand the memory a commit freed back to the OS. Arrow's allocator (mimalloc, jemalloc) and
+    glibc's arenas keep freed pages for reuse: without this a long-running process (the nightly
+    flow) kept a commit's high-water mark resident until a later commit happened to reuse it."""
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # musl has none
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -555,6 +586,7 @@ class CatalogStore:
                 return unchanged
             present = replaced if existing else set()  # all new studies: no file needs reading
             version, written, linked, rows, rewritten = self._publish(base, new_parts, present, touched, rewrite_all)
+        release_memory()
         result = CommitResult(
             version=version,
             studies_committed=incoming["studies"].num_rows,
@@ -672,11 +704,11 @@ class CatalogStore:
                 new = new_parts[t].get(p)
                 if new is not None and new.num_rows:
                     rows_written[t] += new.num_rows
-                tables: list[pa.Table] = []
+                groups: list[list[Source]] = []
                 if p not in touched:
                     keep = olds
                 else:
-                    keep, tables = self._partition_plan(base, t, olds, new, value_set, rewrite_all)
+                    keep, groups = self._partition_plan(base, olds, new, value_set, rewrite_all)
                     rewritten.add(p)
                 for old in keep:
                     assert base.directory is not None
@@ -684,11 +716,16 @@ class CatalogStore:
                     os.link(base.directory / old.path, build / old.path)
                     entries.append(old)
                     linked += 1
-                for table in tables:
-                    entries.append(_write_partition(build, t, p, version, table))
-                    written += 1
+                for sources in groups:
+                    entry = _write_partition(build, t, p, version, sources)
+                    if entry is not None:  # None: every row of its files was replaced
+                        entries.append(entry)
+                        written += 1
             if not entries:  # a table without rows keeps one zero-row file: its glob must match
-                entries.append(_write_partition(build, t, None, version, SCHEMAS[t].empty_table()))
+                empty = Source(None, 0, table=SCHEMAS[t].empty_table())
+                placeholder = _write_partition(build, t, None, version, [empty], keep_empty=True)
+                assert placeholder is not None
+                entries.append(placeholder)
                 written += 1
             manifest[t] = [e.to_json() for e in entries]
         for d in sorted({p for p in build.rglob("*") if p.is_dir()}, key=lambda p: -len(p.parts)):
@@ -696,34 +733,40 @@ class CatalogStore:
         return manifest, written, linked, rows_written, rewritten
 
     @staticmethod
-    def _partition_plan(base: Snapshot, t: str, olds: list[FileEntry], new: pa.Table | None,
-                        value_set: pa.Array, rewrite_all: bool) -> tuple[list[FileEntry], list[pa.Table]]:
-        """A touched partition: which of its files stay as they are (linked), and the tables to
-        write as new files. A commit appends: its rows become a new file, only the files holding a
+    def _partition_plan(base: Snapshot, olds: list[FileEntry], new: pa.Table | None, value_set: pa.Array,
+                        rewrite_all: bool) -> tuple[list[FileEntry], list[list[Source]]]:
+        """A touched partition: which of its files stay as they are (linked), and the sources of
+        each new file. A commit appends: its rows become a new file, only the files holding a
         replaced study are rewritten without it, and small files are merged into the new one once
-        there are more than ``MAX_SMALL_FILES`` of them, so memory follows the batch, not the
-        partition. ``compact`` (``rewrite_all``) makes one file of each partition."""
+        there are more than ``MAX_SMALL_FILES`` of them. Files are only opened here to find the
+        replaced studies (their ``study_uid`` column); the new files are written streaming
+        (:func:`_write_partition`). ``compact`` (``rewrite_all``) makes one file of each partition."""
         directory = base.directory or Path()  # no files without a directory
         keep: list[FileEntry] = []
-        merged: list[pa.Table] = [new] if new is not None and new.num_rows else []
-        rewrites: list[pa.Table] = []
+        merged = [Source(None, new.num_rows, table=new)] if new is not None and new.num_rows else []
+        rewrites: list[list[Source]] = []
         for old in olds:
             path = directory / old.path
-            holds_replaced = len(value_set) and pc.any(
-                pc.is_in(pq.read_table(path, columns=["study_uid"])["study_uid"], value_set=value_set)).as_py()
+            hits = 0
+            if len(value_set):  # only the study_uid column: which files hold a replaced study
+                uids = pq.read_table(path, columns=["study_uid"])["study_uid"]
+                hits = pc.sum(pc.is_in(uids, value_set=value_set)).as_py() or 0
+                if hits == len(uids):  # every row replaced: the file just goes
+                    continue
+            holds_replaced = hits > 0
             if not holds_replaced and not rewrite_all:
                 keep.append(old)
                 continue
-            table = conform(_read_file(path), t, lenient=True)
-            if holds_replaced:
-                table = table.filter(pc.invert(pc.is_in(table["study_uid"], value_set=value_set)))
-            (merged if rewrite_all else rewrites).append(table)
+            source = Source(path, old.rows, value_set if holds_replaced else None)
+            if rewrite_all:
+                merged.append(source)
+            else:
+                rewrites.append([source])
         small = [e for e in keep if e.rows < SMALL_FILE_ROWS]
         if len(small) + bool(merged) > MAX_SMALL_FILES:
             keep = [e for e in keep if e not in small]
-            merged += [conform(_read_file(directory / e.path), t, lenient=True) for e in small]
-        tables = [pa.concat_tables(merged)] if merged else []
-        return keep, [x for x in tables + rewrites if x.num_rows]
+            merged += [Source(directory / e.path, e.rows) for e in small]
+        return keep, ([merged] if merged else []) + rewrites
 
     # -- maintenance ---------------------------------------------------------------------------
     def vacuum(self, grace_s: float = 3600.0) -> VacuumResult:
@@ -772,42 +815,154 @@ class CatalogStore:
         return VacuumResult(len(doomed), files_removed, freed, tuple(sorted(keep)))
 
 
-def _write_partition(build: Path, name: str, partition: str | None, version: int, table: pa.Table) -> FileEntry:
-    """Write ``table`` as the one sorted file of ``partition`` in the snapshot being built."""
+def _write_partition(build: Path, name: str, partition: str | None, version: int, sources: list[Source],
+                     *, keep_empty: bool = False) -> FileEntry | None:
+    """Write the rows of ``sources`` as one sorted file of ``partition`` in the snapshot being
+    built; None (and no file) when they have no rows, unless ``keep_empty``."""
     rel_dir = Path(name) / _partition_dir(partition)
     rel = rel_dir / f"part-{version:012d}-{uuid.uuid4().hex[:12]}.parquet"
     (build / rel_dir).mkdir(parents=True, exist_ok=True)
-    table = table.sort_by([(k, "ascending") for k in SORT_KEYS[name]])
-    size = _write_parquet(table, name, build / rel)
-    return FileEntry(name, partition, rel.as_posix(), table.num_rows, size, SCHEMA_VERSION)
+    path = build / rel
+    try:
+        rows = _write_parquet(Merge(tuple(sources), name), name, path)
+    except OSError as exc:  # Arrow's errors do not name the file: the commit's message will
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    if not rows and not keep_empty:
+        path.unlink()
+        return None
+    _fsync(path)
+    return FileEntry(name, partition, rel.as_posix(), rows, path.stat().st_size, SCHEMA_VERSION)
 
 
-def _write_parquet(table: pa.Table, name: str, path: Path) -> int:
+@dataclass(frozen=True)
+class Source:
+    """One input of a file being written: a file of the base snapshot (without the studies of
+    ``drop``) or, with ``table``, the commit's own rows. Each is sorted by the table's sort keys."""
+
+    path: Path | None
+    rows: int  # an upper bound of the rows it yields
+    drop: pa.Array | None = None
+    table: pa.Table | None = None
+
+
+@dataclass(frozen=True)
+class Merge:
+    """The rows of ``sources`` as sorted chunks, read and merged streaming."""
+
+    sources: tuple[Source, ...]
+    name: str
+
+    @property
+    def upper_rows(self) -> int:
+        return sum(s.rows for s in self.sources)
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        return _merge_sorted([_batches(s, self.name) for s in self.sources], self.name)
+
+
+def _batches(source: Source, name: str) -> Iterator[pa.Table]:
+    """The rows of ``source`` in slices of ``MERGE_BATCH_ROWS``, conformed to today's schema."""
+    if source.table is not None:
+        yield from _sorted_slices(source.table, name)
+        return
+    assert source.path is not None
+    # ParquetFile, not pq.read_table: the latter would add the hive column from the path.
+    with pq.ParquetFile(source.path, buffer_size=READ_BUFFER_BYTES, pre_buffer=False) as pf:
+        for batch in pf.iter_batches(batch_size=MERGE_BATCH_ROWS, use_threads=False):
+            chunk = conform(pa.Table.from_batches([batch]), name, lenient=True)
+            if source.drop is not None and len(source.drop):
+                chunk = chunk.filter(pc.invert(pc.is_in(chunk["study_uid"], value_set=source.drop)))
+            if chunk.num_rows:
+                yield chunk
+
+
+def _sorted_slices(table: pa.Table, name: str) -> Iterator[pa.Table]:
+    """``table`` sorted, a slice at a time, without a sorted copy of it whole. Arrow's ``take``
+    on a table of many chunks (the commit's batch: a chunk per study) first concatenates them,
+    a copy of the whole batch per call: each slice is taken from the chunks it needs instead."""
+    order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in SORT_KEYS[name]]).to_numpy().astype(np.int64)
+    batches = table.to_batches()
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    for first in range(0, len(order), MERGE_BATCH_ROWS):
+        idx = order[first : first + MERGE_BATCH_ROWS]
+        chunk = np.searchsorted(starts, idx, side="right") - 1
+        used = np.unique(chunk)
+        picked = pa.Table.from_batches([batches[c].take(idx[chunk == c] - starts[c]) for c in used])
+        came_from = np.concatenate([np.flatnonzero(chunk == c) for c in used])
+        yield picked.combine_chunks().take(np.argsort(came_from, kind="stable"))
+
+
+def _merge_sorted(streams: list[Iterator[pa.Table]], name: str) -> Iterator[pa.Table]:
+    """Merge sorted streams into sorted chunks, holding about one slice per stream.
+
+    Each round emits, from every buffer, the rows of studies before the smallest last study of
+    the streams not yet exhausted: no later slice can hold rows of those studies. The stream(s)
+    whose buffer ends at that study read their next slice (a study longer than a slice stays
+    buffered whole)."""
+    keys = [(k, "ascending") for k in SORT_KEYS[name]]
+    heads: list[pa.Table] = []
+    live: list[Iterator[pa.Table] | None] = []
+    for stream in streams:
+        first = next(stream, None)
+        if first is not None:
+            heads.append(first)
+            live.append(stream)
+    while heads:
+        lasts = [h["study_uid"][-1].as_py() for h, s in zip(heads, live) if s is not None and h.num_rows]
+        bound = min(lasts) if lasts else None
+        out = []
+        for i, head in enumerate(heads):
+            n = head.num_rows if bound is None else pc.sum(pc.less(head["study_uid"], bound)).as_py() or 0
+            out.append(head.slice(0, n))
+            heads[i] = head.slice(n)
+        for i, pending in enumerate(live):
+            if pending is not None and (not heads[i].num_rows or heads[i]["study_uid"][-1].as_py() == bound):
+                more = next(pending, None)
+                if more is None:
+                    live[i] = None
+                else:
+                    heads[i] = pa.concat_tables([heads[i], more])
+        kept = [i for i, (h, s) in enumerate(zip(heads, live)) if h.num_rows or s is not None]
+        heads, live = [heads[i] for i in kept], [live[i] for i in kept]
+        chunk = pa.concat_tables(out)
+        if chunk.num_rows:
+            yield chunk.sort_by(keys)  # a copy: the slices' batches can go
+
+
+def _write_parquet(merge: Merge, name: str, path: Path) -> int:
+    """Write the sorted chunks of ``merge`` as one Parquet file in row groups of
+    ``ROW_GROUP_ROWS`` (the file ``pq.write_table`` makes of their concatenation), holding at most
+    one row group; returns the rows written."""
     schema = SCHEMAS[name]
     metadata = dict(schema.metadata or {})
     metadata[b"pacsflow.schema_version"] = str(SCHEMA_VERSION).encode()
-    table = table.replace_schema_metadata(metadata)
-    try:
-        _write_table(table, name, path)
-    except OSError as exc:  # Arrow's errors do not name the file: the commit's message will
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    _fsync(path)
-    return path.stat().st_size
+    schema = schema.with_metadata(metadata)
+    rows = 0
+    pending: list[pa.Table] = []
+    with pq.ParquetWriter(path, schema, **_writer_options(name, merge.upper_rows)) as writer:
+        for chunk in merge:
+            pending.append(chunk)
+            rows += chunk.num_rows
+            while sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                group = pa.concat_tables(pending)
+                writer.write_table(group.slice(0, ROW_GROUP_ROWS), row_group_size=ROW_GROUP_ROWS)
+                pending = [group.slice(ROW_GROUP_ROWS)]
+        rest = pa.concat_tables(pending) if pending else schema.empty_table()
+        if rest.num_rows or not rows:
+            writer.write_table(rest, row_group_size=ROW_GROUP_ROWS)
+    return rows
 
 
-def _write_table(table: pa.Table, name: str, path: Path) -> None:
+def _writer_options(name: str, rows: int) -> dict[str, Any]:
     schema = SCHEMAS[name]
     options: dict[str, Any] = {}
     if _WRITES_BLOOM:
-        ndv = max(1, min(table.num_rows, ROW_GROUP_ROWS))
+        ndv = max(1, min(rows, ROW_GROUP_ROWS))
         options["bloom_filter_options"] = {c: {"ndv": ndv, "fpp": BLOOM_FILTER_FPP} for c in BLOOM_FILTER_COLUMNS[name]}
-    pq.write_table(
-        table,
-        path,
+    return dict(
         compression="zstd",
         compression_level=ZSTD_LEVEL,
         write_statistics=True,
-        row_group_size=ROW_GROUP_ROWS,
         sorting_columns=pq.SortingColumn.from_ordering(schema, [(k, "ascending") for k in SORT_KEYS[name]]),
         **options,
     )

@@ -253,6 +253,43 @@ def test_a_commit_appends_and_rewrites_only_the_files_of_replaced_studies(root):
     assert counts(root) == {"studies": 3, "series": 3, "instances": 7}
 
 
+def _sorted_in_row_groups(path: str, table: str, most: int) -> list[str]:
+    """The file's sort-key tuples, checked sorted, every row group holding at most ``most`` rows."""
+    f = pq.ParquetFile(path)
+    assert all(f.metadata.row_group(i).num_rows <= most for i in range(f.metadata.num_row_groups))
+    keys = {"studies": ["study_uid"], "series": ["study_uid", "series_uid"],
+            "instances": ["study_uid", "series_uid", "sop_instance_uid"]}[table]
+    rows = [tuple(r.values()) for r in f.read(columns=keys).to_pylist()]
+    assert rows == sorted(rows)
+    return rows
+
+
+def test_merges_stream_slices_into_sorted_row_groups(root, monkeypatch):
+    # Slices of 2 rows, row groups and small files of 4: studies of 3 instances span slices,
+    # merges interleave studies of several files, and a replaced study leaves the merge.
+    monkeypatch.setattr(store_mod, "MERGE_BATCH_ROWS", 2)
+    monkeypatch.setattr(store_mod, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(store_mod, "SMALL_FILE_ROWS", 4)
+    s = CatalogStore(root)
+    for n in (5, 1, 8, 3, 9, 2, 7, 4, 6):
+        s.commit(make_study(f"1.6.{n}", per_series=3))
+    s.commit(make_study("1.6.3", per_series=2, description="again"))
+    s.delete(["1.6.9"])
+    expected = {f"1.6.{n}.1.{i}" for n in (1, 2, 4, 5, 6, 7, 8) for i in (1, 2, 3)} | {"1.6.3.1.1", "1.6.3.1.2"}
+    files = s.files("instances")
+    assert max(pq.ParquetFile(f).metadata.num_rows for f in files) > 3  # some file holds a merge
+    seen = [k for f in files for k in _sorted_in_row_groups(f, "instances", 4)]
+    assert sorted(k[2] for k in seen) == sorted(expected)
+    assert views.query(root, "SELECT DISTINCT study_description FROM studies WHERE study_uid = '1.6.3'"
+                       ).to_pylist() == [{"study_description": "again"}]
+    s.compact()
+    for t in TABLES:
+        (only,) = s.files(t)
+        _sorted_in_row_groups(only, t, 4)
+    assert sorted(k[2] for k in _sorted_in_row_groups(s.files("instances")[0], "instances", 4)) == sorted(expected)
+    assert counts(root) == {"studies": 8, "series": 8, "instances": 23}
+
+
 def test_delete_and_compact(root):
     s = CatalogStore(root)
     s.commit(make_study("1.2.1"))
@@ -318,7 +355,7 @@ def _spy_writes(monkeypatch) -> list[Path]:
     written: list[Path] = []
     real = store_mod._write_parquet
 
-    def spy(table, name, path):
+    def spy(table, name, path):  # table: what the store writes (a Merge of sorted sources)
         written.append(path)
         return real(table, name, path)
 
