@@ -400,12 +400,13 @@ def task_counts(nights: list[dict]) -> str:
     return ", ".join(f"{name} {n}" for name, n in sorted(night["tasks"].items())) + f" ({night['studies']} studies)"
 
 
-def nights_of(inputs: Path, work: Path, repeat: int, homes: dict[str, Path], server: tuple[int, str]) -> dict:
+def nights_of(inputs: Path, work: Path, repeat: int, homes: dict[str, Path], server: tuple[int, str],
+              modes: tuple[str, ...] = MODES) -> dict:
     """Each mode's ``repeat`` nights over the studies under ``inputs``, interleaved."""
-    nights: dict[str, list[dict]] = {m: [] for m in MODES}
+    nights: dict[str, list[dict]] = {m: [] for m in modes}
     with loaded_orthanc(inputs, work) as (orthanc, receiver_port):
         for i in range(repeat):
-            for mode in MODES:
+            for mode in modes:
                 run_dir = work / f"{mode}-{i}"
                 env = {**os.environ, **nightly_env(orthanc, run_dir, receiver_port), "PREFECT_HOME": str(homes[mode])}
                 env.pop("PREFECT_API_URL", None)
@@ -435,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=30, help="the larger night (the small one has 6 studies)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each night in each mode")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--modes", default=",".join(MODES), help="which modes, comma-separated (server, temporary)")
     ap.add_argument("--one-night", type=Path, help=argparse.SUPPRESS)  # the run's process (internal)
     ap.add_argument("--started", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -449,18 +451,20 @@ def main(argv: list[str] | None = None) -> int:
         server, url = start_server(homes["server"], work / "prefect-server.log")
         IDLE_RATE[0] = idle_rate(server.pid)
         print(f"prefect server (pid {server.pid}) on {url}; idle, it uses {IDLE_RATE[0]:.3f} CPU s/s", flush=True)
-        subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], check=True,
-                       env={**os.environ, "PREFECT_HOME": str(homes["temporary"])}, stdout=subprocess.DEVNULL)
+        modes = tuple(m for m in MODES if m in args.modes.split(","))
+        if "temporary" in modes:
+            subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], check=True,
+                           env={**os.environ, "PREFECT_HOME": str(homes["temporary"])}, stdout=subprocess.DEVNULL)
         print(f"{SMALL_NIGHT}-study nights:", flush=True)
-        few = nights_of(small, work / "small", args.repeat, homes, (server.pid, url))
+        few = nights_of(small, work / "small", args.repeat, homes, (server.pid, url), modes)
         print(f"{args.studies}-study nights:", flush=True)
-        many = nights_of(big, work / "big", args.repeat, homes, (server.pid, url))
+        many = nights_of(big, work / "big", args.repeat, homes, (server.pid, url), modes)
         print()
         print(table(f"{SMALL_NIGHT}-study night", few))
         print(table(f"{args.studies}-study night", many))
-        print(f"task runs ({args.studies}-study night): {task_counts(many['server'])}\n")
-        print("Prefect's CPU in the run's process, by where (the larger night, server mode):\n")
-        print(breakdown(many["server"]))
+        print(f"task runs ({args.studies}-study night): {task_counts(many[modes[0]])}\n")
+        print("Prefect's CPU in the run's process, by where (the larger night, first mode):\n")
+        print(breakdown(many[modes[0]]))
     finally:
         if server is not None:
             stop_server(server)

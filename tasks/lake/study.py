@@ -16,10 +16,11 @@ import signal
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 TABLES = ("studies", "series", "instances")
 SPLIT_ABOVE = 256  # objects: a larger study is de-identified in batches, by every worker at once
+# Small studies that wait together go to one de-identification task (Prefect's cost is per task
+# run, mostly on its server): at most this many studies and objects in one.
+GROUP_STUDIES = 8
+GROUP_OBJECTS = 2 * SPLIT_ABOVE
 
 
 @dataclass
@@ -167,6 +172,23 @@ def _process_in_worker(paths: list[Path], pseudo_uid: str) -> tuple[StudyOutcome
     return process_files(paths, pseudo_uid, deid, storage, quarantine_dir)
 
 
+def group_size(objects: Sequence[int], max_studies: int = GROUP_STUDIES, max_objects: int = GROUP_OBJECTS) -> int:
+    """How many of the waiting studies (their object counts, in order) go to the next
+    de-identification task: the first always; then the next ones while they are small (at most
+    ``SPLIT_ABOVE`` objects, so never one that is split across the workers) and the task stays
+    within ``max_studies`` and ``max_objects``."""
+    if not objects:
+        return 0
+    taken, total = 1, objects[0]
+    if total > SPLIT_ABOVE:
+        return 1
+    for n in objects[1:max_studies]:
+        if n > SPLIT_ABOVE or total + n > max_objects:
+            break
+        taken, total = taken + 1, total + n
+    return taken
+
+
 def batches(paths: list[Path], workers: int) -> list[list[Path]]:
     """A study's objects in batches for the workers: one batch up to ``SPLIT_ABOVE`` objects,
     else one per worker (at least ``SPLIT_ABOVE // 2`` objects each), so that a large study
@@ -203,15 +225,45 @@ class StudyProcessor:
 
     def process(self, staged: Path, pseudo_uid: str, rows_dir: Path) -> StudyOutcome:
         """One study; in the workers, a large one in batches at once (:func:`batches`)."""
-        if self._pool is not None:
-            pool = self._pool
-            futures = [pool.submit(_process_in_worker, batch, pseudo_uid)
-                       for batch in batches(staged_files(Path(staged)), self.workers)]
-            parts = [f.result() for f in futures]
-            return write_rows(*merge_parts(pseudo_uid, parts), Path(rows_dir))
+        [outcome] = self.process_many([(Path(staged), pseudo_uid, Path(rows_dir))])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def process_many(self, studies: Sequence[tuple[Path, str, Path]]) -> list[StudyOutcome | Exception]:
+        """Several studies (staged folder, pseudonymous UID, rows folder), all handed to the workers
+        at once; each study's outcome, or the exception that ended that study (and no other)."""
+        if self._pool is None and self._storage is None:
+            raise RuntimeError("this StudyProcessor is closed")
+        submitted = [self._submit(staged, pseudo_uid) for staged, pseudo_uid, _ in studies]
+        results: list[StudyOutcome | Exception] = []
+        for (staged, pseudo_uid, rows_dir), futures in zip(studies, submitted):
+            try:
+                results.append(self._collect(staged, pseudo_uid, rows_dir, futures))
+            except Exception as exc:  # noqa: BLE001 - the study's own failure, judged by the caller
+                results.append(exc)
+        return results
+
+    def _submit(self, staged: Path, pseudo_uid: str) -> list[Future] | Exception | None:
+        """A study's objects handed to the workers (:func:`batches`), or why they could not be;
+        None without workers."""
+        if self._pool is None:
+            return None
+        try:
+            return [self._pool.submit(_process_in_worker, batch, pseudo_uid)
+                    for batch in batches(staged_files(staged), self.workers)]
+        except Exception as exc:  # noqa: BLE001 - this study's folder, or a broken pool: the study's failure
+            return exc
+
+    def _collect(self, staged: Path, pseudo_uid: str, rows_dir: Path,
+                 futures: list[Future] | Exception | None) -> StudyOutcome:
+        if isinstance(futures, Exception):
+            raise futures
+        if futures is not None:
+            return write_rows(*merge_parts(pseudo_uid, [f.result() for f in futures]), rows_dir)
         if self._storage is None:
             raise RuntimeError("this StudyProcessor is closed")
-        return process_study(Path(staged), pseudo_uid, self.deid, self._storage, self.quarantine_dir, Path(rows_dir))
+        return process_study(staged, pseudo_uid, self.deid, self._storage, self.quarantine_dir, rows_dir)
 
     def close(self) -> None:
         if self._pool is not None:
