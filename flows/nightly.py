@@ -34,7 +34,6 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed
 
 from pacsflow.flows.concurrency import hold_slots
-from pacsflow.flows.run_report import publish_report
 from pacsflow.flows.secrets import load_run_settings
 from pacsflow.tasks.core.clock import new_run_id, parse_dicom_date
 from pacsflow.tasks.core.errors import InsufficientSpace, PacsflowError, error_text, is_transient
@@ -183,6 +182,8 @@ def run_nightly(settings: Settings | None = None, *, since: dt.date | None = Non
         except Exception as exc:  # noqa: BLE001 - a reporting failure must not hide the run's own error
             logger.error("run %s: artifacts not written: %s", parts.run_id, error_text(exc))
         if parts.settings is not None:  # the run history and its report (never raises)
+            from pacsflow.flows.run_report import publish_report  # DuckDB: not on the way to the first C-FIND
+
             publish_report(parts.settings, summary, parts.book.catalog_uids if parts.book else [], flow=artifacts,
                            logger=logger)
         (logger.error if error else logger.info)("run %s: %s (%.1fs)", parts.run_id, summary.message,
@@ -321,6 +322,7 @@ def _deidentify(group: list[tuple[WorkItem, Retrieved]], processor: StudyProcess
     name = f"deidentify {len(group)} studies ({group[0][0].label} and {len(group) - 1} more)"
     return deidentify_studies.with_options(task_run_name=name).submit([done for _, done in group], processor,
                                                                       rows_root)
+
 
 def commit(settings: Settings, run: NightlyRun, book: RunBook) -> None:
     """Commit what is complete and not committed yet, in batches; the ledger follows each commit,

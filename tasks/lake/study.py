@@ -20,18 +20,20 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
 from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
-from pacsflow.tasks.lake.rows import StudyExtractor
-from pacsflow.tasks.lake.storage import LakeStorage
-
 from pacsflow.tasks.core.files import write_atomic
-from pacsflow.tasks.deid.instance import deidentify_file, encode
+from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
+
+# pyarrow, fsspec and the object codec are imported where they are used: a run imports this module
+# (its outcomes, its processor) on its way to the first C-FIND, and needs them only once a study is in.
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pacsflow.tasks.lake.rows import StudyExtractor
+    from pacsflow.tasks.lake.storage import LakeStorage
+
 log = logging.getLogger(__name__)
 
 TABLES = ("studies", "series", "instances")
@@ -73,6 +75,9 @@ def process_files(paths: list[Path], pseudo_uid: str, deid: Deidentifier, storag
 
     Objects that cannot be read or de-identified are moved to quarantine with a reason; the
     rest goes on. The rows stay in the returned extractor (:func:`write_rows` writes them)."""
+    from pacsflow.tasks.deid.instance import deidentify_file, encode
+    from pacsflow.tasks.lake.rows import StudyExtractor
+
     outcome = StudyOutcome(pseudo_uid)
     report = DeidReport()
     extractor = StudyExtractor()
@@ -95,6 +100,8 @@ def process_files(paths: list[Path], pseudo_uid: str, deid: Deidentifier, storag
 def merge_parts(pseudo_uid: str, parts: list[tuple[StudyOutcome, StudyExtractor]]) -> tuple[StudyOutcome,
                                                                                              StudyExtractor]:
     """One study's outcome and rows from those of its batches of objects."""
+    from pacsflow.tasks.lake.rows import StudyExtractor
+
     outcome, extractor = StudyOutcome(pseudo_uid), StudyExtractor()
     actions: Counter[str] = Counter()
     for part, rows in parts:
@@ -109,6 +116,8 @@ def merge_parts(pseudo_uid: str, parts: list[tuple[StudyOutcome, StudyExtractor]
 
 def write_rows(outcome: StudyOutcome, extractor: StudyExtractor, rows_dir: Path) -> StudyOutcome:
     """The study's row tables into ``rows_dir`` for the catalog commit (nothing when no object went in)."""
+    import pyarrow.parquet as pq
+
     if outcome.written:
         tables = extractor.tables()
         for name in TABLES:
@@ -134,6 +143,9 @@ def process_study(
 
 def read_rows(rows_dirs: list[str]) -> dict[str, pa.Table]:
     """Concatenate the per-study row files written by ``process_study``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     out: dict[str, pa.Table] = {}
     for name in TABLES:
         parts = [pq.read_table(Path(d) / f"{name}.parquet") for d in rows_dirs]
@@ -162,6 +174,8 @@ def _start_worker(deid: Deidentifier, storage_root: str, quarantine_dir: Path, p
     # Ctrl-C reaches the whole process group: the run decides what happens to its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
+    from pacsflow.tasks.lake.storage import LakeStorage
+
     _worker = (deid, LakeStorage(storage_root), quarantine_dir)
 
 
@@ -221,6 +235,8 @@ class StudyProcessor:
                 initializer=_start_worker, initargs=(deid, str(storage_root), self.quarantine_dir, os.getpid()),
             )
         else:
+            from pacsflow.tasks.lake.storage import LakeStorage
+
             self._storage = LakeStorage(storage_root)
 
     def process(self, staged: Path, pseudo_uid: str, rows_dir: Path) -> StudyOutcome:
