@@ -67,7 +67,9 @@ if TYPE_CHECKING:
     from pacsflow.deployments.local.orthanc import OrthancServer
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = tuple(f"{ROOT / d}/" for d in ("flows", "tasks", "catalog", "deployments"))
+# Where the run's pacsflow code is: this checkout, or (baseline mode) DIR/pacsflow on PYTHONPATH.
+PACKAGE = Path(os.environ["PREFECT_SHARE_PACKAGE"]) if os.environ.get("PREFECT_SHARE_PACKAGE") else ROOT
+OURS = tuple(f"{PACKAGE / d}/" for d in ("flows", "tasks", "catalog", "deployments"))
 PREFECT = "/site-packages/prefect/"
 MODES = ("server", "baseline", "temporary")
 BASELINE: list[str] = []  # --baseline DIR: where the "baseline" mode imports pacsflow from
@@ -102,7 +104,7 @@ def owner(frame: FrameType) -> tuple[str, str, str]:
             area = path.split(PREFECT, 1)[1].split("/", 1)[0].removesuffix(".py")
             return "prefect", "(imports)" if importing else area, leaf
         if path.startswith(OURS):
-            return "pacsflow", path[len(str(ROOT)) + 1:].removesuffix(".py"), leaf
+            return "pacsflow", path[len(str(PACKAGE)) + 1:].removesuffix(".py"), leaf
         f = f.f_back
     return "other", "", leaf
 
@@ -423,6 +425,7 @@ def nights_of(inputs: Path, work: Path, repeat: int, homes: dict[str, Path], ser
                     env["PREFECT_API_URL"] = server[1]
                 if mode == "baseline":
                     env["PYTHONPATH"] = BASELINE[0]
+                    env["PREFECT_SHARE_PACKAGE"] = str(Path(BASELINE[0]) / "pacsflow")
                 night = run_night(env, run_dir.parent / f"{mode}-{i}.out", server[0] if mode != "temporary" else None)
                 nights[mode].append(night)
                 f = figures(night)

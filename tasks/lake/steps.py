@@ -49,11 +49,15 @@ def deidentify_studies(retrieved: list[Retrieved], processor: StudyProcessor,
         time.sleep(delay)
         for i, result in zip(again, processor.process_many([studies[i] for i in again])):
             results[i] = result
+    written = [r for r in results if isinstance(r, StudyOutcome)]
     for study, result in zip(studies, results):
         if isinstance(result, Exception):
             logger.error("study %s failed: %s", study[1], error_text(result))
-        else:
-            _log_outcome(logger, result)
+        elif result.quarantined:
+            logger.warning("study %s: %d objects quarantined", result.pseudo_uid, len(result.quarantined))
+    # One record for the group: each log record is a row the server writes.
+    logger.info("%d of %d studies de-identified and stored: %s", len(written), len(studies),
+                ", ".join(f"{o.pseudo_uid} ({o.written} objects)" for o in written))
     return results
 
 
