@@ -11,6 +11,9 @@ every time in a fresh Python process with fresh lake and state folders, the way
              (its own PREFECT_HOME) and stops by its process id at the end; PREFECT_API_URL
              names it, as it does for a deployment's worker. Its CPU during each run is read
              from /proc (the server's process tree) and counted as Prefect's.
+  baseline   (with ``--baseline DIR``) as server, but the run imports pacsflow from ``DIR/pacsflow/``
+             (another version's ``flows tasks catalog deployments``, e.g. ``git archive main``
+             unpacked there) through PYTHONPATH: two versions compared night by night, in turn.
   temporary  no PREFECT_API_URL: the run starts the temporary API of ``flows/temporary_server.py``
              and stops it at its end. The database was migrated beforehand (as on any night but
              the very first). That server is a reaped child; all its CPU is Prefect's.
@@ -29,9 +32,10 @@ What is counted, per run:
                start) is printed as "unseen".
   task runs    read from the API at the end of the run, by task name, per study processed.
   timings      wall seconds from the process's start (before its interpreter starts) to the
-               flow call and to the first study-level C-FIND, and to the end of the run; "after"
-               is from the flow's return to the process's end (artifacts already written;
-               temporary server stopped).
+               flow call and to the first study-level C-FIND, and to the process's exit; "after"
+               is from the flow's return to the process's exit (artifacts already written;
+               temporary server stopped; Prefect's queues of logs and events drained at exit),
+               both less the time the bench spends reading the task runs from the API.
 
 The pixel policy is ``quarantine`` (as in ``bench.nightly_vs_dcmtk``), logging at Prefect's
 default (INFO: task logs go to the API, as in production). Medians and ranges over the repeats are
@@ -63,9 +67,12 @@ if TYPE_CHECKING:
     from pacsflow.deployments.local.orthanc import OrthancServer
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = tuple(f"{ROOT / d}/" for d in ("flows", "tasks", "catalog", "deployments"))
+# Where the run's pacsflow code is: this checkout, or (baseline mode) DIR/pacsflow on PYTHONPATH.
+PACKAGE = Path(os.environ["PREFECT_SHARE_PACKAGE"]) if os.environ.get("PREFECT_SHARE_PACKAGE") else ROOT
+OURS = tuple(f"{PACKAGE / d}/" for d in ("flows", "tasks", "catalog", "deployments"))
 PREFECT = "/site-packages/prefect/"
-MODES = ("server", "temporary")
+MODES = ("server", "baseline", "temporary")
+BASELINE: list[str] = []  # --baseline DIR: where the "baseline" mode imports pacsflow from
 SMALL_NIGHT = 6
 SAMPLE_S = 0.005
 IDLE_RATE = [0.0]  # the running server's CPU s/s with no run, measured once it has started
@@ -97,7 +104,7 @@ def owner(frame: FrameType) -> tuple[str, str, str]:
             area = path.split(PREFECT, 1)[1].split("/", 1)[0].removesuffix(".py")
             return "prefect", "(imports)" if importing else area, leaf
         if path.startswith(OURS):
-            return "pacsflow", path[len(str(ROOT)) + 1:].removesuffix(".py"), leaf
+            return "pacsflow", path[len(str(PACKAGE)) + 1:].removesuffix(".py"), leaf
         f = f.f_back
     return "other", "", leaf
 
@@ -188,7 +195,9 @@ def one_night(out: Path, started: float) -> None:
         state = nightly_ingest(return_state=True)
         marks["flow_return"] = time.time()
         result = run_result(state)
+        counting = time.time()
         tasks = task_runs(state.state_details.flow_run_id)
+        marks["counting_s"] = time.time() - counting  # the bench's own wait: not the run's
         workers = _cpu(resource.RUSAGE_CHILDREN)
     sampler_cpu = sampler.stop()
     marks["end"] = time.time()
@@ -322,9 +331,11 @@ def run_night(env: dict[str, str], work: Path, server_pid: int | None) -> dict:
     code = subprocess.run([sys.executable, "-m", "bench.prefect_share", "--one-night", str(out),
                            "--started", repr(started)], check=False, env=env, cwd=ROOT, stdout=log.open("wb"),
                           stderr=subprocess.STDOUT).returncode
+    ended = time.time()
     if code or not out.is_file():
         raise RuntimeError(f"the nightly run's process failed ({code}); see {log}")
     night = json.loads(out.read_text())
+    night["marks"]["exit"] = ended
     night["server_cpu"] = tree_cpu(server_pid) - server_before if server_pid else 0.0
     night["idle_server_cpu"] = IDLE_RATE[0] * (time.time() - started) if server_pid else 0.0
     return night
@@ -340,9 +351,9 @@ def figures(night: dict) -> dict[str, float]:
     run_cpu = night["self_cpu"] + night["workers_cpu"] + night["temporary_server_cpu"] + night["server_cpu"]
     studies = max(night["studies"], 1)
     return {
-        "wall": m["end"] - m["process"], "to_flow_call": m["flow_call"] - m["process"],
+        "wall": m["exit"] - m["process"] - m["counting_s"], "to_flow_call": m["flow_call"] - m["process"],
         "to_first_cfind": m["first_cfind"] - m["process"], "call_to_first_cfind": m["first_cfind"] - m["flow_call"],
-        "after": m["end"] - m["flow_return"], "run_cpu": run_cpu, "prefect_cpu": prefect,
+        "after": m["exit"] - m["flow_return"] - m["counting_s"], "run_cpu": run_cpu, "prefect_cpu": prefect,
         "prefect_client_cpu": sampled["prefect"], "server_cpu": night["temporary_server_cpu"] + night["server_cpu"],
         "share": 100 * prefect / run_cpu, "idle_server_cpu": night["idle_server_cpu"],
         "share_less_idle": 100 * (prefect - night["idle_server_cpu"]) / (run_cpu - night["idle_server_cpu"]),
@@ -400,18 +411,22 @@ def task_counts(nights: list[dict]) -> str:
     return ", ".join(f"{name} {n}" for name, n in sorted(night["tasks"].items())) + f" ({night['studies']} studies)"
 
 
-def nights_of(inputs: Path, work: Path, repeat: int, homes: dict[str, Path], server: tuple[int, str]) -> dict:
+def nights_of(inputs: Path, work: Path, repeat: int, homes: dict[str, Path], server: tuple[int, str],
+              modes: tuple[str, ...] = MODES) -> dict:
     """Each mode's ``repeat`` nights over the studies under ``inputs``, interleaved."""
-    nights: dict[str, list[dict]] = {m: [] for m in MODES}
+    nights: dict[str, list[dict]] = {m: [] for m in modes}
     with loaded_orthanc(inputs, work) as (orthanc, receiver_port):
         for i in range(repeat):
-            for mode in MODES:
+            for mode in modes:
                 run_dir = work / f"{mode}-{i}"
                 env = {**os.environ, **nightly_env(orthanc, run_dir, receiver_port), "PREFECT_HOME": str(homes[mode])}
                 env.pop("PREFECT_API_URL", None)
-                if mode == "server":
+                if mode != "temporary":
                     env["PREFECT_API_URL"] = server[1]
-                night = run_night(env, run_dir.parent / f"{mode}-{i}.out", server[0] if mode == "server" else None)
+                if mode == "baseline":
+                    env["PYTHONPATH"] = BASELINE[0]
+                    env["PREFECT_SHARE_PACKAGE"] = str(Path(BASELINE[0]) / "pacsflow")
+                night = run_night(env, run_dir.parent / f"{mode}-{i}.out", server[0] if mode != "temporary" else None)
                 nights[mode].append(night)
                 f = figures(night)
                 print(f"  {mode} #{i + 1}: {f['wall']:.1f} s, CPU {f['run_cpu']:.1f} s, Prefect {f['share']:.1f} %, "
@@ -435,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=30, help="the larger night (the small one has 6 studies)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each night in each mode")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--modes", default="server,temporary", help="which modes, comma-separated (server, temporary, "
+                                                                   "baseline)")
+    ap.add_argument("--baseline", type=Path, help="the baseline mode's package root (holds pacsflow/flows etc.)")
     ap.add_argument("--one-night", type=Path, help=argparse.SUPPRESS)  # the run's process (internal)
     ap.add_argument("--started", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -449,18 +467,21 @@ def main(argv: list[str] | None = None) -> int:
         server, url = start_server(homes["server"], work / "prefect-server.log")
         IDLE_RATE[0] = idle_rate(server.pid)
         print(f"prefect server (pid {server.pid}) on {url}; idle, it uses {IDLE_RATE[0]:.3f} CPU s/s", flush=True)
-        subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], check=True,
-                       env={**os.environ, "PREFECT_HOME": str(homes["temporary"])}, stdout=subprocess.DEVNULL)
+        modes = tuple(m for m in MODES if m in args.modes.split(",") and (m != "baseline" or args.baseline))
+        BASELINE[:] = [str(args.baseline.resolve())] if args.baseline else []
+        if "temporary" in modes:
+            subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], check=True,
+                           env={**os.environ, "PREFECT_HOME": str(homes["temporary"])}, stdout=subprocess.DEVNULL)
         print(f"{SMALL_NIGHT}-study nights:", flush=True)
-        few = nights_of(small, work / "small", args.repeat, homes, (server.pid, url))
+        few = nights_of(small, work / "small", args.repeat, homes, (server.pid, url), modes)
         print(f"{args.studies}-study nights:", flush=True)
-        many = nights_of(big, work / "big", args.repeat, homes, (server.pid, url))
+        many = nights_of(big, work / "big", args.repeat, homes, (server.pid, url), modes)
         print()
         print(table(f"{SMALL_NIGHT}-study night", few))
         print(table(f"{args.studies}-study night", many))
-        print(f"task runs ({args.studies}-study night): {task_counts(many['server'])}\n")
-        print("Prefect's CPU in the run's process, by where (the larger night, server mode):\n")
-        print(breakdown(many["server"]))
+        print(f"task runs ({args.studies}-study night): {task_counts(many[modes[0]])}\n")
+        print("Prefect's CPU in the run's process, by where (the larger night, first mode):\n")
+        print(breakdown(many[modes[0]]))
     finally:
         if server is not None:
             stop_server(server)

@@ -34,7 +34,6 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed
 
 from pacsflow.flows.concurrency import hold_slots
-from pacsflow.flows.run_report import publish_report
 from pacsflow.flows.secrets import load_run_settings
 from pacsflow.tasks.core.clock import new_run_id, parse_dicom_date
 from pacsflow.tasks.core.errors import InsufficientSpace, PacsflowError, error_text, is_transient
@@ -44,8 +43,8 @@ from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.deid.manifest import build_manifest, manifest_markdown, object_id
 from pacsflow.tasks.ingest.bookkeeping import RUN_FAILED, RUN_PARTIAL, STUDY_ROWS, RunBook, RunSummary, table_rows
 from pacsflow.tasks.ingest.ledger import Ledger, MissingEntry
-from pacsflow.tasks.lake.steps import commit_catalog, deidentify_study
-from pacsflow.tasks.lake.study import StudyOutcome, StudyProcessor
+from pacsflow.tasks.lake.steps import commit_catalog, deidentify_studies, deidentify_study
+from pacsflow.tasks.lake.study import StudyOutcome, StudyProcessor, group_size
 from pacsflow.tasks.pacs.client import quiet_pynetdicom
 from pacsflow.tasks.pacs.models import PacsPeer, Retrieved, RetrieveRoute
 from pacsflow.tasks.pacs.planning import Window, WorkItem, plan_window, worklist
@@ -183,6 +182,8 @@ def run_nightly(settings: Settings | None = None, *, since: dt.date | None = Non
         except Exception as exc:  # noqa: BLE001 - a reporting failure must not hide the run's own error
             logger.error("run %s: artifacts not written: %s", parts.run_id, error_text(exc))
         if parts.settings is not None:  # the run history and its report (never raises)
+            from pacsflow.flows.run_report import publish_report  # DuckDB: not on the way to the first C-FIND
+
             publish_report(parts.settings, summary, parts.book.catalog_uids if parts.book else [], flow=artifacts,
                            logger=logger)
         (logger.error if error else logger.info)("run %s: %s (%.1fs)", parts.run_id, summary.message,
@@ -281,33 +282,46 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
     progress = progress or Progress(None, len(items))
     processor = StudyProcessor(run.deid, settings.storage_root, settings.quarantine_dir, settings.deid_workers)
     # De-identification tasks in flight: each holds a thread (and its Prefect state) while it waits
-    # for a worker, so a fast retrieval must not start one per study; retrieved studies wait in a
-    # queue instead, and retrieval pauses once that queue is this long again (staging stays small).
-    deid_slots = max(2, 2 * settings.deid_workers)
+    # for the workers, so a fast retrieval must not start one per study; retrieved studies wait in
+    # a queue instead (retrieval pauses once it is this long again: staging stays small), and the
+    # small ones that wait together go to the workers as one task (:func:`group_size`).
+    deid_slots, deid_tasks = max(2, 2 * settings.deid_workers), max(2, settings.deid_workers)
     queue, retrieved, tasks = deque(items), deque[tuple[WorkItem, Retrieved]](), _InFlight()
     with _receiver(settings, run.staging, items), processor:
         while queue or retrieved or tasks:
             while queue and tasks.retrieving < settings.max_associations and len(retrieved) < deid_slots:
                 item = queue.popleft()
-                tasks.add(item, retrieve.submit(item, route, run.staging), retrieving=True)
-            while retrieved and tasks.deidentifying < deid_slots:
-                item, done = retrieved.popleft()
-                deidentify = deidentify_study.with_options(task_run_name=f"deidentify {item.label}")
-                tasks.add(item, deidentify.submit(done, processor, str(run.rows_root)))
-            item, result, retrieval = tasks.next_done()
-            if retrieval:
-                run.staging.forget(item.study_uid)
-            if isinstance(result, Retrieved):
-                book.retrieved(item, result)
-                retrieved.append((item, result))
-                continue
-            if isinstance(result, StudyOutcome):
-                book.deidentified(item, result)
-            else:
-                book.failed(item, _as_exception(result))
-            progress.advance(failed=not isinstance(result, StudyOutcome))
+                tasks.add([item], retrieve.submit(item, route, run.staging), retrieving=True)
+            while retrieved and tasks.deidentifying < deid_tasks:
+                group = [retrieved.popleft() for _ in range(group_size([r.received for _, r in retrieved]))]
+                tasks.add([item for item, _ in group], _deidentify(group, processor, str(run.rows_root)))
+            done, retrieval = tasks.next_done()
+            for item, result in done:
+                if retrieval:
+                    run.staging.forget(item.study_uid)
+                if isinstance(result, Retrieved):
+                    book.retrieved(item, result)
+                    retrieved.append((item, result))
+                    continue
+                if isinstance(result, StudyOutcome):
+                    book.deidentified(item, result)
+                else:
+                    book.failed(item, _as_exception(result))
+                progress.advance(failed=not isinstance(result, StudyOutcome))
             if book.uncommitted >= settings.commit_batch:  # a full batch goes in while retrieval goes on
                 commit(settings, run, book)
+
+
+def _deidentify(group: list[tuple[WorkItem, Retrieved]], processor: StudyProcessor, rows_root: str) -> PrefectFuture:
+    """One study's de-identification task, or one for several small studies (its name says how
+    many, and which first); each study's outcome stays its own."""
+    if len(group) == 1:
+        [(item, done)] = group
+        return deidentify_study.with_options(task_run_name=f"deidentify {item.label}").submit(done, processor,
+                                                                                              rows_root)
+    name = f"deidentify {len(group)} studies ({group[0][0].label} and {len(group) - 1} more)"
+    return deidentify_studies.with_options(task_run_name=name).submit([done for _, done in group], processor,
+                                                                      rows_root)
 
 
 def commit(settings: Settings, run: NightlyRun, book: RunBook) -> None:
@@ -463,7 +477,7 @@ class _InFlight:
     """
 
     def __init__(self) -> None:
-        self._futures: dict[Any, tuple[WorkItem, PrefectFuture]] = {}
+        self._futures: dict[Any, tuple[list[WorkItem], PrefectFuture]] = {}
         self._retrieving: set[Any] = set()
         self._retrieved: dict[str, Any] = {}  # a study's finished retrieval, by pseudonym
 
@@ -478,24 +492,26 @@ class _InFlight:
     def deidentifying(self) -> int:
         return len(self._futures) - len(self._retrieving)
 
-    def add(self, item: WorkItem, future: PrefectFuture, *, retrieving: bool = False) -> None:
-        self._futures[future.task_run_id] = (item, future)
+    def add(self, items: list[WorkItem], future: PrefectFuture, *, retrieving: bool = False) -> None:
+        self._futures[future.task_run_id] = (items, future)
         if retrieving:
             self._retrieving.add(future.task_run_id)
 
-    def next_done(self) -> tuple[WorkItem, object, bool]:
-        """Wait for the next future to end and forget it: (its study, its result or exception,
-        whether it was a retrieval)."""
+    def next_done(self) -> tuple[list[tuple[WorkItem, object]], bool]:
+        """Wait for the next future to end and forget it: (each of its studies with its result or
+        exception, whether it was a retrieval). A task of several studies returned one result
+        each; when it failed as a whole, its error is every study's."""
         future = next(as_completed([f for _, f in self._futures.values()]))
-        item, _ = self._futures.pop(future.task_run_id)
+        items, _ = self._futures.pop(future.task_run_id)
         retrieval = future.task_run_id in self._retrieving
         self._retrieving.discard(future.task_run_id)
         result = future.result(raise_on_failure=False)
         if retrieval and not isinstance(result, BaseException):
-            self._retrieved[item.pseudo_uid] = future.task_run_id
+            self._retrieved[items[0].pseudo_uid] = future.task_run_id
         else:
-            release_task_runs({future.task_run_id, self._retrieved.pop(item.pseudo_uid, None)})
-        return item, result, retrieval
+            release_task_runs({future.task_run_id, *(self._retrieved.pop(i.pseudo_uid, None) for i in items)})
+        results = result if len(items) > 1 and isinstance(result, list) else [result] * len(items)
+        return list(zip(items, results)), retrieval
 
 
 def release_task_runs(task_run_ids: set[Any]) -> None:

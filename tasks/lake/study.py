@@ -16,25 +16,32 @@ import signal
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
 from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
-from pacsflow.tasks.lake.rows import StudyExtractor
-from pacsflow.tasks.lake.storage import LakeStorage
-
 from pacsflow.tasks.core.files import write_atomic
-from pacsflow.tasks.deid.instance import deidentify_file, encode
+from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
+
+# pyarrow, fsspec and the object codec are imported where they are used: a run imports this module
+# (its outcomes, its processor) on its way to the first C-FIND, and needs them only once a study is in.
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pacsflow.tasks.lake.rows import StudyExtractor
+    from pacsflow.tasks.lake.storage import LakeStorage
+
 log = logging.getLogger(__name__)
 
 TABLES = ("studies", "series", "instances")
 SPLIT_ABOVE = 256  # objects: a larger study is de-identified in batches, by every worker at once
+# Small studies that wait together go to one de-identification task (Prefect's cost is per task
+# run, mostly on its server): at most this many studies and objects in one.
+GROUP_STUDIES = 8
+GROUP_OBJECTS = 2 * SPLIT_ABOVE
 
 
 @dataclass
@@ -68,6 +75,9 @@ def process_files(paths: list[Path], pseudo_uid: str, deid: Deidentifier, storag
 
     Objects that cannot be read or de-identified are moved to quarantine with a reason; the
     rest goes on. The rows stay in the returned extractor (:func:`write_rows` writes them)."""
+    from pacsflow.tasks.deid.instance import deidentify_file, encode
+    from pacsflow.tasks.lake.rows import StudyExtractor
+
     outcome = StudyOutcome(pseudo_uid)
     report = DeidReport()
     extractor = StudyExtractor()
@@ -90,6 +100,8 @@ def process_files(paths: list[Path], pseudo_uid: str, deid: Deidentifier, storag
 def merge_parts(pseudo_uid: str, parts: list[tuple[StudyOutcome, StudyExtractor]]) -> tuple[StudyOutcome,
                                                                                              StudyExtractor]:
     """One study's outcome and rows from those of its batches of objects."""
+    from pacsflow.tasks.lake.rows import StudyExtractor
+
     outcome, extractor = StudyOutcome(pseudo_uid), StudyExtractor()
     actions: Counter[str] = Counter()
     for part, rows in parts:
@@ -104,6 +116,8 @@ def merge_parts(pseudo_uid: str, parts: list[tuple[StudyOutcome, StudyExtractor]
 
 def write_rows(outcome: StudyOutcome, extractor: StudyExtractor, rows_dir: Path) -> StudyOutcome:
     """The study's row tables into ``rows_dir`` for the catalog commit (nothing when no object went in)."""
+    import pyarrow.parquet as pq
+
     if outcome.written:
         tables = extractor.tables()
         for name in TABLES:
@@ -129,6 +143,9 @@ def process_study(
 
 def read_rows(rows_dirs: list[str]) -> dict[str, pa.Table]:
     """Concatenate the per-study row files written by ``process_study``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     out: dict[str, pa.Table] = {}
     for name in TABLES:
         parts = [pq.read_table(Path(d) / f"{name}.parquet") for d in rows_dirs]
@@ -157,6 +174,8 @@ def _start_worker(deid: Deidentifier, storage_root: str, quarantine_dir: Path, p
     # Ctrl-C reaches the whole process group: the run decides what happens to its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
+    from pacsflow.tasks.lake.storage import LakeStorage
+
     _worker = (deid, LakeStorage(storage_root), quarantine_dir)
 
 
@@ -165,6 +184,23 @@ def _process_in_worker(paths: list[Path], pseudo_uid: str) -> tuple[StudyOutcome
         raise RuntimeError("worker process was not started by a StudyProcessor")
     deid, storage, quarantine_dir = _worker
     return process_files(paths, pseudo_uid, deid, storage, quarantine_dir)
+
+
+def group_size(objects: Sequence[int], max_studies: int = GROUP_STUDIES, max_objects: int = GROUP_OBJECTS) -> int:
+    """How many of the waiting studies (their object counts, in order) go to the next
+    de-identification task: the first always; then the next ones while they are small (at most
+    ``SPLIT_ABOVE`` objects, so never one that is split across the workers) and the task stays
+    within ``max_studies`` and ``max_objects``."""
+    if not objects:
+        return 0
+    taken, total = 1, objects[0]
+    if total > SPLIT_ABOVE:
+        return 1
+    for n in objects[1:max_studies]:
+        if n > SPLIT_ABOVE or total + n > max_objects:
+            break
+        taken, total = taken + 1, total + n
+    return taken
 
 
 def batches(paths: list[Path], workers: int) -> list[list[Path]]:
@@ -199,19 +235,51 @@ class StudyProcessor:
                 initializer=_start_worker, initargs=(deid, str(storage_root), self.quarantine_dir, os.getpid()),
             )
         else:
+            from pacsflow.tasks.lake.storage import LakeStorage
+
             self._storage = LakeStorage(storage_root)
 
     def process(self, staged: Path, pseudo_uid: str, rows_dir: Path) -> StudyOutcome:
         """One study; in the workers, a large one in batches at once (:func:`batches`)."""
-        if self._pool is not None:
-            pool = self._pool
-            futures = [pool.submit(_process_in_worker, batch, pseudo_uid)
-                       for batch in batches(staged_files(Path(staged)), self.workers)]
-            parts = [f.result() for f in futures]
-            return write_rows(*merge_parts(pseudo_uid, parts), Path(rows_dir))
+        [outcome] = self.process_many([(Path(staged), pseudo_uid, Path(rows_dir))])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def process_many(self, studies: Sequence[tuple[Path, str, Path]]) -> list[StudyOutcome | Exception]:
+        """Several studies (staged folder, pseudonymous UID, rows folder), all handed to the workers
+        at once; each study's outcome, or the exception that ended that study (and no other)."""
+        if self._pool is None and self._storage is None:
+            raise RuntimeError("this StudyProcessor is closed")
+        submitted = [self._submit(staged, pseudo_uid) for staged, pseudo_uid, _ in studies]
+        results: list[StudyOutcome | Exception] = []
+        for (staged, pseudo_uid, rows_dir), futures in zip(studies, submitted):
+            try:
+                results.append(self._collect(staged, pseudo_uid, rows_dir, futures))
+            except Exception as exc:  # noqa: BLE001 - the study's own failure, judged by the caller
+                results.append(exc)
+        return results
+
+    def _submit(self, staged: Path, pseudo_uid: str) -> list[Future] | Exception | None:
+        """A study's objects handed to the workers (:func:`batches`), or why they could not be;
+        None without workers."""
+        if self._pool is None:
+            return None
+        try:
+            return [self._pool.submit(_process_in_worker, batch, pseudo_uid)
+                    for batch in batches(staged_files(staged), self.workers)]
+        except Exception as exc:  # noqa: BLE001 - this study's folder, or a broken pool: the study's failure
+            return exc
+
+    def _collect(self, staged: Path, pseudo_uid: str, rows_dir: Path,
+                 futures: list[Future] | Exception | None) -> StudyOutcome:
+        if isinstance(futures, Exception):
+            raise futures
+        if futures is not None:
+            return write_rows(*merge_parts(pseudo_uid, [f.result() for f in futures]), rows_dir)
         if self._storage is None:
             raise RuntimeError("this StudyProcessor is closed")
-        return process_study(Path(staged), pseudo_uid, self.deid, self._storage, self.quarantine_dir, Path(rows_dir))
+        return process_study(staged, pseudo_uid, self.deid, self._storage, self.quarantine_dir, rows_dir)
 
     def close(self) -> None:
         if self._pool is not None:

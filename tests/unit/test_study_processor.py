@@ -11,7 +11,7 @@ import pytest
 
 from pacsflow.deployments.local import sampledata
 from pacsflow.tasks.deid.deidentifier import Deidentifier
-from pacsflow.tasks.lake.study import SPLIT_ABOVE, StudyProcessor, batches
+from pacsflow.tasks.lake.study import GROUP_OBJECTS, SPLIT_ABOVE, StudyOutcome, StudyProcessor, batches, group_size
 
 KEY = b"study-processor-key-0123456789"
 
@@ -128,3 +128,33 @@ def test_a_large_study_split_across_workers_gives_the_rows_and_files_of_one_pass
         tables[w]["instances"] = tables[w]["instances"].drop_columns(["file_path"])
     assert tables[0] == tables[2]
     assert _lake_digests(tmp_path / "w0" / "lake") == _lake_digests(tmp_path / "w2" / "lake") != {}
+
+
+def test_small_waiting_studies_are_grouped_and_large_ones_go_alone():
+    small, large = 100, SPLIT_ABOVE + 1
+    assert group_size([]) == 0
+    assert group_size([small, small, small]) == 3
+    assert group_size([large, small]) == 1  # a study split across the workers has its own task
+    assert group_size([small, large, small]) == 1  # consecutive only: the large one is next, alone
+    assert group_size([small] * 20, max_studies=4) == 4
+    assert group_size([SPLIT_ABOVE, SPLIT_ABOVE, 1]) == GROUP_OBJECTS // SPLIT_ABOVE
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_several_studies_at_once_each_keep_their_outcome_or_their_error(tmp_path, workers):
+    generated = sampledata.generate(tmp_path / "in", studies=2, seed=5, modalities=("CT",), series_per_study=(1, 1),
+                                    instances_per_series=(5, 5), rows=16, cols=16)
+    staged = [_stage(s, tmp_path / f"staged{i}") for i, s in enumerate(generated)]
+    deid = Deidentifier(KEY)
+    with StudyProcessor(deid, str(tmp_path / "lake"), tmp_path / "q", workers) as processor:
+        results = processor.process_many([(staged[0], "2.25.1", tmp_path / "rows1"),
+                                          (tmp_path / "never-staged", "2.25.2", tmp_path / "rows2"),
+                                          (staged[1], "2.25.3", tmp_path / "rows3")])
+    first, missing, last = results
+    assert isinstance(missing, FileNotFoundError)  # that study alone failed
+    assert isinstance(first, StudyOutcome) and isinstance(last, StudyOutcome)
+    assert (first.pseudo_uid, last.pseudo_uid) == ("2.25.1", "2.25.3")
+    assert first.written == generated[0].n_instances and last.written == generated[1].n_instances
+    assert first.study_uids == [deid.uid(generated[0].study_uid)] and last.study_uids == [deid.uid(generated[1].study_uid)]
+    assert len(list((tmp_path / "lake").rglob("*.dcm"))) == first.written + last.written
+    assert not (tmp_path / "rows2").exists()
