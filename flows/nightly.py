@@ -9,6 +9,7 @@ what each study's fate means for the ledger, the watermark and the summary is de
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import time
 from collections import deque
@@ -44,13 +45,13 @@ from pacsflow.tasks.deid.manifest import build_manifest, manifest_markdown, obje
 from pacsflow.tasks.ingest.bookkeeping import RUN_FAILED, RUN_PARTIAL, STUDY_ROWS, RunBook, RunSummary, table_rows
 from pacsflow.tasks.ingest.ledger import Ledger, MissingEntry
 from pacsflow.tasks.lake.steps import commit_catalog, deidentify_studies, deidentify_study
-from pacsflow.tasks.lake.study import StudyOutcome, StudyProcessor, group_size
+from pacsflow.tasks.lake.study import GROUP_STUDIES, StudyOutcome, StudyProcessor, group_size
 from pacsflow.tasks.pacs.client import quiet_pynetdicom
 from pacsflow.tasks.pacs.models import PacsPeer, Retrieved, RetrieveRoute
 from pacsflow.tasks.pacs.planning import Window, WorkItem, plan_window, worklist
 from pacsflow.tasks.pacs.receiver import StagingWriter, StorageReceiver
 from pacsflow.tasks.pacs.tls import check_tls_files
-from pacsflow.tasks.pacs.steps import PACS_LIMIT, discover_studies, retrieve_study
+from pacsflow.tasks.pacs.steps import PACS_LIMIT, discover_studies, retrieve_studies, retrieve_study
 from pacsflow.tasks.settings import RetrieveMethod, Settings
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,12 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
         retries=settings.retrieve_retries,
         retry_delay_seconds=[settings.retry_delay_s * (2**i) for i in range(max(settings.retrieve_retries, 1))],
     )
+    # A study whose grouped retrieval failed transiently: that was its first try, the rest of its
+    # tries (retrieve_retries in all, after the first) come in a task of its own.
+    retry_alone = retrieve.with_options(
+        retries=max(settings.retrieve_retries - 1, 0),
+        retry_delay_seconds=[settings.retry_delay_s * (2**i) for i in range(1, max(settings.retrieve_retries, 2))],
+    )
     progress = progress or Progress(None, len(items))
     processor = StudyProcessor(run.deid, settings.storage_root, settings.quarantine_dir, settings.deid_workers)
     # De-identification tasks in flight: each holds a thread (and its Prefect state) while it waits
@@ -287,16 +294,22 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
     # small ones that wait together go to the workers as one task (:func:`group_size`).
     deid_slots, deid_tasks = max(2, 2 * settings.deid_workers), max(2, settings.deid_workers)
     queue, retrieved, tasks = deque(items), deque[tuple[WorkItem, Retrieved]](), _InFlight()
+    alone: set[str] = set()  # studies whose grouped retrieval failed: tried again on their own
     with _receiver(settings, run.staging, items), processor:
         while queue or retrieved or tasks:
             while queue and tasks.retrieving < settings.max_associations and len(retrieved) < deid_slots:
-                item = queue.popleft()
-                tasks.add([item], retrieve.submit(item, route, run.staging), retrieving=True)
+                fetch = [queue.popleft() for _ in range(_retrieval_group(queue, alone, settings.commit_batch))]
+                one = retry_alone if fetch[0].pseudo_uid in alone else retrieve
+                tasks.add(fetch, _retrieve(fetch, one, route, run.staging), retrieving=True)
             while retrieved and tasks.deidentifying < deid_tasks:
                 group = [retrieved.popleft() for _ in range(group_size([r.received for _, r in retrieved]))]
                 tasks.add([item for item, _ in group], _deidentify(group, processor, str(run.rows_root)))
             done, retrieval = tasks.next_done()
             for item, result in done:
+                if retrieval and len(done) > 1 and settings.retrieve_retries and _transient(result):
+                    alone.add(item.pseudo_uid)  # the rest of its tries in a task of its own
+                    queue.appendleft(item)
+                    continue
                 if retrieval:
                     run.staging.forget(item.study_uid)
                 if isinstance(result, Retrieved):
@@ -310,6 +323,30 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
                 progress.advance(failed=not isinstance(result, StudyOutcome))
             if book.uncommitted >= settings.commit_batch:  # a full batch goes in while retrieval goes on
                 commit(settings, run, book)
+
+
+def _transient(result: object) -> bool:
+    return isinstance(result, Exception) and is_transient(result)
+
+
+def _retrieval_group(queue: deque[WorkItem], alone: set[str], commit_batch: int) -> int:
+    """How many of the next studies one retrieval task fetches: small studies (object counts the
+    PACS reported) go several to a task, as their de-identification does, but never more than a
+    commit batch, so that commits still go in while retrieval goes on."""
+    sizes = []
+    for item in itertools.islice(queue, min(GROUP_STUDIES, max(1, commit_batch))):
+        if item.expected is None or item.pseudo_uid in alone:
+            break
+        sizes.append(item.expected)
+    return max(1, group_size(sizes))
+
+
+def _retrieve(fetch: list[WorkItem], retrieve: Any, route: RetrieveRoute, staging: StagingWriter) -> PrefectFuture:
+    """One study's retrieval task (with the run's retries), or one for several small studies."""
+    if len(fetch) == 1:
+        return retrieve.submit(fetch[0], route, staging)
+    name = f"retrieve {len(fetch)} studies ({fetch[0].label} and {len(fetch) - 1} more)"
+    return retrieve_studies.with_options(task_run_name=name).submit(fetch, route, staging)
 
 
 def _deidentify(group: list[tuple[WorkItem, Retrieved]], processor: StudyProcessor, rows_root: str) -> PrefectFuture:
@@ -507,7 +544,7 @@ class _InFlight:
         self._retrieving.discard(future.task_run_id)
         result = future.result(raise_on_failure=False)
         if retrieval and not isinstance(result, BaseException):
-            self._retrieved[items[0].pseudo_uid] = future.task_run_id
+            self._retrieved.update((item.pseudo_uid, future.task_run_id) for item in items)
         else:
             release_task_runs({future.task_run_id, *(self._retrieved.pop(i.pseudo_uid, None) for i in items)})
         results = result if len(items) > 1 and isinstance(result, list) else [result] * len(items)

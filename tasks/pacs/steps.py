@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import partial
+from logging import Logger, LoggerAdapter
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pacsflow.tasks.core.errors import PacsflowError, retry_if_transient
+from pacsflow.tasks.core.errors import PacsflowError, error_text, retry_if_transient
 from pacsflow.tasks.pacs.client import PacsClient
 from pacsflow.tasks.pacs.models import (
     MissingObject,
@@ -79,6 +80,32 @@ def retrieve_study(item: WorkItem, route: RetrieveRoute, writer: StagingWriter) 
     (the rest of the study goes on; the refused ones are recorded by the run)."""
     logger = get_run_logger()
     logger.info("retrieving study %s (%s, %s)", item.pseudo_uid, item.label, item.reason)
+    retrieved = _retrieve(item, route, writer, logger)
+    logger.info("retrieved study %s: %d objects", item.pseudo_uid, retrieved.received)
+    return retrieved
+
+
+@task(name="retrieve-studies", persist_result=False, cache_policy=NO_CACHE)
+def retrieve_studies(items: list[WorkItem], route: RetrieveRoute, writer: StagingWriter) -> list[Retrieved | Exception]:
+    """:func:`retrieve_study` for several small studies in one task run (Prefect's cost is per
+    task run), one after another: each study's result, or the error that ended it, is its own.
+    A study that failed here is tried again by the flow on its own, as a ``retrieve-study`` with
+    that task's retries; the others are not fetched again."""
+    logger = get_run_logger()
+    results: list[Retrieved | Exception] = []
+    for item in items:
+        try:
+            results.append(_retrieve(item, route, writer, logger))
+        except Exception as exc:  # noqa: BLE001 - the study's own outcome; the group goes on
+            logger.warning("study %s: retrieval failed (%s): %s", item.pseudo_uid, item.label, error_text(exc))
+            results.append(exc)
+    # One record for the group: each log record is a row the server writes.
+    logger.info("retrieved %d of %d studies: %s", sum(isinstance(r, Retrieved) for r in results), len(items),
+                ", ".join(f"{r.pseudo_uid} ({r.received} objects)" for r in results if isinstance(r, Retrieved)))
+    return results
+
+
+def _retrieve(item: WorkItem, route: RetrieveRoute, writer: StagingWriter, logger: Logger | LoggerAdapter) -> Retrieved:
     client = PacsClient(route.peer)
     send = _sender(client, route, writer, item)
     listed = client.find_instances(item.study_uid)
@@ -98,10 +125,10 @@ def retrieve_study(item: WorkItem, route: RetrieveRoute, writer: StagingWriter) 
     missing = tuple(MissingObject(uid, writer.ref(uid), _why_missing(writer.refusal(uid), code))
                     for uid, code in sorted(refused.items()))
     received = count_staged(folder)
-    logger.info("retrieved study %s: %d of %d listed objects", item.pseudo_uid, received, len(listed))
     if missing:
-        logger.warning("study %s: %d object(s) not sent by the PACS: %s", item.pseudo_uid, len(missing),
-                       "; ".join(f"{m.ref} ({m.reason})" for m in missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        logger.warning("study %s: %d of %d listed object(s) not sent by the PACS: %s", item.pseudo_uid, len(missing),
+                       len(listed), "; ".join(f"{m.ref} ({m.reason})" for m in missing[:5])
+                       + (" ..." if len(missing) > 5 else ""))
     unlisted = writer.unlisted(item.study_uid)
     if unlisted:
         logger.warning("study %s: refused %d object(s) the PACS had not listed", item.pseudo_uid, unlisted)

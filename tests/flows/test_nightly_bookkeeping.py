@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -158,6 +159,27 @@ def test_a_transient_failure_holds_the_watermark_and_is_retried_next_run(site):
     assert site.count("SELECT count(*) FROM instances") == sum(s.n_instances for s in studies)
 
 
+def test_a_study_whose_grouped_retrieval_failed_is_tried_again_alone_within_its_retries(site, monkeypatch):
+    """Small studies are fetched several to a task; one that fails there transiently is tried again
+    in a task of its own, which has the rest of its tries (retrieve_retries after the first)."""
+    monkeypatch.setenv("PACSFLOW_RETRIEVE_RETRIES", "2")
+    studies = sorted(site.seed("in", studies=3, days=3, seed=53, modalities=NO_US), key=lambda s: s.study_date)
+    flaky, broken = studies[0], studies[1]
+    site.pacs.fail_study(flaky.study_uid, times=2)  # the group's try and the first of its own
+    site.pacs.fail_study(broken.study_uid)
+
+    state = nightly_ingest(return_state=True)
+    result = run_result(state)
+
+    assert (result["cataloged"], result["failed"]) == (2, 1)
+    assert site.pacs.retrieve_count(flaky.study_uid) == 2  # its second whole-study try brought it
+    assert site.pacs.retrieve_count(broken.study_uid) == 3  # 1 + retrieve_retries, as a study alone has
+    assert site.pacs.retrieve_count(studies[2].study_uid) == 1
+    names = _task_run_names(state.state_details.flow_run_id, "retrieve", 3)
+    assert sum(n.startswith("retrieve 3 studies (") for n in names) == 1, names
+    assert site.count("SELECT count(*) FROM instances") == flaky.n_instances + studies[2].n_instances
+
+
 def test_a_study_failing_max_attempts_runs_becomes_permanent(site, monkeypatch):
     monkeypatch.setenv("PACSFLOW_MAX_ATTEMPTS", "2")
     studies = sorted(site.seed("in", studies=2, days=2, seed=47, modalities=NO_US), key=lambda s: s.study_date)
@@ -296,8 +318,12 @@ def test_a_run_whose_studies_all_fail_is_failed_and_counts_them_by_kind(site):
     [refused] = [r for r in table if r["kind"] == "move destination unknown"]
     assert "check receiver.ae_title and the PACS's modality list" in refused["error"]
     # Task runs are short and readable: modality, the de-identified (shifted) date, a short hash.
-    names = sorted(_task_run_names(state.state_details.flow_run_id, "retrieve", len(table)))
-    assert names == sorted(f"retrieve {r['label']}" for r in table)
+    # Small studies are fetched together (``retrieve 3 studies (<label> and 2 more)``); with retries,
+    # one that failed there transiently is tried again in a task of its own, named after it.
+    names = _task_run_names(state.state_details.flow_run_id, "retrieve", len(table))
+    labels = {r["label"] for r in table}
+    shapes = [re.fullmatch(r"retrieve (?:\d+ studies \((.+) and \d+ more\)|(.+))", n) for n in names]
+    assert all(m and (m.group(1) or m.group(2)) in labels for m in shapes), names
     ledger = site.ledger.entries()
     for s in studies:
         label = next(r["label"] for r in table if r["pseudo_uid"] == ledger[s.study_uid].pseudo_uid)

@@ -60,6 +60,7 @@ class FakePacs:
         self.studies: dict[str, HeldStudy] = {}
         self.destinations: dict[str, tuple[str, int]] = {}
         self.failing: dict[str, int] = {}
+        self.failures_left: dict[str, int] = {}
         self.retrieves: list[str] = []  # study UIDs asked for by whole-study C-MOVE or C-GET, in order
         self.object_retrieves: list[str] = []  # study UIDs of retrieves of some of a study's images
         self._lock = threading.Lock()
@@ -81,8 +82,12 @@ class FakePacs:
     def add_destination(self, ae_title: str, port: int, host: str = "127.0.0.1") -> None:
         self.destinations[ae_title] = (host, port)
 
-    def fail_study(self, study_uid: str, status: int = UNABLE_TO_PROCESS) -> None:
+    def fail_study(self, study_uid: str, status: int = UNABLE_TO_PROCESS, times: int | None = None) -> None:
+        """Answer retrieves of the study with ``status``: until repaired, or until ``times`` whole-study
+        retrieves have been refused (retrieves of some of its objects are refused meanwhile too)."""
         self.failing[study_uid] = status
+        if times is not None:
+            self.failures_left[study_uid] = times
 
     def repair_study(self, study_uid: str) -> None:
         self.failing.pop(study_uid, None)
@@ -178,6 +183,13 @@ class FakePacs:
         yield len(files)
         status = self.failing.get(study.uid) if study else None
         if status is not None:
+            with self._lock:
+                whole = str(event.identifier.get("QueryRetrieveLevel", "")) == "STUDY"
+                if study and whole and study.uid in self.failures_left:
+                    self.failures_left[study.uid] -= 1
+                    if self.failures_left[study.uid] <= 0:
+                        del self.failures_left[study.uid]
+                        self.failing.pop(study.uid, None)
             yield status, None
             return
         for path in files:
