@@ -103,7 +103,7 @@ class MappingConfig:
     default_identifier_system: str = "urn:pacsflow:hl7:unknown-authority"
     research_authority: str = ""
     pseudonym_system: str = "urn:pacsflow:pseudonym"
-    key: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
     #: Research mode: gender only under PS3.15 Retain Patient Characteristics (as the imaging keeps it).
     retain_characteristics: bool = True
 
@@ -120,8 +120,8 @@ class MappingConfig:
 class PatientChange:
     """What one message says about one Patient."""
 
-    identity: Identity
-    resource: dict[str, Any]          # valid FHIR Patient JSON: only what the message carries
+    identity: Identity = field(repr=False)           # identified mode: the hospital's identifier
+    resource: dict[str, Any] = field(repr=False)     # valid FHIR Patient JSON: only what the message carries
     last_updated: dt.datetime | None
     event: str
     erased: frozenset[str] = frozenset()   # elements the message nulled with ``""``
@@ -464,7 +464,7 @@ class MergePlan:
     (or leaves conditional references for a transaction)."""
 
     survivor: PatientChange
-    merged: Identity
+    merged: Identity = field(repr=False)
     survivor_id: str | None = None
     merged_id: str | None = None
 
