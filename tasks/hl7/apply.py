@@ -33,7 +33,7 @@ from pacsflow.tasks.core.errors import (
     TransientError,
 )
 from pacsflow.tasks.fhir.client import FhirClient
-from pacsflow.tasks.fhir.mapping import Identity
+from pacsflow.tasks.fhir.mapping import Identity, same_content, version_of
 from pacsflow.tasks.hl7.inbox import Inbox, InboxMessage
 from pacsflow.tasks.hl7.mapping import (
     MappingConfig,
@@ -94,10 +94,6 @@ def find_patient(client: FhirClient, identity: Identity) -> Resource | None:
     return found[0] if found else None
 
 
-def _version(resource: Mapping[str, Any]) -> str:
-    return str((resource.get("meta") or {}).get("versionId") or "")
-
-
 def _put_if_match(client: FhirClient, resource: Resource, version: str) -> bool:
     """PUT ``resource`` to its id on ``version``; False when the version moved on meanwhile."""
     resp = client.put(f"Patient/{resource['id']}", resource, if_match=version)
@@ -136,17 +132,11 @@ def upsert_patient(client: FhirClient, change: PatientChange) -> Resource:
             ensure_patient(client, change.identity, change.resource)
             continue  # created (or found made meanwhile): merge into what is there now
         merged = merge_patient(existing, change.update)
-        if _same(merged, existing):
+        if same_content(merged, existing):
             return existing
-        if _put_if_match(client, {**merged, "id": existing["id"]}, _version(existing)):
+        if _put_if_match(client, {**merged, "id": existing["id"]}, version_of(existing)):
             return find_patient(client, change.identity) or existing
     raise FhirConflict(f"Patient: other writers kept changing it ({CONFLICT_ROUNDS} rounds)")
-
-
-def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    def strip(doc: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in doc.items() if k not in ("meta", "text")}
-    return strip(a) == strip(b)
 
 
 # -- A40 --------------------------------------------------------------------------------------
@@ -163,9 +153,9 @@ def merge_patients(client: FhirClient, plan: MergePlan) -> tuple[Resource, Resou
             raise MergeRefused(f"A40 names one Patient twice (Patient/{survivor['id']})")
         new_s = {**merge_patient(survivor, plan.survivor_update(merged["id"])), "id": survivor["id"]}
         new_m = {**merge_patient(merged, plan.merged_update(survivor["id"])), "id": merged["id"]}
-        if _same(new_s, survivor) and _same(new_m, merged):
+        if same_content(new_s, survivor) and same_content(new_m, merged):
             return survivor, merged
-        if _write_both(client, (new_s, _version(survivor)), (new_m, _version(merged))):
+        if _write_both(client, (new_s, version_of(survivor)), (new_m, version_of(merged))):
             return (find_patient(client, plan.survivor.identity) or new_s,
                     find_patient(client, plan.merged) or new_m)
     raise FhirConflict(f"A40: other writers kept changing the Patients ({CONFLICT_ROUNDS} rounds)")

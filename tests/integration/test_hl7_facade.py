@@ -234,3 +234,44 @@ def test_research_mode_shares_the_imaging_syncs_patient(hapi, fhir, tmp_path):  
     assert errors_in(fhir.validate(patient)) == []
     [imaging] = fhir.search_by_identifier("ImagingStudy", [study.study_identity.token])
     assert imaging["subject"]["reference"] == f"Patient/{patient['id']}"
+
+
+def test_research_mode_adt_first_then_the_imaging_sync_keeps_the_adts_data(hapi, fhir, tmp_path):  # noqa: F811
+    key = "research-key-0123456789abcdef"
+    system = f"urn:pacsflow:pseudonym:{uuid.uuid4().hex[:8]}"
+    facade = Facade(tmp_path, _system(), hapi.base_url)
+    facade.env.update({"PACSFLOW_HL7__MODE": "research", "PACSFLOW_HL7__RESEARCH_AUTHORITY": "HOSP",
+                       "PACSFLOW_DEID_KEY": key, "PACSFLOW_FHIR__PSEUDONYM_SYSTEM": system})
+    survivor, merged = (patient_identity(system, patient_pseudonym(key.encode(), v)) for v in ("4001", "4002"))
+    facade.start()
+    try:  # no sex in the ADT: the imaging brings it
+        assert facade.send(adt("A01", "F1", "PID|1||4001^^^HOSP^MR||Secret^Name||19800704" + "|" * 23 + "Y"),
+                           adt("A01", "F2", "PID|1||4002^^^HOSP^MR||Other^Name||19810101"),
+                           adt("A40", "F3", "PID|1||4001^^^HOSP^MR", extra="MRG|4002^^^HOSP^MR\r",
+                               structure="ADT_A39")) == ["AA", "AA", "AA"]
+        _patient(fhir, system, merged.value, until=lambda p: p.get("active") is False)
+        before = _patient(fhir, system, survivor.value, until=lambda p: "link" in p)
+    finally:
+        assert facade.stop() == 0
+    studies = [build_study({"study_uid": f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**9}",
+                            "patient_pseudo_id": ident.value, "patient_sex": "F"}, [], [],
+                           MappingOptions(pseudonym_system=system)) for ident in (survivor, merged)]
+    assert send_studies(fhir, studies).failed == []
+    assert send_studies(fhir, studies).failed == []  # a replay: nothing of the Patients changes
+    link = {"replaces": f"Patient/{merged.resource_id}", "replaced-by": f"Patient/{survivor.resource_id}"}
+    for ident, birth, kind, extra in ((survivor, "1980", "replaces", {"deceasedBoolean": True}),
+                                      (merged, "1981", "replaced-by", {"active": False})):
+        [patient] = fhir.search_by_identifier("Patient", [ident.token])
+        assert patient["id"] == ident.resource_id
+        assert patient["identifier"] == [{"system": system, "value": ident.value}]
+        assert (patient["gender"], patient["birthDate"]) == ("female", birth)  # the imaging's, the ADT's
+        assert {k: patient[k] for k in extra} == extra
+        assert [(x["type"], x["other"]["reference"]) for x in patient["link"]] == [(kind, link[kind])]
+        assert [s["code"] for s in patient["meta"]["security"]] == ["PSEUDED"]
+        assert not {"name", "address", "telecom"} & patient.keys()
+        assert errors_in(fhir.validate(patient)) == []
+        [imaging] = fhir.search_by_identifier("ImagingStudy", [studies[0 if ident is survivor else 1]
+                                                               .study_identity.token])
+        assert imaging["subject"]["reference"] == f"Patient/{ident.resource_id}"
+    [patient] = fhir.search_by_identifier("Patient", [survivor.token])
+    assert patient["meta"]["versionId"] == str(int(before["meta"]["versionId"]) + 1)  # the sex; the replay none
