@@ -40,6 +40,8 @@ series[].instance[].title         image_type values joined by ``\\`` (ImageType,
 Patient: ``identifier`` = {pseudonym_system, patient_pseudo_id}; ``gender`` from patient_sex when
 the de-identification kept it. No name and no birth date unless ``identified`` is set (clinical
 deployments whose rows carry ``patient_name`` / ``patient_birth_date``).
+A Patient the server already holds is merged into (:func:`merge_patient`), not replaced: the sync
+owns only the elements above; what others wrote (the HL7 facade's birth year, links, ``active``) stays.
 
 Resource ids are derived from the identifiers (SHA-256), so every replay addresses the same
 resources; :func:`content_hash` lets the sync skip studies whose resources did not change.
