@@ -82,7 +82,7 @@ class Hl7Service:
                         log.info("HL7 inbox: %d message(s) past the retention deleted", purged)
                     purged_at = time.monotonic()
                 self.wake.clear()
-                handed = drain(self.inbox, lambda msg: apply_message(client, msg.raw, self.mapper))
+                handed = drain(self.inbox, lambda msg: apply_message(client, msg.raw, self.mapper, older=msg.older))
                 if handed:
                     continue
                 due = self.inbox.next_due()

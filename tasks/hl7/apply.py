@@ -123,15 +123,16 @@ def ensure_patient(client: FhirClient, identity: Identity, resource: Mapping[str
     return found
 
 
-def upsert_patient(client: FhirClient, change: PatientChange) -> Resource:
+def upsert_patient(client: FhirClient, change: PatientChange, *, fill_only: bool = False) -> Resource:
     """Merge ``change`` into its Patient (or create it); returns the Patient as it is now. Raises
-    :class:`FhirConflict` when other writers keep winning the race."""
+    :class:`FhirConflict` when other writers keep winning the race. ``fill_only``: the message is
+    older than one already applied, so it only adds what the Patient lacks."""
     for _ in range(CONFLICT_ROUNDS):
         existing = find_patient(client, change.identity)
         if existing is None:
             ensure_patient(client, change.identity, change.resource)
             continue  # created (or found made meanwhile): merge into what is there now
-        merged = merge_patient(existing, change.update)
+        merged = merge_patient(existing, change.update, fill_only=fill_only)
         if same_content(merged, existing):
             return existing
         if _put_if_match(client, {**merged, "id": existing["id"]}, version_of(existing)):
@@ -140,18 +141,20 @@ def upsert_patient(client: FhirClient, change: PatientChange) -> Resource:
 
 
 # -- A40 --------------------------------------------------------------------------------------
-def merge_patients(client: FhirClient, plan: MergePlan) -> tuple[Resource, Resource]:
-    """Apply an A40 (module docstring); returns (survivor, merged) as they are now."""
+def merge_patients(client: FhirClient, plan: MergePlan, *, fill_only: bool = False) -> tuple[Resource, Resource]:
+    """Apply an A40 (module docstring); returns (survivor, merged) as they are now. ``fill_only``
+    (an older A40) holds for the survivor's demographics; the links and ``active`` are written."""
     if is_swapped_repeat(find_patient(client, plan.survivor.identity), find_patient(client, plan.merged), plan):
         raise MergeRefused("A40 repeated with the identifiers swapped: the surviving Patient is already "
                            "replaced by the merged one")
     for _ in range(CONFLICT_ROUNDS):
-        survivor = upsert_patient(client, plan.survivor)
+        survivor = upsert_patient(client, plan.survivor, fill_only=fill_only)
         stub = {**plan.merged_update(survivor["id"]), **_research_frame(plan)}
         merged = ensure_patient(client, plan.merged, stub)
         if survivor["id"] == merged["id"]:
             raise MergeRefused(f"A40 names one Patient twice (Patient/{survivor['id']})")
-        new_s = {**merge_patient(survivor, plan.survivor_update(merged["id"])), "id": survivor["id"]}
+        new_s = {**merge_patient(survivor, plan.survivor_update(merged["id"]), fill_only=fill_only),
+                 "id": survivor["id"]}
         new_m = {**merge_patient(merged, plan.merged_update(survivor["id"])), "id": merged["id"]}
         if same_content(new_s, survivor) and same_content(new_m, merged):
             return survivor, merged
@@ -184,12 +187,13 @@ def _write_both(client: FhirClient, *docs: tuple[Resource, str]) -> bool:
 
 
 # -- the inbox ---------------------------------------------------------------------------------
-def apply_message(client: FhirClient, raw: bytes, mapper: Hl7Mapper) -> str:
-    """Apply one stored message; returns the id of the Patient it wrote (the survivor for an A40)."""
+def apply_message(client: FhirClient, raw: bytes, mapper: Hl7Mapper, *, older: bool = False) -> str:
+    """Apply one stored message; returns the id of the Patient it wrote (the survivor for an A40).
+    ``older``: a newer message of the patient was applied already, so this one only fills gaps."""
     change = mapper.change(parse_adt(raw))
     if isinstance(change, MergePlan):
-        return str(merge_patients(client, change)[0]["id"])
-    return str(upsert_patient(client, change)["id"])
+        return str(merge_patients(client, change, fill_only=older)[0]["id"])
+    return str(upsert_patient(client, change, fill_only=older)["id"])
 
 
 def drain(inbox: Inbox, apply_one: Callable[[InboxMessage], str], limit: int = 50) -> int:
@@ -214,5 +218,6 @@ def drain(inbox: Inbox, apply_one: Callable[[InboxMessage], str], limit: int = 5
             log.error("HL7 %s failed for good: %s", what, type(exc).__name__)
         else:
             inbox.mark_applied(msg.control_id)
-            log.info("HL7 %s applied to Patient/%s", what, patient_id)
+            log.info("HL7 %s applied to Patient/%s%s", what, patient_id,
+                     " (older than one applied before: filled gaps only)" if msg.older else "")
     return len(batch)

@@ -334,9 +334,7 @@ def _pid(msg: AdtMessage) -> Segment:
 
 
 def _last_updated(msg: AdtMessage) -> dt.datetime | None:
-    evn = msg.segment("EVN")
-    recorded = parse_timestamp(evn.value(2), "EVN-2") if evn is not None else None
-    return recorded or msg.sent_at
+    return msg.last_updated
 
 
 def _research_identity(reps: tuple[Repetition, ...], config: MappingConfig, location: str) -> Identity:

@@ -149,6 +149,21 @@ class AdtMessage:
         return [s for s in self.segments if s.name == name]
 
     @property
+    def last_updated(self) -> dt.datetime | None:
+        """When the event was recorded (EVN-2), else when the message was sent (MSH-7)."""
+        evn = self.segment("EVN")
+        recorded = parse_timestamp(evn.value(2), "EVN-2") if evn is not None else None
+        return recorded or self.sent_at
+
+    @property
+    def message_time(self) -> float | None:
+        """:attr:`last_updated` as epoch seconds, what orders a patient's messages (no offset: UTC)."""
+        stamp = self.last_updated
+        if stamp is None:
+            return None
+        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+    @property
     def merged_key(self) -> str | None:
         """A40: the merged (non-surviving) patient's ``value^authority`` from MRG-1, for ordering."""
         mrg = self.segment("MRG")
