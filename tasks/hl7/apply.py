@@ -94,10 +94,15 @@ def find_patient(client: FhirClient, identity: Identity) -> Resource | None:
     return found[0] if found else None
 
 
-def _put_if_match(client: FhirClient, resource: Resource, version: str) -> bool:
-    """PUT ``resource`` to its id on ``version``; False when the version moved on meanwhile."""
+def _put_if_match(client: FhirClient, resource: Resource, version: str) -> Resource | None:
+    """PUT ``resource`` to its id on ``version``: the Patient as written (its new version from the
+    answer's ETag, no read), or None when the version moved on meanwhile (or the answer has no
+    ETag: the caller reads it again)."""
     resp = client.put(f"Patient/{resource['id']}", resource, if_match=version)
-    return resp.status_code not in (409, 412)
+    if resp.status_code in (409, 412):
+        return None
+    etag = resp.headers.get("ETag", "").removeprefix("W/").strip('"')
+    return {**resource, "meta": {**resource.get("meta", {}), "versionId": etag}} if etag else None
 
 
 def _create(client: FhirClient, identity: Identity, resource: Mapping[str, Any]) -> None:
@@ -128,15 +133,15 @@ def upsert_patient(client: FhirClient, change: PatientChange, *, fill_only: bool
     :class:`FhirConflict` when other writers keep winning the race. ``fill_only``: the message is
     older than one already applied, so it only adds what the Patient lacks."""
     for _ in range(CONFLICT_ROUNDS):
-        existing = find_patient(client, change.identity)
-        if existing is None:
-            ensure_patient(client, change.identity, change.resource)
-            continue  # created (or found made meanwhile): merge into what is there now
+        # Created from the message when there is none (or found made meanwhile): then the merge
+        # below changes nothing, unless someone else made it.
+        existing = ensure_patient(client, change.identity, change.resource)
         merged = merge_patient(existing, change.update, fill_only=fill_only)
         if same_content(merged, existing):
             return existing
-        if _put_if_match(client, {**merged, "id": existing["id"]}, version_of(existing)):
-            return find_patient(client, change.identity) or existing
+        written = _put_if_match(client, {**merged, "id": existing["id"]}, version_of(existing))
+        if written is not None:
+            return written
     raise FhirConflict(f"Patient: other writers kept changing it ({CONFLICT_ROUNDS} rounds)")
 
 

@@ -66,9 +66,13 @@ _V2_COLUMNS = ("merged_key TEXT", "message_time REAL")
 _V2_INDEX = "CREATE INDEX IF NOT EXISTS messages_merged ON messages(merged_key, state, id)"
 # A patient's head: its oldest pending message (only it may be handed out). An A40 is about two
 # patients (patient_key and merged_key): it is a head of both, and waits for both.
-_HEADS = """m.state = ? AND NOT EXISTS (SELECT 1 FROM messages p WHERE p.state = ? AND p.id < m.id
-             AND (p.patient_key IN (m.patient_key, m.merged_key) OR p.merged_key IN (m.patient_key, m.merged_key)))"""
-_HEAD_PARAMS = ("pending", "pending")
+# One NOT EXISTS per pair of keys, each a lookup in an index: an OR of them would scan every pending
+# row for each pending row.
+_EARLIER = "NOT EXISTS (SELECT 1 FROM messages p WHERE p.{0} = m.{1} AND p.state = ? AND p.id < m.id)"
+_HEADS = (f"m.state = ? AND {_EARLIER.format('patient_key', 'patient_key')} "
+          f"AND {_EARLIER.format('merged_key', 'patient_key')} AND (m.merged_key IS NULL OR "
+          f"({_EARLIER.format('patient_key', 'merged_key')} AND {_EARLIER.format('merged_key', 'merged_key')}))")
+_HEAD_PARAMS = ("pending",) * 5
 _COLUMNS = """m.id, m.control_id, m.raw, m.patient_key, m.merged_key, m.event, m.received_at, m.state, m.attempts,
     m.next_attempt, m.reason, m.message_time,
     (SELECT t.newest_applied FROM patients t WHERE t.patient_key = m.patient_key)"""
