@@ -16,7 +16,7 @@ For each run: ACK latency p50/p99/max, from the send to the ACK received (and, f
 from the message's slot, which also counts the wait of a message behind a slow ACK); messages/s
 acknowledged; and the drain: the inbox polled until no message is pending, messages applied to FHIR
 per second from the run's first message to the empty inbox. CPU seconds of the listener process
-(user + system, from /proc) per run. Every ACK must be AA and every message applied, or the run
+(user + system, from /proc) per run, and the HAPI JVM's. Every ACK must be AA and every message applied, or the run
 says so. Not a test: nothing here asserts a speed.
 """
 
@@ -71,6 +71,7 @@ class Run:
     sent_s: float = 0.0
     drained_s: float = 0.0
     cpu_s: float = 0.0
+    hapi_cpu_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, started: float, ack: bytes, slot: float | None = None) -> None:
@@ -119,14 +120,15 @@ def wait_drained(inbox: Inbox, timeout_s: float = 900.0) -> None:
         time.sleep(0.05)
 
 
-def measure(run: Run, inbox: Inbox, pid: int, body) -> Run:
-    cpu0 = cpu_seconds(pid)
+def measure(run: Run, inbox: Inbox, pid: int, body, hapi_pid: int = 0) -> Run:
+    cpu0, hapi0 = cpu_seconds(pid), cpu_seconds(hapi_pid) if hapi_pid else 0.0
     run.started = time.perf_counter()
     body()
     run.sent_s = time.perf_counter() - run.started
     wait_drained(inbox)
     run.drained_s = time.perf_counter() - run.started
     run.cpu_s = cpu_seconds(pid) - cpu0
+    run.hapi_cpu_s = cpu_seconds(hapi_pid) - hapi0 if hapi_pid else 0.0
     return run
 
 
@@ -187,7 +189,8 @@ def report(run: Run) -> None:
     print(f"  drain: inbox empty {run.drained_s - run.sent_s:.1f} s after the last ACK; "
           f"{n / run.drained_s:.1f} msg/s applied to FHIR (first message to empty inbox)")
     print(f"  listener CPU: {run.cpu_s:.1f} s = {run.cpu_s / n * 1000:.2f} ms per message "
-          "(accept + ACK + drain, FHIR client side)")
+          f"(accept + ACK + drain, FHIR client side); HAPI CPU {run.hapi_cpu_s:.1f} s = "
+          f"{run.hapi_cpu_s / n * 1000:.2f} ms per message")
 
 
 def start_listener(work: Path, fhir_url: str, port: int) -> subprocess.Popen[bytes]:
@@ -230,19 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         proc = start_listener(work, handle.base_url, port)
         cleanup.callback(lambda: proc.poll() is None and (proc.send_signal(signal.SIGTERM), proc.wait(60)))
-        run_all(args, Inbox(work / "state" / "hl7" / "inbox.sqlite"), proc.pid, port, handle.base_url)
+        run_all(args, Inbox(work / "state" / "hl7" / "inbox.sqlite"), (proc.pid, handle.pid), port, handle.base_url)
     return 0
 
 
-def run_all(args: argparse.Namespace, inbox: Inbox, pid: int, port: int, fhir_url: str) -> None:
+def run_all(args: argparse.Namespace, inbox: Inbox, pids: tuple[int, int], port: int, fhir_url: str) -> None:
+    pid, hapi_pid = pids
     print(f"HAPI FHIR {fhir_server.HAPI_FHIR_VERSION} (in memory) at {fhir_url}; pacsflow hl7 listen on {port}; "
           f"load average {os.getloadavg()[0]:.2f} at the start")
     warm = Run("warm-up")
     measure(warm, inbox, pid, lambda: sequential(port, args.warmup, warm))
     paced_run = Run(f"paced {args.rate:g} msg/s for {args.seconds:g} s, 1 connection")
-    measure(paced_run, inbox, pid, lambda: paced(port, args.rate, args.seconds, paced_run))
+    measure(paced_run, inbox, pid, lambda: paced(port, args.rate, args.seconds, paced_run), hapi_pid)
     burst = Run(f"unthrottled, {args.connections} connections, {args.burst_seconds:g} s")
-    measure(burst, inbox, pid, lambda: unthrottled(port, args.burst_seconds, args.connections, burst))
+    measure(burst, inbox, pid, lambda: unthrottled(port, args.burst_seconds, args.connections, burst), hapi_pid)
     print()
     for run in (paced_run, burst):
         report(run)

@@ -25,9 +25,10 @@ from __future__ import annotations
 import enum
 import random
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,6 +161,7 @@ class Inbox:
     def __init__(self, path: Path, backoff: Backoff = Backoff(5.0, 600.0, 11)) -> None:
         self.path = Path(path)
         self.backoff = backoff
+        self._lock = threading.Lock()
         open_sqlite(self.path, _SCHEMA)
         with self._tx() as con:  # a new file (version 0) takes ours, version 1 is upgraded, another is refused
             version = int(con.execute("PRAGMA user_version").fetchone()[0])
@@ -178,8 +180,14 @@ class Inbox:
     def for_settings(cls, settings: Settings) -> "Inbox":
         return cls(settings.hl7_dir / "inbox.sqlite", backoff_of(settings.hl7))
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return sqlite_tx(self.path)
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        # Every transaction of this process waits its turn here: a thread blocked on a lock wakes
+        # when it is released, whereas SQLite's busy handler sleeps in steps of up to 100 ms, which
+        # an ACK waiting behind the drain's write would pay. Other processes (replay) still
+        # meet SQLite's lock.
+        with self._lock, sqlite_tx(self.path) as con:
+            yield con
 
     # -- the MLLP side ------------------------------------------------------------------------
     def accept(self, control_id: str, raw: bytes, patient_key: str, event: str,
