@@ -36,8 +36,6 @@ out = Console()
 
 PURGE_EVERY_S = 3600.0
 SWITCH_INTERVAL_S = 0.0005
-#: Messages applied at once (each of another patient; HAPI answers requests in parallel).
-DRAIN_WORKERS = 4
 IDLE_WAIT_S = 30.0
 
 
@@ -89,8 +87,7 @@ class Hl7Service:
                         log.info("HL7 inbox: %d message(s) past the retention deleted", purged)
                     purged_at = time.monotonic()
                 self.wake.clear()
-                handed = drain(self.inbox, lambda msg: apply_message(client, msg.raw, self.mapper, older=msg.older),
-                               workers=DRAIN_WORKERS)
+                handed = drain(self.inbox, lambda msg: apply_message(client, msg.raw, self.mapper, older=msg.older))
                 if handed:
                     continue
                 due = self.inbox.next_due()

@@ -11,8 +11,8 @@
   already replaced by the "merged" one) is refused for good. Then one transaction writes both with
   ``If-Match``: the survivor gets ``link`` replaces, the merged one ``active=false`` and ``link``
   replaced-by. Applying the same A40 again changes nothing.
-* **Drain.** :func:`drain` hands the inbox's due messages (one per patient, in order; several
-  patients at once with ``workers``) to ``apply_one`` and records the outcome: applied, or failed (transient → retried with backoff; permanent → for good).
+* **Drain.** :func:`drain` hands the inbox's due messages (one per patient, in order) to ``apply_one``
+  and records the outcome: applied, or failed (transient → retried with backoff; permanent → for good).
 
 Only :class:`~pacsflow.tasks.fhir.client.FhirClient` speaks HTTP. Errors and logs name control ids,
 events and resource ids, never a value of the message.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,38 +201,28 @@ def apply_message(client: FhirClient, raw: bytes, mapper: Hl7Mapper, *, older: b
     return str(upsert_patient(client, change, fill_only=older)["id"])
 
 
-def drain(inbox: Inbox, apply_one: Callable[[InboxMessage], str], limit: int = 50, workers: int = 1) -> int:
+def drain(inbox: Inbox, apply_one: Callable[[InboxMessage], str], limit: int = 50) -> int:
     """Apply the due messages (one per patient, oldest first) and record each outcome; returns how
-    many were handed out. A batch's messages are about different patients (an A40's two included),
-    so ``workers`` threads may apply them at once (``apply_one`` must be thread-safe). A
-    configuration error (401, 403, 404, ...) is retried like an outage: the messages wait for the
-    fix rather than fail for good."""
+    many were handed out. A configuration error (401, 403, 404, ...) is retried like an outage: the
+    messages wait for the fix rather than fail for good."""
     batch = inbox.next_batch(limit)
-    if workers > 1 and len(batch) > 1:
-        with ThreadPoolExecutor(max_workers=min(workers, len(batch)), thread_name_prefix="hl7-apply") as pool:
-            list(pool.map(lambda msg: _apply_and_record(inbox, apply_one, msg), batch))
-    else:
-        for msg in batch:
-            _apply_and_record(inbox, apply_one, msg)
+    for msg in batch:
+        what = f"{msg.control_id} {msg.event}"
+        try:
+            patient_id = apply_one(msg)
+        except (TransientError, FhirConfigurationError) as exc:
+            row = inbox.mark_failed(msg.control_id, f"{type(exc).__name__}: {exc}", transient=True)
+            later = row is not None and row.state.value == "pending"
+            log.warning("HL7 %s not applied (%s)%s", what, type(exc).__name__,
+                        f"; retry {row.attempts}" if later and row else "; failed for good (pacsflow hl7 replay)")
+        except PermanentError as exc:
+            inbox.mark_failed(msg.control_id, f"{type(exc).__name__}: {exc}", transient=False)
+            log.error("HL7 %s failed for good: %s", what, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug fails this message, not the drain; no text (it may quote data)
+            inbox.mark_failed(msg.control_id, f"{type(exc).__name__} (a defect)", transient=False)
+            log.error("HL7 %s failed for good: %s", what, type(exc).__name__)
+        else:
+            inbox.mark_applied(msg.control_id)
+            log.info("HL7 %s applied to Patient/%s%s", what, patient_id,
+                     " (older than one applied before: filled gaps only)" if msg.older else "")
     return len(batch)
-
-
-def _apply_and_record(inbox: Inbox, apply_one: Callable[[InboxMessage], str], msg: InboxMessage) -> None:
-    what = f"{msg.control_id} {msg.event}"
-    try:
-        patient_id = apply_one(msg)
-    except (TransientError, FhirConfigurationError) as exc:
-        row = inbox.mark_failed(msg.control_id, f"{type(exc).__name__}: {exc}", transient=True)
-        later = row is not None and row.state.value == "pending"
-        log.warning("HL7 %s not applied (%s)%s", what, type(exc).__name__,
-                    f"; retry {row.attempts}" if later and row else "; failed for good (pacsflow hl7 replay)")
-    except PermanentError as exc:
-        inbox.mark_failed(msg.control_id, f"{type(exc).__name__}: {exc}", transient=False)
-        log.error("HL7 %s failed for good: %s", what, exc)
-    except Exception as exc:  # noqa: BLE001 - a bug fails this message, not the drain; no text (it may quote data)
-        inbox.mark_failed(msg.control_id, f"{type(exc).__name__} (a defect)", transient=False)
-        log.error("HL7 %s failed for good: %s", what, type(exc).__name__)
-    else:
-        inbox.mark_applied(msg.control_id)
-        log.info("HL7 %s applied to Patient/%s%s", what, patient_id,
-                 " (older than one applied before: filled gaps only)" if msg.older else "")
