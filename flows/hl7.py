@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 import threading
 import time
 from typing import Annotated, Any, Callable, Optional
@@ -34,6 +35,7 @@ log = logging.getLogger("pacsflow.hl7")
 out = Console()
 
 PURGE_EVERY_S = 3600.0
+SWITCH_INTERVAL_S = 0.0005
 IDLE_WAIT_S = 30.0
 
 
@@ -61,6 +63,9 @@ class Hl7Service:
 
     def start(self) -> int:
         """Listen and drain; returns the MLLP port."""
+        # The MLLP thread waits for the GIL whenever the drain thread runs Python; at the default
+        # 5 ms switch interval each ACK paid several such waits.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         port = self.mllp.start()
         self.drainer.start()
         return port
@@ -82,7 +87,7 @@ class Hl7Service:
                         log.info("HL7 inbox: %d message(s) past the retention deleted", purged)
                     purged_at = time.monotonic()
                 self.wake.clear()
-                handed = drain(self.inbox, lambda msg: apply_message(client, msg.raw, self.mapper))
+                handed = drain(self.inbox, lambda msg: apply_message(client, msg.raw, self.mapper, older=msg.older))
                 if handed:
                     continue
                 due = self.inbox.next_due()

@@ -40,6 +40,8 @@ series[].instance[].title         image_type values joined by ``\\`` (ImageType,
 Patient: ``identifier`` = {pseudonym_system, patient_pseudo_id}; ``gender`` from patient_sex when
 the de-identification kept it. No name and no birth date unless ``identified`` is set (clinical
 deployments whose rows carry ``patient_name`` / ``patient_birth_date``).
+A Patient the server already holds is merged into (:func:`merge_patient`), not replaced: the sync
+owns only the elements above; what others wrote (the HL7 facade's birth year, links, ``active``) stays.
 
 Resource ids are derived from the identifiers (SHA-256), so every replay addresses the same
 resources; :func:`content_hash` lets the sync skip studies whose resources did not change.
@@ -98,6 +100,12 @@ _CODING_SCHEMES = {
     "RADLEX_PLAYBOOK": "http://www.radlex.org",
     "RPID": "http://www.radlex.org",
 }
+
+# FHIR choice elements: setting one variant must drop the others.
+_CHOICES = {"deceasedBoolean": "deceased", "deceasedDateTime": "deceased",
+            "multipleBirthBoolean": "multipleBirth", "multipleBirthInteger": "multipleBirth"}
+# Elements the server keeps for itself: not compared when deciding whether a write changes anything.
+_SERVER_OWNED = ("meta", "text")
 
 _NS = uuid.UUID("6a0f3c1e-5d3b-5b8e-9a57-7061637366c1")  # pacsflow's namespace for urn:uuid fullUrls
 
@@ -503,7 +511,75 @@ def _imaging_study_doc(study: Mapping[str, Any], series_docs: list[dict[str, Any
     }
 
 
-def transaction_bundle(studies: Sequence[StudyResources], by_id: Collection[Identity] = ()) -> dict[str, Any]:
+# -- merging into what the server holds ----------------------------------------------------------------
+def _union(old: list[Any], new: list[Any], key: Any, *, keep_old: bool = False) -> list[Any]:
+    """Items of both lists in first-seen order; where ``key`` matches, the new one wins (the old
+    one with ``keep_old``)."""
+    merged = {key(item): item for item in old}
+    for item in new:
+        if not keep_old or key(item) not in merged:
+            merged[key(item)] = item
+    return list(merged.values())
+
+
+def identifier_key(ident: Mapping[str, Any]) -> tuple[Any, Any]:
+    return ident.get("system"), ident.get("value")
+
+
+def _link_key(link: Mapping[str, Any]) -> Any:
+    other = link.get("other", {})
+    return other.get("reference") or repr(sorted(other.get("identifier", {}).items()))
+
+
+def _has_choice(doc: Mapping[str, Any], name: str) -> bool:
+    return any(variant in doc for variant, group in _CHOICES.items() if group == _CHOICES[name])
+
+
+def merge_patient(existing: dict[str, Any] | None, incoming: dict[str, Any], *,
+                  fill_only: bool = False) -> dict[str, Any]:
+    """``existing`` updated by a sparse ``incoming``: present elements replace, absent ones stay,
+    ``None`` (HL7 ``""``) removes; identifiers and links are united, security labels too.
+
+    ``fill_only`` (what an older message may still do): only elements ``existing`` lacks are added
+    (and identifiers, links, labels it lacks); nothing is replaced or removed."""
+    out = dict(existing or {})
+    for name, value in incoming.items():
+        if fill_only and (value is None or (name in _CHOICES and _has_choice(out, name))):
+            continue
+        if name in _CHOICES:  # one variant of a choice replaces (or erases) every variant
+            for variant, group in _CHOICES.items():
+                if group == _CHOICES[name]:
+                    out.pop(variant, None)
+        if value is None:
+            out.pop(name, None)
+        elif name in ("identifier", "link"):
+            key = identifier_key if name == "identifier" else _link_key
+            out[name] = _union(out.get(name, []), value, key, keep_old=fill_only)
+        elif name == "meta":
+            security = _union(out.get("meta", {}).get("security", []), value.get("security", []),
+                              lambda s: (s.get("system"), s.get("code")))
+            out[name] = {**out.get("meta", {}), **value, **({"security": security} if security else {})}
+        elif (name == "id" and "id" in out) or (fill_only and name in out):
+            continue  # the server's id stands (conditional updates find it by identifier)
+        else:
+            out[name] = value
+    return out
+
+
+def same_content(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two versions of a resource say the same (the server's meta and narrative aside)."""
+    def strip(doc: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in doc.items() if k not in _SERVER_OWNED}
+    return strip(a) == strip(b)
+
+
+def version_of(resource: Mapping[str, Any]) -> str:
+    """``meta.versionId`` of a resource read from the server, ``""`` when it has none."""
+    return str((resource.get("meta") or {}).get("versionId") or "")
+
+
+def transaction_bundle(studies: Sequence[StudyResources], by_id: Collection[Identity] = (),
+                       existing: Mapping[Identity, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """One ``transaction`` Bundle (FHIR JSON) with conditional updates for a batch of studies.
 
     Entries: ``PUT Patient?identifier=…`` and ``PUT Endpoint?identifier=…`` once per identity (a
@@ -511,11 +587,18 @@ def transaction_bundle(studies: Sequence[StudyResources], by_id: Collection[Iden
     study whose ``subject`` and ``endpoint`` point at those entries' ``urn:uuid`` fullUrls.
     Identities in ``by_id`` are written as ``PUT Type/<our id>`` instead (to revive a resource that
     was deleted on the server: its id is taken, so a conditional create of it conflicts).
+
+    ``existing``: Patients the server already holds (read by identifier just before). Ours is merged
+    into each (:func:`merge_patient`: what another writer, e.g. an HL7 ADT message, gave it stays)
+    and written with ``PUT Patient/<its id>`` and ``ifMatch`` on the version read, so a write made
+    meanwhile makes the transaction fail (409/412) rather than be lost; a Patient the merge does not
+    change gets no entry, the ImagingStudy points at its id.
     Raises ValueError if a study appears twice (two entries for one identity are not allowed).
     """
     entries: list[dict[str, Any]] = []
     placed: dict[Identity, str] = {}
     studies_seen: set[Identity] = set()
+    existing = existing or {}
 
     def url(identity: Identity, doc: dict[str, Any]) -> str:
         if identity in by_id and doc.get("id"):
@@ -523,10 +606,19 @@ def transaction_bundle(studies: Sequence[StudyResources], by_id: Collection[Iden
         return identity.conditional_url
 
     def place(identity: Identity, doc: dict[str, Any]) -> str:
-        if identity not in placed:
-            placed[identity] = identity.full_url
-            entries.append({"fullUrl": identity.full_url, "resource": doc,
-                            "request": {"method": "PUT", "url": url(identity, doc)}})
+        if identity in placed:
+            return placed[identity]
+        request = {"method": "PUT", "url": url(identity, doc)}
+        found = existing.get(identity)
+        if found is not None and found.get("id"):
+            doc = {**merge_patient(dict(found), doc), "id": found["id"]}
+            if same_content(doc, found):
+                placed[identity] = f"{identity.resource_type}/{found['id']}"
+                return placed[identity]
+            request = {"method": "PUT", "url": f"{identity.resource_type}/{found['id']}",
+                       **({"ifMatch": f'W/"{version_of(found)}"'} if version_of(found) else {})}
+        placed[identity] = identity.full_url
+        entries.append({"fullUrl": identity.full_url, "resource": doc, "request": request})
         return placed[identity]
 
     for s in studies:

@@ -13,6 +13,9 @@ Prefect tasks ``fhir-sync`` and ``fhir-reconcile`` that call the same functions.
   ``PUT Patient?identifier=<pseudonym system>|…``); a patient shared by several studies of a batch
   is one entry. Replays leave one ImagingStudy per study and one Patient per pseudonym; HAPI answers a
   race between two writers with 409 for the loser, which the client retries (then it matches).
+* **Patients are merged, not replaced**: the batch's Patients are read first (one search) and ours
+  merged into those that exist, written by id with ``ifMatch``: what an HL7 ADT message (or anyone)
+  gave a Patient stays, and one written meanwhile is read and merged again.
 * **Ledger** (``state_root/fhir_sync.sqlite``): per study, the content hash last sent, status and
   reason. Unchanged studies are skipped; failed ones are sent again on the next run.
 * **Bad entries**: a transaction is all or nothing. When the server rejects a Bundle (4xx, or 409
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +54,7 @@ from pacsflow.tasks.core.errors import (
 from pacsflow.tasks.fhir.client import FhirClient
 from pacsflow.tasks.fhir.ledger import FhirSyncLedger
 from pacsflow.tasks.fhir.mapping import (
+    Identity,
     MappingOptions,
     StudyResources,
     build_study,
@@ -188,6 +192,9 @@ class SendOutcome:
         return {u for u, _, _ in self.synced} | {u for u, _, _ in self.failed}
 
 
+#: Reads and merges of a batch's Patients when another writer keeps changing one of them.
+VERSION_ROUNDS = 3
+
 # HAPI's "client-assigned ID constraint failure": our id belongs to a resource deleted on the server.
 _ID_TAKEN = "HAPI-0825"
 
@@ -205,8 +212,8 @@ def _transaction(client: FhirClient, bundle: dict[str, Any],
         return exc
 
 
-def _revive(client: FhirClient, study: StudyResources, outcome: SendOutcome,
-            conflict: FhirConflict) -> FhirRejected | FhirConflict | None:
+def _revive(client: FhirClient, study: StudyResources, outcome: SendOutcome, conflict: FhirConflict,
+            existing: Mapping[Identity, dict[str, Any]]) -> FhirRejected | FhirConflict | None:
     """The conditional update of this study found no match but could not create it under our id,
     because a deleted resource holds that id (HAPI keeps it). Write the resources that have no match
     by id instead (``PUT Type/id`` revives them as a new version). None when that landed, else the
@@ -218,7 +225,7 @@ def _revive(client: FhirClient, study: StudyResources, outcome: SendOutcome,
              and not client.search_by_identifier(identity.resource_type, [identity.token], elements=["id"])}
     if not by_id:
         return conflict
-    bundle = transaction_bundle([study], by_id=by_id)
+    bundle = transaction_bundle([study], by_id=by_id, existing=existing)
     answer = _transaction(client, bundle, outcome)
     if isinstance(answer, BaseException):
         return answer
@@ -228,26 +235,54 @@ def _revive(client: FhirClient, study: StudyResources, outcome: SendOutcome,
     return None
 
 
-def send_studies(client: FhirClient, studies: Sequence[StudyResources],
-                 outcome: SendOutcome | None = None) -> SendOutcome:
+def existing_patients(client: FhirClient, studies: Sequence[StudyResources]) -> dict[Identity, dict[str, Any]]:
+    """The Patients the server holds for these studies, by identity: one search for the batch. An
+    identity that two resources carry is left out (its conditional update reports the ambiguity)."""
+    wanted = {s.patient_identity.token: s.patient_identity for s in studies}
+    found: dict[Identity, list[dict[str, Any]]] = {}
+    for res in client.search_by_identifier("Patient", list(wanted), chunk=max(len(wanted), 1)):
+        for token in {f"{i.get('system')}|{i.get('value')}" for i in res.get("identifier", [])} & wanted.keys():
+            found.setdefault(wanted[token], []).append(res)
+    return {identity: hits[0] for identity, hits in found.items() if len(hits) == 1}
+
+
+def _version_conflict(answer: object, bundle: dict[str, Any]) -> bool:
+    """A Patient written with ``ifMatch`` changed since it was read (the HL7 drain wrote it)."""
+    if not any("ifMatch" in e["request"] for e in bundle["entry"]):
+        return False
+    if isinstance(answer, FhirConflict):
+        return _ID_TAKEN not in str(answer)
+    return isinstance(answer, FhirRejected) and answer.status == 412
+
+
+def send_studies(client: FhirClient, studies: Sequence[StudyResources], outcome: SendOutcome | None = None,
+                 existing: Mapping[Identity, dict[str, Any]] | None = None) -> SendOutcome:
     """One transaction for ``studies``; when the server rejects it (4xx, or 409 that retries did not
     resolve), halves it until the bad study is alone, so the others land.
 
+    The batch's Patients are read first (``existing``, one search) and ours merged into them, so
+    what another writer gave a Patient stays (:func:`transaction_bundle`); when one of them changed
+    before the transaction, they are read and merged again (a few rounds).
     FhirUnavailable and FhirConfigurationError propagate (nothing here can fix them); what was
     committed before is in ``outcome`` (pass one in to keep it).
     """
     outcome = outcome if outcome is not None else SendOutcome()
     if not studies:
         return outcome
-    bundle = transaction_bundle(studies)
-    answer = _transaction(client, bundle, outcome)
+    for _ in range(VERSION_ROUNDS):
+        existing = existing_patients(client, studies) if existing is None else existing
+        bundle = transaction_bundle(studies, existing=existing)
+        answer = _transaction(client, bundle, outcome)
+        if not _version_conflict(answer, bundle):
+            break
+        existing = None
     if not isinstance(answer, BaseException):
         ids = _server_ids(answer, bundle)
         outcome.synced += [(st.study_uid, st.hash, ids.get(st.study_identity.full_url)) for st in studies]
         return outcome
     rejection: FhirRejected | FhirConflict | None = answer
     if len(studies) == 1 and isinstance(answer, FhirConflict) and _ID_TAKEN in str(answer):
-        rejection = _revive(client, studies[0], outcome, answer)
+        rejection = _revive(client, studies[0], outcome, answer, existing or {})
     if rejection is None:
         return outcome
     if len(studies) == 1:
@@ -257,8 +292,8 @@ def send_studies(client: FhirClient, studies: Sequence[StudyResources],
         return outcome
     log.info("FHIR transaction of %d studies rejected (%s); splitting it", len(studies), type(rejection).__name__)
     mid = len(studies) // 2
-    send_studies(client, studies[:mid], outcome)
-    send_studies(client, studies[mid:], outcome)
+    send_studies(client, studies[:mid], outcome, existing)
+    send_studies(client, studies[mid:], outcome, existing)
     return outcome
 
 

@@ -33,7 +33,7 @@ from pacsflow.tasks.core.errors import (
     TransientError,
 )
 from pacsflow.tasks.fhir.client import FhirClient
-from pacsflow.tasks.fhir.mapping import Identity
+from pacsflow.tasks.fhir.mapping import Identity, same_content, version_of
 from pacsflow.tasks.hl7.inbox import Inbox, InboxMessage
 from pacsflow.tasks.hl7.mapping import (
     MappingConfig,
@@ -94,14 +94,15 @@ def find_patient(client: FhirClient, identity: Identity) -> Resource | None:
     return found[0] if found else None
 
 
-def _version(resource: Mapping[str, Any]) -> str:
-    return str((resource.get("meta") or {}).get("versionId") or "")
-
-
-def _put_if_match(client: FhirClient, resource: Resource, version: str) -> bool:
-    """PUT ``resource`` to its id on ``version``; False when the version moved on meanwhile."""
+def _put_if_match(client: FhirClient, resource: Resource, version: str) -> Resource | None:
+    """PUT ``resource`` to its id on ``version``: the Patient as written (its new version from the
+    answer's ETag, no read), or None when the version moved on meanwhile (or the answer has no
+    ETag: the caller reads it again)."""
     resp = client.put(f"Patient/{resource['id']}", resource, if_match=version)
-    return resp.status_code not in (409, 412)
+    if resp.status_code in (409, 412):
+        return None
+    etag = resp.headers.get("ETag", "").removeprefix("W/").strip('"')
+    return {**resource, "meta": {**resource.get("meta", {}), "versionId": etag}} if etag else None
 
 
 def _create(client: FhirClient, identity: Identity, resource: Mapping[str, Any]) -> None:
@@ -127,45 +128,42 @@ def ensure_patient(client: FhirClient, identity: Identity, resource: Mapping[str
     return found
 
 
-def upsert_patient(client: FhirClient, change: PatientChange) -> Resource:
+def upsert_patient(client: FhirClient, change: PatientChange, *, fill_only: bool = False) -> Resource:
     """Merge ``change`` into its Patient (or create it); returns the Patient as it is now. Raises
-    :class:`FhirConflict` when other writers keep winning the race."""
+    :class:`FhirConflict` when other writers keep winning the race. ``fill_only``: the message is
+    older than one already applied, so it only adds what the Patient lacks."""
     for _ in range(CONFLICT_ROUNDS):
-        existing = find_patient(client, change.identity)
-        if existing is None:
-            ensure_patient(client, change.identity, change.resource)
-            continue  # created (or found made meanwhile): merge into what is there now
-        merged = merge_patient(existing, change.update)
-        if _same(merged, existing):
+        # Created from the message when there is none (or found made meanwhile): then the merge
+        # below changes nothing, unless someone else made it.
+        existing = ensure_patient(client, change.identity, change.resource)
+        merged = merge_patient(existing, change.update, fill_only=fill_only)
+        if same_content(merged, existing):
             return existing
-        if _put_if_match(client, {**merged, "id": existing["id"]}, _version(existing)):
-            return find_patient(client, change.identity) or existing
+        written = _put_if_match(client, {**merged, "id": existing["id"]}, version_of(existing))
+        if written is not None:
+            return written
     raise FhirConflict(f"Patient: other writers kept changing it ({CONFLICT_ROUNDS} rounds)")
 
 
-def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    def strip(doc: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in doc.items() if k not in ("meta", "text")}
-    return strip(a) == strip(b)
-
-
 # -- A40 --------------------------------------------------------------------------------------
-def merge_patients(client: FhirClient, plan: MergePlan) -> tuple[Resource, Resource]:
-    """Apply an A40 (module docstring); returns (survivor, merged) as they are now."""
+def merge_patients(client: FhirClient, plan: MergePlan, *, fill_only: bool = False) -> tuple[Resource, Resource]:
+    """Apply an A40 (module docstring); returns (survivor, merged) as they are now. ``fill_only``
+    (an older A40) holds for the survivor's demographics; the links and ``active`` are written."""
     if is_swapped_repeat(find_patient(client, plan.survivor.identity), find_patient(client, plan.merged), plan):
         raise MergeRefused("A40 repeated with the identifiers swapped: the surviving Patient is already "
                            "replaced by the merged one")
     for _ in range(CONFLICT_ROUNDS):
-        survivor = upsert_patient(client, plan.survivor)
+        survivor = upsert_patient(client, plan.survivor, fill_only=fill_only)
         stub = {**plan.merged_update(survivor["id"]), **_research_frame(plan)}
         merged = ensure_patient(client, plan.merged, stub)
         if survivor["id"] == merged["id"]:
             raise MergeRefused(f"A40 names one Patient twice (Patient/{survivor['id']})")
-        new_s = {**merge_patient(survivor, plan.survivor_update(merged["id"])), "id": survivor["id"]}
+        new_s = {**merge_patient(survivor, plan.survivor_update(merged["id"]), fill_only=fill_only),
+                 "id": survivor["id"]}
         new_m = {**merge_patient(merged, plan.merged_update(survivor["id"])), "id": merged["id"]}
-        if _same(new_s, survivor) and _same(new_m, merged):
+        if same_content(new_s, survivor) and same_content(new_m, merged):
             return survivor, merged
-        if _write_both(client, (new_s, _version(survivor)), (new_m, _version(merged))):
+        if _write_both(client, (new_s, version_of(survivor)), (new_m, version_of(merged))):
             return (find_patient(client, plan.survivor.identity) or new_s,
                     find_patient(client, plan.merged) or new_m)
     raise FhirConflict(f"A40: other writers kept changing the Patients ({CONFLICT_ROUNDS} rounds)")
@@ -194,12 +192,13 @@ def _write_both(client: FhirClient, *docs: tuple[Resource, str]) -> bool:
 
 
 # -- the inbox ---------------------------------------------------------------------------------
-def apply_message(client: FhirClient, raw: bytes, mapper: Hl7Mapper) -> str:
-    """Apply one stored message; returns the id of the Patient it wrote (the survivor for an A40)."""
+def apply_message(client: FhirClient, raw: bytes, mapper: Hl7Mapper, *, older: bool = False) -> str:
+    """Apply one stored message; returns the id of the Patient it wrote (the survivor for an A40).
+    ``older``: a newer message of the patient was applied already, so this one only fills gaps."""
     change = mapper.change(parse_adt(raw))
     if isinstance(change, MergePlan):
-        return str(merge_patients(client, change)[0]["id"])
-    return str(upsert_patient(client, change)["id"])
+        return str(merge_patients(client, change, fill_only=older)[0]["id"])
+    return str(upsert_patient(client, change, fill_only=older)["id"])
 
 
 def drain(inbox: Inbox, apply_one: Callable[[InboxMessage], str], limit: int = 50) -> int:
@@ -224,5 +223,6 @@ def drain(inbox: Inbox, apply_one: Callable[[InboxMessage], str], limit: int = 5
             log.error("HL7 %s failed for good: %s", what, type(exc).__name__)
         else:
             inbox.mark_applied(msg.control_id)
-            log.info("HL7 %s applied to Patient/%s", what, patient_id)
+            log.info("HL7 %s applied to Patient/%s%s", what, patient_id,
+                     " (older than one applied before: filled gaps only)" if msg.older else "")
     return len(batch)

@@ -45,6 +45,7 @@ class Intake:
     def __call__(self, raw: bytes) -> bytes:
         try:
             msg = parse_adt(raw)
+            at = msg.message_time  # a malformed EVN-2 is refused here, before anything is stored
             if self.check is not None:
                 self.check(msg)
         except Hl7Error as exc:
@@ -53,7 +54,8 @@ class Intake:
             return ack(raw, code, exc)
         what = f"{msg.control_id} {msg.message_type}^{msg.event}"
         try:
-            new = self.inbox.accept(msg.control_id, raw, msg.patient_key, msg.event, self.clock())
+            new = self.inbox.accept(msg.control_id, raw, msg.patient_key, msg.event, self.clock(),
+                                    merged_key=msg.merged_key, message_time=at)
         except (sqlite3.Error, OSError) as exc:
             reason = describe_os_error(exc) if isinstance(exc, OSError) else type(exc).__name__
             log.error("HL7 %s not stored (%s): AE, the sender must send it again", what, reason)

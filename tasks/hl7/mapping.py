@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pacsflow.tasks.deid.deidentifier import patient_pseudonym
-from pacsflow.tasks.fhir.mapping import SECURITY_SYSTEM, Identity, patient_identity
+from pacsflow.tasks.fhir.mapping import SECURITY_SYSTEM, Identity, identifier_key, patient_identity
+from pacsflow.tasks.fhir.mapping import merge_patient as merge_patient  # the one sparse merge, shared with the sync
 from pacsflow.tasks.hl7.message import (
     APPLICATION_INTERNAL_ERROR,
     DATA_TYPE_ERROR,
@@ -83,9 +84,6 @@ _TELECOM_SYSTEM = {"PH": "phone", "FX": "fax", "CP": "phone", "BP": "pager", "In
                    "X.400": "email"}
 _MARITAL_V3 = {"A": "L", "D": "D", "M": "M", "S": "S", "W": "W", "C": "C", "P": "T", "R": "T",
                "E": "L", "N": "A", "I": "I", "B": "U"}
-# FHIR choice elements: setting one variant must drop the others.
-_CHOICES = {"deceasedBoolean": "deceased", "deceasedDateTime": "deceased",
-            "multipleBirthBoolean": "multipleBirth", "multipleBirthInteger": "multipleBirth"}
 
 
 class Mode(str, enum.Enum):
@@ -103,7 +101,7 @@ class MappingConfig:
     default_identifier_system: str = "urn:pacsflow:hl7:unknown-authority"
     research_authority: str = ""
     pseudonym_system: str = "urn:pacsflow:pseudonym"
-    key: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
     #: Research mode: gender only under PS3.15 Retain Patient Characteristics (as the imaging keeps it).
     retain_characteristics: bool = True
 
@@ -120,8 +118,8 @@ class MappingConfig:
 class PatientChange:
     """What one message says about one Patient."""
 
-    identity: Identity
-    resource: dict[str, Any]          # valid FHIR Patient JSON: only what the message carries
+    identity: Identity = field(repr=False)           # identified mode: the hospital's identifier
+    resource: dict[str, Any] = field(repr=False)     # valid FHIR Patient JSON: only what the message carries
     last_updated: dt.datetime | None
     event: str
     erased: frozenset[str] = frozenset()   # elements the message nulled with ``""``
@@ -336,9 +334,7 @@ def _pid(msg: AdtMessage) -> Segment:
 
 
 def _last_updated(msg: AdtMessage) -> dt.datetime | None:
-    evn = msg.segment("EVN")
-    recorded = parse_timestamp(evn.value(2), "EVN-2") if evn is not None else None
-    return recorded or msg.sent_at
+    return msg.last_updated
 
 
 def _research_identity(reps: tuple[Repetition, ...], config: MappingConfig, location: str) -> Identity:
@@ -408,49 +404,6 @@ def patient_change(msg: AdtMessage, config: MappingConfig) -> PatientChange:
     return PatientChange(ident, {"resourceType": "Patient", **doc}, _last_updated(msg), msg.event, erased)
 
 
-# -- merging -----------------------------------------------------------------------------------------
-def _union(old: list[Any], new: list[Any], key: Any) -> list[Any]:
-    """Items of both lists, the new one winning where ``key`` matches, in first-seen order."""
-    merged = {key(item): item for item in old}
-    merged.update({key(item): item for item in new})
-    return list(merged.values())
-
-
-def _identifier_key(ident: Mapping[str, Any]) -> tuple[Any, Any]:
-    return ident.get("system"), ident.get("value")
-
-
-def _link_key(link: Mapping[str, Any]) -> Any:
-    other = link.get("other", {})
-    return other.get("reference") or repr(sorted(other.get("identifier", {}).items()))
-
-
-def merge_patient(existing: dict[str, Any] | None, incoming: dict[str, Any]) -> dict[str, Any]:
-    """``existing`` updated by a sparse ``incoming``: present elements replace, absent ones stay,
-    ``None`` (HL7 ``""``) removes; identifiers and links are united, security labels too."""
-    out = dict(existing or {})
-    for name, value in incoming.items():
-        if name in _CHOICES:  # one variant of a choice replaces (or erases) every variant
-            for variant, group in _CHOICES.items():
-                if group == _CHOICES[name]:
-                    out.pop(variant, None)
-        if value is None:
-            out.pop(name, None)
-        elif name == "identifier":
-            out[name] = _union(out.get(name, []), value, _identifier_key)
-        elif name == "link":
-            out[name] = _union(out.get(name, []), value, _link_key)
-        elif name == "meta":
-            security = _union(out.get("meta", {}).get("security", []), value.get("security", []),
-                              lambda s: (s.get("system"), s.get("code")))
-            out[name] = {**out.get("meta", {}), **value, **({"security": security} if security else {})}
-        elif name == "id" and "id" in out:
-            continue  # the server's id stands; conditional updates find it by identifier
-        else:
-            out[name] = value
-    return out
-
-
 # -- A40 ---------------------------------------------------------------------------------------------
 def reference_to(identity: Identity, resource_id: str | None = None) -> dict[str, Any]:
     """A Reference to a Patient: by id when known, else conditional (resolved inside a transaction)."""
@@ -464,7 +417,7 @@ class MergePlan:
     (or leaves conditional references for a transaction)."""
 
     survivor: PatientChange
-    merged: Identity
+    merged: Identity = field(repr=False)
     survivor_id: str | None = None
     merged_id: str | None = None
 
@@ -500,7 +453,7 @@ def _points_to(link: Mapping[str, Any], doc: Mapping[str, Any] | None, identity:
     ref = other.get("reference")
     if ref and (ref == identity.conditional_url or (doc and ref == f"Patient/{doc.get('id')}")):
         return True
-    return _identifier_key(other.get("identifier", {})) == (identity.system, identity.value)
+    return identifier_key(other.get("identifier", {})) == (identity.system, identity.value)
 
 
 def is_swapped_repeat(survivor_doc: Mapping[str, Any] | None, merged_doc: Mapping[str, Any] | None,

@@ -91,7 +91,7 @@ class Segment:
     """One segment; ``fields[n]`` is field n (``fields[0]`` the name), as repetitions."""
 
     name: str
-    fields: tuple[tuple[Repetition, ...], ...]
+    fields: tuple[tuple[Repetition, ...], ...] = field(repr=False)  # message content (PHI)
 
     def repetitions(self, n: int) -> tuple[Repetition, ...]:
         """Field n's repetitions; empty when the field is absent."""
@@ -128,15 +128,16 @@ def _segment(seg: Any, parsed: Any) -> Segment:
 
 @dataclass(frozen=True)
 class AdtMessage:
-    """A checked ADT message. ``patient_key`` (first PID-3 ``value^authority``) is PHI: never log it."""
+    """A checked ADT message. ``text``, ``patient_key`` (first PID-3 ``value^authority``) and the
+    segments are PHI: kept out of ``repr`` so a traceback or a log line cannot show them."""
 
-    text: str
+    text: str = field(repr=False)
     control_id: str
     message_type: str
     event: str
     charset: str
     sent_at: dt.datetime | None
-    patient_key: str
+    patient_key: str = field(repr=False)
     version: str = ""
     segments: tuple[Segment, ...] = field(default=(), repr=False, compare=False)
 
@@ -146,6 +147,21 @@ class AdtMessage:
 
     def all(self, name: str) -> list[Segment]:
         return [s for s in self.segments if s.name == name]
+
+    @property
+    def last_updated(self) -> dt.datetime | None:
+        """When the event was recorded (EVN-2), else when the message was sent (MSH-7)."""
+        evn = self.segment("EVN")
+        recorded = parse_timestamp(evn.value(2), "EVN-2") if evn is not None else None
+        return recorded or self.sent_at
+
+    @property
+    def message_time(self) -> float | None:
+        """:attr:`last_updated` as epoch seconds, what orders a patient's messages (no offset: UTC)."""
+        stamp = self.last_updated
+        if stamp is None:
+            return None
+        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)).timestamp()
 
     @property
     def merged_key(self) -> str | None:

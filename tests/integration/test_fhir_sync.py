@@ -384,7 +384,8 @@ def test_503_with_retry_after_is_honoured(hapi, client, raw_studies, make_lake):
         assert report.sent == 2 and not report.failed
         assert proxy.seen_503 == 1
         (m1, p1, t1), (m2, p2, t2) = proxy.requests[:2]
-        assert (m1, p1) == (m2, p2) == ("POST", "/fhir/")  # the same transaction, sent again
+        # The batch's first request (the search for its Patients, then merged into) sent again.
+        assert (m1, p1) == (m2, p2) == ("POST", "/fhir/Patient/_search")
         assert t2 - t1 >= 0.95  # waited for Retry-After, not the 10 ms backoff
     finally:
         proxy.close()

@@ -160,14 +160,17 @@ def test_adt_feed_becomes_patients_field_by_field(hapi, fhir, tmp_path):  # noqa
         assert "ERR|" in facade.acks[0] and "PID^1^3" in facade.acks[0]
         assert inbox.get("M6") is None
 
-        # An A08 before its A01: the patient is made by the A08, the A01 adds to it.
-        late_a01 = adt("A01", "M8", "PID|1||1003^^^HOSP^MR||Spät^Anna||19990101|F", charset="UNICODE UTF-8")
-        early_a08 = adt("A08", "M7", "PID|1||1003^^^HOSP^MR||||||||||^PRN^PH^^^^^^^^^+41 31 333 33 33",
-                        charset="UNICODE UTF-8")
+        # An A08 (09:00) before its A01 (08:00): the patient is made by the A08; the older A01 only
+        # adds what the A08 did not say (birth date, sex), the A08's newer name and phone stand.
+        late_a01 = adt("A01", "M8", "PID|1||1003^^^HOSP^MR||Spät^Anna||19990101|F|||||^PRN^PH^^^^^^^^^+41 31 444 44 44",
+                       charset="UNICODE UTF-8")
+        early_a08 = adt("A08", "M7", "PID|1||1003^^^HOSP^MR||Spät-Neu^Anna||||||||^PRN^PH^^^^^^^^^+41 31 333 33 33",
+                        charset="UNICODE UTF-8", when="20261130090000")
         assert facade.send(early_a08, late_a01, encoding="utf-8") == ["AA", "AA"]
-        anna = _patient(fhir, system, "1003", until=lambda p: "name" in p)
-        assert anna["name"] == [{"family": "Spät", "given": ["Anna"]}]
-        assert anna["telecom"][0]["value"] == "+41 31 333 33 33"
+        anna = _patient(fhir, system, "1003", until=lambda p: "birthDate" in p)
+        assert anna["name"] == [{"family": "Spät-Neu", "given": ["Anna"]}]
+        assert anna["telecom"] == [{"system": "phone", "value": "+41 31 333 33 33", "use": "home"}]
+        assert (anna["birthDate"], anna["gender"]) == ("1999-01-01", "female")
         assert facade.stop() == 0
     finally:
         if facade.proc and facade.proc.poll() is None:
@@ -205,12 +208,18 @@ def test_fhir_down_then_kill_9_then_applied_after_restart(hapi, fhir, tmp_path):
         assert facade.stop() == 0
 
 
-def test_research_mode_shares_the_imaging_syncs_patient(hapi, fhir, tmp_path):  # noqa: F811
+def _research_facade(tmp_path: Path, fhir_url: str) -> tuple[Facade, str, str]:
+    """A research-mode facade (not started), its de-identification key and pseudonym system."""
     key = "research-key-0123456789abcdef"
     system = f"urn:pacsflow:pseudonym:{uuid.uuid4().hex[:8]}"
-    facade = Facade(tmp_path, _system(), hapi.base_url)
+    facade = Facade(tmp_path, _system(), fhir_url)
     facade.env.update({"PACSFLOW_HL7__MODE": "research", "PACSFLOW_HL7__RESEARCH_AUTHORITY": "HOSP",
                        "PACSFLOW_DEID_KEY": key, "PACSFLOW_FHIR__PSEUDONYM_SYSTEM": system})
+    return facade, key, system
+
+
+def test_research_mode_shares_the_imaging_syncs_patient(hapi, fhir, tmp_path):  # noqa: F811
+    facade, key, system = _research_facade(tmp_path, hapi.base_url)
     pseudo = patient_pseudonym(key.encode(), "3001")
     identity = patient_identity(system, pseudo)
     # The imaging sync first: its Patient (pseudonym, sex) and an ImagingStudy pointing at it.
@@ -234,3 +243,40 @@ def test_research_mode_shares_the_imaging_syncs_patient(hapi, fhir, tmp_path):  
     assert errors_in(fhir.validate(patient)) == []
     [imaging] = fhir.search_by_identifier("ImagingStudy", [study.study_identity.token])
     assert imaging["subject"]["reference"] == f"Patient/{patient['id']}"
+
+
+def test_research_mode_adt_first_then_the_imaging_sync_keeps_the_adts_data(hapi, fhir, tmp_path):  # noqa: F811
+    facade, key, system = _research_facade(tmp_path, hapi.base_url)
+    survivor, merged = (patient_identity(system, patient_pseudonym(key.encode(), v)) for v in ("4001", "4002"))
+    facade.start()
+    try:  # no sex in the ADT: the imaging brings it
+        assert facade.send(adt("A01", "F1", "PID|1||4001^^^HOSP^MR||Secret^Name||19800704" + "|" * 23 + "Y"),
+                           adt("A01", "F2", "PID|1||4002^^^HOSP^MR||Other^Name||19810101"),
+                           adt("A40", "F3", "PID|1||4001^^^HOSP^MR", extra="MRG|4002^^^HOSP^MR\r",
+                               structure="ADT_A39")) == ["AA", "AA", "AA"]
+        _patient(fhir, system, merged.value, until=lambda p: p.get("active") is False)
+        before = _patient(fhir, system, survivor.value, until=lambda p: "link" in p)
+    finally:
+        assert facade.stop() == 0
+    studies = [build_study({"study_uid": f"1.2.826.0.1.3680043.10.{uuid.uuid4().int % 10**9}",
+                            "patient_pseudo_id": ident.value, "patient_sex": "F"}, [], [],
+                           MappingOptions(pseudonym_system=system)) for ident in (survivor, merged)]
+    assert send_studies(fhir, studies).failed == []
+    assert send_studies(fhir, studies).failed == []  # a replay: nothing of the Patients changes
+    link = {"replaces": f"Patient/{merged.resource_id}", "replaced-by": f"Patient/{survivor.resource_id}"}
+    for ident, birth, kind, extra in ((survivor, "1980", "replaces", {"deceasedBoolean": True}),
+                                      (merged, "1981", "replaced-by", {"active": False})):
+        [patient] = fhir.search_by_identifier("Patient", [ident.token])
+        assert patient["id"] == ident.resource_id
+        assert patient["identifier"] == [{"system": system, "value": ident.value}]
+        assert (patient["gender"], patient["birthDate"]) == ("female", birth)  # the imaging's, the ADT's
+        assert {k: patient[k] for k in extra} == extra
+        assert [(x["type"], x["other"]["reference"]) for x in patient["link"]] == [(kind, link[kind])]
+        assert [s["code"] for s in patient["meta"]["security"]] == ["PSEUDED"]
+        assert not {"name", "address", "telecom"} & patient.keys()
+        assert errors_in(fhir.validate(patient)) == []
+        [imaging] = fhir.search_by_identifier("ImagingStudy", [studies[0 if ident is survivor else 1]
+                                                               .study_identity.token])
+        assert imaging["subject"]["reference"] == f"Patient/{ident.resource_id}"
+    [patient] = fhir.search_by_identifier("Patient", [survivor.token])
+    assert patient["meta"]["versionId"] == str(int(before["meta"]["versionId"]) + 1)  # the sex; the replay none

@@ -124,3 +124,62 @@ def test_a_newer_schema_is_refused(tmp_path, inbox):
         con.execute("PRAGMA user_version = 9")
     with pytest.raises(InboxVersionError, match="version 9"):
         Inbox(inbox.path)
+
+
+def test_an_a40_waits_for_both_patients_and_both_wait_for_it(inbox):
+    _accept(inbox, "C1", "M")                     # the merged patient's own message, before the A40
+    inbox.accept("C2", b"A40", "S", "A40", T0, merged_key="M")
+    _accept(inbox, "C3", "M")                     # after the A40: the merged patient again
+    _accept(inbox, "C4", "S")                     # after the A40: the survivor
+    _accept(inbox, "C5", "X")
+    assert [m.control_id for m in inbox.next_batch(now=T0)] == ["C1", "C5"]
+    inbox.mark_applied("C1", now=T0)
+    assert [m.control_id for m in inbox.next_batch(now=T0)] == ["C2", "C5"]
+    inbox.mark_failed("C2", "FhirUnavailable", transient=True, now=T0, rng=random.Random(1))
+    assert [m.control_id for m in inbox.next_batch(now=T0)] == ["C5"]  # both of the A40's patients wait
+    inbox.mark_applied("C2", now=T0)
+    assert [m.control_id for m in inbox.next_batch(now=T0)] == ["C3", "C4", "C5"]
+
+
+def test_a_message_older_than_one_applied_is_marked_older(inbox):
+    inbox.accept("A08", b"x", "P1", "A08", T0, message_time=T0 + 3600)
+    inbox.accept("A01", b"x", "P1", "A01", T0, message_time=T0)
+    inbox.accept("A31", b"x", "P1", "A31", T0, message_time=T0 + 7200)
+    inbox.accept("NT", b"x", "P1", "A31", T0)  # no time: never older
+    [first] = inbox.next_batch(now=T0)
+    assert (first.control_id, first.older, first.newest_applied) == ("A08", False, None)
+    inbox.mark_applied("A08", now=T0)
+    [late] = inbox.next_batch(now=T0)
+    assert (late.control_id, late.older, late.newest_applied) == ("A01", True, T0 + 3600)
+    inbox.mark_applied("A01", now=T0)  # an older one applied does not move the newest time back
+    [newer] = inbox.next_batch(now=T0)
+    assert (newer.control_id, newer.older, newer.newest_applied) == ("A31", False, T0 + 3600)
+    inbox.mark_applied("A31", now=T0)
+    [untimed] = inbox.next_batch(now=T0)
+    assert (untimed.control_id, untimed.older, untimed.newest_applied) == ("NT", False, T0 + 7200)
+    assert inbox.get("A01").older  # replayed, it would still only fill gaps
+
+
+def test_the_newest_applied_time_is_purged_with_the_patients_last_message(inbox):
+    inbox.accept("C1", b"x", "P1", "A08", T0, message_time=T0)
+    inbox.mark_applied("C1", now=T0)
+    assert inbox.purge(1, now=T0 + 2 * 86400) == 1
+    inbox.accept("C2", b"x", "P1", "A01", T0 + 2 * 86400, message_time=T0 - 60)
+    assert not inbox.get("C2").older
+
+
+def test_a_version_1_inbox_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "inbox.sqlite"
+    with sqlite3.connect(path) as con:
+        con.executescript("""CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, control_id TEXT NOT NULL
+            UNIQUE, raw BLOB NOT NULL, patient_key TEXT NOT NULL, event TEXT NOT NULL, received_at REAL NOT NULL,
+            state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL, reason TEXT,
+            updated_at REAL NOT NULL);
+            INSERT INTO messages(control_id, raw, patient_key, event, received_at, state, next_attempt, updated_at)
+            VALUES ('OLD', x'41', 'P1', 'A01', 1, 'pending', 1, 1);
+            PRAGMA user_version = 1;""")
+    inbox = Inbox(path)
+    [old] = inbox.next_batch(now=T0)
+    assert (old.control_id, old.merged_key, old.message_time, old.older) == ("OLD", None, None, False)
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 2

@@ -68,3 +68,20 @@ def test_no_aa_when_the_inbox_cannot_store(tmp_path):
     inbox.path.write_bytes(b"not a database" * 100)  # a broken file: the commit fails
     answer = Intake(inbox)(A08.format(cid="C5").encode())
     assert _msa(answer)[1] == "AE" and "207" in _err(answer)
+
+
+def test_the_inbox_row_keeps_the_message_time_and_an_a40s_merged_patient(tmp_path):
+    import datetime as dt
+
+    inbox = Inbox(tmp_path / "inbox.sqlite")
+    intake = Intake(inbox)
+    a40 = A08.replace("ADT^A08^ADT_A01", "ADT^A40^ADT_A39").replace("EVN|A08|20260101120000",
+                                                                    "EVN|A40|20260101113000+0100")
+    assert _msa(intake((a40 + "MRG|0815^^^HOSP^MR\r").format(cid="C1").encode()))[1] == "AA"
+    assert _msa(intake(A08.format(cid="C2").encode()))[1] == "AA"
+    merge, update = inbox.messages()
+    assert (merge.merged_key, update.merged_key) == ("0815^HOSP", None)
+    assert merge.message_time == dt.datetime(2026, 1, 1, 10, 30, tzinfo=dt.timezone.utc).timestamp()  # EVN-2
+    assert update.message_time == dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc).timestamp()  # no offset
+    bad = A08.replace("EVN|A08|20260101120000", "EVN|A08|notatime").format(cid="C3").encode()
+    assert _msa(intake(bad))[1] == "AE" and "EVN^1^2" in _err(intake(bad)) and inbox.get("C3") is None

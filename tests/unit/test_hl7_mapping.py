@@ -230,3 +230,20 @@ def test_a40_of_one_patient_into_itself_is_refused():
 def test_merge_plan_needs_an_a40():
     with pytest.raises(ValueError):
         merge_plan(parse_adt(s.A01), IDENTIFIED)
+
+
+def test_an_older_message_only_fills_what_the_patient_lacks():
+    newer = {"resourceType": "Patient", "id": "p1", "identifier": [{"system": s.HOSPITAL_OID, "value": "4711"}],
+             "telecom": [{"system": "phone", "value": "49305555555", "use": "home"}], "deceasedBoolean": False,
+             "link": [{"other": {"reference": "Patient/p0"}, "type": "replaces"}]}
+    older = _change(s.A01).update | {"gender": None, "deceasedDateTime": "2026-01-01"}
+    filled = _valid(merge_patient(newer, older, fill_only=True))
+    for kept in ("id", "telecom", "deceasedBoolean", "link"):  # the newer values stand, nothing erased
+        assert filled[kept] == newer[kept], kept
+    assert "deceasedDateTime" not in filled  # a choice the Patient has is not filled with another variant
+    a01 = _change(s.A01).resource
+    for added in ("name", "birthDate", "address", "communication", "maritalStatus"):
+        assert filled[added] == a01[added], added
+    assert "gender" not in filled  # the older message's null erases nothing
+    assert filled["identifier"][0] == newer["identifier"][0] and len(filled["identifier"]) == len(a01["identifier"])
+    assert merge_patient(newer, older)["telecom"] != newer["telecom"]  # what fill_only prevents

@@ -113,3 +113,21 @@ def test_control_id_of_any_bytes():
 def test_merged_key_of_a40():
     assert parse_adt(s.A40).merged_key == "0815^HOSP"
     assert parse_adt(s.A01).merged_key is None
+
+
+def test_reprs_hold_no_part_of_the_message():
+    """A traceback or a log line that shows a parsed message, its mapping or its inbox row must not
+    show the name, the identifier or any other value of the message."""
+    from pacsflow.tasks.hl7.inbox import InboxMessage, InboxState
+    from pacsflow.tasks.hl7.mapping import MappingConfig, Mode, merge_plan, patient_change
+
+    msg = parse_adt(s.A01)
+    config = MappingConfig(Mode.IDENTIFIED, s.SYSTEMS)
+    research = MappingConfig(Mode.RESEARCH, s.SYSTEMS, research_authority="HOSP", key=b"secret-key-0123456789")
+    row = InboxMessage(1, msg.control_id, s.A01, msg.patient_key, msg.event, 0.0, InboxState.PENDING, 0, 0.0, None)
+    shown = " ".join(repr(x) for x in (msg, msg.segments, patient_change(msg, config), research,
+                                       merge_plan(parse_adt(s.A40), config), row))
+    for value in ("Beispiel", "Anna", "4711", "19750314", "Hauptstr", "1234567", "anna@example.org", "0815",
+                  "secret-key"):
+        assert value not in shown, value
+    assert "MSG00001" in shown and "A01" in shown  # what logs may name stays visible
