@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -26,6 +27,16 @@ def free_port(host: str = "127.0.0.1") -> int:
                 _handed_out.add(port)
                 return port
     raise RuntimeError("could not find a free port")
+
+
+def answer_json(handler, status: int, doc: dict) -> None:
+    """An ``http.server`` handler's answer: ``doc`` as FHIR JSON with its length."""
+    body = json.dumps(doc).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/fhir+json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 def dcmtk_env() -> dict[str, str]:

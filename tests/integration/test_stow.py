@@ -6,7 +6,6 @@ a read token, no token, an oversized and a malformed body are refused."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from prefect.blocks.system import Secret
 from pydicom import dcmread
 
 from tests.dicomweb_lake import build_lake
-from tests.helpers import free_port
+from tests.helpers import answer_json, free_port
 from tests.integration.prefect_server import (
     ingest_worker,
     prefect_server,  # noqa: F401  (fixture re-export)
@@ -181,12 +180,7 @@ def recording_fhir_server() -> Iterator[tuple[str, list[str]]]:
 
         def do_GET(self) -> None:  # noqa: N802
             seen.append(self.headers.get("Authorization", ""))
-            body = json.dumps({"resourceType": "Bundle", "type": "searchset", "total": 0}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/fhir+json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            answer_json(self, 200, {"resourceType": "Bundle", "type": "searchset", "total": 0})
 
         def log_message(self, *args: object) -> None:
             pass

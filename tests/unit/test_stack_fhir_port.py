@@ -3,7 +3,6 @@ gave it, read from the URL file its start script leaves in the stack's state fol
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,16 +16,13 @@ from pacsflow.deployments import fhir_server
 from pacsflow.deployments.local import cli as stack_cli
 from pacsflow.flows.cli import app
 
+from tests.helpers import answer_json
+
 
 class _Metadata(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         ok = self.path.split("?")[0] == "/fhir/metadata"
-        body = json.dumps({"resourceType": "CapabilityStatement"} if ok else {}).encode()
-        self.send_response(200 if ok else 404)
-        self.send_header("Content-Type", "application/fhir+json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        answer_json(self, 200 if ok else 404, {"resourceType": "CapabilityStatement"} if ok else {})
 
     def log_message(self, *args: object) -> None:
         pass
