@@ -162,6 +162,7 @@ def test_a_transient_failure_holds_the_watermark_and_is_retried_next_run(site):
 def test_a_study_whose_grouped_retrieval_failed_is_tried_again_alone_within_its_retries(site, monkeypatch):
     """Small studies are fetched several to a task; one that fails there transiently is tried again
     in a task of its own, which has the rest of its tries (retrieve_retries after the first)."""
+    _fresh_events_worker()
     monkeypatch.setenv("PACSFLOW_RETRIEVE_RETRIES", "2")
     studies = sorted(site.seed("in", studies=3, days=3, seed=53, modalities=NO_US), key=lambda s: s.study_date)
     flaky, broken = studies[0], studies[1]
@@ -270,6 +271,15 @@ def test_the_fhir_step_is_given_the_catalog_study_uids(site, monkeypatch, wrong_
     assert all(e.status == "failed" and "not in the catalog" not in (e.reason or "") for e in owed.values())
 
 
+def _fresh_events_worker() -> None:
+    """Task runs reach the API as events. After a failed flow run in an earlier test of the session,
+    Prefect's events worker was seen failing every event it handled: a test that reads task runs
+    starts from a fresh one."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=5)
+
+
 def _task_run_names(flow_run_id, prefix: str, expected: int) -> list[str]:
     """Task runs reach the API through Prefect's events worker, after the flow has returned: wait
     (bounded) until ``expected`` of them with ``prefix`` are there."""
@@ -291,11 +301,7 @@ def test_a_run_whose_studies_all_fail_is_failed_and_counts_them_by_kind(site):
 
     from pacsflow.flows.nightly import StudiesFailed
 
-    from prefect.events.worker import EventsWorker
-
-    # Task runs reach the API as events. After a failed flow run in an earlier test of the session,
-    # Prefect's events worker was seen failing every event it handled: start from a fresh one.
-    EventsWorker.drain_all(timeout=5)
+    _fresh_events_worker()
     studies = sorted(site.seed("in", studies=3, days=3, seed=67, modalities=NO_US), key=lambda s: s.study_uid)
     site.pacs.fail_study(studies[0].study_uid)  # 0xC000: transient
     site.pacs.fail_study(studies[1].study_uid)
