@@ -116,6 +116,10 @@ MANIFEST_FORMAT = "pacsflow-catalog/1"
 MAX_SMALL_FILES = 4
 SMALL_FILE_ROWS = 16 * 1024  # == ROW_GROUP_ROWS
 ROW_GROUP_ROWS = 16 * 1024  # smaller row groups = finer skipping by study_uid/study_date (16k: README, 10M)
+# Arrow's writer holds a row group whole until it is written: at 16k instance rows with real
+# dicom_json (5-6 KB a row) that is ~100 MiB, reached only once a night had written that many rows
+# (the flow's peak grew with the night's size). A row group ends at either bound.
+ROW_GROUP_BYTES = 24 * 1024 * 1024
 # Files are merged and rewritten streaming, a slice of this many rows per input at a time: a
 # commit holds its batch, a slice per merged file and one row group being written, whatever the
 # size of the files it merges (reading them whole lifted the flow's memory 150-300 MiB per merge).
@@ -930,27 +934,39 @@ def _merge_sorted(streams: list[Iterator[pa.Table]], name: str) -> Iterator[pa.T
 
 
 def _write_parquet(merge: Merge, name: str, path: Path) -> int:
-    """Write the sorted chunks of ``merge`` as one Parquet file in row groups of
-    ``ROW_GROUP_ROWS`` (the file ``pq.write_table`` makes of their concatenation), holding at most
-    one row group; returns the rows written."""
+    """Write the sorted chunks of ``merge`` as one Parquet file, holding at most one row group;
+    returns the rows written."""
     schema = SCHEMAS[name]
     metadata = dict(schema.metadata or {})
     metadata[b"pacsflow.schema_version"] = str(SCHEMA_VERSION).encode()
     schema = schema.with_metadata(metadata)
     rows = 0
-    pending: list[pa.Table] = []
     with pq.ParquetWriter(path, schema, **_writer_options(name, merge.upper_rows)) as writer:
-        for chunk in merge:
-            pending.append(chunk)
-            rows += chunk.num_rows
-            while sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
-                group = pa.concat_tables(pending)
-                writer.write_table(group.slice(0, ROW_GROUP_ROWS), row_group_size=ROW_GROUP_ROWS)
-                pending = [group.slice(ROW_GROUP_ROWS)]
-        rest = pa.concat_tables(pending) if pending else schema.empty_table()
-        if rest.num_rows or not rows:
-            writer.write_table(rest, row_group_size=ROW_GROUP_ROWS)
+        for group in _row_groups(merge):
+            writer.write_table(group, row_group_size=group.num_rows)
+            rows += group.num_rows
+        if not rows:
+            writer.write_table(schema.empty_table())
     return rows
+
+
+def _row_groups(chunks: Iterable[pa.Table]) -> Iterator[pa.Table]:
+    """``chunks`` regrouped into row groups of ``ROW_GROUP_ROWS`` rows, or fewer where they
+    reach ``ROW_GROUP_BYTES`` first."""
+    pending: list[pa.Table] = []
+    rows = size = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        rows += chunk.num_rows
+        size += chunk.nbytes
+        while rows >= ROW_GROUP_ROWS or size >= ROW_GROUP_BYTES:
+            group = pa.concat_tables(pending)
+            take = min(rows, ROW_GROUP_ROWS, max(1, rows * ROW_GROUP_BYTES // size))
+            yield group.slice(0, take)
+            rest = group.slice(take)
+            pending, rows, size = [rest], rest.num_rows, rest.nbytes
+    if rows:
+        yield pa.concat_tables(pending)
 
 
 def _writer_options(name: str, rows: int) -> dict[str, Any]:

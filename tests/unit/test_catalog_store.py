@@ -264,6 +264,24 @@ def _sorted_in_row_groups(path: str, table: str, most: int) -> list[str]:
     return rows
 
 
+def test_row_groups_end_at_a_byte_bound_before_the_row_bound(root, monkeypatch):
+    # Instance rows carry their whole header as DICOM JSON: a row group is bounded by its bytes
+    # too, so what the writer holds does not grow with the rows a night has written.
+    monkeypatch.setattr(store_mod, "MERGE_BATCH_ROWS", 2)
+    monkeypatch.setattr(store_mod, "ROW_GROUP_ROWS", 1000)
+    study = make_study("1.7.1", series=2, per_series=6)
+    row_bytes = study["instances"].nbytes // study["instances"].num_rows
+    monkeypatch.setattr(store_mod, "ROW_GROUP_BYTES", 3 * row_bytes)
+    s = CatalogStore(root)
+    s.commit(study)
+    (path,) = s.files("instances")
+    groups = pq.ParquetFile(path).metadata
+    assert groups.num_row_groups >= 3  # 12 rows, about 3 to a group
+    assert len(_sorted_in_row_groups(path, "instances", 4)) == 12
+    (path,) = s.files("studies")  # small rows: one group
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+
+
 def test_merges_stream_slices_into_sorted_row_groups(root, monkeypatch):
     # Slices of 2 rows, row groups and small files of 4: studies of 3 instances span slices,
     # merges interleave studies of several files, and a replaced study leaves the merge.
