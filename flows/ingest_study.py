@@ -128,7 +128,8 @@ def deidentify(settings: Settings, deid: Deidentifier, result: IngestResult, fol
     workers = settings.deid_workers if result.objects > SPLIT_ABOVE else 0
     retrieved = Retrieved(pseudo_uid=result.study, staged_dir=str(folder), received=result.objects)
     try:
-        with StudyProcessor(deid, settings.storage_root, settings.quarantine_dir, workers) as processor:
+        with StudyProcessor(deid, settings.storage_root, settings.quarantine_dir, workers,
+                            settings.storage) as processor:
             outcome = deidentify_study(retrieved, processor, str(work / "rows"))
         result.written, result.quarantined = outcome.written, len(outcome.quarantined)
         if outcome.written:

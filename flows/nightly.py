@@ -287,7 +287,8 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
         retry_delay_seconds=[settings.retry_delay_s * (2**i) for i in range(1, max(settings.retrieve_retries, 2))],
     )
     progress = progress or Progress(None, len(items))
-    processor = StudyProcessor(run.deid, settings.storage_root, settings.quarantine_dir, settings.deid_workers)
+    processor = StudyProcessor(run.deid, settings.storage_root, settings.quarantine_dir, settings.deid_workers,
+                               settings.storage)
     # De-identification tasks in flight: each holds a thread (and its Prefect state) while it waits
     # for the workers, so a fast retrieval must not start one per study; retrieved studies wait in
     # a queue instead (retrieval pauses once it is this long again: staging stays small), and the

@@ -409,6 +409,50 @@ class FhirSettings(BaseModel):
         return v
 
 
+class StorageSettings(BaseModel):
+    """How fsspec reaches ``storage_root`` when it is an object store URL (``s3://bucket/prefix``):
+    the s3fs ``storage_options``. Keys are never settings: by default the AWS credential chain
+    applies (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, an instance role);
+    ``access_key_env``/``secret_key_env`` name other environment variables to read them from."""
+
+    endpoint_url: str | None = Field(
+        None, description="the S3 endpoint of a store other than AWS (MinIO, Ceph, moto), e.g. https://s3.example.org"
+    )
+    region: str | None = Field(None, description="the bucket's region; unset = the AWS default chain")
+    access_key_env: str | None = Field(
+        None, description="name of the environment variable holding the access key id; unset = AWS credential chain"
+    )
+    secret_key_env: str | None = Field(
+        None, description="name of the environment variable holding the secret access key (with access_key_env)"
+    )
+    conditional_writes: bool = Field(
+        True, description="write lake objects with If-None-Match: * (never overwrite blindly); turn off only for "
+        "an S3 store that answers 501 to conditional PUTs"
+    )
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> "StorageSettings":
+        if (self.access_key_env is None) != (self.secret_key_env is None):
+            raise ValueError("access_key_env and secret_key_env go together")
+        return self
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """The ``storage_options`` for fsspec (s3fs's argument names), keys read from the environment
+        now. Holds secrets: pass it on, never log or persist it."""
+        options: dict[str, Any] = {}
+        if self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+        if self.region:
+            options["client_kwargs"] = {"region_name": self.region}
+        if self.access_key_env and self.secret_key_env:
+            missing = [n for n in (self.access_key_env, self.secret_key_env) if not os.environ.get(n)]
+            if missing:
+                raise SettingsError(f"storage: environment variable {', '.join(missing)} is not set")
+            options["key"] = os.environ[self.access_key_env]
+            options["secret"] = os.environ[self.secret_key_env]
+        return options
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PACSFLOW_",
@@ -429,6 +473,7 @@ class Settings(BaseSettings):
     # Zones. storage_root is the de-identified lake (any fsspec URL); state_root holds PHI
     # (staging of received originals, quarantine, ledger) and must stay outside the lake.
     storage_root: str = Field("var/lake/dicom", description="the de-identified DICOM files: a path or any fsspec URL")
+    storage: StorageSettings = StorageSettings()
     catalog_root: Path = Field(Path("var/lake/catalog"), description="the Parquet catalog (a local POSIX file system)")
     state_root: Path = Field(
         Path("var/state"), description="PHI zone (staging, quarantine, ledgers): owner-only, outside the lake"

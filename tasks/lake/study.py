@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from pacsflow.tasks.lake.rows import StudyExtractor
     from pacsflow.tasks.lake.storage import LakeStorage
+    from pacsflow.tasks.settings import StorageSettings
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +170,15 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _start_worker(deid: Deidentifier, storage_root: str, quarantine_dir: Path, parent_pid: int) -> None:
+def _start_worker(deid: Deidentifier, storage_root: str, quarantine_dir: Path, parent_pid: int,
+                  storage: StorageSettings | None = None) -> None:
     global _worker
     # Ctrl-C reaches the whole process group: the run decides what happens to its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
     from pacsflow.tasks.lake.storage import LakeStorage
 
-    _worker = (deid, LakeStorage(storage_root), quarantine_dir)
+    _worker = (deid, LakeStorage(storage_root, storage), quarantine_dir)
 
 
 def _process_in_worker(paths: list[Path], pseudo_uid: str) -> tuple[StudyOutcome, StudyExtractor]:
@@ -223,7 +225,8 @@ class StudyProcessor:
     it starts. With 0, studies are processed in the calling thread.
     """
 
-    def __init__(self, deid: Deidentifier, storage_root: str, quarantine_dir: Path, workers: int) -> None:
+    def __init__(self, deid: Deidentifier, storage_root: str, quarantine_dir: Path, workers: int,
+                 storage: StorageSettings | None = None) -> None:
         self.deid = deid
         self.workers = workers
         self.quarantine_dir = Path(quarantine_dir)
@@ -232,12 +235,12 @@ class StudyProcessor:
         if workers > 0:
             self._pool = ProcessPoolExecutor(
                 max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker, initargs=(deid, str(storage_root), self.quarantine_dir, os.getpid()),
+                initializer=_start_worker, initargs=(deid, str(storage_root), self.quarantine_dir, os.getpid(), storage),
             )
         else:
             from pacsflow.tasks.lake.storage import LakeStorage
 
-            self._storage = LakeStorage(storage_root)
+            self._storage = LakeStorage(storage_root, storage)
 
     def process(self, staged: Path, pseudo_uid: str, rows_dir: Path) -> StudyOutcome:
         """One study; in the workers, a large one in batches at once (:func:`batches`)."""

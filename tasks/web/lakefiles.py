@@ -18,6 +18,9 @@ from pydicom import dcmread
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 
+from pacsflow.tasks.lake.storage import open_root
+from pacsflow.tasks.settings import StorageSettings
+
 CHUNK_BYTES = 1 << 20
 PIXEL_DATA = 0x7FE00010
 IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
@@ -43,8 +46,8 @@ class FrameError(ValueError):
 class LakeFiles:
     """The files under ``storage_root`` (a local path or any fsspec URL), read-only."""
 
-    def __init__(self, storage_root: str) -> None:
-        self.fs, root = fsspec.core.url_to_fs(str(storage_root))
+    def __init__(self, storage_root: str, storage: StorageSettings | None = None) -> None:
+        self.fs, root = open_root(storage_root, storage)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.realpath(root) if self.local else root.rstrip("/")
 

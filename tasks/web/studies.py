@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import duckdb
-import fsspec
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fsspec.implementations.local import LocalFileSystem
@@ -39,7 +38,8 @@ from pacsflow.tasks.fhir.client import FhirClient
 from pacsflow.tasks.fhir.ledger import LEDGER_NAME
 from pacsflow.tasks.fhir.mapping import study_identity
 from pacsflow.tasks.fhir.sync import reconcile_catalog
-from pacsflow.tasks.settings import Settings
+from pacsflow.tasks.lake.storage import open_root
+from pacsflow.tasks.settings import Settings, StorageSettings
 from pacsflow.tasks.web.app import Reader, context
 
 router = APIRouter(prefix="/api", tags=["study API"])
@@ -210,8 +210,8 @@ def search_studies(settings: Settings, q: StudyQuery) -> dict[str, Any]:
 class LakeReader:
     """Read access to ``storage_root`` that refuses any path outside it."""
 
-    def __init__(self, storage_root: str) -> None:
-        self.fs, root = fsspec.core.url_to_fs(storage_root)
+    def __init__(self, storage_root: str, storage: StorageSettings | None = None) -> None:
+        self.fs, root = open_root(storage_root, storage)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.realpath(root) if self.local else root.rstrip("/")
 
@@ -243,10 +243,11 @@ class LakeReader:
         return digest.hexdigest()
 
 
-def storage_state(storage_root: str, files: list[dict[str, Any]], verify: bool) -> dict[str, Any]:
+def storage_state(storage_root: str, files: list[dict[str, Any]], verify: bool,
+                  storage: StorageSettings | None = None) -> dict[str, Any]:
     """The catalog's objects of one study against the storage: present, bytes, missing, sizes that
     differ, paths outside the root; with ``verify`` every file's SHA-256 as well."""
-    lake = LakeReader(storage_root)
+    lake = LakeReader(storage_root, storage)
     out: dict[str, Any] = {"objects": len(files), "present": 0, "bytes_cataloged": 0, "bytes_present": 0,
                            "missing": [], "size_mismatches": [], "outside_storage_root": [],
                            "checksums_verified": verify}
@@ -318,7 +319,7 @@ def study_view(settings: Settings, study_uid: str, checks: set[str]) -> dict[str
         fhir = {**fhir, "check": fhir_check(settings, study_uid)}
     files = catalog_rows(settings, _SQL_FILES, [study_uid])
     return {"study": found[0], "series": series, "fhir": fhir,
-            "storage": storage_state(settings.storage_root, files, "storage" in checks)}
+            "storage": storage_state(settings.storage_root, files, "storage" in checks, settings.storage)}
 
 
 @router.get("/studies", summary="Search the catalog's studies, with their FHIR state")
