@@ -197,7 +197,7 @@ def make_writer(fmt: str, storage: str, work: Path, s3: str | None) -> Writer:
 def write_batches(work: Path, batches: int, studies: int, per_study: float, seed: int) -> list[Path]:
     """``batches`` batches of ``studies`` generated studies as Arrow IPC files (one per table)."""
     tpl = templates(work / "templates", seed)
-    p = plan(batches * studies * 300, seed)
+    p = plan(batches * studies * 500, seed)  # more studies than needed: the batches take the first ones
     scale = per_study * p.study_modality.size / p.series_instances.sum()
     p.series_instances = np.maximum(1, np.rint(p.series_instances * scale)).astype(np.int64)
     gen = Generator(p, tpl, False, seed)
