@@ -81,6 +81,9 @@ class TableSnapshot:
     files: Mapping[str, tuple[str, ...]]
     versions: Mapping[str, int] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    #: The fsspec file system DuckDB reads remote files through (None: local files); registered on
+    #: the connection by the views, so no DuckDB extension (httpfs) is needed for ``s3://``.
+    filesystem: Any = None
 
     def paths(self, table: str, *, include_empty: bool = True) -> list[str]:
         """Absolute paths (or ``s3://`` URLs) of the live data files of ``table``."""
@@ -120,6 +123,7 @@ class DeltaCatalogStore:
         self.root = location.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.attempts = attempts
+        self._ready = False  # the three tables exist (checked once per store object)
 
     def table_uri(self, table: str) -> str:
         if table not in TABLES:
@@ -163,7 +167,19 @@ class DeltaCatalogStore:
             if stamp is not None:
                 when = _dt.datetime.fromtimestamp(stamp / 1000, _dt.timezone.utc)
                 created = max(created, when) if created else when
-        return TableSnapshot(sum(versions.values()), created, files, versions)
+        return TableSnapshot(sum(versions.values()), created, files, versions, filesystem=self.filesystem())
+
+    def filesystem(self) -> Any:
+        """An s3fs file system for an ``s3://`` location (endpoint and region from the storage
+        options, credentials from the environment); None for a local folder."""
+        if not self.root.startswith("s3://"):
+            return None
+        import fsspec
+
+        opts = {k.upper(): v for k, v in self.storage_options.items()}
+        region = opts.get("AWS_REGION") or opts.get("AWS_DEFAULT_REGION")
+        return fsspec.filesystem("s3", endpoint_url=opts.get("AWS_ENDPOINT_URL"),
+                                 client_kwargs={"region_name": region} if region else {})
 
     def study_uids(self) -> set[str]:
         dt = self._table("studies")
@@ -196,6 +212,7 @@ class DeltaCatalogStore:
                 self._retrying(f"create {t}", lambda: DeltaTable.create(
                     self.table_uri(t), schema, mode="ignore", partition_by=[PARTITION_COLUMN],
                     storage_options=self.storage_options or None))
+        self._ready = True
         return self.snapshot().version
 
     def commit(self, tables: Mapping[str, pa.Table]) -> CommitResult:
@@ -218,26 +235,34 @@ class DeltaCatalogStore:
 
     def _replace(self, uids: list[str], incoming: Mapping[str, pa.Table], what: str) -> CommitResult:
         started = time.monotonic()
-        self.ensure_initialized()
-        existing = len(self.study_uids() & set(uids)) if uids else 0
-        predicate = _in_predicate(uids)
-        for t in WRITE_ORDER:
-            if not uids:
-                break
+        if not self._ready:
+            self.ensure_initialized()
+        existing, versions = 0, {}
+        for t in WRITE_ORDER if uids else ():
             data = _with_month(incoming[t])
-            uri, props = self.table_uri(t), _writer_properties(t)
-            if data.num_rows:
-                self._retrying(f"{what} {t}", lambda: write_deltalake(
-                    uri, data, mode="overwrite", predicate=predicate, writer_properties=props,
-                    storage_options=self.storage_options or None))
-            else:
-                self._retrying(f"{what} {t}", lambda: DeltaTable(
-                    uri, storage_options=self.storage_options or None).delete(predicate, writer_properties=props))
-        version = self.snapshot().version
+            versions[t], found = self._retrying(f"{what} {t}", lambda: self._apply(t, data, uids))
+            existing = found if t == "studies" else existing
+        version = sum(versions.values()) if versions else self.snapshot().version
         logger.info("catalog (delta) v%d: %d studies %sed (%d replaced)", version, len(uids), what, existing)
         return CommitResult(version=version, studies_committed=incoming["studies"].num_rows, studies_replaced=existing,
                             rows={t: incoming[t].num_rows for t in TABLES}, partitions_rewritten=(),
                             files_written=0, files_linked=0, seconds=round(time.monotonic() - started, 6))
+
+    def _apply(self, table: str, data: pa.Table, uids: list[str]) -> tuple[int, int]:
+        """One attempt: on the table's newest version, replace the studies ``uids`` by ``data``
+        in one transaction; the version it made and how many of the studies it had (studies only)."""
+        dt = self._table(table)
+        assert dt is not None  # ensure_initialized made it
+        found = 0
+        if table == "studies":  # row-group statistics skip most of it: the files are sorted by study_uid
+            found = dt.to_pyarrow_dataset().count_rows(filter=pc.field("study_uid").isin(uids))
+        predicate, props = _in_predicate(uids), _writer_properties(table)
+        if data.num_rows:
+            write_deltalake(dt, data, mode="overwrite", predicate=predicate, writer_properties=props,
+                            storage_options=self.storage_options or None)
+        else:
+            dt.delete(predicate, writer_properties=props)
+        return dt.version(), found
 
     def compact(self) -> CommitResult:
         """Merge each partition's small files (Delta's optimize), retried like a commit."""

@@ -122,6 +122,9 @@ def refresh(con: duckdb.DuckDBPyConnection, root: Catalog) -> int:
 
 
 def _bind(con: duckdb.DuckDBPyConnection, snap: CatalogSnapshot) -> int:
+    filesystem = getattr(snap, "filesystem", None)  # remote files: read through fsspec, no DuckDB extension
+    if filesystem is not None and not con.filesystem_is_registered(filesystem.protocol[0]):
+        con.register_filesystem(filesystem)
     for name in VIEW_NAMES:
         files = snap.paths(name)
         if files:
