@@ -124,6 +124,7 @@ class DeltaCatalogStore:
         self.storage_options = dict(storage_options or {})
         self.attempts = attempts
         self._ready = False  # the three tables exist (checked once per store object)
+        self.retries = 0  #: transactions this object re-applied after losing a race
 
     def table_uri(self, table: str) -> str:
         if table not in TABLES:
@@ -145,6 +146,7 @@ class DeltaCatalogStore:
                 if attempt + 1 == self.attempts:
                     break
                 logger.info("catalog %s: concurrent commit, retry %d", what, attempt + 1)
+                self.retries += 1
                 time.sleep(random.uniform(0, BACKOFF_S * 2 ** min(attempt, 5)))
             except OSError as exc:
                 raise CatalogWriteError(f"catalog: cannot commit {what} under {self.root} ({exc.strerror or exc})") from None
