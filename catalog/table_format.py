@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 from deltalake import BloomFilterProperties, ColumnProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from pacsflow.catalog.errors import CatalogBusy, CatalogWriteError, SchemaMismatch
+from pacsflow.catalog.errors import CatalogBusy, CatalogWriteError
 from pacsflow.catalog.schema import SCHEMA_VERSION, SCHEMAS, SORT_KEYS
 from pacsflow.catalog.store import (
     BLOOM_FILTER_COLUMNS,
@@ -58,10 +58,9 @@ from pacsflow.catalog.store import (
     ROW_GROUP_ROWS,
     TABLES,
     ZSTD_LEVEL,
-    CatalogStore,
     CommitResult,
     VacuumResult,
-    conform,
+    prepare,
 )
 
 logger = logging.getLogger(__name__)
@@ -220,13 +219,7 @@ class DeltaCatalogStore:
     def commit(self, tables: Mapping[str, pa.Table]) -> CommitResult:
         """Replace every row of the studies in ``tables["studies"]`` by the given rows (see the
         module docstring for what "atomic" means across the three tables)."""
-        unknown = sorted(set(tables) - set(TABLES))
-        if unknown:
-            raise SchemaMismatch(f"unknown tables {unknown}")
-        if "studies" not in tables:
-            raise SchemaMismatch("a commit needs a 'studies' table")
-        incoming = {t: conform(tables[t], t) if t in tables else SCHEMAS[t].empty_table() for t in TABLES}
-        incoming = CatalogStore._normalize(incoming)  # keys unique, every row's study in the batch
+        incoming = prepare(tables)
         uids = sorted(set(incoming["studies"]["study_uid"].to_pylist()))
         return self._replace(uids, incoming, "commit")
 
