@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import duckdb
@@ -125,3 +126,26 @@ def test_views_database_is_pinned_to_the_listed_files(store, tmp_path):
         assert con.execute("SELECT version FROM catalog_snapshot").fetchone()[0] == store.snapshot().version
     finally:
         con.close()
+
+
+def test_pacsflow_catalog_commands_read_the_delta_backend(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pacsflow.flows.cli import app
+
+    monkeypatch.setenv("PACSFLOW_CATALOG_ROOT", str(tmp_path / "catalog"))
+    monkeypatch.setenv("PACSFLOW_CATALOG__BACKEND", "delta")
+    open_store(tmp_path / "catalog", "delta").commit(make_study("1.2.8.1", series=2))
+    runner = CliRunner()
+    result = runner.invoke(app, ["catalog", "query", "SELECT count(*) AS n FROM instances", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [{"n": 4}]
+    db = tmp_path / "views.duckdb"
+    assert runner.invoke(app, ["catalog", "views", str(db)]).exit_code == 0
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM series").fetchone()[0] == 2
+    finally:
+        con.close()
+    stats = runner.invoke(app, ["catalog", "stats"])
+    assert stats.exit_code == 0 and "backend: delta" in stats.stdout
