@@ -89,7 +89,7 @@ def _csv_cell(value: Any) -> str:
 
 
 def print_query(
-    catalog_root: Path, sql: str, params: list[str] | None = None, fmt: OutputFormat = OutputFormat.TABLE
+    catalog_root: Any, sql: str, params: list[str] | None = None, fmt: OutputFormat = OutputFormat.TABLE
 ) -> None:
     """Run ``sql`` (one SELECT) over the views ``studies``, ``series``, ``instances``; print the rows
     as ``fmt`` on standard output.
@@ -120,8 +120,9 @@ def _fail(what: str, exc: Exception) -> NoReturn:
     raise typer.Exit(2)
 
 
-def build_app(catalog_root: Callable[[], Path]) -> typer.Typer:
-    """The ``catalog`` commands; ``catalog_root()`` is asked for the catalog's location when one runs."""
+def build_app(catalog_root: Callable[[], Any]) -> typer.Typer:
+    """The ``catalog`` commands; ``catalog_root()`` is asked for the catalog when one runs: its folder
+    (the snapshot store) or an opened store (:func:`pacsflow.catalog.backends.open_store`)."""
     app = typer.Typer(help="Query and maintain the Parquet catalog.", no_args_is_help=True)
 
     @app.command("query")
@@ -159,9 +160,12 @@ def build_app(catalog_root: Callable[[], Path]) -> typer.Typer:
     @app.command("stats")
     def catalog_stats() -> None:
         """Snapshot version, files and rows per table."""
+        from pacsflow.catalog.backends import CatalogBackend
         from pacsflow.catalog.store import CatalogStore
 
-        for k, v in CatalogStore(catalog_root()).stats().items():
+        catalog = catalog_root()
+        store = catalog if isinstance(catalog, CatalogBackend) else CatalogStore(catalog)
+        for k, v in store.stats().items():
             out.print(f"{k}: {v}")
 
     return app

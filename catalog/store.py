@@ -247,6 +247,19 @@ def conform(table: pa.Table, name: str, *, lenient: bool = False) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def prepare(tables: Mapping[str, pa.Table]) -> dict[str, pa.Table]:
+    """A commit's tables checked and made ready for any store: every table present (missing = no
+    rows) and conformed, keys unique, every series/instance row of a study in ``tables["studies"]``,
+    their ``study_date`` set from the study row."""
+    unknown = sorted(set(tables) - set(TABLES))
+    if unknown:
+        raise SchemaMismatch(f"unknown tables {unknown}")
+    if "studies" not in tables:
+        raise SchemaMismatch("a commit needs a 'studies' table")
+    incoming = {t: conform(tables[t], t) if t in tables else SCHEMAS[t].empty_table() for t in TABLES}
+    return CatalogStore._normalize(incoming)
+
+
 def _check_keys(name: str, table: pa.Table) -> None:
     keys = list(PRIMARY_KEYS[name])
     if table.num_rows and table.group_by(keys).aggregate([]).num_rows != table.num_rows:
@@ -508,13 +521,7 @@ class CatalogStore:
         ``tables`` maps "studies" (required), "series" and "instances" (missing = no rows) to Arrow
         tables with the catalog schema (compatible types are cast).
         """
-        unknown = sorted(set(tables) - set(TABLES))
-        if unknown:
-            raise SchemaMismatch(f"unknown tables {unknown}")
-        if "studies" not in tables:
-            raise SchemaMismatch("a commit needs a 'studies' table")
-        incoming = {t: conform(tables[t], t) if t in tables else SCHEMAS[t].empty_table() for t in TABLES}
-        incoming = self._normalize(incoming)
+        incoming = prepare(tables)
         replaced = set(incoming["studies"]["study_uid"].to_pylist())
         return self._write(incoming, replaced)
 

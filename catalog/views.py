@@ -36,6 +36,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from pacsflow.catalog.backends import CatalogBackend, CatalogSnapshot
 from pacsflow.catalog.errors import CatalogError, CatalogNotFound
 from pacsflow.catalog.schema import SCHEMAS
 from pacsflow.catalog.store import (
@@ -45,8 +46,15 @@ from pacsflow.catalog.store import (
     PARTITION_COLUMN,
     TABLES,
     CatalogStore,
-    Snapshot,
 )
+
+#: Where the views read from: a catalog root (the snapshot store's folder) or an opened store
+#: (:func:`pacsflow.catalog.backends.open_store`, whatever its backend).
+Catalog = Path | str | CatalogBackend
+
+
+def _store(catalog: Catalog) -> CatalogBackend:
+    return catalog if isinstance(catalog, CatalogBackend) else CatalogStore(catalog)
 
 VIEW_NAMES: tuple[str, ...] = TABLES
 # The oldest storage format the installed DuckDB writes: DuckDB 1.0 and later read it (1.x refuses
@@ -108,12 +116,15 @@ def _empty_with_partition(table: str) -> pa.Table:
     return empty.append_column(pa.field(PARTITION_COLUMN, pa.string()), pa.array([], pa.string()))
 
 
-def refresh(con: duckdb.DuckDBPyConnection, root: Path | str) -> int:
+def refresh(con: duckdb.DuckDBPyConnection, root: Catalog) -> int:
     """Point ``con``'s TEMP views at the catalog's current snapshot; returns its version."""
-    return _bind(con, CatalogStore(root).snapshot())
+    return _bind(con, _store(root).snapshot())
 
 
-def _bind(con: duckdb.DuckDBPyConnection, snap: Snapshot) -> int:
+def _bind(con: duckdb.DuckDBPyConnection, snap: CatalogSnapshot) -> int:
+    filesystem = getattr(snap, "filesystem", None)  # remote files: read through fsspec, no DuckDB extension
+    if filesystem is not None and not con.filesystem_is_registered(filesystem.protocol[0]):
+        con.register_filesystem(filesystem)
     for name in VIEW_NAMES:
         files = snap.paths(name)
         if files:
@@ -130,7 +141,7 @@ def _bind(con: duckdb.DuckDBPyConnection, snap: Snapshot) -> int:
 
 
 def connect(
-    root: Path | str, database: str = ":memory:", read_only: bool = False
+    root: Catalog, database: str = ":memory:", read_only: bool = False
 ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with TEMP views over the current snapshot (see the module docstring).
 
@@ -189,14 +200,15 @@ def _single_select(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement
     return statements[0]
 
 
-def confined(root: Path | str) -> tuple[duckdb.DuckDBPyConnection, int]:
+def confined(root: Catalog) -> tuple[duckdb.DuckDBPyConnection, int]:
     """An in-memory connection with TEMP views pinned to the current snapshot that may read that
     snapshot's Parquet files and nothing else (the sandbox of :func:`query`), and the snapshot's
     version. For services that run their own parameterized SELECTs many times on one connection:
     open another when the version changes. Raises :class:`CatalogNotFound` like :func:`query`."""
-    if not Path(root).is_dir():
-        raise CatalogNotFound(f"catalog_root: no catalog folder at {root}")
-    snap = CatalogStore(root).snapshot()
+    folder = root.root if isinstance(root, CatalogStore) else None if isinstance(root, CatalogBackend) else root
+    if folder is not None and not Path(folder).is_dir():
+        raise CatalogNotFound(f"catalog_root: no catalog folder at {folder}")
+    snap = _store(root).snapshot()
     con = duckdb.connect(":memory:")
     try:
         _bind(con, snap)
@@ -207,7 +219,7 @@ def confined(root: Path | str) -> tuple[duckdb.DuckDBPyConnection, int]:
     return con, snap.version
 
 
-def query(root: Path | str, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
+def query(root: Catalog, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
     """Run one parameterized SELECT over the current snapshot; ``?`` / ``$name`` placeholders.
 
     Read-only and confined, for SQL typed by people: exactly one SELECT (WITH, DESCRIBE, SUMMARIZE,
@@ -248,12 +260,14 @@ def _storage_option() -> str:
     return f" (STORAGE_VERSION '{VIEWS_STORAGE_VERSION}')" if (major, minor) >= (1, 2) else ""
 
 
-def write_views_database(root: Path | str, db_path: Path | str) -> Path:
+def write_views_database(root: Catalog, db_path: Path | str) -> Path:
     """Write (or update) a DuckDB file whose views always read the newest snapshot.
 
     The views are live (see the module docstring): no refresh is needed after commits. Publishes
     an empty first snapshot if nothing was committed yet, so the views bind. The paths inside the
-    views are absolute: write the file again if the catalog root moves.
+    views are absolute: write the file again if the catalog root moves. A store of another backend
+    (Delta: no folder always holds exactly the live files) gets views pinned to the files its
+    library lists now: write the file again after commits to see them.
 
     A convenience for trusted analysts, not a sandbox: DuckDB settings live in the process that
     opens a file, not in the file, so whoever opens it (duckdb CLI, a BI tool) keeps all the access
@@ -262,29 +276,57 @@ def write_views_database(root: Path | str, db_path: Path | str) -> Path:
     (``<root>/<table>/...`` and ``<root>/_current/manifest.json``). SQL from people who may only read the catalog goes through
     :func:`query` (``pacsflow catalog query``) instead.
     """
-    root = Path(root).resolve()
+    if isinstance(root, CatalogBackend) and not isinstance(root, CatalogStore):
+        root.ensure_initialized()
+        return _write_views(Path(db_path), _pinned_views(root.snapshot()))
+    root = Path(root.root if isinstance(root, CatalogStore) else root).resolve()
     if any(c in str(root) for c in "*?[]{}"):
         raise ValueError("catalog root path must not contain glob characters")
     store = CatalogStore(root)
     store.ensure_initialized()
-    db_path = Path(db_path)
+    statements = [
+        "CREATE VIEW " + name + " AS " + _hive_select(_sql_string(str(store.table_path(name) / "*" / "*.parquet")))
+        for name in VIEW_NAMES
+    ]
+    manifest = _sql_string(str(root / CURRENT_LINK / MANIFEST))
+    statements.append(
+        "CREATE VIEW catalog_snapshot AS SELECT CAST(version AS BIGINT) AS version, "
+        "CAST(created_at AS TIMESTAMPTZ) AS created_at, CAST(schema_version AS INTEGER) AS schema_version "
+        "FROM read_json(" + manifest + ", columns = {'version': 'BIGINT', 'created_at': 'VARCHAR', "
+        "'schema_version': 'INTEGER'})"
+    )
+    return _write_views(Path(db_path), statements)
+
+
+def _pinned_views(snap: CatalogSnapshot) -> list[str]:
+    """Views over the snapshot's files named one by one; an empty table becomes an empty TABLE."""
+    statements = []
+    for name in VIEW_NAMES:
+        files = snap.paths(name)
+        if files:
+            listed = "[" + ", ".join(_sql_string(f) for f in files) + "]"
+            statements.append("CREATE VIEW " + name + " AS " + _hive_select(listed, union_by_name=False))
+        else:
+            statements.append(f"CREATE TABLE {name} AS SELECT * FROM _pacsflow_empty_{name}")
+    created = _sql_string(snap.created_at.isoformat()) if snap.created_at else "NULL"
+    statements.append(f"CREATE VIEW catalog_snapshot AS SELECT CAST({int(snap.version)} AS BIGINT) AS version, "
+                      f"CAST({created} AS TIMESTAMPTZ) AS created_at, "
+                      f"CAST({int(snap.schema_version)} AS INTEGER) AS schema_version")
+    return statements
+
+
+def _write_views(db_path: Path, statements: list[str]) -> Path:
     # Written beside the target and renamed over it: an older file (another storage format, or
     # views of an earlier layout) is replaced whole, and a reader never sees half a file.
     tmp = db_path.with_name(f".{db_path.name}.{uuid.uuid4().hex}.tmp")
     con = duckdb.connect(":memory:")
     try:
+        for name in VIEW_NAMES:
+            con.register(f"_pacsflow_empty_{name}", _empty_with_partition(name))
         con.execute(f"ATTACH {_sql_string(str(tmp))} AS views_file{_storage_option()}")
         con.execute("USE views_file")
-        for name in VIEW_NAMES:
-            pattern = _sql_string(str(store.table_path(name) / "*" / "*.parquet"))
-            con.execute("CREATE VIEW " + name + " AS " + _hive_select(pattern))
-        manifest = _sql_string(str(root / CURRENT_LINK / MANIFEST))
-        con.execute(
-            "CREATE VIEW catalog_snapshot AS SELECT CAST(version AS BIGINT) AS version, "
-            "CAST(created_at AS TIMESTAMPTZ) AS created_at, CAST(schema_version AS INTEGER) AS schema_version "
-            "FROM read_json(" + manifest + ", columns = {'version': 'BIGINT', 'created_at': 'VARCHAR', "
-            "'schema_version': 'INTEGER'})"
-        )
+        for statement in statements:
+            con.execute(statement)
         con.execute("CHECKPOINT views_file")
         con.execute("USE memory")
         con.execute("DETACH views_file")

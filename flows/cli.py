@@ -89,7 +89,7 @@ app.add_typer(deid_cli.build_app(_settings, _secret_block))  # no name: `pacsflo
 app.add_typer(settings_cli.build_app())  # no name: `pacsflow init`
 app.add_typer(stack_cli.build_app(_settings), name="stack")
 app.add_typer(run_app, name="run")
-app.add_typer(catalog_cli.build_app(lambda: _settings().catalog_root), name="catalog")
+app.add_typer(catalog_cli.build_app(lambda: (lambda s: s.catalog.reader(s.catalog_root))(_settings())), name="catalog")
 app.add_typer(alerts_cli.build_app(), name="alerts")
 app.add_typer(route_cli.app)  # `pacsflow route test|dry-run|status|retry|drop`
 app.add_typer(token_cli.build_app(_settings), name="token")

@@ -6,7 +6,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pacsflow.catalog.store import CatalogStore
 from pacsflow.flows.secrets import load_run_settings
 
 
@@ -18,7 +17,7 @@ def compact_catalog(vacuum_grace_s: float = 3600.0) -> dict[str, Any]:
     snapshots/`` layout is migrated first (the store does it on any write) and loses its
     zero-row files here."""
     settings = load_run_settings()
-    store = CatalogStore(settings.catalog_root)
+    store = settings.catalog.open_store(settings.catalog_root)
     store.compact()
     store.vacuum(grace_s=vacuum_grace_s)
     stats = store.stats()

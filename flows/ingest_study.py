@@ -134,8 +134,10 @@ def deidentify(settings: Settings, deid: Deidentifier, result: IngestResult, fol
         result.written, result.quarantined = outcome.written, len(outcome.quarantined)
         if outcome.written:
             with catalog_turn(settings):
-                result.earlier_instances = with_cataloged_rows(outcome, settings.catalog_root)
-                result.catalog_version = commit_catalog([str(outcome.rows_dir)], str(settings.catalog_root))
+                earlier = with_cataloged_rows(outcome, settings.catalog.reader(settings.catalog_root))
+                result.earlier_instances = earlier
+                result.catalog_version = commit_catalog([str(outcome.rows_dir)], str(settings.catalog_root),
+                                                        settings.catalog)
     finally:
         remove_tree(work)
     return outcome

@@ -371,7 +371,7 @@ def commit(settings: Settings, run: NightlyRun, book: RunBook) -> None:
     for start in range(0, len(done), settings.commit_batch):
         batch = done[start : start + settings.commit_batch]
         try:
-            commit_catalog([str(o.rows_dir) for _, o in batch], str(settings.catalog_root))
+            commit_catalog([str(o.rows_dir) for _, o in batch], str(settings.catalog_root), settings.catalog)
         except Exception as exc:
             if not is_transient(exc):
                 raise

@@ -453,6 +453,35 @@ class StorageSettings(BaseModel):
         return options
 
 
+class CatalogBackendName(str, enum.Enum):
+    SNAPSHOT = "snapshot"  # today's store: one host (flock, hard links, a symlink swap)
+    DELTA = "delta"  # Delta Lake tables: several processes and machines, local disk or S3
+
+
+class CatalogSettings(BaseModel):
+    """Which store the catalog commits to (README "Catalog table format (`catalog.backend`)")."""
+
+    backend: CatalogBackendName = Field(
+        CatalogBackendName.SNAPSHOT, description="snapshot (one host, under catalog_root) or delta (Delta Lake "
+        "tables that several machines commit to)"
+    )
+    location: str = Field("", description="delta: folder or s3:// URL of the tables; empty = <catalog_root>/delta")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="delta on S3: object-store options (AWS_ENDPOINT_URL, AWS_REGION, "
+        "aws_conditional_put=etag...); credentials come from the environment, never from here"
+    )
+
+    def open_store(self, catalog_root: Path) -> Any:
+        """The catalog store of this backend (a CatalogStore for snapshot)."""
+        from pacsflow.catalog.backends import open_store
+
+        return open_store(catalog_root, self.backend.value, self.location, self.storage_options)
+
+    def reader(self, catalog_root: Path) -> Any:
+        """What pacsflow.catalog.views reads: the root itself for snapshot (as ever), else the store."""
+        return catalog_root if self.backend is CatalogBackendName.SNAPSHOT else self.open_store(catalog_root)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PACSFLOW_",
@@ -475,6 +504,7 @@ class Settings(BaseSettings):
     storage_root: str = Field("var/lake/dicom", description="the de-identified DICOM files: a path or any fsspec URL")
     storage: StorageSettings = StorageSettings()
     catalog_root: Path = Field(Path("var/lake/catalog"), description="the Parquet catalog (a local POSIX file system)")
+    catalog: CatalogSettings = CatalogSettings()
     state_root: Path = Field(
         Path("var/state"), description="PHI zone (staging, quarantine, ledgers): owner-only, outside the lake"
     )

@@ -16,17 +16,17 @@ import pyarrow as pa
 
 from pacsflow.catalog.schema import SCHEMAS
 from pacsflow.catalog.store import TABLES
-from pacsflow.catalog.views import connect
+from pacsflow.catalog.views import Catalog, connect
 from pacsflow.tasks.lake.rows import StudyExtractor
 from pacsflow.tasks.lake.study import StudyOutcome, read_rows, write_rows
 
 _SELECT = {t: f"SELECT {', '.join(SCHEMAS[t].names)} FROM {t} WHERE study_uid = ?" for t in TABLES}
 
 
-def cataloged_rows(catalog_root: Path | str, study_uid: str) -> dict[str, pa.Table] | None:
+def cataloged_rows(catalog_root: Catalog, study_uid: str) -> dict[str, pa.Table] | None:
     """The catalog's rows of one study (``studies``, ``series``, ``instances``), all from the
     current snapshot; None when the catalog does not have the study (or does not exist yet)."""
-    if not Path(catalog_root).is_dir():
+    if isinstance(catalog_root, (str, Path)) and not Path(catalog_root).is_dir():
         return None
     con = connect(catalog_root)
     try:
@@ -36,7 +36,7 @@ def cataloged_rows(catalog_root: Path | str, study_uid: str) -> dict[str, pa.Tab
     return rows if rows["studies"].num_rows else None
 
 
-def with_cataloged_rows(outcome: StudyOutcome, catalog_root: Path | str) -> int:
+def with_cataloged_rows(outcome: StudyOutcome, catalog_root: Catalog) -> int:
     """Make the row files of ``outcome`` (written by the de-identification step) those of the
     whole study: the catalog's earlier rows of the study merged with the new ones (an instance in
     both is kept once). Returns how many instances the catalog had; 0 leaves the files as they were."""

@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from pacsflow.tasks.core.errors import error_text, is_transient, retry_if_transient
 from pacsflow.tasks.lake.study import StudyOutcome, StudyProcessor, read_rows
 from pacsflow.tasks.pacs.models import Retrieved
+from pacsflow.tasks.settings import CatalogSettings
 
 DEID_RETRY_DELAYS_S = (2, 10)  # a study's retries after a transient failure, as a task's retries
 
@@ -69,11 +70,9 @@ def _log_outcome(logger: Logger | LoggerAdapter, outcome: StudyOutcome) -> None:
 
 @task(name="commit-catalog", persist_result=False, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5],
       retry_condition_fn=retry_if_transient)
-def commit_catalog(rows_dirs: list[str], catalog_root: str) -> int:
+def commit_catalog(rows_dirs: list[str], catalog_root: str, catalog: CatalogSettings | None = None) -> int:
     """One atomic catalog commit for a batch of studies; returns the snapshot version."""
-    from pacsflow.catalog.store import CatalogStore  # not on a run's way to its first C-FIND
-
     tables = read_rows(rows_dirs)
-    result = CatalogStore(Path(catalog_root)).commit(tables)
+    result = (catalog or CatalogSettings()).open_store(Path(catalog_root)).commit(tables)
     get_run_logger().info("catalog commit: %d studies", len(rows_dirs))
     return int(getattr(result, "version", 0) or 0)

@@ -23,6 +23,7 @@ PYNETDICOM_ALLOWED = ("tasks/pacs/client.py", "tasks/pacs/commitment.py", "tasks
 HTTPX_ALLOWED = ("tasks/fhir/client.py", "deployments/")
 HTTP_SERVER_ALLOWED = ("tasks/web/", "flows/serve.py")  # fastapi, starlette, uvicorn: one HTTP boundary
 HTTP_SERVER_LIBRARIES = frozenset({"fastapi", "starlette", "uvicorn"})
+DELTALAKE_ALLOWED = ("catalog/table_format.py",)  # the catalog's Delta Lake backend, one module
 
 # pacsflow subpackages a layer must not import (the arrows point one way: flows → tasks → catalog).
 FORBIDDEN_INTERNAL = {
@@ -76,6 +77,8 @@ def violations(imports: list[Import]) -> list[str]:
             out.append(f"{where}: only the FHIR client (and the local stack) may import httpx")
         if _top(imp.module) in HTTP_SERVER_LIBRARIES and not _matches(imp.file, HTTP_SERVER_ALLOWED):
             out.append(f"{where}: only tasks/web/ and flows/serve.py may import the HTTP server libraries")
+        if _top(imp.module) == "deltalake" and not _matches(imp.file, DELTALAKE_ALLOWED):
+            out.append(f"{where}: only catalog/table_format.py may import deltalake")
         for layer, banned in FORBIDDEN_INTERNAL.items():
             if imp.file.startswith(layer) and any(imp.module == b or imp.module.startswith(b + ".") for b in banned):
                 out.append(f"{where}: {layer} must not depend on it")
@@ -110,6 +113,7 @@ def test_tests_and_benchmarks_use_the_installed_names():
         ("tasks/fhir/mapping.py", "import httpx\n", "may import httpx"),
         ("tasks/route/metrics.py", "from fastapi import FastAPI\n", "HTTP server libraries"),
         ("flows/listen.py", "import uvicorn\n", "HTTP server libraries"),
+        ("catalog/views.py", "from deltalake import DeltaTable\n", "may import deltalake"),
         ("catalog/store.py", "from pacsflow.tasks.core.errors import BadDicom\n", "catalog/ must not depend"),
         ("tasks/core/files.py", "from pacsflow.tasks.settings import Settings\n", "tasks/core/ must not depend"),
         ("tasks/pacs/client.py", "from pacsflow.flows.nightly import run\n", "tasks/ must not depend"),
