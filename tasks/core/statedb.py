@@ -33,9 +33,10 @@ POSTGRESQL = "postgresql"
 _SCHEMES = ("postgresql", "postgres")
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _AUTOINCREMENT = re.compile(r"INTEGER\s+PRIMARY\s+KEY\s+AUTOINCREMENT", re.IGNORECASE)
-# Epoch seconds by the database's clock: leases compare times written by different machines.
+# Epoch seconds by the database's clock (leases compare times written by different machines); one
+# value per statement (per transaction on PostgreSQL), so a comparison with it can use an index.
 _NOW = {SQLITE: "((julianday('now') - 2440587.5) * 86400.0)",
-        POSTGRESQL: "extract(epoch FROM clock_timestamp())::double precision"}
+        POSTGRESQL: "extract(epoch FROM now())::double precision"}
 
 
 class StateUnavailable(TransientError):
@@ -115,6 +116,12 @@ class StateDb:
     def now(self) -> str:
         """An SQL expression: seconds since the epoch by the database's clock (a float)."""
         return _NOW[self.engine]
+
+    @property
+    def skip_locked(self) -> str:
+        """The clause that makes a SELECT lock the rows it returns and pass over rows other
+        transactions hold (SQLite has one writer at a time, so it needs none)."""
+        return " FOR UPDATE SKIP LOCKED" if self.engine == POSTGRESQL else ""
 
     @contextmanager
     def tx(self, *, serialized: bool = True) -> Iterator[Tx]:
