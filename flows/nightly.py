@@ -250,7 +250,8 @@ def open_run(settings: Settings, run_id: str) -> NightlyRun:
     quiet_pynetdicom()
     key, deid = open_deid(settings)
     staging = StagingWriter(settings.staging_dir, deid.study_ref, settings.receiver.max_object_mb)
-    return NightlyRun(run_id, key, deid, Ledger(settings.ledger_path), staging, settings.state_root / "runs" / run_id)
+    ledger = Ledger(settings.ledger_path, settings.state.url)
+    return NightlyRun(run_id, key, deid, ledger, staging, settings.state_root / "runs" / run_id)
 
 
 def discover_work(settings: Settings, run: NightlyRun, window: Window, book: RunBook, logger: Logger) -> list[WorkItem]:
