@@ -404,7 +404,7 @@ def sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummary
     from pacsflow.tasks.fhir.steps import sync_with_tasks
 
     try:
-        owed = FhirSyncLedger.under(settings.state_root).failed()
+        owed = FhirSyncLedger.under(settings.state_root, settings.state.url).failed()
         report = sync_with_tasks(settings, sorted(set(committed_uids) | set(owed)), logger=logger)
     except Exception as exc:  # noqa: BLE001 - the FHIR copy must not fail the night; the ledger keeps what is owed
         logger.error("FHIR sync step failed: %s", error_text(exc))
