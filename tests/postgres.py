@@ -21,7 +21,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -50,16 +50,12 @@ class PostgresServer:
     password: str
     uid: int | None  # the unprivileged user the server runs as when the tests run as root
     gid: int | None
-    _databases: Any = None
     process: subprocess.Popen[bytes] | None = None
+    databases: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
-    @property
-    def data(self) -> Path:
-        return self.folder / "data"
-
-    @property
-    def socket_dir(self) -> Path:
-        return self.folder / "sock"
+    def __post_init__(self) -> None:
+        self.data = self.folder / "data"
+        self.socket_dir = self.folder / "sock"
 
     @property
     def url(self) -> str:
@@ -86,9 +82,7 @@ class PostgresServer:
 
     def new_database(self) -> str:
         """A fresh database owned by the role: its URL."""
-        if self._databases is None:
-            self._databases = itertools.count(1)
-        name = f"t{next(self._databases)}"
+        name = f"t{next(self.databases)}"
         self.admin(f"CREATE DATABASE {name} OWNER {ROLE}")
         return self.url_of(name)
 

@@ -28,6 +28,22 @@ LEASES_NAME = "leases.sqlite"
 SCHEMA_NAME = "leases"  # the PostgreSQL schema of these tables
 _CHUNK = 500  # UIDs per IN (...) list
 
+
+@dataclass(frozen=True)
+class ShardProgress:
+    """A shard's studies: how many, how many done, how many held by a live lease."""
+
+    shard: str
+    day: str | None
+    studies: int
+    done: int
+    held: int
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.studies
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shards (
     shard       TEXT PRIMARY KEY,   -- e.g. 20261101 or 20261101-2 (a day split further)
@@ -46,19 +62,6 @@ CREATE TABLE IF NOT EXISTS claims (
 CREATE INDEX IF NOT EXISTS claims_open ON claims(status, shard, study_uid);
 CREATE INDEX IF NOT EXISTS claims_worker ON claims(worker);
 """
-
-
-@dataclass(frozen=True)
-class ShardProgress:
-    shard: str
-    day: str | None
-    studies: int
-    done: int
-    held: int  # claimed with a lease that still lives
-
-    @property
-    def finished(self) -> bool:
-        return self.done == self.studies
 
 
 class Leases:
