@@ -6,7 +6,7 @@ its unix socket in the temp folder and TCP on 127.0.0.1 only) and stops it by it
 ``postgresql_url`` (per test) is a fresh empty database on that server, so tests never see each
 other's rows. Both skip, saying why, only when the server's programs are not installed.
 
-Import the fixtures into a test module (``from tests.postgres import postgresql, postgresql_url``).
+tests/conftest.py defines them for every tier.
 """
 
 from __future__ import annotations

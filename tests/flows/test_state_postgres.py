@@ -10,14 +10,13 @@ from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
 from pacsflow.flows.nightly import nightly_ingest, run_result
 from pacsflow.tasks.ingest.ledger import Ledger
-from tests.postgres import postgresql, postgresql_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
 TODAY = dt.date.today()
 
 
-def test_a_night_keeps_its_ledger_in_postgresql(lake, tmp_path, monkeypatch, postgresql_url):  # noqa: F811
+def test_a_night_keeps_its_ledger_in_postgresql(lake, tmp_path, monkeypatch, postgresql_url):
     monkeypatch.setenv("PACSFLOW_STATE__URL", postgresql_url)
     studies = sampledata.generate(tmp_path / "in", studies=3, days=2, end_date=TODAY, seed=31,
                                   modalities=("CT", "MR", "MG"))

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from pacsflow.tasks.ingest.leases import Leases
-from tests.postgres import postgresql, postgresql_url  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = [f"1.2.826.0.1.{i:03d}" for i in range(100)]

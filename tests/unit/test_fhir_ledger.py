@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from pacsflow.tasks.fhir.ledger import FhirSyncLedger
-from tests.postgres import postgresql, postgresql_url  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

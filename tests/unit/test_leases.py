@@ -7,7 +7,6 @@ import time
 import pytest
 
 from pacsflow.tasks.ingest.leases import Leases
-from tests.postgres import postgresql, postgresql_url  # noqa: F401  (fixtures)
 
 UIDS = [f"1.2.3.{i:03d}" for i in range(10)]
 

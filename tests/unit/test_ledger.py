@@ -5,7 +5,6 @@ import datetime as dt
 import pytest
 
 from pacsflow.tasks.ingest.ledger import Ledger
-from tests.postgres import postgresql, postgresql_url  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -65,7 +64,7 @@ def test_missing_objects_and_quarantine_on_either_engine(open_ledger):
     assert ledger.record_missing("1.1", "p1", [], "r3", max_attempts=2) == []
 
 
-def test_with_postgresql_nothing_is_written_under_state_root(tmp_path, postgresql_url):  # noqa: F811
+def test_with_postgresql_nothing_is_written_under_state_root(tmp_path, postgresql_url):
     ledger = Ledger(tmp_path / "l.sqlite", postgresql_url)
     ledger.advance_watermark(dt.date(2026, 11, 5))
     assert Ledger(tmp_path / "elsewhere.sqlite", postgresql_url).watermark == dt.date(2026, 11, 5)

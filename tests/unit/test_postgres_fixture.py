@@ -7,10 +7,9 @@ import os
 import psycopg
 import pytest
 
-from tests.postgres import postgresql, postgresql_url  # noqa: F401  (fixtures)
 
 
-def test_the_role_logs_in_with_its_password_only(postgresql):  # noqa: F811
+def test_the_role_logs_in_with_its_password_only(postgresql):
     with psycopg.connect(postgresql.url) as con:
         assert con.execute("SELECT current_user, current_database()").fetchone() == ("pacsflow", "pacsflow")
     wrong = postgresql.url.replace(postgresql.password, "not-the-password")
@@ -18,7 +17,7 @@ def test_the_role_logs_in_with_its_password_only(postgresql):  # noqa: F811
         psycopg.connect(wrong).close()
 
 
-def test_the_server_listens_on_loopback_only_and_never_as_root(postgresql):  # noqa: F811
+def test_the_server_listens_on_loopback_only_and_never_as_root(postgresql):
     with psycopg.connect(postgresql.url) as con:
         assert con.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)
     assert (postgresql.socket_dir / f".s.PGSQL.{postgresql.port}").is_socket()
@@ -26,7 +25,7 @@ def test_the_server_listens_on_loopback_only_and_never_as_root(postgresql):  # n
     assert owner != 0 and owner == os.stat(postgresql.data).st_uid
 
 
-def test_each_test_gets_its_own_empty_database(postgresql, postgresql_url):  # noqa: F811
+def test_each_test_gets_its_own_empty_database(postgresql, postgresql_url):
     with psycopg.connect(postgresql_url) as con:
         con.execute("CREATE TABLE t (x int)")
     other = postgresql.new_database()

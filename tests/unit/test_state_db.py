@@ -9,7 +9,6 @@ import pytest
 
 from pacsflow.tasks.core.statedb import StateDb, StateUnavailable, check_url, mask_url
 from tests.helpers import free_port
-from tests.postgres import postgresql, postgresql_url  # noqa: F401  (fixtures)
 
 DDL = """
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -73,7 +72,7 @@ def test_read_modify_write_needs_no_retry(tmp_path, state_url):
         assert tx.execute("SELECT value FROM counters").fetchone() == (100,)
 
 
-def test_each_store_has_its_own_schema(tmp_path, postgresql_url):  # noqa: F811
+def test_each_store_has_its_own_schema(tmp_path, postgresql_url):
     one = StateDb(tmp_path / "one.sqlite", postgresql_url, "one", DDL)
     two = StateDb(tmp_path / "two.sqlite", postgresql_url, "two", DDL)
     with one.tx() as tx:
@@ -85,7 +84,7 @@ def test_each_store_has_its_own_schema(tmp_path, postgresql_url):  # noqa: F811
     assert not (tmp_path / "one.sqlite").exists()
 
 
-def test_an_unreachable_database_is_transient_and_its_password_never_shown(tmp_path, postgresql):  # noqa: F811
+def test_an_unreachable_database_is_transient_and_its_password_never_shown(tmp_path, postgresql):
     down = f"postgresql://pacsflow:s3cret-pw@127.0.0.1:{free_port()}/pacsflow"
     with pytest.raises(StateUnavailable) as caught:
         StateDb(tmp_path / "s.sqlite", down, "demo", DDL)
