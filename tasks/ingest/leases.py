@@ -17,6 +17,7 @@ wait on each other; on SQLite (one machine) ``BEGIN IMMEDIATE`` makes them take 
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -34,7 +35,7 @@ class ShardProgress:
     """A shard's studies: how many, how many done, how many held by a live lease."""
 
     shard: str
-    day: str | None
+    day: dt.date | None
     studies: int
     done: int
     held: int
@@ -46,8 +47,8 @@ class ShardProgress:
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shards (
-    shard       TEXT PRIMARY KEY,   -- e.g. 20261101 or 20261101-2 (a day split further)
-    day         TEXT,               -- the StudyDate (YYYYMMDD) its studies share, when it is one day
+    shard       TEXT PRIMARY KEY,   -- a key free of PHI, e.g. 2026-11-01 or 2026-11-01.2of3
+    day         TEXT,               -- the StudyDate its studies share (ISO), NULL when undated
     created_at  TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS claims (
@@ -74,8 +75,9 @@ class Leases:
     def under(cls, state_root: Path, url: str | None = None) -> Leases:
         return cls(Path(state_root) / LEASES_NAME, url)
 
-    def add(self, shard: str, study_uids: Iterable[str], day: str | None = None) -> None:
-        """Studies to work on, in ``shard``. A study already known keeps its shard and state (done stays done)."""
+    def add(self, shard: str, study_uids: Iterable[str], day: dt.date | None = None) -> None:
+        """Studies to work on, in ``shard`` (of StudyDate ``day``). A study already known keeps its
+        shard and state (done stays done)."""
         now = self.db.now
         with self.db.tx() as tx:
             tx.execute("INSERT INTO shards(shard, day, created_at) VALUES (?, ?, ?) ON CONFLICT(shard) DO NOTHING",
@@ -134,7 +136,8 @@ class Leases:
                 f"coalesce(sum(CASE WHEN c.status = 'open' AND c.lease_until > {now} THEN 1 ELSE 0 END), 0) "
                 "FROM shards s LEFT JOIN claims c ON c.shard = s.shard GROUP BY s.shard, s.day ORDER BY s.shard"
             ).fetchall()
-        return [ShardProgress(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in rows]
+        return [ShardProgress(r[0], dt.date.fromisoformat(r[1]) if r[1] else None, int(r[2]), int(r[3]), int(r[4]))
+                for r in rows]
 
     def holders(self) -> dict[str, str]:
         """Study UID -> worker, for every lease that lives now."""

@@ -3,6 +3,7 @@ lives; a claimant killed with SIGKILL gives its studies up when its lease runs o
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -39,7 +40,7 @@ def next_event(proc: subprocess.Popen[str]) -> dict:
 @pytest.mark.parametrize("engine", ["postgresql", "sqlite"])
 def test_two_claimants_and_a_killed_one(tmp_path, request, engine):
     url = request.getfixturevalue("postgresql_url") if engine == "postgresql" else None
-    Leases.under(tmp_path, url).add("20261101", STUDIES, day="20261101")
+    Leases.under(tmp_path, url).add("2026-11-01", STUDIES, day=dt.date(2026, 11, 1))
 
     victim = claimant("victim", tmp_path, url, "--batch", "10", "--lease", str(VICTIM_LEASE_S), "--hold")
     assert next_event(victim)["event"] == "ready"
