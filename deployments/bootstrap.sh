@@ -16,6 +16,7 @@ command -v mvn >/dev/null 2>&1 || apt_packages+=(maven)
 python_ok() { python3 -c 'import sys, venv, ensurepip; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; }
 python_ok || apt_packages+=(python3 python3-venv)
 [ "$what" = test ] && apt_packages+=(chromium)  # the run report is checked as a browser renders it
+[ "$what" = test ] && apt_packages+=(postgresql)  # the shared-state tests start their own server (initdb, postgres)
 
 missing=()
 for p in "${apt_packages[@]}"; do

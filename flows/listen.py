@@ -63,7 +63,7 @@ class ListenService:
         deid = Deidentifier.from_settings(settings.resolve_deid_key(), settings.deid)
         self.study_ref = deid.study_ref
         self.outbox = Outbox.for_settings(settings)
-        self.ledger = Ledger(settings.ledger_path)
+        self.ledger = Ledger(settings.ledger_path, settings.state.url)
         self.router = Router(self.rules, self.outbox, settings.listener_dir / "outbox", deidentified_copies(deid))
         self.forwarder = Forwarder(self.outbox, self.rules.destinations, settings.listener.ae_title,
                                    Backoff.from_settings(settings.listener), settings.listener.timeout_s,

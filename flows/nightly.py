@@ -250,7 +250,8 @@ def open_run(settings: Settings, run_id: str) -> NightlyRun:
     quiet_pynetdicom()
     key, deid = open_deid(settings)
     staging = StagingWriter(settings.staging_dir, deid.study_ref, settings.receiver.max_object_mb)
-    return NightlyRun(run_id, key, deid, Ledger(settings.ledger_path), staging, settings.state_root / "runs" / run_id)
+    ledger = Ledger(settings.ledger_path, settings.state.url)
+    return NightlyRun(run_id, key, deid, ledger, staging, settings.state_root / "runs" / run_id)
 
 
 def discover_work(settings: Settings, run: NightlyRun, window: Window, book: RunBook, logger: Logger) -> list[WorkItem]:
@@ -404,7 +405,7 @@ def sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummary
     from pacsflow.tasks.fhir.steps import sync_with_tasks
 
     try:
-        owed = FhirSyncLedger.under(settings.state_root).failed()
+        owed = FhirSyncLedger.under(settings.state_root, settings.state.url).failed()
         report = sync_with_tasks(settings, sorted(set(committed_uids) | set(owed)), logger=logger)
     except Exception as exc:  # noqa: BLE001 - the FHIR copy must not fail the night; the ledger keeps what is owed
         logger.error("FHIR sync step failed: %s", error_text(exc))

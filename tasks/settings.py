@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_serializer, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from pacsflow.tasks.core.files import describe_os_error
+from pacsflow.tasks.core.statedb import check_url, mask_url
 from pacsflow.tasks.deid.choices import DEFAULT_OPTIONS, Option, PixelPolicy, SafePrivateList, conflicting_dates
 
 AE_TITLE_MAX = 16
@@ -482,6 +483,30 @@ class CatalogSettings(BaseModel):
         return catalog_root if self.backend is CatalogBackendName.SNAPSHOT else self.open_store(catalog_root)
 
 
+class StateSettings(BaseModel):
+    """Where the ledgers, the FHIR ledger and the study leases live: SQLite files under state_root
+    (one machine) or one PostgreSQL database that every machine of a deployment shares."""
+
+    url: str | None = Field(
+        None, repr=False,
+        description="unset = SQLite under state_root (one machine); postgresql://user@host:port/db = the ingest "
+        "and FHIR ledgers and the study leases in PostgreSQL, one schema each (give the password through "
+        "PGPASSWORD or ~/.pgpass rather than in the URL; shown masked)",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_url(v)
+        return v
+
+    @field_serializer("url", when_used="json")
+    def _masked(self, v: str | None) -> str | None:
+        # `pacsflow settings` prints JSON; Python dumps keep the password so settings can be rebuilt
+        return mask_url(v) if v is not None else None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PACSFLOW_",
@@ -511,6 +536,7 @@ class Settings(BaseSettings):
 
     deid: DeidSettings = DeidSettings()
     fhir: FhirSettings = FhirSettings()
+    state: StateSettings = StateSettings()
 
     deid_key: SecretStr | None = Field(
         None, description="secret key for pseudonyms, UIDs and date shifts (16+ characters): keep it out of the "

@@ -1,18 +1,20 @@
-"""The FHIR sync ledger (``state_root/fhir_sync.sqlite``): per catalog study, the content hash last
-sent, status and reason. Unchanged studies are skipped; failed ones are sent again next run."""
+"""The FHIR sync ledger (``state_root/fhir_sync.sqlite``, or the schema ``fhir`` at ``state.url``): per
+catalog study, the content hash last sent, status and reason. Unchanged studies are skipped; failed
+ones are sent again next run."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from pacsflow.tasks.core.clock import utc_timestamp
-from pacsflow.tasks.core.sqlite import open_sqlite, sqlite_tx
+from pacsflow.tasks.core.statedb import StateDb
 
 
 LEDGER_NAME = "fhir_sync.sqlite"
+SCHEMA_NAME = "fhir"  # the PostgreSQL schema of its table
+_CHUNK = 500  # UIDs per IN (...) list
 
 
 # -- ledger ------------------------------------------------------------------------------------------
@@ -45,19 +47,20 @@ class LedgerRow:
 
 
 class FhirSyncLedger:
-    """SQLite under ``state_root``; one transaction per update (WAL, so concurrent runs can share it)."""
+    """SQLite ``path`` (WAL, so concurrent runs can share it), or the schema ``fhir`` at ``url``;
+    one transaction per update."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, url: str | None = None) -> None:
         self.path = Path(path)
-        open_sqlite(self.path, _SCHEMA)
+        self.db = StateDb(self.path, url, SCHEMA_NAME, _SCHEMA)
 
     @classmethod
-    def under(cls, state_root: Path) -> FhirSyncLedger:
-        """The ledger of the deployment whose state root is ``state_root``."""
-        return cls(Path(state_root) / LEDGER_NAME)
+    def under(cls, state_root: Path, url: str | None = None) -> FhirSyncLedger:
+        """The ledger of the deployment whose state root is ``state_root`` (and state database ``url``)."""
+        return cls(Path(state_root) / LEDGER_NAME, url)
 
     def _tx(self):
-        return sqlite_tx(self.path)
+        return self.db.tx()
 
     def entries(self, study_uids: Iterable[str] | None = None) -> dict[str, LedgerRow]:
         query = ("SELECT study_uid, synced_hash, status, reason, transient, attempts, server_id, run_id "
@@ -68,10 +71,10 @@ class FhirSyncLedger:
             else:
                 uids = list(study_uids)
                 rows = []
-                for i in range(0, len(uids), 500):
-                    part = uids[i : i + 500]
-                    rows += con.execute(query + " WHERE study_uid IN (SELECT value FROM json_each(?))",
-                                        (_json_list(part),)).fetchall()
+                for i in range(0, len(uids), _CHUNK):
+                    part = uids[i : i + _CHUNK]
+                    rows += con.execute(query + f" WHERE study_uid IN ({', '.join('?' * len(part))})",
+                                        part).fetchall()
         return {r[0]: LedgerRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7]) for r in rows}
 
     def failed(self) -> list[str]:
@@ -108,6 +111,3 @@ class FhirSyncLedger:
                 [(uid, reason, int(transient), now, run_id) for uid, reason, transient in items],
             )
 
-
-def _json_list(values: Sequence[str]) -> str:
-    return json.dumps(list(values))

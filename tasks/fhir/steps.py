@@ -22,7 +22,7 @@ from pacsflow.tasks.fhir.sync import (
     run_sync,
     sync_catalog_batch,
 )
-from pacsflow.tasks.settings import FhirSettings, Settings
+from pacsflow.tasks.settings import FhirSettings, Settings, StateSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,16 @@ log = logging.getLogger(__name__)
 @task(name="fhir-sync", task_run_name="fhir-sync-{batch_no}", persist_result=False, cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_if_transient)
 def fhir_sync(fhir: FhirSettings, catalog_root: Path, state_root: Path, study_uids: list[str], run_id: str,
-              force: bool = False, batch_no: int = 0) -> BatchResult:
+              force: bool = False, batch_no: int = 0, state: StateSettings | None = None) -> BatchResult:
     """One transaction Bundle (split only if the server rejects it) for a batch of catalog studies,
-    recorded in the FHIR ledger under ``state_root``.
+    recorded in the FHIR ledger under ``state_root`` (or in the state database of ``state``).
 
     Raises FhirUnavailable (retried) when the server is down, FhirConfigurationError (not retried)
     on wrong base URL or credentials.
     """
     with FhirClient.from_settings(fhir) as client:
-        res = sync_catalog_batch(client, FhirSyncLedger.under(state_root), catalog_root, study_uids,
+        ledger = FhirSyncLedger.under(state_root, state.url if state else None)
+        res = sync_catalog_batch(client, ledger, catalog_root, study_uids,
                                  MappingOptions.from_settings(fhir), run_id=run_id, force=force)
     get_run_logger().info("FHIR batch %d: %d sent, %d unchanged, %d failed, %d transactions", batch_no,
                           len(res.sent), len(res.skipped), len(res.failed), res.transactions)
@@ -70,10 +71,11 @@ def sync_with_tasks(
     fhir, catalog_root, state_root = settings.fhir, settings.catalog_root, settings.state_root
 
     def sync_step(batch: list[str], run_id: str, batch_no: int) -> BatchResult:
-        return fhir_sync(fhir, catalog_root, state_root, batch, run_id, force, batch_no)
+        return fhir_sync(fhir, catalog_root, state_root, batch, run_id, force, batch_no, settings.state)
 
     def reconcile_step(uids: list[str]) -> list[Difference]:
         return fhir_reconcile(fhir, catalog_root, uids)
 
-    return run_sync(fhir, catalog_root, FhirSyncLedger.under(state_root), sync_step, reconcile_step, study_uids,
+    ledger = FhirSyncLedger.under(state_root, settings.state.url)
+    return run_sync(fhir, catalog_root, ledger, sync_step, reconcile_step, study_uids,
                     only_failed=only_failed, reconcile_after=reconcile_after, logger=logger or log)

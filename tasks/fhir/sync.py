@@ -596,7 +596,7 @@ def sync_catalog(
     """:func:`run_sync` without Prefect: every batch and the reconciliation call :func:`sync_batch`
     and :func:`reconcile` in this process, over one client. ``force`` sends unchanged studies too."""
     fhir, catalog_root = settings.fhir, settings.catalog_root
-    ledger = FhirSyncLedger.under(settings.state_root)
+    ledger = FhirSyncLedger.under(settings.state_root, settings.state.url)
     options = MappingOptions.from_settings(fhir)
     with _run_client(fhir) as connected:
         def sync_step(batch: list[str], run_id: str, _batch_no: int) -> BatchResult:

@@ -1,8 +1,9 @@
 """The ledger: what has been cataloged, what failed and why, and the watermark.
 
-SQLite under ``state_root`` (a PHI zone: it holds original StudyInstanceUIDs so that the
-next run can compare the PACS's answer with what we have). One transaction per update, so
-a crash leaves either the old or the new state.
+SQLite under ``state_root``, or the schema ``ingest`` of the PostgreSQL database at ``state.url``
+when several machines share the work (a PHI zone either way: it holds original StudyInstanceUIDs
+so that the next run can compare the PACS's answer with what we have). One transaction per update,
+so a crash leaves either the old or the new state.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 from pacsflow.tasks.core.clock import utc_timestamp
-from pacsflow.tasks.core.sqlite import open_sqlite, sqlite_tx
+from pacsflow.tasks.core.statedb import StateDb
 
+SCHEMA_NAME = "ingest"  # the PostgreSQL schema of these tables
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     study_uid     TEXT PRIMARY KEY,  -- original UID (PHI zone)
@@ -80,12 +82,14 @@ class MissingEntry:
 
 
 class Ledger:
-    def __init__(self, path: Path) -> None:
+    """The SQLite file ``path``, or the schema ``ingest`` at ``url`` (``state.url``) when it is set."""
+
+    def __init__(self, path: Path, url: str | None = None) -> None:
         self.path = Path(path)
-        open_sqlite(self.path, _SCHEMA)
+        self.db = StateDb(self.path, url, SCHEMA_NAME, _SCHEMA)
 
     def _tx(self):
-        return sqlite_tx(self.path)
+        return self.db.tx()
 
     def entries(self, study_uids: Iterable[str] | None = None) -> dict[str, LedgerEntry]:
         with self._tx() as con:
@@ -227,6 +231,11 @@ class Ledger:
         return dt.date.fromisoformat(value) if value else None
 
     def advance_watermark(self, value: dt.date) -> None:
-        current = self.watermark
-        if current is None or value > current:
-            self.set_state("watermark", value.isoformat())
+        """Moves the watermark to ``value`` unless it is already later (ISO dates sort as text): one
+        statement, so two runs finishing at once cannot move it back."""
+        with self._tx() as con:
+            con.execute(
+                "INSERT INTO state(name, value) VALUES ('watermark', ?) ON CONFLICT(name) DO UPDATE "
+                "SET value=excluded.value WHERE state.value < excluded.value",
+                (value.isoformat(),),
+            )

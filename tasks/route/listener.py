@@ -61,7 +61,7 @@ class Listener:
         self.study_ref: Callable[[str], str] = lambda uid: pseudonymize_uid(key, uid)
         folder = ensure_private_dir(settings.listener_dir)
         self.inbox = folder / "inbox"
-        ledger = Ledger(settings.ledger_path)
+        ledger = Ledger(settings.ledger_path, settings.state.url)
         self.writer = StagingWriter(self.inbox, self.study_ref, settings.listener.max_object_mb,
                                     open_studies=True, on_staged=self._staged,
                                     quarantine=(settings.quarantine_dir / QUARANTINE_FOLDER,

@@ -21,6 +21,7 @@ PREFECT_ALLOWED = ("flows/", "tasks/*/steps.py")
 PYNETDICOM_ALLOWED = ("tasks/pacs/client.py", "tasks/pacs/commitment.py", "tasks/pacs/receiver.py",
                       "tasks/pacs/sender.py", "tasks/pacs/status.py")
 HTTPX_ALLOWED = ("tasks/fhir/client.py", "deployments/")
+PSYCOPG_ALLOWED = ("tasks/core/statedb.py",)  # the state database layer: every store reaches PostgreSQL through it
 HTTP_SERVER_ALLOWED = ("tasks/web/", "flows/serve.py")  # fastapi, starlette, uvicorn: one HTTP boundary
 HTTP_SERVER_LIBRARIES = frozenset({"fastapi", "starlette", "uvicorn"})
 DELTALAKE_ALLOWED = ("catalog/table_format.py",)  # the catalog's Delta Lake backend, one module
@@ -75,6 +76,8 @@ def violations(imports: list[Import]) -> list[str]:
             out.append(f"{where}: only the PACS client, receiver and status map may import pynetdicom")
         if _top(imp.module) == "httpx" and not _matches(imp.file, HTTPX_ALLOWED):
             out.append(f"{where}: only the FHIR client (and the local stack) may import httpx")
+        if _top(imp.module) == "psycopg" and not _matches(imp.file, PSYCOPG_ALLOWED):
+            out.append(f"{where}: only tasks/core/statedb.py may import psycopg")
         if _top(imp.module) in HTTP_SERVER_LIBRARIES and not _matches(imp.file, HTTP_SERVER_ALLOWED):
             out.append(f"{where}: only tasks/web/ and flows/serve.py may import the HTTP server libraries")
         if _top(imp.module) == "deltalake" and not _matches(imp.file, DELTALAKE_ALLOWED):
@@ -111,6 +114,7 @@ def test_tests_and_benchmarks_use_the_installed_names():
         ("tasks/lake/study.py", "import prefect\n", "may import prefect"),
         ("tasks/deid/instance.py", "def f():\n    from pynetdicom import AE\n", "may import pynetdicom"),
         ("tasks/fhir/mapping.py", "import httpx\n", "may import httpx"),
+        ("tasks/ingest/ledger.py", "def f():\n    import psycopg\n", "may import psycopg"),
         ("tasks/route/metrics.py", "from fastapi import FastAPI\n", "HTTP server libraries"),
         ("flows/listen.py", "import uvicorn\n", "HTTP server libraries"),
         ("catalog/views.py", "from deltalake import DeltaTable\n", "may import deltalake"),
