@@ -32,7 +32,7 @@ def publish_report(settings: Settings, summary: RunSummary, catalog_uids: Sequen
     Returns the run's page, or None when it could not be written (logged)."""
     logger = logger or log
     try:
-        by_modality = cataloged_by_modality(settings.catalog_root, catalog_uids)
+        by_modality = cataloged_by_modality(settings.catalog.reader(settings.catalog_root), catalog_uids)
         history = RunHistory(history_path(settings.state_root))
         history.record(summary, by_modality, flow=flow)
         runs = history.last(REPORT_RUNS, flow=flow)

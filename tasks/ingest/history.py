@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from pacsflow.catalog.views import query
+from pacsflow.catalog.views import Catalog, query
 from pacsflow.tasks.core.clock import utc_now
 from pacsflow.tasks.core.sqlite import open_sqlite, sqlite_tx
 from pacsflow.tasks.ingest.bookkeeping import RunSummary
@@ -153,10 +153,11 @@ def _parse(text: str) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
-def cataloged_by_modality(catalog_root: Path, study_uids: Sequence[str]) -> list[ModalityCount]:
-    """What the catalog holds of ``study_uids`` (the studies one run committed), by modality."""
+def cataloged_by_modality(catalog: Catalog, study_uids: Sequence[str]) -> list[ModalityCount]:
+    """What the catalog (a root or an opened store) holds of ``study_uids`` (the studies one run
+    committed), by modality."""
     if not study_uids:
         return []
-    table = query(catalog_root, _BY_MODALITY_SQL, [sorted(set(study_uids))])
+    table = query(catalog, _BY_MODALITY_SQL, [sorted(set(study_uids))])
     return [ModalityCount(str(r["modality"]), int(r["studies"]), int(r["series"]), int(r["instances"]))
             for r in table.to_pylist()]

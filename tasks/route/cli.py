@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from pacsflow.catalog.views import Catalog
     from pacsflow.tasks.route.rules import Decision, RoutingRules
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -180,7 +181,7 @@ class DryRun:
     undecidable: dict[str, tuple[str, ...]] = field(default_factory=dict)  # rule -> keys the catalog lacks
 
 
-def dry_run(catalog_root: Path, rules: RoutingRules, since: dt.date, until: dt.date) -> DryRun:
+def dry_run(catalog: Catalog, rules: RoutingRules, since: dt.date, until: dt.date) -> DryRun:
     """Decide every series (per SOP class) of the studies dated ``since``..``until``. A study is
     ingested when one of its objects is, so ingest counts its every instance."""
     from pacsflow.catalog.views import query
@@ -191,7 +192,7 @@ def dry_run(catalog_root: Path, rules: RoutingRules, since: dt.date, until: dt.d
                           for rule in rules.rules if rule.name in left}
     per_study: dict[str, int] = {}
     ingested: set[str] = set()
-    for row in query(catalog_root, DRY_RUN_SQL, [since, until]).to_pylist():
+    for row in query(catalog, DRY_RUN_SQL, [since, until]).to_pylist():
         decision = _decide_row(decidable, row)
         study, count = row["study_uid"], int(row["instances"])
         result.seen.add(study, count)
@@ -252,7 +253,8 @@ def route_dry_run(
     last = _day(until, "--until") if until else dt.date.today()
     rules = load_rules(rules_file)
     try:
-        result = dry_run(_settings().catalog_root, rules, first, last)
+        settings = _settings()
+        result = dry_run(settings.catalog.reader(settings.catalog_root), rules, first, last)
     except CatalogNotFound as exc:
         _fail(exc)
     out.print(f"{first.isoformat()} .. {last.isoformat()}: {len(result.seen.studies)} studies, "

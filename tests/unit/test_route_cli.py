@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 from pathlib import Path
 
 import pydicom
@@ -12,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pacsflow.catalog.store import CatalogStore
+from pacsflow.catalog.backends import open_store
 from pacsflow.tasks.lake.rows import StudyExtractor
 from pacsflow.tasks.route import cli as route_cli
 from tests.unit.test_route_rules import DESTINATIONS, EXAMPLE, MODALITIES, files_of, make_samples
@@ -35,17 +36,21 @@ def studies(tmp_path_factory):
     return {s.modality: s for s in make_samples(tmp_path_factory.mktemp("samples"))}
 
 
-@pytest.fixture(scope="module")
-def catalog(studies, tmp_path_factory) -> Path:
-    """The four studies in a real catalog (headers as written; de-identification is not the point here)."""
+@pytest.fixture(scope="module", params=["snapshot", "delta"])
+def catalog(request, studies, tmp_path_factory) -> Path:
+    """The four studies in a real catalog of each backend (headers as written; de-identification is
+    not the point here). The backend goes to the command through PACSFLOW_CATALOG__BACKEND."""
     path = tmp_path_factory.mktemp("lake") / "catalog"
+    store = open_store(path, request.param)
     for study in studies.values():
         ex = StudyExtractor()
         for f in files_of(study):
             ex.add(pydicom.dcmread(f, stop_before_pixels=True), file_path=str(f), file_size=f.stat().st_size,
                    sha256=hashlib.sha256(f.read_bytes()).hexdigest())
-        CatalogStore(path).commit(ex.tables(INGESTED))
-    return path
+        store.commit(ex.tables(INGESTED))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PACSFLOW_CATALOG__BACKEND", request.param)
+        yield path
 
 
 @pytest.fixture(autouse=True)
@@ -171,10 +176,14 @@ rules:
 
 
 def test_dry_run_bad_input_ends_with_status_2(monkeypatch, tmp_path, catalog):
+    backend = os.environ["PACSFLOW_CATALOG__BACKEND"]
+    # A missing snapshot catalog is an error; an empty Delta location reads as no rows (yet).
+    monkeypatch.setenv("PACSFLOW_CATALOG__BACKEND", "snapshot")
     monkeypatch.setenv("PACSFLOW_CATALOG_ROOT", str(tmp_path / "no-catalog"))
     failed = route("dry-run", "--since", "2026-10-01", "--rules", str(EXAMPLE), code=2)
     assert failed.stderr.startswith("pacsflow: error: CatalogNotFound: catalog_root: no catalog folder at ")
     assert "expected YYYY-MM-DD" in route("dry-run", "--since", "1.10.2026", "--rules", str(EXAMPLE), code=2).output
+    monkeypatch.setenv("PACSFLOW_CATALOG__BACKEND", backend)
     monkeypatch.setenv("PACSFLOW_CATALOG_ROOT", str(catalog))
     assert "0 studies, 0 instances in the catalog" in route("dry-run", "--since", "2030-01-01",
                                                             "--rules", str(EXAMPLE)).stdout

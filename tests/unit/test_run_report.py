@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pacsflow.catalog.store import CatalogStore
+from pacsflow.tasks.settings import Settings
 from pacsflow.tasks.ingest.bookkeeping import RunSummary
 from pacsflow.tasks.ingest.history import ModalityCount, RunHistory, RunRecord, cataloged_by_modality, history_path
 from pacsflow.tasks.ingest.report import (
@@ -96,15 +96,18 @@ def test_recording_a_run_again_replaces_its_row(tmp_path):
     assert run.count("a_counter_added_later") == 0
 
 
-def test_cataloged_by_modality_counts_only_the_given_studies(tmp_path):
-    store = CatalogStore(tmp_path / "catalog")
+@pytest.mark.parametrize("backend", ["snapshot", "delta"])
+def test_cataloged_by_modality_counts_only_the_given_studies(tmp_path, backend):
+    settings = Settings(catalog_root=tmp_path / "catalog", state_root=tmp_path / "state", catalog={"backend": backend})
+    store = settings.catalog.open_store(settings.catalog_root)
     store.commit(make_study("1.5.1", "20040119", ("CT",), 3))
     store.commit(make_study("1.5.2", "20040825", ("MR",), 2))
     store.commit(make_study("1.5.3", "20050301", ("CT", "MR"), 2))
 
-    counts = cataloged_by_modality(tmp_path / "catalog", ["1.5.1", "1.5.3", "1.9.9"])
+    reader = settings.catalog.reader(settings.catalog_root)
+    counts = cataloged_by_modality(reader, ["1.5.1", "1.5.3", "1.9.9"])
     assert counts == [ModalityCount("CT", 2, 2, 5), ModalityCount("MR", 1, 1, 2)]
-    assert cataloged_by_modality(tmp_path / "catalog", []) == []
+    assert cataloged_by_modality(reader, []) == []
 
 
 # -- renderer --------------------------------------------------------------------------------------
