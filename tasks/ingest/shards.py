@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from pacsflow.tasks.core.clock import parse_dicom_date
-from pacsflow.tasks.ingest.bookkeeping import next_watermark
 from pacsflow.tasks.pacs.models import StudyInfo
 
 UNDATED = "undated"
@@ -58,5 +57,6 @@ def shard_watermark(window_end: dt.date, unfinished_days: Iterable[dt.date | Non
     """Where the watermark may go once the shards are run: over every day whose shards are all
     done, and no further than the first day that still has an unfinished shard (the next
     window, the watermark minus the overlap, covers it again). Undated shards hold nothing:
-    their studies are retried by UID, as a single run does."""
-    return next_watermark(window_end, [d.strftime("%Y%m%d") for d in unfinished_days if d is not None])
+    their studies are retried by UID, as a single run does (``bookkeeping.next_watermark``, on
+    dates rather than study records)."""
+    return min([window_end, *(d for d in unfinished_days if d is not None)])
