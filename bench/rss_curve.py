@@ -152,16 +152,23 @@ def sample_until_done(process: multiprocessing.process.BaseProcess) -> Samples:
     return samples
 
 
-def run_nightly(work: str, dicom_port: int, rest_url: str, receiver_port: int, out) -> None:
+def run_nightly(work: str, dicom_port: int, rest_url: str, receiver_port: int, out, log: str | None) -> None:
     """In the measured process: one nightly run (settings as ``bench.nightly_vs_dcmtk``'s), its
     counts sent back on ``out``. Wholly quarantined studies (ultrasound) fail the run's state: the
-    result is read from it all the same."""
+    result is read from it all the same. With ``log``, the run logs at INFO into that file, after
+    a first line with the process's start as a Unix time, so a peak can be matched to a log line."""
+    if log:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        started = time.time() - (time.monotonic() - process_start_monotonic())
+        print(f"process start {started:.3f} ({dt.datetime.fromtimestamp(started):%H:%M:%S.%f})", flush=True)
     os.environ.update(
         PACSFLOW_PACS__PORT=str(dicom_port), PACSFLOW_PACS__HTTP_URL=rest_url,
         PACSFLOW_RECEIVER__PORT=str(receiver_port), PACSFLOW_STORAGE_ROOT=f"{work}/lake/dicom",
         PACSFLOW_CATALOG_ROOT=f"{work}/lake/catalog", PACSFLOW_STATE_ROOT=f"{work}/state",
         PACSFLOW_DEID_KEY="benchmark-key-0123456789", PACSFLOW_DEID__PIXEL_POLICY="quarantine",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="ERROR",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="INFO" if log else "ERROR",
     )
     from pacsflow.flows.nightly import nightly_ingest, run_result
     from prefect.testing.utilities import prefect_test_harness
@@ -173,7 +180,15 @@ def run_nightly(work: str, dicom_port: int, rest_url: str, receiver_port: int, o
     out.put((int(result["instances"]) + int(result["quarantined_objects"]), seconds, int(result["failed"])))
 
 
-def measure(size: int, per_series: int, work: Path) -> tuple[Samples, tuple[int, float, int]]:
+def process_start_monotonic() -> float:
+    """This process's start on the monotonic clock (``/proc/self/stat`` field 22, in clock ticks
+    since boot), so log times line up with the sampler's seconds."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[19])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def measure(size: int, per_series: int, work: Path, log: Path | None = None) -> tuple[Samples, tuple[int, float, int]]:
     receiver_port = free_port()
     peers = {**default_modalities(), "PACSFLOW": ("PACSFLOW", "127.0.0.1", receiver_port)}
     server = OrthancServer(OrthancConfig(work / "orthanc", free_port(), free_port(), modalities=peers))
@@ -192,7 +207,8 @@ def measure(size: int, per_series: int, work: Path) -> tuple[Samples, tuple[int,
         ctx = multiprocessing.get_context("spawn")
         queue = ctx.Queue()
         process = ctx.Process(target=run_nightly, name="nightly",
-                              args=(str(work), server.dicom_port, server.rest_url, receiver_port, queue))
+                              args=(str(work), server.dicom_port, server.rest_url, receiver_port, queue,
+                                    str(log) if log else None))
         process.start()
         samples = sample_until_done(process)
         if process.exitcode != 0:
@@ -209,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-series", type=int, default=50, help="instances per series (2 series per study)")
     ap.add_argument("--commit-batch", type=int, help="studies per catalog commit (the setting's default: 200)")
     ap.add_argument("--keep", action="store_true", help="keep the work folders")
-    ap.add_argument("--trace", type=Path, help="write each size's samples to TRACE/rss-SIZE.csv (seconds, MiB by role)")
+    ap.add_argument("--trace", type=Path, help="write each size's samples to TRACE/rss-SIZE.csv (seconds, MiB by role) "
+                    "and the run's INFO log to TRACE/flow-SIZE.log")
     args = ap.parse_args(argv)
     if args.commit_batch:
         os.environ["PACSFLOW_COMMIT_BATCH"] = str(args.commit_batch)
@@ -220,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     for size in sorted(args.instances):
         work = Path(tempfile.mkdtemp(prefix=f"pacsflow-rss-{size}-"))
         try:
-            samples, (n, seconds, failed) = measure(size, args.per_series, work)
+            if args.trace:
+                args.trace.mkdir(parents=True, exist_ok=True)
+            log = args.trace / f"flow-{size}.log" if args.trace else None
+            samples, (n, seconds, failed) = measure(size, args.per_series, work, log)
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
