@@ -156,9 +156,8 @@ class RunParts:
         night of ultrasound quarantines thousands: the ledger lists every one), and counts them all."""
         if self.run is None or self.book is None:
             return None
-        manifest = build_manifest(self.run.deid, self.book.deid_report, self.book.quarantined, self.book.written)
-        manifest["quarantined"] = manifest["quarantined"][:STUDY_ROWS]
-        return manifest
+        return build_manifest(self.run.deid, self.book.deid_report, self.book.quarantined, self.book.written,
+                              quarantined_count=self.book.quarantined_count)
 
 
 def run_nightly(settings: Settings | None = None, *, since: dt.date | None = None, until: dt.date | None = None,

@@ -27,10 +27,12 @@ class QuarantinedObject:
 
 def build_manifest(
     deid: Deidentifier, report: DeidReport, quarantined: Iterable[QuarantinedObject], written: int,
-    files: int | None = None,
+    files: int | None = None, quarantined_count: int | None = None,
 ) -> dict[str, Any]:
-    """The per-run de-identification manifest (also the Prefect artifact's content). No PHI."""
+    """The per-run de-identification manifest (also the Prefect artifact's content). No PHI.
+    ``quarantined_count``: how many were quarantined when ``quarantined`` lists only some."""
     quarantined = list(quarantined)
+    quarantined_count = len(quarantined) if quarantined_count is None else quarantined_count
     return {
         "manifest_version": MANIFEST_VERSION,
         "profile": "DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile",
@@ -42,9 +44,9 @@ def build_manifest(
         "pixel_policy": deid.pixel_policy.value if deid.pixel_policy is not None else "not checked",
         "residual_phi_audit": deid.audit,
         "site_recipe": deid.recipe.describe() if deid.recipe is not None else None,
-        "files": files if files is not None else written + len(quarantined),
+        "files": files if files is not None else written + quarantined_count,
         "written": written,
-        "quarantined_count": len(quarantined),
+        "quarantined_count": quarantined_count,
         "actions": dict(sorted(report.actions.items())),
         "quarantined": [asdict(q) for q in sorted(quarantined, key=lambda q: q.id)],
     }

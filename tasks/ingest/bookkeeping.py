@@ -181,7 +181,10 @@ class RunBook:
         self.failures: dict[str, tuple[WorkItem, BaseException]] = {}
         self.catalog_uids: list[str] = []  # catalog StudyInstanceUIDs committed by this run
         self.deid_report = DeidReport()
+        # The manifest's first STUDY_ROWS quarantined objects and the count of all: a night of
+        # ultrasound quarantines tens of thousands, each already in the ledger.
         self.quarantined: list[QuarantinedObject] = []
+        self.quarantined_count = 0
         self.missing: dict[str, tuple[MissingObject, ...]] = {}  # by study pseudonym
         self.missing_recorded: list[MissingEntry] = []  # as the ledger holds them after this run
         self.written = 0
@@ -199,9 +202,11 @@ class RunBook:
             self.missing[item.pseudo_uid] = result.missing
 
     def deidentified(self, item: WorkItem, outcome: StudyOutcome) -> None:
-        # The run's manifest needs the actions' totals only: each study's are not kept for the night.
+        # The run's manifest needs the actions' totals only, and the ledger takes the quarantined
+        # objects now: neither is kept for the night, whose length they would grow with.
         self.deid_report.merge(DeidReport(dict(outcome.actions)))
-        outcome = replace(outcome, actions={})
+        self._record_quarantined(item, outcome.quarantined)
+        outcome = replace(outcome, actions={}, quarantined=[])
         self.outcomes[item.pseudo_uid] = (item, outcome)
         if outcome.rows_dir:
             self._uncommitted[item.pseudo_uid] = (item, outcome)
@@ -231,7 +236,7 @@ class RunBook:
             self._uncommitted.pop(w.pseudo_uid, None)
             self._record_missing(w)
             report = self.reports[w.pseudo_uid]
-            report.instances, report.quarantined = o.written, len(o.quarantined)
+            report.instances = o.written
             report.outcome = CATALOGED_PARTIAL if report.quarantined or report.missing else CATALOGED
             self.summary.cataloged_partial += report.outcome == CATALOGED_PARTIAL
             self.summary.cataloged += 1
@@ -261,17 +266,21 @@ class RunBook:
     def _record_deidentified(self) -> None:
         for w, o in self.outcomes.values():
             self.summary.deidentified += 1
-            self.summary.quarantined_objects += len(o.quarantined)
+            self.summary.quarantined_objects += self.reports[w.pseudo_uid].quarantined
             self.written += o.written
-            for name, reason in o.quarantined:
-                self.ledger.quarantine(w.pseudo_uid, name, reason, self.run_id)
-                self.quarantined.append(QuarantinedObject(self._object_id(f"{w.pseudo_uid}/{name}"), reason))
             if not o.rows_dir:
                 self.ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, ALL_QUARANTINED, True,
                                         self.run_id)
                 report = self.reports[w.pseudo_uid]
                 report.outcome, report.kind, report.error = QUARANTINED, ALL_QUARANTINED, ALL_QUARANTINED
                 self.summary.failed += 1
+
+    def _record_quarantined(self, w: WorkItem, objects: Sequence[tuple[str, str]]) -> None:
+        self.ledger.quarantine_many(w.pseudo_uid, objects, self.run_id)
+        self.reports[w.pseudo_uid].quarantined = len(objects)
+        self.quarantined_count += len(objects)
+        for name, reason in objects[:max(0, STUDY_ROWS - len(self.quarantined))]:
+            self.quarantined.append(QuarantinedObject(self._object_id(f"{w.pseudo_uid}/{name}"), reason))
 
     def _record_failures(self) -> list[tuple[WorkItem, FailureVerdict]]:
         prior = self.ledger.entries([w.study_uid for w, _ in self.failures.values()])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 from pacsflow.tasks.core.clock import utc_timestamp
 from pacsflow.tasks.core.statedb import StateDb
 
@@ -199,10 +199,18 @@ class Ledger:
         return [MissingEntry(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
     def quarantine(self, pseudo_uid: str, object_ref: str, reason: str, run_id: str) -> None:
+        self.quarantine_many(pseudo_uid, [(object_ref, reason)], run_id)
+
+    def quarantine_many(self, pseudo_uid: str, objects: Sequence[tuple[str, str]], run_id: str) -> None:
+        """A study's quarantined objects, ``(object_ref, reason)`` each, in one transaction (an
+        ultrasound study quarantines every object it has)."""
+        if not objects:
+            return
+        now = utc_timestamp()
         with self._tx() as con:
-            con.execute(
+            con.executemany(
                 "INSERT INTO quarantine(pseudo_uid, object_ref, reason, run_id, created_at) VALUES (?, ?, ?, ?, ?)",
-                (pseudo_uid, object_ref, reason, run_id, utc_timestamp()),
+                [(pseudo_uid, ref, reason, run_id, now) for ref, reason in objects],
             )
 
     def quarantine_entries(self) -> list[dict]:
