@@ -21,6 +21,7 @@ from starlette import types as asgi
 
 from pacsflow.tasks.settings import Settings
 from pacsflow.tasks.web.tokens import Principal, Scope, TokenStore
+from pacsflow.tasks.web.zerocopy import ZeroCopyApp
 
 access_log = logging.getLogger("pacsflow.serve.access")
 
@@ -61,8 +62,16 @@ Reader = Annotated[Principal, Depends(require(Scope.READ))]
 Writer = Annotated[Principal, Depends(require(Scope.WRITE))]
 
 
+class PacsflowApp(FastAPI):
+    """The FastAPI app, offering zero-copy file bodies where the server's connection allows them
+    (:mod:`.zerocopy`): WADO-RS's files then go from the page cache to the socket."""
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        await ZeroCopyApp(super().__call__)(scope, receive, send)
+
+
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="pacsflow", summary="DICOMweb over the de-identified lake, the study API and the dashboard",
+    app = PacsflowApp(title="pacsflow", summary="DICOMweb over the de-identified lake, the study API and the dashboard",
                   version="1")
     app.state.ctx = ServeContext(settings, TokenStore(settings.tokens_path))
     if settings.serve.cors_origins:

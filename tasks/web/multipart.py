@@ -36,14 +36,23 @@ def stream(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
     a socket write, which for a file of 0.5 MB cost more than copying its bytes once."""
     pending = b""
     for part in parts:
-        head = [f"--{boundary}", f"Content-Type: {part.content_type}"]
-        if part.length is not None:
-            head.append(f"Content-Length: {part.length}")
-        if part.location:
-            head.append(f"Content-Location: {part.location}")
-        pending += ("\r\n".join(head) + "\r\n\r\n").encode("ascii")
+        pending += part_head(part, boundary)
         for chunk in part.body:
             yield pending + chunk if pending else chunk
             pending = b""
         pending += b"\r\n"
-    yield pending + f"--{boundary}--\r\n".encode("ascii")
+    yield pending + closing(boundary)
+
+
+def part_head(part: Part, boundary: str) -> bytes:
+    """A part's delimiter and headers, up to the empty line its bytes follow."""
+    head = [f"--{boundary}", f"Content-Type: {part.content_type}"]
+    if part.length is not None:
+        head.append(f"Content-Length: {part.length}")
+    if part.location:
+        head.append(f"Content-Location: {part.location}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii")
+
+
+def closing(boundary: str) -> bytes:
+    return f"--{boundary}--\r\n".encode("ascii")

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any, Iterator
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette import types as asgi
 
-from pacsflow.tasks.web import multipart
+from pacsflow.tasks.web import multipart, zerocopy
 from pacsflow.tasks.web.accept import MediaRange, accepts_json, parse_accept
 from pacsflow.tasks.web.app import Reader
 from pacsflow.tasks.web.index import InstanceFile
-from pacsflow.tasks.web.lakefiles import COMPRESSED_MEDIA, EXPLICIT_LE, NATIVE, FrameError, OutsideStorage
+from pacsflow.tasks.web.lakefiles import COMPRESSED_MEDIA, EXPLICIT_LE, NATIVE, FrameError, LakeFiles, OutsideStorage
 from pacsflow.tasks.web.services import DicomWebServices, Services, uids
 
 log = logging.getLogger("pacsflow.serve")
@@ -90,10 +92,44 @@ def _stream_instances(request: Request, svc: DicomWebServices, found: list[Insta
     if not choose_instances(parse_accept(request.headers.get("accept")), syntaxes):
         raise HTTPException(406, "instances are sent as stored: multipart/related; type=\"application/dicom\" "
                                  "with the files' transfer syntax or *")
-    boundary = multipart.new_boundary()
-    parts = (multipart.Part(f"{DICOM}; transfer-syntax={f.transfer_syntax_uid or EXPLICIT_LE}",
-                            svc.files.chunks(f.file_path), f.file_size) for f in found)
-    return StreamingResponse(multipart.stream(parts, boundary), media_type=multipart.content_type(DICOM, boundary))
+    return InstancesResponse(svc.files, found)
+
+
+class InstancesResponse(StreamingResponse):
+    """Instances as ``multipart/related; type="application/dicom"``, one part per file as stored.
+    Where the server offers zero-copy sending (:mod:`.zerocopy`) and the lake is a local folder,
+    each file goes from the page cache to the socket without passing through Python; otherwise
+    its bytes are read and streamed."""
+
+    def __init__(self, files: LakeFiles, found: list[InstanceFile]) -> None:
+        self.files, self.found, self.zero_copy = files, found, False
+        self.boundary = multipart.new_boundary()
+        parts = (multipart.Part(self._type(f), files.chunks(f.file_path), f.file_size) for f in found)
+        super().__init__(multipart.stream(parts, self.boundary), media_type=multipart.content_type(DICOM, self.boundary))
+
+    @staticmethod
+    def _type(f: InstanceFile) -> str:
+        return f"{DICOM}; transfer-syntax={f.transfer_syntax_uid or EXPLICIT_LE}"
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        self.zero_copy = self.files.local and zerocopy.EXTENSION in (scope.get("extensions") or {})
+        await super().__call__(scope, receive, send)
+
+    async def stream_response(self, send: asgi.Send) -> None:
+        if not self.zero_copy:
+            await super().stream_response(send)
+            return
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        pending = b""
+        for f in self.found:
+            with open(self.files.resolve(f.file_path), "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size  # the part says what goes out, whatever the row says
+                head = multipart.part_head(multipart.Part(self._type(f), (), size), self.boundary)
+                await send({"type": "http.response.body", "body": pending + head, "more_body": True})
+                await send({"type": zerocopy.EXTENSION, "file": handle, "count": size, "more_body": True})
+            pending = b"\r\n"
+        await send({"type": "http.response.body", "body": pending + multipart.closing(self.boundary),
+                    "more_body": False})
 
 
 @router.get("/studies/{study}", summary="Retrieve a study's instances")

@@ -6,6 +6,8 @@ DICOMweb plugin queries our server and retrieves a study into itself; OHIF's req
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -133,3 +135,47 @@ def test_ohifs_request_pattern_with_cors(served):
         assert body[:2] == b"\xff\xd8"
     assert httpx.get(f"{served.url}/dicom-web/studies").status_code == 401
     assert httpx.get(f"{served.url}/health").status_code == 200
+
+
+def _sendfile_calls(monkeypatch) -> list[int]:
+    """Bytes asked of each ``os.sendfile`` the server (a thread of this process) makes."""
+    calls: list[int] = []
+    real = os.sendfile
+
+    def counting(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        calls.append(count)
+        return real(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    return calls
+
+
+def _http10_get(url: str, path: str, token: str) -> tuple[dict[str, str], bytes]:
+    """One HTTP/1.0 request on a raw socket: the answer's headers and its body, read to the close."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+        data = b"".join(iter(lambda: sock.recv(1 << 16), b""))
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 200"), lines[0]
+    return {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}, body
+
+
+def test_wado_rs_sends_the_lakes_files_with_sendfile_over_plain_http11_and_reads_them_otherwise(served, monkeypatch):
+    study = rows(served.lake, "SELECT study_uid FROM studies ORDER BY study_uid")[0]["study_uid"]
+    files = rows(served.lake, "SELECT file_path, file_sha256 FROM instances WHERE study_uid = ?", study)
+    calls = _sendfile_calls(monkeypatch)
+    answer = httpx.get(f"{served.url}/dicom-web/studies/{study}", headers=bearer(served.lake.token), timeout=60)
+    assert answer.status_code == 200 and answer.headers["transfer-encoding"] == "chunked"
+    parts = parse_multipart(answer.headers["content-type"], answer.content)
+    assert sorted(hashlib.sha256(b).hexdigest() for _, b in parts) == sorted(f["file_sha256"] for f in files)
+    assert all(int(h["content-length"]) == len(b) for h, b in parts)
+    # Every file went out of the page cache by sendfile(2), none through Python.
+    assert len(calls) >= len(files) and sum(calls) >= sum(Path(f["file_path"]).stat().st_size for f in files)
+
+    calls.clear()  # an HTTP/1.0 client cannot take chunks: the same bytes, read and sent as before
+    headers, body = _http10_get(served.url, f"/dicom-web/studies/{study}", served.lake.token)
+    parts = parse_multipart(headers["content-type"], body)
+    assert sorted(hashlib.sha256(b).hexdigest() for _, b in parts) == sorted(f["file_sha256"] for f in files)
+    assert calls == []
