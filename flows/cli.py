@@ -30,6 +30,7 @@ from pacsflow.deployments.local import cli as stack_cli
 from pacsflow.flows import alerts_cli
 from pacsflow.flows import console as errors_console
 from pacsflow.flows import hl7 as hl7_cli
+from pacsflow.flows import migrate_cli
 from pacsflow.tasks import settings_cli
 from pacsflow.tasks.deid import cli as deid_cli
 from pacsflow.tasks.route import cli as route_cli
@@ -93,6 +94,7 @@ app.add_typer(catalog_cli.build_app(lambda: (lambda s: s.catalog.reader(s.catalo
 app.add_typer(alerts_cli.build_app(), name="alerts")
 app.add_typer(route_cli.app)  # `pacsflow route test|dry-run|status|retry|drop`
 app.add_typer(token_cli.build_app(_settings), name="token")
+app.add_typer(migrate_cli.build_app(_settings), name="migrate")  # inventory|run|pause|resume|status|reconcile
 
 
 @app.callback()
