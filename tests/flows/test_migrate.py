@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 from prefect import flow
+from prefect.client.orchestration import get_client
 
 from pacsflow.deployments.local import sampledata
 from pacsflow.flows.migrate import (
+    RATE_LIMIT,
     MigrationNotReady,
+    ensure_rate_limit,
     migrate_inventory,
     migrate_reconcile,
     migrate_run,
@@ -164,3 +167,19 @@ def test_with_the_window_closed_or_paused_nothing_reaches_the_pacs(lake, tmp_pat
     monkeypatch.setitem(sys.modules, "pacsflow.flows.plan", None)
     with pytest.raises(MigrationNotReady, match="plan flow"):
         migrate_run()
+
+
+def test_the_rate_limit_paces_retrieves_over_all_callers(prefect_api, tmp_path, monkeypatch):
+    monkeypatch.setenv("PACSFLOW_STATE_ROOT", str(tmp_path / "state"))
+    settings = load_settings()
+    migration_store(settings).save_config(MigrationConfig("always", rate_per_min=120))
+    ensure_rate_limit(120)
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(RATE_LIMIT)
+    assert (limit.limit, limit.slot_decay_per_second) == (120, 2.0)
+    started = time.monotonic()
+    migration_gate(120, settings=settings)  # a minute's worth at once: the burst
+    burst = time.monotonic() - started
+    migration_gate(4, settings=settings)  # then the slots come back at 2 a second
+    waited = time.monotonic() - started - burst
+    assert burst < 1.5 <= waited < 20, (burst, waited)
