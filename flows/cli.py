@@ -94,7 +94,6 @@ app.add_typer(catalog_cli.build_app(lambda: (lambda s: s.catalog.reader(s.catalo
 app.add_typer(alerts_cli.build_app(), name="alerts")
 app.add_typer(route_cli.app)  # `pacsflow route test|dry-run|status|retry|drop`
 app.add_typer(token_cli.build_app(_settings), name="token")
-app.add_typer(migrate_cli.build_app(_settings), name="migrate")  # inventory|run|pause|resume|status|reconcile
 
 
 @app.callback()
@@ -120,6 +119,8 @@ def _parse_day(value: Optional[str], name: str) -> Optional[dt.date]:
     except ValueError:
         raise typer.BadParameter(f"{name}: expected YYYY-MM-DD or YYYYMMDD") from None
 
+
+app.add_typer(migrate_cli.build_app(_settings, _parse_day), name="migrate")  # inventory|run|pause|resume|status|reconcile
 
 @run_app.command("nightly")
 def run_nightly_cmd(

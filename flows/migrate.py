@@ -235,7 +235,7 @@ def migrate_reconcile(sample: float | None = None) -> dict[str, Any]:
     years = {pseudonym(s.study_uid): (d.strftime("%Y") if (d := parse_dicom_date(s.study_date)) else inv.UNKNOWN)
              for s in studies}
     progress = rec.progress_by_year(years, rows)
-    result = {"pass": done.id, "studies": sum(not r.series for r in rows),
+    result: dict[str, Any] = {"pass": done.id, "studies": sum(not r.series for r in rows),
               "differences": len(rec.differences(rows)), "objects_checked": len(checked),
               "checksum_findings": len(findings),
               "migrated": sum(p.migrated for p in progress), "on_pacs": sum(p.on_pacs for p in progress)}

@@ -20,15 +20,6 @@ if TYPE_CHECKING:
 out = Console()
 
 
-def _day(value: Optional[str], name: str) -> Optional[dt.date]:
-    if value is None:
-        return None
-    try:
-        return dt.date.fromisoformat(value) if "-" in value else dt.datetime.strptime(value, "%Y%m%d").date()
-    except ValueError:
-        raise typer.BadParameter(f"{name}: expected YYYY-MM-DD or YYYYMMDD") from None
-
-
 def _in_prefect(call: Callable[[], Any]) -> Any:
     from pacsflow.flows.temporary_server import temporary_api
 
@@ -48,7 +39,9 @@ def print_inventory(result: dict[str, Any]) -> None:
         out.print(f"{len(result[key])} studies {what}" + (": " + ", ".join(result[key]) if result[key] else ""))
 
 
-def build_app(settings: Callable[[], Settings]) -> typer.Typer:
+def build_app(settings: Callable[[], Settings],
+              day: Callable[[Optional[str], str], Optional[dt.date]]) -> typer.Typer:
+    """``day(value, option)``: a YYYY-MM-DD or YYYYMMDD option as a date (the CLI root's parser)."""
     app = typer.Typer(help="Empty a legacy PACS into the lake: inventory, run in a window, reconcile.",
                       no_args_is_help=True)
 
@@ -60,10 +53,11 @@ def build_app(settings: Callable[[], Settings]) -> typer.Typer:
     ) -> None:
         """C-FIND the PACS's studies day by day and their series; print totals per year and modality,
         the volume and how long it takes, and the studies added or changed since."""
+        first, last = day(since, "--since"), day(until, "--until")
         settings()
         from pacsflow.flows.migrate import migrate_inventory
 
-        print_inventory(_in_prefect(lambda: migrate_inventory(_day(since, "--since"), _day(until, "--until"))))
+        print_inventory(_in_prefect(lambda: migrate_inventory(first, last)))
 
     @app.command("run")
     def run(
