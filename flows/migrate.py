@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 
 from pacsflow.catalog.errors import CatalogNotFound
 from pacsflow.catalog.views import confined
@@ -45,6 +46,9 @@ from pacsflow.tasks.settings import Settings
 RATE_LIMIT = "migrate-rate"  # the Prefect global concurrency limit that paces retrieves (slot decay)
 DEFAULT_INSTANCES_PER_S = 190.0  # README "Performance": one 2-core node's nightly rate
 LISTED = 50  # studies named in an artifact at most (the CSV has them all)
+# (API, rate) pairs whose limit this process has set up: a gate on a server no migrate-run has
+# prepared yet makes the limit itself, once.
+_ENSURED: set[tuple[str | None, float]] = set()
 
 
 class MigrationNotReady(PermanentError):
@@ -302,7 +306,10 @@ def migration_gate(n_studies: int = 1, *, settings: Settings | None = None) -> N
     if config.rate_per_min:
         from prefect.concurrency.sync import rate_limit
 
-        rate_limit(RATE_LIMIT, occupy=max(1, min(n_studies, math.ceil(config.rate_per_min))))
+        if (PREFECT_API_URL.value(), config.rate_per_min) not in _ENSURED:  # once a process, not per retrieve
+            ensure_rate_limit(config.rate_per_min)
+            _ENSURED.add((PREFECT_API_URL.value(), config.rate_per_min))
+        rate_limit(RATE_LIMIT, occupy=max(1, min(n_studies, math.ceil(config.rate_per_min))), strict=True)
         decide(config, dt.datetime.now()).raise_if_held()
 
 
@@ -328,12 +335,12 @@ def migrate_run(since: dt.date | None = None, until: dt.date | None = None) -> d
     if config is None:
         logger.info("no migration configured (pacsflow migrate run --window ...): nothing to do")
         return {"status": "no migration configured"}
+    if config.rate_per_min:  # the Prefect server's limit follows the last `migrate run --rate`
+        ensure_rate_limit(config.rate_per_min)
     decision = decide(config, dt.datetime.now())
     if not decision.go:
         logger.info("migration %s: no shard started", decision.status)
         return {"status": decision.status}
     plan = _plan_flow()
-    if config.rate_per_min:
-        ensure_rate_limit(config.rate_per_min)
     return {"status": "started", "plan": plan(since=since, until=until)}
 

@@ -173,10 +173,12 @@ def test_the_rate_limit_paces_retrieves_over_all_callers(prefect_api, tmp_path, 
     monkeypatch.setenv("PACSFLOW_STATE_ROOT", str(tmp_path / "state"))
     settings = load_settings()
     migration_store(settings).save_config(MigrationConfig("always", rate_per_min=120))
-    ensure_rate_limit(120)
+    migration_gate(1, settings=settings)  # the first gate on a fresh server makes the limit
+    ensure_rate_limit(120)  # unchanged: the slot just taken stays taken
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(RATE_LIMIT)
     assert (limit.limit, limit.slot_decay_per_second) == (120, 2.0)
+    time.sleep(1)  # the first gate's slot decays
     started = time.monotonic()
     migration_gate(120, settings=settings)  # a minute's worth at once: the burst
     burst = time.monotonic() - started
