@@ -121,6 +121,16 @@ def _range(store: MigrationStore, since: dt.date | None, until: dt.date | None) 
     return Window(previous.since, until or previous.until)
 
 
+def months(window: Window) -> list[Window]:
+    """``window`` cut at month boundaries."""
+    out, start = [], window.start
+    while start <= window.end:
+        following = (start.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
+        out.append(Window(start, min(window.end, following - dt.timedelta(days=1))))
+        start = following
+    return out
+
+
 def _in_range(studies: Iterable[inv.InventoryStudy], window: Window) -> list[inv.InventoryStudy]:
     return [s for s in studies if (d := parse_dicom_date(s.study_date)) is not None and window.start <= d <= window.end]
 
@@ -134,7 +144,9 @@ def migrate_inventory(since: dt.date | None = None, until: dt.date | None = None
     store = migration_store(settings)
     window = _range(store, since, until)
     previous = store.latest()
-    studies = inventory_studies(PacsPeer.from_settings(settings), window)
+    peer = PacsPeer.from_settings(settings)
+    # A task run a month: its retries repeat that month's C-FINDs, not the whole pass's.
+    studies = [s for month in months(window) for s in inventory_studies(peer, month)]
     done = store.record_pass(window.start, window.end, studies)
     added: list[inv.InventoryStudy] = []
     if previous is not None:

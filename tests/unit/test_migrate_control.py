@@ -5,12 +5,14 @@ import hashlib
 
 import pytest
 
+from pacsflow.flows.migrate import months
 from pacsflow.tasks.migrate.control import (
     MigrationConfig, MigrationPaused, MigrationWindowClosed, decide, window_hours_a_day)
 from pacsflow.tasks.migrate.inventory import InventoryStudy, SeriesCount, added_since, series_counts
 from pacsflow.tasks.migrate.reconcile import (
     MISMATCH, MISSING, OK, ReconcileRow, StoredObject, check_objects, checksums_csv, progress_by_year, progress_chart)
 from pacsflow.tasks.migrate.store import MigrationStore
+from pacsflow.tasks.pacs.planning import Window
 
 MONDAY_NOON = dt.datetime(2026, 11, 30, 12, 0)
 
@@ -87,3 +89,11 @@ def test_progress_counts_studies_that_add_up_per_year():
     assert [(p.year, p.on_pacs, p.migrated) for p in progress] == [("2019", 2, 1), ("2020", 1, 1)]
     chart = progress_chart(progress)
     assert list(chart.labels) == ["2019", "2020"] and [list(s.values) for s in chart.series] == [[2, 1], [1, 1]]
+
+
+def test_an_inventory_asks_month_by_month():
+    cut = months(Window(dt.date(2025, 12, 30), dt.date(2026, 3, 2)))
+    assert [(w.start.isoformat(), w.end.isoformat()) for w in cut] == [
+        ("2025-12-30", "2025-12-31"), ("2026-01-01", "2026-01-31"), ("2026-02-01", "2026-02-28"),
+        ("2026-03-01", "2026-03-02")]
+    assert len(months(Window(dt.date(2009, 1, 1), dt.date(2026, 11, 30)))) == 18 * 12 - 1
