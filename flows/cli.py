@@ -30,6 +30,7 @@ from pacsflow.deployments.local import cli as stack_cli
 from pacsflow.flows import alerts_cli
 from pacsflow.flows import console as errors_console
 from pacsflow.flows import hl7 as hl7_cli
+from pacsflow.flows import migrate_cli
 from pacsflow.tasks import settings_cli
 from pacsflow.tasks.deid import cli as deid_cli
 from pacsflow.tasks.route import cli as route_cli
@@ -118,6 +119,8 @@ def _parse_day(value: Optional[str], name: str) -> Optional[dt.date]:
     except ValueError:
         raise typer.BadParameter(f"{name}: expected YYYY-MM-DD or YYYYMMDD") from None
 
+
+app.add_typer(migrate_cli.build_app(_settings, _parse_day), name="migrate")  # inventory|run|pause|resume|status|reconcile
 
 @run_app.command("nightly")
 def run_nightly_cmd(

@@ -507,6 +507,20 @@ class StateSettings(BaseModel):
         return mask_url(v) if v is not None else None
 
 
+class MigrateSettings(BaseModel):
+    """The migration workbench (`pacsflow migrate`, README "The migration workbench"). The window, the
+    rate and pause/resume are not settings: `pacsflow migrate run` keeps them in the state database."""
+
+    instances_per_s: float = Field(
+        0.0, ge=0, description="the rate an inventory's estimate assumes; 0 = measured (median of the last "
+        "nightly runs' instances/s, else 190)"
+    )
+    checksum_sample: float = Field(
+        0.05, gt=0, le=1, description="share of stored objects whose SHA-256 `migrate reconcile` re-reads "
+        "(--sample or --all override it)"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PACSFLOW_",
@@ -537,6 +551,7 @@ class Settings(BaseSettings):
     deid: DeidSettings = DeidSettings()
     fhir: FhirSettings = FhirSettings()
     state: StateSettings = StateSettings()
+    migrate: MigrateSettings = MigrateSettings()
 
     deid_key: SecretStr | None = Field(
         None, description="secret key for pseudonyms, UIDs and date shifts (16+ characters): keep it out of the "

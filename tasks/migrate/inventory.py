@@ -27,6 +27,7 @@ FALLBACK_BYTES_PER_INSTANCE = 1_000_000
 class SeriesCount:
     modality: str
     instances: int
+    series_uid: str = ""  # original: PHI zone only
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,15 @@ def by_day(studies: Iterable[InventoryStudy]) -> dict[dt.date | None, tuple[int,
         counts[0] += 1
         counts[1] += study.instances
     return {day: (n[0], n[1]) for day, n in out.items()}
+
+
+def added_since(previous: Iterable[str], studies: Iterable[InventoryStudy]) -> list[InventoryStudy]:
+    """Studies of this pass that an earlier pass (its original UIDs ``previous``) did not see:
+    stored on the PACS after that pass, or with a date moved into its range."""
+    seen = set(previous)
+    return [s for s in studies if s.study_uid not in seen]
+
+
+def series_counts(studies: Iterable[InventoryStudy]) -> dict[str, dict[str, int]]:
+    """Original study -> original series -> instances: the PACS side of a reconciliation."""
+    return {s.study_uid: {c.series_uid: c.instances for c in s.series} for s in studies}

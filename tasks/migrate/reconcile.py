@@ -14,6 +14,8 @@ import random
 from dataclasses import astuple, dataclass, fields
 from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
+from pacsflow.tasks.ingest.report import BLUE, GREEN, Chart, Series
+
 OK, SHORT, EXTRA, NOT_CATALOGED, NOT_ON_PACS = "ok", "short", "extra", "not cataloged", "not on the PACS"
 T = TypeVar("T")
 
@@ -84,3 +86,68 @@ def sample(items: Sequence[T], fraction: float, seed: str) -> list[T]:
         return list(items)
     k = max(1, round(len(items) * fraction)) if items else 0
     return random.Random(seed).sample(list(items), k)
+
+
+# -- stored objects ------------------------------------------------------------------------------
+MISMATCH, MISSING = "checksum mismatch", "missing"
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    study: str  # pseudonymous
+    instance: str  # pseudonymous SOP Instance UID
+    path: str  # as the catalog records it: a path or a URL
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ChecksumFinding:
+    study: str
+    instance: str
+    status: str  # checksum mismatch | missing
+
+
+def check_objects(objects: Iterable[StoredObject], digest: Callable[[str], str | None]) -> list[ChecksumFinding]:
+    """Objects whose bytes no longer match the catalog's SHA-256; ``digest(path)`` is the hex SHA-256
+    of what is stored there now, None when nothing is."""
+    findings = []
+    for obj in objects:
+        now = digest(obj.path)
+        if now != obj.sha256:
+            findings.append(ChecksumFinding(obj.study, obj.instance, MISSING if now is None else MISMATCH))
+    return findings
+
+
+def checksums_csv(findings: Iterable[ChecksumFinding]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([f.name for f in fields(ChecksumFinding)])
+    writer.writerows(astuple(f) for f in findings)
+    return out.getvalue()
+
+
+# -- progress ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class YearProgress:
+    year: str
+    on_pacs: int  # studies the inventory found
+    migrated: int  # of those, cataloged with every object accounted for
+
+
+def progress_by_year(study_years: Mapping[str, str], rows: Iterable[ReconcileRow]) -> list[YearProgress]:
+    """``study_years``: pseudonymous study -> its StudyDate year on the PACS (the inventory's)."""
+    done = {r.study for r in rows if not r.series and r.status == OK}
+    counts: dict[str, list[int]] = {}
+    for study, year in study_years.items():
+        n = counts.setdefault(year, [0, 0])
+        n[0] += 1
+        n[1] += study in done
+    return [YearProgress(y, n[0], n[1]) for y, n in sorted(counts.items())]
+
+
+def progress_chart(progress: Sequence[YearProgress]) -> Chart:
+    """Studies on the PACS and studies migrated, per StudyDate year: the migration's progress."""
+    labels = [p.year for p in progress]
+    return Chart("migration-progress", "Migration progress by study year", "studies", labels,
+                 [Series("on the PACS", [p.on_pacs for p in progress], BLUE),
+                  Series("migrated", [p.migrated for p in progress], GREEN)])

@@ -274,6 +274,13 @@ class PacsClient:
             total += n
         return total
 
+    def find_series(self, study_uid: str) -> list[tuple[str, str, int | None]]:
+        """Series-level C-FIND: (SeriesInstanceUID, Modality, NumberOfSeriesRelatedInstances or None)
+        per series of the study, as the PACS lists them (originals: PHI zone)."""
+        query = _level_query("SERIES", study_uid, SeriesInstanceUID="", Modality="", NumberOfSeriesRelatedInstances="")
+        return [(str(i.get("SeriesInstanceUID", "") or ""), str(i.get("Modality", "") or ""),
+                 int_or_none(i.get("NumberOfSeriesRelatedInstances"))) for i in self.find(query, "series C-FIND")]
+
     def find_instances(self, study_uid: str) -> dict[str, str] | None:
         """The study's objects as the PACS lists them: SOP Instance UID -> Series Instance UID,
         asked level by level (series, then each series' images: what a strictly hierarchical
