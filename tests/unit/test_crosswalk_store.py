@@ -109,3 +109,11 @@ def test_two_processes_writing_at_once_lose_nothing(postgresql, postgresql_url):
     assert len(rows) == len(set(rows)) == 40 * 10 + 2 * 40 * 10
     assert {r for r in rows if r[0] == "patient" and r[1].startswith("P2.39.")} == {
         ("patient", f"P2.39.{i}", f"MRN-2-39-{i}") for i in range(10)}
+
+
+def test_the_readme_shows_the_role_sql_as_the_helper_writes_it():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```postgresql\n", 1)[1].split("```", 1)[0]
+    assert block.startswith(crosswalk_role_sql("pacsflow"))
+    with pytest.raises(ValueError, match="identifier"):
+        crosswalk_role_sql("pacsflow; DROP TABLE x")
