@@ -39,7 +39,7 @@ from pacsflow.flows.secrets import load_run_settings
 from pacsflow.tasks.core.clock import new_run_id, parse_dicom_date
 from pacsflow.tasks.core.errors import InsufficientSpace, PacsflowError, error_text, is_transient
 from pacsflow.tasks.core.files import ensure_private_dir, low_space, purge_older_than, remove_tree
-from pacsflow.tasks.deid.crosswalk import update_crosswalk
+from pacsflow.tasks.deid.crosswalk import open_crosswalk
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.deid.manifest import build_manifest, manifest_markdown, object_id
 from pacsflow.tasks.ingest.bookkeeping import RUN_FAILED, RUN_PARTIAL, STUDY_ROWS, RunBook, RunSummary, table_rows
@@ -392,8 +392,9 @@ def tidy(settings: Settings, run: NightlyRun, book: RunBook) -> None:
     # PHI zones do not keep originals longer than the retention settings say.
     purge_older_than(settings.staging_dir, settings.deid.staging_retention_days)
     purge_older_than(settings.quarantine_dir, settings.deid.quarantine_retention_days)
-    if settings.deid.crosswalk_path:
-        update_crosswalk(settings.deid.crosswalk_path, book.crosswalk_rows())
+    crosswalk = open_crosswalk(settings)
+    if crosswalk is not None:
+        crosswalk.add(book.crosswalk_rows())
 
 
 def sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummary, logger: Logger) -> None:

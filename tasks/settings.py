@@ -245,7 +245,8 @@ class DeidSettings(BaseModel):
         description="safe private list used by Retain Safe Private (only this one for now)",
     )
     crosswalk_path: Path | None = Field(
-        None, description="pseudonym <-> original CSV (PHI; owner-only; outside the lake); off when unset"
+        None, description="pseudonym <-> original CSV (PHI; owner-only; outside the lake); off when unset; with "
+        "state.url set, it switches the crosswalk on in PostgreSQL instead (state.crosswalk_url)"
     )
     staging_retention_days: int = Field(7, ge=0, description="staged originals older than this are purged")
     quarantine_retention_days: int = Field(30, ge=0, description="quarantined originals older than this are purged")
@@ -493,15 +494,20 @@ class StateSettings(BaseModel):
         "and FHIR ledgers and the study leases in PostgreSQL, one schema each (give the password through "
         "PGPASSWORD or ~/.pgpass rather than in the URL; shown masked)",
     )
+    crosswalk_url: str | None = Field(
+        None, repr=False,
+        description="postgresql:// URL (its own role) of the de-identification crosswalk (PHI), kept in the "
+        "schema pacsflow_phi; unset = state.url when deid.crosswalk_path is set, else the CSV file (shown masked)",
+    )
 
-    @field_validator("url")
+    @field_validator("url", "crosswalk_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is not None:
             check_url(v)
         return v
 
-    @field_serializer("url", when_used="json")
+    @field_serializer("url", "crosswalk_url", when_used="json")
     def _masked(self, v: str | None) -> str | None:
         # `pacsflow settings` prints JSON; Python dumps keep the password so settings can be rebuilt
         return mask_url(v) if v is not None else None

@@ -54,6 +54,7 @@ def deidentify_folder(settings: Settings, key: bytes, in_dir: Path, out_dir: Pat
                       recipe: Path | None = None) -> DeidRunSummary:
     """``run_deidentify`` with the settings' profile where no value is given, behind a progress bar."""
     from pacsflow.tasks.core.errors import DeidentificationError
+    from pacsflow.tasks.deid.crosswalk import open_crosswalk
     from pacsflow.tasks.deid.folder import run_deidentify
     from pacsflow.tasks.deid.recipe import load_recipe
     from pacsflow.tasks.deid.ocr import OcrConfig
@@ -69,7 +70,7 @@ def deidentify_folder(settings: Settings, key: bytes, in_dir: Path, out_dir: Pat
                 pixel_policy=pixel_policy or settings.deid.pixel_policy,
                 pixel_masks=settings.deid.pixel_masks, pixel_ocr=OcrConfig.from_settings(settings.deid),
                 audit=settings.deid.audit,
-                quarantine_dir=quarantine_dir, crosswalk_path=crosswalk or settings.deid.crosswalk_path,
+                quarantine_dir=quarantine_dir, crosswalk_path=crosswalk or open_crosswalk(settings),
                 recipe=site,
             )
     except (ValueError, DeidentificationError) as exc:  # our messages carry no PHI

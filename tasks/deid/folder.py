@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pacsflow.tasks.core.errors import BadDicom, DeidentificationError
 from pacsflow.tasks.core.files import is_inside, write_atomic, write_private_file
 from pacsflow.tasks.deid.choices import Option, PixelPolicy
-from pacsflow.tasks.deid.crosswalk import update_crosswalk
+from pacsflow.tasks.deid.crosswalk import Crosswalk, CsvCrosswalk
 from pacsflow.tasks.deid.deidentifier import DeidReport, Deidentifier
 from pacsflow.tasks.deid.instance import deidentify_dataset, encode, read_instance
 from pacsflow.tasks.deid.manifest import MANIFEST_NAME, QuarantinedObject, build_manifest, object_id
@@ -78,11 +78,14 @@ def run_deidentify(
     pixel_ocr: OcrConfig | None = None,
     audit: bool = True,
     quarantine_dir: Path | str | None = None,
-    crosswalk_path: Path | str | None = None,
+    crosswalk_path: Path | str | Crosswalk | None = None,
     recipe: SiteRecipe | None = None,
 ) -> DeidRunSummary:
+    """De-identify every file under ``in_dir`` into ``out_dir``; ``crosswalk_path`` (a CSV path, or a
+    :class:`Crosswalk` such as the one in PostgreSQL) receives the pseudonym <-> original rows."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    _check_folders(in_dir, out_dir, quarantine_dir, crosswalk_path)
+    cw = CsvCrosswalk(crosswalk_path) if isinstance(crosswalk_path, (str, Path)) else crosswalk_path
+    _check_folders(in_dir, out_dir, quarantine_dir, cw.path if isinstance(cw, CsvCrosswalk) else None)
     started = time.perf_counter()
     deid = Deidentifier(key, options, pixel_policy=pixel_policy, pixel_masks=pixel_masks, audit=audit,
                         pixel_ocr=pixel_ocr, recipe=recipe)
@@ -109,7 +112,7 @@ def run_deidentify(
             write_atomic(dest, data)
             summary.written += 1
             summary.bytes_written += len(data)
-            if crosswalk_path is not None:
+            if cw is not None:
                 crosswalk.update({("patient", deid.patient_ref(pid), pid), ("study", deid.study_ref(study), study)})
         if progress is not None:
             progress(n, len(files))
@@ -120,9 +123,9 @@ def run_deidentify(
     summary.manifest_path = str(out_dir / MANIFEST_NAME)
     if quarantine_dir is not None and index:
         write_private_file(Path(quarantine_dir) / "index.json", json.dumps(index, indent=1, sort_keys=True) + "\n")
-    if crosswalk_path is not None:
-        update_crosswalk(crosswalk_path, crosswalk)
-        summary.crosswalk_path = str(crosswalk_path)
+    if cw is not None:
+        cw.add(crosswalk)
+        summary.crosswalk_path = cw.where
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import duckdb
 
-from pacsflow.catalog.views import connect as connect_catalog
+from pacsflow.catalog.views import Catalog, connect as connect_catalog
 from pacsflow.tasks.core.clock import new_run_id
 from pacsflow.tasks.core.errors import (
     FhirConfigurationError,
@@ -358,10 +358,11 @@ def sync_batch(
                        failed={u: reason for u, reason, _ in outcome.failed}, transactions=outcome.transactions)
 
 
-def sync_catalog_batch(client: FhirClient, ledger: FhirSyncLedger, catalog_root: Path, study_uids: Sequence[str],
+def sync_catalog_batch(client: FhirClient, ledger: FhirSyncLedger, catalog: Catalog, study_uids: Sequence[str],
                        options: MappingOptions, *, run_id: str, force: bool = False) -> BatchResult:
-    """:func:`sync_batch` over its own connection to the catalog at ``catalog_root``."""
-    with closing(connect_catalog(catalog_root)) as con:
+    """:func:`sync_batch` over its own connection to ``catalog`` (a catalog root, or the store that
+    ``settings.catalog.reader`` gives for the configured backend)."""
+    with closing(connect_catalog(catalog)) as con:
         return sync_batch(client, ledger, con, study_uids, options, run_id=run_id, force=force)
 
 
@@ -419,9 +420,9 @@ def _differences(uid: str, counts: tuple[int, int], hits: list[dict[str, Any]]) 
     return diffs
 
 
-def reconcile_catalog(client: FhirClient, catalog_root: Path, study_uids: Sequence[str]) -> list[Difference]:
-    """:func:`reconcile` over its own connection to the catalog at ``catalog_root``."""
-    with closing(connect_catalog(catalog_root)) as con:
+def reconcile_catalog(client: FhirClient, catalog: Catalog, study_uids: Sequence[str]) -> list[Difference]:
+    """:func:`reconcile` over its own connection to ``catalog`` (a root or an opened store)."""
+    with closing(connect_catalog(catalog)) as con:
         return reconcile(client, con, study_uids)
 
 
@@ -504,7 +505,7 @@ ReconcileStep = Callable[[list[str]], list[Difference]]
 
 def run_sync(
     fhir: FhirSettings,
-    catalog_root: Path,
+    catalog: Catalog,
     ledger: FhirSyncLedger,
     sync_step: BatchStep,
     reconcile_step: ReconcileStep,
@@ -527,7 +528,7 @@ def run_sync(
     if not fhir.base_url:
         report.aborted = "fhir.base_url is not set"
     else:
-        with closing(connect_catalog(catalog_root)) as con:
+        with closing(connect_catalog(catalog)) as con:
             batches = plan_batches(con, ledger, study_uids, only_failed=only_failed, batch_size=fhir.batch_size)
         report.selected = sum(len(b) for b in batches)
         on_server = _sync_batches(batches, sync_step, ledger, report, logger)
@@ -595,17 +596,17 @@ def sync_catalog(
 ) -> SyncReport:
     """:func:`run_sync` without Prefect: every batch and the reconciliation call :func:`sync_batch`
     and :func:`reconcile` in this process, over one client. ``force`` sends unchanged studies too."""
-    fhir, catalog_root = settings.fhir, settings.catalog_root
+    fhir, catalog = settings.fhir, settings.catalog.reader(settings.catalog_root)
     ledger = FhirSyncLedger.under(settings.state_root, settings.state.url)
     options = MappingOptions.from_settings(fhir)
     with _run_client(fhir) as connected:
         def sync_step(batch: list[str], run_id: str, _batch_no: int) -> BatchResult:
-            return sync_catalog_batch(connected(), ledger, catalog_root, batch, options, run_id=run_id, force=force)
+            return sync_catalog_batch(connected(), ledger, catalog, batch, options, run_id=run_id, force=force)
 
         def reconcile_step(uids: list[str]) -> list[Difference]:
-            return reconcile_catalog(connected(), catalog_root, uids)
+            return reconcile_catalog(connected(), catalog, uids)
 
-        return run_sync(fhir, catalog_root, ledger, sync_step, reconcile_step, study_uids,
+        return run_sync(fhir, catalog, ledger, sync_step, reconcile_step, study_uids,
                         only_failed=only_failed, reconcile_after=reconcile_after)
 
 

@@ -133,7 +133,7 @@ def fhir_chart(fhir: dict[str, Any]) -> Chart:
 def collect(settings: Settings) -> tuple[list[Chart], list[tuple[Chart, list[list[str]]]], Facts]:
     """Run the dashboard's queries: the charts, each with its table's rows, and the facts."""
     months = catalog_rows(settings, _SQL_MONTHS)
-    ledger = LedgerView(settings.state_root)
+    ledger = LedgerView.of(settings)
     fhir = catalog_rows(settings, _SQL_FHIR, [ledger.uids("synced"), ledger.uids("failed")])[0]
     fhir["unsent"] = fhir["studies"] - fhir["synced"] - fhir["failed"]
     fhir["last_synced_at"] = ledger.last_synced_at()

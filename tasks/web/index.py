@@ -8,6 +8,10 @@ is pooled per snapshot: opening one costs 50-120 ms at 1M instances (reading the
 the views, confining, reading ``studies``), a study search on a pooled one about 3 ms. Each request checks the ``_current`` link (one readlink); when a commit has moved
 it, the idle connections of the older snapshot are closed and new ones bind the new snapshot, so a
 request never mixes two snapshots and never holds a vacuumed one for long.
+
+Another backend (``catalog.backend: delta``) has no such link to check cheaply: every request
+binds the tables' current files on a connection of its own (no pool), so it too sees each commit
+at once and never mixes two versions.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import duckdb
 
 from pacsflow.catalog.store import CURRENT_LINK
-from pacsflow.catalog.views import confined
+from pacsflow.catalog.views import Catalog, confined
 
 IDLE_CONNECTIONS = 8
 # The studies table is small (a row per study: about 3,400 at 1M instances, 33,000 at 10M) but
@@ -69,7 +73,7 @@ def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def _open(root: Path) -> duckdb.DuckDBPyConnection:
+def _open(root: Catalog) -> duckdb.DuckDBPyConnection:
     con, _version = confined(root)
     try:
         for statement in _HOLD_STUDIES:
@@ -98,16 +102,19 @@ class InstanceFile:
 
 
 class CatalogIndex:
-    """The catalog under ``root`` as the web routes query it (thread-safe)."""
+    """The catalog under ``root`` (a snapshot store's folder, or an opened store of any backend)
+    as the web routes query it (thread-safe)."""
 
-    def __init__(self, root: Path | str, idle: int = IDLE_CONNECTIONS) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Catalog, idle: int = IDLE_CONNECTIONS) -> None:
+        self.root: Catalog = Path(root) if isinstance(root, str) else root
         self.idle = idle
         self._lock = threading.Lock()
         self._stamp: str | None = None
         self._pool: list[duckdb.DuckDBPyConnection] = []
 
     def _current_stamp(self) -> str | None:
+        if not isinstance(self.root, Path):
+            return None  # not the snapshot store's folder: bind the current files on every request
         try:
             return os.readlink(self.root / CURRENT_LINK)
         except OSError:  # no commit yet, or an older layout: bind whatever is current, every time

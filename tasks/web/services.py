@@ -45,7 +45,8 @@ def services(request: Request) -> DicomWebServices:
     with _lock:
         if getattr(state, "dicomweb", None) is None:
             settings = context(request).settings
-            state.dicomweb = DicomWebServices(CatalogIndex(settings.catalog_root), LakeFiles(settings.storage_root, settings.storage),
+            index = CatalogIndex(settings.catalog.reader(settings.catalog_root))
+            state.dicomweb = DicomWebServices(index, LakeFiles(settings.storage_root, settings.storage),
                                               settings.serve.public_base_url, settings.serve.query_limit)
     found: DicomWebServices = state.dicomweb
     return found

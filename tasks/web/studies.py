@@ -4,7 +4,8 @@ and the storage state.
 * **Catalog**: read through :func:`pacsflow.catalog.views.query`, the confined read-only path of
   ``pacsflow catalog query`` (one SELECT, the current snapshot's Parquet files and nothing else);
   every value is a bound parameter, the WHERE clause is assembled from constant fragments.
-* **FHIR**: the sync ledger (``state_root/fhir_sync.sqlite``) opened read-only, and only its
+* **FHIR**: the sync ledger (``state_root/fhir_sync.sqlite`` opened read-only, or its schema at
+  ``state.url`` through :class:`pacsflow.tasks.fhir.ledger.FhirSyncLedger`), and only its
   non-identifying columns: the catalog's pseudonymous study UID, status, redacted reason,
   attempts, the ImagingStudy id, the time of the last update. The ledger does not keep resource
   versions: ``?check=fhir`` reads the ImagingStudy from the server (its id, ``meta.versionId``) and
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
 import re
 import sqlite3
@@ -35,7 +35,7 @@ from pacsflow.catalog.errors import CatalogNotFound
 from pacsflow.catalog.views import query as catalog_query
 from pacsflow.tasks.core.errors import PacsflowError, error_text
 from pacsflow.tasks.fhir.client import FhirClient
-from pacsflow.tasks.fhir.ledger import LEDGER_NAME
+from pacsflow.tasks.fhir.ledger import LEDGER_NAME, FhirSyncLedger
 from pacsflow.tasks.fhir.mapping import study_identity
 from pacsflow.tasks.fhir.sync import reconcile_catalog
 from pacsflow.tasks.lake.storage import open_root
@@ -72,27 +72,40 @@ _SQL_SERIES = ("SELECT * EXCLUDE (study_month, study_uid, study_date) FROM serie
 _SQL_FILES = ("SELECT series_uid, sop_instance_uid, file_path, file_size, file_sha256 FROM instances "
               "WHERE study_uid = ? ORDER BY series_uid, instance_number NULLS LAST, sop_instance_uid")
 _SQL_LEDGER_STATES = ("SELECT study_uid, status, reason, transient, attempts, server_id, updated_at FROM fhir_studies "
-                      "WHERE study_uid IN (SELECT value FROM json_each(?))")
+                      "WHERE study_uid IN ({})")
+_LEDGER_CHUNK = 500  # UIDs per IN (...) list: a page is at most serve.query_limit studies
 
 
 def catalog_rows(settings: Settings, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """Rows of one constant SELECT over the catalog's current snapshot (503 without a catalog)."""
     try:
-        return catalog_query(settings.catalog_root, sql, list(params)).to_pylist()
+        return catalog_query(settings.catalog.reader(settings.catalog_root), sql, list(params)).to_pylist()
     except CatalogNotFound as exc:
         raise HTTPException(503, str(exc)) from None
 
 
 # -- the FHIR ledger, read-only ---------------------------------------------------------------------
 class LedgerView:
-    """The FHIR sync ledger opened read-only (never created, never written: it lies in the PHI
-    zone, of which the service reads this one file and only these columns). No ledger yet means no
-    study was ever sent."""
+    """The FHIR sync ledger, read only: on one machine its SQLite file opened read-only (never
+    created, never written: it lies in the PHI zone, of which the service reads this one file and
+    only these columns; no file yet means no study was ever sent); with ``url`` (state.url) the
+    ledger's schema in PostgreSQL, where every machine's sync writes it."""
 
-    def __init__(self, state_root: Path) -> None:
+    def __init__(self, state_root: Path, url: str | None = None) -> None:
         self.path = Path(state_root) / LEDGER_NAME
+        self.url = url
+        self._shared: FhirSyncLedger | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> LedgerView:
+        return cls(settings.state_root, settings.state.url)
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if self.url is not None:
+            if self._shared is None:
+                self._shared = FhirSyncLedger.under(self.path.parent, self.url)
+            with self._shared.db.tx(serialized=False) as tx:
+                return [tuple(r) for r in tx.execute(sql, params).fetchall()]
         if not self.path.is_file():
             return []
         con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
@@ -107,7 +120,10 @@ class LedgerView:
 
     def states(self, study_uids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Per study UID of ``study_uids`` that the ledger knows, its last sync outcome."""
-        rows = self._rows(_SQL_LEDGER_STATES, [json.dumps(list(study_uids))])
+        uids, rows = list(study_uids), []
+        for i in range(0, len(uids), _LEDGER_CHUNK):
+            part = uids[i : i + _LEDGER_CHUNK]
+            rows += self._rows(_SQL_LEDGER_STATES.format(", ".join("?" * len(part))), part)
         return {r[0]: {"status": r[1], "reason": r[2], "transient": bool(r[3]), "attempts": r[4],
                        "imaging_study_id": r[5], "updated_at": r[6]} for r in rows}
 
@@ -196,7 +212,7 @@ def _where(q: StudyQuery, ledger: LedgerView) -> tuple[str, list[Any]]:
 
 def search_studies(settings: Settings, q: StudyQuery) -> dict[str, Any]:
     """One page of the catalog's studies that match ``q``, each with its FHIR state, and the total."""
-    ledger = LedgerView(settings.state_root)
+    ledger = LedgerView.of(settings)
     where, params = _where(q, ledger)
     rows = catalog_rows(settings, _SQL_PAGE + where + _ORDER + " LIMIT ? OFFSET ?", [*params, q.limit, q.offset])
     total = rows[0]["_total"] if rows else catalog_rows(settings, _SQL_COUNT + where, params)[0]["n"]
@@ -287,7 +303,7 @@ def fhir_check(settings: Settings, study_uid: str) -> dict[str, Any]:
             hits = client.search_by_identifier(
                 "ImagingStudy", [study_identity(study_uid).token],
                 elements=["identifier", "status", "numberOfSeries", "numberOfInstances"])
-            diffs = reconcile_catalog(client, settings.catalog_root, [study_uid])
+            diffs = reconcile_catalog(client, settings.catalog.reader(settings.catalog_root), [study_uid])
     except (PacsflowError, duckdb.Error) as exc:
         return {"error": error_text(exc)}
     found = [{"id": r.get("id"), "version": r.get("meta", {}).get("versionId"),
@@ -314,7 +330,7 @@ def study_view(settings: Settings, study_uid: str, checks: set[str]) -> dict[str
     if not found:
         raise HTTPException(404, "no study with this UID in the catalog")
     series = catalog_rows(settings, _SQL_SERIES, [study_uid])
-    fhir = fhir_state(LedgerView(settings.state_root).states([study_uid]).get(study_uid))
+    fhir = fhir_state(LedgerView.of(settings).states([study_uid]).get(study_uid))
     if "fhir" in checks:
         fhir = {**fhir, "check": fhir_check(settings, study_uid)}
     files = catalog_rows(settings, _SQL_FILES, [study_uid])

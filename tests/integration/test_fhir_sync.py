@@ -77,11 +77,11 @@ class Lake:
     def storage(self) -> Path:
         return self.root / "dicom"
 
-    def settings(self, base_url: str, **fhir: Any) -> Settings:
+    def settings(self, base_url: str, places: dict[str, Any] | None = None, **fhir: Any) -> Settings:
         options = {"base_url": base_url, "pseudonym_system": self.pseudonym_system, "max_retries": 2,
                    "retry_backoff_s": 0.05, "timeout_s": 120, **fhir}
-        return load_settings(catalog_root=self.catalog, state_root=self.state, storage_root=str(self.storage),
-                             fhir=options)
+        where = {"catalog_root": self.catalog, "state_root": self.state, **(places or {})}
+        return load_settings(storage_root=str(self.storage), fhir=options, **where)
 
     def ingest(self, study_dirs: list[Path]) -> list[str]:
         """De-identify, store and catalog these original study folders (again: replaces their rows)."""
@@ -506,6 +506,30 @@ def test_fhir_resync_flow(hapi, client, raw_studies, make_lake, monkeypatch):
             artifacts = api.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
                 any_=["fhir-resync-summary"])))
         assert len(artifacts) == 5 and all("| sent |" in a.data for a in artifacts)
+    for st in lake.studies():
+        assert count(client, "ImagingStudy", study_identity(st["study_uid"]).token) == 1
+
+
+def test_the_sync_and_its_flow_tasks_read_a_delta_catalog(hapi, client, raw_studies, make_lake, tmp_path):
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pacsflow.tasks.fhir.steps import sync_with_tasks
+
+    lake = make_lake([s.path for s in raw_studies[:3]])
+    # no snapshot store under this catalog_root: only the Delta tables hold the studies
+    settings = lake.settings(hapi.base_url, {"catalog_root": tmp_path / "delta-catalog", "catalog": {"backend": "delta"}})
+    settings.catalog.open_store(settings.catalog_root).commit(read_rows(sorted((lake.root / "rows").iterdir())))
+    report = sync_catalog(settings)
+    assert report.aborted is None and report.sent == report.selected == 3 and report.differences == []
+
+    @flow
+    def resend() -> Any:
+        return sync_with_tasks(settings, force=True)
+
+    with prefect_test_harness(server_startup_timeout=120):
+        again = resend()
+    assert again.aborted is None and again.sent == again.selected == 3 and again.differences == []
     for st in lake.studies():
         assert count(client, "ImagingStudy", study_identity(st["study_uid"]).token) == 1
 

@@ -197,3 +197,20 @@ def test_the_command_refuses_a_missing_or_short_key_with_status_2(sample, tmp_pa
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_the_command_keeps_the_crosswalk_in_postgresql_when_state_url_is_set(sample, tmp_path, monkeypatch,
+                                                                            postgresql_url):
+    from pacsflow.tasks.deid.crosswalk import CsvCrosswalk, DbCrosswalk
+
+    root, _ = sample
+    csv_path = tmp_path / "phi" / "cw.csv"
+    monkeypatch.setenv("PACSFLOW_STATE__URL", postgresql_url)
+    monkeypatch.setenv("PACSFLOW_DEID__CROSSWALK_PATH", str(csv_path))
+    result = _deidentify(root / "in", tmp_path / "out", "--key-file", _write(tmp_path / "k", KEY))
+    assert result.exit_code == 0, result.output
+    assert not csv_path.exists()
+    on_file = run_deidentify(root / "in", tmp_path / "direct", [], KEY, crosswalk_path=tmp_path / "direct.csv")
+    assert on_file.crosswalk_path == str(tmp_path / "direct.csv")
+    in_db = DbCrosswalk(postgresql_url).rows()
+    assert in_db == CsvCrosswalk(tmp_path / "direct.csv").rows() and len(in_db) >= 2

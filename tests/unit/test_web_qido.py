@@ -11,7 +11,7 @@ from pacsflow.catalog.store import CatalogStore
 from pacsflow.catalog.views import query
 from pacsflow.tasks.lake.study import read_rows
 from pacsflow.tasks.web.app import create_app
-from tests.dicomweb_lake import bearer, build_lake
+from tests.dicomweb_lake import bearer, build_lake, parse_multipart
 
 DW = "/dicom-web"
 
@@ -171,3 +171,24 @@ def test_a_commit_after_start_is_seen_by_the_next_search(tmp_path):
     rows_dirs = [str(p) for p in (tmp_path / "b" / "rows").iterdir()]
     CatalogStore(lake.catalog).commit(read_rows(rows_dirs))
     assert len(client.get(f"{DW}/studies").json()) == 1 + len(rows(other, "SELECT study_uid FROM studies"))
+
+
+def test_on_delta_searches_and_retrieves_read_the_tables_and_see_each_commit(tmp_path):
+    from pacsflow.tasks.settings import load_settings
+
+    lake = build_lake(tmp_path / "a", studies=2, modalities=("CT",))
+    settings = load_settings(storage_root=lake.settings.storage_root, state_root=lake.settings.state_root,
+                             catalog_root=tmp_path / "delta-catalog", catalog={"backend": "delta"})
+    delta = settings.catalog.open_store(settings.catalog_root)
+    delta.commit(read_rows([str(p) for p in (tmp_path / "a" / "rows").iterdir()]))
+    client = TestClient(create_app(settings), headers=bearer(lake.token))
+    expected = sorted(r["study_uid"] for r in rows(lake, "SELECT study_uid FROM studies"))
+    assert sorted(values(client.get(f"{DW}/studies").json(), "0020000D")) == expected
+    study, series, sop, path = rows(lake, "SELECT study_uid, series_uid, sop_instance_uid, file_path FROM instances "
+                                          "ORDER BY sop_instance_uid LIMIT 1")[0].values()
+    one = client.get(f"{DW}/studies/{study}/series/{series}/instances/{sop}", headers={"Accept": "*/*"})
+    [(_, body)] = parse_multipart(one.headers["content-type"], one.content)
+    assert one.status_code == 200 and body == open(path, "rb").read()
+    other = build_lake(tmp_path / "b", studies=1, modalities=("MR",), seed=99)
+    delta.commit(read_rows([str(p) for p in (tmp_path / "b" / "rows").iterdir()]))
+    assert len(client.get(f"{DW}/studies").json()) == 2 + len(rows(other, "SELECT study_uid FROM studies"))

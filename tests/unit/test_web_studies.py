@@ -241,3 +241,28 @@ def test_dashboard_sign_in_token_once_then_cookie(lake):
     tokens.revoke("browser")
     assert browser.get("/dashboard").status_code == 401  # a revoked token's cookie is worth nothing
     assert client.get("/dashboard").status_code == 200  # programs: the Authorization header
+
+
+def test_on_delta_and_postgresql_the_api_reads_the_configured_stores(tmp_path, lake, postgresql_url):
+    from pacsflow.tasks.lake.study import read_rows
+
+    overrides = {"catalog_root": tmp_path / "catalog", "state_root": tmp_path / "state",
+                 "catalog": {"backend": "delta"}, "state": {"url": postgresql_url}}
+    delta = load_settings(storage_root=str(lake / "lake"), **overrides)
+    delta.catalog.open_store(delta.catalog_root).commit(read_rows(sorted((lake / "rows").iterdir())))
+    client, _ = serve(lake, **overrides)
+    studies, totals = all_pages(client, 4)
+    expected = [r[0] for r in catalog_sql(lake, "SELECT study_uid FROM studies ORDER BY study_date DESC, study_uid")]
+    assert totals == {STUDIES} and [s["study_uid"] for s in studies] == expected
+    uids = expected
+    ledger = FhirSyncLedger.under(tmp_path / "another-machine", postgresql_url)
+    ledger.mark_synced([(uids[0], "hash", "is-1")], "run-1")
+    ledger.mark_failed([(uids[1], "FhirRejected: HAPI-0450", False)], "run-1")
+    synced = client.get("/api/studies", params={"fhir": "synced"}).json()["studies"]
+    assert [s["study_uid"] for s in synced] == [uids[0]] and synced[0]["fhir"]["imaging_study_id"] == "is-1"
+    unsent = client.get("/api/studies", params={"fhir": "unsent", "limit": 100}).json()
+    assert unsent["total"] == STUDIES - 2
+    one = client.get(f"/api/studies/{uids[1]}").json()
+    assert one["fhir"]["status"] == "failed" and one["fhir"]["attempts"] == 1
+    assert one["storage"]["present"] == one["study"]["number_of_instances"] > 0
+    assert not (tmp_path / "state" / "fhir_sync.sqlite").exists() and not (tmp_path / "catalog" / "_current").exists()
