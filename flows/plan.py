@@ -33,7 +33,7 @@ from pacsflow.tasks.core.clock import new_run_id
 from pacsflow.tasks.deid.manifest import object_id
 from pacsflow.tasks.ingest.bookkeeping import RunBook
 from pacsflow.tasks.ingest.leases import Leases, ShardProgress
-from pacsflow.tasks.ingest.shards import ShardStart, cut_shards, shard_watermark, shards_to_start
+from pacsflow.tasks.ingest.shards import RunSeen, ShardStart, cut_shards, shard_watermark, shards_to_start
 from pacsflow.tasks.pacs.tls import check_tls_files
 from pacsflow.tasks.settings import Settings
 
@@ -58,11 +58,12 @@ def plan_shards(settings: Settings, since: dt.date | None, until: dt.date | None
     with slot_of(settings, run.run_id, logger)():
         items = discover_work(settings, run, window, book, logger)
     leases = Leases.under(settings.state_root, settings.state.url)
-    cut = cut_shards(items, settings.shards.max_studies)
+    planned = leases.open_studies(i.study_uid for i in items)  # in an unfinished shard already: it stays there
+    cut = cut_shards([i for i in items if i.study_uid not in planned], settings.shards.max_studies)
     for shard in cut:
         leases.add(shard.key, shard.study_uids, shard.day, reopen=True)
     progress = leases.shards()
-    starts = shards_to_start(progress, run_states(leases.runs(), progress))
+    starts = shards_to_start(progress, run_states(leases.runs(), progress), settings.shards.lease_s)
     for start in starts:
         start_shard(settings, leases, start, logger)
     unfinished = [p for p in progress if not p.finished]
@@ -79,17 +80,19 @@ def plan_shards(settings: Settings, since: dt.date | None, until: dt.date | None
     return result
 
 
-def run_states(runs: dict[str, str], progress: list[ShardProgress]) -> dict[str, str | None]:
-    """The state type of the newest flow run of each unfinished shard that has one (None: the
-    server does not know it)."""
+def run_states(runs: dict[str, str], progress: list[ShardProgress]) -> dict[str, RunSeen | None]:
+    """The newest flow run of each unfinished shard that has one, as the server sees it now
+    (None: the server does not know it)."""
     wanted = {p.shard: runs[p.shard] for p in progress if not p.finished and p.shard in runs}
     if not wanted:
         return {}
     with get_client(sync_client=True) as client:
         found = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[UUID(i) for i in wanted.values()])), limit=len(wanted))
-    states = {str(r.id): r.state_type.value if r.state_type else None for r in found}
-    return {shard: states.get(run_id) for shard, run_id in wanted.items()}
+    now = dt.datetime.now(dt.timezone.utc)
+    seen = {str(r.id): RunSeen(r.state.type.value, (now - r.state.timestamp).total_seconds())
+            for r in found if r.state is not None}
+    return {shard: seen.get(run_id) for shard, run_id in wanted.items()}
 
 
 def start_shard(settings: Settings, leases: Leases, start: ShardStart, logger: Logger) -> None:

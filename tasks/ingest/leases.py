@@ -95,6 +95,18 @@ class Leases:
             tx.executemany(f"INSERT INTO claims(study_uid, shard, status, updated_at) VALUES (?, ?, 'open', {now}) "
                            f"ON CONFLICT(study_uid) {again}", [(uid, shard) for uid in study_uids])
 
+    def open_studies(self, study_uids: Iterable[str]) -> set[str]:
+        """Those of ``study_uids`` that are in a shard and not done (planned already)."""
+        uids = list(dict.fromkeys(study_uids))
+        found: set[str] = set()
+        with self.db.tx(serialized=False) as tx:
+            for i in range(0, len(uids), _CHUNK):
+                part = uids[i : i + _CHUNK]
+                rows = tx.execute(f"SELECT study_uid FROM claims WHERE status = 'open' AND study_uid IN "
+                                  f"({', '.join('?' * len(part))})", part).fetchall()
+                found.update(r[0] for r in rows)
+        return found
+
     def started(self, shard: str, flow_run: str) -> None:
         """``shard``'s newest flow run (what the next planner checks)."""
         with self.db.tx() as tx:

@@ -75,38 +75,51 @@ def shard_watermark(window_end: dt.date, unfinished_days: Iterable[dt.date | Non
 
 # Prefect state types (their names), as plain strings: a run in one of these will not work on its shard again.
 ENDED = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+# A worker has taken the run: past these, a live run holds leases on its shard's studies.
+TAKEN = frozenset({"PENDING", "RUNNING"})
+
+
+@dataclass(frozen=True)
+class RunSeen:
+    """A shard's newest flow run as the server reports it: its state type, and for how long."""
+
+    state: str
+    for_s: float
 
 
 @dataclass(frozen=True)
 class ShardStart:
     """A shard the planner starts a flow run for, and why: ``new`` (no run yet), ``gone`` (its run
     is unknown to the server), ``failed``/``crashed``/``cancelled``/``completed`` (its run ended with
-    studies left), ``stale`` (its run looks alive but every lease it took ran out)."""
+    studies left), ``stale`` (its run looks taken by a worker but holds no lease)."""
 
     shard: str
     why: str
 
 
-def shards_to_start(progress: Iterable[ShardProgress], run_states: Mapping[str, str | None]) -> list[ShardStart]:
-    """Which unfinished shards get a (new) flow run. ``run_states``: shard -> the state type of its
-    newest flow run (None: the server does not know it); a shard absent never had one. A run that
-    ended while some of its studies are still leased waits for the leases (a second run would find
-    nothing to claim); a run still PENDING or RUNNING is left alone unless its claims all ran out
-    with none alive, which is what a killed worker and its flow-run process leave behind."""
+def shards_to_start(progress: Iterable[ShardProgress], runs: Mapping[str, RunSeen | None],
+                    lease_s: float) -> list[ShardStart]:
+    """Which unfinished shards get a (new) flow run. ``runs``: shard -> its newest flow run (None:
+    the server does not know it); a shard absent never had one. A run that ended while some of
+    its studies are still leased waits for the leases (a second run would find nothing to
+    claim). A run still PENDING or RUNNING is left alone while it holds a lease; without one, it
+    is stale once a lease it took ran out, or once it has been in that state longer than a lease
+    lasts (a live run claims as it starts): what a killed worker and its flow-run process leave
+    behind. A run waiting for a worker (SCHEDULED, LATE) is left alone."""
     starts = []
     for p in progress:
         if p.finished:
             continue
-        if p.shard not in run_states:
+        if p.shard not in runs:
             starts.append(ShardStart(p.shard, "new"))
             continue
-        state = run_states[p.shard]
-        if state is None:
+        run = runs[p.shard]
+        if run is None:
             starts.append(ShardStart(p.shard, "gone"))
-        elif state in ENDED:
+        elif run.state in ENDED:
             if p.held == 0:
-                starts.append(ShardStart(p.shard, state.lower()))
-        elif p.held == 0 and p.expired > 0:
+                starts.append(ShardStart(p.shard, run.state.lower()))
+        elif run.state in TAKEN and p.held == 0 and (p.expired > 0 or run.for_s > lease_s):
             starts.append(ShardStart(p.shard, "stale"))
     return starts
 

@@ -140,8 +140,9 @@ def planner_env(site: Site, monkeypatch) -> None:
             monkeypatch.setenv(k, v)
 
 
-def _seed(site: Site, folder: Path, studies: int, end: dt.date, seed: int) -> list[sampledata.StudySummary]:
-    made = sampledata.generate(folder, studies=studies, days=4, end_date=end, seed=seed, modalities=("CT", "MR"),
+def _seed(site: Site, folder: Path, studies: int, end: dt.date, seed: int,
+          days: int = 4) -> list[sampledata.StudySummary]:
+    made = sampledata.generate(folder, studies=studies, days=days, end_date=end, seed=seed, modalities=("CT", "MR"),
                                series_per_study=(1, 2), instances_per_series=(2, 3), rows=32, cols=32)
     sampledata.load([folder], "127.0.0.1", site.orthanc.dicom_port)
     return made
@@ -151,6 +152,16 @@ def _shard_runs() -> list:
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(deployment_filter=DeploymentFilter(
             name=DeploymentFilterName(any_=["ingest-shard"])))
+
+
+def _final_shard_runs(timeout_s: float = 60.0) -> list:
+    """The shard runs once none is still running (a run marks its studies done, then writes its report)."""
+    deadline = time.monotonic() + timeout_s
+    runs = _shard_runs()
+    while any(not (r.state and r.state.is_final()) for r in runs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        runs = _shard_runs()
+    return runs
 
 
 def _claimants(state_url: str) -> set[str]:
@@ -172,11 +183,87 @@ def test_plan_spreads_the_shards_over_the_workers_and_catalogs_every_study_once(
     assert site.orthanc.study_count() == 8 and site.orthanc.instance_count() == n_instances
     assert site.catalog_counts() == (8, 8, n_instances)
     assert len(_claimants(site.state_url) & {"1", "2", "3"}) >= 2  # the shards ran on more than one worker
-    deadline = time.monotonic() + 30
-    while any(not (r.state and r.state.is_final()) for r in _shard_runs()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert {r.state.type.value for r in _shard_runs()} == {"COMPLETED"}
+    assert {r.state.type.value for r in _final_shard_runs()} == {"COMPLETED"}
 
     again = plan(since=since, until=until)  # nothing left: no run, the watermark at the window's end
     assert (again["queued"], again["started"], again["restarted"], again["unfinished"]) == (0, 0, 0, 0)
     assert again["watermark"] >= until.isoformat()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    found, frontier = [], {pid}
+    while frontier:
+        children = [p for p in pids if _parent(p) in frontier]
+        found += children
+        frontier = set(children)
+    return found
+
+
+def _running_unfinished_shard(site: Site) -> tuple[str, int] | None:
+    """A shard run RUNNING on one of our workers whose shard is not done: (its shard, the worker's number)."""
+    unfinished = {p.shard for p in site.leases().shards() if not p.finished}
+    for run in _shard_runs():
+        if not (run.state and run.state.is_running()) or run.parameters.get("shard") not in unfinished:
+            continue
+        for number, worker in site.workers.items():
+            if worker.poll() is None and run.infrastructure_pid and int(run.infrastructure_pid) in _descendants(
+                    worker.pid):
+                return run.parameters["shard"], number
+    return None
+
+
+def _cataloged(site: Site) -> int:
+    return sum(p.done for p in site.leases().shards())
+
+
+def test_a_killed_worker_s_shard_is_started_again_by_the_next_plan_and_cataloged_once(site, planner_env,
+                                                                                       tmp_path):
+    before = site.catalog_counts()
+    made = _seed(site, tmp_path / "in", studies=9, days=3, end=TODAY - dt.timedelta(days=5), seed=47)
+    since, until = TODAY - dt.timedelta(days=7), TODAY - dt.timedelta(days=5)
+    done_before = _cataloged(site)
+
+    first = plan(since=since, until=until)
+    assert first["queued"] == 9 and first["started"] == 6  # 3 studies a day, at most 2 a shard
+
+    deadline, victim = time.monotonic() + WAIT_S, None
+    while victim is None and time.monotonic() < deadline:
+        if _cataloged(site) - done_before >= 3:  # a third of the studies
+            victim = _running_unfinished_shard(site)
+        time.sleep(0.2)
+    assert victim is not None, "no shard run to kill"
+    shard, number = victim
+    worker = site.workers.pop(number)
+    for pid in [*_descendants(worker.pid), worker.pid]:  # the worker and its flow-run process, no clean-up
+        os.kill(pid, signal.SIGKILL)
+    worker.wait()
+    site.start_worker(WORKERS + 1)
+
+    # the other shards end; the killed one stays unfinished, its run RUNNING, until the next plan
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        open_shards = [p for p in site.leases().shards() if not p.finished]
+        if [p.shard for p in open_shards] == [shard] and open_shards[0].held == 0:
+            break
+        time.sleep(1.0)
+    assert [p.shard for p in site.leases().shards() if not p.finished] == [shard]
+    time.sleep(LEASE_S)  # its run has been RUNNING longer than a lease by now
+
+    second = plan(since=since, until=until)
+    assert (second["shards_cut"], second["started"], second["restarted_by_reason"]) == (0, 0, {"stale": 1})
+    site.wait_all_done()
+
+    n_instances = sum(s.n_instances for s in made)
+    assert site.catalog_counts() == (before[0] + 9, before[1] + 9, before[2] + n_instances)
+    assert site.orthanc.study_count() == before[0] + 9
+    killed = [r for r in _final_shard_runs() if r.parameters.get("shard") == shard]
+    assert sorted(r.state.type.value for r in killed) == ["COMPLETED", "CRASHED"]

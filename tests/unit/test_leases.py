@@ -71,6 +71,7 @@ def test_reopen_brings_a_done_study_back_into_the_new_shard_and_leaves_open_ones
     assert leases.claim("w2", 10, lease_s=60, shard="2026-11-01.again") == held[:2]
     progress = {p.shard: (p.studies, p.done, p.held) for p in leases.shards()}
     assert progress["2026-11-01"] == (4, 0, 4) and progress["2026-11-01.again"] == (2, 0, 2)
+    assert leases.open_studies([*held, "1.9.9"]) == set(held)
 
 
 def test_flow_runs_are_recorded_per_shard_and_expired_claims_are_counted_then_forgotten(leases):

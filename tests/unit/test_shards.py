@@ -4,7 +4,7 @@ import pytest
 
 from pacsflow.tasks.ingest.leases import ShardProgress
 from pacsflow.tasks.ingest.ledger import LedgerEntry
-from pacsflow.tasks.ingest.shards import cut_shards, settled_claims, shard_watermark, shards_to_start
+from pacsflow.tasks.ingest.shards import RunSeen, cut_shards, settled_claims, shard_watermark, shards_to_start
 from pacsflow.tasks.pacs.models import StudyInfo
 
 
@@ -52,14 +52,17 @@ def progress(shard: str, studies: int = 4, done: int = 0, held: int = 0, expired
 def test_which_shards_get_a_run_and_why():
     shards = [progress("new"), progress("finished", done=4), progress("gone"), progress("crashed"),
               progress("failed-but-held", held=1), progress("running", held=2), progress("stale", expired=3),
-              progress("pending-never-claimed"), progress("completed-with-work-left", done=2)]
-    states = {"finished": "COMPLETED", "gone": None, "crashed": "CRASHED", "failed-but-held": "FAILED",
-              "running": "RUNNING", "stale": "RUNNING", "pending-never-claimed": "PENDING",
-              "completed-with-work-left": "COMPLETED"}
-    starts = shards_to_start(shards, states)
+              progress("running-long-never-claimed"), progress("just-started"), progress("waiting-for-a-worker"),
+              progress("completed-with-work-left", done=2)]
+    runs = {"finished": RunSeen("COMPLETED", 5), "gone": None, "crashed": RunSeen("CRASHED", 1),
+            "failed-but-held": RunSeen("FAILED", 1), "running": RunSeen("RUNNING", 100),
+            "stale": RunSeen("RUNNING", 5), "running-long-never-claimed": RunSeen("PENDING", 61),
+            "just-started": RunSeen("RUNNING", 3), "waiting-for-a-worker": RunSeen("LATE", 500),
+            "completed-with-work-left": RunSeen("COMPLETED", 5)}
+    starts = shards_to_start(shards, runs, lease_s=60)
     assert [(s.shard, s.why) for s in starts] == [
         ("new", "new"), ("gone", "gone"), ("crashed", "crashed"), ("stale", "stale"),
-        ("completed-with-work-left", "completed")]
+        ("running-long-never-claimed", "stale"), ("completed-with-work-left", "completed")]
 
 
 def test_a_shard_run_settles_its_claims_from_the_ledger():
