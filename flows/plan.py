@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.states import Crashed
 
@@ -107,6 +108,7 @@ def start_shard(settings: Settings, leases: Leases, start: ShardStart, logger: L
     leases.forget_expired(start.shard)
     flow_run = run_deployment(settings.shards.deployment, parameters={"shard": start.shard}, timeout=0,
                               as_subflow=False)
+    assert isinstance(flow_run, FlowRun)  # called from sync code: the run itself, not a coroutine
     leases.started(start.shard, str(flow_run.id))
     (logger.info if start.why == "new" else logger.warning)("shard %s: flow run %s started (%s)", start.shard,
                                                             flow_run.name, start.why)

@@ -13,7 +13,7 @@ import datetime as dt
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol
+from typing import Iterable, Mapping, NamedTuple, Protocol
 
 from pacsflow.tasks.core.clock import parse_dicom_date
 from pacsflow.tasks.ingest.leases import ShardProgress
@@ -79,8 +79,7 @@ ENDED = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 TAKEN = frozenset({"PENDING", "RUNNING"})
 
 
-@dataclass(frozen=True)
-class RunSeen:
+class RunSeen(NamedTuple):
     """A shard's newest flow run as the server reports it: its state type, and for how long."""
 
     state: str
@@ -129,10 +128,11 @@ def settled_claims(claimed: Iterable[str], planned: Iterable[str],
     """After a shard run: which of its claimed studies are done, and which go back unfinished.
     Done: what it did not plan (cataloged already with the PACS's count, or gone from the PACS),
     what it cataloged, and what failed for good; a transient failure goes back, for a later run."""
-    planned = set(planned)
-    done, back = [], []
+    worked_on = set(planned)
+    done: list[str] = []
+    back: list[str] = []
     for uid in claimed:
         entry = ledger.get(uid)
         finished = entry is not None and (entry.status == "cataloged" or entry.permanent)
-        (done if uid not in planned or finished else back).append(uid)
+        (done if uid not in worked_on or finished else back).append(uid)
     return done, back
