@@ -184,6 +184,9 @@ def test_plan_spreads_the_shards_over_the_workers_and_catalogs_every_study_once(
     assert site.catalog_counts() == (8, 8, n_instances)
     assert len(_claimants(site.state_url) & {"1", "2", "3"}) >= 2  # the shards ran on more than one worker
     assert {r.state.type.value for r in _final_shard_runs()} == {"COMPLETED"}
+    with get_client(sync_client=True) as client:  # one slot per retrieve: the limit keeps its size, all given back
+        limit = client.read_global_concurrency_limit_by_name("pacs-associations")
+    assert (limit.limit, limit.active_slots) == (3, 0)
 
     again = plan(since=since, until=until)  # nothing left: no run, the watermark at the window's end
     assert (again["queued"], again["started"], again["restarted"], again["unfinished"]) == (0, 0, 0, 0)
