@@ -13,7 +13,6 @@ so runs on several workers share ``max_associations``. The watermark is the plan
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import os
 import socket
 import threading
@@ -50,7 +49,6 @@ from pacsflow.tasks.pacs.steps import PACS_LIMIT
 from pacsflow.tasks.pacs.tls import check_tls_files
 from pacsflow.tasks.settings import Settings
 
-log = logging.getLogger(__name__)
 CLAIM_ALL = 1_000_000  # a shard's studies are claimed at once: the shard is the unit of work
 
 
