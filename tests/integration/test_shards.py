@@ -13,6 +13,7 @@ worker starts, the next plan starts the dead shard again, and every study is cat
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import socket
@@ -26,7 +27,12 @@ from subprocess import Popen
 import psycopg
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.client.schemas.filters import (
+    ArtifactCollectionFilter,
+    ArtifactCollectionFilterKey,
+    DeploymentFilter,
+    DeploymentFilterName,
+)
 
 from pacsflow.catalog.backends import open_store
 from pacsflow.catalog.views import query
@@ -108,8 +114,8 @@ def site(postgresql: PostgresServer, orthanc_factory, tmp_path_factory) -> Itera
     root = tmp_path_factory.mktemp("shards")
     prefect_db = postgresql.new_database().replace("postgresql://", "postgresql+asyncpg://", 1)
     state_url = postgresql.new_database()
-    base = _free_run(WORKERS + 2)
-    aes = {f"PACSFLOW{n}": (f"PACSFLOW{n}", "127.0.0.1", base + n) for n in range(1, WORKERS + 2)}
+    base = _free_run(WORKERS + 4)  # workers 1-3, and up to three that replace killed ones
+    aes = {f"PACSFLOW{n}": (f"PACSFLOW{n}", "127.0.0.1", base + n) for n in range(1, WORKERS + 4)}
     orthanc = orthanc_factory(modalities=aes)
     with running_prefect_server(root, PREFECT_API_DATABASE_CONNECTION_URL=prefect_db) as api:
         settings = {
@@ -211,16 +217,21 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _running_unfinished_shard(site: Site) -> tuple[str, int] | None:
-    """A shard run RUNNING on one of our workers whose shard is not done: (its shard, the worker's number)."""
-    unfinished = {p.shard for p in site.leases().shards() if not p.finished}
-    for run in _shard_runs():
-        if not (run.state and run.state.is_running()) or run.parameters.get("shard") not in unfinished:
+def _kill_mid_shard(site: Site) -> str | None:
+    """SIGKILL a worker and its flow-run process while that run holds leases on studies of its
+    shard (claimed, not done): the shard's key, or None when no run is in that state right now."""
+    processes = {n: [*_descendants(w.pid), w.pid] for n, w in site.workers.items() if w.poll() is None}
+    runs = {int(r.infrastructure_pid): r.parameters["shard"] for r in _shard_runs()
+            if r.state and r.state.is_running() and r.infrastructure_pid}
+    working = {p.shard for p in site.leases().shards() if p.held and not p.finished}
+    for number, pids in processes.items():
+        shard = next((runs[pid] for pid in pids if pid in runs and runs[pid] in working), None)
+        if shard is None:
             continue
-        for number, worker in site.workers.items():
-            if worker.poll() is None and run.infrastructure_pid and int(run.infrastructure_pid) in _descendants(
-                    worker.pid):
-                return run.parameters["shard"], number
+        for pid in pids:  # the flow-run process and its worker, no clean-up
+            os.kill(pid, signal.SIGKILL)
+        site.workers.pop(number).wait()
+        return shard
     return None
 
 
@@ -238,18 +249,16 @@ def test_a_killed_worker_s_shard_is_started_again_by_the_next_plan_and_cataloged
     first = plan(since=since, until=until)
     assert first["queued"] == 9 and first["started"] == 6  # 3 studies a day, at most 2 a shard
 
-    deadline, victim = time.monotonic() + WAIT_S, None
-    while victim is None and time.monotonic() < deadline:
+    deadline, shard, spare = time.monotonic() + WAIT_S, None, iter(range(WORKERS + 1, WORKERS + 4))
+    while shard is None and time.monotonic() < deadline:
         if _cataloged(site) - done_before >= 3:  # a third of the studies
-            victim = _running_unfinished_shard(site)
+            hit = _kill_mid_shard(site)
+            if hit is not None:
+                site.start_worker(next(spare))
+                # the run may have marked its studies done between the look and the kill: try another
+                shard = hit if hit in {p.shard for p in site.leases().shards() if not p.finished} else None
         time.sleep(0.2)
-    assert victim is not None, "no shard run to kill"
-    shard, number = victim
-    worker = site.workers.pop(number)
-    for pid in [*_descendants(worker.pid), worker.pid]:  # the worker and its flow-run process, no clean-up
-        os.kill(pid, signal.SIGKILL)
-    worker.wait()
-    site.start_worker(WORKERS + 1)
+    assert shard is not None, f"no shard run to kill: {site.leases().shards()}"
 
     # the other shards end; the killed one stays unfinished, its run RUNNING, until the next plan
     deadline = time.monotonic() + WAIT_S
@@ -258,11 +267,16 @@ def test_a_killed_worker_s_shard_is_started_again_by_the_next_plan_and_cataloged
         if [p.shard for p in open_shards] == [shard] and open_shards[0].held == 0:
             break
         time.sleep(1.0)
-    assert [p.shard for p in site.leases().shards() if not p.finished] == [shard]
+    assert [p.shard for p in site.leases().shards() if not p.finished] == [shard], site.leases().shards()
     time.sleep(LEASE_S)  # its run has been RUNNING longer than a lease by now
 
     second = plan(since=since, until=until)
     assert (second["shards_cut"], second["started"], second["restarted_by_reason"]) == (0, 0, {"stale": 1})
+    with get_client(sync_client=True) as client:  # the plan's artifact names the dead shard and what it did
+        [artifact] = client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(
+            key=ArtifactCollectionFilterKey(any_=["plan-shards"])))
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert [(r["shard"], r["started"]) for r in rows] == [(shard, "stale")]
     site.wait_all_done()
 
     n_instances = sum(s.n_instances for s in made)
