@@ -139,6 +139,25 @@ def run_nightly_cmd(
     raise typer.Exit(nightly_exit_code(result))
 
 
+@run_app.command("plan")
+def run_plan_cmd(
+    since: Annotated[Optional[str], typer.Option(help="window start (default: watermark minus overlap)")] = None,
+    until: Annotated[Optional[str], typer.Option(help="window end (default: today)")] = None,
+) -> None:
+    """Plan once, now: cut the window into shards and start an ingest-shard run per shard on the
+    work pool of the Prefect server in PREFECT_API_URL (its workers do the work)."""
+    window = {"since": _parse_day(since, "--since"), "until": _parse_day(until, "--until")}
+    _settings(key=True)
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise typer.BadParameter("set PREFECT_API_URL to the Prefect server whose workers run the shards",
+                                 param_hint="PREFECT_API_URL")
+    from pacsflow.flows.plan import plan
+
+    _print_result(plan(**window))
+
+
 def nightly_exit_code(result: dict[str, Any]) -> int:
     """1 when a study failed or its FHIR copy did (the night is not done), else 0: scripts and
     schedulers that only see the exit status must not take a FHIR outage for success."""

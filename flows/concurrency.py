@@ -266,12 +266,13 @@ def _wait_for_slots(registry: HolderRegistry, slots: int, max_wait_s: float, log
 
 @contextmanager
 def hold_slots(limit: str, slots: int, *, run_id: str, max_wait_s: float, logger: Logger | None = None,
-               lease_s: float = LEASE_S) -> Iterator[None]:
-    """Take ``slots`` of the global limit ``limit`` for the block, waiting at most ``max_wait_s``
-    (then :class:`SlotWaitTimeout`), logging who holds them while waiting. The slots come back
-    when the block ends, and within about ``lease_s`` when the process is killed."""
+               lease_s: float = LEASE_S, size: int | None = None) -> Iterator[None]:
+    """Take ``slots`` of the global limit ``limit`` (of ``size`` slots in all, default ``slots``)
+    for the block, waiting at most ``max_wait_s`` (then :class:`SlotWaitTimeout`), logging who
+    holds them while waiting. The slots come back when the block ends, and within about
+    ``lease_s`` when the process is killed."""
     logger = logger or log
-    ensure_concurrency_limit(limit, slots)
+    ensure_concurrency_limit(limit, size or slots)
     me = Holder(run_id, socket.gethostname(), os.getpid(), slots, "waiting", lease_s)
     with get_client(sync_client=True) as client:
         registry = HolderRegistry(client, limit, me)

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -166,11 +166,18 @@ def run_nightly(settings: Settings | None = None, *, since: dt.date | None = Non
     (:func:`load_run_settings`). Its summary artifact is written however the run ends (keys start
     with ``artifacts``: the sweep's are its own): a run that stops early says why."""
     logger = logger or log
+    return run_summarised(lambda parts: run_steps(settings or load_run_settings(), parts, since, until, logger,
+                                                  artifacts), logger, artifacts)
+
+
+def run_summarised(steps: Callable[[RunParts], None], logger: Logger, artifacts: str) -> RunSummary:
+    """Run ``steps`` (a nightly run's, or a shard's) on a new :class:`RunParts`; its summary,
+    artifacts (keys start with ``artifacts``) and run report are written however it ends."""
     started = time.monotonic()
     parts = RunParts(new_run_id())
     error: BaseException | None = None
     try:
-        run_steps(settings or load_run_settings(), parts, since, until, logger, artifacts)
+        steps(parts)
     except BaseException as exc:
         error = exc
         raise
@@ -198,14 +205,7 @@ def run_steps(settings: Settings, parts: RunParts, since: dt.date | None, until:
     check_free_space(settings)
     check_tls_files(settings)
     run = parts.run = open_run(settings, parts.run_id)
-    window = plan_window(
-        watermark=run.ledger.watermark,
-        overlap_days=settings.overlap_days,
-        initial_since=parse_dicom_date(settings.initial_since),
-        initial_days=settings.initial_days,
-        since=since,
-        until=until,
-    )
+    window = run_window(settings, run.ledger, since, until)
     name_flow_run(f"{prefix} {dt.date.today().isoformat()} ({window})")
     book = parts.book = RunBook(run.ledger, run.run_id, window, max_attempts=settings.max_attempts,
                                 object_id=partial(object_id, run.key))
@@ -213,7 +213,7 @@ def run_steps(settings: Settings, parts: RunParts, since: dt.date | None, until:
                     logger=logger):
         items = discover_work(settings, run, window, book, logger)
         progress = Progress(f"{prefix}-progress", len(items))
-        with _recording_interruption(book, logger):
+        with recording_interruption(book, logger):
             retrieve_and_deidentify(settings, run, items, book, progress)
     commit(settings, run, book)
     progress.finish()
@@ -223,6 +223,13 @@ def run_steps(settings: Settings, parts: RunParts, since: dt.date | None, until:
     tidy(settings, run, book)
     if settings.fhir.base_url:
         sync_fhir(settings, book.catalog_uids, book.summary, logger)
+
+
+def run_window(settings: Settings, ledger: Ledger, since: dt.date | None, until: dt.date | None) -> Window:
+    """The StudyDate window of a run: the watermark minus the overlap (or the first run's) .. today."""
+    return plan_window(watermark=ledger.watermark, overlap_days=settings.overlap_days,
+                       initial_since=parse_dicom_date(settings.initial_since), initial_days=settings.initial_days,
+                       since=since, until=until)
 
 
 def check_free_space(settings: Settings) -> None:
@@ -253,14 +260,17 @@ def open_run(settings: Settings, run_id: str) -> NightlyRun:
     return NightlyRun(run_id, key, deid, ledger, staging, settings.state_root / "runs" / run_id)
 
 
-def discover_work(settings: Settings, run: NightlyRun, window: Window, book: RunBook, logger: Logger) -> list[WorkItem]:
+def discover_work(settings: Settings, run: NightlyRun, window: Window | None, book: RunBook, logger: Logger,
+                  only: list[str] | None = None) -> list[WorkItem]:
     """C-FIND the window (and, by UID, earlier transient failures and studies with objects still
-    missing); keep what is new, grew or is retried."""
-    retry_uids = [e.study_uid for e in run.ledger.to_retry()]
+    missing); keep what is new, grew or is retried. ``only``: these studies and no other (a
+    shard's; looked up by UID when the window does not show them)."""
+    retry_uids = [e.study_uid for e in run.ledger.to_retry()] if only is None else only
     discovery = discover_studies(PacsPeer.from_settings(settings), window, retry_uids)
-    found = discovery.found
+    keep = None if only is None else set(only)
+    found = [s for s in discovery.found if keep is None or s.study_uid in keep]
     book.summary.pacs_queries = discovery.queries
-    items = worklist(found, run.ledger.entries(), run.deid.study_ref,
+    items = worklist(found, run.ledger.entries(only), run.deid.study_ref,
                      lambda s: run.deid.date_as_deidentified(s.study_date, s.patient_id))
     book.planned(len(found), items)
     logger.info("run %s: window %s, %d studies found, %d to process", run.run_id, book.summary.window, len(found),
@@ -269,9 +279,12 @@ def discover_work(settings: Settings, run: NightlyRun, window: Window, book: Run
 
 
 def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[WorkItem], book: RunBook,
-                            progress: "Progress | None" = None) -> None:
-    """Retrieve each study (at most max_associations at once: the run holds that many slots of the
-    global PACS limit, and waiting here costs nothing) and de-identify it as soon as it is complete."""
+                            progress: "Progress | None" = None,
+                            slot: Callable[[], AbstractContextManager] | None = None) -> None:
+    """Retrieve each study (at most max_associations at once: the nightly run holds that many
+    slots of the global PACS limit, and waiting here costs nothing; a shard run takes one
+    ``slot()`` per retrieval task instead, held until it ends) and de-identify it as soon as it is
+    complete."""
     for item in items:  # a fresh staging folder: stale files from an older attempt must not count
         remove_tree(run.staging.study_dir(item.study_uid))
     run.staging.expect(item.study_uid for item in items)  # objects of any other study are refused
@@ -296,12 +309,12 @@ def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[Wor
     deid_slots, deid_tasks = max(2, 2 * settings.deid_workers), max(2, settings.deid_workers)
     queue, retrieved, tasks = deque(items), deque[tuple[WorkItem, Retrieved]](), _InFlight()
     alone: set[str] = set()  # studies whose grouped retrieval failed: tried again on their own
-    with _receiver(settings, run.staging, items), processor:
+    with _receiver(settings, run.staging, items), processor, tasks:
         while queue or retrieved or tasks:
             while queue and tasks.retrieving < settings.max_associations and len(retrieved) < deid_slots:
                 fetch = [queue.popleft() for _ in range(_retrieval_group(queue, alone, settings.commit_batch))]
                 one = retry_alone if fetch[0].pseudo_uid in alone else retrieve
-                tasks.add(fetch, _retrieve(fetch, one, route, run.staging), retrieving=True)
+                tasks.add_retrieval(fetch, partial(_retrieve, fetch, one, route, run.staging), slot)
             while retrieved and tasks.deidentifying < deid_tasks:
                 group = [retrieved.popleft() for _ in range(group_size([r.received for _, r in retrieved]))]
                 tasks.add([item for item, _ in group], _deidentify(group, processor, str(run.rows_root)))
@@ -519,9 +532,31 @@ class _InFlight:
         self._futures: dict[Any, tuple[list[WorkItem], PrefectFuture]] = {}
         self._retrieving: set[Any] = set()
         self._retrieved: dict[str, Any] = {}  # a study's finished retrieval, by pseudonym
+        self._slots: dict[Any, ExitStack] = {}  # a retrieval's PACS slot, given back when it ends
 
     def __bool__(self) -> bool:
         return bool(self._futures)
+
+    def __enter__(self) -> "_InFlight":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._slots:
+            self._slots.popitem()[1].close()
+
+    def add_retrieval(self, items: list[WorkItem], start: Callable[[], PrefectFuture],
+                      slot: Callable[[], AbstractContextManager] | None) -> None:
+        """Start a retrieval task, holding ``slot()`` (when given) from before it starts to its end."""
+        held = ExitStack()
+        if slot is not None:
+            held.enter_context(slot())
+        try:
+            future = start()
+        except BaseException:
+            held.close()
+            raise
+        self.add(items, future, retrieving=True)
+        self._slots[future.task_run_id] = held
 
     @property
     def retrieving(self) -> int:
@@ -544,6 +579,8 @@ class _InFlight:
         items, _ = self._futures.pop(future.task_run_id)
         retrieval = future.task_run_id in self._retrieving
         self._retrieving.discard(future.task_run_id)
+        if future.task_run_id in self._slots:
+            self._slots.pop(future.task_run_id).close()
         result = future.result(raise_on_failure=False)
         if retrieval and not isinstance(result, BaseException):
             self._retrieved.update((item.pseudo_uid, future.task_run_id) for item in items)
@@ -573,7 +610,7 @@ def release_task_runs(task_run_ids: set[Any]) -> None:
 
 
 @contextmanager
-def _recording_interruption(book: RunBook, logger: Logger) -> Iterator[None]:
+def recording_interruption(book: RunBook, logger: Logger) -> Iterator[None]:
     """Ctrl-C or SIGTERM (Prefect turns it into TerminationSignal) mid-retrieval: the unfinished
     studies go to the ledger as transient failures, so the next run retries them."""
     try:

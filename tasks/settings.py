@@ -527,6 +527,35 @@ class MigrateSettings(BaseModel):
     )
 
 
+class ShardSettings(BaseModel):
+    """The ``plan`` and ``ingest-shard`` flows (README "Shards and recovery"): how a window is cut
+    into shard flow runs, how long a claimed study stays held, and which worker this process is."""
+
+    max_studies: int = Field(500, ge=1, description="a StudyDate day with more studies than this is cut into "
+                             "parts of at most this many: one ingest-shard flow run each")
+    lease_s: float = Field(300.0, gt=0, description="a shard run holds its studies this long (seconds), renewed "
+                           "every third of it; a killed run's studies are claimable again once it has run out")
+    deployment: str = Field("ingest-shard/ingest-shard", description="the deployment (flow/deployment) that "
+                            "plan starts once per shard")
+    worker: int | None = Field(
+        None, ge=0, le=999, description="this worker's number (env PACSFLOW_SHARDS__WORKER), for several workers "
+        "on one PACS: replaces {worker} in receiver.ae_title, and its shard runs' receiver listens on "
+        "receiver.port + worker; unset = receiver as configured")
+
+    def receiver_of(self, receiver: "ReceiverSettings") -> "ReceiverSettings":
+        """``receiver`` as this worker's shard runs use it (its own AE title and port); unchanged
+        when no worker number is set and the AE title has no ``{worker}``."""
+        if self.worker is None:
+            if "{worker}" in receiver.ae_title:
+                raise SettingsError("receiver.ae_title has {worker}: set shards.worker (PACSFLOW_SHARDS__WORKER)")
+            return receiver
+        title = _check_ae_title(receiver.ae_title.replace("{worker}", str(self.worker)))
+        port = receiver.port + self.worker
+        if port > 65535:
+            raise SettingsError(f"receiver.port + shards.worker = {port}: above 65535")
+        return receiver.model_copy(update={"ae_title": title, "port": port})
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PACSFLOW_",
@@ -558,6 +587,7 @@ class Settings(BaseSettings):
     fhir: FhirSettings = FhirSettings()
     state: StateSettings = StateSettings()
     migrate: MigrateSettings = MigrateSettings()
+    shards: ShardSettings = ShardSettings()
 
     deid_key: SecretStr | None = Field(
         None, description="secret key for pseudonyms, UIDs and date shifts (16+ characters): keep it out of the "

@@ -254,13 +254,15 @@ class RunBook:
         self.summary.missing_objects += len(missing)
 
     # -- settling the run -------------------------------------------------------------------
-    def settle(self) -> list[tuple[WorkItem, FailureVerdict]]:
-        """Record quarantined objects and failed studies, then advance the watermark. Returns the
-        failures with their verdicts (for the run's log)."""
+    def settle(self, *, watermark: bool = True) -> list[tuple[WorkItem, FailureVerdict]]:
+        """Record quarantined objects and failed studies, then advance the watermark (unless not
+        ``watermark``: a shard of a window moves nothing, its planner does). Returns the failures
+        with their verdicts (for the run's log)."""
         self._record_deidentified()
         verdicts = self._record_failures()
         held = [w.study_date for w, v in verdicts if not v.permanent]
-        self.ledger.advance_watermark(next_watermark(self.window.end, held))
+        if watermark:
+            self.ledger.advance_watermark(next_watermark(self.window.end, held))
         return verdicts
 
     def _record_deidentified(self) -> None:

@@ -39,6 +39,7 @@ class ShardProgress:
     studies: int
     done: int
     held: int
+    expired: int = 0  # open studies whose lease ran out without a release: their claimant is gone
 
     @property
     def finished(self) -> bool:
@@ -60,6 +61,11 @@ CREATE TABLE IF NOT EXISTS claims (
     claims       INTEGER NOT NULL DEFAULT 0,   -- times claimed: more than one means a lease ran out or was released
     updated_at   DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS shard_runs (
+    shard       TEXT PRIMARY KEY,   -- the shard's latest flow run
+    flow_run    TEXT NOT NULL,      -- its Prefect flow-run id
+    started_at  TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS claims_open ON claims(status, shard, study_uid);
 CREATE INDEX IF NOT EXISTS claims_worker ON claims(worker);
 """
@@ -75,15 +81,53 @@ class Leases:
     def under(cls, state_root: Path, url: str | None = None) -> Leases:
         return cls(Path(state_root) / LEASES_NAME, url)
 
-    def add(self, shard: str, study_uids: Iterable[str], day: dt.date | None = None) -> None:
+    def add(self, shard: str, study_uids: Iterable[str], day: dt.date | None = None, *,
+            reopen: bool = False) -> None:
         """Studies to work on, in ``shard`` (of StudyDate ``day``). A study already known keeps its
-        shard and state (done stays done)."""
+        shard and state (done stays done), unless ``reopen``: then a done study is open again, in
+        ``shard`` (a planner that finds work on it again: it grew, or failed since)."""
         now = self.db.now
+        again = (f"DO UPDATE SET status = 'open', shard = excluded.shard, worker = NULL, lease_until = NULL, "
+                 f"updated_at = {now} WHERE claims.status = 'done'") if reopen else "DO NOTHING"
         with self.db.tx() as tx:
             tx.execute("INSERT INTO shards(shard, day, created_at) VALUES (?, ?, ?) ON CONFLICT(shard) DO NOTHING",
                        (shard, day, utc_timestamp()))
             tx.executemany(f"INSERT INTO claims(study_uid, shard, status, updated_at) VALUES (?, ?, 'open', {now}) "
-                           "ON CONFLICT(study_uid) DO NOTHING", [(uid, shard) for uid in study_uids])
+                           f"ON CONFLICT(study_uid) {again}", [(uid, shard) for uid in study_uids])
+
+    def open_studies(self, study_uids: Iterable[str]) -> set[str]:
+        """Those of ``study_uids`` that are in a shard and not done (planned already)."""
+        uids = list(dict.fromkeys(study_uids))
+        found: set[str] = set()
+        with self.db.tx(serialized=False) as tx:
+            for i in range(0, len(uids), _CHUNK):
+                part = uids[i : i + _CHUNK]
+                rows = tx.execute(f"SELECT study_uid FROM claims WHERE status = 'open' AND study_uid IN "
+                                  f"({', '.join('?' * len(part))})", part).fetchall()
+                found.update(r[0] for r in rows)
+        return found
+
+    def started(self, shard: str, flow_run: str) -> None:
+        """``shard``'s newest flow run (what the next planner checks)."""
+        with self.db.tx() as tx:
+            tx.execute("INSERT INTO shard_runs(shard, flow_run, started_at) VALUES (?, ?, ?) ON CONFLICT(shard) "
+                       "DO UPDATE SET flow_run = excluded.flow_run, started_at = excluded.started_at",
+                       (shard, flow_run, utc_timestamp()))
+
+    def runs(self) -> dict[str, str]:
+        """Shard -> its newest flow-run id."""
+        with self.db.tx(serialized=False) as tx:
+            return {r[0]: r[1] for r in tx.execute("SELECT shard, flow_run FROM shard_runs").fetchall()}
+
+    def forget_expired(self, shard: str) -> int:
+        """Open studies of ``shard`` whose lease ran out become plain unclaimed ones (their
+        claimant is gone and its successor is being started): how many."""
+        now = self.db.now
+        with self.db.tx() as tx:
+            rows = tx.execute(f"UPDATE claims SET worker = NULL, lease_until = NULL, updated_at = {now} "
+                              f"WHERE shard = ? AND status = 'open' AND lease_until <= {now} RETURNING study_uid",
+                              (shard,)).fetchall()
+        return len(rows)
 
     def claim(self, worker: str, n: int, lease_s: float, shard: str | None = None) -> list[str]:
         """Up to ``n`` studies nobody holds (of ``shard``, or any), held by ``worker`` for ``lease_s`` seconds."""
@@ -133,10 +177,12 @@ class Leases:
             rows = tx.execute(
                 "SELECT s.shard, s.day, count(c.study_uid), "
                 "coalesce(sum(CASE WHEN c.status = 'done' THEN 1 ELSE 0 END), 0), "
-                f"coalesce(sum(CASE WHEN c.status = 'open' AND c.lease_until > {now} THEN 1 ELSE 0 END), 0) "
+                f"coalesce(sum(CASE WHEN c.status = 'open' AND c.lease_until > {now} THEN 1 ELSE 0 END), 0), "
+                f"coalesce(sum(CASE WHEN c.status = 'open' AND c.lease_until <= {now} THEN 1 ELSE 0 END), 0) "
                 "FROM shards s LEFT JOIN claims c ON c.shard = s.shard GROUP BY s.shard, s.day ORDER BY s.shard"
             ).fetchall()
-        return [ShardProgress(r[0], dt.date.fromisoformat(r[1]) if r[1] else None, int(r[2]), int(r[3]), int(r[4]))
+        return [ShardProgress(r[0], dt.date.fromisoformat(r[1]) if r[1] else None, int(r[2]), int(r[3]), int(r[4]),
+                              int(r[5]))
                 for r in rows]
 
     def holders(self) -> dict[str, str]:

@@ -13,12 +13,23 @@ import datetime as dt
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping, NamedTuple, Protocol
 
 from pacsflow.tasks.core.clock import parse_dicom_date
-from pacsflow.tasks.pacs.models import StudyInfo
+from pacsflow.tasks.ingest.leases import ShardProgress
+from pacsflow.tasks.ingest.ledger import LedgerEntry
 
 UNDATED = "undated"
+
+
+class DatedStudy(Protocol):
+    """What a shard is cut by: a C-FIND answer (StudyInfo) or a work item (WorkItem)."""
+
+    @property
+    def study_uid(self) -> str: ...
+
+    @property
+    def study_date(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,7 @@ def shard_key(day: dt.date | None, part: int = 1, parts: int = 1) -> str:
     return base if parts == 1 else f"{base}.{part}of{parts}"
 
 
-def cut_shards(studies: Iterable[StudyInfo], max_studies: int) -> list[ShardPlan]:
+def cut_shards(studies: Iterable[DatedStudy], max_studies: int) -> list[ShardPlan]:
     """One shard per day, in day order (undated last); a day of more than ``max_studies`` studies
     is cut into that many even parts. The same answer from the PACS always cuts the same way
     (studies sorted by UID), so planning again names the same shards."""
@@ -60,3 +71,68 @@ def shard_watermark(window_end: dt.date, unfinished_days: Iterable[dt.date | Non
     their studies are retried by UID, as a single run does (``bookkeeping.next_watermark``, on
     dates rather than study records)."""
     return min([window_end, *(d for d in unfinished_days if d is not None)])
+
+
+# Prefect state types (their names), as plain strings: a run in one of these will not work on its shard again.
+ENDED = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+# A worker has taken the run: past these, a live run holds leases on its shard's studies.
+TAKEN = frozenset({"PENDING", "RUNNING"})
+
+
+class RunSeen(NamedTuple):
+    """A shard's newest flow run as the server reports it: its state type, and for how long."""
+
+    state: str
+    for_s: float
+
+
+@dataclass(frozen=True)
+class ShardStart:
+    """A shard the planner starts a flow run for, and why: ``new`` (no run yet), ``gone`` (its run
+    is unknown to the server), ``failed``/``crashed``/``cancelled``/``completed`` (its run ended with
+    studies left), ``stale`` (its run looks taken by a worker but holds no lease)."""
+
+    shard: str
+    why: str
+
+
+def shards_to_start(progress: Iterable[ShardProgress], runs: Mapping[str, RunSeen | None],
+                    lease_s: float) -> list[ShardStart]:
+    """Which unfinished shards get a (new) flow run. ``runs``: shard -> its newest flow run (None:
+    the server does not know it); a shard absent never had one. A run that ended while some of
+    its studies are still leased waits for the leases (a second run would find nothing to
+    claim). A run still PENDING or RUNNING is left alone while it holds a lease; without one, it
+    is stale once a lease it took ran out, or once it has been in that state longer than a lease
+    lasts (a live run claims as it starts): what a killed worker and its flow-run process leave
+    behind. A run waiting for a worker (SCHEDULED, LATE) is left alone."""
+    starts = []
+    for p in progress:
+        if p.finished:
+            continue
+        if p.shard not in runs:
+            starts.append(ShardStart(p.shard, "new"))
+            continue
+        run = runs[p.shard]
+        if run is None:
+            starts.append(ShardStart(p.shard, "gone"))
+        elif run.state in ENDED:
+            if p.held == 0:
+                starts.append(ShardStart(p.shard, run.state.lower()))
+        elif run.state in TAKEN and p.held == 0 and (p.expired > 0 or run.for_s > lease_s):
+            starts.append(ShardStart(p.shard, "stale"))
+    return starts
+
+
+def settled_claims(claimed: Iterable[str], planned: Iterable[str],
+                   ledger: Mapping[str, LedgerEntry]) -> tuple[list[str], list[str]]:
+    """After a shard run: which of its claimed studies are done, and which go back unfinished.
+    Done: what it did not plan (cataloged already with the PACS's count, or gone from the PACS),
+    what it cataloged, and what failed for good; a transient failure goes back, for a later run."""
+    worked_on = set(planned)
+    done: list[str] = []
+    back: list[str] = []
+    for uid in claimed:
+        entry = ledger.get(uid)
+        finished = entry is not None and (entry.status == "cataloged" or entry.permanent)
+        (done if uid not in worked_on or finished else back).append(uid)
+    return done, back

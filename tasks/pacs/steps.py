@@ -40,9 +40,9 @@ _OURS = 0x0000  # the status of an object our receiver refused: the PACS was not
 
 @task(name="discover-studies", persist_result=False, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_if_transient)
-def discover_studies(peer: PacsPeer, window: Window, retry_uids: list[str]) -> Discovery:
-    """Study-level C-FIND over the window, day by day; plus a by-UID look-up of earlier
-    failures that lie outside the window."""
+def discover_studies(peer: PacsPeer, window: Window | None, retry_uids: list[str]) -> Discovery:
+    """Study-level C-FIND over the window, day by day (none without one); plus a by-UID look-up
+    of earlier failures that lie outside the window."""
     logger = get_run_logger()
     client = PacsClient(peer)
     queries = 0
@@ -53,7 +53,7 @@ def discover_studies(peer: PacsPeer, window: Window, retry_uids: list[str]) -> D
         return client.find_studies(date_range, time_range)
 
     with client.query_session():
-        found, warnings = discover(find, window, peer.pacs.result_cap)
+        found, warnings = discover(find, window, peer.pacs.result_cap) if window else ([], [])
         known = {s.study_uid for s in found}
         for uid in retry_uids:
             if uid in known:
@@ -64,8 +64,8 @@ def discover_studies(peer: PacsPeer, window: Window, retry_uids: list[str]) -> D
             if s.n_instances is None:
                 queries += 1  # one series-level C-FIND
                 found[i] = replace(s, n_instances=client.count_instances(s.study_uid))
-    logger.info("discovered %d studies in %s..%s (%d days, %d C-FIND requests)", len(found), window.start,
-                window.end, len(window.days()), queries)
+    logger.info("discovered %d studies in %s (%d days, %d C-FIND requests)", len(found), window or "no window",
+                len(window.days()) if window else 0, queries)
     for w in warnings:
         logger.warning(w)
     return Discovery(found, warnings, queries)

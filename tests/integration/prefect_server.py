@@ -2,7 +2,9 @@
 which the in-process test harness does not run: a module-scoped fixture, ``prefect_server``
 (its API URL, set as PREFECT_API_URL while the module's tests run). Import it into a test module.
 ``ingest_worker(env, log_path)`` deploys the ingest-study deployment of prefect.yaml (with its
-trigger) and runs a process worker of its pool with ``env`` until the block ends."""
+trigger) and runs a process worker of its pool with ``env`` until the block ends; ``deploy`` and
+``pool_worker`` do each half for other deployments, and ``running_prefect_server`` starts a
+server with more settings (its database)."""
 
 from __future__ import annotations
 
@@ -42,10 +44,17 @@ def _healthy(url: str, process: subprocess.Popen, timeout: float = 120.0) -> boo
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`prefect server start` on a free loopback port with its own PREFECT_HOME; the foreman
     checks workers every second so a silent worker is noticed in seconds, not minutes."""
-    home = tmp_path_factory.mktemp("prefect-home")
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
+        yield url
+
+
+@contextmanager
+def running_prefect_server(home: Path, **server_env: str) -> Iterator[str]:
+    """The server of :func:`prefect_server` (``server_env`` added to its environment, e.g. its
+    database URL), set as PREFECT_API_URL for the block: its API URL."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-               PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS="1")
+               PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS="1", **server_env)
     for _ in range(3):  # another process may take the port first
         port = free_port()
         env["PREFECT_UI_URL"] = f"http://127.0.0.1:{port}"  # what notifications link to
@@ -93,12 +102,25 @@ def ingest_worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Po
     """The pool, the ingest-study deployment (``prefect deploy``) and a process worker started
     with ``env`` (the server is the one of PREFECT_API_URL in the caller's Prefect settings and
     in ``env``); the worker is stopped when the block ends."""
+    deploy(env, "ingest-study")
+    with pool_worker(env, log_path) as process:
+        yield process
+
+
+def deploy(env: dict[str, str], *names: str) -> None:
+    """The process pool of prefect.yaml and its deployments ``names`` (``prefect deploy``)."""
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=POOL, type="process"), overwrite=True)
-    prefect_cli("deploy", "--name", "ingest-study", env=env)
+    prefect_cli("deploy", *(a for name in names for a in ("--name", name)), env=env)
+
+
+@contextmanager
+def pool_worker(env: dict[str, str], log_path: Path, *args: str) -> Iterator[subprocess.Popen]:
+    """A process worker of the pool (``args`` added to `prefect worker start`), stopped when the block ends."""
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
-                                    "--type", "process"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                    "--type", "process", *args], cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
     try:
         yield process
     finally:

@@ -20,7 +20,7 @@ COMMANDS = {
     (): ["demo", "deidentify", "init", "settings", "report", "stack", "run", "catalog", "alerts"],
     ("stack",): ["up", "down", "status", "seed"],
     ("alerts",): ["apply", "webhook"],
-    ("run",): ["nightly", "compact", "fhir-resync"],
+    ("run",): ["nightly", "plan", "compact", "fhir-resync"],
     ("catalog",): ["query", "views", "stats"],
 }
 
@@ -125,6 +125,16 @@ def test_run_nightly_rejects_a_bad_date():
     result = runner.invoke(app, ["run", "nightly", "--since", "yesterday"])
     assert result.exit_code == 2
     assert "--since" in result.output
+
+
+def test_run_plan_needs_the_server_whose_workers_run_the_shards(monkeypatch, tmp_path):
+    monkeypatch.delenv("PACSFLOW_CONFIG", raising=False)
+    monkeypatch.setenv("PACSFLOW_DEID_KEY", "cli-test-key-0123456789")
+    monkeypatch.setenv("PACSFLOW_STATE_ROOT", str(tmp_path / "state"))
+    monkeypatch.setenv("PREFECT_API_URL", "")
+    result = runner.invoke(app, ["run", "plan"])
+    assert result.exit_code == 2
+    assert "PREFECT_API_URL" in result.output
 
 
 def test_run_fhir_resync_needs_a_base_url(monkeypatch):

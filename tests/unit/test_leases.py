@@ -61,3 +61,30 @@ def test_done_is_final_and_release_gives_back_at_once(leases):
     assert [p.finished for p in leases.shards()] == [True, False]
     leases.add("undated", ["9.9"])
     assert leases.shards()[-1].day is None
+
+
+def test_reopen_brings_a_done_study_back_into_the_new_shard_and_leaves_open_ones_alone(leases):
+    held = leases.claim("w1", 6, lease_s=60, shard="2026-11-01")
+    leases.done("w1", held[:2])
+    leases.add("2026-11-01.again", held[:3], day=dt.date(2026, 11, 1), reopen=True)
+    assert leases.holders()[held[2]] == "w1"  # open and held: untouched, still in its shard
+    assert leases.claim("w2", 10, lease_s=60, shard="2026-11-01.again") == held[:2]
+    progress = {p.shard: (p.studies, p.done, p.held) for p in leases.shards()}
+    assert progress["2026-11-01"] == (4, 0, 4) and progress["2026-11-01.again"] == (2, 0, 2)
+    assert leases.open_studies([*held, "1.9.9"]) == set(held)
+
+
+def test_flow_runs_are_recorded_per_shard_and_expired_claims_are_counted_then_forgotten(leases):
+    leases.started("2026-11-01", "run-a")
+    leases.started("2026-11-01", "run-b")
+    leases.started("2026-11-02", "run-c")
+    assert leases.runs() == {"2026-11-01": "run-b", "2026-11-02": "run-c"}
+    held = leases.claim("w1", 6, lease_s=0.2, shard="2026-11-01")
+    leases.release("w1", held[:1])  # given back: not an expired claim
+    time.sleep(0.4)
+    [p] = [p for p in leases.shards() if p.shard == "2026-11-01"]
+    assert (p.held, p.expired) == (0, 5)
+    assert leases.forget_expired("2026-11-01") == 5
+    [p] = [p for p in leases.shards() if p.shard == "2026-11-01"]
+    assert (p.held, p.expired) == (0, 0)
+    assert leases.done("w1", held) == []  # no longer w1's

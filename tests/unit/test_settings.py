@@ -136,3 +136,22 @@ def test_invalid_receiver_limits_name_the_setting(field, value):
     with pytest.raises(SettingsError) as exc:
         load_settings(receiver={field: value})
     assert f"receiver.{field}" in str(exc.value)
+
+
+def test_each_worker_gets_its_own_receiver_ae_title_and_port(monkeypatch):
+    monkeypatch.setenv("PACSFLOW_RECEIVER__AE_TITLE", "PACSFLOW{worker}")
+    monkeypatch.setenv("PACSFLOW_RECEIVER__PORT", "11200")
+    monkeypatch.setenv("PACSFLOW_SHARDS__WORKER", "3")
+    settings = load_settings()
+    receiver = settings.shards.receiver_of(settings.receiver)
+    assert (receiver.ae_title, receiver.port) == ("PACSFLOW3", 11203)
+    assert settings.receiver.ae_title == "PACSFLOW{worker}"  # as configured: resolved per shard run
+
+
+def test_without_a_worker_number_the_receiver_is_as_configured_and_a_placeholder_is_refused(monkeypatch):
+    settings = load_settings()
+    assert settings.shards.receiver_of(settings.receiver) == settings.receiver
+    monkeypatch.setenv("PACSFLOW_RECEIVER__AE_TITLE", "PACS{worker}")
+    settings = load_settings()
+    with pytest.raises(SettingsError, match="shards.worker"):
+        settings.shards.receiver_of(settings.receiver)

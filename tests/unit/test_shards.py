@@ -2,7 +2,9 @@ import datetime as dt
 
 import pytest
 
-from pacsflow.tasks.ingest.shards import cut_shards, shard_watermark
+from pacsflow.tasks.ingest.leases import ShardProgress
+from pacsflow.tasks.ingest.ledger import LedgerEntry
+from pacsflow.tasks.ingest.shards import RunSeen, cut_shards, settled_claims, shard_watermark, shards_to_start
 from pacsflow.tasks.pacs.models import StudyInfo
 
 
@@ -41,3 +43,36 @@ def test_the_watermark_stops_at_the_first_day_with_an_unfinished_shard():
     assert shard_watermark(end, []) == end
     assert shard_watermark(end, [dt.date(2026, 11, 29), dt.date(2026, 11, 27)]) == dt.date(2026, 11, 27)
     assert shard_watermark(end, [None]) == end  # undated: retried by UID, holds nothing
+
+
+def progress(shard: str, studies: int = 4, done: int = 0, held: int = 0, expired: int = 0) -> ShardProgress:
+    return ShardProgress(shard, dt.date(2026, 11, 30), studies, done, held, expired)
+
+
+def test_which_shards_get_a_run_and_why():
+    shards = [progress("new"), progress("finished", done=4), progress("gone"), progress("crashed"),
+              progress("failed-but-held", held=1), progress("running", held=2), progress("stale", expired=3),
+              progress("running-long-never-claimed"), progress("just-started"), progress("waiting-for-a-worker"),
+              progress("completed-with-work-left", done=2)]
+    runs = {"finished": RunSeen("COMPLETED", 5), "gone": None, "crashed": RunSeen("CRASHED", 1),
+            "failed-but-held": RunSeen("FAILED", 1), "running": RunSeen("RUNNING", 100),
+            "stale": RunSeen("RUNNING", 5), "running-long-never-claimed": RunSeen("PENDING", 61),
+            "just-started": RunSeen("RUNNING", 3), "waiting-for-a-worker": RunSeen("LATE", 500),
+            "completed-with-work-left": RunSeen("COMPLETED", 5)}
+    starts = shards_to_start(shards, runs, lease_s=60)
+    assert [(s.shard, s.why) for s in starts] == [
+        ("new", "new"), ("gone", "gone"), ("crashed", "crashed"), ("stale", "stale"),
+        ("running-long-never-claimed", "stale"), ("completed-with-work-left", "completed")]
+
+
+def test_a_shard_run_settles_its_claims_from_the_ledger():
+    def entry(uid: str, status: str, permanent: bool = False) -> LedgerEntry:
+        return LedgerEntry(uid, "p" + uid, "20261130", 3, status, None, permanent, 1)
+
+    ledger = {"1.1": entry("1.1", "cataloged"), "1.2": entry("1.2", "failed"),
+              "1.3": entry("1.3", "failed", permanent=True), "1.5": entry("1.5", "cataloged")}
+    claimed = ["1.1", "1.2", "1.3", "1.4", "1.5", "1.6"]
+    # 1.5 was not planned (cataloged with the PACS's count), 1.6 neither (gone from the PACS);
+    # 1.4 was planned and never reached the ledger (interrupted)
+    done, back = settled_claims(claimed, ["1.1", "1.2", "1.3", "1.4"], ledger)
+    assert done == ["1.1", "1.3", "1.5", "1.6"] and back == ["1.2", "1.4"]

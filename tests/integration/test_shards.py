@@ -1,0 +1,286 @@
+"""Shards as flow runs across workers (issue 17, tests 3 and 4): a real `prefect server` on
+PostgreSQL, the plan and ingest-shard deployments of prefect.yaml on a process pool, three
+`prefect worker` processes, each with its own receiver (``PACSFLOW{worker}`` at receiver.port +
+worker), the state in PostgreSQL and the catalog as Delta tables. One Orthanc PACS (not two: the
+settings name one PACS per deployment).
+
+Test 3: plan once; every study of the PACS is cataloged exactly once, by shard runs on more than
+one worker, and a DuckDB count over the catalog equals the PACS's counts; a second plan finds
+nothing to do. Test 4: a worker and its flow-run process are killed with SIGKILL mid-shard; a new
+worker starts, the next plan starts the dead shard again, and every study is cataloged exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
+
+import psycopg
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactCollectionFilter,
+    ArtifactCollectionFilterKey,
+    DeploymentFilter,
+    DeploymentFilterName,
+)
+
+from pacsflow.catalog.backends import open_store
+from pacsflow.catalog.views import query
+from pacsflow.deployments.local import sampledata
+from pacsflow.deployments.local.orthanc import OrthancServer
+from pacsflow.flows.plan import plan
+from pacsflow.tasks.ingest.leases import Leases
+from tests.integration.prefect_server import deploy, pool_worker, running_prefect_server, worker_env
+from tests.postgres import PostgresServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+WORKERS = 3
+LEASE_S = 6.0
+TODAY = dt.date.today()
+WAIT_S = 240.0
+
+
+def _free_run(n: int) -> int:
+    """A port p with p..p+n-1 free now (the receivers of workers 0..n-1)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        try:
+            for p in range(base, base + n):
+                with socket.socket() as t:
+                    t.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no run of free ports")
+
+
+@dataclass
+class Site:
+    root: Path
+    orthanc: OrthancServer
+    env: dict[str, str]  # the settings every worker shares (PACSFLOW_*, PREFECT_*)
+    state_url: str
+    stack: ExitStack
+    workers: dict[int, Popen] = field(default_factory=dict)
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "lake" / "catalog"
+
+    def start_worker(self, number: int) -> Popen:
+        env = {**self.env, "PACSFLOW_SHARDS__WORKER": str(number)}
+        process = self.stack.enter_context(pool_worker(env, self.root / f"worker{number}.log", "--limit", "1",
+                                                       "--name", f"shards-{number}"))
+        self.workers[number] = process
+        return process
+
+    def leases(self) -> Leases:
+        return Leases.under(self.root / "state", self.state_url)
+
+    def catalog_counts(self) -> tuple[int, int, int]:
+        """Study rows, distinct studies, instance rows."""
+        sql = ("SELECT (SELECT count(*) FROM studies), (SELECT count(DISTINCT study_uid) FROM studies), "
+               "(SELECT count(*) FROM instances)")
+        return tuple(query(open_store(self.catalog, "delta"), sql).to_pylist()[0].values())  # type: ignore[return-value]
+
+    def wait_all_done(self, timeout_s: float = WAIT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            shards = self.leases().shards()
+            if shards and all(p.finished for p in shards):
+                return
+            time.sleep(1.0)
+        logs = "\n".join((self.root / f"worker{n}.log").read_text()[-1500:] for n in self.workers)
+        pytest.fail(f"shards not done: {self.leases().shards()}\n{logs}")
+
+
+@pytest.fixture(scope="module")
+def site(postgresql: PostgresServer, orthanc_factory, tmp_path_factory) -> Iterator[Site]:  # noqa: F811
+    root = tmp_path_factory.mktemp("shards")
+    prefect_db = postgresql.new_database().replace("postgresql://", "postgresql+asyncpg://", 1)
+    state_url = postgresql.new_database()
+    base = _free_run(WORKERS + 4)  # workers 1-3, and up to three that replace killed ones
+    aes = {f"PACSFLOW{n}": (f"PACSFLOW{n}", "127.0.0.1", base + n) for n in range(1, WORKERS + 4)}
+    orthanc = orthanc_factory(modalities=aes)
+    with running_prefect_server(root, PREFECT_API_DATABASE_CONNECTION_URL=prefect_db) as api:
+        settings = {
+            "PACSFLOW_PACS__PORT": str(orthanc.dicom_port), "PACSFLOW_PACS__HTTP_URL": orthanc.rest_url,
+            "PACSFLOW_RECEIVER__AE_TITLE": "PACSFLOW{worker}", "PACSFLOW_RECEIVER__PORT": str(base),
+            "PACSFLOW_RECEIVER__ENGINE": "pynetdicom",
+            "PACSFLOW_STORAGE_ROOT": str(root / "lake" / "dicom"), "PACSFLOW_CATALOG_ROOT": str(root / "lake" / "catalog"),
+            "PACSFLOW_CATALOG__BACKEND": "delta", "PACSFLOW_STATE_ROOT": str(root / "state"),
+            "PACSFLOW_STATE__URL": state_url, "PACSFLOW_DEID_KEY": "shards-test-key-0123456789",
+            "PACSFLOW_DEID_WORKERS": "0", "PACSFLOW_SHARDS__MAX_STUDIES": "2",
+            "PACSFLOW_SHARDS__LEASE_S": str(LEASE_S), "PACSFLOW_RETRY_DELAY_S": "0.2",
+            "PACSFLOW_MAX_ASSOCIATIONS": "3", "PACSFLOW_MIN_FREE_MB": "0",
+        }
+        env = worker_env(api, root / "prefect-home", **settings)
+        deploy(env, "plan", "ingest-shard")
+        with ExitStack() as stack:
+            s = Site(root, orthanc, env, state_url, stack)
+            for n in range(1, WORKERS + 1):
+                s.start_worker(n)
+            yield s
+
+
+@pytest.fixture
+def planner_env(site: Site, monkeypatch) -> None:
+    """The plan flow runs in this process with the workers' settings (no worker number)."""
+    for k, v in site.env.items():
+        if k.startswith("PACSFLOW_"):
+            monkeypatch.setenv(k, v)
+
+
+def _seed(site: Site, folder: Path, studies: int, end: dt.date, seed: int,
+          days: int = 4) -> list[sampledata.StudySummary]:
+    made = sampledata.generate(folder, studies=studies, days=days, end_date=end, seed=seed, modalities=("CT", "MR"),
+                               series_per_study=(1, 2), instances_per_series=(2, 3), rows=32, cols=32)
+    sampledata.load([folder], "127.0.0.1", site.orthanc.dicom_port)
+    return made
+
+
+def _shard_runs() -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=["ingest-shard"])))
+
+
+def _final_shard_runs(timeout_s: float = 60.0) -> list:
+    """The shard runs once none is still running (a run marks its studies done, then writes its report)."""
+    deadline = time.monotonic() + timeout_s
+    runs = _shard_runs()
+    while any(not (r.state and r.state.is_final()) for r in runs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        runs = _shard_runs()
+    return runs
+
+
+def _claimants(state_url: str) -> set[str]:
+    with psycopg.connect(state_url) as con:
+        rows = con.execute("SELECT DISTINCT worker FROM leases.claims WHERE worker IS NOT NULL").fetchall()
+    return {r[0].split("/")[1] for r in rows}
+
+
+def test_plan_spreads_the_shards_over_the_workers_and_catalogs_every_study_once(site, planner_env, tmp_path):
+    made = _seed(site, tmp_path / "in", studies=8, end=TODAY - dt.timedelta(days=10), seed=31)
+    since, until = TODAY - dt.timedelta(days=14), TODAY - dt.timedelta(days=10)
+
+    result = plan(since=since, until=until)
+
+    assert (result["found"], result["queued"]) == (8, 8)
+    assert result["shards_cut"] == result["started"] >= 4 and result["restarted"] == 0
+    site.wait_all_done()
+    n_instances = sum(s.n_instances for s in made)
+    assert site.orthanc.study_count() == 8 and site.orthanc.instance_count() == n_instances
+    assert site.catalog_counts() == (8, 8, n_instances)
+    assert len(_claimants(site.state_url) & {"1", "2", "3"}) >= 2  # the shards ran on more than one worker
+    assert {r.state.type.value for r in _final_shard_runs()} == {"COMPLETED"}
+    with get_client(sync_client=True) as client:  # one slot per retrieve: the limit keeps its size, all given back
+        limit = client.read_global_concurrency_limit_by_name("pacs-associations")
+    assert (limit.limit, limit.active_slots) == (3, 0)
+
+    again = plan(since=since, until=until)  # nothing left: no run, the watermark at the window's end
+    assert (again["queued"], again["started"], again["restarted"], again["unfinished"]) == (0, 0, 0, 0)
+    assert again["watermark"] >= until.isoformat()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    found, frontier = [], {pid}
+    while frontier:
+        children = [p for p in pids if _parent(p) in frontier]
+        found += children
+        frontier = set(children)
+    return found
+
+
+def _kill_mid_shard(site: Site) -> str | None:
+    """SIGKILL a worker and its flow-run process while that run holds leases on studies of its
+    shard (claimed, not done): the shard's key, or None when no run is in that state right now."""
+    processes = {n: [*_descendants(w.pid), w.pid] for n, w in site.workers.items() if w.poll() is None}
+    runs = {int(r.infrastructure_pid): r.parameters["shard"] for r in _shard_runs()
+            if r.state and r.state.is_running() and r.infrastructure_pid}
+    working = {p.shard for p in site.leases().shards() if p.held and not p.finished}
+    for number, pids in processes.items():
+        shard = next((runs[pid] for pid in pids if pid in runs and runs[pid] in working), None)
+        if shard is None:
+            continue
+        for pid in pids:  # the flow-run process and its worker, no clean-up
+            os.kill(pid, signal.SIGKILL)
+        site.workers.pop(number).wait()
+        return shard
+    return None
+
+
+def _cataloged(site: Site) -> int:
+    return sum(p.done for p in site.leases().shards())
+
+
+def test_a_killed_worker_s_shard_is_started_again_by_the_next_plan_and_cataloged_once(site, planner_env,
+                                                                                       tmp_path):
+    before = site.catalog_counts()
+    made = _seed(site, tmp_path / "in", studies=9, days=3, end=TODAY - dt.timedelta(days=5), seed=47)
+    since, until = TODAY - dt.timedelta(days=7), TODAY - dt.timedelta(days=5)
+    done_before = _cataloged(site)
+
+    first = plan(since=since, until=until)
+    assert first["queued"] == 9 and first["started"] == 6  # 3 studies a day, at most 2 a shard
+
+    deadline, shard, spare = time.monotonic() + WAIT_S, None, iter(range(WORKERS + 1, WORKERS + 4))
+    while shard is None and time.monotonic() < deadline:
+        if _cataloged(site) - done_before >= 3:  # a third of the studies
+            hit = _kill_mid_shard(site)
+            if hit is not None:
+                site.start_worker(next(spare))
+                # the run may have marked its studies done between the look and the kill: try another
+                shard = hit if hit in {p.shard for p in site.leases().shards() if not p.finished} else None
+        time.sleep(0.2)
+    assert shard is not None, f"no shard run to kill: {site.leases().shards()}"
+
+    # the other shards end; the killed one stays unfinished, its run RUNNING, until the next plan
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        open_shards = [p for p in site.leases().shards() if not p.finished]
+        if [p.shard for p in open_shards] == [shard] and open_shards[0].held == 0:
+            break
+        time.sleep(1.0)
+    assert [p.shard for p in site.leases().shards() if not p.finished] == [shard], site.leases().shards()
+    time.sleep(LEASE_S)  # its run has been RUNNING longer than a lease by now
+
+    second = plan(since=since, until=until)
+    assert (second["shards_cut"], second["started"], second["restarted_by_reason"]) == (0, 0, {"stale": 1})
+    with get_client(sync_client=True) as client:  # the plan's artifact names the dead shard and what it did
+        [artifact] = client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(
+            key=ArtifactCollectionFilterKey(any_=["plan-shards"])))
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert [(r["shard"], r["started"]) for r in rows] == [(shard, "stale")]
+    site.wait_all_done()
+
+    n_instances = sum(s.n_instances for s in made)
+    assert site.catalog_counts() == (before[0] + 9, before[1] + 9, before[2] + n_instances)
+    assert site.orthanc.study_count() == before[0] + 9
+    killed = [r for r in _final_shard_runs() if r.parameters.get("shard") == shard]
+    assert sorted(r.state.type.value for r in killed) == ["COMPLETED", "CRASHED"]
