@@ -38,6 +38,7 @@ from pacsflow.flows.nightly import (
     run_summarised,
     tidy,
 )
+from pacsflow.flows.migrate import migration_gate
 from pacsflow.flows.secrets import load_run_settings
 from pacsflow.tasks.core.errors import PermanentError
 from pacsflow.tasks.deid.manifest import object_id
@@ -101,7 +102,7 @@ def shard_steps(settings: Settings, parts: RunParts, shard: str, logger: Logger)
         return
     slot = slot_of(settings, run.run_id, logger)
     with renewing(leases, worker, claimed, lease_s, logger), _giving_back(leases, worker, claimed):
-        with slot():
+        with slot(len(claimed)):
             items = discover_work(settings, run, window, book, logger, only=claimed)
         progress = Progress("ingest-shard-progress", len(items))
         with recording_interruption(book, logger):
@@ -149,7 +150,20 @@ def _giving_back(leases: Leases, worker: str, study_uids: list[str]) -> Iterator
         leases.release(worker, study_uids)
 
 
-def slot_of(settings: Settings, run_id: str, logger: Logger) -> Callable[[], AbstractContextManager]:
-    """One slot of the global PACS limit (of ``max_associations`` slots), per use."""
-    return partial(hold_slots, PACS_LIMIT, 1, run_id=run_id, max_wait_s=settings.slot_wait_s, logger=logger,
-                   size=settings.max_associations)
+def slot_of(settings: Settings, run_id: str, logger: Logger, *,
+            gated: bool = True) -> Callable[[int], AbstractContextManager]:
+    """``slot(studies)``: one slot of the global PACS limit (of ``max_associations`` slots) per
+    use, taken once a migration's gate lets that many studies go (:func:`migration_gate`: its
+    window, pause and rate; nothing when no migration is configured). A closed window or a pause
+    ends the shard run with its studies given back: the next plan starts it again in the window.
+    ``gated=False``: the slot only (the plan's C-FIND, which ``migrate-run`` gates itself)."""
+
+    @contextmanager
+    def slot(studies: int = 1) -> Iterator[None]:
+        if gated:
+            migration_gate(studies, settings=settings)
+        with hold_slots(PACS_LIMIT, 1, run_id=run_id, max_wait_s=settings.slot_wait_s, logger=logger,
+                        size=settings.max_associations):
+            yield
+
+    return slot

@@ -280,10 +280,10 @@ def discover_work(settings: Settings, run: NightlyRun, window: Window | None, bo
 
 def retrieve_and_deidentify(settings: Settings, run: NightlyRun, items: list[WorkItem], book: RunBook,
                             progress: "Progress | None" = None,
-                            slot: Callable[[], AbstractContextManager] | None = None) -> None:
+                            slot: Callable[[int], AbstractContextManager] | None = None) -> None:
     """Retrieve each study (at most max_associations at once: the nightly run holds that many
     slots of the global PACS limit, and waiting here costs nothing; a shard run takes one
-    ``slot()`` per retrieval task instead, held until it ends) and de-identify it as soon as it is
+    ``slot(studies)`` per retrieval task instead, held until it ends) and de-identify it as soon as it is
     complete."""
     for item in items:  # a fresh staging folder: stale files from an older attempt must not count
         remove_tree(run.staging.study_dir(item.study_uid))
@@ -545,11 +545,11 @@ class _InFlight:
             self._slots.popitem()[1].close()
 
     def add_retrieval(self, items: list[WorkItem], start: Callable[[], PrefectFuture],
-                      slot: Callable[[], AbstractContextManager] | None) -> None:
-        """Start a retrieval task, holding ``slot()`` (when given) from before it starts to its end."""
+                      slot: Callable[[int], AbstractContextManager] | None) -> None:
+        """Start a retrieval task, holding ``slot(len(items))`` (when given) from before it starts to its end."""
         held = ExitStack()
         if slot is not None:
-            held.enter_context(slot())
+            held.enter_context(slot(len(items)))
         try:
             future = start()
         except BaseException:

@@ -56,7 +56,7 @@ def plan_shards(settings: Settings, since: dt.date | None, until: dt.date | None
     name_flow_run(f"plan {dt.date.today().isoformat()} ({window})")
     book = RunBook(run.ledger, run.run_id, window, max_attempts=settings.max_attempts,
                    object_id=partial(object_id, run.key))
-    with slot_of(settings, run.run_id, logger)():
+    with slot_of(settings, run.run_id, logger, gated=False)(1):
         items = discover_work(settings, run, window, book, logger)
     leases = Leases.under(settings.state_root, settings.state.url)
     planned = leases.open_studies(i.study_uid for i in items)  # in an unfinished shard already: it stays there
