@@ -5,6 +5,7 @@ night finds nothing and then finds a corrupted object, and with the window close
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import sys
 import time
 import types
@@ -185,3 +186,27 @@ def test_the_rate_limit_paces_retrieves_over_all_callers(prefect_api, tmp_path, 
     migration_gate(4, settings=settings)  # then the slots come back at 2 a second
     waited = time.monotonic() - started - burst
     assert burst < 1.5 <= waited < 20, (burst, waited)
+
+
+def test_a_shards_retrieval_slot_passes_the_gate_before_it_takes_a_pacs_slot(prefect_api, tmp_path, monkeypatch):
+    from pacsflow.flows.ingest_shard import slot_of
+    from pacsflow.tasks.pacs.steps import PACS_LIMIT
+
+    monkeypatch.setenv("PACSFLOW_STATE_ROOT", str(tmp_path / "state"))
+    monkeypatch.setenv("PACSFLOW_MAX_ASSOCIATIONS", "2")
+    settings = load_settings()
+    slot = slot_of(settings, "shard-gate-test", logging.getLogger("test"))
+
+    def taken() -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(PACS_LIMIT).active_slots
+
+    with slot(3):  # no migration configured: only the PACS slot
+        assert taken() == 1
+    assert taken() == 0
+    migration_store(settings).save_config(MigrationConfig(_closed_now()))
+    with pytest.raises(MigrationWindowClosed), slot(3):
+        pytest.fail("a closed window let a retrieval start")
+    assert taken() == 0  # refused before any PACS slot was taken
+    with slot_of(settings, "plan-test", logging.getLogger("test"), gated=False)(1):  # the plan's C-FIND slot
+        assert taken() == 1
