@@ -1,6 +1,6 @@
 """moto's standalone S3 server on loopback for tests of ``s3://`` storage.
 
-``s3_server`` (session-scoped) starts ``python -m moto.server`` on 127.0.0.1 on a free port, waits until it
+``s3_server`` (session-scoped) starts moto's server (``python -m tests.moto_server``) on 127.0.0.1 on a free port, waits until it
 answers and yields an :class:`S3Server`: its endpoint URL, dummy credentials (as fsspec ``storage_options``
 and as ``AWS_*`` environment variables), ``create_bucket`` through boto3, and ``restart`` on the same port.
 Import the fixture into a test module (``from tests.s3 import s3_server``).
@@ -30,6 +30,7 @@ import pytest
 from tests.helpers import free_port
 
 # Dummy keys: moto accepts any; real ones are never needed on loopback.
+ROOT = Path(__file__).resolve().parents[1]  # where `python -m tests.moto_server` finds the tests package
 ACCESS_KEY = "pacsflow-test-key"
 SECRET_KEY = "pacsflow-test-secret"
 REGION = "us-east-1"
@@ -83,8 +84,10 @@ class S3Server:
         replay = recording.exists() and recording.stat().st_size > 0
         env = {**os.environ, "MOTO_ENABLE_RECORDING": "true", "MOTO_RECORDER_FILEPATH": str(recording)}
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                             "-p", str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+            # tests.moto_server: moto.server with a recorder that cannot interleave two requests' lines.
+            self.process = subprocess.Popen([sys.executable, "-m", "tests.moto_server", "-H", "127.0.0.1",
+                                             "-p", str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=ROOT)
         if not _answers(self.endpoint_url, self.process):
             self.stop()
             raise RuntimeError(f"moto server did not start: {self.log_path.read_text()[-2000:]}")
