@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
 from pacsflow.flows.cli import app, demo_settings
@@ -131,8 +132,9 @@ def test_run_plan_needs_the_server_whose_workers_run_the_shards(monkeypatch, tmp
     monkeypatch.delenv("PACSFLOW_CONFIG", raising=False)
     monkeypatch.setenv("PACSFLOW_DEID_KEY", "cli-test-key-0123456789")
     monkeypatch.setenv("PACSFLOW_STATE_ROOT", str(tmp_path / "state"))
-    monkeypatch.setenv("PREFECT_API_URL", "")
-    result = runner.invoke(app, ["run", "plan"])
+    # A settings context, not the environment: an earlier test's harness may hold one with its URL.
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = runner.invoke(app, ["run", "plan"])
     assert result.exit_code == 2
     assert "PREFECT_API_URL" in result.output
 
