@@ -56,10 +56,14 @@ def _receiver_base(workers: int) -> int:
 def load_pacs(work: Path, studies: int, modalities: dict) -> OrthancServer:
     server = OrthancServer(OrthancConfig(work / "orthanc", free_port(), free_port(), modalities=modalities))
     server.start()
-    sampledata.generate(work / "in", studies=studies, days=DAYS, end_date=TODAY - dt.timedelta(days=1), seed=17,
-                        modalities=("CT", "MR"), series_per_study=(2, 2), instances_per_series=(5, 5),
-                        rows=64, cols=64)
-    sampledata.load([work / "in"], "127.0.0.1", server.dicom_port)
+    try:
+        sampledata.generate(work / "in", studies=studies, days=DAYS, end_date=TODAY - dt.timedelta(days=1),
+                            seed=17, modalities=("CT", "MR"), series_per_study=(2, 2), instances_per_series=(5, 5),
+                            rows=64, cols=64)
+        sampledata.load([work / "in"], "127.0.0.1", server.dicom_port)
+    except BaseException:
+        server.stop(graceful=False)  # not yet in the caller's exit stack
+        raise
     shutil.rmtree(work / "in")
     return server
 
