@@ -266,9 +266,9 @@ class RunBook:
         return verdicts
 
     def _record_deidentified(self) -> None:
+        self.summary.quarantined_objects = self.quarantined_count
         for w, o in self.outcomes.values():
             self.summary.deidentified += 1
-            self.summary.quarantined_objects += self.reports[w.pseudo_uid].quarantined
             self.written += o.written
             if not o.rows_dir:
                 self.ledger.mark_failed(w.study_uid, w.pseudo_uid, w.study_date, w.expected, ALL_QUARANTINED, True,
