@@ -8,6 +8,7 @@ tampered or stale row cannot make the service read another file.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from typing import IO, Iterator
@@ -55,8 +56,8 @@ class LakeFiles:
         """The file system path of a catalog ``file_path``, when it lies under the root."""
         if self.local:
             path = file_path.removeprefix("file://")
-            full = os.path.realpath(path if os.path.isabs(path) else os.path.join(self.root, path))
-            inside = os.path.commonpath([self.root, full]) == self.root and full != self.root
+            full = _real_file(path if os.path.isabs(path) else os.path.join(self.root, path))
+            inside = full.startswith(self.root.rstrip(os.sep) + os.sep)
         else:
             protocol, _ = fsspec.core.split_protocol(file_path)
             protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
@@ -97,6 +98,21 @@ class LakeFiles:
             if syntax in COMPRESSED_MEDIA:
                 return syntax, [_encapsulated_frame(handle, element.file_tell, n - 1, count) for n in numbers]
             raise FrameError("frames are served for uncompressed and JPEG-family transfer syntaxes only")
+
+
+def _real_file(path: str) -> str:
+    """``os.path.realpath(path)`` at one ``lstat`` per file: a series' files share a folder, whose
+    real path is looked up once (the lake's folders are only ever added, never swapped)."""
+    folder, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        return os.path.realpath(path)
+    full = os.path.join(_real_folder(folder), name)
+    return os.path.realpath(full) if os.path.islink(full) else full
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def _native_frames(handle: IO[bytes], ds: object, start: int, numbers: list[int]) -> list[bytes]:

@@ -10,6 +10,11 @@ response without Content-Length to an HTTP/1.1 client, which is how h11 frames i
 goes out as one chunk: its size line, the file, the line end; h11 never sees those bytes and
 closes the body with its own last chunk as usual.
 
+Each send is a system call, and on loopback also the receiver's work, so a file costs one write
+and one ``sendfile``: a message may carry ``head``, bytes that go out in the same chunk before the
+file (a multipart part's head; a pacsflow addition to the extension's message), and a chunk's line
+end waits to go out with whatever is written next.
+
 Anything else (TLS, HTTP/1.0, another server, the test client) gets no extension, and the
 response falls back to reading the file (:class:`pacsflow.tasks.web.multipart.FilePartsResponse`).
 """
@@ -17,12 +22,15 @@ response falls back to reading the file (:class:`pacsflow.tasks.web.multipart.Fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 from typing import Any, BinaryIO
 
 from starlette import types as asgi
 
 EXTENSION = "http.response.zerocopysend"
+SEND_BUFFER = 4 << 20
 
 
 class ZeroCopyUnavailable(RuntimeError):
@@ -57,39 +65,73 @@ class ZeroCopyApp:
             await self.app(scope, receive, send)
             return
         cycle, transport = found
-        chunked = False
+        _widen_send_buffer(transport)
+        chunked, line_end = False, b""
 
         async def sending(message: asgi.Message) -> None:
-            nonlocal chunked
+            nonlocal chunked, line_end
             if message["type"] == "http.response.start":
                 chunked = not any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
             if message["type"] != EXTENSION:
+                if line_end:
+                    transport.write(line_end)
+                    line_end = b""
                 await send(message)
                 return
             if not chunked:
                 raise ZeroCopyUnavailable("a zero-copy body needs a response without Content-Length")
-            await _send_chunk(cycle, transport, message["file"], message.get("offset"), message.get("count"))
+            sent = await _send_chunk(cycle, transport, line_end, message.get("head", b""), message["file"],
+                                     message.get("offset"), message.get("count"))
+            line_end = b"\r\n" if sent else b""
             if not message.get("more_body", False):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await sending({"type": "http.response.body", "body": b"", "more_body": False})
 
         extensions = {**(scope.get("extensions") or {}), EXTENSION: {}}
         await self.app({**scope, "extensions": extensions}, receive, sending)
 
 
-async def _send_chunk(cycle: Any, transport: asyncio.Transport, file: BinaryIO, offset: int | None,
-                      count: int | None) -> None:
-    """``count`` bytes of ``file`` from ``offset`` (default: the rest of it) as one chunk."""
+def _widen_send_buffer(transport: asyncio.Transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < SEND_BUFFER:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER // 2)
+
+
+async def _send_chunk(cycle: Any, transport: asyncio.Transport, line_end: bytes, head: bytes, file: BinaryIO,
+                      offset: int | None, count: int | None) -> bool:
+    """``head`` and then ``count`` bytes of ``file`` from ``offset`` (default: the rest of it) as
+    one chunk, after ``line_end`` (the last chunk's). True when a chunk went out, whose own line
+    end the caller writes next."""
     offset = offset or 0
     if count is None:
         count = os.fstat(file.fileno()).st_size - offset
-    if count <= 0:
-        return
+    count = max(count, 0)
     if cycle.disconnected:
         raise ConnectionResetError("the client went away")
     await cycle.flow.drain()  # as uvicorn's own send: wait while the client reads slower than we write
-    transport.write(b"%x\r\n" % count)
-    sent = await asyncio.get_running_loop().sendfile(transport, file, offset, count)
-    if sent != count:  # the file shrank under us: the chunk's size line promised more
-        transport.close()
-        raise ConnectionAbortedError(f"sent {sent} of {count} bytes of a file that changed while it was sent")
-    transport.write(b"\r\n")
+    if not head and not count:  # an empty chunk would end the body
+        if line_end:
+            transport.write(line_end)
+        return False
+    transport.write(line_end + b"%x\r\n" % (len(head) + count) + head)
+    if count:
+        sent = _sendfile_now(transport, file, offset, count)
+        if sent < count:
+            sent += await asyncio.get_running_loop().sendfile(transport, file, offset + sent, count - sent)
+        if sent != count:  # the file shrank under us: the chunk's size line promised more
+            transport.close()
+            raise ConnectionAbortedError(f"sent {sent} of {count} bytes of a file that changed while it was sent")
+    return True
+
+
+def _sendfile_now(transport: asyncio.Transport, file: BinaryIO, offset: int, count: int) -> int:
+    """What ``sendfile(2)`` puts into the socket's buffer right away (0 while the transport still
+    holds bytes of its own). ``loop.sendfile`` waits for the socket to be writable again even
+    after a call that sent everything: with a send buffer larger than a file, that is one more
+    round of the event loop per file, the rest of the file (if any) goes that way."""
+    if transport.get_write_buffer_size():
+        return 0
+    fd, sent = transport.get_extra_info("socket").fileno(), 0
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        while sent < count and (n := os.sendfile(fd, file.fileno(), offset + sent, count - sent)):
+            sent += n
+    return sent

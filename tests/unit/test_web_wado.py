@@ -149,7 +149,10 @@ def test_a_tampered_catalog_row_reads_nothing_outside_the_storage_root(tmp_path)
     tables = {name: query(lake.catalog, f"SELECT * EXCLUDE (study_month) FROM {name}").to_pylist()
               for name in ("studies", "series", "instances")}
     victim = tables["instances"][0]
-    for path in (str(secret), f"{lake.storage}/../outside.dcm", f"{lake.storage}/{study['study_uid']}/../../outside.dcm"):
+    (Path(lake.storage) / "link.dcm").symlink_to(secret)  # a file inside the lake that leads out of it
+    (Path(lake.storage) / "linked-folder").symlink_to(tmp_path)  # a folder inside the lake that does
+    for path in (str(secret), f"{lake.storage}/../outside.dcm", f"{lake.storage}/{study['study_uid']}/../../outside.dcm",
+                 f"{lake.storage}/link.dcm", f"{lake.storage}/linked-folder/outside.dcm"):
         victim["file_path"] = path
         CatalogStore(lake.catalog).commit({n: pa.Table.from_pylist(t) for n, t in tables.items()})
         client = TestClient(create_app(lake.settings), headers=bearer(lake.token))
