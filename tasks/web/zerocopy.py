@@ -91,6 +91,8 @@ class ZeroCopyApp:
 
 
 def _widen_send_buffer(transport: asyncio.Transport) -> None:
+    """A send buffer that takes a whole file of a few MiB in one ``sendfile(2)``: Linux's own
+    sizing starts at 16 KiB and grows only as the connection goes on."""
     sock = transport.get_extra_info("socket")
     if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < SEND_BUFFER:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER // 2)
@@ -126,8 +128,8 @@ async def _send_chunk(cycle: Any, transport: asyncio.Transport, line_end: bytes,
 def _sendfile_now(transport: asyncio.Transport, file: BinaryIO, offset: int, count: int) -> int:
     """What ``sendfile(2)`` puts into the socket's buffer right away (0 while the transport still
     holds bytes of its own). ``loop.sendfile`` waits for the socket to be writable again even
-    after a call that sent everything: with a send buffer larger than a file, that is one more
-    round of the event loop per file, the rest of the file (if any) goes that way."""
+    after a call that sent everything: one more round of the event loop per file. Only what
+    does not fit in the buffer now is left to it."""
     if transport.get_write_buffer_size():
         return 0
     fd, sent = transport.get_extra_info("socket").fileno(), 0
