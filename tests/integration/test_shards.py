@@ -7,10 +7,11 @@ receiver as a C-MOVE destination, each loaded with studies of its own.
 
 Test 3: plan once; every study of both PACS is cataloged exactly once (B's by shards keyed
 ``b/...``), by shard runs on more than one worker, and DuckDB counts over the catalog equal the
-sum of both PACS's counts (Orthanc REST); a second plan finds nothing to do and both watermarks
-are at the window's end. Test 4 (studies on the first PACS only): a worker and its flow-run
-process are killed with SIGKILL mid-shard; a new worker starts, the next plan starts the dead
-shard again, and every study is cataloged exactly once.
+sum of both PACS's counts (Orthanc REST); `migrate inventory` and `reconcile` of each PACS (its
+own passes, the studies that came from it) find no difference; a second plan finds nothing to do
+and both watermarks are at the window's end. Test 4 (studies on the first PACS only): a worker
+and its flow-run process are killed with SIGKILL mid-shard; a new worker starts, the next plan
+starts the dead shard again, and every study is cataloged exactly once.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pacsflow.catalog.backends import open_store
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
 from pacsflow.deployments.local.orthanc import OrthancServer
+from pacsflow.flows.migrate import migrate_inventory, migrate_reconcile
 from pacsflow.flows.plan import plan
 from pacsflow.tasks.ingest.leases import Leases
 from tests.integration.prefect_server import deploy, pool_worker, running_prefect_server, worker_env
@@ -213,6 +215,11 @@ def test_plan_spreads_the_shards_of_both_pacs_over_the_workers_and_catalogs_ever
     with get_client(sync_client=True) as client:  # one slot per retrieve: the limit keeps its size, all given back
         limit = client.read_global_concurrency_limit_by_name("pacs-associations")
     assert (limit.limit, limit.active_slots) == (3, 0)
+    for source, n in (("pacs", 8), ("b", 4)):  # each PACS's inventory against the studies that came from it
+        assert migrate_inventory(since, until, source)["studies"] == n
+        checked = migrate_reconcile(1.0, source)
+        assert (checked["studies"], checked["differences"], checked["checksum_findings"]) == (n, 0, 0), checked
+        assert checked["migrated"] == checked["on_pacs"] == n
 
     again = plan(since=since, until=until)  # nothing left on either: no run, both watermarks at the window's end
     assert (again["queued"], again["started"], again["restarted"], again["unfinished"]) == (0, 0, 0, 0)

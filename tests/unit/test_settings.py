@@ -158,11 +158,10 @@ def test_without_a_worker_number_the_receiver_is_as_configured_and_a_placeholder
 
 
 def test_further_pacs_by_name_from_the_environment(monkeypatch):
-    monkeypatch.setenv("PACSFLOW_PACS__PORT", "4242")
-    monkeypatch.setenv("PACSFLOW_SOURCES__B__PORT", "4343")
-    monkeypatch.setenv("PACSFLOW_SOURCES__B__CALLED_AE", "LEGACY")
-    monkeypatch.setenv("PACSFLOW_SOURCES__B__TLS__ENABLED", "true")
-    monkeypatch.setenv("PACSFLOW_SOURCES__OLD-2__HOST", "pacs2.example")
+    env = {"PACS__PORT": "4242", "SOURCES__B__PORT": "4343", "SOURCES__B__CALLED_AE": "LEGACY",
+           "SOURCES__B__TLS__ENABLED": "true", "SOURCES__OLD-2__HOST": "pacs2.example"}
+    for name, value in env.items():
+        monkeypatch.setenv(f"PACSFLOW_{name}", value)
     settings = load_settings()
     assert sorted(settings.sources) == ["b", "old-2"]  # names are read in lower case
     b = settings.for_source("b")
