@@ -32,6 +32,7 @@ from prefect.deployments import run_deployment
 from prefect.states import Crashed
 
 from pacsflow.flows.ingest_shard import slot_of
+from pacsflow.flows.migrate import named_source
 from pacsflow.flows.nightly import (
     Logger,
     NightlyRun,
@@ -88,10 +89,7 @@ class SourcePlan:
 
 def planned_sources(settings: Settings, source: str | None) -> list[str | None]:
     """The PACS a pass plans: all (None, the one in ``pacs``, first), or the one named."""
-    if source is None:
-        return [None, *sorted(settings.sources)]
-    settings.for_source(source)  # an unknown name is an error here, before any C-FIND
-    return [None if source == DEFAULT_SOURCE else source]
+    return [None, *sorted(settings.sources)] if source is None else [named_source(settings, source)]
 
 
 def plan_source(settings: Settings, source: str | None, run: NightlyRun, leases: Leases, since: dt.date | None,

@@ -8,11 +8,12 @@ import datetime as dt
 import pytest
 
 from pacsflow.flows.migrate import of_source
+from pacsflow.flows.plan import planned_sources
 from pacsflow.tasks.ingest.leases import Leases
 from pacsflow.tasks.ingest.ledger import LedgerEntry
 from pacsflow.tasks.migrate.inventory import InventoryStudy, SeriesCount
 from pacsflow.tasks.migrate.store import MigrationStore
-from pacsflow.tasks.settings import load_settings
+from pacsflow.tasks.settings import SettingsError, load_settings
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -54,3 +55,12 @@ def test_each_pacs_keeps_its_own_inventory_passes(tmp_path, state_url):
     done = b.record_pass(day, day, [InventoryStudy("2.1", "20261101", (SeriesCount("MR", 2, "2.1.1"),))])
     assert [s.study_uid for s in b.studies(done.id)] == ["2.1"]
     assert [s.study_uid for s in first.studies(first.latest().id)] == ["1.1"]
+
+
+def test_a_plan_covers_every_pacs_the_first_one_first_or_the_one_named():
+    settings = load_settings(sources={"old-2": {"port": 4344}, "b": {"port": 4343}})
+    assert planned_sources(settings, None) == [None, "b", "old-2"]
+    assert (planned_sources(settings, "pacs"), planned_sources(settings, "b")) == ([None], ["b"])
+    assert planned_sources(load_settings(), None) == [None]  # one PACS: as before
+    with pytest.raises(SettingsError, match="no PACS named 'c'"):
+        planned_sources(settings, "c")
