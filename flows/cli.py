@@ -143,10 +143,12 @@ def run_nightly_cmd(
 def run_plan_cmd(
     since: Annotated[Optional[str], typer.Option(help="window start (default: watermark minus overlap)")] = None,
     until: Annotated[Optional[str], typer.Option(help="window end (default: today)")] = None,
+    source: Annotated[Optional[str], typer.Option(help="plan this PACS only: a name of the `sources` setting, "
+                                                  "or `pacs` (default: every PACS)")] = None,
 ) -> None:
     """Plan once, now: cut the window into shards and start an ingest-shard run per shard on the
     work pool of the Prefect server in PREFECT_API_URL (its workers do the work)."""
-    window = {"since": _parse_day(since, "--since"), "until": _parse_day(until, "--until")}
+    first, last = _parse_day(since, "--since"), _parse_day(until, "--until")
     _settings(key=True)
     from prefect.settings import PREFECT_API_URL
 
@@ -155,7 +157,7 @@ def run_plan_cmd(
                                  param_hint="PREFECT_API_URL")
     from pacsflow.flows.plan import plan
 
-    _print_result(plan(**window))
+    _print_result(plan(since=first, until=last, source=source))
 
 
 def nightly_exit_code(result: dict[str, Any]) -> int:

@@ -2,12 +2,14 @@
 part of one), retrieved, de-identified, cataloged and marked, on whichever worker of the pool
 takes the run.
 
-The shard key is the only parameter (no PHI); its studies are in the leases table (PHI zone).
-The run claims every unheld study of the shard and renews the leases while it works, so a
-second run of the same shard finds nothing to do, and the studies of a run that dies become
-claimable once its leases run out. A study already cataloged with the PACS's instance count is
-skipped (the ledger says so). PACS slots are taken per C-FIND and per retrieval task, one each,
-so runs on several workers share ``max_associations``. The watermark is the planner's to move.
+The shard key is the only parameter (no PHI); its studies are in the leases table (PHI zone), and
+its PACS is the one the key names (``b/2026-11-01``: ``settings.sources['b']``; no name: ``pacs``),
+for the C-FIND of its studies' counts and their retrieval alike. The run claims every unheld study
+of the shard and renews the leases while it works, so a second run of the same shard finds nothing
+to do, and the studies of a run that dies become claimable once its leases run out. A study
+already cataloged with its PACS's instance count is skipped (the ledger says so). PACS slots are
+taken per C-FIND and per retrieval task, one each, so runs on several workers share
+``max_associations`` (one limit over every PACS). The watermark is the planner's to move.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from pacsflow.tasks.core.errors import PermanentError
 from pacsflow.tasks.deid.manifest import object_id
 from pacsflow.tasks.ingest.bookkeeping import RunBook
 from pacsflow.tasks.ingest.leases import Leases
-from pacsflow.tasks.ingest.shards import settled_claims
+from pacsflow.tasks.ingest.shards import settled_claims, source_of
 from pacsflow.tasks.pacs.planning import Window
 from pacsflow.tasks.pacs.steps import PACS_LIMIT
 from pacsflow.tasks.pacs.tls import check_tls_files
@@ -82,7 +84,7 @@ def claimant_name(settings: Settings) -> str:
 def shard_steps(settings: Settings, parts: RunParts, shard: str, logger: Logger) -> None:
     """claim → C-FIND the shard's day (and the rest by UID) → worklist → retrieve + de-identify →
     commit → ledger → leases done (or given back)."""
-    settings = parts.settings = worker_settings(settings)
+    settings = parts.settings = worker_settings(settings).for_source(source_of(shard))
     check_free_space(settings)
     check_tls_files(settings)
     run = parts.run = open_run(settings, parts.run_id)

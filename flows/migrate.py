@@ -32,8 +32,10 @@ from pacsflow.tasks.core.errors import PermanentError, retry_if_transient
 from pacsflow.tasks.core.files import write_atomic
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.ingest.history import RunHistory, history_path
+from pacsflow.tasks.ingest.leases import Leases
 from pacsflow.tasks.ingest.ledger import Ledger, LedgerEntry
 from pacsflow.tasks.ingest.report import chart_svg, report_dir, svg_data_uri
+from pacsflow.tasks.ingest.shards import source_of
 from pacsflow.tasks.migrate import inventory as inv
 from pacsflow.tasks.migrate import reconcile as rec
 from pacsflow.tasks.migrate.control import decide, window_hours_a_day
@@ -41,7 +43,7 @@ from pacsflow.tasks.migrate.store import InventoryPass, MigrationStore
 from pacsflow.tasks.pacs.client import PacsClient
 from pacsflow.tasks.pacs.models import PacsPeer
 from pacsflow.tasks.pacs.planning import Window, discover
-from pacsflow.tasks.settings import Settings
+from pacsflow.tasks.settings import DEFAULT_SOURCE, Settings
 
 RATE_LIMIT = "migrate-rate"  # the Prefect global concurrency limit that paces retrieves (slot decay)
 DEFAULT_INSTANCES_PER_S = 190.0  # README "Performance": one 2-core node's nightly rate
@@ -57,8 +59,27 @@ class MigrationNotReady(PermanentError):
     reason = "migration-not-ready"
 
 
-def migration_store(settings: Settings) -> MigrationStore:
-    return MigrationStore.under(settings.state_root, settings.state.url)
+def migration_store(settings: Settings, source: str | None = None) -> MigrationStore:
+    """The migration's store: the operator's settings and the first PACS's inventory passes; or
+    the passes of the named ``source`` (``settings.sources``)."""
+    return MigrationStore.under(settings.state_root, settings.state.url, source)
+
+
+def named_source(settings: Settings, source: str | None) -> str | None:
+    """``source`` as ``settings.sources`` names it (None: the first PACS, ``pacs``); an unknown
+    name is an error before any C-FIND."""
+    settings.for_source(source)
+    return None if source == DEFAULT_SOURCE else source
+
+
+def of_source(settings: Settings, source: str | None, entries: dict[str, LedgerEntry]) -> dict[str, LedgerEntry]:
+    """Those of the ledger's ``entries`` that came from ``source``'s PACS, by the shard each was
+    planned in (one no shard holds came from the first PACS, through the nightly run). With one
+    PACS, all of them (and the leases table is not opened)."""
+    if not settings.sources:
+        return entries
+    shards = Leases.under(settings.state_root, settings.state.url).shards_of(entries)
+    return {uid: e for uid, e in entries.items() if source_of(shards.get(uid, "")) == source}
 
 
 def _pseudonym(settings: Settings) -> Callable[[str], str]:
@@ -136,15 +157,18 @@ def _in_range(studies: Iterable[inv.InventoryStudy], window: Window) -> list[inv
 
 
 @flow(name="migrate-inventory", persist_result=False)
-def migrate_inventory(since: dt.date | None = None, until: dt.date | None = None) -> dict[str, Any]:
+def migrate_inventory(since: dt.date | None = None, until: dt.date | None = None,
+                      source: str | None = None) -> dict[str, Any]:
     """Count what the PACS holds from ``since`` to ``until`` (StudyDate; default: the previous pass's
     range), store the pass, and list the studies added since the previous pass and those changed on
-    the PACS after they were migrated. Returns totals and the estimate; names studies by pseudonym."""
+    the PACS after they were migrated. Returns totals and the estimate; names studies by pseudonym.
+    ``source``: that PACS of ``settings.sources`` (its passes apart); default the first, ``pacs``."""
     settings = load_run_settings()
-    store = migration_store(settings)
+    source = named_source(settings, source)
+    store = migration_store(settings, source)
     window = _range(store, since, until)
     previous = store.latest()
-    peer = PacsPeer.from_settings(settings)
+    peer = PacsPeer.from_settings(settings.for_source(source))
     # A task run a month: its retries repeat that month's C-FINDs, not the whole pass's.
     studies = [s for month in months(window) for s in inventory_studies(peer, month)]
     done = store.record_pass(window.start, window.end, studies)
@@ -158,9 +182,9 @@ def migrate_inventory(since: dt.date | None = None, until: dt.date | None = None
     changed = inv.changed_since_migrated(studies, migrated)
     totals = inv.totals(studies)
     estimate = inv.estimate(totals, instances_per_s=measured_rate(settings), bytes_per_instance=bytes_per_instance(
-        settings), window_hours_a_day=window_hours_a_day(store.config()))
+        settings), window_hours_a_day=window_hours_a_day(migration_store(settings).config()))
     pseudonym = _pseudonym(settings)
-    result = {"pass": done.id, "window": str(window), "studies": len(studies),
+    result = {"pass": done.id, "source": source or DEFAULT_SOURCE, "window": str(window), "studies": len(studies),
               "series": sum(t.series for t in totals), "instances": estimate.instances,
               "bytes": estimate.bytes, "estimate": estimate.describe(),
               "added": sorted(pseudonym(s.study_uid) for s in added),
@@ -174,7 +198,7 @@ def migrate_inventory(since: dt.date | None = None, until: dt.date | None = None
 
 
 def inventory_markdown(result: dict[str, Any]) -> str:
-    lines = [f"# Inventory pass {result['pass']} ({result['window']})", "",
+    lines = [f"# Inventory pass {result['pass']} of {result['source']} ({result['window']})", "",
              f"{result['studies']:,} studies, {result['series']:,} series. Estimate: {result['estimate']}.", "",
              "| year | modality | studies | series | instances |", "|---|---|---|---|---|"]
     lines += [f"| {t['year']} | {t['modality']} | {t['studies']:,} | {t['series']:,} | {t['instances']:,} |"
@@ -227,19 +251,21 @@ def _digest(settings: Settings) -> Callable[[str], str | None]:
 
 
 @flow(name="migrate-reconcile", persist_result=False)
-def migrate_reconcile(sample: float | None = None) -> dict[str, Any]:
+def migrate_reconcile(sample: float | None = None, source: str | None = None) -> dict[str, Any]:
     """Per study and series of the latest inventory pass: the PACS's count, the ledger's (retrieved)
     and the catalog's, and the SHA-256 of a ``sample`` of stored objects (1.0: all; default
     ``migrate.checksum_sample``) read again. Writes CSV files and a progress chart beside the
-    catalog's reports, and Prefect artifacts; pseudonymous UIDs only."""
+    catalog's reports, and Prefect artifacts; pseudonymous UIDs only. ``source``: that PACS of
+    ``settings.sources`` (its latest pass, the studies that came from it); default the first."""
     settings = load_run_settings()
-    store = migration_store(settings)
+    source = named_source(settings, source)
+    store = migration_store(settings, source)
     done = store.latest()
     if done is None:
         raise MigrationNotReady("migrate reconcile: no inventory pass yet (pacsflow migrate inventory --since ...)")
     studies, pseudonym = store.studies(done.id), _pseudonym(settings)
     ledger = Ledger(settings.ledger_path, settings.state.url)
-    in_range = _cataloged_in_range(ledger, Window(done.since, done.until))
+    in_range = of_source(settings, source, _cataloged_in_range(ledger, Window(done.since, done.until)))
     scope = sorted({pseudonym(s.study_uid) for s in studies} | {e.pseudo_uid for e in in_range.values()})
     held = Counter(q["pseudo_uid"] for q in ledger.quarantine_entries())
     rows = rec.reconcile(inv.series_counts(studies), _catalog_counts(settings, scope),
@@ -251,7 +277,8 @@ def migrate_reconcile(sample: float | None = None) -> dict[str, Any]:
     years = {pseudonym(s.study_uid): (d.strftime("%Y") if (d := parse_dicom_date(s.study_date)) else inv.UNKNOWN)
              for s in studies}
     progress = rec.progress_by_year(years, rows)
-    result: dict[str, Any] = {"pass": done.id, "studies": sum(not r.series for r in rows),
+    result: dict[str, Any] = {"pass": done.id, "source": source or DEFAULT_SOURCE,
+              "studies": sum(not r.series for r in rows),
               "differences": len(rec.differences(rows)), "objects_checked": len(checked),
               "checksum_findings": len(findings),
               "migrated": sum(p.migrated for p in progress), "on_pacs": sum(p.on_pacs for p in progress)}
@@ -266,7 +293,8 @@ def _write_reconcile(settings: Settings, done: InventoryPass, rows: list[rec.Rec
                      result: dict[str, Any]) -> Path:
     """The CSV files and the chart under ``<catalog_root>/_reports/migrate/``, and the artifacts."""
     folder = report_dir(settings.catalog_root) / "migrate"
-    stem = f"reconcile-pass{done.id}-{new_run_id()}"
+    named = "" if result["source"] == DEFAULT_SOURCE else f"-{result['source']}"
+    stem = f"reconcile{named}-pass{done.id}-{new_run_id()}"
     svg = chart_svg(rec.progress_chart(progress))
     write_atomic(folder / f"{stem}.csv", rec.as_csv(rows).encode())
     write_atomic(folder / f"{stem}-checksums.csv", rec.checksums_csv(findings).encode())
@@ -274,7 +302,7 @@ def _write_reconcile(settings: Settings, done: InventoryPass, rows: list[rec.Rec
     differ = rec.differences(rows)
     create_table_artifact([vars(r) for r in differ[:1000]] or [{"status": "no difference"}],
                           key="migrate-reconcile", description=f"reconcile pass {done.id}: differences")
-    lines = [f"# Reconcile pass {done.id}", "",
+    lines = [f"# Reconcile pass {done.id} of {result['source']}", "",
              f"{result['studies']:,} studies, {len(differ):,} differences; {result['objects_checked']:,} stored "
              f"objects re-checked, {len(findings):,} differ. Migrated {result['migrated']:,} of "
              f"{result['on_pacs']:,} studies on the PACS.", "", f"![progress]({svg_data_uri(svg)})", "",

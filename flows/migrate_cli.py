@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from pacsflow.tasks.settings import Settings
 
 out = Console()
+SourceOption = Annotated[Optional[str], typer.Option(help="the PACS: a name of the `sources` setting, or "
+                                                     "`pacs` (the default)")]
 
 
 def _in_prefect(call: Callable[[], Any]) -> Any:
@@ -28,7 +30,7 @@ def _in_prefect(call: Callable[[], Any]) -> Any:
 
 
 def print_inventory(result: dict[str, Any]) -> None:
-    table = Table(title=f"inventory pass {result['pass']} ({result['window']})")
+    table = Table(title=f"inventory pass {result['pass']} of {result['source']} ({result['window']})")
     for column in ("year", "modality", "studies", "series", "instances"):
         table.add_column(column, justify="left" if column in ("year", "modality") else "right")
     for t in result["totals"]:
@@ -50,6 +52,7 @@ def build_app(settings: Callable[[], Settings],
         since: Annotated[Optional[str], typer.Option(help="first StudyDate (default: the previous pass's)")] = None,
         until: Annotated[Optional[str], typer.Option(help="last StudyDate (default: the previous pass's, or today)")]
         = None,
+        source: SourceOption = None,
     ) -> None:
         """C-FIND the PACS's studies day by day and their series; print totals per year and modality,
         the volume and how long it takes, and the studies added or changed since."""
@@ -57,7 +60,7 @@ def build_app(settings: Callable[[], Settings],
         settings()
         from pacsflow.flows.migrate import migrate_inventory
 
-        print_inventory(_in_prefect(lambda: migrate_inventory(first, last)))
+        print_inventory(_in_prefect(lambda: migrate_inventory(first, last, source)))
 
     @app.command("run")
     def run(
@@ -119,13 +122,14 @@ def build_app(settings: Callable[[], Settings],
                                                         "whose SHA-256 is read again (default migrate.checksum_sample)")]
         = None,
         all_objects: Annotated[bool, typer.Option("--all", help="read every stored object again")] = False,
+        source: SourceOption = None,
     ) -> None:
         """PACS vs retrieved vs cataloged per study and series, stored objects' SHA-256 re-checked; writes
         a CSV report and a progress chart. Exits 1 when something differs."""
         settings()
         from pacsflow.flows.migrate import migrate_reconcile
 
-        result = _in_prefect(lambda: migrate_reconcile(1.0 if all_objects else sample))
+        result = _in_prefect(lambda: migrate_reconcile(1.0 if all_objects else sample, source))
         for k, v in result.items():
             out.print(f"{k}: {v}")
         if result["differences"] or result["checksum_findings"]:

@@ -43,7 +43,7 @@ from pacsflow.tasks.deid.crosswalk import open_crosswalk
 from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.deid.manifest import build_manifest, manifest_markdown, object_id
 from pacsflow.tasks.ingest.bookkeeping import RUN_FAILED, RUN_PARTIAL, STUDY_ROWS, RunBook, RunSummary, table_rows
-from pacsflow.tasks.ingest.ledger import Ledger, MissingEntry
+from pacsflow.tasks.ingest.ledger import WATERMARK, Ledger, MissingEntry
 from pacsflow.tasks.lake.steps import commit_catalog, deidentify_studies, deidentify_study
 from pacsflow.tasks.lake.study import GROUP_STUDIES, StudyOutcome, StudyProcessor, group_size
 from pacsflow.tasks.pacs.client import quiet_pynetdicom
@@ -225,9 +225,11 @@ def run_steps(settings: Settings, parts: RunParts, since: dt.date | None, until:
         sync_fhir(settings, book.catalog_uids, book.summary, logger)
 
 
-def run_window(settings: Settings, ledger: Ledger, since: dt.date | None, until: dt.date | None) -> Window:
-    """The StudyDate window of a run: the watermark minus the overlap (or the first run's) .. today."""
-    return plan_window(watermark=ledger.watermark, overlap_days=settings.overlap_days,
+def run_window(settings: Settings, ledger: Ledger, since: dt.date | None, until: dt.date | None,
+               watermark: str = WATERMARK) -> Window:
+    """The StudyDate window of a run: the watermark (the state row ``watermark``) minus the overlap
+    (or the first run's) .. today."""
+    return plan_window(watermark=ledger.watermark_of(watermark), overlap_days=settings.overlap_days,
                        initial_since=parse_dicom_date(settings.initial_since), initial_days=settings.initial_days,
                        since=since, until=until)
 

@@ -12,6 +12,7 @@ import enum
 import ipaddress
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +30,8 @@ from pacsflow.tasks.core.statedb import check_url, mask_url
 from pacsflow.tasks.deid.choices import DEFAULT_OPTIONS, Option, PixelPolicy, SafePrivateList, conflicting_dates
 
 AE_TITLE_MAX = 16
+DEFAULT_SOURCE = "pacs"  # the name of the PACS in ``pacs`` wherever sources are named
+SOURCE_NAME = re.compile(r"[a-z0-9-]{1,16}")
 
 
 class RetrieveMethod(str, enum.Enum):
@@ -564,6 +567,10 @@ class Settings(BaseSettings):
     )
 
     pacs: PacsSettings = PacsSettings()
+    sources: dict[str, PacsSettings] = Field(
+        default_factory=dict, description="further PACS by name (1-16 of a-z, 0-9, -; not `pacs`, which names the "
+        "one above), each with the fields of pacs, e.g. PACSFLOW_SOURCES__B__PORT: plan cuts shards of every one "
+        "(keys `b/2026-11-01`), one watermark each")
     receiver: ReceiverSettings = ReceiverSettings()
     listener: ListenerSettings = ListenerSettings()
     serve: ServeSettings = ServeSettings()
@@ -653,6 +660,22 @@ class Settings(BaseSettings):
             base = self.serve.public_base_url.rstrip("/") + "/dicom-web"
             self.fhir = self.fhir.model_copy(update={"wado_rs_base_url": base})
         return self
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, v: dict[str, PacsSettings]) -> dict[str, PacsSettings]:
+        for name in v:  # they go into shard keys, run names and state names
+            if not SOURCE_NAME.fullmatch(name) or name == DEFAULT_SOURCE:
+                raise ValueError(f"{name!r}: a source name is 1-16 of a-z, 0-9 and -, and not {DEFAULT_SOURCE!r}")
+        return v
+
+    def for_source(self, name: str | None) -> "Settings":
+        """These settings with ``pacs`` replaced by the named source's (None or ``pacs``: unchanged)."""
+        if name is None or name == DEFAULT_SOURCE:
+            return self
+        if name not in self.sources:
+            raise SettingsError(f"sources: no PACS named {name!r} (known: {', '.join(sorted(self.sources)) or 'none'})")
+        return self.model_copy(update={"pacs": self.sources[name]})
 
     @field_validator("calling_ae")
     @classmethod

@@ -97,15 +97,22 @@ class Leases:
 
     def open_studies(self, study_uids: Iterable[str]) -> set[str]:
         """Those of ``study_uids`` that are in a shard and not done (planned already)."""
+        return {r[0] for r in self._claims_of("SELECT study_uid FROM claims WHERE status = 'open' AND", study_uids)}
+
+    def shards_of(self, study_uids: Iterable[str]) -> dict[str, str]:
+        """Study UID -> the shard it was last planned in, for those of ``study_uids`` in one (its
+        key names the PACS it came from)."""
+        return {r[0]: r[1] for r in self._claims_of("SELECT study_uid, shard FROM claims WHERE", study_uids)}
+
+    def _claims_of(self, select: str, study_uids: Iterable[str]) -> list[tuple[str, ...]]:
+        """Rows of ``select`` ending in ``WHERE [...] AND`` or ``WHERE``, for ``study_uids`` (chunked)."""
         uids = list(dict.fromkeys(study_uids))
-        found: set[str] = set()
+        rows: list[tuple[str, ...]] = []
         with self.db.tx(serialized=False) as tx:
             for i in range(0, len(uids), _CHUNK):
                 part = uids[i : i + _CHUNK]
-                rows = tx.execute(f"SELECT study_uid FROM claims WHERE status = 'open' AND study_uid IN "
-                                  f"({', '.join('?' * len(part))})", part).fetchall()
-                found.update(r[0] for r in rows)
-        return found
+                rows += tx.execute(f"{select} study_uid IN ({', '.join('?' * len(part))})", part).fetchall()
+        return rows
 
     def started(self, shard: str, flow_run: str) -> None:
         """``shard``'s newest flow run (what the next planner checks)."""

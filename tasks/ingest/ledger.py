@@ -16,6 +16,7 @@ from pacsflow.tasks.core.clock import utc_timestamp
 from pacsflow.tasks.core.statedb import StateDb
 
 SCHEMA_NAME = "ingest"  # the PostgreSQL schema of these tables
+WATERMARK = "watermark"  # the state row of the watermark (of the PACS in ``pacs``; a named source's has its own)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     study_uid     TEXT PRIMARY KEY,  -- original UID (PHI zone)
@@ -235,15 +236,19 @@ class Ledger:
 
     @property
     def watermark(self) -> dt.date | None:
-        value = self.get_state("watermark")
+        return self.watermark_of(WATERMARK)
+
+    def watermark_of(self, name: str) -> dt.date | None:
+        """The watermark kept in the state row ``name`` (one per PACS)."""
+        value = self.get_state(name)
         return dt.date.fromisoformat(value) if value else None
 
-    def advance_watermark(self, value: dt.date) -> None:
-        """Moves the watermark to ``value`` unless it is already later (ISO dates sort as text): one
-        statement, so two runs finishing at once cannot move it back."""
+    def advance_watermark(self, value: dt.date, name: str = WATERMARK) -> None:
+        """Moves the watermark (the state row ``name``) to ``value`` unless it is already later (ISO
+        dates sort as text): one statement, so two runs finishing at once cannot move it back."""
         with self._tx() as con:
             con.execute(
-                "INSERT INTO state(name, value) VALUES ('watermark', ?) ON CONFLICT(name) DO UPDATE "
+                "INSERT INTO state(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE "
                 "SET value=excluded.value WHERE state.value < excluded.value",
-                (value.isoformat(),),
+                (name, value.isoformat()),
             )

@@ -1,10 +1,11 @@
 """Cutting a night's (or a backfill's) work into shards that separate flow runs can take on.
 
 Plain code: no Prefect, no sockets, no database. A shard is the studies of one StudyDate day,
-cut further into parts of at most ``max_studies`` when the day holds more. Its key names the day
-and the part only ("2026-11-30", "2026-11-30.2of3"; "undated" for studies without a usable
-date), so it may appear in run names and parameters; the study UIDs it holds are originals and
-stay in the state database (PHI zone).
+cut further into parts of at most ``max_studies`` when the day holds more, of one PACS. Its key
+names the PACS, the day and the part only ("2026-11-30", "2026-11-30.2of3"; "undated" for studies
+without a usable date; "b/2026-11-30" for the named source ``b`` of ``settings.sources``, while the
+PACS in ``settings.pacs`` keeps the bare keys), so it may appear in run names and parameters; the
+study UIDs it holds are originals and stay in the state database (PHI zone).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Iterable, Mapping, NamedTuple, Protocol
 
 from pacsflow.tasks.core.clock import parse_dicom_date
 from pacsflow.tasks.ingest.leases import ShardProgress
-from pacsflow.tasks.ingest.ledger import LedgerEntry
+from pacsflow.tasks.ingest.ledger import WATERMARK, LedgerEntry
 
 UNDATED = "undated"
+SOURCE_SEP = "/"  # never in a source name (settings.SOURCE_NAME) nor in a day's key
 
 
 class DatedStudy(Protocol):
@@ -39,15 +41,31 @@ class ShardPlan:
     study_uids: tuple[str, ...]  # originals: PHI zone only
 
 
-def shard_key(day: dt.date | None, part: int = 1, parts: int = 1) -> str:
+def shard_key(day: dt.date | None, part: int = 1, parts: int = 1, source: str | None = None) -> str:
+    """``source``: the named PACS the shard's studies come from (None: the one in ``settings.pacs``)."""
     base = day.isoformat() if day is not None else UNDATED
+    base = base if source is None else f"{source}{SOURCE_SEP}{base}"
     return base if parts == 1 else f"{base}.{part}of{parts}"
 
 
-def cut_shards(studies: Iterable[DatedStudy], max_studies: int) -> list[ShardPlan]:
+def source_of(key: str) -> str | None:
+    """The named source whose PACS holds a shard's studies (``settings.for_source`` takes it);
+    None: the PACS in ``settings.pacs``."""
+    source, sep, _ = key.partition(SOURCE_SEP)
+    return source if sep else None
+
+
+def watermark_name(source: str | None) -> str:
+    """The ledger's state row of a source's watermark: the default PACS keeps the one a single
+    PACS always had, so a deployment that adds a source keeps its own."""
+    return WATERMARK if source is None else f"{WATERMARK}:{source}"
+
+
+def cut_shards(studies: Iterable[DatedStudy], max_studies: int, source: str | None = None) -> list[ShardPlan]:
     """One shard per day, in day order (undated last); a day of more than ``max_studies`` studies
     is cut into that many even parts. The same answer from the PACS always cuts the same way
-    (studies sorted by UID), so planning again names the same shards."""
+    (studies sorted by UID), so planning again names the same shards. ``source``: the named PACS
+    that gave the answer (in the keys)."""
     if max_studies < 1:
         raise ValueError("shard_max_studies must be at least 1")
     by_day: dict[dt.date | None, set[str]] = defaultdict(set)
@@ -60,7 +78,7 @@ def cut_shards(studies: Iterable[DatedStudy], max_studies: int) -> list[ShardPla
         size = math.ceil(len(uids) / parts)
         for part in range(parts):
             chunk = tuple(uids[part * size : (part + 1) * size])
-            plans.append(ShardPlan(shard_key(day, part + 1, parts), day, chunk))
+            plans.append(ShardPlan(shard_key(day, part + 1, parts, source), day, chunk))
     return plans
 
 
@@ -71,6 +89,16 @@ def shard_watermark(window_end: dt.date, unfinished_days: Iterable[dt.date | Non
     their studies are retried by UID, as a single run does (``bookkeeping.next_watermark``, on
     dates rather than study records)."""
     return min([window_end, *(d for d in unfinished_days if d is not None)])
+
+
+def source_watermarks(window_ends: Mapping[str | None, dt.date],
+                      unfinished: Iterable[ShardProgress]) -> dict[str | None, dt.date]:
+    """:func:`shard_watermark` of each planned source (``window_ends``: source -> its window's last
+    day): a source's unfinished shards hold its own watermark, never another's."""
+    days: dict[str | None, list[dt.date | None]] = defaultdict(list)
+    for p in unfinished:
+        days[source_of(p.shard)].append(p.day)
+    return {source: shard_watermark(end, days[source]) for source, end in window_ends.items()}
 
 
 # Prefect state types (their names), as plain strings: a run in one of these will not work on its shard again.

@@ -59,12 +59,16 @@ class InventoryPass:
 class MigrationStore:
     """The file ``path`` (SQLite) or the schema ``migrate`` at ``url``."""
 
-    def __init__(self, path: Path, url: str | None = None) -> None:
-        self.db = StateDb(Path(path), url, SCHEMA_NAME, _SCHEMA)
+    def __init__(self, path: Path, url: str | None = None, schema: str = SCHEMA_NAME) -> None:
+        self.db = StateDb(Path(path), url, schema, _SCHEMA)
 
     @classmethod
-    def under(cls, state_root: Path, url: str | None = None) -> MigrationStore:
-        return cls(Path(state_root) / MIGRATE_NAME, url)
+    def under(cls, state_root: Path, url: str | None = None, source: str | None = None) -> MigrationStore:
+        """``source``: the inventory passes of that named PACS (``settings.sources``), apart from
+        the first PACS's; the operator's settings are read from the first's store only."""
+        if source is None:
+            return cls(Path(state_root) / MIGRATE_NAME, url)
+        return cls(Path(state_root) / f"migrate-{source}.sqlite", url, f"{SCHEMA_NAME}_{source.replace('-', '_')}")
 
     # -- inventory passes ---------------------------------------------------------------
     def record_pass(self, since: dt.date, until: dt.date, studies: Iterable[InventoryStudy]) -> InventoryPass:

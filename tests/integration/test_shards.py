@@ -1,13 +1,17 @@
 """Shards as flow runs across workers (issue 17, tests 3 and 4): a real `prefect server` on
 PostgreSQL, the plan and ingest-shard deployments of prefect.yaml on a process pool, three
 `prefect worker` processes, each with its own receiver (``PACSFLOW{worker}`` at receiver.port +
-worker), the state in PostgreSQL and the catalog as Delta tables. One Orthanc PACS (not two: the
-settings name one PACS per deployment).
+worker), the state in PostgreSQL and the catalog as Delta tables. Two Orthanc PACS: the one in
+``pacs`` and the named source ``b`` (``PACSFLOW_SOURCES__B__*``), each knowing every worker's
+receiver as a C-MOVE destination, each loaded with studies of its own.
 
-Test 3: plan once; every study of the PACS is cataloged exactly once, by shard runs on more than
-one worker, and a DuckDB count over the catalog equals the PACS's counts; a second plan finds
-nothing to do. Test 4: a worker and its flow-run process are killed with SIGKILL mid-shard; a new
-worker starts, the next plan starts the dead shard again, and every study is cataloged exactly once.
+Test 3: plan once; every study of both PACS is cataloged exactly once (B's by shards keyed
+``b/...``), by shard runs on more than one worker, and DuckDB counts over the catalog equal the
+sum of both PACS's counts (Orthanc REST); `migrate inventory` and `reconcile` of each PACS (its
+own passes, the studies that came from it) find no difference; a second plan finds nothing to do
+and both watermarks are at the window's end. Test 4 (studies on the first PACS only): a worker
+and its flow-run process are killed with SIGKILL mid-shard; a new worker starts, the next plan
+starts the dead shard again, and every study is cataloged exactly once.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pacsflow.catalog.backends import open_store
 from pacsflow.catalog.views import query
 from pacsflow.deployments.local import sampledata
 from pacsflow.deployments.local.orthanc import OrthancServer
+from pacsflow.flows.migrate import migrate_inventory, migrate_reconcile
 from pacsflow.flows.plan import plan
 from pacsflow.tasks.ingest.leases import Leases
 from tests.integration.prefect_server import deploy, pool_worker, running_prefect_server, worker_env
@@ -77,6 +82,11 @@ class Site:
     state_url: str
     stack: ExitStack
     workers: dict[int, Popen] = field(default_factory=dict)
+    orthanc_b: OrthancServer | None = None  # the named source "b"
+
+    @property
+    def pacs(self) -> list[OrthancServer]:
+        return [self.orthanc, *([self.orthanc_b] if self.orthanc_b else [])]
 
     @property
     def catalog(self) -> Path:
@@ -116,10 +126,11 @@ def site(postgresql: PostgresServer, orthanc_factory, tmp_path_factory) -> Itera
     state_url = postgresql.new_database()
     base = _free_run(WORKERS + 4)  # workers 1-3, and up to three that replace killed ones
     aes = {f"PACSFLOW{n}": (f"PACSFLOW{n}", "127.0.0.1", base + n) for n in range(1, WORKERS + 4)}
-    orthanc = orthanc_factory(modalities=aes)
+    orthanc, orthanc_b = orthanc_factory(modalities=aes), orthanc_factory(modalities=aes)
     with running_prefect_server(root, PREFECT_API_DATABASE_CONNECTION_URL=prefect_db) as api:
         settings = {
             "PACSFLOW_PACS__PORT": str(orthanc.dicom_port), "PACSFLOW_PACS__HTTP_URL": orthanc.rest_url,
+            "PACSFLOW_SOURCES__B__PORT": str(orthanc_b.dicom_port), "PACSFLOW_SOURCES__B__HTTP_URL": orthanc_b.rest_url,
             "PACSFLOW_RECEIVER__AE_TITLE": "PACSFLOW{worker}", "PACSFLOW_RECEIVER__PORT": str(base),
             "PACSFLOW_RECEIVER__ENGINE": "pynetdicom",
             "PACSFLOW_STORAGE_ROOT": str(root / "lake" / "dicom"), "PACSFLOW_CATALOG_ROOT": str(root / "lake" / "catalog"),
@@ -132,7 +143,7 @@ def site(postgresql: PostgresServer, orthanc_factory, tmp_path_factory) -> Itera
         env = worker_env(api, root / "prefect-home", **settings)
         deploy(env, "plan", "ingest-shard")
         with ExitStack() as stack:
-            s = Site(root, orthanc, env, state_url, stack)
+            s = Site(root, orthanc, env, state_url, stack, orthanc_b=orthanc_b)
             for n in range(1, WORKERS + 1):
                 s.start_worker(n)
             yield s
@@ -147,10 +158,11 @@ def planner_env(site: Site, monkeypatch) -> None:
 
 
 def _seed(site: Site, folder: Path, studies: int, end: dt.date, seed: int,
-          days: int = 4) -> list[sampledata.StudySummary]:
+          days: int = 4, pacs: OrthancServer | None = None) -> list[sampledata.StudySummary]:
+    """Generated studies loaded into ``pacs`` (default: the first PACS)."""
     made = sampledata.generate(folder, studies=studies, days=days, end_date=end, seed=seed, modalities=("CT", "MR"),
                                series_per_study=(1, 2), instances_per_series=(2, 3), rows=32, cols=32)
-    sampledata.load([folder], "127.0.0.1", site.orthanc.dicom_port)
+    sampledata.load([folder], "127.0.0.1", (pacs or site.orthanc).dicom_port)
     return made
 
 
@@ -176,27 +188,42 @@ def _claimants(state_url: str) -> set[str]:
     return {r[0].split("/")[1] for r in rows}
 
 
-def test_plan_spreads_the_shards_over_the_workers_and_catalogs_every_study_once(site, planner_env, tmp_path):
-    made = _seed(site, tmp_path / "in", studies=8, end=TODAY - dt.timedelta(days=10), seed=31)
-    since, until = TODAY - dt.timedelta(days=14), TODAY - dt.timedelta(days=10)
+def test_plan_spreads_the_shards_of_both_pacs_over_the_workers_and_catalogs_every_study_once(site, planner_env,
+                                                                                            tmp_path):
+    end = TODAY - dt.timedelta(days=10)
+    made = _seed(site, tmp_path / "a", studies=8, end=end, seed=31)
+    made_b = _seed(site, tmp_path / "b", studies=4, days=2, end=end, seed=32, pacs=site.orthanc_b)
+    assert not {s.study_uid for s in made} & {s.study_uid for s in made_b}
+    since, until = TODAY - dt.timedelta(days=14), end
 
     result = plan(since=since, until=until)
 
-    assert (result["found"], result["queued"]) == (8, 8)
-    assert result["shards_cut"] == result["started"] >= 4 and result["restarted"] == 0
+    assert (result["found"], result["queued"]) == (12, 12)
+    assert {k: (v["found"], v["queued"]) for k, v in result["sources"].items()} == {"pacs": (8, 8), "b": (4, 4)}
+    assert result["shards_cut"] == result["started"] >= 6 and result["restarted"] == 0
+    keys = [p.shard for p in site.leases().shards()]
+    assert sum(k.startswith("b/") for k in keys) == result["sources"]["b"]["shards_cut"] >= 2
     site.wait_all_done()
-    n_instances = sum(s.n_instances for s in made)
-    assert site.orthanc.study_count() == 8 and site.orthanc.instance_count() == n_instances
-    assert site.catalog_counts() == (8, 8, n_instances)
+    on_pacs = [(o.study_count(), o.instance_count()) for o in site.pacs]  # Orthanc's REST API
+    assert on_pacs == [(8, sum(s.n_instances for s in made)), (4, sum(s.n_instances for s in made_b))]
+    studies, instances = sum(n for n, _ in on_pacs), sum(n for _, n in on_pacs)
+    assert site.catalog_counts() == (studies, studies, instances)  # each study once, every instance of both
     assert len(_claimants(site.state_url) & {"1", "2", "3"}) >= 2  # the shards ran on more than one worker
-    assert {r.state.type.value for r in _final_shard_runs()} == {"COMPLETED"}
+    runs = _final_shard_runs()
+    assert {r.state.type.value for r in runs} == {"COMPLETED"}
+    assert any(r.parameters["shard"].startswith("b/") for r in runs)
     with get_client(sync_client=True) as client:  # one slot per retrieve: the limit keeps its size, all given back
         limit = client.read_global_concurrency_limit_by_name("pacs-associations")
     assert (limit.limit, limit.active_slots) == (3, 0)
+    for source, n in (("pacs", 8), ("b", 4)):  # each PACS's inventory against the studies that came from it
+        assert migrate_inventory(since, until, source)["studies"] == n
+        checked = migrate_reconcile(1.0, source)
+        assert (checked["studies"], checked["differences"], checked["checksum_findings"]) == (n, 0, 0), checked
+        assert checked["migrated"] == checked["on_pacs"] == n
 
-    again = plan(since=since, until=until)  # nothing left: no run, the watermark at the window's end
+    again = plan(since=since, until=until)  # nothing left on either: no run, both watermarks at the window's end
     assert (again["queued"], again["started"], again["restarted"], again["unfinished"]) == (0, 0, 0, 0)
-    assert again["watermark"] >= until.isoformat()
+    assert {k: v["watermark"] >= until.isoformat() for k, v in again["sources"].items()} == {"pacs": True, "b": True}
 
 
 def _parent(pid: int) -> int | None:
@@ -281,6 +308,6 @@ def test_a_killed_worker_s_shard_is_started_again_by_the_next_plan_and_cataloged
 
     n_instances = sum(s.n_instances for s in made)
     assert site.catalog_counts() == (before[0] + 9, before[1] + 9, before[2] + n_instances)
-    assert site.orthanc.study_count() == before[0] + 9
+    assert sum(o.study_count() for o in site.pacs) == before[0] + 9
     killed = [r for r in _final_shard_runs() if r.parameters.get("shard") == shard]
     assert sorted(r.state.type.value for r in killed) == ["COMPLETED", "CRASHED"]

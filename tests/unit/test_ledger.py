@@ -69,3 +69,13 @@ def test_with_postgresql_nothing_is_written_under_state_root(tmp_path, postgresq
     ledger.advance_watermark(dt.date(2026, 11, 5))
     assert Ledger(tmp_path / "elsewhere.sqlite", postgresql_url).watermark == dt.date(2026, 11, 5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_each_source_has_its_own_watermark(open_ledger):
+    ledger = open_ledger()
+    ledger.advance_watermark(dt.date(2026, 11, 5))
+    ledger.advance_watermark(dt.date(2026, 11, 2), "watermark:b")
+    ledger.advance_watermark(dt.date(2026, 11, 1), "watermark:b")  # never back
+    assert ledger.watermark == ledger.watermark_of("watermark") == dt.date(2026, 11, 5)
+    assert open_ledger().watermark_of("watermark:b") == dt.date(2026, 11, 2)
+    assert ledger.watermark_of("watermark:c") is None

@@ -155,3 +155,33 @@ def test_without_a_worker_number_the_receiver_is_as_configured_and_a_placeholder
     settings = load_settings()
     with pytest.raises(SettingsError, match="shards.worker"):
         settings.shards.receiver_of(settings.receiver)
+
+
+def test_further_pacs_by_name_from_the_environment(monkeypatch):
+    env = {"PACS__PORT": "4242", "SOURCES__B__PORT": "4343", "SOURCES__B__CALLED_AE": "LEGACY",
+           "SOURCES__B__TLS__ENABLED": "true", "SOURCES__OLD-2__HOST": "pacs2.example"}
+    for name, value in env.items():
+        monkeypatch.setenv(f"PACSFLOW_{name}", value)
+    settings = load_settings()
+    assert sorted(settings.sources) == ["b", "old-2"]  # names are read in lower case
+    b = settings.for_source("b")
+    assert (b.pacs.port, b.pacs.called_ae, b.pacs.tls.enabled, b.pacs.host) == (4343, "LEGACY", True, "127.0.0.1")
+    assert b.receiver == settings.receiver and b.sources == settings.sources  # only the PACS changes
+    assert settings.for_source("old-2").pacs.host == "pacs2.example"
+    assert settings.for_source(None) is settings and settings.for_source("pacs") is settings
+    with pytest.raises(SettingsError, match="no PACS named 'c'"):
+        settings.for_source("c")
+
+
+def test_no_sources_by_default_and_from_yaml(monkeypatch, tmp_path):
+    assert load_settings().sources == {}
+    cfg = tmp_path / "pacsflow.yaml"
+    cfg.write_text("sources:\n  legacy:\n    host: old.example\n    port: 11112\n")
+    monkeypatch.setenv("PACSFLOW_CONFIG", str(cfg))
+    assert load_settings().for_source("legacy").pacs.port == 11112
+
+
+@pytest.mark.parametrize("name", ["pacs", "with_underscore", "with/slash", "a-name-longer-than-16", ""])
+def test_a_source_name_is_a_short_safe_token(name):
+    with pytest.raises(SettingsError, match="sources"):
+        load_settings(sources={name: {"port": 104}})

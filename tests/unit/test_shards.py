@@ -4,7 +4,17 @@ import pytest
 
 from pacsflow.tasks.ingest.leases import ShardProgress
 from pacsflow.tasks.ingest.ledger import LedgerEntry
-from pacsflow.tasks.ingest.shards import RunSeen, cut_shards, settled_claims, shard_watermark, shards_to_start
+from pacsflow.tasks.ingest.shards import (
+    RunSeen,
+    cut_shards,
+    settled_claims,
+    shard_key,
+    shard_watermark,
+    shards_to_start,
+    source_of,
+    source_watermarks,
+    watermark_name,
+)
 from pacsflow.tasks.pacs.models import StudyInfo
 
 
@@ -43,6 +53,30 @@ def test_the_watermark_stops_at_the_first_day_with_an_unfinished_shard():
     assert shard_watermark(end, []) == end
     assert shard_watermark(end, [dt.date(2026, 11, 29), dt.date(2026, 11, 27)]) == dt.date(2026, 11, 27)
     assert shard_watermark(end, [None]) == end  # undated: retried by UID, holds nothing
+
+
+def test_a_named_source_s_shards_carry_its_name_and_the_default_pacs_keeps_bare_keys():
+    studies = [study(f"1.{n}", "20261130") for n in range(3)] + [study("1.9", "")]
+    assert [p.key for p in cut_shards(studies, max_studies=2, source="b")] == [
+        "b/2026-11-30.1of2", "b/2026-11-30.2of2", "b/undated"]
+    assert [p.key for p in cut_shards(studies, max_studies=2)] == ["2026-11-30.1of2", "2026-11-30.2of2", "undated"]
+    assert shard_key(dt.date(2026, 11, 1), 2, 3, "old-2") == "old-2/2026-11-01.2of3"
+
+
+@pytest.mark.parametrize("key, source", [("2026-11-01", None), ("2026-11-01.2of3", None), ("undated", None),
+                                         ("b/2026-11-01.2of3", "b"), ("old-2/undated", "old-2")])
+def test_the_source_of_a_shard_is_read_from_its_key(key, source):
+    assert source_of(key) == source
+
+
+def test_each_source_keeps_its_own_watermark_row_and_moves_it_past_its_own_shards_only():
+    assert (watermark_name(None), watermark_name("b")) == ("watermark", "watermark:b")
+    end = dt.date(2026, 11, 30)
+    unfinished = [ShardProgress("b/2026-11-27", dt.date(2026, 11, 27), 4, 0, 0),
+                  ShardProgress("2026-11-29", dt.date(2026, 11, 29), 4, 1, 0),
+                  ShardProgress("b/undated", None, 4, 0, 0)]
+    assert source_watermarks({None: end, "b": end, "c": dt.date(2026, 11, 20)}, unfinished) == {
+        None: dt.date(2026, 11, 29), "b": dt.date(2026, 11, 27), "c": dt.date(2026, 11, 20)}
 
 
 def progress(shard: str, studies: int = 4, done: int = 0, held: int = 0, expired: int = 0) -> ShardProgress:
