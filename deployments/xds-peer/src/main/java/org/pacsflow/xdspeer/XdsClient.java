@@ -312,8 +312,9 @@ class XdsClient {
             throw new IllegalArgumentException("not an http(s) URL: " + url);
         }
         int port = uri.getPort() != -1 ? uri.getPort() : ("https".equals(scheme) ? 443 : 80);
-        String target = component + "://" + uri.getHost() + ":" + port + uri.getRawPath();
-        return "https".equals(scheme) ? target + "?secure=true" : target;
+        // no ATNA from the client: there is no audit repository to send to
+        String target = component + "://" + uri.getHost() + ":" + port + uri.getRawPath() + "?audit=false";
+        return "https".equals(scheme) ? target + "&secure=true" : target;
     }
 
     private static byte[] readFile(Path path) {
