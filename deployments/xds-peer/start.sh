@@ -11,8 +11,9 @@
 #   XDS_PEER_RAD69_DIR           folder of <SOP Instance UID>.dcm for the stand-in RAD-69 source (default none)
 #   XDS_PEER_START_TIMEOUT       seconds to wait for every WSDL                     (default 240)
 #   XDS_PEER_JAVA_OPTS           JVM options (default "-Xms128m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1")
-# Builds first if needed (build.sh). Ready means every /services/<svc>?wsdl answers 200: Tomcat
-# answers before CXF has published the services. Files in the run dir: xds-peer.pid, xds-peer.log
+# Builds first if needed (build.sh). Ready means every /services/<svc>?wsdl answers 200 with its
+# WSDL: Tomcat answers before CXF has published the services, and CXF answers 200 with an empty
+# body for a moment after publishing one. Files in the run dir: xds-peer.pid, xds-peer.log
 # (the previous one kept as xds-peer.log.1), xds-peer.url (the base URL once ready), and a copy of
 # the jar (a rebuild never changes the jar under a running peer).
 # Exit status: 0 ready; 1 failed (log tail printed); 3 already running from this run dir.
@@ -38,13 +39,14 @@ fail() {
 [[ "$PORT" =~ ^[0-9]+$ ]] && ((PORT > 0 && PORT < 65536)) || { err "the port must be 1-65535, got '$PORT'"; exit 1; }
 [[ "$TIMEOUT" =~ ^[0-9]+$ ]] || { err "XDS_PEER_START_TIMEOUT must be whole seconds, got '$TIMEOUT'"; exit 1; }
 
-# GET $1; true when it answers HTTP 200.
-http_ok() { curl -fsS -o /dev/null --max-time 10 "$1" 2>/dev/null; }
+# GET $1; true when it answers HTTP 200 with a WSDL. For a second or two after a service is
+# published CXF answers 200 with an empty body, so the status alone is not enough.
+wsdl_ok() { curl -fsS --max-time 10 "$1" 2>/dev/null | grep "definitions" >/dev/null; }
 port_busy() { (exec 7<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 all_ready() {
   local svc
   for svc in "${SERVICES[@]}"; do
-    http_ok "$BASE_URL/$svc?wsdl" || return 1
+    wsdl_ok "$BASE_URL/$svc?wsdl" || return 1
   done
 }
 
