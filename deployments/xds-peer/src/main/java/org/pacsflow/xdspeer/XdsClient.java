@@ -82,8 +82,17 @@ class XdsClient {
             status = args.mode().equals("submit") ? submit() : consume(out);
         } catch (RuntimeException e) {
             // connection refused, a SOAP fault, a bad argument: say which, keep what we have
-            summary.put("failure", e.getClass().getSimpleName() + ": " + e.getMessage());
-            System.err.println("xds-peer " + args.mode() + ": " + e);
+            // the whole cause chain, briefly: the outer exception says what, the inner ones why
+            StringBuilder chain = new StringBuilder();
+            for (Throwable t = e; t != null; t = t.getCause() == t ? null : t.getCause()) {
+                chain.append(chain.isEmpty() ? "" : " <- ").append(t.getClass().getSimpleName());
+                if (t.getMessage() != null && !(t instanceof org.apache.camel.CamelExecutionException)) {
+                    chain.append(": ").append(t.getMessage());
+                }
+            }
+            String failure = chain.toString();
+            summary.put("failure", failure);
+            System.err.println("xds-peer " + args.mode() + ": " + failure);
             status = 1;
         }
         summary.put("exitStatus", status);

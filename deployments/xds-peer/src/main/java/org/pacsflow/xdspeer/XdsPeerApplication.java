@@ -47,9 +47,11 @@ public class XdsPeerApplication {
             return;
         }
         // A client run needs no Spring: a bare Camel context finds IPF's components and type
-        // converters on the class path, and starts in a fraction of the time.
-        // the summary file is the output; the console gets warnings and errors only
+        // converters on the class path, and starts in a fraction of the time. The summary file is
+        // the output; the console gets warnings and errors only.
         ((ch.qos.logback.classic.Logger) LoggerFactory.getLogger(Logger.ROOT_LOGGER_NAME)).setLevel(Level.WARN);
+        // CXF logs a failed call with its stack trace; the summary's "failure" says it in one line
+        ((ch.qos.logback.classic.Logger) LoggerFactory.getLogger("org.apache.cxf")).setLevel(Level.ERROR);
         int status;
         try (CamelContext camel = new DefaultCamelContext()) {
             camel.start();
