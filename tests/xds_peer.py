@@ -28,7 +28,7 @@ TEST_REPOSITORY_ID = "2.25.96601356405722183017853081209402434530"
 def unavailable_reason() -> str | None:
     """Why the peer cannot run here, or None once its jar is built and up to date."""
     if shutil.which("java") is None:
-        return "Java 17+ is not installed (the XDS peer is a Java program)"
+        return "java is not on PATH (the XDS peer needs Java 17+)"
     jar = PEER_DIR / "target" / JAR_NAME
     if shutil.which("mvn") is None and not jar.exists():
         return f"Maven is not installed and {jar} was not built"

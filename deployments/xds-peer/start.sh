@@ -26,23 +26,12 @@ TIMEOUT="${XDS_PEER_START_TIMEOUT:-240}"
 JAVA_OPTS="${XDS_PEER_JAVA_OPTS:--Xms128m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1}"
 BASE_URL="http://127.0.0.1:$PORT/services"
 
-fail() {
-  err "$*"
-  if [[ -f "$LOG" ]]; then
-    echo "----- last 40 lines of $LOG -----" >&2
-    tail -n 40 "$LOG" >&2 || true
-    echo "-----" >&2
-  fi
-  exit 1
-}
-
 [[ "$PORT" =~ ^[0-9]+$ ]] && ((PORT > 0 && PORT < 65536)) || { err "the port must be 1-65535, got '$PORT'"; exit 1; }
 [[ "$TIMEOUT" =~ ^[0-9]+$ ]] || { err "XDS_PEER_START_TIMEOUT must be whole seconds, got '$TIMEOUT'"; exit 1; }
 
 # GET $1; true when it answers HTTP 200 with a WSDL. For a second or two after a service is
 # published CXF answers 200 with an empty body, so the status alone is not enough.
 wsdl_ok() { curl -fsS --max-time 10 "$1" 2>/dev/null | grep "definitions" >/dev/null; }
-port_busy() { (exec 7<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 all_ready() {
   local svc
   for svc in "${SERVICES[@]}"; do
@@ -54,18 +43,7 @@ command -v curl >/dev/null 2>&1 || { err "curl not found on PATH (the readiness 
 mkdir -p "$RUN_DIR"
 use_run_dir "$(cd "$RUN_DIR" && pwd)"
 
-if old_pid="$(server_pid)"; then
-  say "already running from $RUN_DIR: pid $old_pid, $(cat "$URL_FILE" 2>/dev/null || echo 'url unknown'); stop it with stop.sh" >&2
-  exit 3
-fi
-if [[ -f "$PID_FILE" ]]; then
-  say "removing stale PID file (pid $(cat "$PID_FILE" 2>/dev/null || echo '?') is gone)"
-  rm -f "$PID_FILE" "$URL_FILE"
-fi
-if port_busy; then
-  err "something already listens on 127.0.0.1:$PORT; choose another port"
-  exit 1
-fi
+refuse_if_running "$PORT" "choose another port"
 
 "$HERE/build.sh" || fail "build failed"
 RUN_JAR="$RUN_DIR/pacsflow-xds-peer.jar"
@@ -79,32 +57,8 @@ cmd+=(-jar "$RUN_JAR" serve --port "$PORT")
 [[ -n "${XDS_PEER_REPOSITORY_ID:-}" ]] && cmd+=("--xds-peer.repository-unique-id=$XDS_PEER_REPOSITORY_ID")
 [[ -n "${XDS_PEER_RAD69_DIR:-}" ]] && cmd+=("--xds-peer.rad69-dir=$(cd "$XDS_PEER_RAD69_DIR" && pwd)")
 
-[[ -f "$LOG" ]] && mv -f "$LOG" "$LOG.1"
 say "starting on 127.0.0.1:$PORT, log $LOG"
-echo "# $(date -u +%FT%TZ) ${cmd[*]}" >"$LOG"
-# setsid: its own session, so a Ctrl-C in this terminal does not reach it; stop.sh stops it.
-if command -v setsid >/dev/null 2>&1; then
-  setsid "${cmd[@]}" >>"$LOG" 2>&1 </dev/null &
-else
-  nohup "${cmd[@]}" >>"$LOG" 2>&1 </dev/null &
-fi
-pid=$!
-echo "$pid" >"$PID_FILE"
-
-start=$SECONDS
-until all_ready; do
-  if ! alive "$pid"; then
-    rm -f "$PID_FILE"
-    fail "the peer (pid $pid) exited during start-up"
-  fi
-  if ((SECONDS - start >= TIMEOUT)); then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 20); do alive "$pid" || break; sleep 0.5; done
-    alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
-    rm -f "$PID_FILE"
-    fail "not every WSDL under $BASE_URL answered within ${TIMEOUT} s; stopped pid $pid"
-  fi
-  sleep 0.5
-done
+launch "${cmd[@]}"
+wait_ready all_ready "$TIMEOUT" "every WSDL under $BASE_URL"
 echo "$BASE_URL" >"$URL_FILE"
-say "ready: $BASE_URL/{$(IFS=,; echo "${SERVICES[*]}")} (pid $pid, $((SECONDS - start)) s)"
+say "ready: $BASE_URL/{$(IFS=,; echo "${SERVICES[*]}")} (pid $SERVER_PID, $READY_AFTER s)"

@@ -89,6 +89,20 @@ def _consume(peer: XdsPeer, out: Path, patient: str, *extra: str) -> dict[str, A
     return summary
 
 
+def test_listens_on_loopback_only(peer: XdsPeer) -> None:
+    # /proc/net/tcp{,6}: local address in hex, state 0A = LISTEN; Java's dual-stack socket shows
+    # 127.0.0.1 as ::ffff:127.0.0.1
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(port, 16) == peer.port:
+                listening.add(address)
+    assert listening and listening <= loopback, listening
+
+
 def test_every_wsdl_answers(peer: XdsPeer) -> None:
     for service in ("xds-iti41", "xds-iti18", "xds-iti43", "xdsi-rad69"):
         resp = httpx.get(f"{peer.url(service)}?wsdl", timeout=30)
