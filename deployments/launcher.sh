@@ -1,12 +1,14 @@
-# Sourced (through their common.sh) by the start.sh and stop.sh of fhir-server/ and xds-peer/: running
-# a Java server in the background from a run dir, whichever server it is.
-# The caller sets LABEL (prefix of messages), MARKER (a word of the server's command line, so that a
-# reused PID is never signalled), RUN_DIR, PID_FILE, URL_FILE and LOG.
+# Sourced by the build.sh, start.sh and stop.sh of fhir-server/ and xds-peer/ (the last two through
+# their common.sh): building a Java server with Maven and running it in the background from a run
+# dir, whichever server it is. The caller sets LABEL (prefix of messages); start.sh and stop.sh also
+# MARKER (a word of the server's command line, so that a reused PID is never signalled), RUN_DIR,
+# PID_FILE, URL_FILE and LOG.
 
 SCRIPT="$(basename "$0" .sh)"
 
 say() { echo "[$LABEL $SCRIPT] $*"; }
 err() { echo "[$LABEL $SCRIPT] ERROR: $*" >&2; }
+die() { err "$*"; exit 1; }
 
 # Running and not a zombie (a zombie still answers kill -0).
 alive() {
@@ -30,7 +32,7 @@ server_pid() {
 # Error message, the log's last 40 lines, exit 1.
 fail() {
   err "$*"
-  if [[ -f "$LOG" ]]; then
+  if [[ -f "${LOG:-}" ]]; then
     echo "----- last 40 lines of $LOG -----" >&2
     tail -n 40 "$LOG" >&2 || true
     echo "-----" >&2
@@ -125,4 +127,43 @@ stop_server() {
   rm -f "$PID_FILE" "$URL_FILE"
   say "stopped (pid $pid, $((SECONDS - start)) s)"
   exit 0
+}
+
+# build.sh's first steps: its arguments ("--force" sets FORCE=1; "--help" prints lines 2-$2 of the
+# script), java on PATH, and one build at a time (several test sessions may build at once): a lock
+# in the target dir $1.
+begin_build() {
+  local target=$1 help_end=$2
+  shift 2
+  FORCE=0
+  case "${1:-}" in
+    --force) FORCE=1 ;;
+    "") ;;
+    -h|--help) sed -n "2,${help_end}p" "$0"; exit 0 ;;
+    *) echo "build.sh: unknown argument: $1 (use --force or nothing)" >&2; exit 2 ;;
+  esac
+  command -v java >/dev/null 2>&1 || die "java not found on PATH: install a JDK 17 or newer (Debian: openjdk-17-jdk-headless)"
+  mkdir -p "$target"
+  exec 9>"$target/.build.lock"
+  if command -v flock >/dev/null 2>&1; then
+    flock 9
+  fi
+}
+
+# mvn package in the project dir $1 when the jar $2 is missing, older than pom.xml or anything
+# under src/, or FORCE=1; $3 says what the first run downloads. Sets PACKAGED=1 when it packaged.
+maven_package() {
+  local project=$1 jar=$2 start
+  PACKAGED=0
+  if [[ $FORCE -eq 0 && -f "$jar" && -z "$(find "$project/pom.xml" "$project/src" -newer "$jar" -print -quit)" ]]; then
+    say "up to date: $jar"
+    return 0
+  fi
+  command -v mvn >/dev/null 2>&1 || die "mvn (Maven 3.8+) not found on PATH, and $jar is missing or older than its sources (Debian: apt-get install maven)"
+  say "packaging with Maven (the first run downloads $3 of dependencies from Maven Central into ~/.m2) ..."
+  start=$SECONDS
+  (cd "$project" && mvn -q -B -Dstyle.color=never package -DskipTests) || die "mvn package failed (see the Maven output above)"
+  [[ -f "$jar" ]] || die "mvn package succeeded but $jar is missing"
+  say "built $jar ($(du -h "$jar" | cut -f1)) in $((SECONDS - start)) s"
+  PACKAGED=1
 }

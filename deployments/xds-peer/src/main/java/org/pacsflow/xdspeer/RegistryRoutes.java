@@ -2,6 +2,7 @@ package org.pacsflow.xdspeer;
 
 import jakarta.activation.DataHandler;
 import org.apache.camel.Exchange;
+import org.apache.camel.Processor;
 import org.apache.camel.builder.RouteBuilder;
 import org.openehealth.ipf.commons.ihe.xds.core.metadata.DocumentEntry;
 import org.openehealth.ipf.commons.ihe.xds.core.metadata.ObjectReference;
@@ -9,6 +10,7 @@ import org.openehealth.ipf.commons.ihe.xds.core.requests.DocumentReference;
 import org.openehealth.ipf.commons.ihe.xds.core.requests.ProvideAndRegisterDocumentSet;
 import org.openehealth.ipf.commons.ihe.xds.core.requests.QueryRegistry;
 import org.openehealth.ipf.commons.ihe.xds.core.requests.RetrieveDocumentSet;
+import org.openehealth.ipf.commons.ihe.xds.core.requests.RetrieveImagingDocumentSet;
 import org.openehealth.ipf.commons.ihe.xds.core.requests.query.FindDocumentsQuery;
 import org.openehealth.ipf.commons.ihe.xds.core.requests.query.GetDocumentsQuery;
 import org.openehealth.ipf.commons.ihe.xds.core.requests.query.QueryReturnType;
@@ -31,41 +33,45 @@ import static org.openehealth.ipf.platform.camel.ihe.xds.XdsCamelValidators.iti4
 import static org.openehealth.ipf.platform.camel.ihe.xds.XdsCamelValidators.iti41ResponseValidator;
 import static org.openehealth.ipf.platform.camel.ihe.xds.XdsCamelValidators.iti43RequestValidator;
 import static org.openehealth.ipf.platform.camel.ihe.xds.XdsCamelValidators.iti43ResponseValidator;
+import static org.openehealth.ipf.platform.camel.ihe.xds.XdsCamelValidators.rad69RequestValidator;
+import static org.openehealth.ipf.platform.camel.ihe.xds.XdsCamelValidators.rad69ResponseValidator;
 
 /**
- * The Document Registry and Repository actors: ITI-41 in, ITI-18 and ITI-43 out, each request and
- * response checked by IPF's validators. A failed check or a refused submission becomes an ebXML
+ * The Document Registry and Repository actors (ITI-41 in, ITI-18 and ITI-43 out) and the stand-in
+ * RAD-69 source, each request and response checked by IPF's validators. A failed check or a refused submission becomes an ebXML
  * error in the response (IPF maps an XDSMetaDataException to its XDS error code).
  */
 public class RegistryRoutes extends RouteBuilder {
 
     private final DocumentStore store;
+    private final ImagingSource imagingSource;
 
-    public RegistryRoutes(DocumentStore store) {
+    public RegistryRoutes(DocumentStore store, ImagingSource imagingSource) {
         this.store = store;
+        this.imagingSource = imagingSource;
     }
 
     @Override
     public void configure() {
         errorHandler(noErrorHandler());
+        route("xds-iti41:xds-iti41", iti41RequestValidator(), ProvideAndRegisterDocumentSet.class,
+                this::provide, iti41ResponseValidator());
+        route("xds-iti18:xds-iti18", iti18RequestValidator(), QueryRegistry.class,
+                this::query, iti18ResponseValidator());
+        route("xds-iti43:xds-iti43", iti43RequestValidator(), RetrieveDocumentSet.class,
+                this::retrieve, iti43ResponseValidator());
+        route("xdsi-rad69:xdsi-rad69", rad69RequestValidator(), RetrieveImagingDocumentSet.class,
+                imagingSource::retrieve, rad69ResponseValidator());
+    }
 
-        from("xds-iti41:xds-iti41").routeId("iti41")
-                .process(iti41RequestValidator())
-                .convertBodyTo(ProvideAndRegisterDocumentSet.class)
-                .process(this::provide)
-                .process(iti41ResponseValidator());
-
-        from("xds-iti18:xds-iti18").routeId("iti18")
-                .process(iti18RequestValidator())
-                .convertBodyTo(QueryRegistry.class)
-                .process(this::query)
-                .process(iti18ResponseValidator());
-
-        from("xds-iti43:xds-iti43").routeId("iti43")
-                .process(iti43RequestValidator())
-                .convertBodyTo(RetrieveDocumentSet.class)
-                .process(this::retrieve)
-                .process(iti43ResponseValidator());
+    /** One web service: IPF's request check, the body as IPF's model, the handler, IPF's response check. */
+    private void route(String uri, Processor requestValidator, Class<?> requestType, Processor handler,
+                       Processor responseValidator) {
+        from(uri).routeId(uri.substring(0, uri.indexOf(':')))
+                .process(requestValidator)
+                .convertBodyTo(requestType)
+                .process(handler)
+                .process(responseValidator);
     }
 
     private void provide(Exchange exchange) {

@@ -67,13 +67,13 @@ public class XdsPeerApplication {
     }
 
     @Bean
-    RegistryRoutes registryRoutes(DocumentStore store) {
-        return new RegistryRoutes(store);
+    RegistryRoutes registryRoutes(DocumentStore store, ImagingSource imagingSource) {
+        return new RegistryRoutes(store, imagingSource);
     }
 
     @Bean
-    ImagingSourceRoutes imagingSourceRoutes(@Value("${xds-peer.rad69-dir:}") String dir,
-                                            @Value("${xds-peer.repository-unique-id}") String repositoryUniqueId) {
-        return new ImagingSourceRoutes(dir.isBlank() ? null : Path.of(dir), repositoryUniqueId);
+    ImagingSource imagingSource(@Value("${xds-peer.rad69-dir:}") String dir,
+                                @Value("${xds-peer.repository-unique-id}") String repositoryUniqueId) {
+        return new ImagingSource(dir.isBlank() ? null : Path.of(dir), repositoryUniqueId);
     }
 }

@@ -2,7 +2,6 @@ package org.pacsflow.xdspeer;
 
 import jakarta.activation.DataHandler;
 import org.apache.camel.Exchange;
-import org.apache.camel.builder.RouteBuilder;
 import org.openehealth.ipf.commons.ihe.xds.core.requests.DocumentReference;
 import org.openehealth.ipf.commons.ihe.xds.core.requests.RetrieveImagingDocumentSet;
 import org.openehealth.ipf.commons.ihe.xds.core.requests.RetrieveSeries;
@@ -19,37 +18,25 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.regex.Pattern;
 
-import static org.openehealth.ipf.platform.camel.ihe.xds.XdsCamelValidators.rad69RequestValidator;
-import static org.openehealth.ipf.platform.camel.ihe.xds.XdsCamelValidators.rad69ResponseValidator;
-
 /**
- * A stand-in Imaging Document Source for RAD-69: answers with {@code <dir>/<SOP Instance UID>.dcm}
+ * A stand-in Imaging Document Source for RAD-69 (route in {@link RegistryRoutes}): answers with {@code <dir>/<SOP Instance UID>.dcm}
  * unchanged. It lets the consume mode's RAD-69 producer be tested without pacsflow; pacsflow's own
  * RAD-69 endpoint is the real one. Without a folder every instance is unknown (XDSMissingDocument).
  */
-public class ImagingSourceRoutes extends RouteBuilder {
+public class ImagingSource {
 
     private static final Pattern UID = Pattern.compile("[0-9]+(\\.[0-9]+)*");
 
     private final Path dir;
     private final String repositoryUniqueId;
 
-    public ImagingSourceRoutes(Path dir, String repositoryUniqueId) {
+    public ImagingSource(Path dir, String repositoryUniqueId) {
         this.dir = dir;
         this.repositoryUniqueId = repositoryUniqueId;
     }
 
-    @Override
-    public void configure() {
-        errorHandler(noErrorHandler());
-        from("xdsi-rad69:xdsi-rad69").routeId("rad69")
-                .process(rad69RequestValidator())
-                .convertBodyTo(RetrieveImagingDocumentSet.class)
-                .process(this::retrieve)
-                .process(rad69ResponseValidator());
-    }
-
-    private void retrieve(Exchange exchange) throws IOException {
+    /** RAD-69: each requested instance's file, or XDSMissingDocument. */
+    void retrieve(Exchange exchange) throws IOException {
         RetrieveImagingDocumentSet request = exchange.getIn().getBody(RetrieveImagingDocumentSet.class);
         RetrievedDocumentSet response = new RetrievedDocumentSet(Status.SUCCESS);
         for (RetrieveStudy study : request.getRetrieveStudies()) {
