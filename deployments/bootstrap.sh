@@ -61,6 +61,11 @@ case "$what" in
       echo "==> building the HAPI FHIR test server (first time only)"
       deployments/fhir-server/build.sh
     fi
+    if command -v java >/dev/null 2>&1 && [ -x deployments/xds-peer/build.sh ]; then
+      echo "==> building the IPF XDS.b test peer (first time only)"
+      # a failed build only makes tests/integration/test_xds_peer.py skip, with the reason
+      deployments/xds-peer/build.sh || echo "==> the XDS.b peer did not build; its tests will skip"
+    fi
     exec .venv/bin/python -m pytest "$@" ;;
   *) echo "usage: $0 demo|test|setup" >&2; exit 2 ;;
 esac

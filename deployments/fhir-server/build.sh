@@ -21,43 +21,14 @@ APP_JAR="$APP/pacsflow-fhir-server.jar"
 CDS="$APP/pacsflow-fhir-server.jsa"
 JAVA_OPTS="${FHIR_JAVA_OPTS:--Xms256m -Xmx1g -XX:+UseSerialGC}"
 
-FORCE=0
-case "${1:-}" in
-  --force) FORCE=1 ;;
-  "") ;;
-  -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-  *) echo "build.sh: unknown argument: $1 (use --force or nothing)" >&2; exit 2 ;;
-esac
-
-say() { echo "[fhir-server build] $*"; }
-die() { echo "[fhir-server build] ERROR: $*" >&2; exit 1; }
-
-command -v java >/dev/null 2>&1 || die "java not found on PATH: install a JDK 17 or newer (Debian: openjdk-17-jdk-headless)"
-
-# One build at a time (several test sessions may call this at once).
-mkdir -p "$TARGET"
-exec 9>"$TARGET/.build.lock"
-if command -v flock >/dev/null 2>&1; then
-  flock 9
-fi
+LABEL=fhir-server
+# shellcheck source=../launcher.sh
+source "$HERE/../launcher.sh"
+begin_build "$TARGET" 15 "$@"
 
 # 1. The jar: rebuild when missing, or when pom.xml or anything under src/ is newer.
-needs_package=$FORCE
-if [[ ! -f "$JAR" ]]; then
-  needs_package=1
-elif [[ -n "$(find "$HERE/pom.xml" "$HERE/src" -newer "$JAR" -print -quit)" ]]; then
-  needs_package=1
-fi
-if [[ $needs_package -eq 1 ]]; then
-  command -v mvn >/dev/null 2>&1 || die "mvn (Maven 3.8+) not found on PATH, and $JAR is missing or older than its sources (Debian: apt-get install maven)"
-  say "packaging with Maven (first run downloads ~250 MB of dependencies from Maven Central into ~/.m2) ..."
-  start=$SECONDS
-  (cd "$HERE" && mvn -q -B -Dstyle.color=never package -DskipTests) || die "mvn package failed (see the Maven output above)"
-  [[ -f "$JAR" ]] || die "mvn package succeeded but $JAR is missing"
-  say "built $JAR ($(du -h "$JAR" | cut -f1)) in $((SECONDS - start)) s"
-else
-  say "up to date: $JAR"
-fi
+maven_package "$HERE" "$JAR" "~250 MB"
+needs_package=$PACKAGED
 
 # 2. Unpacked copy with a plain class path (class-data sharing cannot read jars nested in a jar).
 if [[ $needs_package -eq 1 || ! -f "$APP_JAR" || "$JAR" -nt "$APP_JAR" ]]; then

@@ -26,16 +26,6 @@ TIMEOUT="${FHIR_START_TIMEOUT:-240}"
 JAVA_OPTS="${FHIR_JAVA_OPTS:--Xms256m -Xmx1g -XX:+UseSerialGC}"
 BASE_URL="http://127.0.0.1:$PORT/fhir"
 
-fail() {
-  err "$*"
-  if [[ -f "$LOG" ]]; then
-    echo "----- last 40 lines of $LOG -----" >&2
-    tail -n 40 "$LOG" >&2 || true
-    echo "-----" >&2
-  fi
-  exit 1
-}
-
 [[ "$PORT" =~ ^[0-9]+$ ]] && ((PORT > 0 && PORT < 65536)) || { err "FHIR_PORT must be 1-65535, got '$PORT'"; exit 1; }
 [[ "$TIMEOUT" =~ ^[0-9]+$ ]] || { err "FHIR_START_TIMEOUT must be whole seconds, got '$TIMEOUT'"; exit 1; }
 
@@ -53,23 +43,12 @@ http_ok() {
     [[ "$line" == *" 200"* ]]
   fi
 }
-port_busy() { (exec 7<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
+metadata_ok() { http_ok "$BASE_URL/metadata"; }
 
 mkdir -p "$RUN_DIR"
 use_run_dir "$(cd "$RUN_DIR" && pwd)"
 
-if old_pid="$(server_pid)"; then
-  say "already running from $RUN_DIR: pid $old_pid, $(cat "$URL_FILE" 2>/dev/null || echo 'url unknown'); stop it with stop.sh" >&2
-  exit 3
-fi
-if [[ -f "$PID_FILE" ]]; then
-  say "removing stale PID file (pid $(cat "$PID_FILE" 2>/dev/null || echo '?') is gone)"
-  rm -f "$PID_FILE" "$URL_FILE"
-fi
-if port_busy; then
-  err "something already listens on 127.0.0.1:$PORT; choose another FHIR_PORT"
-  exit 1
-fi
+refuse_if_running "$PORT" "choose another FHIR_PORT"
 
 "$HERE/build.sh" || fail "build failed"
 
@@ -98,35 +77,8 @@ else
   storage="H2 files in $DATA_DIR"
 fi
 
-[[ -f "$LOG" ]] && mv -f "$LOG" "$LOG.1"
 say "starting on 127.0.0.1:$PORT ($storage), log $LOG"
-echo "# $(date -u +%FT%TZ) ${cmd[*]}" >"$LOG"
-# setsid: its own session, so a Ctrl-C in this terminal does not reach it; stop.sh stops it.
-if command -v setsid >/dev/null 2>&1; then
-  setsid "${cmd[@]}" >>"$LOG" 2>&1 </dev/null &
-else
-  nohup "${cmd[@]}" >>"$LOG" 2>&1 </dev/null &
-fi
-pid=$!
-echo "$pid" >"$PID_FILE"
-
-start=$SECONDS
-while true; do
-  if ! alive "$pid"; then
-    rm -f "$PID_FILE"
-    fail "the server (pid $pid) exited during start-up"
-  fi
-  if http_ok "$BASE_URL/metadata"; then
-    break
-  fi
-  if ((SECONDS - start >= TIMEOUT)); then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 20); do alive "$pid" || break; sleep 0.5; done
-    alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
-    rm -f "$PID_FILE"
-    fail "no answer from $BASE_URL/metadata within ${TIMEOUT} s; stopped pid $pid"
-  fi
-  sleep 0.5
-done
+launch "${cmd[@]}"
+wait_ready metadata_ok "$TIMEOUT" "$BASE_URL/metadata"
 echo "$BASE_URL" >"$URL_FILE"
-say "ready: $BASE_URL (pid $pid, $((SECONDS - start)) s)"
+say "ready: $BASE_URL (pid $SERVER_PID, $READY_AFTER s)"

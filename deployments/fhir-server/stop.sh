@@ -11,33 +11,4 @@ set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-TIMEOUT="${FHIR_STOP_TIMEOUT:-60}"
-
-if [[ ! -f "$PID_FILE" ]]; then
-  say "not running (no PID file in $RUN_DIR)"
-  exit 0
-fi
-if ! pid="$(server_pid)"; then
-  say "not running (stale PID file: pid $(cat "$PID_FILE" 2>/dev/null || echo '?') is gone or not a pacsflow FHIR server); removing it"
-  rm -f "$PID_FILE" "$URL_FILE"
-  exit 0
-fi
-
-say "stopping pid $pid ..."
-kill -TERM "$pid" 2>/dev/null || true
-start=$SECONDS
-while alive "$pid"; do
-  if ((SECONDS - start >= TIMEOUT)); then
-    say "still running after ${TIMEOUT} s: sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    sleep 1
-    if alive "$pid"; then
-      err "pid $pid survived SIGKILL"
-      exit 1
-    fi
-    break
-  fi
-  sleep 0.2
-done
-rm -f "$PID_FILE" "$URL_FILE"
-say "stopped (pid $pid, $((SECONDS - start)) s)"
+stop_server "${FHIR_STOP_TIMEOUT:-60}"
