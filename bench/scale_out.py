@@ -1,12 +1,14 @@
 """Scale-out: studies per second of the ``plan`` + ``ingest-shard`` flows with 1, 2 and 3 Prefect
-workers, against a PACS 20 ms away.
+workers, against two PACS 20 ms away.
 
     .venv/bin/python -m bench.scale_out [--studies 300] [--repeat 3] [--workers 1 2 3] [--latency-ms 20]
+        [--shard-studies 25] [--days 3] [--deid-workers 0]
 
 What runs, all real and on loopback: PostgreSQL (``tests/postgres.py``) holding the Prefect
 server's database and pacsflow's state (``state.url``); a ``prefect server``; the ``plan`` and
-``ingest-shard`` deployments of prefect.yaml on the process pool; one Orthanc loaded with
-generated studies (small CT and MR series), reached through the TCP latency proxy of
+``ingest-shard`` deployments of prefect.yaml on the process pool; two Orthanc PACS (the
+deployment's ``pacs`` and the source ``b``), each loaded with half of the generated studies
+(small CT and MR series) and each reached through its own TCP latency proxy of
 ``bench.fhir_batch_vs_single`` (each answer held back ``--latency-ms``: a PACS on another site,
 so the curve shows what more workers buy by hiding round trips on 2 cores); N ``prefect worker``
 processes (``--limit 1``, worker numbers 1..N, each with its own receiver AE ``PACSFLOW{worker}``
@@ -16,7 +18,8 @@ For each worker count, and once more for 2 and 3 workers with ``max_associations
 state and lake, the workers started, then ``plan`` is called and the clock runs until every shard
 is done. It prints studies/s per run, the median, the speed-up over one worker and the
 efficiency (speed-up ÷ workers), and the flattening at ``max_associations=2`` (3 workers ÷ 2).
-One PACS only: the settings name one PACS per deployment. Not a test: nothing here asserts.
+``--deid-workers`` sets ``deid_workers`` (default 0: a shard's de-identification in its flow-run
+process; a pool's start costs a small shard more than it saves). Not a test: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from tests.postgres import start_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 TODAY = dt.date.today()
-DAYS = 10  # the studies' dates: one shard per day at least, cut further by --shard-studies
 PLAN_WAIT_S = 1800.0
 
 
@@ -53,35 +55,38 @@ def _receiver_base(workers: int) -> int:
             return base
 
 
-def load_pacs(work: Path, studies: int, modalities: dict) -> OrthancServer:
-    server = OrthancServer(OrthancConfig(work / "orthanc", free_port(), free_port(), modalities=modalities))
+def load_pacs(work: Path, name: str, studies: int, days: int, seed: int, modalities: dict) -> OrthancServer:
+    server = OrthancServer(OrthancConfig(work / f"orthanc-{name}", free_port(), free_port(), modalities=modalities))
     server.start()
     try:
-        sampledata.generate(work / "in", studies=studies, days=DAYS, end_date=TODAY - dt.timedelta(days=1),
-                            seed=17, modalities=("CT", "MR"), series_per_study=(2, 2), instances_per_series=(5, 5),
+        sampledata.generate(work / "in", studies=studies, days=days, end_date=TODAY - dt.timedelta(days=1),
+                            seed=seed, modalities=("CT", "MR"), series_per_study=(2, 2), instances_per_series=(5, 5),
                             rows=64, cols=64)
         sampledata.load([work / "in"], "127.0.0.1", server.dicom_port)
     except BaseException:
         server.stop(graceful=False)  # not yet in the caller's exit stack
         raise
-    shutil.rmtree(work / "in")
+    finally:
+        shutil.rmtree(work / "in", ignore_errors=True)
     return server
 
 
-def one_run(work: Path, api: str, pacs_port: int, base: int, workers: int, associations: int,
-            state_url: str, shard_studies: int) -> tuple[float, int]:
+def one_run(work: Path, api: str, pacs_ports: tuple[int, int], base: int, workers: int, associations: int,
+            state_url: str, args: argparse.Namespace) -> tuple[float, int]:
     """Fresh state and lake, ``workers`` workers, one plan: (seconds to the last shard done, studies cataloged)."""
     from pacsflow.flows.plan import plan
     from pacsflow.tasks.ingest.leases import Leases
 
     run = Path(tempfile.mkdtemp(prefix="run-", dir=work))
     settings = {
-        "PACSFLOW_PACS__PORT": str(pacs_port), "PACSFLOW_RECEIVER__AE_TITLE": "PACSFLOW{worker}",
+        "PACSFLOW_PACS__PORT": str(pacs_ports[0]), "PACSFLOW_SOURCES__B__PORT": str(pacs_ports[1]),
+        "PACSFLOW_RECEIVER__AE_TITLE": "PACSFLOW{worker}",
         "PACSFLOW_RECEIVER__PORT": str(base), "PACSFLOW_RECEIVER__ENGINE": "pynetdicom",
         "PACSFLOW_STORAGE_ROOT": str(run / "lake" / "dicom"), "PACSFLOW_CATALOG_ROOT": str(run / "lake" / "catalog"),
         "PACSFLOW_CATALOG__BACKEND": "delta", "PACSFLOW_STATE_ROOT": str(run / "state"),
         "PACSFLOW_STATE__URL": state_url, "PACSFLOW_DEID_KEY": "scale-out-bench-key-0123456789",
-        "PACSFLOW_SHARDS__MAX_STUDIES": str(shard_studies), "PACSFLOW_MAX_ASSOCIATIONS": str(associations),
+        "PACSFLOW_SHARDS__MAX_STUDIES": str(args.shard_studies), "PACSFLOW_MAX_ASSOCIATIONS": str(associations),
+        "PACSFLOW_DEID_WORKERS": str(args.deid_workers),
         "PACSFLOW_MIN_FREE_MB": "0", "PACSFLOW_DEID__PIXEL_POLICY": "quarantine",
     }
     os.environ.update(settings)  # the plan runs here, with the workers' settings and no worker number
@@ -94,7 +99,7 @@ def one_run(work: Path, api: str, pacs_port: int, base: int, workers: int, assoc
         time.sleep(3)  # the workers poll the pool once a second
         leases = Leases.under(run / "state", state_url)
         t0 = time.perf_counter()
-        result = plan(since=TODAY - dt.timedelta(days=DAYS + 1), until=TODAY)
+        result = plan(since=TODAY - dt.timedelta(days=args.days + 1), until=TODAY)
         deadline = time.monotonic() + PLAN_WAIT_S
         while time.monotonic() < deadline:
             shards = leases.shards()
@@ -114,15 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--associations", type=int, default=4, help="max_associations of the unconstrained runs")
-    ap.add_argument("--shard-studies", type=int, default=10, help="shards.max_studies")
+    ap.add_argument("--shard-studies", type=int, default=25, help="shards.max_studies")
+    ap.add_argument("--days", type=int, default=3, help="StudyDate days the studies spread over (a shard is a day "
+                    "or a part of one)")
+    ap.add_argument("--deid-workers", type=int, default=0, help="deid_workers of every shard run")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (workers' logs, lakes)")
     args = ap.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     configs = [(n, args.associations) for n in args.workers] + [(n, 2) for n in args.workers if n >= 2]
     top = max(args.workers)
     work = Path(tempfile.mkdtemp(prefix="pacsflow-scale-"))
-    print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; {args.studies} studies, "
-          f"latency {args.latency_ms:.0f} ms per PACS answer, shards of at most {args.shard_studies} studies")
+    print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; {args.studies} studies on two PACS, "
+          f"latency {args.latency_ms:.0f} ms per PACS answer, {args.days} days, shards of at most "
+          f"{args.shard_studies} studies, "
+          f"deid_workers {args.deid_workers}")
     figures: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
     postgres = start_postgres()
     try:
@@ -130,18 +140,20 @@ def main(argv: list[str] | None = None) -> int:
             base = _receiver_base(top)
             peers = {**default_modalities(),
                      **{f"PACSFLOW{n}": (f"PACSFLOW{n}", "127.0.0.1", base + n) for n in range(1, top + 1)}}
-            pacs = load_pacs(work, args.studies, peers)
-            stack.callback(pacs.stop, graceful=False)
-            proxy = LatencyProxy(pacs.dicom_port, args.latency_ms / 1000)
-            stack.callback(proxy.close)
-            os.environ["PACSFLOW_PACS__HTTP_URL"] = pacs.rest_url
+            ports = []
+            for name, studies, seed in (("pacs", args.studies - args.studies // 2, 17), ("b", args.studies // 2, 18)):
+                pacs = load_pacs(work, name, studies, args.days, seed, peers)
+                stack.callback(pacs.stop, graceful=False)
+                proxy = LatencyProxy(pacs.dicom_port, args.latency_ms / 1000)
+                stack.callback(proxy.close)
+                ports.append(proxy.port)
             prefect_db = postgres.new_database().replace("postgresql://", "postgresql+asyncpg://", 1)
             api = stack.enter_context(running_prefect_server(work, PREFECT_API_DATABASE_CONNECTION_URL=prefect_db))
             deploy(worker_env(api, work / "deploy-home"), "plan", "ingest-shard")
             for rep in range(args.repeat):
                 for workers, associations in configs:
-                    seconds, studies = one_run(work, api, proxy.port, base, workers, associations,
-                                               postgres.new_database(), args.shard_studies)
+                    seconds, studies = one_run(work, api, (ports[0], ports[1]), base, workers, associations,
+                                               postgres.new_database(), args)
                     figures[(workers, associations)].append(studies / seconds)
                     print(f"  run {rep + 1}: {workers} worker(s), max_associations {associations}: {studies} studies "
                           f"in {seconds:.1f}s = {studies / seconds:.2f}/s; load {os.getloadavg()[0]:.1f}", flush=True)
