@@ -6,8 +6,9 @@ The shard key is the only parameter (no PHI); its studies are in the leases tabl
 The run claims every unheld study of the shard and renews the leases while it works, so a
 second run of the same shard finds nothing to do, and the studies of a run that dies become
 claimable once its leases run out. A study already cataloged with the PACS's instance count is
-skipped (the ledger says so). PACS slots are taken per C-FIND and per retrieval task, one each,
-so runs on several workers share ``max_associations``. The watermark is the planner's to move.
+skipped (the ledger says so). PACS slots are taken per C-FIND and per retrieval task, one each
+and one at a time, so runs on several workers share ``max_associations``. The watermark is the
+planner's to move.
 """
 
 from __future__ import annotations
@@ -106,7 +107,11 @@ def shard_steps(settings: Settings, parts: RunParts, shard: str, logger: Logger)
             items = discover_work(settings, run, window, book, logger, only=claimed)
         progress = Progress("ingest-shard-progress", len(items))
         with recording_interruption(book, logger):
-            retrieve_and_deidentify(settings, run, items, book, progress, slot=slot)
+            # One retrieval at a time: a run that held a slot while it waited for a second would,
+            # with other shards doing the same, hold every slot while none could start (the slot
+            # of a finished retrieval comes back only once the loop looks at it again).
+            one_at_a_time = settings.model_copy(update={"max_associations": 1})
+            retrieve_and_deidentify(one_at_a_time, run, items, book, progress, slot=slot)
         commit(settings, run, book)
         progress.finish()
         for item, verdict in book.settle(watermark=False):
