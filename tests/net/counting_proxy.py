@@ -1,14 +1,16 @@
-"""A TCP proxy in front of a PACS's DICOM port that counts the connections open through it at once
-and keeps the highest count: every association our processes open to the PACS (C-ECHO, C-FIND,
-C-MOVE, C-GET) is one connection, so the highest count is the most associations the PACS saw from
-us at once. Connections the PACS opens itself (C-MOVE's C-STORE sub-operations to our receivers)
-do not pass through it.
+"""A TCP proxy in front of a PACS's DICOM port that counts our connections open at once and keeps
+the highest count: every association our processes open to the PACS (C-ECHO, C-FIND, C-MOVE,
+C-GET) is one connection, so the highest count is the most associations of ours at once.
+Connections the PACS opens itself (C-MOVE's C-STORE sub-operations to our receivers) do not pass
+through it.
 
 Each answer after a request is held back ``latency_s`` (one round trip per request/response
 exchange), so that short associations last long enough to overlap and a missing cap shows.
 
-A connection counts from its accept until both of its directions have closed, the longer of the
-two views: a cap that holds here holds for the PACS.
+A connection is open from its accept until our side closes it, as the kernel saw it: when a
+connection is accepted, the others are counted by peeking at their sockets, not by what the pump
+threads have got round to, so a process that closes one association and opens the next at once
+is never counted twice (the close reached the proxy's socket before the next connect).
 
     with CountingProxy(orthanc.dicom_port, latency_s=0.04) as proxy:
         ... PACSFLOW_PACS__PORT=proxy.port ...
@@ -21,6 +23,7 @@ import socket
 import threading
 import time
 from types import TracebackType
+from typing import Self
 
 
 class CountingProxy:
@@ -30,25 +33,29 @@ class CountingProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
-        self.open_now = 0
+        self._links: set[_Link] = set()
         self.most_at_once = 0
         self.connections = 0  # every connection accepted so far
-        self._accepting = threading.Thread(target=self._accept, daemon=True, name="counting-proxy")
-        self._accepting.start()
+        self.spans: list[list[float]] = []  # per connection [opened, closed], monotonic; closed 0 while open
+        threading.Thread(target=self._accept, daemon=True, name="counting-proxy").start()
 
-    def __enter__(self) -> "CountingProxy":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def reset(self) -> None:
-        """Forget the highest count so far (it restarts from the connections open now)."""
-        with self._lock:
-            self.most_at_once = self.open_now
-
     def close(self) -> None:
         self._listener.close()
+
+    def overlaps(self, at_least: int) -> list[list[tuple[float, float]]]:
+        """Each accept that found ``at_least`` connections open, itself included: their (opened,
+        closed) times in seconds from the first connection (for a failure's message)."""
+        with self._lock:
+            spans = [(a, b or time.monotonic()) for a, b in self.spans]
+        t0 = spans[0][0] if spans else 0.0
+        found = [[(round(x - t0, 3), round(y - t0, 3)) for x, y in spans if x <= a < y] for a, _ in spans]
+        return [f for f in found if len(f) >= at_least]
 
     def _accept(self) -> None:
         while True:
@@ -59,34 +66,60 @@ class CountingProxy:
             try:
                 upstream = socket.create_connection(self.upstream, timeout=10)
             except OSError:
-                client.close()  # the PACS is down: our side sees its connection refused as a reset
+                client.close()  # the PACS is down: our side sees the connection reset
                 continue
             upstream.settimeout(None)
             for s in (client, upstream):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link = _Link(client, upstream, self.latency_s, self._gone)
             with self._lock:
+                for other in list(self._links):
+                    other.see_close()
+                self._links.add(link)
                 self.connections += 1
-                self.open_now += 1
-                self.most_at_once = max(self.most_at_once, self.open_now)
-            link = _Link(client, upstream, self.latency_s, self._closed)
-            threading.Thread(target=link.pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=link.pump, args=(upstream, client, False), daemon=True).start()
+                self.spans.append(link.span)
+                self.most_at_once = max(self.most_at_once, sum(1 for x in self._links if not x.span[1]))
+            link.start()
 
-    def _closed(self) -> None:
-        with self._lock:
-            self.open_now -= 1
+    def _gone(self, link: _Link) -> None:
+        with self._lock:  # under the lock: a socket of a link being looked at is not closed meanwhile
+            link.see_close()
+            self._links.discard(link)
+            for s in link.sockets:
+                s.close()
 
 
 class _Link:
     """One proxied connection: two pumps; the answer to each request waits ``latency_s``."""
 
-    def __init__(self, client: socket.socket, upstream: socket.socket, latency_s: float, on_closed) -> None:
+    def __init__(self, client: socket.socket, upstream: socket.socket, latency_s: float, gone) -> None:
         self.sockets = (client, upstream)
         self.latency_s = latency_s
+        self.span = [time.monotonic(), 0.0]
         self.asked = False
         self.pumps_left = 2
         self._lock = threading.Lock()
-        self._on_closed = on_closed
+        self._gone = gone
+
+    def start(self) -> None:
+        client, upstream = self.sockets
+        threading.Thread(target=self.pump, args=(client, upstream, True), daemon=True).start()
+        threading.Thread(target=self.pump, args=(upstream, client, False), daemon=True).start()
+
+    def see_close(self) -> None:
+        """Mark the link closed if our side has closed it: an end of stream (or a reset) waiting on
+        its socket. Nothing else can wait there: our side closes only after the release's answer,
+        so the pump has read all it sent."""
+        if self.span[1]:
+            return
+        try:
+            ended = self.sockets[0].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            ended = False
+        except OSError:
+            ended = True
+        if ended:
+            self.span[1] = time.monotonic()
 
     def pump(self, src: socket.socket, dst: socket.socket, request: bool) -> None:
         try:
@@ -109,6 +142,4 @@ class _Link:
                 self.pumps_left -= 1
                 last = self.pumps_left == 0
             if last:
-                for s in self.sockets:
-                    s.close()
-                self._on_closed()
+                self._gone(self)
