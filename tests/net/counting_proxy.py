@@ -19,6 +19,7 @@ is never counted twice (the close reached the proxy's socket before the next con
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -58,28 +59,28 @@ class CountingProxy:
         return [f for f in found if len(f) >= at_least]
 
     def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=10)
-            except OSError:
-                client.close()  # the PACS is down: our side sees the connection reset
-                continue
-            upstream.settimeout(None)
-            for s in (client, upstream):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            link = _Link(client, upstream, self.latency_s, self._gone)
-            with self._lock:
-                for other in list(self._links):
-                    other.see_close()
-                self._links.add(link)
-                self.connections += 1
-                self.spans.append(link.span)
-                self.most_at_once = max(self.most_at_once, sum(1 for x in self._links if not x.span[1]))
-            link.start()
+        with contextlib.suppress(OSError):  # the listener was closed
+            while True:
+                self._serve(self._listener.accept()[0])
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            client.close()  # the PACS is down: our side sees the connection reset
+            return
+        upstream.settimeout(None)
+        for s in (client, upstream):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = _Link(client, upstream, self.latency_s, self._gone)
+        with self._lock:
+            for other in list(self._links):
+                other.see_close()
+            self._links.add(link)
+            self.connections += 1
+            self.spans.append(link.span)
+            self.most_at_once = max(self.most_at_once, sum(1 for x in self._links if not x.span[1]))
+        link.start()
 
     def _gone(self, link: _Link) -> None:
         with self._lock:  # under the lock: a socket of a link being looked at is not closed meanwhile
