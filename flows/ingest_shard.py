@@ -6,9 +6,8 @@ The shard key is the only parameter (no PHI); its studies are in the leases tabl
 The run claims every unheld study of the shard and renews the leases while it works, so a
 second run of the same shard finds nothing to do, and the studies of a run that dies become
 claimable once its leases run out. A study already cataloged with the PACS's instance count is
-skipped (the ledger says so). PACS slots are taken per C-FIND and per retrieval task, one each
-and one at a time, so runs on several workers share ``max_associations``. The watermark is the
-planner's to move.
+skipped (the ledger says so). PACS slots are taken per C-FIND and per retrieval task, one each,
+so runs on several workers share ``max_associations``. The watermark is the planner's to move.
 """
 
 from __future__ import annotations
