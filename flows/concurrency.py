@@ -127,6 +127,7 @@ class HolderRegistry:
         self.name = f"{_prefix(limit)}{uuid.uuid4().hex}"
         self.me = me
         self._lock = threading.Lock()
+        self._unaccounted = 0  # what the previous look found held by no live record
 
     def publish(self, state: str | None = None, client: SyncPrefectClient | None = None) -> None:
         """Write (or renew) this run's record; a renewal moves the server's ``updated`` stamp.
@@ -168,10 +169,13 @@ class HolderRegistry:
         live records of others. One clearer at a time (a lock record): two clearers would give
         the same slots back twice."""
         active = self.client.read_global_concurrency_limit_by_name(self.limit).active_slots
-        holders, now = self.read()  # after the count: every slot it includes has its record here
+        holders, now = self.read()  # after the count: every slot it includes has its record here, or was given back
         stale = stale_holders(holders, now)
         live = {n: h for n, h in holders.items() if n not in stale}
-        extra = unaccounted_slots(active, live)
+        # A run that gives its slot back and withdraws its record between the count and the read
+        # looks like a dead holder for that one look: give back only what two looks in a row found.
+        found = unaccounted_slots(active, live)
+        extra, self._unaccounted = min(found, self._unaccounted), found
         if not stale and not extra:
             return live
         with self._clearing(now, logger) as mine:

@@ -108,7 +108,11 @@ def shard_steps(settings: Settings, parts: RunParts, shard: str, logger: Logger)
             items = discover_work(settings, run, window, book, logger, only=claimed)
         progress = Progress("ingest-shard-progress", len(items))
         with recording_interruption(book, logger):
-            retrieve_and_deidentify(settings, run, items, book, progress, slot=slot)
+            # One retrieval at a time: a run that held a slot while it waited for a second would,
+            # with other shards doing the same, hold every slot while none could start (the slot
+            # of a finished retrieval comes back only once the loop looks at it again).
+            one_at_a_time = settings.model_copy(update={"max_associations": 1})
+            retrieve_and_deidentify(one_at_a_time, run, items, book, progress, slot=slot)
         commit(settings, run, book)
         progress.finish()
         for item, verdict in book.settle(watermark=False):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import random
 import signal
 import socket
 import time
@@ -57,13 +58,11 @@ WAIT_S = 240.0
 
 
 def _free_run(n: int) -> int:
-    """A port p with p..p+n-1 free now (the receivers of workers 0..n-1)."""
+    """A port p with p..p+n-1 free now (the receivers of workers 0..n-1), below the ephemeral
+    range: there no outgoing connection (to the Prefect server, to Orthanc) takes one of them as
+    its local port before a worker's receiver binds it, seconds or minutes later."""
     for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
+        base = random.randrange(20000, 32768 - n)
         try:
             for p in range(base, base + n):
                 with socket.socket() as t:
