@@ -1,7 +1,8 @@
 """Shards as flow runs across workers (issue 17, tests 3 and 4): a real `prefect server` on
 PostgreSQL, the plan and ingest-shard deployments of prefect.yaml on a process pool, three
 `prefect worker` processes, each with its own receiver (``PACSFLOW{worker}`` at receiver.port +
-worker), the state in PostgreSQL and the catalog as Delta tables. Two Orthanc PACS: the one in
+worker), the state in PostgreSQL, the de-identification key in a Prefect Secret block, the lake
+and the Delta catalog on moto's S3 server: the README's "More than one machine" steps. Two Orthanc PACS: the one in
 ``pacs`` and the named source ``b`` (``PACSFLOW_SOURCES__B__*``), each knowing every worker's
 receiver as a C-MOVE destination, each loaded with studies of its own.
 
@@ -11,7 +12,8 @@ sum of both PACS's counts (Orthanc REST); `migrate inventory` and `reconcile` of
 own passes, the studies that came from it) find no difference; a second plan finds nothing to do
 and both watermarks are at the window's end. Test 4 (studies on the first PACS only): a worker
 and its flow-run process are killed with SIGKILL mid-shard; a new worker starts, the next plan
-starts the dead shard again, and every study is cataloged exactly once.
+starts the dead shard again, every study is cataloged exactly once, and every stored object's
+SHA-256 equals the catalog's (`migrate reconcile` over all of them).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from subprocess import Popen
 
 import psycopg
 import pytest
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactCollectionFilter,
@@ -48,6 +51,7 @@ from pacsflow.flows.plan import plan
 from pacsflow.tasks.ingest.leases import Leases
 from tests.integration.prefect_server import deploy, pool_worker, running_prefect_server, worker_env
 from tests.postgres import PostgresServer
+from tests.s3 import REGION, S3Server, s3_server  # noqa: F401  (fixture import)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -82,6 +86,8 @@ class Site:
     stack: ExitStack
     workers: dict[int, Popen] = field(default_factory=dict)
     orthanc_b: OrthancServer | None = None  # the named source "b"
+    catalog_location: str = ""  # catalog.location ("" = <catalog_root>/delta) and its storage options
+    catalog_options: dict[str, str] = field(default_factory=dict)
 
     @property
     def pacs(self) -> list[OrthancServer]:
@@ -105,7 +111,8 @@ class Site:
         """Study rows, distinct studies, instance rows."""
         sql = ("SELECT (SELECT count(*) FROM studies), (SELECT count(DISTINCT study_uid) FROM studies), "
                "(SELECT count(*) FROM instances)")
-        return tuple(query(open_store(self.catalog, "delta"), sql).to_pylist()[0].values())  # type: ignore[return-value]
+        store = open_store(self.catalog, "delta", self.catalog_location, self.catalog_options)
+        return tuple(query(store, sql).to_pylist()[0].values())  # type: ignore[return-value]
 
     def wait_all_done(self, timeout_s: float = WAIT_S) -> None:
         deadline = time.monotonic() + timeout_s
@@ -119,22 +126,31 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(postgresql: PostgresServer, orthanc_factory, tmp_path_factory) -> Iterator[Site]:  # noqa: F811
+def site(postgresql: PostgresServer, orthanc_factory, s3_server: S3Server,  # noqa: F811
+         tmp_path_factory) -> Iterator[Site]:
+    """README "More than one machine", step by step: the Prefect server and the state on PostgreSQL,
+    the key in a Secret block, the lake and the catalog on S3, one settings set for every worker."""
     root = tmp_path_factory.mktemp("shards")
+    bucket = s3_server.create_bucket()
+    catalog_options = {"AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_REGION": REGION, "AWS_ALLOW_HTTP": "true",
+                       "aws_conditional_put": "etag"}
     prefect_db = postgresql.new_database().replace("postgresql://", "postgresql+asyncpg://", 1)
     state_url = postgresql.new_database()
     base = _free_run(WORKERS + 4)  # workers 1-3, and up to three that replace killed ones
     aes = {f"PACSFLOW{n}": (f"PACSFLOW{n}", "127.0.0.1", base + n) for n in range(1, WORKERS + 4)}
     orthanc, orthanc_b = orthanc_factory(modalities=aes), orthanc_factory(modalities=aes)
     with running_prefect_server(root, PREFECT_API_DATABASE_CONNECTION_URL=prefect_db) as api:
-        settings = {
+        Secret(value="shards-test-key-0123456789").save("pacsflow-deid-key", overwrite=True)
+        settings = {**s3_server.env,  # the S3 credentials, from the environment as on AWS
             "PACSFLOW_PACS__PORT": str(orthanc.dicom_port), "PACSFLOW_PACS__HTTP_URL": orthanc.rest_url,
             "PACSFLOW_SOURCES__B__PORT": str(orthanc_b.dicom_port), "PACSFLOW_SOURCES__B__HTTP_URL": orthanc_b.rest_url,
             "PACSFLOW_RECEIVER__AE_TITLE": "PACSFLOW{worker}", "PACSFLOW_RECEIVER__PORT": str(base),
             "PACSFLOW_RECEIVER__ENGINE": "pynetdicom",
-            "PACSFLOW_STORAGE_ROOT": str(root / "lake" / "dicom"), "PACSFLOW_CATALOG_ROOT": str(root / "lake" / "catalog"),
-            "PACSFLOW_CATALOG__BACKEND": "delta", "PACSFLOW_STATE_ROOT": str(root / "state"),
-            "PACSFLOW_STATE__URL": state_url, "PACSFLOW_DEID_KEY": "shards-test-key-0123456789",
+            "PACSFLOW_STORAGE_ROOT": f"s3://{bucket}/dicom", "PACSFLOW_STORAGE__ENDPOINT_URL": s3_server.endpoint_url,
+            "PACSFLOW_STORAGE__REGION": REGION, "PACSFLOW_CATALOG_ROOT": str(root / "lake" / "catalog"),
+            "PACSFLOW_CATALOG__BACKEND": "delta", "PACSFLOW_CATALOG__LOCATION": f"s3://{bucket}/catalog",
+            "PACSFLOW_CATALOG__STORAGE_OPTIONS": json.dumps(catalog_options), "PACSFLOW_STATE_ROOT": str(root / "state"),
+            "PACSFLOW_STATE__URL": state_url, "PACSFLOW_DEID_KEY_BLOCK": "pacsflow-deid-key",
             "PACSFLOW_DEID_WORKERS": "0", "PACSFLOW_SHARDS__MAX_STUDIES": "2",
             "PACSFLOW_SHARDS__LEASE_S": str(LEASE_S), "PACSFLOW_RETRY_DELAY_S": "0.2",
             "PACSFLOW_MAX_ASSOCIATIONS": "3", "PACSFLOW_MIN_FREE_MB": "0",
@@ -142,7 +158,8 @@ def site(postgresql: PostgresServer, orthanc_factory, tmp_path_factory) -> Itera
         env = worker_env(api, root / "prefect-home", **settings)
         deploy(env, "plan", "ingest-shard")
         with ExitStack() as stack:
-            s = Site(root, orthanc, env, state_url, stack, orthanc_b=orthanc_b)
+            s = Site(root, orthanc, env, state_url, stack, orthanc_b=orthanc_b,
+                     catalog_location=f"s3://{bucket}/catalog", catalog_options=catalog_options)
             for n in range(1, WORKERS + 1):
                 s.start_worker(n)
             yield s
@@ -150,9 +167,10 @@ def site(postgresql: PostgresServer, orthanc_factory, tmp_path_factory) -> Itera
 
 @pytest.fixture
 def planner_env(site: Site, monkeypatch) -> None:
-    """The plan flow runs in this process with the workers' settings (no worker number)."""
+    """The plan flow runs in this process with the workers' settings (no worker number) and S3
+    credentials."""
     for k, v in site.env.items():
-        if k.startswith("PACSFLOW_"):
+        if k.startswith(("PACSFLOW_", "AWS_")):
             monkeypatch.setenv(k, v)
 
 
@@ -310,3 +328,5 @@ def test_a_killed_worker_s_shard_is_started_again_by_the_next_plan_and_cataloged
     assert sum(o.study_count() for o in site.pacs) == before[0] + 9
     killed = [r for r in _final_shard_runs() if r.parameters.get("shard") == shard]
     assert sorted(r.state.type.value for r in killed) == ["COMPLETED", "CRASHED"]
+    checked = migrate_reconcile(1.0, "pacs")  # every stored object's SHA-256 against the catalog's
+    assert (checked["differences"], checked["checksum_findings"]) == (0, 0), checked
