@@ -10,7 +10,9 @@ server's database and pacsflow's state (``state.url``); a ``prefect server``; th
 deployment's ``pacs`` and the source ``b``), each loaded with half of the generated studies
 (small CT and MR series) and each reached through its own TCP latency proxy of
 ``bench.fhir_batch_vs_single`` (each answer held back ``--latency-ms``: a PACS on another site,
-so the curve shows what more workers buy by hiding round trips on 2 cores); N ``prefect worker``
+so the curve shows what more workers buy by hiding round trips on 2 cores). The way back crosses
+the same distance: each worker's receiver is registered at the PACS behind a proxy of its own, so
+every C-STORE sub-operation of a C-MOVE waits one round trip too, as it would over a WAN. N ``prefect worker``
 processes (``--limit 1``, worker numbers 1..N, each with its own receiver AE ``PACSFLOW{worker}``
 and port); the catalog as Delta tables. The settings are the test's (tests/integration/test_shards.py).
 
@@ -138,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ExitStack() as stack:
             base = _receiver_base(top)
+            back = {n: LatencyProxy(base + n, args.latency_ms / 1000) for n in range(1, top + 1)}
+            for proxy in back.values():
+                stack.callback(proxy.close)
             peers = {**default_modalities(),
-                     **{f"PACSFLOW{n}": (f"PACSFLOW{n}", "127.0.0.1", base + n) for n in range(1, top + 1)}}
+                     **{f"PACSFLOW{n}": (f"PACSFLOW{n}", "127.0.0.1", p.port) for n, p in back.items()}}
             ports = []
             for name, studies, seed in (("pacs", args.studies - args.studies // 2, 17), ("b", args.studies // 2, 18)):
                 pacs = load_pacs(work, name, studies, args.days, seed, peers)
