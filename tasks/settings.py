@@ -414,6 +414,97 @@ class FhirSettings(BaseModel):
         return v
 
 
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+
+
+def _check_oid(value: str | None) -> str | None:
+    if value is not None and (len(value) > 64 or not _OID.fullmatch(value)):
+        raise ValueError("must be an OID: digits and dots, at most 64 characters (e.g. 1.2.3.4)")
+    return value
+
+
+class XdsCode(BaseModel):
+    """One coded value of XDS metadata (an ebXML Classification): code, coding scheme, display name."""
+
+    code: str = Field(..., min_length=1, description="the code")
+    scheme: str = Field(..., min_length=1, description="its coding scheme (an OID or the affinity domain's name)")
+    display: str = Field(..., min_length=1, description="its display name")
+
+
+class XdsiSettings(BaseModel):
+    """XDS-I.b Imaging Document Source (README "Sharing through XDS-I.b"): one KOS manifest per
+    cataloged study, submitted to a repository (RAD-68 / ITI-41), images served by RAD-69 and WADO-RS.
+    For a research affinity domain only: the patient ID is the pseudonym under ``pseudonym_oid``.
+    Off while ``repository_url`` is unset. The codes' defaults are placeholders: set your affinity
+    domain's."""
+
+    repository_url: str | None = Field(
+        None, description="the Document Repository's ITI-41 (Provide and Register Document Set-b) URL; unset = "
+        "no publishing")
+    registry_url: str | None = Field(
+        None, description="the Document Registry's ITI-18 (Registry Stored Query) URL, for `pacsflow xdsi check`")
+    rad69_url: str | None = Field(
+        None, description="where consumers reach our RAD-69 endpoint; default serve.public_base_url + /xdsi/rad69")
+    retrieve_url: str | None = Field(
+        None, description="the WADO-RS base each manifest names as Retrieve URL; default serve.public_base_url + "
+        "/dicom-web")
+    source_oid: str | None = Field(
+        None, description="our Imaging Document Source's OID: the KOS's Retrieve Location UID, the RAD-69 "
+        "repositoryUniqueId and the submission set's sourceId")
+    repository_unique_id: str | None = Field(
+        None, description="the Document Repository's uniqueId (what consumers give ITI-43); checked by `xdsi check`")
+    pseudonym_oid: str | None = Field(
+        None, description="assigning authority of the pseudonyms: patientId = <pseudonym>^^^&<oid>&ISO")
+    class_code: XdsCode = Field(XdsCode(code="IMAGES", scheme="1.3.6.1.4.1.19376.1.2.6.1", display="Images"),
+                                description="DocumentEntry.classCode")
+    type_code: XdsCode = Field(XdsCode(code="18748-4", scheme="2.16.840.1.113883.6.1",
+                                       display="Diagnostic imaging study"), description="DocumentEntry.typeCode")
+    practice_setting_code: XdsCode = Field(XdsCode(code="394914008", scheme="2.16.840.1.113883.6.96",
+                                                   display="Radiology"),
+                                           description="DocumentEntry.practiceSettingCode")
+    healthcare_facility_type_code: XdsCode = Field(
+        XdsCode(code="22232009", scheme="2.16.840.1.113883.6.96", display="Hospital"),
+        description="DocumentEntry.healthcareFacilityTypeCode")
+    confidentiality_code: XdsCode = Field(XdsCode(code="N", scheme="2.16.840.1.113883.5.25", display="normal"),
+                                          description="DocumentEntry.confidentialityCode")
+    content_type_code: XdsCode = Field(XdsCode(code="18748-4", scheme="2.16.840.1.113883.6.1",
+                                               display="Diagnostic imaging study"),
+                                       description="SubmissionSet.contentTypeCode")
+    language_code: str = Field("en-US", description="DocumentEntry.languageCode")
+    audit_url: str | None = Field(
+        None, description="ATNA audit repository as syslog+udp://host:port or syslog+tcp://host:port (RFC 5424; "
+        "TCP framed by octet counting, RFC 6587); unset = no audit messages")
+    consent_required: bool = Field(
+        False, description="publish a study only when its patient pseudonym has a research-consent flag "
+        "(`pacsflow xdsi consent grant`)")
+    ca_bundle: Path | None = Field(None, description="PEM file of the CAs that sign the repository's certificate")
+    client_cert: Path | None = Field(None, description="PEM client certificate, for repositories that require one")
+    client_key: Path | None = Field(None, description="PEM private key of client_cert (when not in the same file)")
+    timeout_s: float = Field(60.0, gt=0, description="timeout of one SOAP request (seconds)")
+    max_retries: int = Field(4, ge=0, le=20, description="retries of a submission on network errors, 5xx and 429")
+    retry_backoff_s: float = Field(2.0, ge=0, description="first retry delay; doubles per retry, with jitter")
+    retry_max_delay_s: float = Field(120.0, ge=0, description="cap on one retry delay")
+
+    _oids = field_validator("source_oid", "repository_unique_id", "pseudonym_oid")(_check_oid)
+
+    @field_validator("audit_url")
+    @classmethod
+    def _audit_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"syslog\+(udp|tcp)://[^/:]+:[0-9]{1,5}/?", v):
+            raise ValueError("must be syslog+udp://host:port or syslog+tcp://host:port")
+        return v
+
+    @model_validator(mode="after")
+    def _publishing_needs_ids(self) -> "XdsiSettings":
+        if self.repository_url and not (self.source_oid and self.pseudonym_oid):
+            raise ValueError("repository_url needs source_oid and pseudonym_oid")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.repository_url)
+
+
 class StorageSettings(BaseModel):
     """How fsspec reaches ``storage_root`` when it is an object store URL (``s3://bucket/prefix``):
     the s3fs ``storage_options``. Keys are never settings: by default the AWS credential chain
@@ -592,6 +683,7 @@ class Settings(BaseSettings):
 
     deid: DeidSettings = DeidSettings()
     fhir: FhirSettings = FhirSettings()
+    xdsi: XdsiSettings = XdsiSettings()
     state: StateSettings = StateSettings()
     migrate: MigrateSettings = MigrateSettings()
     shards: ShardSettings = ShardSettings()
@@ -654,11 +746,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _wado_rs_from_public_url(self) -> "Settings":
-        """One source of the DICOMweb address FHIR publishes: ``fhir.wado_rs_base_url`` when set (a
-        proxy that maps another path), else ``serve.public_base_url`` + ``/dicom-web``."""
+        """One source of the addresses FHIR and XDS-I.b publish: ``fhir.wado_rs_base_url``,
+        ``xdsi.retrieve_url`` and ``xdsi.rad69_url`` when set (a proxy that maps another path), else
+        ``serve.public_base_url`` + ``/dicom-web`` (or ``/xdsi/rad69``)."""
         if self.fhir.wado_rs_base_url is None and self.serve.public_base_url:
             base = self.serve.public_base_url.rstrip("/") + "/dicom-web"
             self.fhir = self.fhir.model_copy(update={"wado_rs_base_url": base})
+        public = self.serve.public_base_url.rstrip("/") if self.serve.public_base_url else None
+        if public and (self.xdsi.retrieve_url is None or self.xdsi.rad69_url is None):
+            self.xdsi = self.xdsi.model_copy(update={"retrieve_url": self.xdsi.retrieve_url or public + "/dicom-web",
+                                                     "rad69_url": self.xdsi.rad69_url or public + "/xdsi/rad69"})
         return self
 
     @field_validator("sources")
