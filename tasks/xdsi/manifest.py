@@ -63,7 +63,7 @@ class ManifestError(PermanentError):
     reason = "xdsi-manifest"
 
 
-class ValueType(enum.StrEnum):
+class ValueType(str, enum.Enum):
     """How TID 2010 references an object (PS3.3 C.17.3.2.1): an image, a waveform, any other composite."""
 
     IMAGE = "IMAGE"
