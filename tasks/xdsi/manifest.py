@@ -211,14 +211,6 @@ def _study_datetime(inp: StudyManifestInput) -> tuple[str, str | None]:
 
 
 # -- the KOS -----------------------------------------------------------------------------------------
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
-
-
 def _sop_ref(sop_class_uid: str | None, sop_instance_uid: str) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = sop_class_uid
@@ -305,7 +297,9 @@ def _dataset(inp: StudyManifestInput, names: _Names, sop_uid: str, series_uid: s
     ds.SeriesNumber = KOS_SERIES_NUMBER
     ds.InstanceNumber = 1
     ds.ValueType = "CONTAINER"
-    ds.ConceptNameCodeSequence = [_code("113030", "DCM", "Manifest")]
+    title = Dataset()  # TID 2010's document title, CID 7010
+    title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = "113030", "DCM", "Manifest"
+    ds.ConceptNameCodeSequence = [title]
     ds.ContinuityOfContent = "SEPARATE"
     if inp.accession_number:
         ds.ReferencedRequestSequence = [_request(inp)]
