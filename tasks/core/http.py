@@ -21,7 +21,7 @@ def backoff_delay(attempt: int, backoff_s: float, max_delay_s: float, retry_afte
     backoff with jitter (0.5x to 1.5x); capped at ``max_delay_s`` either way."""
     if retry_after is not None:
         return min(retry_after, max_delay_s)
-    return min(backoff_s * (2 ** attempt) * (0.5 + random.random()), max_delay_s)
+    return min(backoff_s * 2.0 ** attempt * (0.5 + random.random()), max_delay_s)
 
 
 def retry_after_s(value: str | None) -> float | None:
