@@ -13,7 +13,30 @@ import email.utils
 import random
 import ssl
 import time
-from typing import Any
+from typing import Any, Self
+
+
+class ClosingClient:
+    """``close()`` and the context manager of a client that owns an httpx session in ``_http``."""
+
+    _http: Any
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def session_options(settings: Any, prefix: str, error: type[Exception]) -> dict[str, Any]:
+    """A client's keyword arguments from a settings section: TLS, ``timeout_s``, ``max_retries``,
+    ``retry_backoff_s`` and ``retry_max_delay_s``."""
+    return {"verify": tls_context(settings, prefix, error), "timeout_s": settings.timeout_s,
+            "max_retries": settings.max_retries, "backoff_s": settings.retry_backoff_s,
+            "max_delay_s": settings.retry_max_delay_s}
 
 
 def backoff_delay(attempt: int, backoff_s: float, max_delay_s: float, retry_after: float | None = None) -> float:

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from pacsflow.tasks.core.errors import FhirConfigurationError, FhirConflict, FhirRejected, FhirUnavailable
-from pacsflow.tasks.core.http import backoff_delay, raise_for_tls, retry_after_s, tls_context
+from pacsflow.tasks.core.http import ClosingClient, backoff_delay, raise_for_tls, retry_after_s, session_options
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,6 @@ def auth_from_settings(fhir: Any) -> httpx.Auth | None:
     return None
 
 
-def tls_from_settings(fhir: Any) -> ssl.SSLContext | bool:
-    """The TLS context for ``fhir.ca_bundle`` / ``fhir.client_cert`` / ``fhir.client_key``; True (the
-    system's CAs, no client certificate) when none is set. A file that cannot be used is a
-    configuration error naming the setting."""
-    return tls_context(fhir, "fhir", FhirConfigurationError)
-
-
 _IDENT_VALUE = re.compile(r"(identifier=[^|\s\"'&,]*\|)[^\s\"'&,]+")
 _HAPI_CODE = re.compile(r"HAPI-\d{4}")
 
@@ -126,7 +119,7 @@ def _diagnostics(resp: httpx.Response, strict: bool) -> str:
     return redact(text, strict)
 
 
-class FhirClient:
+class FhirClient(ClosingClient):
     """A small synchronous FHIR R4 client (JSON only). Use as a context manager, or call close()."""
 
     def __init__(
@@ -167,23 +160,9 @@ class FhirClient:
         """A client for ``Settings.fhir`` (raises FhirConfigurationError if base_url is unset)."""
         if not fhir.base_url:
             raise FhirConfigurationError("fhir.base_url is not set")
-        options: dict[str, Any] = dict(
-            auth=auth_from_settings(fhir), verify=tls_from_settings(fhir), timeout_s=fhir.timeout_s,
-            max_retries=fhir.max_retries,
-            backoff_s=fhir.retry_backoff_s, max_delay_s=fhir.retry_max_delay_s,
-            strict_redaction=fhir.identified_sync,
-        )
-        options.update(kwargs)
-        return cls(fhir.base_url, **options)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> FhirClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        options = {**session_options(fhir, "fhir", FhirConfigurationError), "auth": auth_from_settings(fhir),
+                   "strict_redaction": fhir.identified_sync}
+        return cls(fhir.base_url, **{**options, **kwargs})
 
     def __repr__(self) -> str:
         return f"FhirClient({self.base_url!r})"

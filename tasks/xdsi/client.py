@@ -30,7 +30,7 @@ import httpx
 from lxml import etree
 
 from pacsflow.tasks.core.errors import XdsConfigurationError, XdsRegistryError, XdsUnavailable
-from pacsflow.tasks.core.http import backoff_delay, raise_for_tls, retry_after_s, tls_context
+from pacsflow.tasks.core.http import ClosingClient, backoff_delay, raise_for_tls, retry_after_s, session_options
 from pacsflow.tasks.xdsi import mtom
 from pacsflow.tasks.xdsi.ebxml import MIME_DICOM, RIM, XDSB
 
@@ -110,7 +110,7 @@ def _issues(response: etree._Element, patient_ids: set[str]) -> list[RegistryIss
     return issues
 
 
-class XdsRepositoryClient:
+class XdsRepositoryClient(ClosingClient):
     """A small synchronous ITI-41 client. Use as a context manager, or call close()."""
 
     def __init__(self, url: str, *, verify: Any = True, timeout_s: float = 60.0, max_retries: int = 4,
@@ -133,20 +133,7 @@ class XdsRepositoryClient:
         """A client for ``Settings.xdsi`` (raises XdsConfigurationError if repository_url is unset)."""
         if not xdsi.repository_url:
             raise XdsConfigurationError("xdsi.repository_url is not set")
-        options: dict[str, Any] = dict(
-            verify=tls_context(xdsi, "xdsi", XdsConfigurationError), timeout_s=xdsi.timeout_s,
-            max_retries=xdsi.max_retries, backoff_s=xdsi.retry_backoff_s, max_delay_s=xdsi.retry_max_delay_s)
-        options.update(kwargs)
-        return cls(xdsi.repository_url, **options)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> XdsRepositoryClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return cls(xdsi.repository_url, **{**session_options(xdsi, "xdsi", XdsConfigurationError), **kwargs})
 
     def __repr__(self) -> str:
         return f"XdsRepositoryClient({self._where})"
