@@ -158,8 +158,9 @@ def dtm(moment: datetime) -> str:
 
 
 def service_start_time(dicom_date_time: str | None) -> str | None:
-    """The study's date and time (DICOM DA + TM, as written) as an XDS time with the precision it
-    has (fractions dropped); None when absent or not a date."""
+    """The study's date and time (DICOM DA + TM) as an XDS time with the precision it has (fractions
+    dropped); None when absent or not a date. DICOM names no zone, so the local time is sent as
+    written, as imaging sources commonly do."""
     found = _DICOM_DT.fullmatch((dicom_date_time or "").strip())
     if found is None:
         return None

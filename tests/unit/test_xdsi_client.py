@@ -14,7 +14,7 @@ from pacsflow.tasks.core.errors import XdsConfigurationError, XdsRegistryError, 
 from pacsflow.tasks.settings import XdsiSettings
 from pacsflow.tasks.xdsi import ebxml, mtom
 from pacsflow.tasks.xdsi.client import ACTION, RS, XdsRepositoryClient, document_content_id, one_line
-from tests.unit.test_xdsi_ebxml import PSEUDONYM_OID, SOURCE_OID, Manifest
+from tests.xdsi_samples import PSEUDONYM_OID, SOURCE_OID, Manifest
 
 URL = "http://repository.test:8080/services/xds-iti41"
 RESPONSE_ACTION = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-bResponse"

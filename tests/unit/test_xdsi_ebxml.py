@@ -5,7 +5,7 @@ then its slots, classifications, identifiers and associations one by one."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,26 +16,14 @@ from pacsflow.tasks.core.errors import XdsConfigurationError
 from pacsflow.tasks.settings import XdsCode, XdsiSettings
 from pacsflow.tasks.xdsi import ebxml
 from pacsflow.tasks.xdsi.mtom import XOP
+from tests.xdsi_samples import PSEUDONYM_OID, SOURCE_OID, Manifest
 
 GOLDEN = Path(__file__).parent / "data" / "xdsi" / "provide_and_register_rplc.xml"
 NS = {"rim": ebxml.RIM, "xdsb": ebxml.XDSB, "lcm": ebxml.LCM, "xop": XOP}
-PSEUDONYM_OID = "2.25.300184447563520924736125305104377418712"
-SOURCE_OID = "2.25.240815122125463532138815542375011357226"
 ACCESSION_OID = "2.25.42"
 SUBMITTED = datetime(2026, 12, 1, 14, 30, 5, tzinfo=timezone.utc)
 CREATED = datetime(2026, 12, 1, 15, 29, 0, tzinfo=timezone(timedelta(hours=1)))  # 14:29:00 UTC
 OLD_ENTRY = "urn:uuid:0b7a2c64-4f0e-4d7e-9a53-2f3c1d6a9e10"
-
-
-@dataclass(frozen=True)
-class Manifest:
-    sop_instance_uid: str = "2.25.111122223333444455556666777788889999"
-    study_uid: str = "2.25.999988887777666655554444333322221111"
-    accession: str | None = "ACC-7"
-    modalities: tuple[str, ...] = ("SR", "MR", "CT", "KO")
-    patient_pseudo_id: str = "PSEUDO&7"
-    service_start: str | None = "20240102093015.123"
-    part10: bytes = b"\0" * 128 + b"DICM-kos"
 
 
 def _settings(**changes: object) -> XdsiSettings:
