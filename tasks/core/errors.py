@@ -145,3 +145,35 @@ class FhirMappingError(PermanentError):
     """A study's catalog rows do not make a valid FHIR resource (fhir.resources validation failed)."""
 
     reason = "fhir-mapping"
+
+
+# -- XDS-I.b publishing (pacsflow.tasks.xdsi) ------------------------
+# Messages carry the XDS error code, the setting or peer to check, and entry/KOS UIDs at most; the
+# registry's codeContext is cut to one line and never quotes patient IDs.
+
+
+class XdsUnavailable(TransientError):
+    """The repository did not answer, or answered 429 / 5xx, after our bounded retries."""
+
+    reason = "xds-unavailable"
+
+
+class XdsRegistryError(PermanentError):
+    """The registry answered Failure or PartialSuccess (or a SOAP Fault): not retried until fixed.
+
+    ``code`` is the first errorCode (e.g. XDSUnknownPatientId; ``SOAPFault`` for a fault),
+    ``context`` its codeContext, one line, without patient IDs.
+    """
+
+    reason = "xds-registry"
+
+    def __init__(self, message: str, code: str = "", context: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.context = context
+
+
+class XdsConfigurationError(PermanentError):
+    """Publishing is misconfigured (an ``xdsi.*`` setting unset or unusable, TLS files, 4xx on the URL)."""
+
+    reason = "xds-configuration"

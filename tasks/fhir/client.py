@@ -19,9 +19,7 @@ second attempt finds what the first created.
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import random
 import re
 import ssl
 import time
@@ -32,6 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from pacsflow.tasks.core.errors import FhirConfigurationError, FhirConflict, FhirRejected, FhirUnavailable
+from pacsflow.tasks.core.http import ClosingClient, backoff_delay, raise_for_tls, retry_after_s, session_options
 
 log = logging.getLogger(__name__)
 
@@ -86,42 +85,6 @@ def auth_from_settings(fhir: Any) -> httpx.Auth | None:
     return None
 
 
-def tls_from_settings(fhir: Any) -> ssl.SSLContext | bool:
-    """The TLS context for ``fhir.ca_bundle`` / ``fhir.client_cert`` / ``fhir.client_key``; True (the
-    system's CAs, no client certificate) when none is set. A file that cannot be used is a
-    configuration error naming the setting."""
-    if fhir.ca_bundle is None and fhir.client_cert is None:
-        return True
-    try:
-        context = ssl.create_default_context(cafile=str(fhir.ca_bundle) if fhir.ca_bundle else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise FhirConfigurationError(f"fhir.ca_bundle: cannot load {fhir.ca_bundle} ({_tls_reason(exc)})") from None
-    if fhir.client_cert is not None:
-        try:
-            context.load_cert_chain(str(fhir.client_cert), str(fhir.client_key) if fhir.client_key else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise FhirConfigurationError(
-                f"fhir.client_cert / fhir.client_key: cannot load them ({_tls_reason(exc)})") from None
-    return context
-
-
-def _raise_for_tls(exc: httpx.TransportError, what: str) -> None:
-    """A TLS failure is configuration (trust, client certificate), not an outage: no retry."""
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ssl.SSLError):
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        raise FhirConfigurationError(f"FHIR {what}: the server's TLS certificate is not trusted "
-                                     f"({cause.verify_message}); set fhir.ca_bundle") from None
-    if cause is not None:
-        raise FhirConfigurationError(f"FHIR {what}: TLS handshake failed ({_tls_reason(cause)}); check "
-                                     "fhir.client_cert / fhir.client_key and the server's TLS settings") from None
-
-
-def _tls_reason(exc: BaseException) -> str:
-    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__)
-
-
 _IDENT_VALUE = re.compile(r"(identifier=[^|\s\"'&,]*\|)[^\s\"'&,]+")
 _HAPI_CODE = re.compile(r"HAPI-\d{4}")
 
@@ -156,21 +119,7 @@ def _diagnostics(resp: httpx.Response, strict: bool) -> str:
     return redact(text, strict)
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("Retry-After")
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-class FhirClient:
+class FhirClient(ClosingClient):
     """A small synchronous FHIR R4 client (JSON only). Use as a context manager, or call close()."""
 
     def __init__(
@@ -211,32 +160,16 @@ class FhirClient:
         """A client for ``Settings.fhir`` (raises FhirConfigurationError if base_url is unset)."""
         if not fhir.base_url:
             raise FhirConfigurationError("fhir.base_url is not set")
-        options: dict[str, Any] = dict(
-            auth=auth_from_settings(fhir), verify=tls_from_settings(fhir), timeout_s=fhir.timeout_s,
-            max_retries=fhir.max_retries,
-            backoff_s=fhir.retry_backoff_s, max_delay_s=fhir.retry_max_delay_s,
-            strict_redaction=fhir.identified_sync,
-        )
-        options.update(kwargs)
-        return cls(fhir.base_url, **options)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> FhirClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        options = {**session_options(fhir, "fhir", FhirConfigurationError), "auth": auth_from_settings(fhir),
+                   "strict_redaction": fhir.identified_sync}
+        return cls(fhir.base_url, **{**options, **kwargs})
 
     def __repr__(self) -> str:
         return f"FhirClient({self.base_url!r})"
 
     # -- transport ---------------------------------------------------------------------------
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.max_delay_s)
-        return min(self.backoff_s * (2 ** attempt) * (0.5 + random.random()), self.max_delay_s)
+        return backoff_delay(attempt, self.backoff_s, self.max_delay_s, retry_after)
 
     def _request(self, method: str, url: str, *, ok: Sequence[int] = (), **kwargs: Any) -> httpx.Response:
         """Send with retries. Returns 2xx/3xx responses and those with a status in ``ok``."""
@@ -249,7 +182,7 @@ class FhirClient:
             try:
                 resp = self._http.request(method, url, **kwargs)
             except httpx.TransportError as exc:
-                _raise_for_tls(exc, what)
+                raise_for_tls(exc, f"FHIR {what}", "fhir", FhirConfigurationError)
                 problem, conflict = f"{type(exc).__name__} (no answer from {self._origin[1]})", False
             else:
                 elapsed = time.monotonic() - started
@@ -259,7 +192,7 @@ class FhirClient:
                     return resp
                 if status in _TRANSIENT or status >= 500:
                     problem, conflict = f"HTTP {status}", False
-                    retry_after = _retry_after(resp)
+                    retry_after = retry_after_s(resp.headers.get("Retry-After"))
                 elif status == 409:
                     problem, conflict = f"HTTP 409: {_diagnostics(resp, self.strict_redaction)}", True
                 else:

@@ -20,7 +20,7 @@ OLD_TOP_LEVEL = frozenset(PACKAGE_DIRS)
 PREFECT_ALLOWED = ("flows/", "tasks/*/steps.py")
 PYNETDICOM_ALLOWED = ("tasks/pacs/client.py", "tasks/pacs/commitment.py", "tasks/pacs/receiver.py",
                       "tasks/pacs/sender.py", "tasks/pacs/status.py")
-HTTPX_ALLOWED = ("tasks/fhir/client.py", "deployments/")
+HTTPX_ALLOWED = ("tasks/fhir/client.py", "tasks/xdsi/client.py", "deployments/")
 PSYCOPG_ALLOWED = ("tasks/core/statedb.py",)  # the state database layer: every store reaches PostgreSQL through it
 HTTP_SERVER_ALLOWED = ("tasks/web/", "flows/serve.py")  # fastapi, starlette, uvicorn: one HTTP boundary
 HTTP_SERVER_LIBRARIES = frozenset({"fastapi", "starlette", "uvicorn"})
@@ -75,7 +75,7 @@ def violations(imports: list[Import]) -> list[str]:
         if _top(imp.module) == "pynetdicom" and not _matches(imp.file, PYNETDICOM_ALLOWED):
             out.append(f"{where}: only the PACS client, receiver and status map may import pynetdicom")
         if _top(imp.module) == "httpx" and not _matches(imp.file, HTTPX_ALLOWED):
-            out.append(f"{where}: only the FHIR client (and the local stack) may import httpx")
+            out.append(f"{where}: only the FHIR and XDS clients (and the local stack) may import httpx")
         if _top(imp.module) == "psycopg" and not _matches(imp.file, PSYCOPG_ALLOWED):
             out.append(f"{where}: only tasks/core/statedb.py may import psycopg")
         if _top(imp.module) in HTTP_SERVER_LIBRARIES and not _matches(imp.file, HTTP_SERVER_ALLOWED):
