@@ -2,7 +2,8 @@
 
 This root holds the commands that start flows (``run``, ``demo``) and ``settings``; the others
 live beside what they drive and are mounted here: ``catalog`` (``catalog/cli.py``), ``stack``
-(``deployments/local/cli.py``) and ``deidentify`` (``tasks/deid/cli.py``). Every command reads the
+(``deployments/local/cli.py``), ``deidentify`` (``tasks/deid/cli.py``) and ``xdsi``
+(``tasks/xdsi/cli.py``). Every command reads the
 same settings as the flows (``PACSFLOW_*`` env vars, or a YAML file named by ``PACSFLOW_CONFIG``);
 ``pacsflow settings`` shows them with secrets hidden. Heavy modules (Prefect, the flows, DuckDB,
 the local stack) are imported when a command needs them, so ``--help`` answers at once.
@@ -35,6 +36,7 @@ from pacsflow.tasks import settings_cli
 from pacsflow.tasks.deid import cli as deid_cli
 from pacsflow.tasks.route import cli as route_cli
 from pacsflow.tasks.web import cli as token_cli
+from pacsflow.tasks.xdsi import cli as xdsi_cli
 
 if TYPE_CHECKING:
     from pacsflow.tasks.settings import Settings
@@ -94,6 +96,7 @@ app.add_typer(catalog_cli.build_app(lambda: (lambda s: s.catalog.reader(s.catalo
 app.add_typer(alerts_cli.build_app(), name="alerts")
 app.add_typer(route_cli.app)  # `pacsflow route test|dry-run|status|retry|drop`
 app.add_typer(token_cli.build_app(_settings), name="token")
+app.add_typer(xdsi_cli.build_app(_settings), name="xdsi")  # `pacsflow xdsi status|consent`
 
 
 @app.callback()
@@ -161,9 +164,9 @@ def run_plan_cmd(
 
 
 def nightly_exit_code(result: dict[str, Any]) -> int:
-    """1 when a study failed or its FHIR copy did (the night is not done), else 0: scripts and
-    schedulers that only see the exit status must not take a FHIR outage for success."""
-    return 1 if result.get("failed") or result.get("fhir_failed") else 0
+    """1 when a study failed or its FHIR or XDS-I.b copy did (the night is not done), else 0: scripts
+    and schedulers that only see the exit status must not take a FHIR outage for success."""
+    return 1 if result.get("failed") or result.get("fhir_failed") or result.get("xdsi_failed") else 0
 
 
 @run_app.command("compact")
@@ -201,6 +204,36 @@ def run_fhir_resync(
         stopped = f"; stopped by {result['aborted']}" if result.get("aborted") else ""
         errors_console.report_text(f"FHIR resync: {result.get('failed') or 0} studies failed, "
                                    f"{result.get('differences') or 0} differences{stopped}")
+        raise typer.Exit(1)
+
+
+@run_app.command("xdsi-publish")
+def run_xdsi_publish(
+    only_failed: Annotated[bool, typer.Option(help="only the studies whose last attempt failed, those a registry "
+                                              "refused included (sent again although unchanged)")] = False,
+) -> None:
+    """Publish a KOS manifest per new or changed catalog study to the XDS.b repository (RAD-68) once, now.
+
+    For a research affinity domain only: the patient ID is the pseudonym under xdsi.pseudonym_oid.
+    Exits 1 when a study failed or the run stopped early (`pacsflow xdsi status --failed` lists why)."""
+    from pacsflow.tasks.core.errors import XdsConfigurationError
+    from pacsflow.tasks.xdsi.publish import check_publishable
+
+    settings = _settings()
+    try:
+        check_publishable(settings.xdsi)
+    except XdsConfigurationError as exc:
+        errors_console.fail(exc)
+    from pacsflow.flows.nightly import run_result
+    from pacsflow.flows.temporary_server import temporary_api
+    from pacsflow.flows.xdsi_publish import xdsi_publish
+
+    with temporary_api():
+        result = run_result(xdsi_publish(only_failed=only_failed, return_state=True))
+    _print_result(result)
+    if result.get("failed") or result.get("aborted"):
+        stopped = f"; stopped by {result['aborted']}" if result.get("aborted") else ""
+        errors_console.report_text(f"XDS-I.b publish: {result.get('failed') or 0} studies failed{stopped}")
         raise typer.Exit(1)
 
 

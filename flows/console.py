@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 
 from pacsflow.catalog.errors import CatalogNotFound
-from pacsflow.tasks.core.errors import FhirConfigurationError, PacsConfigurationError, error_text
+from pacsflow.tasks.core.errors import FhirConfigurationError, PacsConfigurationError, XdsConfigurationError, error_text
 
 PREFIX = "pacsflow: error: "
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -39,7 +39,8 @@ def exit_status(exc: BaseException) -> int:
     from pacsflow.tasks.route.rules import RulesError
     from pacsflow.tasks.settings import SettingsError  # pydantic: only once something failed
 
-    configuration = (SettingsError, PacsConfigurationError, FhirConfigurationError, CatalogNotFound, RulesError)
+    configuration = (SettingsError, PacsConfigurationError, FhirConfigurationError, XdsConfigurationError, CatalogNotFound,
+                     RulesError)
     return 2 if isinstance(exc, configuration) else 1
 
 

@@ -1,11 +1,12 @@
-"""The ingest-study flow: one study handed off by ``pacsflow listen`` → de-identified lake → catalog → FHIR.
+"""The ingest-study flow: one study handed off by ``pacsflow listen`` → de-identified lake → catalog → FHIR
+(and the XDS-I.b repository when ``xdsi.repository_url`` is set).
 
 The deployment ``ingest-study`` (``prefect.yaml``) runs it when the event ``pacsflow.study.stable``
 arrives (:mod:`pacsflow.flows.events`). Its parameters are the study's keyed pseudonym and the
 generation of the hand-off; the originals wait in
 :func:`pacsflow.tasks.ingest.handoff.handoff_dir`. The steps are the nightly flow's for one
 study: the same de-identification task and StudyProcessor, the same commit task, the same FHIR
-step. A generation after the first holds only the study's new objects: their rows are merged
+and XDS-I.b steps. A generation after the first holds only the study's new objects: their rows are merged
 with the study's cataloged ones before the commit (:mod:`pacsflow.tasks.lake.increment`).
 """
 
@@ -25,7 +26,7 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
-from pacsflow.flows.nightly import StudiesFailed, open_deid, sync_fhir
+from pacsflow.flows.nightly import StudiesFailed, open_deid, publish_xdsi, sync_fhir
 from pacsflow.flows.secrets import load_run_settings
 from pacsflow.tasks.core.clock import new_run_id
 from pacsflow.tasks.core.files import remove_tree
@@ -60,6 +61,8 @@ class IngestResult:
     catalog_version: int = 0
     fhir_sent: int = 0
     fhir_failed: int = 0
+    xdsi_published: int = 0
+    xdsi_failed: int = 0
 
     def conclude(self) -> None:
         if self.outcome == SKIPPED:
@@ -114,6 +117,10 @@ def run_ingest(settings: Settings, study: str, generation: int, logger: Logger |
         fhir = RunSummary(result.study, "")
         sync_fhir(settings, outcome.study_uids, fhir, logger)
         result.fhir_sent, result.fhir_failed = fhir.fhir_sent, fhir.fhir_failed
+    if outcome.written and settings.xdsi.enabled:
+        xdsi = RunSummary(result.study, "")
+        publish_xdsi(settings, outcome.study_uids, xdsi, logger)
+        result.xdsi_published, result.xdsi_failed = xdsi.xdsi_published, xdsi.xdsi_failed
     remove_tree(folder)
     result.conclude()
     (logger.info if result.written else logger.error)(result.message)

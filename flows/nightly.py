@@ -200,7 +200,7 @@ def run_summarised(steps: Callable[[RunParts], None], logger: Logger, artifacts:
 
 def run_steps(settings: Settings, parts: RunParts, since: dt.date | None, until: dt.date | None, logger: Logger,
               prefix: str) -> None:
-    """settings → discover → worklist → retrieve + de-identify → commit → bookkeeping → FHIR."""
+    """settings → discover → worklist → retrieve + de-identify → commit → bookkeeping → FHIR → XDS-I.b."""
     parts.settings = settings
     check_free_space(settings)
     check_tls_files(settings)
@@ -223,6 +223,8 @@ def run_steps(settings: Settings, parts: RunParts, since: dt.date | None, until:
     tidy(settings, run, book)
     if settings.fhir.base_url:
         sync_fhir(settings, book.catalog_uids, book.summary, logger)
+    if settings.xdsi.enabled:
+        publish_xdsi(settings, book.catalog_uids, book.summary, logger)
 
 
 def run_window(settings: Settings, ledger: Ledger, since: dt.date | None, until: dt.date | None,
@@ -429,6 +431,25 @@ def sync_fhir(settings: Settings, committed_uids: list[str], summary: RunSummary
     summary.fhir_sent, summary.fhir_failed = report.sent, len(report.failed)
     summary.fhir_differences = len(report.differences)
     publish_report(report, key="nightly-fhir-sync", title="Nightly FHIR sync")
+
+
+def publish_xdsi(settings: Settings, committed_uids: list[str], summary: RunSummary, logger: Logger) -> None:
+    """A KOS manifest in the XDS.b repository for what this run cataloged, plus what earlier runs
+    left (transient failures, studies pending consent or not attempted). Failures stay in the
+    XDS-I.b ledger for the next run; they never fail the night."""
+    from pacsflow.flows.xdsi_publish import publish_summary, publish_with_tasks
+    from pacsflow.tasks.xdsi.ledger import XdsiLedger
+    from pacsflow.tasks.xdsi.publish import owed_studies
+
+    try:
+        owed = owed_studies(XdsiLedger.under(settings.state_root, settings.state.url))
+        report = publish_with_tasks(settings, sorted(set(committed_uids) | set(owed)), logger=logger)
+    except Exception as exc:  # noqa: BLE001 - the XDS copy must not fail the night; the ledger keeps what is owed
+        logger.error("XDS-I.b publish step failed: %s", error_text(exc))
+        summary.xdsi_failed = len(committed_uids)
+        return
+    summary.xdsi_published, summary.xdsi_failed = report.published + report.replaced, len(report.failed)
+    publish_summary(report, key="nightly-xdsi-publish", title="Nightly XDS-I.b publish")
 
 
 def publish(summary: RunSummary, deid_manifest: dict | None, prefix: str = "nightly",

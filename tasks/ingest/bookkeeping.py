@@ -102,6 +102,9 @@ class RunSummary:
     fhir_sent: int = 0
     fhir_failed: int = 0
     fhir_differences: int = 0
+    # the XDS-I.b copy (studies whose KOS manifest was published or replaced, or failed)
+    xdsi_published: int = 0
+    xdsi_failed: int = 0
     seconds: float = 0.0
     studies: list[StudyReport] = field(default_factory=list)
 

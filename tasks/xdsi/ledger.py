@@ -224,3 +224,9 @@ class XdsiLedger:
             return {r[0] for marks, part in in_lists(set(pseudonyms))
                     for r in tx.execute(f"SELECT patient_pseudo_id FROM xdsi_consent WHERE patient_pseudo_id IN "
                                         f"({marks})", part).fetchall()}
+
+    def consents(self) -> dict[str, str]:
+        """Every pseudonym with a research-consent flag, and when it was granted (UTC, ISO 8601)."""
+        with self.db.tx() as tx:
+            return {r[0]: r[1] for r in tx.execute("SELECT patient_pseudo_id, granted_at FROM xdsi_consent "
+                                                   "ORDER BY patient_pseudo_id").fetchall()}

@@ -28,7 +28,8 @@ TODAY = dt.date.today()
 NO_US = ("CT", "MR", "MG")  # ultrasound carries burned-in text: quarantined
 RESULT_KEYS = {"run_id", "window", "outcome", "message", "cataloged_partial", "found", "pacs_queries", "queued",
                "retrieved", "deidentified", "cataloged", "failed", "instances", "quarantined_objects", "missing_objects",
-               "rejected_objects", "fhir_sent", "fhir_failed", "fhir_differences", "seconds", "instances_per_second"}
+               "rejected_objects", "fhir_sent", "fhir_failed", "fhir_differences", "xdsi_published", "xdsi_failed",
+               "seconds", "instances_per_second"}
 ARTIFACT_KEYS = {"nightly-deid-manifest", "nightly-ingest-summary", "nightly-ingest-studies", "nightly-progress",
                  "nightly-run-report", "nightly-run-report-page"}
 

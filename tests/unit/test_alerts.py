@@ -27,6 +27,7 @@ from pacsflow.flows.compact import compact_catalog
 from pacsflow.flows.fhir_resync import fhir_resync
 from pacsflow.flows.nightly import nightly_ingest
 from pacsflow.flows.sweep import reconciliation_sweep
+from pacsflow.flows.xdsi_publish import xdsi_publish
 from pacsflow.tasks.settings import SettingsError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def test_every_file_fills_in_and_notifies_through_the_block(automations):
 
 def test_a_failed_or_crashed_run_of_any_of_our_flows_alerts(automations):
     trigger = automations["pacsflow-run-failed"].trigger
-    ours = {f.name for f in (nightly_ingest, reconciliation_sweep, compact_catalog, fhir_resync)}
+    ours = {f.name for f in (nightly_ingest, reconciliation_sweep, compact_catalog, fhir_resync, xdsi_publish)}
     assert set(trigger.match_related["prefect.resource.name"]) == ours  # renaming a flow must update the file
     assert trigger.match_related["prefect.resource.role"] == ["flow"]
     assert set(trigger.match["prefect.state-type"]) == {"FAILED", "CRASHED"}  # by type, whatever the state's name

@@ -18,10 +18,12 @@ from pacsflow.tasks.settings import load_settings
 runner = CliRunner()
 
 COMMANDS = {
-    (): ["demo", "deidentify", "init", "settings", "report", "stack", "run", "catalog", "alerts"],
+    (): ["demo", "deidentify", "init", "settings", "report", "stack", "run", "catalog", "alerts", "xdsi"],
     ("stack",): ["up", "down", "status", "seed"],
     ("alerts",): ["apply", "webhook"],
-    ("run",): ["nightly", "plan", "compact", "fhir-resync"],
+    ("run",): ["nightly", "plan", "compact", "fhir-resync", "xdsi-publish"],
+    ("xdsi",): ["status", "consent"],
+    ("xdsi", "consent"): ["grant", "revoke", "list"],
     ("catalog",): ["query", "views", "stats"],
 }
 
@@ -148,6 +150,15 @@ def test_run_fhir_resync_needs_a_base_url(monkeypatch):
     assert "--only-failed" in runner.invoke(app, ["run", "fhir-resync", "--help"]).output
 
 
+def test_run_xdsi_publish_needs_a_repository_url(monkeypatch):
+    monkeypatch.delenv("PACSFLOW_XDSI__REPOSITORY_URL", raising=False)
+    monkeypatch.delenv("PACSFLOW_CONFIG", raising=False)
+    result = runner.invoke(app, ["run", "xdsi-publish"])
+    assert result.exit_code == 2
+    assert "xdsi.repository_url is not set" in result.output and "PACSFLOW_XDSI__REPOSITORY_URL" in result.output
+    assert "--only-failed" in runner.invoke(app, ["run", "xdsi-publish", "--help"]).output
+
+
 def test_nightly_exit_status_counts_fhir_failures():
     from pacsflow.flows.cli import nightly_exit_code
 
@@ -155,3 +166,4 @@ def test_nightly_exit_status_counts_fhir_failures():
     assert nightly_exit_code(clean) == 0
     assert nightly_exit_code({**clean, "failed": 1}) == 1
     assert nightly_exit_code({**clean, "fhir_sent": 0, "fhir_failed": 3}) == 1  # a FHIR outage is not a success
+    assert nightly_exit_code({**clean, "xdsi_published": 2, "xdsi_failed": 1}) == 1
