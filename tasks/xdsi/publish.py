@@ -104,6 +104,7 @@ class PublishPlan:
 
     selected: int = 0
     unchanged: int = 0
+    refused_before: int = 0  # a registry refused this very manifest in an earlier run: not sent again
     due: dict[str, str] = field(default_factory=dict)
 
     def batches(self, size: int | None = None) -> list[dict[str, str]]:
@@ -143,6 +144,8 @@ def plan_publish(con: duckdb.DuckDBPyConnection, ledger: XdsiLedger, xdsi: XdsiS
             plan.selected += 1
             if due:
                 plan.due[uid] = hashes[uid]
+            elif row is not None and row.status is PublishStatus.FAILED:
+                plan.refused_before += 1
             else:
                 plan.unchanged += 1
     return plan
@@ -322,9 +325,12 @@ class PublishReport:
     published: int = 0
     replaced: int = 0
     unchanged: int = 0
+    refused_before: int = 0  # refused by the registry in an earlier run, unchanged since: not sent again
     pending_consent: int = 0
     failed: dict[str, StudyFailure] = field(default_factory=dict)
     not_attempted: int = 0
+    #: requests to the repository, retries included; in a flow, those of a batch that stopped the
+    #: run are not known (its task raised instead of returning)
     requests: int = 0
     aborted: str | None = None
     seconds: float = 0.0
@@ -349,6 +355,8 @@ class PublishReport:
         """One line, for logs and the flow run's state."""
         text = (f"{self.published + self.replaced} of {self.selected} studies published ({self.replaced} replaced), "
                 f"{self.unchanged} unchanged, {self.pending_consent} pending consent, {len(self.failed)} failed")
+        if self.refused_before:
+            text += f", {self.refused_before} refused before and not sent again (pacsflow xdsi status --failed)"
         if self.failed:
             text += " (" + ", ".join(f"{n} {code}" for code, n in self.failed_by_code().items()) + ")"
         if self.aborted:
@@ -358,7 +366,8 @@ class PublishReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id, "selected": self.selected, "published": self.published, "replaced": self.replaced,
-            "unchanged": self.unchanged, "pending_consent": self.pending_consent, "failed": len(self.failed),
+            "unchanged": self.unchanged, "refused_before": self.refused_before, "pending_consent": self.pending_consent,
+            "failed": len(self.failed),
             "failed_by_code": self.failed_by_code(), "not_attempted": self.not_attempted, "requests": self.requests,
             "aborted": self.aborted, "seconds": self.seconds,
             "failures": {uid: f.reason for uid, f in sorted(self.failed.items())},
@@ -366,8 +375,8 @@ class PublishReport:
 
     def markdown(self, title: str = "XDS-I.b publish", limit: int = 200) -> str:
         lines = [f"# {title} {self.run_id}", "", self.message(), "", "| measure | value |", "|---|---|"]
-        for key in ("selected", "published", "replaced", "unchanged", "pending_consent", "not_attempted", "requests",
-                    "seconds"):
+        for key in ("selected", "published", "replaced", "unchanged", "refused_before", "pending_consent",
+                    "not_attempted", "requests", "seconds"):
             lines.append(f"| {key} | {getattr(self, key)} |")
         lines += [f"| failed: {code} | {n} |" for code, n in self.failed_by_code().items()]
         if self.failed:
@@ -400,7 +409,7 @@ def run_publish(xdsi: XdsiSettings, catalog: Catalog, ledger: XdsiLedger, submit
     report = PublishReport(new_run_id())
     with closing(connect_catalog(catalog)) as con:
         plan = plan_publish(con, ledger, xdsi, study_uids, only_failed=only_failed)
-    report.selected, report.unchanged = plan.selected, plan.unchanged
+    report.selected, report.unchanged, report.refused_before = plan.selected, plan.unchanged, plan.refused_before
     batches = plan.batches()
     for i, batch in enumerate(batches):
         try:
@@ -459,4 +468,7 @@ def publish_catalog(settings: Settings, study_uids: Sequence[str] | None = None,
         def submit_step(batch: list[str], run_id: str, _batch_no: int) -> BatchResult:
             return publish_catalog_batch(connected, ledger, catalog, xdsi, batch, run_id=run_id)
 
-        return run_publish(xdsi, catalog, ledger, submit_step, study_uids, only_failed=only_failed)
+        before = connected.requests
+        report = run_publish(xdsi, catalog, ledger, submit_step, study_uids, only_failed=only_failed)
+        report.requests = connected.requests - before  # the batch that stopped the run included
+        return report

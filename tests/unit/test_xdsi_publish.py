@@ -145,7 +145,8 @@ def test_a_registry_error_fails_one_study_and_is_not_sent_again_until_asked(cata
                                                                        False, None)
 
     again = publish_catalog(settings, client=repo)
-    assert (again.requests, again.unchanged, again.failed) == (0, 5, {})  # no retry storm
+    assert (again.requests, again.unchanged, again.refused_before, again.failed) == (0, 4, 1, {})  # no retry storm
+    assert again.ok and "1 refused before" in again.message()
     assert owed_studies(_ledger(settings)) == []
 
     del repo.refuse[refused]
@@ -165,7 +166,7 @@ def test_a_repository_that_goes_down_stops_the_run_and_the_next_one_sends_the_re
     report = publish_catalog(settings, client=repo)
     assert report.published == 1 and report.aborted and "XdsUnavailable" in report.aborted
     assert report.failed_by_code() == {"XdsUnavailable": 1}  # the batch's other study
-    assert report.not_attempted == 3 and repo.requests == 2  # later batches were not tried
+    assert report.not_attempted == 3 and repo.requests == report.requests == 2  # later batches were not tried
     rows = _ledger(settings).entries()
     assert sorted(r.status.value for r in rows.values()) == ["failed", "pending", "pending", "pending", "published"]
     assert all(r.transient for r in rows.values() if r.status is PublishStatus.FAILED)
