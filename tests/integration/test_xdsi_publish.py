@@ -22,10 +22,12 @@ from typing import Any
 import pydicom
 import pytest
 from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
 
 from pacsflow.catalog.views import connect
 from pacsflow.deployments.local import sampledata
 from pacsflow.deployments.local.orthanc import OrthancServer
+from pacsflow.flows.cli import app
 from pacsflow.flows.nightly import nightly_ingest, run_result
 from pacsflow.flows.xdsi_publish import xdsi_publish
 from pacsflow.tasks.settings import Settings, load_settings
@@ -263,6 +265,13 @@ def test_a_registry_of_another_authority_refuses_each_study_once(site, peers, tm
     again = run_result(again_state)
     assert (again["requests"], again["refused_before"], again["failed"]) == (0, STUDIES, 0)  # no retry storm
     assert "refused before" in again_state.message
+
+    # asked for: sent once more (one request each), refused again; the command says so with exit status 1
+    asked = CliRunner().invoke(app, ["run", "xdsi-publish", "--only-failed"])
+    assert asked.exit_code == 1, asked.output
+    assert f"failed: {STUDIES}" in asked.output and f"requests: {STUDIES}" in asked.output
+    status = CliRunner().invoke(app, ["xdsi", "status"])
+    assert f"{STUDIES} XDSUnknownPatientId (permanent)" in status.output
 
 
 def test_with_consent_required_only_consenting_patients_are_published(site, peers, tmp_path, monkeypatch):
