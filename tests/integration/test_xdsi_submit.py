@@ -18,7 +18,7 @@ from pacsflow.tasks.core.errors import XdsRegistryError
 from pacsflow.tasks.settings import XdsiSettings
 from pacsflow.tasks.xdsi import ebxml
 from pacsflow.tasks.xdsi.client import SubmissionResult, XdsRepositoryClient
-from tests.xds_peer import XdsPeer, start_peer, unavailable_reason
+from tests.xds_peer import XdsPeer, running_peer
 from tests.xdsi_samples import SOURCE_OID, Manifest, kos_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -31,14 +31,8 @@ SUBMITTED = datetime(2026, 12, 1, 15, 30, tzinfo=timezone.utc)
 
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XdsPeer]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    handle = start_peer(tmp_path_factory.mktemp("xds-peer-run"))
-    try:
+    with running_peer(tmp_path_factory) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def _settings(peer: XdsPeer, pseudonym_oid: str | None = None) -> XdsiSettings:
