@@ -14,7 +14,8 @@ studies and documents, so those have none.
 :class:`SyslogSender` is the one network boundary: UDP (RFC 5426, one datagram a message) or TCP
 framed by octet counting (RFC 6587), one connection kept open. Sending never raises into the
 caller: a failed send is counted (``failed``) and logged in one line without the message's content,
-once when sending starts to fail (not again until a send has succeeded).
+once when sending starts to fail (not again until a send has succeeded). :class:`AuditLog` is what
+a process holds: it sends now, or queues the event for its worker thread.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ import enum
 import ipaddress
 import logging
 import os
+import queue
 import re
 import select
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 from urllib.parse import urlsplit
 
 from lxml import etree
@@ -46,6 +50,7 @@ BOM = b"\xef\xbb\xbf"  # RFC 5424 MSG-UTF8: the BOM says the MSG is UTF-8
 WSA_ANONYMOUS = "http://www.w3.org/2005/08/addressing/anonymous"
 _PRINTABLE = re.compile(r"[^\x21-\x7e]")
 _AUDIT_URL = re.compile(r"syslog\+(udp|tcp)://([^/:]+):([0-9]{1,5})/?")
+QUEUE_SIZE = 10_000  # events waiting for the worker; past that they are dropped and counted
 
 
 @dataclass(frozen=True)
@@ -309,7 +314,8 @@ class SyslogSender:
                 else:
                     self._send_tcp(octet_counted(message))
             except OSError as exc:
-                self._failed(exc)
+                self._close()
+                self._note_failure(type(exc).__name__)
                 return False
             if self._failing:
                 log.info("audit: the audit repository at %s:%d takes messages again (%d failed so far)",
@@ -318,13 +324,16 @@ class SyslogSender:
             self.sent += 1
             return True
 
-    def _failed(self, exc: OSError) -> None:
+    def count_failure(self, reason: str) -> None:
+        """Counts a message that did not go (``reason``: one line naming no value)."""
+        with self._lock:
+            self._note_failure(reason)
+
+    def _note_failure(self, reason: str) -> None:
         self.failed += 1
-        self._close()
         if not self._failing:
             log.warning("audit: cannot send to the audit repository at %s %s:%d (%s); check xdsi.audit_url; "
-                        "further failures are only counted", self.transport.value, self.host, self.port,
-                        type(exc).__name__)
+                        "further failures are only counted", self.transport.value, self.host, self.port, reason)
         self._failing = True
 
     def _send_udp(self, message: bytes) -> None:
@@ -367,10 +376,16 @@ def _still_open(sock: socket.socket) -> bool:
 
 
 class AuditLog:
-    """What a process holds to audit: builds each event's message and sends it. Never raises."""
+    """What a process holds to audit: builds each event's message and sends it, now
+    (:meth:`record`, for a flow's own task) or from a worker thread (:meth:`record_later`, for a
+    web response: the catalog lookups that name the event, and the sending, stay off its path).
+    Never raises."""
 
     def __init__(self, sender: SyslogSender) -> None:
         self.sender = sender
+        self._queue: queue.Queue[Callable[[], AuditEvent | None] | None] = queue.Queue(QUEUE_SIZE)
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: XdsiSettings) -> AuditLog | None:
@@ -378,13 +393,53 @@ class AuditLog:
         return cls(SyslogSender(settings.audit_url)) if settings.audit_url else None
 
     def record(self, event: AuditEvent) -> bool:
+        """Sends ``event``'s message now; False when it did not go (counted)."""
         try:
             msg = audit_message(event)
-        except ValueError:  # lxml refuses control characters in a value: count it as a failed send
-            self.sender.failed += 1
-            log.warning("audit: an %s event could not be written as XML", event.transaction.value.code)
+        except ValueError:  # lxml refuses control characters in a value
+            self.sender.count_failure(f"an {event.transaction.value.code} event could not be written as XML")
             return False
         return self.sender.send(msg, when=event.when)
 
-    def close(self) -> None:
+    def record_later(self, build: Callable[[], AuditEvent | None]) -> None:
+        """Queues ``build``; the worker thread calls it and records the event it returns."""
+        try:
+            self._queue.put_nowait(build)
+        except queue.Full:
+            self.sender.count_failure("the audit queue is full")
+            return
+        with self._worker_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="pacsflow-audit", daemon=True)
+                self._worker.start()
+
+    def _work(self) -> None:
+        while (build := self._queue.get()) is not None:
+            try:
+                event = build()
+                if event is not None:
+                    self.record(event)
+            except Exception as exc:  # noqa: BLE001 - the worker outlives one event it could not build
+                self.sender.count_failure(f"an event could not be built: {type(exc).__name__}")
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Waits until every queued event was recorded (or dropped); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Records what is queued (waiting up to ``timeout_s``), stops the worker, closes the connection."""
+        self.flush(timeout_s)
+        with self._worker_lock:
+            if self._worker is not None and self._worker.is_alive():
+                self._queue.put(None)
+                self._worker.join(timeout_s)
+            self._worker = None
         self.sender.close()

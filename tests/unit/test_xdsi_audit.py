@@ -314,3 +314,22 @@ def test_a_value_xml_cannot_hold_is_counted_not_raised() -> None:
         assert log.record(bad) is False
         log.close()
     assert log.sender.failed == 1
+
+
+def test_record_later_sends_from_the_worker_and_survives_an_event_that_cannot_be_built(caplog) -> None:
+    def broken() -> audit.AuditEvent:
+        raise KeyError("no such study")
+
+    with SyslogListener("tcp") as listener:
+        log = audit.AuditLog(audit.SyslogSender(listener.url))
+        with caplog.at_level(logging.WARNING, logger="pacsflow.tasks.xdsi.audit"):
+            log.record_later(broken)
+            log.record_later(_submission)
+            log.record_later(lambda: None)  # nothing to audit
+            log.record_later(_submission)
+            assert log.flush()
+        log.close()
+        assert len(listener.wait_for(2)) == 2
+    assert (log.sender.sent, log.sender.failed) == (2, 1)
+    [warning] = caplog.records
+    assert "KeyError" in warning.getMessage() and "no such study" not in warning.getMessage()
