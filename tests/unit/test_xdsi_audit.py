@@ -85,7 +85,8 @@ SCHEMA = """\
           </element></zeroOrMore>
           <zeroOrMore><element name="ParticipantObjectDescription">
             <zeroOrMore><element name="SOPClass">
-              <zeroOrMore><element name="Instance"><attribute name="UID"><data type="token"/></attribute></element></zeroOrMore>
+              <zeroOrMore><element name="Instance">
+                <attribute name="UID"><data type="token"/></attribute></element></zeroOrMore>
               <optional><attribute name="UID"><data type="token"/></attribute></optional>
               <attribute name="NumberOfInstances"><data type="integer"/></attribute>
             </element></zeroOrMore>
@@ -125,7 +126,8 @@ def _retrieve(transaction: audit.Transaction, outcome: audit.Outcome = audit.Out
     return dataclasses.replace(audit.retrieve_event(
         transaction, outcome=outcome, endpoint_url="http://pacsflow.example:8042/xdsi/rad69",
         audit_source_id=SOURCE_OID, client_host="127.0.0.1", client_user="consumer-token",
-        patients=(audit.patient_cx(PSEUDONYM, PSEUDONYM_OID),), studies=(audit.Study(STUDY, ((CT_IMAGE, 3),)),)), when=WHEN)
+        patients=(audit.patient_cx(PSEUDONYM, PSEUDONYM_OID),),
+        studies=(audit.Study(STUDY, ((CT_IMAGE, 3),)),)), when=WHEN)
 
 
 def _root(event: audit.AuditEvent) -> etree._Element:
@@ -177,11 +179,14 @@ def test_a_submission_is_an_iti41_export_with_its_source_and_repository() -> Non
     assert patient.findtext("ParticipantObjectName") == PSEUDONYM
     assert study.get("ParticipantObjectID") == STUDY
     assert _coded(study.find("ParticipantObjectIDTypeCode")) == ("110180", "DCM", "Study Instance UID")
-    assert [(c.get("UID"), c.get("NumberOfInstances")) for c in study.iter("SOPClass")] == [(CT_IMAGE, "12"), (KOS, "1")]
+    assert [(c.get("UID"), c.get("NumberOfInstances")) for c in study.iter("SOPClass")] == \
+        [(CT_IMAGE, "12"), (KOS, "1")]
     assert submission_set.get("ParticipantObjectID") == SUBMISSION_SET
     assert (submission_set.get("ParticipantObjectTypeCode"), submission_set.get("ParticipantObjectTypeCodeRole")) == \
         ("2", "20")
-    assert _coded(submission_set.find("ParticipantObjectIDTypeCode"))[0] == "urn:uuid:a54d6aa5-d40d-43f9-88c5-b4633d873bdd"
+    set_type = "urn:uuid:a54d6aa5-d40d-43f9-88c5-b4633d873bdd"
+    assert _coded(submission_set.find("ParticipantObjectIDTypeCode")) == \
+        (set_type, "IHE XDS Metadata", "submission set classificationNode")
     assert document.get("ParticipantObjectID") == KOS_UID
     detail = document.find("ParticipantObjectDetail")
     assert detail.get("type") == "Repository Unique Id"
