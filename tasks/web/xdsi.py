@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from typing import BinaryIO, Callable, Sequence, cast
+from typing import Any, BinaryIO, Callable, Sequence, cast
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -141,6 +141,13 @@ def audit_log(request: Request) -> audit.AuditLog | None:
             state.audit_log = audit.AuditLog.from_settings(context(request).settings.xdsi)
     found: audit.AuditLog | None = state.audit_log
     return found
+
+
+def close_audit_log(app: Any) -> None:
+    """Sends what the audit log still holds (a few seconds at most) and closes it."""
+    trail: audit.AuditLog | None = getattr(app.state, "audit_log", None)
+    if trail is not None:
+        trail.close()
 
 
 def export_audit(request: Request, svc: DicomWebServices, transaction: audit.Transaction,

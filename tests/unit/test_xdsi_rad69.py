@@ -15,6 +15,7 @@ from lxml import etree
 from pacsflow.catalog.views import query
 from pacsflow.tasks.settings import XdsiSettings
 from pacsflow.tasks.web.app import create_app
+from pacsflow.tasks.web.xdsi import close_audit_log
 from pacsflow.tasks.xdsi import mtom, rad69
 from tests.dicomweb_lake import bearer, build_lake
 from tests.net.syslog_listener import SyslogListener, parse
@@ -171,7 +172,7 @@ def client(lake, listener):
     app = create_app(settings)
     with TestClient(app, headers=bearer(lake.token)) as found:
         yield found
-    app.state.audit_log.close()
+    close_audit_log(app)
 
 
 def rows(lake, sql, *params):
