@@ -23,7 +23,8 @@ from tests.dicomweb_lake import WebLake, bearer, build_lake
 from tests.helpers import free_port
 from tests.integration.served_app import serving
 from tests.net.syslog_listener import SyslogListener, parse
-from tests.xds_peer import XdsPeer, start_peer, unavailable_reason
+from tests.integration.test_xds_peer import peer  # noqa: F401  (fixture re-export: skips without Java)
+from tests.xds_peer import XdsPeer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -42,18 +43,6 @@ class Served:
         """The audit messages that arrived since ``before`` (after the app's audit worker is done)."""
         assert self.app.state.audit_log.flush()  # type: ignore[attr-defined]
         return self.listener.wait_for(before + expected)[before:]
-
-
-@pytest.fixture(scope="module")
-def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XdsPeer]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    handle = start_peer(tmp_path_factory.mktemp("xds-peer-run"))
-    try:
-        yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +101,7 @@ def _check_audit(message: bytes, served: Served, event_type: str, outcome: str, 
 
 
 def test_the_ipf_consumer_gets_every_instance_byte_for_byte_and_each_response_is_audited(
-        served: Served, peer: XdsPeer, tmp_path: Path) -> None:
+        served: Served, peer: XdsPeer, tmp_path: Path) -> None:  # noqa: F811
     files = served.rows("SELECT study_uid, series_uid, sop_instance_uid, file_sha256, transfer_syntax_uid "
                         "FROM instances ORDER BY study_uid, series_uid, sop_instance_uid")
     assert len(files) >= 10
@@ -133,7 +122,8 @@ def test_the_ipf_consumer_gets_every_instance_byte_for_byte_and_each_response_is
     _check_audit(message, served, "RAD-69", "0", {f["study_uid"] for f in files})
 
 
-def test_an_unknown_instance_is_a_missing_document(served: Served, peer: XdsPeer, tmp_path: Path) -> None:
+def test_an_unknown_instance_is_a_missing_document(
+        served: Served, peer: XdsPeer, tmp_path: Path) -> None:  # noqa: F811
     [known] = served.rows("SELECT study_uid, series_uid, sop_instance_uid, file_sha256, transfer_syntax_uid "
                           "FROM instances ORDER BY sop_instance_uid LIMIT 1")
     unknown = "2.25.123456789012345678901234567890"
@@ -152,7 +142,8 @@ def test_an_unknown_instance_is_a_missing_document(served: Served, peer: XdsPeer
     _check_audit(message, served, "RAD-69", "4", {known["study_uid"]})
 
 
-def test_without_a_token_the_consumer_gets_nothing(served: Served, peer: XdsPeer, tmp_path: Path) -> None:
+def test_without_a_token_the_consumer_gets_nothing(
+        served: Served, peer: XdsPeer, tmp_path: Path) -> None:  # noqa: F811
     [known] = served.rows("SELECT study_uid, series_uid, sop_instance_uid FROM instances LIMIT 1")
     before = len(served.listener.messages)
     status, summary = peer.client(
