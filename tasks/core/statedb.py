@@ -61,6 +61,18 @@ class Tx(Protocol):
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
 
 
+#: Values per ``IN (...)`` list: far below SQLite's and PostgreSQL's limits on bound parameters.
+IN_LIST_SIZE = 500
+
+
+def in_lists(values: Iterable[str], size: int = IN_LIST_SIZE) -> Iterator[tuple[str, list[str]]]:
+    """``values`` in parts for ``... IN ({placeholders})``: each part's ``?, ?, ...`` and its values."""
+    items = list(values)
+    for i in range(0, len(items), size):
+        part = items[i : i + size]
+        yield ", ".join("?" * len(part)), part
+
+
 def check_url(url: str) -> None:
     """A ``postgresql://`` URL, or ValueError (whose message never repeats the URL)."""
     if urlsplit(url).scheme not in _SCHEMES:
