@@ -1,8 +1,7 @@
 """The IPF XDS.b peer of deployments/xds-peer for tests: start/stop it, and run its client modes.
 
 ``start_peer(run_dir, ...)`` runs ``start.sh`` on a free port and returns an ``XdsPeer`` (URLs, PID);
-``peer.stop()`` runs ``stop.sh``; ``running_peer(tmp_path_factory)`` does both around a module
-fixture's yield (and skips when the peer cannot run). ``peer.client("submit" | "consume", out_dir, *args)`` runs the
+``peer.stop()`` runs ``stop.sh``. ``peer.client("submit" | "consume", out_dir, *args)`` runs the
 jar's IPF producers once and returns ``(exit status, summary.json)``. ``unavailable_reason()`` says
 why the peer cannot run here (no Java 17, no jar and no Maven, a failed build), or None.
 """
@@ -13,13 +12,9 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.helpers import free_port
 
@@ -96,16 +91,3 @@ def start_peer(run_dir: Path, attempts: int = 2) -> XdsPeer:
             return XdsPeer(port=port, pid=pid, run_dir=run_dir, rad69_dir=rad69_dir)
         failure = done.stdout[-1000:] + done.stderr[-3000:]
     raise RuntimeError(f"the XDS peer did not start: {failure}")
-
-
-@contextmanager
-def running_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XdsPeer]:
-    """A started peer for a module fixture, stopped afterwards; skips when it cannot run here."""
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    handle = start_peer(tmp_path_factory.mktemp("xds-peer-run"))
-    try:
-        yield handle
-    finally:
-        handle.stop()

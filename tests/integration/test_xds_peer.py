@@ -18,7 +18,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.xds_peer import XdsPeer, running_peer
+from tests.xds_peer import XdsPeer, start_peer, unavailable_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -32,10 +32,16 @@ OTHER_AUTHORITY = "2.25.77777777777777777777777777777777"
 
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XdsPeer]:
-    with running_peer(tmp_path_factory) as handle:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    handle = start_peer(tmp_path_factory.mktemp("xds-peer-run"))
+    try:
         yield handle
-    assert not _running(handle.pid)
-    assert not (handle.run_dir / "xds-peer.pid").exists()
+    finally:
+        handle.stop()
+        assert not _running(handle.pid)
+        assert not (handle.run_dir / "xds-peer.pid").exists()
 
 
 def _running(pid: int) -> bool:
