@@ -23,6 +23,7 @@ from pacsflow.tasks.deid.deidentifier import Deidentifier
 from pacsflow.tasks.settings import Settings, SettingsError, load_settings
 from pacsflow.tasks.web.app import create_app
 from pacsflow.tasks.web.stow import StowIngest, enable_stow
+from pacsflow.tasks.web.xdsi import close_audit_log
 
 log = logging.getLogger("pacsflow.serve")
 
@@ -93,3 +94,5 @@ def serve(settings: Settings) -> None:
                     ssl_keyfile=str(s.tls_key) if s.tls_key else None)
     finally:
         EventsWorker.drain_all(timeout=10)  # the last STOW requests' events go out before the process ends
+        if not isinstance(app, str):
+            close_audit_log(app)  # and the last responses' audit messages (one worker process)

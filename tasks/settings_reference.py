@@ -70,16 +70,21 @@ def _default(field: FieldInfo) -> tuple[Any, bool]:
 
 
 def setting_entries(model: type[BaseModel] = Settings, path: tuple[str, ...] = (),
-                    models: tuple[type[BaseModel], ...] = ()) -> list[SettingEntry]:
-    """Every leaf setting of ``model`` in declaration order, nested models expanded in place."""
+                    models: tuple[type[BaseModel], ...] = (), given: BaseModel | None = None) -> list[SettingEntry]:
+    """Every leaf setting of ``model`` in declaration order, nested models expanded in place.
+    ``given``: the parent's default instance of ``model``, whose values win over the model's own
+    (``xdsi.class_code`` defaults to IMAGES although an ``XdsCode`` has no default code)."""
     models = models or (model,)
     entries: list[SettingEntry] = []
     for name, field in model.model_fields.items():
         nested = _nested_model(field)
         if nested is not None:
-            entries += setting_entries(nested, (*path, name), (*models, nested))
+            instance = field.default if isinstance(field.default, BaseModel) else None
+            entries += setting_entries(nested, (*path, name), (*models, nested), instance)
             continue
         default, computed = _default(field)
+        if given is not None:
+            default = to_jsonable_python(getattr(given, name))
         entries.append(SettingEntry(path=(*path, name), models=models, default=default, computed=computed,
                                     secret=_is_secret(field), description=field.description or ""))
     return entries

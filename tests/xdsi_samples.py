@@ -1,15 +1,19 @@
 """KOS manifests for the XDS-I.b tests: what ``pacsflow.tasks.xdsi.ebxml`` reads of one (its
-``ManifestLike``), as a plain dataclass, and a header-only Part-10 KOS written with pydicom."""
+``ManifestLike``) as a plain dataclass, and a real one from ``pacsflow.tasks.xdsi.manifest``."""
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+from pacsflow.tasks.settings import XdsiSettings
+from pacsflow.tasks.xdsi import manifest
+from pacsflow.tasks.xdsi.manifest import derived_uid
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 # the source and patient domains of the tests (the pseudonym OID is tests.xds_peer.TEST_AUTHORITY)
 SOURCE_OID = "2.25.240815122125463532138815542375011357226"
 PSEUDONYM_OID = "2.25.300184447563520924736125305104377418712"
@@ -26,23 +30,18 @@ class Manifest:
     part10: bytes = b"\0" * 128 + b"DICM-kos"
 
 
-def kos_manifest(pseudonym: str, study_uid: str | None = None, accession: str = "ACC-1") -> Manifest:
-    """A header-only Key Object Selection document (a repository stores bytes, so that is enough)
-    under a new SOP Instance UID."""
-    ds = Dataset()
-    ds.SOPClassUID = KOS_SOP_CLASS
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "KO"
-    ds.PatientID = pseudonym
-    ds.AccessionNumber = accession
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buffer = DicomBytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return Manifest(sop_instance_uid=ds.SOPInstanceUID, study_uid=ds.StudyInstanceUID, accession=accession,
-                    modalities=("CT", "SR", "MR"), patient_pseudo_id=pseudonym, service_start="20240102093015",
-                    part10=buffer.getvalue())
+def kos_manifest(xdsi: XdsiSettings, pseudonym: str, study_uid: str | None = None, accession: str = "ACC-1",
+                 series: tuple[str, ...] = ("CT", "SR")) -> manifest.Manifest:
+    """A study's KOS made by pacsflow's manifest builder: one series per modality in ``series``
+    (two instances each), dated 2024-01-02 09:30:15."""
+    study_uid = study_uid or generate_uid(prefix=None)
+    refs = []
+    for index, modality in enumerate(series):
+        series_uid = derived_uid(study_uid, "series", str(index))
+        image = modality != "SR"
+        sop_class = CT_IMAGE if image else BASIC_TEXT_SR
+        refs += [manifest.InstanceRef(series_uid, sop_class, derived_uid(series_uid, str(n)), modality,
+                                      manifest.value_type(sop_class, image)) for n in range(2)]
+    study = manifest.StudyManifestInput(study_uid, pseudonym, accession, dt.date(2024, 1, 2), "093015.250",
+                                        tuple(refs))
+    return manifest.build_manifest(study, xdsi)

@@ -1,5 +1,5 @@
 """The HTTP application of ``pacsflow serve`` (FastAPI): authentication, the access log, CORS, and
-the routers of each part (``dicom-web`` QIDO/WADO/STOW, ``api``, ``dashboard``).
+the routers of each part (``dicom-web`` QIDO/WADO/STOW, ``api``, ``dashboard``, ``xdsi`` RAD-69).
 
 Every route except ``/health`` needs a bearer token (:mod:`.tokens`) with the route's scope. The
 access log names the method, the route's template (never the request's query string), the status,
@@ -84,13 +84,14 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ok"}
 
     # The routers import this module's auth dependencies, hence imported here.
-    from pacsflow.tasks.web import dashboard, qido, stow, studies, wado
+    from pacsflow.tasks.web import dashboard, qido, stow, studies, wado, xdsi
 
     app.include_router(qido.router, prefix="/dicom-web")
     app.include_router(wado.router, prefix="/dicom-web")
     app.include_router(stow.router, prefix="/dicom-web")
     app.include_router(studies.router)
     app.include_router(dashboard.router)
+    app.include_router(xdsi.router)
     app.include_router(wado.guard, prefix="/dicom-web")  # keep last: it answers GETs no other route took
     return app
 

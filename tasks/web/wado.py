@@ -30,6 +30,8 @@ from pacsflow.tasks.web.app import Reader
 from pacsflow.tasks.web.index import InstanceFile
 from pacsflow.tasks.web.lakefiles import COMPRESSED_MEDIA, EXPLICIT_LE, NATIVE, FrameError, LakeFiles, OutsideStorage
 from pacsflow.tasks.web.services import DicomWebServices, Services, uids
+from pacsflow.tasks.web.xdsi import export_audit
+from pacsflow.tasks.xdsi.audit import Transaction
 
 log = logging.getLogger("pacsflow.serve")
 
@@ -96,7 +98,9 @@ def _stream_instances(request: Request, svc: DicomWebServices, found: list[Insta
     if not choose_instances(parse_accept(request.headers.get("accept")), syntaxes):
         raise HTTPException(406, "instances are sent as stored: multipart/related; type=\"application/dicom\" "
                                  "with the files' transfer syntax or *")
-    return InstancesResponse(svc.files, found)
+    response = InstancesResponse(svc.files, found)
+    response.background = export_audit(request, svc, Transaction.WADO_RS_RETRIEVE, found)  # with xdsi.audit_url
+    return response
 
 
 class InstancesResponse(StreamingResponse):

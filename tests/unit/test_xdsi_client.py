@@ -5,6 +5,7 @@ and MTOM, Success, Failure with an error list, SOAP Faults) and when it retries.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 import httpx
 import pytest
@@ -64,13 +65,13 @@ class Peer:
         return answer
 
 
-def _client(peer: Peer, sleeps: list[float] | None = None, **options: object) -> XdsRepositoryClient:
+def _client(peer: Peer, sleeps: list[float] | None = None, **options: Any) -> XdsRepositoryClient:
     record = sleeps if sleeps is not None else []
-    return XdsRepositoryClient(URL, transport=httpx.MockTransport(peer), sleep=record.append,
-                               **{"max_retries": 3, "backoff_s": 1.0, "max_delay_s": 5.0, **options})  # type: ignore[arg-type]
+    settings = {"max_retries": 3, "backoff_s": 1.0, "max_delay_s": 5.0, **options}
+    return XdsRepositoryClient(URL, transport=httpx.MockTransport(peer), sleep=record.append, **settings)
 
 
-def _send(peer: Peer, sleeps: list[float] | None = None, **options: object):
+def _send(peer: Peer, sleeps: list[float] | None = None, **options: Any):
     submission = _submission()
     with _client(peer, sleeps, **options) as client:
         return client.provide_and_register(submission.request, Manifest().part10)

@@ -16,7 +16,7 @@ from pacsflow.tasks.core.errors import XdsConfigurationError
 from pacsflow.tasks.settings import XdsCode, XdsiSettings
 from pacsflow.tasks.xdsi import ebxml
 from pacsflow.tasks.xdsi.mtom import XOP
-from tests.xdsi_samples import PSEUDONYM_OID, SOURCE_OID, Manifest
+from tests.xdsi_samples import PSEUDONYM_OID, SOURCE_OID, Manifest, kos_manifest
 
 GOLDEN = Path(__file__).parent / "data" / "xdsi" / "provide_and_register_rplc.xml"
 NS = {"rim": ebxml.RIM, "xdsb": ebxml.XDSB, "lcm": ebxml.LCM, "xop": XOP}
@@ -259,3 +259,15 @@ def test_publishing_needs_the_oids():
 def test_replaces_must_be_an_entry_uuid():
     with pytest.raises(ValueError, match="entryUUID"):
         ebxml.build_request(Manifest(), _settings(), submitted=SUBMITTED, replaces="2.25.1")
+
+
+def test_a_manifest_from_the_builder():
+    xdsi = _settings(retrieve_url="https://pacsflow.test/dicom-web")
+    manifest: ebxml.ManifestLike = kos_manifest(xdsi, "PSEUDO-9", series=("CT", "SR", "MR"))
+    entry = _one(ebxml.build_request(manifest, xdsi, submitted=SUBMITTED).request, "//rim:ExtrinsicObject")
+    assert _external(entry, ebxml._DE["uniqueId"]) == manifest.sop_instance_uid
+    assert _values(entry, "hash") == [hashlib.sha1(manifest.part10).hexdigest()]
+    assert _values(entry, "serviceStartTime") == ["20240102093015"]
+    assert [c[0] for c in _codes(entry, ebxml._DE["eventCodeList"])] == ["CT", "MR"]
+    assert _values(entry, ebxml.REFERENCE_ID_LIST) == [
+        f"{manifest.study_uid}^^^^{ebxml.STUDY_UID_ID_TYPE}", f"ACC-1^^^^{ebxml.ACCESSION_ID_TYPE}"]

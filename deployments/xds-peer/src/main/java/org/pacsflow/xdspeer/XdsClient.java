@@ -2,6 +2,7 @@ package org.pacsflow.xdspeer;
 
 import jakarta.activation.DataHandler;
 import org.apache.camel.ProducerTemplate;
+import org.openehealth.ipf.platform.camel.ihe.ws.AbstractWsEndpoint;
 import org.openehealth.ipf.commons.ihe.xds.core.metadata.Association;
 import org.openehealth.ipf.commons.ihe.xds.core.metadata.AssociationLabel;
 import org.openehealth.ipf.commons.ihe.xds.core.metadata.AssociationType;
@@ -127,7 +128,7 @@ class XdsClient {
                     "urn:uuid:" + UUID.randomUUID(), entry.getEntryUuid(), replaces));
         }
 
-        Response response = producer.requestBody(endpoint("xds-iti41", args.require("url")), request, Response.class);
+        Response response = call("xds-iti41", args.require("url"), request, Response.class);
         summary.put("entryUuid", entry.getEntryUuid());
         summary.put("uniqueId", entry.getUniqueId());
         summary.put("size", content.length);
@@ -214,8 +215,7 @@ class XdsClient {
             request = new QueryRegistry(get);
         }
         request.setReturnType(QueryReturnType.LEAF_CLASS);
-        QueryResponse response = producer.requestBody(
-                endpoint("xds-iti18", args.require("registry-url")), request, QueryResponse.class);
+        QueryResponse response = call("xds-iti18", args.require("registry-url"), request, QueryResponse.class);
         Map<String, Object> query = new LinkedHashMap<>();
         query.put("type", request.getQuery().getType().toString());
         query.put("status", Summary.status(response.getStatus()));
@@ -232,8 +232,8 @@ class XdsClient {
         for (DocumentEntry e : entries) {
             request.getDocuments().add(new DocumentReference(e.getRepositoryUniqueId(), e.getUniqueId(), null));
         }
-        RetrievedDocumentSet response = producer.requestBody(
-                endpoint("xds-iti43", args.require("repository-url")), request, RetrievedDocumentSet.class);
+        RetrievedDocumentSet response = call("xds-iti43", args.require("repository-url"), request,
+                RetrievedDocumentSet.class);
         summary.put("retrieve", saveDocuments(response, dir, ".dcm"));
         return response.getStatus() == Status.SUCCESS;
     }
@@ -259,8 +259,8 @@ class XdsClient {
         List<String> syntaxes = args.all("transfer-syntax");
         request.getTransferSyntaxIds().addAll(syntaxes.isEmpty()
                 ? List.of("1.2.840.10008.1.2.1", "1.2.840.10008.1.2") : syntaxes);
-        RetrievedDocumentSet response = producer.requestBody(
-                endpoint("xdsi-rad69", args.require("rad69-url")), request, RetrievedDocumentSet.class);
+        RetrievedDocumentSet response = call("xdsi-rad69", args.require("rad69-url"), request,
+                RetrievedDocumentSet.class);
         summary.put("rad69", saveDocuments(response, dir, ".dcm"));
         return response.getStatus() == Status.SUCCESS;
     }
@@ -295,6 +295,28 @@ class XdsClient {
     }
 
     // ---------------------------------------------------------------- helpers
+
+    /** One IPF producer call to {@code url}, with the {@code --header NAME:VALUE} HTTP headers if any. */
+    private <T> T call(String component, String url, Object request, Class<T> type) {
+        Map<String, String> headers = httpHeaders();
+        return headers.isEmpty()
+                ? producer.requestBody(endpoint(component, url), request, type)
+                : producer.requestBodyAndHeader(endpoint(component, url), request,
+                        AbstractWsEndpoint.OUTGOING_HTTP_HEADERS, headers, type);
+    }
+
+    /** The {@code --header} options (e.g. {@code Authorization: Bearer TOKEN}); never echoed, they may be secret. */
+    private Map<String, String> httpHeaders() {
+        Map<String, String> headers = new LinkedHashMap<>();
+        for (String header : args.all("header")) {
+            int colon = header.indexOf(':');
+            if (colon <= 0) {
+                throw new IllegalArgumentException("--header wants NAME:VALUE");
+            }
+            headers.put(header.substring(0, colon).trim(), header.substring(colon + 1).trim());
+        }
+        return headers;
+    }
 
     private Identifiable patientId() {
         return Hl7v2Based.parse(args.require("patient-id"), Identifiable.class);
