@@ -184,9 +184,10 @@ def audit_submission(xdsi: XdsiSettings, manifest: Manifest, submission: Submiss
                      error_code: str | None = None) -> None:
     """The ATNA record of one RAD-68 submission (DICOM Export, 110106), sent or refused. Does nothing yet.
 
-    TODO(lead): call ``pacsflow.tasks.xdsi.audit`` (tasks/xdsi/audit.py, xds-serve's module) here:
-    one Export message per submission to ``xdsi.audit_url``, naming the study UID, the KOS UID and
-    the pseudonymous patient ID only.
+    TODO(lead): wire tasks/xdsi/audit.py (xds-serve's module) here: one Export message per
+    submission to ``xdsi.audit_url`` (``audit.AuditLog.from_settings(xdsi)``, opened once per batch,
+    ``.record(audit.submission_event(...))``), naming the pseudonymous patient ID (CX), the study
+    UID, the submission set's uniqueId and the KOS UID only. Called after each answer, Success or not.
     """
     return None
 
