@@ -2,11 +2,11 @@
 (deployments/xds-peer), over a catalog of the demo's 12 studies made by a real nightly run from a
 real Orthanc.
 
-One peer and one catalog for the module; the tests run in file order and build on each other
-(published first, then found, grown, refused, consent, outage). What the registry kept is read
-with the peer's own IPF consumer (ITI-18 FindDocuments, ITI-43), never with our code. Tests that
-need a ledger of their own get a fresh ``state_root``. The peer keeps everything in memory: the
-outage test restarts it empty (see there).
+One peer (test_xds_peer's fixture) and one catalog for the module; the tests run in file order and
+build on each other (published first, then found, grown, refused, consent). What the registry kept
+is read with the peer's own IPF consumer (ITI-18 FindDocuments, ITI-43), never with our code. Tests
+that need a ledger of their own get a fresh ``state_root``; the outage test stops and starts peers
+of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ from pacsflow.tasks.xdsi.manifest import KOS_SOP_CLASS_UID, build_manifest, load
 from pacsflow.tasks.xdsi.publish import publish_catalog
 from tests.helpers import free_port
 from tests.integration.conftest import orthanc_factory  # noqa: F401  (session fixture)
-from tests.xds_peer import XdsPeer, start_peer, unavailable_reason
+from tests.integration.test_xds_peer import peer  # noqa: F401  (fixture re-export: one peer, skips without Java)
+from tests.xds_peer import XdsPeer, start_peer
 from tests.xdsi_samples import SOURCE_OID
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -50,31 +52,15 @@ OTHER_AUTHORITY = "2.25.77777777777777777777777777777777"
 FORMAT = (KOS_SOP_CLASS_UID, "1.2.840.10008.2.6.1")
 
 
-class Peers:
-    """The module's peer; the outage test stops it and starts another (empty, on a new port)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.starts = 0
-        self.current = self.start()
-
-    def start(self) -> XdsPeer:
-        self.starts += 1
-        self.current = start_peer(self.root / f"run-{self.starts}")
-        return self.current
-
-
-@pytest.fixture(scope="module")
-def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    handle = Peers(tmp_path_factory.mktemp("xds-peer"))
+@contextmanager
+def own_peer(run_dir: Path) -> Iterator[XdsPeer]:
+    """A peer of the test's own (the outage test stops one), stopped at the end unless it was."""
+    handle = start_peer(run_dir)
     try:
         yield handle
     finally:
-        if (handle.current.run_dir / "xds-peer.pid").exists():  # the outage test may have stopped it
-            handle.current.stop()
+        if (run_dir / "xds-peer.pid").exists():
+            handle.stop()
 
 
 @dataclass
@@ -130,7 +116,7 @@ def _xdsi_env(peer: XdsPeer, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, orthanc_factory, peers) -> Iterator[Site]:  # noqa: F811
+def site(tmp_path_factory, orthanc_factory, peer) -> Iterator[Site]:  # noqa: F811
     """The demo's 12 studies (4 patients) in a real Orthanc, cataloged by one nightly run (XDS-I.b
     off); afterwards the settings point at the peer."""
     root = tmp_path_factory.mktemp("xdsi-site")
@@ -150,7 +136,7 @@ def site(tmp_path_factory, orthanc_factory, peers) -> Iterator[Site]:  # noqa: F
         mp.delenv("PACSFLOW_FHIR__BASE_URL", raising=False)
         night = run_result(nightly_ingest(return_state=True))
         assert (night["cataloged"], night["failed"], night["xdsi_published"]) == (STUDIES, 0, 0), night
-        for k, v in _xdsi_env(peers.current).items():
+        for k, v in _xdsi_env(peer).items():
             mp.setenv(k, v)
         yield Site(root, orthanc, studies, mp)
     orthanc.stop(graceful=False)
@@ -173,7 +159,7 @@ def _by_patient(rows: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
 
 
 # -- the tests, in order -----------------------------------------------------------------------------
-def test_publish_sends_one_submission_per_study(site, peers):
+def test_publish_sends_one_submission_per_study(site, peer):
     state = xdsi_publish(return_state=True)
     result = run_result(state)
     assert state.is_completed(), state.message
@@ -195,8 +181,8 @@ def test_publish_sends_one_submission_per_study(site, peers):
     assert (again["unchanged"], again["published"], again["requests"]) == (STUDIES, 0, 0)
 
 
-def test_the_registry_finds_exactly_our_manifests_and_returns_them_unchanged(site, peers, tmp_path):
-    peer, settings = peers.current, load_settings()
+def test_the_registry_finds_exactly_our_manifests_and_returns_them_unchanged(site, peer, tmp_path):
+    settings = load_settings()
     catalog, ledger, manifests = site.rows(), site.ledger().entries(), site.manifests(settings)
     originals = site.originals()
     for n, (pseudonym, uids) in enumerate(sorted(_by_patient(catalog).items())):
@@ -224,8 +210,7 @@ def test_the_registry_finds_exactly_our_manifests_and_returns_them_unchanged(sit
         assert not [value for value in originals if value in shown]
 
 
-def test_a_new_series_is_published_by_the_nightly_run_as_a_replacement(site, peers, tmp_path):
-    peer = peers.current
+def test_a_new_series_is_published_by_the_nightly_run_as_a_replacement(site, peer, tmp_path):
     before = site.rows()
     published = site.ledger().entries()
     grown = max(site.studies, key=lambda s: s.study_date)  # inside the next run's overlap window
@@ -247,7 +232,7 @@ def test_a_new_series_is_published_by_the_nightly_run_as_a_replacement(site, pee
         len(statuses) - 2)  # the patient's other studies are untouched
 
 
-def test_a_registry_of_another_authority_refuses_each_study_once(site, peers, tmp_path, monkeypatch):
+def test_a_registry_of_another_authority_refuses_each_study_once(site, peer, tmp_path, monkeypatch):
     monkeypatch.setenv("PACSFLOW_STATE_ROOT", str(tmp_path / "state"))  # a ledger of its own
     monkeypatch.setenv("PACSFLOW_XDSI__PSEUDONYM_OID", OTHER_AUTHORITY)  # not the registry's patient ID domain
 
@@ -274,7 +259,7 @@ def test_a_registry_of_another_authority_refuses_each_study_once(site, peers, tm
     assert f"{STUDIES} XDSUnknownPatientId (permanent)" in status.output
 
 
-def test_with_consent_required_only_consenting_patients_are_published(site, peers, tmp_path, monkeypatch):
+def test_with_consent_required_only_consenting_patients_are_published(site, peer, tmp_path, monkeypatch):
     monkeypatch.setenv("PACSFLOW_STATE_ROOT", str(tmp_path / "state"))
     monkeypatch.setenv("PACSFLOW_XDSI__CONSENT_REQUIRED", "true")
     # another WADO-RS base: new manifests (new KOS UIDs), so the registry tells them from the first test's
@@ -290,7 +275,7 @@ def test_with_consent_required_only_consenting_patients_are_published(site, peer
     assert {uid for uid, r in rows.items() if r.status is PublishStatus.PUBLISHED} == set().union(
         *(patients[p] for p in yes))
     ours = {r.kos_uid for r in rows.values() if r.kos_uid}
-    not_consented = _consume(peers.current, tmp_path / "no-consent", no[0])
+    not_consented = _consume(peer, tmp_path / "no-consent", no[0])
     assert not ours & {e["uniqueId"] for e in not_consented["documentEntries"]}
 
 
@@ -309,16 +294,16 @@ class StoppingClient(XdsRepositoryClient):
         return result
 
 
-def test_a_peer_stopped_during_publish_gets_the_rest_once_it_is_back(site, peers, tmp_path, monkeypatch):
-    """The peer keeps its store in memory: the restarted one is empty, so what it holds afterwards is
-    what the second run sent (the studies the first run could not), not all 12; the ledger has all 12."""
+def test_a_peer_stopped_during_publish_gets_the_rest_once_it_is_back(site, peer, tmp_path, monkeypatch):
+    """Against peers of its own: one stopped after three answers, then another one. The peer keeps its
+    store in memory, so the second one starts empty: what it holds afterwards is what the second run
+    sent (the studies the first run could not), not all 12; the ledger has all 12 published."""
     monkeypatch.setenv("PACSFLOW_STATE_ROOT", str(tmp_path / "state"))
-    monkeypatch.setenv("PACSFLOW_XDSI__RETRIEVE_URL", "https://outage.pacsflow.test/dicom-web")
-    peer = peers.current
     settings = load_settings()
-    client = StoppingClient(peer.url("xds-iti41"), peer, after=3, max_retries=1, backoff_s=0.1)
-    with client:
-        down = publish_catalog(settings, client=client)
+    with own_peer(tmp_path / "first") as first:
+        client = StoppingClient(first.url("xds-iti41"), first, after=3, max_retries=1, backoff_s=0.1)
+        with client:
+            down = publish_catalog(settings, client=client)
     assert down.published == 3 and down.aborted and "XdsUnavailable" in down.aborted
     assert down.failed_by_code() == {"XdsUnavailable": STUDIES - 3}
     assert down.requests == 3 + 2  # the fourth submission: the first try and the client's one retry, then stop
@@ -326,15 +311,15 @@ def test_a_peer_stopped_during_publish_gets_the_rest_once_it_is_back(site, peers
     failed = {uid for uid, r in rows.items() if r.status is PublishStatus.FAILED}
     assert len(failed) == STUDIES - 3 and all(rows[uid].transient for uid in failed)
 
-    back = peers.start()
-    monkeypatch.setenv("PACSFLOW_XDSI__REPOSITORY_URL", back.url("xds-iti41"))
-    up = run_result(xdsi_publish(return_state=True))
-    assert (up["published"], up["unchanged"], up["failed"], up["requests"]) == (STUDIES - 3, 3, 0, STUDIES - 3)
-    rows = site.ledger(tmp_path / "state").entries()
-    assert {r.status for r in rows.values()} == {PublishStatus.PUBLISHED}
+    with own_peer(tmp_path / "back") as back:
+        monkeypatch.setenv("PACSFLOW_XDSI__REPOSITORY_URL", back.url("xds-iti41"))
+        up = run_result(xdsi_publish(return_state=True))
+        assert (up["published"], up["unchanged"], up["failed"], up["requests"]) == (STUDIES - 3, 3, 0, STUDIES - 3)
+        rows = site.ledger(tmp_path / "state").entries()
+        assert {r.status for r in rows.values()} == {PublishStatus.PUBLISHED}
 
-    catalog = site.rows()
-    pseudonym = catalog[sorted(failed)[0]]["patient_pseudo_id"]
-    found = _consume(back, tmp_path / "after-outage", pseudonym)
+        catalog = site.rows()
+        pseudonym = catalog[sorted(failed)[0]]["patient_pseudo_id"]
+        found = _consume(back, tmp_path / "after-outage", pseudonym)
     expected = {rows[uid].kos_uid for uid in failed if catalog[uid]["patient_pseudo_id"] == pseudonym}
     assert {e["uniqueId"] for e in found["documentEntries"]} == expected
