@@ -16,7 +16,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ from typer.testing import CliRunner
 
 from pacsflow.catalog.views import connect
 from pacsflow.deployments.local import sampledata
-from pacsflow.deployments.local.orthanc import OrthancServer
 from pacsflow.flows.cli import app
 from pacsflow.flows.nightly import nightly_ingest, run_result
 from pacsflow.flows.xdsi_publish import xdsi_publish
@@ -37,6 +36,7 @@ from pacsflow.tasks.xdsi.client import SubmissionResult, XdsRepositoryClient
 from pacsflow.tasks.xdsi.ledger import PublishStatus, XdsiLedger
 from pacsflow.tasks.xdsi.manifest import KOS_SOP_CLASS_UID, build_manifest, load_inputs
 from pacsflow.tasks.xdsi.publish import publish_catalog
+from tests.flows.conftest import Lake
 from tests.helpers import free_port
 from tests.integration.conftest import orthanc_factory  # noqa: F401  (session fixture)
 from tests.integration.test_xds_peer import peer  # noqa: F401  (fixture re-export: one peer, skips without Java)
@@ -64,19 +64,10 @@ def own_peer(run_dir: Path) -> Iterator[XdsPeer]:
 
 
 @dataclass
-class Site:
-    root: Path
-    orthanc: OrthancServer
-    studies: list[sampledata.StudySummary]
-    env: pytest.MonkeyPatch
+class Site(Lake):
+    """The flow tests' lake (Orthanc, catalog, state) and the studies generated into its Orthanc."""
 
-    @property
-    def catalog(self) -> Path:
-        return self.root / "lake" / "catalog"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
+    studies: list[sampledata.StudySummary] = field(default_factory=list)
 
     def ledger(self, state: Path | None = None) -> XdsiLedger:
         return XdsiLedger.under(state or self.state)
@@ -138,7 +129,7 @@ def site(tmp_path_factory, orthanc_factory, peer) -> Iterator[Site]:  # noqa: F8
         assert (night["cataloged"], night["failed"], night["xdsi_published"]) == (STUDIES, 0, 0), night
         for k, v in _xdsi_env(peer).items():
             mp.setenv(k, v)
-        yield Site(root, orthanc, studies, mp)
+        yield Site(root, orthanc, receiver_port, studies)
     orthanc.stop(graceful=False)
 
 

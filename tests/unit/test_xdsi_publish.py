@@ -5,7 +5,6 @@ tests/integration/test_xdsi_publish.py."""
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pacsflow.tasks.xdsi.client import SubmissionResult
 from pacsflow.tasks.xdsi.ledger import PublishStatus, XdsiLedger
 from pacsflow.tasks.xdsi.manifest import build_manifest, load_inputs
 from pacsflow.tasks.xdsi.publish import owed_studies, publish_batch, publish_catalog
-from tests.helpers import build_catalog
+from tests.unit.test_xdsi_manifest import catalog  # noqa: F401  (fixture re-export: one catalog per module)
 
 SOURCE_OID = "1.2.826.0.1.3680043.10.1234.1"
 PSEUDONYM_OID = "1.2.826.0.1.3680043.10.1234.2"
@@ -61,13 +60,9 @@ class FakeRepository:
 
 
 @pytest.fixture(scope="module")
-def catalog_root(tmp_path_factory) -> Path:
-    """Five studies of two patients (CT, MR, MG), de-identified and cataloged."""
-    root = tmp_path_factory.mktemp("xdsi-publish")
-    build_catalog(root, key=b"xdsi-publish-test-key-0123456789", studies=5, patients=2, days=10,
-                  end_date=dt.date(2026, 11, 27), seed=18, instances_per_series=(2, 3),
-                  modalities=("CT", "MR", "MG"))
-    return root / "catalog"
+def catalog_root(catalog) -> Path:  # noqa: F811
+    """The manifest tests' catalog: five studies of two patients (CT, MR, MG), de-identified and cataloged."""
+    return catalog.root / "catalog"
 
 
 def _settings(catalog_root: Path, state: Path, **xdsi: object) -> Settings:
