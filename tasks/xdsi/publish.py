@@ -44,6 +44,8 @@ from pacsflow.catalog.views import Catalog, connect as connect_catalog
 from pacsflow.tasks.core.clock import new_run_id
 from pacsflow.tasks.core.errors import XdsConfigurationError, XdsRegistryError, XdsUnavailable, error_text
 from pacsflow.tasks.settings import Settings, XdsiSettings
+from pacsflow.tasks.xdsi import audit
+from pacsflow.tasks.xdsi.audit import AuditLog
 from pacsflow.tasks.xdsi.client import SubmissionResult, XdsRepositoryClient
 from pacsflow.tasks.xdsi.ebxml import Submission, build_request
 from pacsflow.tasks.xdsi.ledger import (
@@ -55,6 +57,7 @@ from pacsflow.tasks.xdsi.ledger import (
     needs_publishing,
 )
 from pacsflow.tasks.xdsi.manifest import (
+    KOS_SOP_CLASS_UID,
     Manifest,
     ManifestError,
     StudyManifestInput,
@@ -180,16 +183,20 @@ class BatchResult:
     requests: int = 0  # requests to the repository, retries included
 
 
-def audit_submission(xdsi: XdsiSettings, manifest: Manifest, submission: Submission, *, success: bool,
-                     error_code: str | None = None) -> None:
-    """The ATNA record of one RAD-68 submission (DICOM Export, 110106), sent or refused. Does nothing yet.
-
-    TODO(lead): wire tasks/xdsi/audit.py (xds-serve's module) here: one Export message per
-    submission to ``xdsi.audit_url`` (``audit.AuditLog.from_settings(xdsi)``, opened once per batch,
-    ``.record(audit.submission_event(...))``), naming the pseudonymous patient ID (CX), the study
-    UID, the submission set's uniqueId and the KOS UID only. Called after each answer, Success or not.
-    """
-    return None
+def audit_submission(trail: AuditLog | None, xdsi: XdsiSettings, manifest: Manifest, submission: Submission, *,
+                     success: bool) -> None:
+    """The ATNA record of one RAD-68 submission (DICOM Export, 110106), accepted or refused, sent now
+    to ``xdsi.audit_url`` (nothing without it). It names the pseudonymous patient ID, the study, the
+    submission set's uniqueId and the KOS only; a failed send is counted by the log, never raised."""
+    if trail is None:
+        return
+    trail.record(audit.submission_event(
+        outcome=audit.Outcome.SUCCESS if success else audit.Outcome.SERIOUS_FAILURE,
+        repository_url=xdsi.repository_url or "", audit_source_id=audit.audit_source_id(xdsi),
+        patient=audit.patient_cx(manifest.patient_pseudo_id, xdsi.pseudonym_oid),
+        submission_set=submission.submission_set_unique_id,
+        documents=(audit.Document(manifest.sop_instance_uid, xdsi.repository_unique_id),),
+        studies=(audit.Study(manifest.study_uid, ((KOS_SOP_CLASS_UID, 1),)),)))
 
 
 def _now() -> datetime:
@@ -203,6 +210,7 @@ class _Batch:
     def __init__(self, ledger: XdsiLedger, xdsi: XdsiSettings, run_id: str) -> None:
         self.ledger, self.xdsi, self.run_id = ledger, xdsi, run_id
         self.result = BatchResult()
+        self.audit: AuditLog | None = None  # opened when the first manifest goes out
 
     def published(self, manifest: Manifest, submission: Submission, replaces: str | None) -> None:
         self.ledger.mark_published([Publication(manifest.study_uid, manifest.content_hash, manifest.sop_instance_uid,
@@ -267,7 +275,7 @@ def _submit(client: RepositoryClient, batch: _Batch, manifest: Manifest, replace
     try:
         client.provide_and_register(submission.request, manifest.part10)
     except XdsRegistryError as exc:
-        audit_submission(batch.xdsi, manifest, submission, success=False, error_code=exc.code)
+        audit_submission(batch.audit, batch.xdsi, manifest, submission, success=False)
         if exc.code == ALREADY_REGISTERED:
             log.info("study %s: the registry already holds KOS %s", manifest.study_uid, manifest.sop_instance_uid)
             batch.published(manifest, submission, replaces)
@@ -276,7 +284,7 @@ def _submit(client: RepositoryClient, batch: _Batch, manifest: Manifest, replace
         batch.failed(manifest.study_uid, manifest.content_hash,
                      StudyFailure(exc.code or type(exc).__name__, error_text(exc), False))
         return
-    audit_submission(batch.xdsi, manifest, submission, success=True)
+    audit_submission(batch.audit, batch.xdsi, manifest, submission, success=True)
     batch.published(manifest, submission, replaces)
 
 
@@ -291,6 +299,7 @@ def publish_batch(client: RepositoryClient, ledger: XdsiLedger, con: duckdb.Duck
     rows = ledger.entries(inputs)
     manifests = _with_consent(batch, _manifests(batch, inputs, rows))
     requests_before = client.requests
+    batch.audit = AuditLog.from_settings(xdsi) if manifests else None
     try:
         for i, manifest in enumerate(manifests):
             try:
@@ -303,6 +312,8 @@ def publish_batch(client: RepositoryClient, ledger: XdsiLedger, con: duckdb.Duck
                 raise
     finally:
         batch.result.requests = client.requests - requests_before
+        if batch.audit is not None:
+            batch.audit.close()
     return batch.result
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from lxml import etree
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
@@ -38,6 +40,7 @@ from pacsflow.tasks.xdsi.manifest import KOS_SOP_CLASS_UID, build_manifest, load
 from pacsflow.tasks.xdsi.publish import publish_catalog
 from tests.flows.conftest import Lake
 from tests.helpers import free_port
+from tests.net.syslog_listener import SyslogListener, parse
 from tests.integration.conftest import orthanc_factory  # noqa: F401  (session fixture)
 from tests.integration.test_xds_peer import peer  # noqa: F401  (fixture re-export: one peer, skips without Java)
 from tests.xds_peer import XdsPeer, start_peer
@@ -150,8 +153,14 @@ def _by_patient(rows: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
 
 
 # -- the tests, in order -----------------------------------------------------------------------------
-def test_publish_sends_one_submission_per_study(site, peer):
-    state = xdsi_publish(return_state=True)
+def test_publish_sends_one_submission_per_study(site, peer, monkeypatch):
+    with SyslogListener("tcp") as listener:
+        monkeypatch.setenv("PACSFLOW_XDSI__AUDIT_URL", listener.url)
+        state = xdsi_publish(return_state=True)
+        audits = listener.wait_for(STUDIES)
+        time.sleep(0.2)
+        assert len(listener.messages) == STUDIES and not listener.frame_errors  # one Export per submission
+    monkeypatch.delenv("PACSFLOW_XDSI__AUDIT_URL")
     result = run_result(state)
     assert state.is_completed(), state.message
     assert (result["selected"], result["published"], result["replaced"], result["failed"]) == (STUDIES, STUDIES, 0, 0)
@@ -170,6 +179,17 @@ def test_publish_sends_one_submission_per_study(site, peer):
 
     again = run_result(xdsi_publish(return_state=True))
     assert (again["unchanged"], again["published"], again["requests"]) == (STUDIES, 0, 0)
+
+    originals = site.originals()
+    named = set()
+    for message in audits:
+        root = etree.fromstring(parse(message)[1].removeprefix(b"\xef\xbb\xbf"))
+        assert root.find("EventIdentification/EventID").get("csd-code") == "110106"
+        assert root.find("EventIdentification").get("EventOutcomeIndicator") == "0"
+        assert not {v for e in root.iter() for v in (*e.attrib.values(), e.text or "")} & originals
+        named |= {o.get("ParticipantObjectID") for o in root.iter("ParticipantObjectIdentification")
+                  if o.find("ParticipantObjectIDTypeCode").get("csd-code") == "110180"}
+    assert named == set(rows)
 
 
 def test_the_registry_finds_exactly_our_manifests_and_returns_them_unchanged(site, peer, tmp_path):

@@ -6,6 +6,7 @@ tests/integration/test_xdsi_publish.py."""
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pacsflow.tasks.xdsi.client import SubmissionResult
 from pacsflow.tasks.xdsi.ledger import PublishStatus, XdsiLedger
 from pacsflow.tasks.xdsi.manifest import build_manifest, load_inputs
 from pacsflow.tasks.xdsi.publish import owed_studies, publish_batch, publish_catalog
+from tests.net.syslog_listener import SyslogListener, parse
 from tests.unit.test_xdsi_manifest import catalog  # noqa: F401  (fixture re-export: one catalog per module)
 
 SOURCE_OID = "1.2.826.0.1.3680043.10.1234.1"
@@ -242,3 +244,32 @@ def test_missing_settings_stop_before_anything_is_sent(catalog_root, tmp_path):
     with pytest.raises(XdsConfigurationError, match="xdsi.retrieve_url"):
         publish_catalog(unset_url, client=repo)
     assert repo.requests == 0
+
+
+def test_each_submission_accepted_or_refused_is_audited_with_pseudonymous_values_only(catalog_root, tmp_path):
+    studies = _studies(catalog_root)
+    refused = sorted(studies)[0]
+    with SyslogListener("udp") as listener:
+        settings, repo = _settings(catalog_root, tmp_path, audit_url=listener.url), FakeRepository()
+        repo.refuse[refused] = "XDSUnknownPatientId"
+        publish_catalog(settings, client=repo)
+        messages = listener.wait_for(5)
+        time.sleep(0.2)
+        assert len(listener.messages) == 5  # one per submission, none more
+    rows = _ledger(settings).entries()
+    seen = {}
+    for message in messages:
+        header, body = parse(message)
+        assert (header.pri, header.msgid) == (85, "IHE+RFC-3881")
+        root = etree.fromstring(body.removeprefix(b"\xef\xbb\xbf"))
+        event = root.find("EventIdentification")
+        assert event.find("EventID").get("csd-code") == "110106"
+        assert event.find("EventTypeCode").get("csd-code") == "ITI-41"
+        objects = {o.get("ParticipantObjectIDTypeCode") or o.find("ParticipantObjectIDTypeCode").get("csd-code"):
+                   o.get("ParticipantObjectID") for o in root.iter("ParticipantObjectIdentification")}
+        study = objects["110180"]
+        seen[study] = event.get("EventOutcomeIndicator")
+        assert objects["2"] == f"{studies[study]}^^^&{PSEUDONYM_OID}&ISO"
+        if study != refused:
+            assert objects["9"] == rows[study].kos_uid  # the document, as ITI-41 names it (Report Number)
+    assert seen == {uid: ("8" if uid == refused else "0") for uid in studies}
