@@ -1,5 +1,7 @@
 """The one network boundary to the XDS.b Document Repository: RAD-68 as ITI-41 (Provide and Register
-Document Set-b), SOAP 1.2 with WS-Addressing, the KOS as an MTOM/XOP ``application/dicom`` part.
+Document Set-b), SOAP 1.2 with WS-Addressing, the KOS as an MTOM/XOP ``application/dicom`` part; and
+to the Document Registry: ITI-18 FindDocuments (:class:`XdsRegistryClient`, plain SOAP 1.2, for
+``pacsflow xdsi check``), with the same retries and errors.
 
 * **Answers → errors** (:mod:`pacsflow.tasks.core.errors`): a RegistryResponse with status Success is
   a :class:`SubmissionResult` (warnings kept); Failure or PartialSuccess raises
@@ -31,12 +33,13 @@ from lxml import etree
 
 from pacsflow.tasks.core.errors import XdsConfigurationError, XdsRegistryError, XdsUnavailable
 from pacsflow.tasks.core.http import ClosingClient, backoff_delay, raise_for_tls, retry_after_s, session_options
-from pacsflow.tasks.xdsi import mtom
+from pacsflow.tasks.xdsi import mtom, query
 from pacsflow.tasks.xdsi.ebxml import MIME_DICOM, RIM, XDSB
 
 log = logging.getLogger(__name__)
 
 ACTION = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
+QUERY_ACTION = "urn:ihe:iti:2007:RegistryStoredQuery"
 RS = "urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0"
 _PATIENT_ID_SCHEMES = ("urn:uuid:6b5aea1a-874d-4603-a4bc-96a0a7b38446", "urn:uuid:58a6f841-87b3-4a3e-92fd-a8ffeff98427")
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -110,8 +113,12 @@ def _issues(response: etree._Element, patient_ids: set[str]) -> list[RegistryIss
     return issues
 
 
-class XdsRepositoryClient(ClosingClient):
-    """A small synchronous ITI-41 client. Use as a context manager, or call close()."""
+class _SoapClient(ClosingClient):
+    """The HTTP, retry and answer-reading plumbing of one XDS.b SOAP transaction (subclasses name it)."""
+
+    transaction = ""  # ITI-41, ITI-18
+    setting = ""  # the setting holding the URL, named in errors
+    answer_tag = f"{{{RS}}}RegistryResponse"
 
     def __init__(self, url: str, *, verify: Any = True, timeout_s: float = 60.0, max_retries: int = 4,
                  backoff_s: float = 2.0, max_delay_s: float = 120.0,
@@ -122,47 +129,46 @@ class XdsRepositoryClient(ClosingClient):
         self.backoff_s = backoff_s
         self.max_delay_s = max_delay_s
         self._sleep = sleep
-        self._where = f"ITI-41 to {urlsplit(url).netloc or url}"
+        self._where = f"{self.transaction} to {urlsplit(url).netloc or url}"
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s), transport=transport, verify=verify,
                                   follow_redirects=False)
         #: Requests sent (attempts, including retries), for reports.
         self.requests = 0
 
     @classmethod
-    def from_settings(cls, xdsi: Any, **kwargs: Any) -> XdsRepositoryClient:
-        """A client for ``Settings.xdsi`` (raises XdsConfigurationError if repository_url is unset)."""
-        if not xdsi.repository_url:
-            raise XdsConfigurationError("xdsi.repository_url is not set")
-        return cls(xdsi.repository_url, **{**session_options(xdsi, "xdsi", XdsConfigurationError), **kwargs})
+    def _from_settings(cls, xdsi: Any, url: str | None, **kwargs: Any) -> Any:
+        if not url:
+            raise XdsConfigurationError(f"{cls.setting} is not set")
+        return cls(url, **{**session_options(xdsi, "xdsi", XdsConfigurationError), **kwargs})
 
     def __repr__(self) -> str:
-        return f"XdsRepositoryClient({self._where})"
+        return f"{type(self).__name__}({self._where})"
 
-    def provide_and_register(self, request: etree._Element, kos: bytes) -> SubmissionResult:
-        """Sends ``request`` (an ``xdsb:ProvideAndRegisterDocumentSetRequest``, e.g.
-        :func:`.ebxml.build_request`'s) with ``kos`` as the part its ``xop:Include`` names."""
-        part = mtom.Attachment(document_content_id(request), MIME_DICOM, data=kos)
-        message_id = mtom.new_message_id()
-        soap = mtom.envelope(ACTION, copy.deepcopy(request), to=self.url, message_id=message_id)
-        content_type, chunks = mtom.package(soap, [part], action=ACTION)
-        body = b"".join(chunks)  # a manifest is small; whole bytes resend as they are and get a Content-Length
-        patients = _patient_ids(request)
+    def _exchange(self, content_type: str, body: bytes, patients: set[str], what: str
+                  ) -> tuple[etree._Element, list[RegistryIssue], int]:
+        """POSTs ``body`` until an answer of status Success (the answer, its warnings, the attempts),
+        retrying what may pass; raises the rest. ``what`` is what the registry should check on an error."""
         for attempt in range(self.max_retries + 1):
             self.requests += 1
-            outcome = self._attempt(content_type, body, patients)
-            if isinstance(outcome, list):
-                return SubmissionResult("Success", message_id, attempt + 1, tuple(outcome))
+            outcome = self._attempt(content_type, body, patients, what)
+            if isinstance(outcome, tuple):
+                return outcome[0], outcome[1], attempt + 1
             if attempt >= self.max_retries:
                 raise XdsUnavailable(f"{self._where}: {outcome.problem}, after {attempt + 1} attempts; "
-                                     "check xdsi.repository_url and that the repository is up")
+                                     f"check {self.setting} and that the {self._peer} is up")
             delay = backoff_delay(attempt, self.backoff_s, self.max_delay_s, outcome.retry_after)
             log.warning("%s: %s; retry %d/%d in %.1f s", self._where, outcome.problem, attempt + 1,
                         self.max_retries, delay)
             self._sleep(delay)
         raise AssertionError("unreachable")
 
-    def _attempt(self, content_type: str, body: bytes, patients: set[str]) -> list[RegistryIssue] | _Retry:
-        """One POST: the answer's warnings on Success, a _Retry for what may pass; raises the rest."""
+    @property
+    def _peer(self) -> str:
+        return self.setting.removeprefix("xdsi.").removesuffix("_url")
+
+    def _attempt(self, content_type: str, body: bytes, patients: set[str],
+                 what: str) -> tuple[etree._Element, list[RegistryIssue]] | _Retry:
+        """One POST: the answer and its warnings on Success, a _Retry for what may pass; raises the rest."""
         try:
             resp = self._http.post(self.url, content=body, headers={"Content-Type": content_type})
         except httpx.TransportError as exc:
@@ -178,28 +184,72 @@ class XdsRepositoryClient(ClosingClient):
             if status >= 500:
                 return _Retry(f"HTTP {status} without a SOAP answer")
             raise XdsConfigurationError(f"{self._where}: HTTP {status} is not a SOAP answer; "
-                                        "check xdsi.repository_url") from None
-        return self._read(package, answer, status, patients)
+                                        f"check {self.setting}") from None
+        return self._read(package, answer, status, patients, what)
 
-    def _read(self, package: mtom.Package, answer: etree._Element, status: int,
-              patients: set[str]) -> list[RegistryIssue] | _Retry:
+    def _read(self, package: mtom.Package, answer: etree._Element, status: int, patients: set[str],
+              what: str) -> tuple[etree._Element, list[RegistryIssue]] | _Retry:
         reason = package.fault_reason()
         if reason is not None:
             context = one_line(reason, patients)
             raise XdsRegistryError(f"{self._where}: SOAP Fault (HTTP {status}): {context}; check "
-                                   "xdsi.repository_url and the submission's metadata", code="SOAPFault",
-                                   context=context)
-        if answer.tag != f"{{{RS}}}RegistryResponse":
-            raise XdsConfigurationError(f"{self._where}: the answer is not a RegistryResponse (HTTP {status}); "
-                                        "check xdsi.repository_url")
+                                   f"{self.setting} and {what}", code="SOAPFault", context=context)
+        if answer.tag != self.answer_tag:
+            raise XdsConfigurationError(f"{self._where}: the answer is not a {etree.QName(self.answer_tag).localname} "
+                                        f"(HTTP {status}); check {self.setting}")
         verdict = (answer.get("status") or "").rsplit(":", 1)[-1]
         issues = _issues(answer, patients)
         if verdict == "Success":
-            return issues
+            return answer, issues
         errors = [i for i in issues if i.severity != "Warning"] or issues
         first = errors[0] if errors else RegistryIssue("", "Error", "no RegistryError given")
         if first.code in _BUSY_CODES:
             return _Retry(f"{verdict}: {first.code}")
-        check = _HINTS.get(first.code, "xdsi.repository_url and the submission's metadata")
+        check = _HINTS.get(first.code, f"{self.setting} and {what}")
         raise XdsRegistryError(f"{self._where}: {verdict or 'no status'}, {first.code or 'no error code'} "
                                f"({first.context}); check {check}", code=first.code, context=first.context)
+
+
+class XdsRepositoryClient(_SoapClient):
+    """A small synchronous ITI-41 client. Use as a context manager, or call close()."""
+
+    transaction = "ITI-41"
+    setting = "xdsi.repository_url"
+
+    @classmethod
+    def from_settings(cls, xdsi: Any, **kwargs: Any) -> XdsRepositoryClient:
+        """A client for ``Settings.xdsi`` (raises XdsConfigurationError if repository_url is unset)."""
+        return cls._from_settings(xdsi, xdsi.repository_url, **kwargs)
+
+    def provide_and_register(self, request: etree._Element, kos: bytes) -> SubmissionResult:
+        """Sends ``request`` (an ``xdsb:ProvideAndRegisterDocumentSetRequest``, e.g.
+        :func:`.ebxml.build_request`'s) with ``kos`` as the part its ``xop:Include`` names."""
+        part = mtom.Attachment(document_content_id(request), MIME_DICOM, data=kos)
+        message_id = mtom.new_message_id()
+        soap = mtom.envelope(ACTION, copy.deepcopy(request), to=self.url, message_id=message_id)
+        content_type, chunks = mtom.package(soap, [part], action=ACTION)
+        body = b"".join(chunks)  # a manifest is small; whole bytes resend as they are and get a Content-Length
+        _answer, warnings, attempts = self._exchange(content_type, body, _patient_ids(request),
+                                                     "the submission's metadata")
+        return SubmissionResult("Success", message_id, attempts, tuple(warnings))
+
+
+class XdsRegistryClient(_SoapClient):
+    """A small synchronous ITI-18 (Registry Stored Query) client, plain SOAP 1.2 (no MTOM)."""
+
+    transaction = "ITI-18"
+    setting = "xdsi.registry_url"
+    answer_tag = f"{{{query.QUERY}}}AdhocQueryResponse"
+
+    @classmethod
+    def from_settings(cls, xdsi: Any, **kwargs: Any) -> XdsRegistryClient:
+        """A client for ``Settings.xdsi`` (raises XdsConfigurationError if registry_url is unset)."""
+        return cls._from_settings(xdsi, xdsi.registry_url, **kwargs)
+
+    def find_documents(self, patient_cx: str) -> list[query.RegistryEntry]:
+        """The patient's Approved and Deprecated DocumentEntries (:func:`.query.find_documents`)."""
+        soap = mtom.envelope(QUERY_ACTION, query.find_documents(patient_cx), to=self.url)
+        content_type = f'application/soap+xml; charset=UTF-8; action="{QUERY_ACTION}"'
+        patients = {patient_cx, patient_cx.split("^", 1)[0]}
+        answer, _warnings, _attempts = self._exchange(content_type, soap, patients, "the query")
+        return query.document_entries(answer)

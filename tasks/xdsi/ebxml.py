@@ -55,6 +55,8 @@ _DE = {"author": "urn:uuid:93606bcf-9494-43ec-9b4e-a7748d1a838d",
        "typeCode": "urn:uuid:f0306f51-975f-434e-a61c-c59651d33983",
        "patientId": "urn:uuid:58a6f841-87b3-4a3e-92fd-a8ffeff98427",
        "uniqueId": "urn:uuid:2e82c1f6-a085-4c72-9da3-8640a32e42ab"}
+#: The DocumentEntry's classification and identifier schemes by attribute name (the query parser reads them).
+DOCUMENT_ENTRY_SCHEMES = _DE
 _SS = {"author": "urn:uuid:a7058bb9-b4e4-4307-ba5b-e3f0ab85e12d",
        "contentTypeCode": "urn:uuid:aa543740-bdda-424e-8c96-df4873be8500",
        "patientId": "urn:uuid:6b5aea1a-874d-4603-a4bc-96a0a7b38446",
