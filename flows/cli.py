@@ -96,7 +96,7 @@ app.add_typer(catalog_cli.build_app(lambda: (lambda s: s.catalog.reader(s.catalo
 app.add_typer(alerts_cli.build_app(), name="alerts")
 app.add_typer(route_cli.app)  # `pacsflow route test|dry-run|status|retry|drop`
 app.add_typer(token_cli.build_app(_settings), name="token")
-app.add_typer(xdsi_cli.build_app(_settings), name="xdsi")  # `pacsflow xdsi status|consent`
+app.add_typer(xdsi_cli.build_app(_settings), name="xdsi")  # `pacsflow xdsi status|check|consent`
 
 
 @app.callback()

@@ -1,20 +1,23 @@
-"""``pacsflow xdsi status | consent grant|revoke|list``: the XDS-I.b publish ledger and the research-consent
-flags, read and set by hand. Publishing itself is ``pacsflow run xdsi-publish`` (the root command line).
+"""``pacsflow xdsi status | check | consent grant|revoke|list``: the XDS-I.b publish ledger and the
+research-consent flags, read and set by hand, and the ledger reconciled with the registry. Publishing
+itself is ``pacsflow run xdsi-publish`` (the root command line).
 
-No Prefect, no network: the ledger only (``state_root/xdsi_publish.sqlite``, or ``state.url``).
+No Prefect. The ledger only (``state_root/xdsi_publish.sqlite``, or ``state.url``), but for ``check``,
+which asks the registry (ITI-18, :mod:`.reconcile`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
 if TYPE_CHECKING:
     from pacsflow.tasks.settings import Settings
     from pacsflow.tasks.xdsi.ledger import LedgerRow, XdsiLedger
+    from pacsflow.tasks.xdsi.reconcile import CheckReport
 
 PSEUDONYMS_HELP = "patient pseudonyms: the catalog's patient_pseudo_id, the affinity domain's patient ID"
 
@@ -45,9 +48,21 @@ def format_consents(granted: Mapping[str, str], asked: Iterable[str] = ()) -> st
     return "\n".join(f"{p}\tgranted {at}" for p, at in granted.items())
 
 
+def differences_table(report: CheckReport) -> Any:
+    """The differences ``pacsflow xdsi check`` found, as a rich table (study, kind, what)."""
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    for name in ("study", "difference", "what"):
+        table.add_column(name, overflow="fold")
+    for difference in report.differences:
+        table.add_row(difference.study_uid or "-", difference.kind.value, difference.detail)
+    return table
+
+
 def build_app(settings: Callable[[], Settings]) -> typer.Typer:
     app = typer.Typer(name="xdsi", no_args_is_help=True,
-                      help="XDS-I.b Imaging Document Source: the publish ledger and research consent "
+                      help="XDS-I.b Imaging Document Source: the publish ledger, its check against the registry and research consent "
                            "(publish with `pacsflow run xdsi-publish`).")
     consent_app = typer.Typer(no_args_is_help=True, help="Research-consent flags per patient pseudonym: with "
                               "xdsi.consent_required, only consenting patients' studies are published.")
@@ -64,6 +79,38 @@ def build_app(settings: Callable[[], Settings]) -> typer.Typer:
                                                     "code and reason")] = False) -> None:
         """Studies per publish status (pending, published, failed) and failures per registry error code."""
         typer.echo(format_status(ledger().entries(), failed=failed))
+
+    @app.command("check")
+    def check(fix: Annotated[bool, typer.Option("--fix", help="mark each study missing from the registry "
+                                                "pending in the ledger, so the next `pacsflow run xdsi-publish` "
+                                                "sends it again")] = False) -> None:
+        """Reconcile the ledger with the registry: ITI-18 FindDocuments at xdsi.registry_url for each
+        patient pseudonym of the published studies.
+
+        Reported, per study:
+        missing: its published entry is not in the registry;
+        not-approved: the registry has it, but not Approved;
+        not-deprecated: the entry it replaced (RPLC) is still Approved;
+        unknown: an Approved entry under our pseudonyms the ledger does not know.
+
+        Exit status: 0 no difference, 1 differences (listed),
+        2 xdsi.registry_url (PACSFLOW_XDSI__REGISTRY_URL) is not set."""
+        from rich.console import Console
+
+        from pacsflow.tasks.core.clock import new_run_id
+        from pacsflow.tasks.xdsi.reconcile import check_registry, fix_missing
+
+        s = settings()
+        report = check_registry(s)
+        console = Console(highlight=False)
+        if report.differences:
+            console.print(differences_table(report))
+        console.print(report.message(), markup=False)
+        if fix:
+            fixed = fix_missing(s, report, new_run_id())
+            console.print(f"marked pending for the next publish run: {len(fixed)}", markup=False)
+        if report.differences:
+            raise typer.Exit(1)
 
     @consent_app.command("grant")
     def grant(pseudonyms: Annotated[list[str], typer.Argument(help=PSEUDONYMS_HELP)]) -> None:

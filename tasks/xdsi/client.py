@@ -195,8 +195,9 @@ class _SoapClient(ClosingClient):
             raise XdsRegistryError(f"{self._where}: SOAP Fault (HTTP {status}): {context}; check "
                                    f"{self.setting} and {what}", code="SOAPFault", context=context)
         if answer.tag != self.answer_tag:
-            raise XdsConfigurationError(f"{self._where}: the answer is not a {etree.QName(self.answer_tag).localname} "
-                                        f"(HTTP {status}); check {self.setting}")
+            name = etree.QName(self.answer_tag).localname
+            raise XdsConfigurationError(f"{self._where}: the answer is not {'an' if name[0] in 'AEIOU' else 'a'} "
+                                        f"{name} (HTTP {status}); check {self.setting}")
         verdict = (answer.get("status") or "").rsplit(":", 1)[-1]
         issues = _issues(answer, patients)
         if verdict == "Success":

@@ -187,6 +187,17 @@ class XdsiLedger:
         self._attempted(PublishStatus.PENDING,
                         [(uid, h, None, _one_line(reason), 0, 0) for uid, h, reason in items], run_id)
 
+    def forget(self, study_uids: Sequence[str], reason: str, run_id: str) -> None:
+        """The registry lost these studies' entries (``pacsflow xdsi check --fix``): pending, with no
+        publication, so the next run sends each again as a new entry (not a replacement)."""
+        now = utc_timestamp()
+        with self.db.tx() as tx:
+            tx.executemany(
+                """UPDATE xdsi_studies SET status='pending', content_hash=NULL, kos_uid=NULL, entry_uuid=NULL,
+                     replaced_entry_uuid=NULL, attempted_hash=NULL, error_code=NULL, reason=?, transient=0,
+                     updated_at=?, run_id=? WHERE study_uid=?""",
+                [(_one_line(reason), now, run_id, uid) for uid in study_uids])
+
     def _attempted(self, status: PublishStatus, rows: list[tuple[str, str, str | None, str, int, int]],
                    run_id: str) -> None:
         now = utc_timestamp()
