@@ -53,8 +53,9 @@ def differences_table(report: CheckReport) -> Any:
     from rich.table import Table
 
     table = Table(show_header=True, header_style="bold")
-    for name in ("study", "difference", "what"):
-        table.add_column(name, overflow="fold")
+    table.add_column("study", no_wrap=True)  # whole, to copy
+    table.add_column("difference", no_wrap=True)
+    table.add_column("what", overflow="fold")
     for difference in report.differences:
         table.add_row(difference.study_uid or "-", difference.kind.value, difference.detail)
     return table
@@ -105,10 +106,10 @@ def build_app(settings: Callable[[], Settings]) -> typer.Typer:
         console = Console(highlight=False)
         if report.differences:
             console.print(differences_table(report))
-        console.print(report.message(), markup=False)
+        console.print(report.message(), markup=False, soft_wrap=True)
         if fix:
             fixed = fix_missing(s, report, new_run_id())
-            console.print(f"marked pending for the next publish run: {len(fixed)}", markup=False)
+            console.print(f"marked pending for the next publish run: {len(fixed)}", markup=False, soft_wrap=True)
         if report.differences:
             raise typer.Exit(1)
 
