@@ -5,7 +5,6 @@ tests/integration/test_xdsi_check.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -15,7 +14,7 @@ from pacsflow.tasks.xdsi import ebxml, reconcile
 from pacsflow.tasks.xdsi.ledger import LedgerRow, PublishStatus, XdsiLedger, needs_publishing
 from pacsflow.tasks.xdsi.publish import publish_catalog
 from pacsflow.tasks.xdsi.query import RegistryEntry
-from pacsflow.tasks.xdsi.reconcile import Difference, DifferenceKind, check_registry, compare, fix_missing
+from pacsflow.tasks.xdsi.reconcile import DifferenceKind, check_registry, compare, fix_missing
 from tests.unit.test_xdsi_publish import PSEUDONYM_OID, FakeRepository, _settings, catalog_root  # noqa: F401
 from tests.unit.test_xdsi_manifest import catalog  # noqa: F401  (fixture re-export: one catalog per module)
 
@@ -144,7 +143,3 @@ def test_the_command_lists_differences_and_exits_1_then_0_after_fix_and_publish(
     assert result.exit_code == 0, result.output
     assert "no difference" in result.output
 
-
-def test_a_difference_is_one_line():
-    difference = Difference("S", K.MISSING, "entry E (KOS K) is not in the registry")
-    assert "\n" not in difference.detail
