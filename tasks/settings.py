@@ -452,7 +452,8 @@ class XdsiSettings(BaseModel):
         None, description="our Imaging Document Source's OID: the KOS's Retrieve Location UID, the RAD-69 "
         "repositoryUniqueId and the submission set's sourceId")
     repository_unique_id: str | None = Field(
-        None, description="the Document Repository's uniqueId (what consumers give ITI-43); named in the audit of each submission")
+        None, description="the Document Repository's uniqueId (what consumers give ITI-43); named in the audit of "
+        "each submission")
     pseudonym_oid: str | None = Field(
         None, description="assigning authority of the pseudonyms: patientId = <pseudonym>^^^&<oid>&ISO")
     class_code: XdsCode = Field(XdsCode(code="IMAGES", scheme="1.3.6.1.4.1.19376.1.2.6.1", display="Images"),

@@ -63,8 +63,8 @@ def differences_table(report: CheckReport) -> Any:
 
 def build_app(settings: Callable[[], Settings]) -> typer.Typer:
     app = typer.Typer(name="xdsi", no_args_is_help=True,
-                      help="XDS-I.b Imaging Document Source: the publish ledger, its check against the registry and research consent "
-                           "(publish with `pacsflow run xdsi-publish`).")
+                      help="XDS-I.b Imaging Document Source: the publish ledger, its check against the registry "
+                           "and research consent (publish with `pacsflow run xdsi-publish`).")
     consent_app = typer.Typer(no_args_is_help=True, help="Research-consent flags per patient pseudonym: with "
                               "xdsi.consent_required, only consenting patients' studies are published.")
     app.add_typer(consent_app, name="consent")
