@@ -42,6 +42,7 @@ import duckdb
 
 from pacsflow.catalog.views import Catalog, connect as connect_catalog
 from pacsflow.tasks.core.clock import new_run_id
+from pacsflow.tasks.core.markdown import cell
 from pacsflow.tasks.core.errors import (
     FhirConfigurationError,
     FhirConflict,
@@ -478,18 +479,14 @@ class SyncReport:
             lines.append(f"| {key} | {getattr(self, key)} |")
         lines += [f"| failed | {len(self.failed)} |", f"| differences | {len(self.differences)} |"]
         if self.aborted:
-            lines += ["", f"**Stopped early:** {_md(self.aborted)}"]
+            lines += ["", f"**Stopped early:** {cell(self.aborted)}"]
         if self.failed:
             lines += ["", "## Failed studies", "", "| study | reason |", "|---|---|"]
-            lines += _md_rows([f"| {uid} | {_md(reason)} |" for uid, reason in sorted(self.failed.items())])
+            lines += _md_rows([f"| {uid} | {cell(reason)} |" for uid, reason in sorted(self.failed.items())])
         if self.differences:
             lines += ["", "## Reconciliation: catalog vs server", "", "| study | difference |", "|---|---|"]
-            lines += _md_rows([f"| {d.study_uid} | {_md(d.text())} |" for d in self.differences])
+            lines += _md_rows([f"| {d.study_uid} | {cell(d.text())} |" for d in self.differences])
         return "\n".join(lines)
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _md_rows(rows: list[str], limit: int = 200) -> list[str]:

@@ -42,6 +42,7 @@ import duckdb
 
 from pacsflow.catalog.views import Catalog, connect as connect_catalog
 from pacsflow.tasks.core.clock import new_run_id
+from pacsflow.tasks.core.markdown import cell
 from pacsflow.tasks.core.errors import XdsConfigurationError, XdsRegistryError, XdsUnavailable, error_text
 from pacsflow.tasks.settings import Settings, XdsiSettings
 from pacsflow.tasks.xdsi import audit
@@ -394,13 +395,9 @@ class PublishReport:
         if self.failed:
             lines += ["", "## Failed studies", "", "| study | error code | next run | reason |", "|---|---|---|---|"]
             rows = [f"| {uid} | {f.code} | {'tries again' if f.transient else 'only if changed or --only-failed'} | "
-                    f"{_cell(f.reason)} |" for uid, f in sorted(self.failed.items())]
+                    f"{cell(f.reason)} |" for uid, f in sorted(self.failed.items())]
             lines += rows[:limit] + ([f"| … | | | {len(rows) - limit} more |"] if len(rows) > limit else [])
         return "\n".join(lines)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 #: Publish one batch and record it: (study UIDs, run id, batch number) → its result. Raises
